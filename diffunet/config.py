@@ -8,14 +8,25 @@ close). ``to_dict`` is its inverse, used for the JSON written into model files a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import json
+import os
+import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 C = TypeVar("C")
 
@@ -219,10 +230,11 @@ def field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def unknown_key(key: str, name: str, known: list[str]) -> ConfigError:
+def unknown_key(key: str, name: str, known: list[str], what: str = "key") -> ConfigError:
+    """The error for an unknown config key (or section), with a "did you mean" when close."""
     close = difflib.get_close_matches(name, known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
-    return ConfigError(f"{key}: unknown key{hint}")
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}"
+    return ConfigError(f"{key}: unknown {what}{hint}")
 
 
 def from_dict(cls: type[C], data: dict[str, Any], section: str) -> C:
@@ -249,3 +261,240 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return plain(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: data, training and preview sampling, composed into RunConfig.
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training images come from and how they are prepared (values end in [-1, 1])."""
+
+    source: Literal["builtin", "folder", "torchvision"] = "builtin"
+    """``builtin``: coloured shapes generated from a seed (no download); ``folder``: a folder of
+    images (recursive); ``torchvision``: a torchvision data set by ``name``."""
+    path: str | None = None
+    """The image folder, or the torchvision download/cache root (default ``./data``)."""
+    name: str | None = None
+    """torchvision data set: cifar10, cifar100, mnist, fashion_mnist, celeba, stl10, ..."""
+    image_size: int = 32
+    channels: int = 3
+    random_flip: bool = True
+    """Random horizontal flips (off for digits and text)."""
+    class_folders: bool = False
+    """``folder`` only: each sub-folder of ``path`` is a class, labelled in sorted order."""
+    download: bool = True
+    """``torchvision`` only: download the data set if it is not under ``path`` yet."""
+    builtin_size: int = 50000
+    """``builtin`` only: number of distinct generated images (one epoch)."""
+    num_workers: int = 0
+    """DataLoader worker processes (0 loads in the training process)."""
+
+    def __post_init__(self) -> None:
+        p = "data."
+        if self.source == "folder" and not self.path:
+            _fail(p + "path", "is required with data.source = 'folder' (the image folder)")
+        if self.source == "torchvision" and not self.name:
+            _fail(p + "name", "is required with data.source = 'torchvision' (e.g. 'cifar10')")
+        if self.image_size < 1:
+            _fail(p + "image_size", f"must be a positive integer, got {self.image_size}")
+        if self.channels not in (1, 3):
+            _fail(p + "channels", f"must be 1 (grayscale) or 3 (RGB), got {self.channels}")
+        if self.builtin_size < 1:
+            _fail(p + "builtin_size", f"must be a positive integer, got {self.builtin_size}")
+        if self.num_workers < 0:
+            _fail(p + "num_workers", f"must be 0 or more, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, EMA, logging and checkpointing. ``batch_size`` is global (all processes)."""
+
+    max_steps: int = 3000
+    batch_size: int = 64
+    lr: float = 2e-4
+    warmup_steps: int = 100
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After warm-up: keep ``lr``, or cosine-decay it to 0 at ``max_steps``."""
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, ...] = (0.9, 0.999)
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this (unset: no clipping)."""
+    grad_accum_steps: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    ema_decay: float = 0.999
+    ema_warmup: bool = False
+    """Ramp the EMA decay as min(ema_decay, (1 + step) / (10 + step))."""
+    min_snr_gamma: float | None = None
+    """Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's choice."""
+    label_dropout: float = 0.1
+    """Class-conditional models: fraction of labels replaced by "no label" (for CFG)."""
+    seed: int = 0
+    log_every: int = 50
+    sample_every: int = 500
+    save_every: int = 1000
+    keep_last: int = 2
+    """Training states kept in ``state/`` (model files in ``weights/`` are all kept)."""
+    max_nonfinite: int = 20
+    """Stop after this many consecutive steps with a non-finite loss."""
+    trackers: tuple[str, ...] = ()
+    """Accelerate trackers to log to as well, e.g. ["tensorboard"] or ["wandb"]."""
+
+    def __post_init__(self) -> None:
+        p = "train."
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "sample_every",
+                     "save_every", "keep_last", "max_nonfinite"):
+            if getattr(self, name) < 1:
+                _fail(p + name, f"must be a positive integer, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            _fail(p + "warmup_steps", f"must be 0 or more, got {self.warmup_steps}")
+        if not self.lr > 0:
+            _fail(p + "lr", f"must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            _fail(p + "weight_decay", f"must be 0 or more, got {self.weight_decay}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            _fail(p + "adam_betas", f"must be two numbers in [0, 1), got {list(self.adam_betas)}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            _fail(p + "grad_clip", f"must be positive or unset, got {self.grad_clip}")
+        if not 0 <= self.ema_decay < 1:
+            _fail(p + "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            _fail(p + "min_snr_gamma", f"must be positive or unset, got {self.min_snr_gamma}")
+        if not 0 <= self.label_dropout < 1:
+            _fail(p + "label_dropout", f"must be in [0, 1), got {self.label_dropout}")
+        if self.batch_size % self.grad_accum_steps:
+            _fail(p + "batch_size", f"{self.batch_size} is not divisible by grad_accum_steps "
+                  f"{self.grad_accum_steps}")
+        for t in self.trackers:
+            if t not in ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive"):
+                _fail(p + "trackers", f"unknown tracker {t!r}; use e.g. 'tensorboard' or 'wandb'")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Sampling settings: the preview grids written while training, and `diffunet sample`."""
+
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    num_steps: int = 25
+    eta: float = 0.0
+    spacing: Literal["leading", "trailing", "linspace"] = "trailing"
+    guidance_scale: float = 1.0
+    """Classifier-free guidance scale for class-conditional models (1 = no guidance)."""
+    num_images: int = 64
+    """Images in each preview grid."""
+
+    def __post_init__(self) -> None:
+        p = "sample."
+        if self.num_steps < 1:
+            _fail(p + "num_steps", f"must be a positive integer, got {self.num_steps}")
+        if self.eta < 0:
+            _fail(p + "eta", f"must be 0 or more, got {self.eta}")
+        if self.num_images < 1:
+            _fail(p + "num_images", f"must be a positive integer, got {self.num_images}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one training run needs; written to ``config.json`` in the run folder."""
+
+    unet: UNetConfig = dataclasses.field(default_factory=lambda: UNetConfig(
+        base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
+        dropout=0.0, num_classes=None))
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.image_size != self.unet.image_size:
+            _fail("data.image_size", f"{self.data.image_size} does not match unet.image_size "
+                  f"{self.unet.image_size}; set both to the same value")
+        if self.data.channels != self.unet.in_channels:
+            _fail("data.channels", f"{self.data.channels} does not match unet.in_channels "
+                  f"{self.unet.in_channels}; set both to the same value")
+        if self.sample.num_steps > self.schedule.num_train_timesteps:
+            _fail("sample.num_steps", f"{self.sample.num_steps} is more than "
+                  f"schedule.num_train_timesteps {self.schedule.num_train_timesteps}")
+
+
+_SECTIONS: dict[str, type] = {"unet": UNetConfig, "schedule": ScheduleConfig, "data": DataConfig,
+                              "train": TrainConfig, "sample": SampleConfig}
+
+
+def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build a :class:`RunConfig` from nested plain data; missing keys keep their defaults.
+
+    Sections absent from ``data`` keep ``RunConfig``'s defaults; a section that is present
+    starts from that default and overrides the keys it names.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a table of sections, got {data!r}")
+    default = RunConfig()
+    parts: dict[str, Any] = {}
+    for section, table in data.items():
+        if section not in _SECTIONS:
+            raise unknown_key(section, section, list(_SECTIONS), "section")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section}: expected a table of keys, got {table!r}")
+        base = to_dict(getattr(default, section))
+        base.update(table)
+        parts[section] = from_dict(_SECTIONS[section], base, section)
+    return RunConfig(**parts)
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value: TOML syntax (numbers, true/false, [lists], "strings"), else a
+    bare string, so ``data.path=/tmp/images`` needs no quotes."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+                *, base: dict[str, Any] | None = None) -> RunConfig:
+    """Read a TOML config (or start from ``base``, else the defaults) and apply
+    ``section.key=value`` overrides.
+
+    Errors (a TOML syntax error with its line, an unknown section or key, a wrong type, an
+    impossible value) raise :class:`ConfigError` with one line that names the key.
+    """
+    data: dict[str, Any] = copy.deepcopy(base) if base is not None else {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: TOML syntax error: {e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a UTF-8 text file; give a .toml config") from None
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"override {item!r}: expected section.key=value, "
+                              "e.g. train.max_steps=500")
+        if section not in _SECTIONS:
+            raise unknown_key(section, section, list(_SECTIONS), "section")
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section}: expected a table of keys, got {table!r}")
+        table[name] = _parse_value(text.strip())
+    return run_config_from_dict(data)
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """The resolved config as TOML text (unset values appear as comments)."""
+    lines = []
+    for section, table in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        for key, value in table.items():
+            if value is None:
+                lines.append(f"# {key} is unset")
+            else:  # JSON scalars and lists of them are valid TOML values
+                lines.append(f"{key} = {json.dumps(value)}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,738 @@
+"""Training images: the built-in shapes, an image folder, torchvision data sets; image <-> tensor.
+
+Every data set here yields ``(image, label)`` with ``image`` a float32 tensor (C, H, W) in
+[-1, 1] (C = ``DataConfig.channels``, H = W = ``DataConfig.image_size``) and ``label`` an int
+class index, or -1 when the source has no labels. Items are a pure function of their index: no
+random augmentation happens inside a data set (training flips batches itself with
+:func:`random_flip` and an explicit generator), so a resumed run sees exactly the images an
+uninterrupted one would have seen.
+
+Each data set has ``num_classes`` (None when unlabelled), ``class_names`` (None when unlabelled)
+and ``skipped`` (files that could not be read; only an image folder ever has any).
+
+Batches come from :class:`GlobalBatchSampler`: one infinite stream of per-epoch permutations, cut
+into global batches, each process taking its slice. The order depends only on the seed, never on
+the number of processes, and starting at step ``s`` reproduces an uninterrupted run from ``s``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .config import DataConfig
+from .errors import ConfigError, DataError
+
+__all__ = [
+    "BuiltinShapes",
+    "FolderImages",
+    "TorchvisionImages",
+    "GlobalBatchSampler",
+    "IMAGE_EXTENSIONS",
+    "TORCHVISION_DATASETS",
+    "build_dataset",
+    "load_image",
+    "make_dataloader",
+    "make_grid_image",
+    "prepare_image",
+    "random_flip",
+    "save_grid",
+    "save_image",
+    "to_uint8",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+"""File endings (any case) that an image folder scan picks up."""
+
+# ---------------------------------------------------------------------------------------------
+# Seeds. Python-int splitmix64 (Steele et al. 2014) turns a tuple of ints into one 64-bit seed, so
+# (seed, index) pairs never collide the way ``seed * K + index`` does once index reaches K, and
+# the result is the same in every process and on every platform.
+
+_MASK64 = (1 << 64) - 1
+_TAG_SHAPES = 1  # keeps the shapes' per-image seeds apart from the sampler's per-epoch seeds
+_TAG_EPOCH = 2
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _seed_for(*keys: int) -> int:
+    """A 64-bit seed that is a fixed function of the ints ``keys`` (negative ints allowed)."""
+    h = 0
+    for k in keys:
+        h = _splitmix64(h ^ (int(k) & _MASK64))
+    return h
+
+
+# ---------------------------------------------------------------------------------------------
+# The one image transform: any PIL image -> float32 (C, S, S) in [-1, 1].
+
+# Modes with more than 8 bits per sample. PIL cannot convert them to "L" without clipping at 255,
+# so they are scaled by hand: integer modes are read as 16-bit (0..65535; what PIL gives for
+# 16-bit PNG and TIFF), "F" (float TIFF) as 0..1. Values outside those ranges are clipped.
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    # Image.has_transparency_data needs Pillow >= 10.1; this is the same test.
+    if img.mode in _ALPHA_MODES:
+        return True
+    return img.mode in ("P", "L", "RGB") and "transparency" in img.info
+
+
+def prepare_image(img: Image.Image, image_size: int, channels: int) -> Tensor:
+    """Turn a PIL image into a float32 tensor (channels, image_size, image_size) in [-1, 1].
+
+    The one transform shared by image folders, torchvision data sets and :func:`load_image`:
+
+    - transparency (RGBA, LA, palette or colour-key transparency) is composited onto **white**,
+      because transparent images (icons, sprites, cut-outs) are drawn to be seen on a white page
+      and their dark outlines would vanish on black;
+    - palette, bilevel, CMYK, ... become ``L`` (channels=1, ITU-R 601 luma) or ``RGB``; 16-bit
+      and float images are scaled to 8-bit range without clipping at 255;
+    - the centred square of side min(W, H) is resized to image_size in one bicubic resample
+      (antialiased when shrinking), which is "resize the shorter side, then centre-crop" without
+      rounding the intermediate size.
+    """
+    if img.mode in _HIGH_BIT_MODES:
+        scale = 255.0 if img.mode == "F" else 255.0 / 65535.0
+        arr = np.asarray(img, dtype=np.float32) * scale
+        work = Image.fromarray(arr)  # float32 (H, W): mode "F" (all high-bit modes are 1-band)
+    else:
+        if _has_alpha(img):
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(white, rgba)
+        work = img.convert("L" if channels == 1 else "RGB")
+
+    w, h = work.size
+    side = min(w, h)
+    left, top = (w - side) / 2.0, (h - side) / 2.0
+    work = work.resize((image_size, image_size), Image.BICUBIC,
+                       box=(left, top, left + side, top + side))
+
+    arr = np.array(work)  # a writable copy: (S, S) or (S, S, 3)
+    x = torch.from_numpy(arr).to(torch.float32)
+    x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+    # uint8 v -> v / 127.5 - 1 maps 0 -> -1 and 255 -> 1 exactly, so to_uint8 inverts it.
+    x = x / 127.5 - 1.0
+    if work.mode == "F":
+        x = x.clamp(-1.0, 1.0)  # bicubic overshoots near edges; uint8 results are clipped by PIL
+    if x.shape[0] != channels:  # a grey high-bit image asked for as RGB
+        x = x.expand(channels, -1, -1).contiguous()
+    return x
+
+
+def _open_image(path: str | os.PathLike, image_size: int) -> Image.Image:
+    """Open and decode an image file, upright (EXIF orientation applied). Raises on failure."""
+    # The with-block closes the file (also when decoding fails); the loaded pixels stay usable.
+    with Image.open(path) as img:
+        # JPEG only: let the decoder shrink by 1/2, 1/4 or 1/8 while keeping at least twice the
+        # target size, so a 4000x3000 photo is not fully decoded just to become 64x64.
+        img.draft(None, (2 * image_size, 2 * image_size))
+        img.load()
+        if img.getexif().get(0x0112, 1) != 1:  # camera photos store "rotate me" in EXIF
+            return ImageOps.exif_transpose(img)
+        return img
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception as one short line (messages must stay on one line; some span several)."""
+    text = " ".join(str(e).split())
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def load_image(path: str | os.PathLike, image_size: int, channels: int) -> Tensor:
+    """Read one image file as a float32 tensor (channels, image_size, image_size) in [-1, 1],
+    with the same transform as the image folder data set."""
+    if not os.path.isfile(path):
+        raise DataError(f"image file not found: {path}")
+    try:
+        img = _open_image(path, image_size)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+        raise DataError(f"cannot read image {path} ({_first_line(e)}); "
+                        "give a png/jpg/webp/... file") from None
+    return prepare_image(img, image_size, channels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in data set: coloured shapes, generated from a seed.
+
+_SHAPE_NAMES = ["circle", "square", "triangle", "cross"]
+# Saturated colours that stay distinct at 32x32 and against the dark backgrounds (RGB in 0..1).
+_PALETTE = torch.tensor([
+    [0.92, 0.12, 0.12],  # red
+    [1.00, 0.55, 0.00],  # orange
+    [0.98, 0.88, 0.10],  # yellow
+    [0.10, 0.80, 0.20],  # green
+    [0.00, 0.80, 0.90],  # cyan
+    [0.15, 0.35, 1.00],  # blue
+    [0.85, 0.20, 0.85],  # magenta
+    [0.95, 0.95, 0.95],  # white
+])
+# channels=1: luma would make blue or red shapes nearly vanish on black, so each palette entry
+# gets its own light grey instead.
+_GREYS = torch.linspace(0.45, 1.0, len(_PALETTE))
+_BACKGROUNDS = torch.tensor([
+    [0.00, 0.00, 0.00],  # black
+    [0.10, 0.10, 0.12],  # charcoal
+    [0.04, 0.06, 0.18],  # navy
+])
+_BACKGROUND_GREYS = torch.tensor([0.0, 0.10, 0.08])
+_MIN_SIZE, _MAX_SIZE = 0.40, 0.75  # shape extent as a fraction of the image side
+
+
+class BuiltinShapes(Dataset):
+    """Coloured shapes on dark backgrounds, generated on the fly (no files, no download).
+
+    Image ``i`` shows one solid, axis-aligned shape (class ``i % 4``: circle, square, upward
+    triangle, plus-shaped cross) in one of 8 saturated colours (light greys when ``channels=1``),
+    40-75% of the image wide, placed anywhere it fits whole, on one of 3 dark backgrounds.
+    Colour, background, size and position come from a generator seeded by (seed, i), so an item
+    is the same in every process and call. Edges are antialiased analytically: a pixel's
+    coverage is ``clamp(0.5 - d, 0, 1)`` with ``d`` the signed distance (in pixels) from its
+    centre to the shape's edge, which is exact box filtering along straight edges.
+
+    ``__getitems__`` renders a whole batch in one set of vectorised ops (the DataLoader uses it),
+    a few milliseconds for 64 images at 32x32.
+    """
+
+    def __init__(self, size: int, image_size: int, channels: int, seed: int = 0) -> None:
+        if size < 1 or image_size < 1 or channels not in (1, 3):
+            raise ValueError(f"BuiltinShapes needs size >= 1, image_size >= 1 and channels 1 or 3, "
+                             f"got {size}, {image_size}, {channels}")
+        self.size = size
+        self.image_size = image_size
+        self.channels = channels
+        self.seed = seed
+        self.num_classes: int | None = len(_SHAPE_NAMES)
+        self.class_names: list[str] | None = list(_SHAPE_NAMES)
+        self.skipped: list[str] = []
+        s = image_size
+        self._coords = (torch.arange(s, dtype=torch.float32) + 0.5) / s  # pixel centres in [0, 1]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        images, labels = self.render([index])
+        return images[0], int(labels[0])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Tensor, int]]:
+        images, labels = self.render(indices)
+        return [(images[k], int(labels[k])) for k in range(len(indices))]
+
+    def render(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Images (B, C, S, S) float32 in [-1, 1] and labels (B,) int64 for these indices."""
+        idx = [int(i) for i in indices]
+        for i in idx:
+            if not 0 <= i < self.size:
+                raise IndexError(f"index {i} out of range for BuiltinShapes of size {self.size}")
+        b, s = len(idx), self.image_size
+        # Five uniforms per image from the image's own generator: colour, background, size, x, y.
+        u = torch.empty(b, 5)
+        gen = torch.Generator()
+        for k, i in enumerate(idx):
+            gen.manual_seed(_seed_for(_TAG_SHAPES, self.seed, i))
+            u[k] = torch.rand(5, generator=gen)
+        labels = torch.tensor(idx, dtype=torch.int64) % len(_SHAPE_NAMES)
+        colour = (u[:, 0] * len(_PALETTE)).long()
+        background = (u[:, 1] * len(_BACKGROUNDS)).long()
+        half = 0.5 * (_MIN_SIZE + (_MAX_SIZE - _MIN_SIZE) * u[:, 2])  # half-extent, image units
+        margin = half + 1.0 / s  # keep the whole shape, plus a pixel, inside the image
+        cx = margin + (1.0 - 2.0 * margin) * u[:, 3]
+        cy = margin + (1.0 - 2.0 * margin) * u[:, 4]
+
+        dx = self._coords.view(1, 1, s) - cx.view(b, 1, 1)  # (B, 1, S): x to the right
+        dy = self._coords.view(1, s, 1) - cy.view(b, 1, 1)  # (B, S, 1): y downwards
+        h = half.view(b, 1, 1)
+        dist = torch.empty(b, s, s)  # signed distance to the edge (negative inside), image units
+        for c in range(len(_SHAPE_NAMES)):
+            m = labels == c
+            if not bool(m.any()):
+                continue
+            dist[m] = self._distance(c, dx[m], dy[m], h[m])
+        coverage = (0.5 - dist * s).clamp(0.0, 1.0).unsqueeze(1)  # (B, 1, S, S)
+
+        if self.channels == 3:
+            fg = _PALETTE[colour].view(b, 3, 1, 1)
+            bg = _BACKGROUNDS[background].view(b, 3, 1, 1)
+        else:
+            fg = _GREYS[colour].view(b, 1, 1, 1)
+            bg = _BACKGROUND_GREYS[background].view(b, 1, 1, 1)
+        images = bg + (fg - bg) * coverage  # (B, C, S, S) in [0, 1]
+        return images * 2.0 - 1.0, labels
+
+    @staticmethod
+    def _distance(shape: int, dx: Tensor, dy: Tensor, h: Tensor) -> Tensor:
+        """Signed distance (image units) from each pixel to the edge of a shape of half-extent h.
+
+        Exact along edges (all that antialiasing needs); polygon corners use max/min of the edge
+        distances, which is slightly short of the true distance outside a corner.
+        """
+        if shape == 0:  # circle of radius h
+            return torch.sqrt(dx * dx + dy * dy) - h
+        if shape == 1:  # square; 0.85 so its area is close to the circle's
+            return torch.maximum(dx.abs(), dy.abs()) - 0.85 * h
+        if shape == 2:  # equilateral triangle, apex up, side 2h, its bounding box centred
+            side = 2.0 * h
+            r_in = side / (2.0 * math.sqrt(3.0))  # inradius
+            py = dy - side * (math.sqrt(3.0) / 12.0)  # centroid sits height/6 below box centre
+            c, sn = math.sqrt(3.0) / 2.0, 0.5  # outward normals (0, 1) and (+-cos30, -sin30)
+            d = torch.maximum(c * dx - sn * py, -c * dx - sn * py)  # broadcasts to (n, S, S)
+            return torch.maximum(d, py) - r_in
+        # plus-shaped cross: union of two bars, arm half-length h, half-thickness 0.36 h
+        t = 0.36 * h
+        ax, ay = dx.abs(), dy.abs()
+        return torch.minimum(torch.maximum(ax - h, ay - t), torch.maximum(ax - t, ay - h))
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folder.
+
+
+def _scan_folder(root: Path) -> tuple[list[Path], list[str]]:
+    """Image files under ``root`` (recursive, sorted) whose header PIL can read, and the rest.
+
+    Hidden files and folders (".name": .ipynb_checkpoints, macOS "._x.jpg" forks) are ignored.
+    Symlinked folders are followed once (a link back up the tree is not entered again).
+    """
+    candidates: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        # sorted, so that which of two paths to a linked folder is kept does not depend on the OS
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                candidates.append(Path(dirpath, name).relative_to(root))
+    candidates.sort(key=lambda p: p.parts)  # determinism: the OS lists files in any order
+
+    readable: list[Path] = []
+    skipped: list[str] = []
+    for rel in candidates:
+        path = root / rel
+        try:
+            # Header only (format, size): cheap. A file whose pixel data is damaged still
+            # passes; FolderImages.__getitem__ reports it.
+            with Image.open(path) as im:
+                ok = im.size[0] > 0 and im.size[1] > 0
+        except Exception:  # not an image, truncated header, decompression bomb, ...
+            ok = False
+        if ok:
+            readable.append(rel)
+        else:
+            skipped.append(str(path))
+    return readable, skipped
+
+
+class FolderImages(Dataset):
+    """Every readable image under a folder (recursive, sorted by path), via :func:`prepare_image`.
+
+    ``skipped`` lists the files with an image extension whose header PIL cannot read. With
+    ``class_folders`` each first-level sub-folder is a class (sorted by name; only folders holding
+    images count) and an image directly in ``root`` is an error rather than silently dropped.
+    A file that passed the header check but fails to decode raises :class:`DataError` naming the
+    file when it is loaded: substituting another image would silently change the data set.
+    """
+
+    def __init__(self, root: str | os.PathLike, image_size: int, channels: int,
+                 class_folders: bool = False) -> None:
+        self.root = Path(root).expanduser()  # "~/images" from a TOML file is not shell-expanded
+        self.image_size = image_size
+        self.channels = channels
+        if not self.root.exists():
+            raise DataError(f"data.path: {self.root} does not exist; point data.path at a folder "
+                            "of images")
+        if not self.root.is_dir():
+            raise DataError(f"data.path: {self.root} is a file, not a folder; point data.path at "
+                            "the folder that holds the images")
+        files, self.skipped = _scan_folder(self.root)
+        if not files:
+            if self.skipped:
+                raise DataError(f"data.path: none of the {len(self.skipped)} image files under "
+                                f"{self.root} could be read (e.g. {self.skipped[0]}); check that "
+                                "they are valid images")
+            raise DataError(f"data.path: no image files ({', '.join(IMAGE_EXTENSIONS)}) under "
+                            f"{self.root}; put images there or point data.path at an image folder")
+        self.files: list[Path] = [self.root / rel for rel in files]
+        self.num_classes: int | None = None
+        self.class_names: list[str] | None = None
+        self.labels: list[int] = [-1] * len(files)
+        if class_folders:
+            loose = [rel for rel in files if len(rel.parts) == 1]
+            if loose:
+                raise DataError(f"data.path: {len(loose)} image(s) directly in {self.root} (e.g. "
+                                f"{loose[0]}) belong to no class folder; move them into a "
+                                "sub-folder or set data.class_folders=false")
+            self.class_names = sorted({rel.parts[0] for rel in files})
+            index = {name: k for k, name in enumerate(self.class_names)}
+            self.num_classes = len(self.class_names)
+            self.labels = [index[rel.parts[0]] for rel in files]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        path = self.files[index]
+        try:
+            img = _open_image(path, self.image_size)
+            image = prepare_image(img, self.image_size, self.channels)
+        except Exception as e:
+            raise DataError(f"cannot decode {path} ({_first_line(e)}); delete or repair the file "
+                            "(only headers are checked when the folder is scanned)") from None
+        return image, self.labels[index]
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision data sets.
+
+
+def _tv_mnist_family(cls_name: str) -> Callable[[str, bool], Any]:
+    def make(root: str, download: bool) -> Any:
+        import torchvision.datasets as tvd
+        return getattr(tvd, cls_name)(root, train=True, download=download)
+    return make
+
+
+def _tv_cifar10(root: str, download: bool) -> Any:
+    import torchvision.datasets as tvd
+    return tvd.CIFAR10(root, train=True, download=download)
+
+
+def _tv_cifar100(root: str, download: bool) -> Any:
+    import torchvision.datasets as tvd
+    return tvd.CIFAR100(root, train=True, download=download)
+
+
+def _tv_svhn(root: str, download: bool) -> Any:
+    import torchvision.datasets as tvd
+    return tvd.SVHN(root, split="train", download=download)
+
+
+def _tv_stl10(root: str, download: bool) -> Any:
+    import torchvision.datasets as tvd
+    return tvd.STL10(root, split="train", download=download)
+
+
+def _tv_stl10_unlabeled(root: str, download: bool) -> Any:
+    import torchvision.datasets as tvd
+    return tvd.STL10(root, split="train+unlabeled", download=download)
+
+
+def _tv_celeba(root: str, download: bool) -> Any:
+    import torchvision.datasets as tvd
+    return tvd.CelebA(root, split="train", target_type=[], download=download)
+
+
+def _tv_flowers102(root: str, download: bool) -> Any:
+    import torchvision.datasets as tvd
+    return tvd.Flowers102(root, split="train", download=download)
+
+
+# name (as the user writes it, minus case, '-', '_' and spaces) -> (display name, constructor,
+# labelled, where the files go under the root). Each entry is one explicit train split.
+TORCHVISION_DATASETS: dict[str, tuple[str, Callable[[str, bool], Any], bool, str]] = {
+    "mnist": ("mnist", _tv_mnist_family("MNIST"), True, "MNIST/raw"),
+    "fashionmnist": ("fashion_mnist", _tv_mnist_family("FashionMNIST"), True, "FashionMNIST/raw"),
+    "kmnist": ("kmnist", _tv_mnist_family("KMNIST"), True, "KMNIST/raw"),
+    "cifar10": ("cifar10", _tv_cifar10, True, "cifar-10-batches-py"),
+    "cifar100": ("cifar100", _tv_cifar100, True, "cifar-100-python"),
+    "svhn": ("svhn", _tv_svhn, True, "train_32x32.mat"),
+    "stl10": ("stl10", _tv_stl10, True, "stl10_binary"),
+    "stl10unlabeled": ("stl10_unlabeled", _tv_stl10_unlabeled, False, "stl10_binary"),
+    "celeba": ("celeba", _tv_celeba, False, "celeba"),
+    "flowers102": ("flowers102", _tv_flowers102, True, "flowers-102"),
+}
+
+
+def _normalise_name(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch not in "-_ ")
+
+
+class TorchvisionImages(Dataset):
+    """A torchvision data set's images through :func:`prepare_image`, with its class labels."""
+
+    def __init__(self, base: Any, image_size: int, channels: int, labelled: bool) -> None:
+        self.base = base
+        self.image_size = image_size
+        self.channels = channels
+        self.skipped: list[str] = []
+        self.num_classes: int | None = None
+        self.class_names: list[str] | None = None
+        self._labelled = labelled
+        if labelled:
+            names = getattr(base, "classes", None)
+            if names:
+                self.class_names = [str(n) for n in names]
+            else:  # SVHN, STL10 without its class file: digits / indices
+                self.class_names = [str(k) for k in range(10)]
+            self.num_classes = len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        img, target = self.base[index]
+        label = int(target) if self._labelled and target is not None else -1
+        return prepare_image(img, self.image_size, self.channels), label
+
+
+def _build_torchvision(cfg: DataConfig) -> TorchvisionImages:
+    assert cfg.name is not None  # DataConfig requires it for source='torchvision'
+    key = _normalise_name(cfg.name)
+    if key not in TORCHVISION_DATASETS:
+        known = [entry[0] for entry in TORCHVISION_DATASETS.values()]
+        close = difflib.get_close_matches(key, list(TORCHVISION_DATASETS), n=1, cutoff=0.6)
+        hint = f"did you mean {TORCHVISION_DATASETS[close[0]][0]!r}? " if close else ""
+        raise DataError(f"data.name: unknown torchvision data set {cfg.name!r}; {hint}"
+                        f"known: {', '.join(known)}")
+    display, make, labelled, where = TORCHVISION_DATASETS[key]
+    root = os.path.expanduser(cfg.path or "./data")
+    try:
+        base = make(root, cfg.download)
+    except ImportError as e:  # SVHN and Flowers102 read .mat files with scipy; CelebA uses gdown
+        missing = getattr(e, "name", None) or "a package"
+        raise DataError(f"{display} needs the Python package {missing!r}; "
+                        f"pip install {missing.split('.')[0]}") from None
+    except Exception as e:
+        if not cfg.download and isinstance(e, RuntimeError):
+            # torchvision's "Dataset not found or corrupted" (it also checks md5 sums)
+            raise DataError(f"{display} is not under {root} (looked for {where}, complete and "
+                            "uncorrupted); set data.download=true or point data.path at it"
+                            ) from None
+        if cfg.download:
+            raise DataError(f"could not download {display} into {root} ({_first_line(e)}); check "
+                            f"the network, or download it by hand into {root}") from None
+        raise DataError(f"cannot read {display} from {root} ({_first_line(e)}); delete it and "
+                        "set data.download=true to fetch it again") from None
+    return TorchvisionImages(base, cfg.image_size, cfg.channels, labelled)
+
+
+def build_dataset(cfg: DataConfig) -> Dataset:
+    """The training data set ``cfg`` describes; items ``(image (C, S, S) in [-1, 1], label)``.
+
+    The built-in shapes always use seed 0 (the data set is fixed, like a downloaded one; the
+    training seed only changes the order, through :class:`GlobalBatchSampler`).
+    """
+    if cfg.source == "builtin":
+        return BuiltinShapes(cfg.builtin_size, cfg.image_size, cfg.channels, seed=0)
+    if cfg.source == "folder":
+        assert cfg.path is not None  # DataConfig requires it for source='folder'
+        return FolderImages(cfg.path, cfg.image_size, cfg.channels, cfg.class_folders)
+    if cfg.source == "torchvision":
+        return _build_torchvision(cfg)
+    raise DataError(f"data.source: unknown source {cfg.source!r}; use builtin, folder or "
+                    "torchvision")  # pragma: no cover - DataConfig rejects it first
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation and batching.
+
+
+def random_flip(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Flip each image of (B, C, H, W) left-right with probability 1/2; returns (B, C, H, W).
+
+    The coin flips are drawn from ``generator`` (on its device), so a seeded generator gives the
+    same flips on resume; the images may live on another device.
+    """
+    flip = torch.rand(images.shape[0], generator=generator, device=generator.device) < 0.5
+    flip = flip.to(images.device).view(-1, *([1] * (images.ndim - 1)))
+    return torch.where(flip, images.flip(-1), images)
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """An endless stream of index batches, one per training step, independent of world size.
+
+    The data order is epoch 0's permutation, then epoch 1's, ... (epoch ``e`` shuffled by a
+    generator seeded from ``(seed, e)``). Global step ``s`` is positions ``[s*B, (s+1)*B)`` of that
+    stream, running across epoch boundaries without a seam, and process ``rank`` gets the
+    ``rank``-th contiguous ``B // world_size`` of them. Starting at ``start_step`` computes the
+    batches arithmetically, so nothing before it is loaded.
+    """
+
+    def __init__(self, num_items: int, global_batch_size: int, *, seed: int, start_step: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if num_items < 1:
+            raise DataError("the data set is empty; give it at least one image")
+        if global_batch_size < 1:
+            raise ConfigError(f"train.batch_size: must be a positive integer, "
+                              f"got {global_batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if global_batch_size % world_size:
+            raise ConfigError(f"train.batch_size: {global_batch_size} is not divisible by the "
+                              f"{world_size} processes; use a multiple of {world_size}")
+        if start_step < 0:
+            raise ValueError(f"start_step must be 0 or more, got {start_step}")
+        self.num_items = num_items
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // world_size
+        self.seed = seed
+        self.start_step = start_step
+        self.rank = rank
+        self.world_size = world_size
+        self._perms: dict[int, Tensor] = {}
+
+    def epoch_permutation(self, epoch: int) -> Tensor:
+        """The order of epoch ``epoch``: a permutation of range(num_items), int64 (N,)."""
+        perm = self._perms.get(epoch)
+        if perm is None:
+            gen = torch.Generator().manual_seed(_seed_for(_TAG_EPOCH, self.seed, epoch))
+            perm = torch.randperm(self.num_items, generator=gen)
+            if len(self._perms) >= 2:  # a batch spans at most a few epochs; keep memory flat
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = perm
+        return perm
+
+    def batch_at(self, step: int) -> list[int]:
+        """This process's indices for global step ``step``."""
+        start = step * self.global_batch_size + self.rank * self.local_batch_size
+        stop = start + self.local_batch_size
+        out: list[int] = []
+        pos = start
+        while pos < stop:  # loops more than once only where the slice crosses an epoch boundary
+            epoch, offset = divmod(pos, self.num_items)
+            take = min(stop - pos, self.num_items - offset)
+            out.extend(self.epoch_permutation(epoch)[offset:offset + take].tolist())
+            pos += take
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start_step
+        while True:
+            yield self.batch_at(step)
+            step += 1
+
+
+def _worker_init(worker_id: int) -> None:
+    # One intra-op thread per worker: each worker renders or decodes a whole batch on its own,
+    # and several workers each starting a thread per core would oversubscribe the CPU. Nothing
+    # is seeded: data sets are deterministic and flips are drawn in the training process.
+    torch.set_num_threads(1)
+
+
+def make_dataloader(dataset: Dataset, batch_sampler: Sampler[list[int]], num_workers: int = 0,
+                    pin_memory: bool = False) -> DataLoader:
+    """A DataLoader yielding ``(images (b, C, S, S), labels (b,) int64)`` per sampler batch.
+
+    Workers persist across the (endless) iteration and keep 4 batches each in flight.
+    """
+    workers = num_workers > 0
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        # pinning needs an accelerator; without one torch only warns, so skip it quietly
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        persistent_workers=workers,
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=_worker_init if workers else None,
+        # The loader draws its workers' base seed from this generator; a private one keeps it
+        # from consuming the global RNG (house rule 3).
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor -> image files.
+
+
+def to_uint8(images: Tensor, channels_last: bool = True) -> Tensor:
+    """Map [-1, 1] floats to uint8 0..255 (clamped, rounded; NaN -> 128).
+
+    (B, C, H, W) -> (B, H, W, C) when ``channels_last`` else (B, C, H, W); a single (C, H, W)
+    image works the same way. Inverse of ``v / 127.5 - 1`` for uint8 ``v``.
+    """
+    x = torch.nan_to_num(images.detach().float(), nan=0.0).clamp(-1.0, 1.0)
+    x = ((x + 1.0) * 127.5).round().to(torch.uint8)
+    if channels_last:
+        x = x.permute(*range(x.ndim - 3), x.ndim - 2, x.ndim - 1, x.ndim - 3)
+    return x
+
+
+def _pil_from_hwc(arr: np.ndarray) -> Image.Image:
+    """A uint8 (H, W, 1) or (H, W, 3) array as an ``L`` or ``RGB`` image."""
+    if arr.shape[-1] == 1:
+        return Image.fromarray(np.ascontiguousarray(arr[..., 0]))  # uint8 (H, W): "L"
+    if arr.shape[-1] == 3:
+        return Image.fromarray(np.ascontiguousarray(arr))  # uint8 (H, W, 3): "RGB"
+    raise ValueError(f"images need 1 or 3 channels, got {arr.shape[-1]}")
+
+
+def _save_atomic(img: Image.Image, path: str | os.PathLike) -> None:
+    """Write ``img`` via a temporary file in the same folder and ``os.replace``, so a crash
+    never leaves a half-written file under ``path``. The format follows the extension."""
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"cannot write {path}: unknown image extension {path.suffix!r}; use .png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Named by hand rather than with tempfile.mkstemp, whose 0600 mode would survive the rename.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            img.save(f, format=fmt)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_image(image: Tensor, path: str | os.PathLike) -> None:
+    """Save one image (C, H, W) in [-1, 1]: grayscale for C=1, RGB for C=3 (atomic write)."""
+    if image.ndim != 3:
+        raise ValueError(f"save_image takes one image (C, H, W), got shape {tuple(image.shape)}")
+    _save_atomic(_pil_from_hwc(to_uint8(image).cpu().numpy()), path)
+
+
+def make_grid_image(images: Tensor, nrow: int | None = None, padding: int = 2,
+                    pad_value: float = 0.0) -> Image.Image:
+    """Tile (B, C, H, W) images in [-1, 1] into one ``L``/``RGB`` PIL image.
+
+    ``nrow`` images per row (default ceil(sqrt(B)), a near-square grid), ``padding`` pixels
+    between and around tiles in ``pad_value`` (default 0.0: mid grey, visible against both dark
+    and white backgrounds).
+    """
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"make_grid_image takes a batch (B, C, H, W), got {tuple(images.shape)}")
+    b, c, h, w = images.shape
+    ncol = nrow if nrow is not None else math.ceil(math.sqrt(b))
+    ncol = max(1, min(ncol, b))
+    rows = math.ceil(b / ncol)
+    tiles = to_uint8(images).cpu().numpy()  # (B, H, W, C)
+    fill = int(to_uint8(torch.tensor([pad_value]), channels_last=False)[0])
+    canvas = np.full((rows * (h + padding) + padding, ncol * (w + padding) + padding, c), fill,
+                     dtype=np.uint8)
+    for k in range(b):
+        r, q = divmod(k, ncol)
+        y, x = padding + r * (h + padding), padding + q * (w + padding)
+        canvas[y:y + h, x:x + w] = tiles[k]
+    return _pil_from_hwc(canvas)
+
+
+def save_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None) -> None:
+    """Save (B, C, H, W) images in [-1, 1] as one grid image (see :func:`make_grid_image`)."""
+    _save_atomic(make_grid_image(images, nrow), path)

@@ -1,0 +1,204 @@
+"""Building blocks of the UNet: timestep embedding, residual, attention and resampling blocks.
+
+The design follows DDPM (Ho et al. 2020, Appendix B: Wide-ResNet-style residual blocks with
+GroupNorm, a sinusoidal timestep embedding added inside every block, self-attention at chosen
+resolutions) and improved DDPM (Nichol & Dhariwal 2021, Sec. 3/Appendix A: multi-head attention
+and the "AdaGN" scale/shift conditioning of the second GroupNorm).
+
+Every module follows the device and dtype of its input; nothing here picks a device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+__all__ = [
+    "timestep_embedding",
+    "zero_",
+    "ResidualBlock",
+    "AttentionBlock",
+    "Downsample",
+    "Upsample",
+]
+
+
+def timestep_embedding(
+    t: torch.Tensor | int | float, dim: int, max_period: float = 10000.0
+) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps (the Transformer position encoding; DDPM Sec. 3.3/App. B).
+
+    Args:
+        t: (B,) integer or float timesteps, or a scalar (python number or 0-d tensor).
+        dim: embedding width. An odd ``dim`` gets one zero column at the end.
+        max_period: the longest wavelength; frequencies are ``max_period ** (-i / (dim // 2))``.
+
+    Returns:
+        (B, dim) float32 on ``t``'s device (a scalar gives (1, dim), which broadcasts).
+        Layout is ``[cos(t * f_0..f_{h-1}), sin(t * f_0..f_{h-1})]`` as in improved-diffusion.
+    """
+    # float32 even for int64 or half inputs: t * freq must not lose precision for t ~ 1000.
+    t = torch.as_tensor(t).to(torch.float32)
+    if t.ndim == 0:
+        t = t.reshape(1)
+    if t.ndim != 1:
+        raise ValueError(f"timestep_embedding: t must be a scalar or shape (B,), "
+                         f"got shape {tuple(t.shape)}")
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )  # (half,)
+    args = t[:, None] * freqs[None, :]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))  # (B, dim)
+    return emb
+
+
+def zero_(module: nn.Module) -> nn.Module:
+    """Set every parameter of ``module`` to zero in place and return it.
+
+    Used on the last layer of each residual branch and on the output conv, so that at init every
+    block is the identity and the network outputs zero (improved-diffusion, App. A).
+    """
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+    return module
+
+
+class ResidualBlock(nn.Module):
+    """Residual block conditioned on the time(+class) embedding (DDPM App. B; AdaGN from
+    Nichol & Dhariwal 2021).
+
+    ``x (B, in_ch, H, W), emb (B, emb_dim) -> (B, out_ch, H, W)``::
+
+        h = conv1(SiLU(norm1(x)))
+        h = h + proj(emb)                                   # default: add per channel
+        h = norm2(h)             or  norm2(h) * (1 + scale) + shift   # scale_shift_norm (AdaGN)
+        h = conv2(dropout(SiLU(h)))                         # conv2 zero-initialised
+        return skip(x) + h                                  # skip: 1x1 conv iff in_ch != out_ch
+    """
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        emb_dim: int,
+        dropout: float = 0.0,
+        num_groups: int = 32,
+        scale_shift_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_ch = in_ch
+        self.out_ch = out_ch
+        self.scale_shift_norm = scale_shift_norm
+        self.norm1 = nn.GroupNorm(num_groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        # SiLU is applied functionally before this Linear (the embedding MLP ends in a Linear).
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if scale_shift_norm else out_ch)
+        self.norm2 = nn.GroupNorm(num_groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        # A 1x1 conv only where the channel count changes; otherwise the skip is free.
+        self.skip: nn.Module = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """x (B, in_ch, H, W), emb (B, emb_dim) -> (B, out_ch, H, W)."""
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, out_ch, H, W)
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]  # (B, out_ch or 2*out_ch, 1, 1)
+        if self.scale_shift_norm:
+            # AdaGN (Nichol & Dhariwal 2021): the embedding modulates the normalised activations.
+            scale, shift = e.chunk(2, dim=1)
+            h = torch.addcmul(shift, self.norm2(h), 1 + scale)
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map, with a residual connection.
+
+    ``x (B, C, H, W) -> (B, C, H, W)``. The C channels are split across ``num_heads`` heads of
+    ``C // num_heads`` channels each (improved DDPM, Sec. 3/App. A; DDPM uses one head).
+    The output projection is zero-initialised, so the block starts as the identity.
+    """
+
+    def __init__(self, channels: int, num_heads: int = 1, num_groups: int = 32) -> None:
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"AttentionBlock: {channels} channels are not divisible by "
+                             f"{num_heads} heads")
+        self.channels = channels
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(num_groups, channels)
+        # Linear layers on (B, HW, C) tokens (same parameters as 1x1 convs). Token-major layout
+        # makes each head's q/k/v have a contiguous last dim, which SDPA's fused kernels want.
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = zero_(nn.Linear(channels, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> (B, C, H, W)."""
+        _, _, height, _ = x.shape
+        tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")  # (B, HW, C)
+        qkv = self.qkv(tokens)  # (B, HW, 3C)
+        q, k, v = rearrange(qkv, "b n (three heads d) -> three b heads n d",
+                            three=3, heads=self.num_heads)  # each (B, heads, HW, C/heads)
+        # softmax(q k^T / sqrt(d)) v; PyTorch picks a flash / memory-efficient kernel.
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
+        out = rearrange(out, "b heads n d -> b n (heads d)")  # (B, HW, C)
+        out = self.proj(out)  # (B, HW, C)
+        return x + rearrange(out, "b (h w) c -> b c h w", h=height)
+
+
+class Downsample(nn.Module):
+    """Halve the resolution: ``(B, C, H, W) -> (B, C, H/2, W/2)``.
+
+    ``kind="conv"``: 3x3 stride-2 conv, padding 1 (DDPM); ``kind="avgpool"``: 2x2 average pooling.
+    """
+
+    def __init__(self, channels: int, kind: Literal["conv", "avgpool"] = "conv") -> None:
+        super().__init__()
+        if kind not in ("conv", "avgpool"):
+            raise ValueError(f"Downsample: kind must be 'conv' or 'avgpool', got {kind!r}")
+        self.kind = kind
+        self.conv: nn.Conv2d | None = None  # avgpool has no parameters
+        if kind == "conv":
+            self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> (B, C, H/2, W/2)."""
+        if self.conv is not None:
+            return self.conv(x)
+        return F.avg_pool2d(x, kernel_size=2, stride=2)
+
+
+class Upsample(nn.Module):
+    """Double the resolution: ``(B, C, H, W) -> (B, C, 2H, 2W)``.
+
+    ``kind="nearest"``: nearest-neighbour x2 then a 3x3 conv (DDPM);
+    ``kind="transposed"``: a 4x4 stride-2 transposed conv, padding 1.
+    """
+
+    def __init__(self, channels: int, kind: Literal["nearest", "transposed"] = "nearest") -> None:
+        super().__init__()
+        if kind not in ("nearest", "transposed"):
+            raise ValueError(f"Upsample: kind must be 'nearest' or 'transposed', got {kind!r}")
+        self.kind = kind
+        self.conv: nn.Module
+        if kind == "nearest":
+            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        else:
+            self.conv = nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> (B, C, 2H, 2W)."""
+        if self.kind == "nearest":
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x)
