@@ -388,8 +388,8 @@ class SampleConfig:
         p = "sample."
         if self.num_steps < 1:
             _fail(p + "num_steps", f"must be a positive integer, got {self.num_steps}")
-        if self.eta < 0:
-            _fail(p + "eta", f"must be 0 or more, got {self.eta}")
+        if not 0 <= self.eta <= 1:
+            _fail(p + "eta", f"must be in [0, 1] (0: deterministic DDIM), got {self.eta}")
         if self.num_images < 1:
             _fail(p + "num_images", f"must be a positive integer, got {self.num_images}")
 
@@ -413,6 +413,9 @@ class RunConfig:
         if self.data.channels != self.unet.in_channels:
             _fail("data.channels", f"{self.data.channels} does not match unet.in_channels "
                   f"{self.unet.in_channels}; set both to the same value")
+        if self.sample.guidance_scale != 1.0 and self.unet.num_classes is None:
+            _fail("sample.guidance_scale", f"{self.sample.guidance_scale} needs a class-conditional "
+                  "model; set unet.num_classes or leave guidance_scale at 1")
         if self.sample.num_steps > self.schedule.num_train_timesteps:
             _fail("sample.num_steps", f"{self.sample.num_steps} is more than "
                   f"schedule.num_train_timesteps {self.schedule.num_train_timesteps}")
