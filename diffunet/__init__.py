@@ -1,18 +1,27 @@
-"""diffunet: diffusion models built around the time-conditioned residual/attention UNet."""
+"""diffunet: diffusion models built around the time-conditioned residual/attention UNet.
+
+    from diffunet import UNet, UNetConfig, NoiseSchedule, ScheduleConfig
+    net = UNet(UNetConfig(image_size=32))
+    eps_hat = net(xt, t)                       # xt (B,C,H,W), t (B,) -> (B,C,H,W)
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .config import ScheduleConfig, UNetConfig
+from .checkpoint import load_model, save_model
+from .config import (DataConfig, RunConfig, SampleConfig, ScheduleConfig, TrainConfig, UNetConfig,
+                     load_config)
+from .diffusion import NoiseSchedule, diffusion_loss
 from .errors import ConfigError, DataError, DiffunetError, ModelFileError
+from .schedulers import ddim_step, ddpm_step, make_timesteps, sample
+from .unet import UNet
 
 __all__ = [
     "__version__",
-    "UNetConfig",
-    "ScheduleConfig",
-    "ConfigError",
-    "DataError",
-    "DiffunetError",
-    "ModelFileError",
+    "UNet", "UNetConfig", "NoiseSchedule", "ScheduleConfig", "diffusion_loss",
+    "make_timesteps", "ddpm_step", "ddim_step", "sample",
+    "save_model", "load_model",
+    "RunConfig", "DataConfig", "TrainConfig", "SampleConfig", "load_config",
+    "DiffunetError", "ConfigError", "DataError", "ModelFileError",
 ]

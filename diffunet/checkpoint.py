@@ -107,22 +107,31 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, schedule: NoiseS
     atomic_write_bytes(path, save_safetensors_bytes(tensors, metadata=metadata))
 
 
+def _looks_pickled(data: bytes) -> bool:
+    # torch.save writes a zip archive ("PK\x03\x04"); plain pickles start with PROTO 2-5.
+    return data[:4] == b"PK\x03\x04" or (data[:1] == b"\x80" and data[1:2] in b"\x02\x03\x04\x05")
+
+
 def _read_header(path: Path, data: bytes) -> dict[str, Any]:
     """Parse and sanity-check the safetensors header of ``data`` (the bytes of ``path``)."""
-    if data[:2] == b"PK" or data[:1] == b"\x80":
+    header = None
+    n = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else 0
+    if 8 <= 8 + n <= len(data) and n <= _MAX_HEADER:
+        try:
+            header = json.loads(data[8:8 + n].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if header is None and _looks_pickled(data):
         raise ModelFileError(
             f"{path} is a pickled PyTorch checkpoint (.pt/.ckpt); diffunet never unpickles files "
             "because that can run code. Load it yourself with torch.load(..., weights_only=True), "
             "put the state dict in a UNet, and write it with diffunet.save_model")
     if len(data) < 8:
         raise ModelFileError(f"{path} is not a safetensors model file (only {len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
     if n > _MAX_HEADER or 8 + n > len(data):
         raise ModelFileError(f"{path} is not a safetensors model file or is truncated (header "
                              f"says {n} bytes, file has {len(data)}); re-save or re-download it")
-    try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    if header is None:
         raise ModelFileError(f"{path} is not a safetensors model file (its header is not JSON)")
     if not isinstance(header, dict):
         raise ModelFileError(f"{path} is not a safetensors model file (malformed header)")

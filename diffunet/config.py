@@ -381,6 +381,8 @@ class SampleConfig:
     spacing: Literal["leading", "trailing", "linspace"] = "trailing"
     guidance_scale: float = 1.0
     """Classifier-free guidance scale for class-conditional models (1 = no guidance)."""
+    clip_x0: bool = True
+    """Clip each step's x0 estimate to the data range [-1, 1] (diffusers' clip_sample)."""
     num_images: int = 64
     """Images in each preview grid."""
 

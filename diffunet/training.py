@@ -262,7 +262,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                             num_steps=cfg.sample.num_steps, eta=cfg.sample.eta,
                             spacing=cfg.sample.spacing, class_labels=labels,
                             guidance_scale=cfg.sample.guidance_scale,
-                            generator=torch.Generator().manual_seed(t.seed + 2))
+                            clip_x0=cfg.sample.clip_x0, generator=torch.Generator().manual_seed(t.seed + 2))
         save_grid(images.float().cpu(), out_dir / "samples" / f"{st.state_name(at)}.png")
 
     def save_checkpoint(at: int) -> tuple[Path | None, Path | None]:

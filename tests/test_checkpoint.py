@@ -1,0 +1,206 @@
+"""Model files: round trips, atomic writes, and every way a file can be wrong."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import diffunet
+from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig, load_model, save_model
+from diffunet.checkpoint import FORMAT_VERSION, read_metadata
+from diffunet.errors import ModelFileError
+
+TINY = UNetConfig(image_size=16, in_channels=3, base_channels=16, channel_mults=(1, 2),
+                  num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, num_groups=8)
+
+
+def _model(cfg: UNetConfig = TINY, seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    net = UNet(cfg)
+    with torch.no_grad():  # leave no zero-initialised layer, so the round trip is a real check
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net.eval()
+
+
+def _saved(tmp_path: Path, **kw) -> Path:
+    path = tmp_path / "model.safetensors"
+    save_model(path, _model(), NoiseSchedule(ScheduleConfig(beta_schedule="cosine",
+                                                            prediction_type="v")), **kw)
+    return path
+
+
+def test_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
+    net = _model()
+    schedule = NoiseSchedule(ScheduleConfig(num_train_timesteps=500, beta_schedule="cosine",
+                                            prediction_type="v"))
+    path = tmp_path / "m.safetensors"
+    save_model(path, net, schedule, extra={"step": 123, "note": {"a": [1, 2]}})
+    net2, schedule2, meta = load_model(path)
+    assert net2.config == net.config and schedule2.config == schedule.config
+    assert meta["step"] == 123 and meta["note"] == {"a": [1, 2]}
+    assert meta["format_version"] == FORMAT_VERSION
+    assert meta["diffunet_version"] == diffunet.__version__
+    assert len(meta["sha256"]) == 64
+    assert not net2.training
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 400])
+    with torch.no_grad():
+        assert torch.equal(net(x, t), net2(x, t))
+    assert torch.equal(schedule.alphas_cumprod, schedule2.alphas_cumprod)
+
+
+def test_metadata_is_plain_json_in_the_header(tmp_path: Path) -> None:
+    meta = read_metadata(_saved(tmp_path))
+    assert meta["unet_config"]["channel_mults"] == [1, 2]
+    assert meta["schedule_config"]["prediction_type"] == "v"
+
+
+def test_wrapped_model_saves_the_bare_weights(tmp_path: Path) -> None:
+    class Wrapper(torch.nn.Module):  # what DDP / Accelerate hand back
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    net = _model()
+    path = tmp_path / "w.safetensors"
+    save_model(path, Wrapper(net), NoiseSchedule())
+    net2, _, _ = load_model(path)
+    assert set(net2.state_dict()) == set(net.state_dict())
+
+
+def test_write_is_atomic_and_replaces(tmp_path: Path) -> None:
+    path = _saved(tmp_path)
+    save_model(path, _model(seed=1), NoiseSchedule())
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp files left
+    assert load_model(path)[1].config == ScheduleConfig()
+
+
+def test_extra_cannot_override_reserved_keys(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="reserved"):
+        save_model(tmp_path / "x.safetensors", _model(), NoiseSchedule(),
+                   extra={"unet_config": {}})
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model(tmp_path / "nope.safetensors")
+
+
+def test_folder_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match="is a folder"):
+        load_model(tmp_path)
+
+
+def test_pickle_is_refused_and_never_unpickled(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    for name, writer in [("evil.pt", lambda f: pickle.dump(Evil(), f)),
+                         ("evil.ckpt", lambda f: torch.save({"x": Evil()}, f))]:
+        path = tmp_path / name
+        with open(path, "wb") as f:
+            writer(f)
+        with pytest.raises(ModelFileError, match="never unpickles"):
+            load_model(path)
+    assert not marker.exists()
+
+
+def test_not_safetensors(tmp_path: Path) -> None:
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(b"hello, this is not a model file at all")
+    with pytest.raises(ModelFileError, match="not a safetensors model file"):
+        load_model(path)
+
+
+def test_truncated_file(tmp_path: Path) -> None:
+    path = _saved(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ModelFileError, match="truncated"):
+        load_model(path)
+    path.write_bytes(data[:20])
+    with pytest.raises(ModelFileError, match="truncated"):
+        load_model(path)
+
+
+def test_foreign_safetensors(tmp_path: Path) -> None:
+    path = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(3)}, str(path))
+    with pytest.raises(ModelFileError, match="not a diffunet model file"):
+        load_model(path)
+
+
+def _rewrite_metadata(path: Path, change) -> None:
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    change(header["__metadata__"])
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + data[8 + n:])
+
+
+def test_newer_format_version(tmp_path: Path) -> None:
+    path = _saved(tmp_path)
+    _rewrite_metadata(path, lambda m: m.update(format_version=str(FORMAT_VERSION + 1)))
+    with pytest.raises(ModelFileError, match="newer than this diffunet"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda m: m.pop("unet_config"), "'unet_config' is missing"),
+    (lambda m: m.update(schedule_config="{not json"), "not valid JSON"),
+    (lambda m: m.update(format_version="one"), "malformed format_version"),
+    (lambda m: m.update(unet_config=json.dumps({"base_channel": 16})), "stored config is invalid"),
+])
+def test_malformed_metadata(tmp_path: Path, change, words: str) -> None:
+    path = _saved(tmp_path)
+    _rewrite_metadata(path, change)
+    with pytest.raises(ModelFileError, match=words):
+        load_model(path)
+
+
+def test_weights_that_do_not_fit_the_config(tmp_path: Path) -> None:
+    path = _saved(tmp_path)
+
+    def widen(m: dict) -> None:
+        cfg = json.loads(m["unet_config"])
+        cfg["base_channels"] = 32
+        m["unet_config"] = json.dumps(cfg)
+
+    _rewrite_metadata(path, widen)
+    with pytest.raises(ModelFileError, match="do not fit.*wrong shape"):
+        load_model(path)
+
+
+def test_info_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from diffunet.cli import main
+
+    path = _saved(tmp_path, extra={"step": 42})
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    n = sum(p.numel() for p in _model().parameters())
+    assert f"{n:,}" in out and "training step    42" in out and "sha256" in out
+    assert main(["info", "--json", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"] == n
+
+
+def test_info_on_a_bad_file_is_one_line_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 4)
+    proc = subprocess.run([sys.executable, "-m", "diffunet", "info", str(bad)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "not a safetensors model file" in proc.stderr
