@@ -19,6 +19,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -170,6 +171,13 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         raise ConfigError(f"train.mixed_precision={t.mixed_precision!r} cannot run here ({e}); "
                           "use 'bf16' or 'no' on a CPU") from None
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    if launched > 1 and world == 1:  # no GPU, not told to use the CPU: N lone runs, one folder
+        raise ConfigError(
+            f"launched as {launched} processes, but Accelerate found no GPU for them and was not "
+            f"told to use the CPU, so each would train alone into {out_dir}; to train on "
+            f"{launched} CPU processes, launch with ACCELERATE_USE_CPU=1 accelerate launch "
+            f"--multi_gpu --num_processes {launched} ...")
     if t.batch_size % (world * t.grad_accum_steps):
         raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by {world} "
                           f"processes x {t.grad_accum_steps} grad_accum_steps")

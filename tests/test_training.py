@@ -1,0 +1,558 @@
+"""Training: the run folder, exact resume, the command line, two processes, signals, non-finite
+losses, gradient accumulation, the LR schedule and EMA.
+
+Everything runs a tiny UNet (8 channels, 16x16) on the built-in shapes for a handful of steps.
+``train()`` runs in-process where the behaviour is the library's; the command line, signals and
+``accelerate launch`` run as subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffunet import cli, load_model, training
+from diffunet.config import RunConfig, load_config, run_config_from_dict, to_dict
+from diffunet.data import GlobalBatchSampler
+from diffunet.errors import ConfigError
+from diffunet.training import EMA, TrainingError, lr_at, train
+from diffunet.unet import UNet
+
+TINY = [
+    "unet.base_channels=8", "unet.num_groups=4", "unet.channel_mults=[1,2]",
+    "unet.num_res_blocks=1", "unet.attn_resolutions=[8]", "unet.image_size=16",
+    "data.image_size=16", "data.builtin_size=64", "train.batch_size=4", "train.lr=1e-3",
+    "train.warmup_steps=2", "sample.num_images=4", "sample.num_steps=2",
+]
+STATE_FILES = {"model.safetensors", "ema.safetensors", "optimizer.safetensors",
+               "rng.safetensors", "rng_rank0.safetensors", "trainer.json"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_fresh_accelerate(monkeypatch: pytest.MonkeyPatch):
+    # One intra-op thread: these models are tiny, and with two threads on two busy cores each
+    # convolution waits for a descheduled OpenMP thread (~100x slower). CPU even where a GPU is.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    yield
+    torch.set_num_threads(threads)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)  # every train() starts from a clean Accelerate state
+    GradientState._reset_state()
+
+
+def _cfg(*extra: str) -> RunConfig:
+    return load_config(None, [*TINY, *extra])
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def _assert_identical(a: Path, b: Path) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), f"{a.name}: {k} differs"
+
+
+def _assert_close(a: Path, b: Path, atol: float) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=atol, msg=f"{a.name}: {k}")
+
+
+def _differs(a: Path, b: Path) -> bool:
+    ta, tb = _tensors(a), _tensors(b)
+    return any(not torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def _state(out: Path, step: int) -> Path:
+    return out / "state" / f"step{step:07d}"
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def _leftovers(out: Path) -> list[Path]:
+    """Temporary folders/files of interrupted writes (state/.tmp-*, .<name>.*.tmp)."""
+    return [p for p in out.rglob("*") if p.name.startswith(".tmp-") or p.name.endswith(".tmp")]
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every path under ``folder`` with its bytes and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"",
+                                         p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+           and not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", **extra)
+    return env
+
+
+def _diffunet(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diffunet", *args], env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The run folder, end to end through the command line.
+
+
+def test_cli_run_folder(tmp_path: Path) -> None:
+    overrides = [*TINY, "train.max_steps=6", "train.log_every=2", "train.sample_every=3",
+                 "train.save_every=2", "train.keep_last=2"]
+    out = tmp_path / "run"
+    r = _diffunet("train", *overrides, "--out-dir", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert f"step 6: model file {out / 'weights' / 'model_step0000006.safetensors'}" in r.stderr
+    cfg = load_config(None, overrides)
+
+    assert run_config_from_dict(json.loads((out / "config.json").read_text())) == cfg
+
+    log = _log(out)
+    assert [rec["step"] for rec in log] == [2, 4, 6]
+    for rec in log:
+        assert isinstance(rec["loss"], float) and 0 < rec["loss"] < 10
+        assert rec["lr"] == pytest.approx(1e-3)
+        assert rec["images_per_s"] > 0
+        assert rec["nonfinite_skipped"] == 0
+
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "step0000003.png", "step0000006.png"]
+    with Image.open(out / "samples" / "step0000006.png") as grid:  # 2x2 tiles of 16 + padding 2
+        assert grid.size == (38, 38) and grid.mode == "RGB"
+
+    weights = sorted(p.name for p in (out / "weights").iterdir())
+    assert weights == [f"model_step{s:07d}.safetensors" for s in (2, 4, 6)]
+    for s in (2, 4, 6):
+        net, schedule, meta = load_model(out / "weights" / f"model_step{s:07d}.safetensors")
+        assert meta["step"] == s
+        assert meta["run_config"] == to_dict(cfg)
+        assert net.config == cfg.unet and schedule.config == cfg.schedule
+    # The inference file holds the EMA weights.
+    _assert_identical(out / "weights" / "model_step0000006.safetensors",
+                      _state(out, 6) / "ema.safetensors")
+
+    # keep_last=2: only the two newest states remain, each complete.
+    assert sorted(p.name for p in (out / "state").iterdir()) == ["step0000004", "step0000006"]
+    for s in (4, 6):
+        assert {p.name for p in _state(out, s).iterdir()} == STATE_FILES
+        trainer = json.loads((_state(out, s) / "trainer.json").read_text())
+        assert trainer["step"] == s and trainer["world_size"] == 1
+    assert _leftovers(out) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Exact resume: N steps == N/2 steps + resume, and no skipped data is read again.
+
+
+class _Recording(torch.utils.data.Dataset):
+    """Wraps a data set and records the index batches the loader asks for."""
+
+    def __init__(self, base, log: list[list[int]]) -> None:
+        self.base, self.log = base, log
+        self.num_classes, self.skipped = base.num_classes, base.skipped
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        self.log.append([int(index)])
+        return self.base[index]
+
+    def __getitems__(self, indices):
+        self.log.append([int(i) for i in indices])
+        return self.base.__getitems__(indices)
+
+
+@pytest.mark.parametrize("variant", [
+    [],
+    ["unet.num_classes=4", "train.label_dropout=0.5"],
+], ids=["unconditional", "class-conditional"])
+def test_resume_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                         variant: list[str]) -> None:
+    n = 6
+    common = [*variant, "unet.dropout=0.3", "data.random_flip=true", "train.lr_schedule=constant",
+              "train.log_every=1", "train.save_every=2", "train.sample_every=2"]
+    reads: list[list[int]] = []
+    real_build = training.build_dataset
+    monkeypatch.setattr(training, "build_dataset", lambda c: _Recording(real_build(c), reads))
+    stream = GlobalBatchSampler(64, 4, seed=0)
+
+    full, half = tmp_path / "full", tmp_path / "half"
+    result = train(_cfg(*common, f"train.max_steps={n}"), full, progress=False)
+    assert result.step == n and not result.interrupted
+    assert reads == [stream.batch_at(s) for s in range(n)]
+
+    train(_cfg(*common, f"train.max_steps={n // 2}"), half, progress=False)
+    spare = tmp_path / "spare"
+    shutil.copytree(half, spare)
+    reads.clear()
+    messages: list[str] = []
+    result = train(_cfg(*common, f"train.max_steps={n}"), half, resume=True, progress=False,
+                   say=messages.append)
+    assert result.step == n
+    assert any(f"(step {n // 2})" in m for m in messages)
+    # The resumed run reads batch N/2 first and nothing from before it.
+    assert reads == [stream.batch_at(s) for s in range(n // 2, n)]
+
+    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors",
+                 "rng.safetensors", "rng_rank0.safetensors"):
+        _assert_identical(_state(full, n) / name, _state(half, n) / name)
+    _assert_identical(full / "weights" / f"model_step{n:07d}.safetensors",
+                      half / "weights" / f"model_step{n:07d}.safetensors")
+    opt_full = json.loads((_state(full, n) / "trainer.json").read_text())["optimizer"]
+    opt_half = json.loads((_state(half, n) / "trainer.json").read_text())["optimizer"]
+    assert opt_full == opt_half
+    # The log is the same run's log: one line per step, the resumed part continuing it.
+    assert [r["step"] for r in _log(half)] == list(range(1, n + 1))
+    assert [r["loss"] for r in _log(half)] == [r["loss"] for r in _log(full)]
+
+    # The check has teeth: without the dropout RNG state the resumed run differs.
+    (_state(spare, n // 2) / "rng_rank0.safetensors").unlink()
+    train(_cfg(*common, f"train.max_steps={n}"), spare, resume=True, progress=False)
+    assert _differs(_state(full, n) / "model.safetensors", _state(spare, n) / "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The out dir: --resume on a new one, refusing a non-empty one or a file, incompatible resumes.
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["missing", "empty"])
+def test_resume_on_new_out_dir_starts_fresh(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                            exists: bool) -> None:
+    out = tmp_path / "new"
+    if exists:
+        out.mkdir()
+    rc = cli.main(["train", *TINY, "train.max_steps=2", "--out-dir", str(out), "--resume",
+                   "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "no saved state" in err and "starting a fresh run" in err
+    assert {p.name for p in _state(out, 2).iterdir()} == STATE_FILES
+
+
+def test_non_empty_out_dir_is_refused_and_left_alone(tmp_path: Path) -> None:
+    out = tmp_path / "busy"
+    (out / "state" / "step0000002").mkdir(parents=True)
+    (out / "state" / "step0000002" / "trainer.json").write_text("{}")
+    (out / "notes.txt").write_text("my notes")
+    before = _snapshot(out)
+    r = _diffunet("train", *TINY, "train.max_steps=2", "--out-dir", str(out), "--no-progress")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("diffunet train: error: --out-dir") and "--resume" in lines[0]
+    assert _snapshot(out) == before
+
+
+def test_out_dir_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "file.txt"
+    out.write_text("x")
+    rc = cli.main(["train", *TINY, "train.max_steps=2", "--out-dir", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and "is a file" in err
+    assert out.read_text() == "x"
+
+
+@pytest.mark.parametrize("change, key", [
+    ("unet.base_channels=16", "unet.base_channels"),
+    ("train.batch_size=8", "train.batch_size"),
+])
+def test_resume_with_other_model_settings_is_refused(tmp_path: Path, change: str,
+                                                     key: str) -> None:
+    out = tmp_path / "run"
+    train(_cfg("train.max_steps=2"), out, progress=False)
+    before = _snapshot(out)
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        train(_cfg("train.max_steps=4", change), out, resume=True, progress=False)
+    assert _snapshot(out) == before
+
+
+def test_resume_without_config_continues_saved_config(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    first = [*TINY, "train.max_steps=2", "train.log_every=1", "train.lr=5e-4"]
+    assert cli.main(["train", *first, "--out-dir", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    rc = cli.main(["train", "train.max_steps=4", "--out-dir", str(out), "--resume",
+                   "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"resuming from {_state(out, 2)} (step 2)" in err
+    saved = run_config_from_dict(json.loads((out / "config.json").read_text()))
+    assert saved == load_config(None, [*first, "train.max_steps=4"])
+    assert json.loads((_state(out, 4) / "trainer.json").read_text())["step"] == 4
+    assert [r["step"] for r in _log(out)] == [1, 2, 3, 4]
+    assert all(r["lr"] == pytest.approx(5e-4) for r in _log(out)[1:])
+
+
+def test_resume_from_older_state_drops_later_log_lines(tmp_path: Path) -> None:
+    # As after a crash between writing a log line and saving the state: the resumed run logs
+    # those steps again, and the log keeps one line per step.
+    out = tmp_path / "run"
+    common = ["train.log_every=1", "train.save_every=2", "train.keep_last=5"]
+    train(_cfg(*common, "train.max_steps=3"), out, progress=False)
+    shutil.rmtree(_state(out, 3))
+    assert [r["step"] for r in _log(out)] == [1, 2, 3]
+    result = train(_cfg(*common, "train.max_steps=4"), out, resume=True, progress=False)
+    assert result.step == 4
+    assert [r["step"] for r in _log(out)] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (out / "state").iterdir()) == ["step0000002", "step0000004"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Two processes (gloo on the CPU) give the single-process run.
+
+
+def _launch(out: Path, overrides: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    # `accelerate launch --cpu --num_processes 2` starts ONE process (Accelerate's multi-CPU
+    # launch goes through mpirun); --multi_gpu starts torchrun, and ACCELERATE_USE_CPU=1 makes
+    # Accelerate join the processes with gloo on the CPU.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "diffunet", "train", *overrides, "--out-dir", str(out), "--no-progress"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path: Path) -> None:
+    overrides = [*TINY, "train.max_steps=4", "train.log_every=2", "train.save_every=2",
+                 "train.sample_every=4", "unet.dropout=0.0", "data.random_flip=true"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    r = _launch(two, overrides, _env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("model file") == 1  # only the main process talks
+    assert [rec["step"] for rec in _log(two)] == [2, 4]  # one log, written once
+    assert sorted(p.name for p in (two / "state").iterdir()) == ["step0000002", "step0000004"]
+    assert {p.name for p in _state(two, 4).iterdir()} == STATE_FILES | {"rng_rank1.safetensors"}
+    assert json.loads((_state(two, 4) / "trainer.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in (two / "samples").iterdir()) == ["step0000004.png"]
+    assert _leftovers(two) == []
+
+    train(load_config(None, overrides), one, progress=False)
+    for rel in ("weights/model_step0000004.safetensors", "state/step0000004/model.safetensors",
+                "state/step0000004/ema.safetensors"):
+        _assert_close(two / rel, one / rel, atol=1e-5)
+    for a, b in zip(_log(two), _log(one)):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs this launch is a real 2-GPU run")
+def test_two_processes_without_cpu_flag_are_refused(tmp_path: Path) -> None:
+    # Without ACCELERATE_USE_CPU and without a GPU, Accelerate gives each process a world of
+    # one: two lone runs writing one folder. train() refuses before touching the folder.
+    out = tmp_path / "run"
+    env = _env()
+    del env["ACCELERATE_USE_CPU"]
+    r = _launch(out, [*TINY, "train.max_steps=2"], env)
+    assert r.returncode != 0
+    assert r.stderr.count("diffunet train: error: launched as 2 processes") == 1
+    assert "ACCELERATE_USE_CPU=1" in r.stderr
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. SIGTERM / SIGINT: save, say so, exit 0; --resume goes on from there.
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_signal_saves_and_resume_continues(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                           signame: str) -> None:
+    out = tmp_path / "run"
+    settings = [*TINY, "unet.dropout=0.3", "train.log_every=1", "train.save_every=100000",
+                "train.sample_every=100000"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diffunet", "train", *settings, "train.max_steps=100000",
+         "--out-dir", str(out), "--no-progress"],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        log = out / "log.jsonl"
+        while not (log.is_file() and log.read_text().strip()):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no log line within 60 s"
+            time.sleep(0.05)
+        proc.send_signal(getattr(signal, signame))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    m = re.search(rf"stopped by {signame} at step (\d+); state saved in (\S+); "
+                  r"continue with --resume", err)
+    assert m, err
+    n = int(m.group(1))
+    assert Path(m.group(2)) == _state(out, n)
+    assert [p.name for p in (out / "state").iterdir()] == [f"step{n:07d}"]
+    assert {p.name for p in _state(out, n).iterdir()} == STATE_FILES
+    assert json.loads((_state(out, n) / "trainer.json").read_text())["step"] == n
+    assert (out / "weights" / f"model_step{n:07d}.safetensors").is_file()
+    assert _log(out)[-1]["step"] == n
+    assert _leftovers(out) == []
+
+    rc = cli.main(["train", f"train.max_steps={n + 2}", "--out-dir", str(out), "--resume",
+                   "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"(step {n})" in err
+    assert sorted(p.name for p in (out / "state").iterdir()) == [f"step{n:07d}",
+                                                                 f"step{n + 2:07d}"]
+    assert [r["step"] for r in _log(out)] == list(range(1, n + 3))
+    assert _leftovers(out) == []
+
+    # Stopped, saved in one process and resumed in another: the uninterrupted run's weights.
+    whole = tmp_path / "whole"
+    train(load_config(None, [*settings, f"train.max_steps={n + 2}"]), whole, progress=False)
+    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        _assert_identical(_state(whole, n + 2) / name, _state(out, n + 2) / name)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Non-finite losses: skipped steps, and a clear stop when nothing else happens.
+
+
+def test_nonfinite_steps_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = training.diffusion_loss
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 2 else loss  # the second step
+
+    monkeypatch.setattr(training, "diffusion_loss", flaky)
+    out = tmp_path / "run"
+    result = train(_cfg("train.max_steps=4", "train.save_every=1", "train.keep_last=10",
+                        "train.log_every=1"), out, progress=False)
+    assert result.step == 4 and result.nonfinite_skipped == 1
+    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        _assert_identical(_state(out, 1) / name, _state(out, 2) / name)  # step 2 changed nothing
+    # step 3 trained again
+    assert _differs(_state(out, 2) / "model.safetensors", _state(out, 3) / "model.safetensors")
+    log = _log(out)
+    assert [r["nonfinite_skipped"] for r in log] == [0, 1, 1, 1]
+    assert log[1]["loss"] is None and all(isinstance(r["loss"], float) for r in log[2:])
+
+
+def test_only_nonfinite_losses_stop_with_advice(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def nan_loss(schedule, out, *args, **kwargs):
+        calls.append(1)
+        return out.mean(dim=(1, 2, 3)) * float("nan")
+
+    monkeypatch.setattr(training, "diffusion_loss", nan_loss)
+    with pytest.raises(TrainingError) as info:
+        train(_cfg("train.max_steps=50", "train.max_nonfinite=3"), tmp_path / "run",
+              progress=False)
+    msg = str(info.value)
+    assert len(calls) == 3
+    assert "\n" not in msg
+    assert "non-finite for 3 steps in a row" in msg
+    assert "train.lr" in msg and "train.grad_clip" in msg and "train.mixed_precision" in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Gradient accumulation is the same step as one big batch.
+
+
+def test_grad_accumulation_matches_full_batch(tmp_path: Path) -> None:
+    common = ["train.batch_size=8", "train.max_steps=3", "unet.dropout=0.0"]
+    train(_cfg(*common, "train.grad_accum_steps=2"), tmp_path / "accum", progress=False)
+    train(_cfg(*common), tmp_path / "full", progress=False)
+    for name in ("model.safetensors", "ema.safetensors"):
+        _assert_close(_state(tmp_path / "accum", 3) / name, _state(tmp_path / "full", 3) / name,
+                      atol=1e-6)
+    # EMA weights trail the raw ones.
+    assert _differs(_state(tmp_path / "full", 3) / "model.safetensors",
+                    _state(tmp_path / "full", 3) / "ema.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Learning rate and EMA.
+
+
+def test_lr_warmup_then_constant() -> None:
+    cfg = _cfg("train.lr=1e-3", "train.warmup_steps=4", "train.max_steps=20")
+    got = [lr_at(cfg, s) for s in range(8)]
+    assert got == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3])
+    assert lr_at(cfg, 19) == pytest.approx(1e-3)
+    no_warmup = _cfg("train.lr=1e-3", "train.warmup_steps=0")
+    assert lr_at(no_warmup, 0) == pytest.approx(1e-3)
+
+
+def test_lr_cosine_decays_to_zero() -> None:
+    cfg = _cfg("train.lr=1e-3", "train.warmup_steps=4", "train.max_steps=20",
+               "train.lr_schedule=cosine")
+    got = [lr_at(cfg, s) for s in range(21)]
+    assert got[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert got[4] == pytest.approx(1e-3)
+    assert got[12] == pytest.approx(5e-4)  # half way through the decay
+    assert all(a >= b for a, b in zip(got[4:], got[5:]))
+    assert got[19] < 2e-5 and got[20] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ema_decay_and_update() -> None:
+    net = UNet(_cfg().unet)
+    ema = EMA(net, 0.999, warmup=True)
+    assert ema.decay_at(0) == pytest.approx(1 / 10)
+    assert ema.decay_at(10) == pytest.approx(11 / 20)
+    assert ema.decay_at(10**6) == pytest.approx(0.999)
+    assert EMA(net, 0.999, warmup=False).decay_at(0) == 0.999
+    assert not ema.model.training and not any(p.requires_grad for p in ema.model.parameters())
+
+    ema = EMA(net, 0.9, warmup=False)
+    old = [p.detach().clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update(net, step=0)
+    for e, o, p in zip(ema.model.parameters(), old, net.parameters()):
+        torch.testing.assert_close(e, 0.9 * o + 0.1 * p)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Class-conditional models need labels that fit.
+
+
+def test_num_classes_must_match_data(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"unet\.num_classes is 3 but the data set has 4 classes"):
+        train(_cfg("unet.num_classes=3", "train.max_steps=2"), out, progress=False)
+    assert not out.exists()
