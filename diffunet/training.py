@@ -178,6 +178,13 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
             f"told to use the CPU, so each would train alone into {out_dir}; to train on "
             f"{launched} CPU processes, launch with ACCELERATE_USE_CPU=1 accelerate launch "
             f"--multi_gpu --num_processes {launched} ...")
+    if (world == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ
+            and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")):
+        # `accelerate launch --cpu --num_processes N` runs ONE process unless MPI is configured.
+        say("note: `accelerate launch --cpu` started one process (Accelerate needs mpirun for "
+            "several CPU processes); training in one process, which gives the same model. For N "
+            "CPU processes use: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+            "--num_processes N -m diffunet train ...")
     if t.batch_size % (world * t.grad_accum_steps):
         raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by {world} "
                           f"processes x {t.grad_accum_steps} grad_accum_steps")
