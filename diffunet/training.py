@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -94,11 +95,18 @@ def lr_at(cfg: RunConfig, step: int) -> float:
     return t.lr
 
 
+# Settings that change how a run executes, not what it computes: free to differ on resume.
+_EXECUTION_ONLY = {("unet", "gradient_checkpointing"), ("data", "num_workers"),
+                   ("data", "download"), ("data", "path")}
+
+
 def check_resume_compatible(saved: dict[str, Any], cfg: RunConfig) -> None:
     """A resumed run may change training settings (e.g. ``max_steps``), not the model or data."""
     now = to_dict(cfg)
     for section in ("unet", "schedule", "data"):
         for key, value in saved.get(section, {}).items():
+            if (section, key) in _EXECUTION_ONLY:
+                continue
             if now[section].get(key) != value:
                 raise ConfigError(
                     f"{section}.{key}: the run being resumed used {value!r}, this config says "
@@ -199,6 +207,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         saved = st.read_json(resume_from / "trainer.json")
         check_resume_compatible(saved["config"], cfg)
         tell(f"resuming from {resume_from} (step {saved['step']})")
+        if saved["step"] >= t.max_steps:
+            tell(f"the run is already at step {saved['step']} of train.max_steps={t.max_steps}; "
+                 "nothing to do (raise train.max_steps to train on)")
     elif resume:
         tell(f"no saved state in {out_dir / 'state'}; starting a fresh run")
     accelerator.wait_for_everyone()
@@ -242,6 +253,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     if main:
         for sub in ("samples", "weights", "state"):
             (out_dir / sub).mkdir(parents=True, exist_ok=True)
+        for leftover in (out_dir / "state").glob(".tmp-step*"):  # from a save a crash cut short
+            shutil.rmtree(leftover, ignore_errors=True)
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
         log_path = out_dir / "log.jsonl"
         if resume_from is not None and log_path.exists():  # drop lines past the resumed step
