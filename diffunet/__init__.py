@@ -14,13 +14,13 @@ from .config import (DataConfig, RunConfig, SampleConfig, ScheduleConfig, TrainC
                      load_config)
 from .diffusion import NoiseSchedule, diffusion_loss
 from .errors import ConfigError, DataError, DiffunetError, ModelFileError
-from .schedulers import ddim_step, ddpm_step, make_timesteps, sample
+from .schedulers import ddim_step, ddpm_step, dpmpp_2m_step, make_timesteps, sample
 from .unet import UNet
 
 __all__ = [
     "__version__",
     "UNet", "UNetConfig", "NoiseSchedule", "ScheduleConfig", "diffusion_loss",
-    "make_timesteps", "ddpm_step", "ddim_step", "sample",
+    "make_timesteps", "ddpm_step", "ddim_step", "dpmpp_2m_step", "sample",
     "save_model", "load_model",
     "RunConfig", "DataConfig", "TrainConfig", "SampleConfig", "load_config",
     "DiffunetError", "ConfigError", "DataError", "ModelFileError",

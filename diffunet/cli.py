@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .config import RunConfig, load_config, to_toml
@@ -95,6 +96,74 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from .sampling import SampleOptions, generate, parse_class_labels
+
+    options = SampleOptions(
+        num_samples=args.num_samples, batch_size=args.batch_size, sampler=args.sampler,
+        num_steps=args.steps, eta=args.eta, spacing=args.spacing, seed=args.seed,
+        class_labels=parse_class_labels(args.class_label), guidance_scale=args.guidance_scale,
+        grid=args.grid, precision=args.precision, device=args.device, overwrite=args.overwrite)
+    out_dir = Path(args.out_dir) if args.out_dir else Path("samples") / Path(args.model).stem
+    generate(args.model, out_dir, options, progress=not args.no_progress, say=_say)
+    return 0
+
+
+def _one_line_error(parser: argparse.ArgumentParser) -> None:
+    """Make ``parser`` report bad arguments as one line (no usage dump), exit code 2."""
+
+    def error(message: str) -> None:
+        parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
+
+    parser.error = error  # type: ignore[method-assign]
+
+
+def _add_sample_parser(sub: Any) -> None:
+    from .sampling import PRECISIONS, SampleOptions
+    from .schedulers import SAMPLERS, SPACINGS
+
+    d = SampleOptions  # the defaults live in the options dataclass (house rule 5)
+    p = sub.add_parser(
+        "sample", help="draw images from a model file into a folder (resumable)",
+        description="Draw images from a model file: 000000.png, ... (image i from seed + i, "
+                    "the same whatever the batch size or number of processes), grid.png and "
+                    "manifest.json. Rerunning the same command resumes an interrupted run. "
+                    "Under `accelerate launch -m diffunet sample ...` the work is split across "
+                    "processes.")
+    p.add_argument("model", metavar="MODEL.safetensors")
+    p.add_argument("--num-samples", type=int, default=d.num_samples, metavar="N",
+                   help=f"images to draw (default {d.num_samples})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, metavar="B",
+                   help=f"images per forward pass, per process (default {d.batch_size})")
+    p.add_argument("--sampler", default=d.sampler, metavar="|".join(SAMPLERS),
+                   help=f"step rule (default {d.sampler}); dpmpp-2m needs only 10-20 steps")
+    p.add_argument("--steps", type=int, default=d.num_steps, metavar="S",
+                   help=f"sampling steps, 1 to the model's training timesteps "
+                        f"(default {d.num_steps})")
+    p.add_argument("--eta", type=float, default=d.eta,
+                   help="DDIM noise: 0 deterministic ... 1 DDPM-like (ddim only; default 0)")
+    p.add_argument("--spacing", default=d.spacing, metavar="|".join(SPACINGS),
+                   help=f"which training timesteps to visit (default {d.spacing})")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help=f"image i is drawn from seed + i (default {d.seed})")
+    p.add_argument("--class-label", metavar="K|K1,K2,...|all",
+                   help="class-conditional models: one label, a list cycled over the images, "
+                        "or all (image i gets class i mod num_classes)")
+    p.add_argument("--guidance-scale", type=float, default=d.guidance_scale, metavar="W",
+                   help="classifier-free guidance scale, needs --class-label (default 1: none)")
+    p.add_argument("--out-dir", help="output folder (default samples/<model file name>)")
+    p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=d.grid,
+                   help="write grid.png (default: yes)")
+    p.add_argument("--precision", default=d.precision, metavar="|".join(PRECISIONS),
+                   help="network precision (default fp32; fp16 needs a GPU, bf16 works on CPU)")
+    p.add_argument("--device", default=d.device,
+                   help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace samples from other settings in --out-dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_sample)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffunet",
@@ -120,7 +189,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the resolved config and model size, then exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
+
+    _add_sample_parser(sub)
+
+    from .evaluation import add_eval_parser
+
+    add_eval_parser(sub)
+    _one_line_errors(parser)
     return parser
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """:func:`_one_line_error` for ``parser`` and every sub-command parser below it."""
+    _one_line_error(parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _one_line_errors(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,6 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _is_main_process():
             print(f"diffunet {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `diffunet info MODEL | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"diffunet {args.command}: interrupted", file=sys.stderr)
         return 130

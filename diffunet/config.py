@@ -375,7 +375,7 @@ class TrainConfig:
 class SampleConfig:
     """Sampling settings: the preview grids written while training, and `diffunet sample`."""
 
-    sampler: Literal["ddim", "ddpm"] = "ddim"
+    sampler: Literal["ddim", "ddpm", "dpmpp-2m"] = "ddim"
     num_steps: int = 25
     eta: float = 0.0
     spacing: Literal["leading", "trailing", "linspace"] = "trailing"

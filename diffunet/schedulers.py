@@ -1,4 +1,5 @@
-"""Reverse-process step rules (DDPM ancestral, DDIM), timestep respacing and the sampling loop.
+"""Reverse-process step rules (DDPM ancestral, DDIM, DPM-Solver++(2M)), timestep respacing and
+the sampling loop.
 
 Everything here is a pure function of its arguments (house rule 3): no scheduler objects with
 state, and all randomness comes through an explicit ``torch.Generator`` or a ``noise=`` tensor.
@@ -6,7 +7,9 @@ When a step needs noise and neither is given, it draws from a freshly created ge
 from OS entropy (``torch.Generator.seed()``), so the result is random but the global RNG is never
 touched. A generator may live on another device than ``xt``: the noise is drawn on the
 generator's device, in ``xt``'s dtype, and then moved to ``xt``'s device, so a CPU generator
-gives the same images on any accelerator.
+gives the same images on any accelerator. Wherever a generator is accepted, a list of B
+generators (one per image, as diffusers allows) is accepted too: image b's noise is then drawn
+from ``generator[b]`` alone, so an image does not depend on which batch it was sampled in.
 
 The model is any callable ``model(x, t)`` / ``model(x, t, class_labels=y)`` returning a tensor
 shaped like ``x``; what that output means (eps, v or x0) is the schedule's business
@@ -21,6 +24,7 @@ last step). For a respaced chain the effective per-step quantities are
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
@@ -31,10 +35,12 @@ from .errors import ConfigError
 
 Spacing = Literal["leading", "trailing", "linspace"]
 SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp-2m")
 VARIANCES: tuple[str, ...] = ("fixed_small", "fixed_large")
 
 StepCallback = Callable[[int, int, Tensor, Tensor], Any]
+Generators = Union[torch.Generator, Sequence[torch.Generator]]
+"""One generator for the whole batch, or a list of B generators, one per image."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,19 +109,36 @@ def _fresh_generator(device: torch.device) -> torch.Generator:
     return g
 
 
-def _gaussian(like: Tensor, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise shaped like ``like``, on its device and in its dtype."""
+def _gaussian(like: Tensor, noise: Tensor | None, generator: Generators | None) -> Tensor:
+    """Standard normal noise shaped like ``like``, on its device and in its dtype.
+
+    With a list of B generators, sample b's noise is ``randn(like.shape[1:])`` from
+    ``generator[b]``: the same numbers a batch of one drawing from that generator gets.
+    """
     if noise is not None:
         if noise.shape != like.shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(like.shape)}")
         return noise.to(device=like.device, dtype=like.dtype)
     if generator is None:
         generator = _fresh_generator(like.device)
-    z = torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype)
-    return z.to(like.device)
+    if isinstance(generator, torch.Generator):
+        z = torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype)
+        return z.to(like.device)
+    _check_generator_count(generator, like.shape[0])
+    one = (1, *like.shape[1:])
+    draws = [torch.randn(one, generator=g, device=g.device, dtype=like.dtype) for g in generator]
+    return torch.cat([z.to(like.device) for z in draws])
 
 
-def _check_randomness(noise: Tensor | None, generator: torch.Generator | None) -> None:
+def _check_generator_count(generator: Generators | None, batch: int) -> None:
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if len(generator) != batch or not all(isinstance(g, torch.Generator) for g in generator):
+        raise ConfigError(f"generator must be one torch.Generator or a list of one per image "
+                          f"({batch}), got a list of {len(generator)}")
+
+
+def _check_randomness(noise: Tensor | None, generator: Generators | None) -> None:
     if noise is not None and generator is not None:
         raise ConfigError("pass either noise= or generator=, not both")
 
@@ -171,7 +194,7 @@ def _clip(x0_hat: Tensor, clip_x0: bool, dynamic_threshold: float | None) -> tup
 
 
 def ddpm_step(schedule: NoiseSchedule, out: Tensor, t: Timesteps, t_prev: Timesteps, xt: Tensor,
-              *, noise: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+              *, noise: Optional[Tensor] = None, generator: Optional[Generators] = None,
               variance: Literal["fixed_small", "fixed_large"] = "fixed_small",
               clip_x0: bool = True, dynamic_threshold: Optional[float] = None,
               ) -> tuple[Tensor, Tensor]:
@@ -183,8 +206,9 @@ def ddpm_step(schedule: NoiseSchedule, out: Tensor, t: Timesteps, t_prev: Timest
             ``t_prev`` need not be ``t - 1`` (respaced sampling); ``t_prev = -1`` is the last
             step, which returns the posterior mean (= x0_hat) without noise.
         xt: (B, C, H, W) current sample.
-        noise: the step's standard normal noise (B, C, H, W); else drawn from ``generator``
-            (else from a fresh OS-seeded generator). Not drawn at all on the last step.
+        noise: the step's standard normal noise (B, C, H, W); else drawn from ``generator`` (one
+            generator, or a list of B, one per sample), else from a fresh OS-seeded generator.
+            Not drawn at all on the last step.
         variance: ``fixed_small`` = the posterior variance beta~ (DDPM eq. 7), ``fixed_large`` =
             beta' (DDPM sec. 3.2's sigma^2 = beta).
         clip_x0: clamp x0_hat to [-1, 1] before forming the posterior mean (as the DDPM code).
@@ -227,7 +251,7 @@ def ddpm_step(schedule: NoiseSchedule, out: Tensor, t: Timesteps, t_prev: Timest
 
 def ddim_step(schedule: NoiseSchedule, out: Tensor, t: Timesteps, t_prev: Timesteps, xt: Tensor,
               *, eta: float = 0.0, noise: Optional[Tensor] = None,
-              generator: Optional[torch.Generator] = None, clip_x0: bool = False,
+              generator: Optional[Generators] = None, clip_x0: bool = False,
               dynamic_threshold: Optional[float] = None) -> tuple[Tensor, Tensor]:
     """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, eq. 12).
 
@@ -270,6 +294,87 @@ def ddim_step(schedule: NoiseSchedule, out: Tensor, t: Timesteps, t_prev: Timest
     return x_prev, x0_hat
 
 
+def _half_log_snr(ab: Tensor) -> Tensor:
+    """lambda = log(alpha / sigma) = (log(ab) - log(1 - ab)) / 2 for float64 ``ab``.
+
+    +inf at ab = 1 (t = -1, no noise), -inf at ab = 0 (zero terminal SNR).
+    """
+    return 0.5 * (torch.log(ab) - torch.log1p(-ab))
+
+
+def dpmpp_2m_step(schedule: NoiseSchedule, out: Tensor, t: Timesteps, t_prev: Timesteps,
+                  xt: Tensor, *, prev_x0_hat: Optional[Tensor] = None,
+                  prev_t: Optional[Timesteps] = None, clip_x0: bool = False,
+                  dynamic_threshold: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """One DPM-Solver++(2M) step x_t -> x_{t_prev} (Lu et al. 2022, "DPM-Solver++", Algorithm 2).
+
+    The multistep second-order solver of the diffusion ODE in its data-prediction form, in
+    terms of lambda = log(alpha / sigma), alpha = sqrt(ab), sigma = sqrt(1 - ab). With
+    h = lambda_prev - lambda_t and, when the previous step's estimate is given,
+    r = (lambda_t - lambda_{prev_t}) / h:
+
+        D      = (1 + 1/(2r)) x0_hat - 1/(2r) prev_x0_hat
+        x_prev = (sigma_prev / sigma_t) x_t - alpha_prev (exp(-h) - 1) D
+
+    Without ``prev_x0_hat`` (the first step) D = x0_hat: the first-order DPM-Solver++ step,
+    which is exactly DDIM with eta = 0 (:func:`ddim_step`). The last step (``t_prev = -1``,
+    sigma_prev = 0, h = inf) is always first order and returns x0_hat itself; the second-order
+    correction has no limit there (it grows like h). This is diffusers'
+    ``final_sigmas_type="zero"`` (which forces ``lower_order_final``).
+
+    A pure function (house rule 3): the caller carries the previous step's x0_hat and timestep
+    from one call to the next (:func:`sample` does). It draws no noise.
+
+    Args:
+        out: the model output at (xt, t), (B, C, H, W).
+        t, t_prev: current and target timestep (ints, 0-d or (B,) int tensors); t_prev = -1 on
+            the last step.
+        xt: (B, C, H, W) current sample.
+        prev_x0_hat: the x0_hat returned by the previous step (at ``prev_t``), or None.
+        prev_t: the previous step's timestep (> t); required with ``prev_x0_hat``.
+        clip_x0, dynamic_threshold: as :func:`ddim_step`; applied to x0_hat (diffusers'
+            ``thresholding``), so the returned, clipped x0_hat is what the next step uses.
+
+    Returns:
+        (x_prev, x0_hat), both (B, C, H, W). Coefficients are computed in float64 and cast to
+        ``xt``'s dtype.
+    """
+    if (prev_x0_hat is None) != (prev_t is None):
+        raise ConfigError("dpmpp_2m_step: pass prev_x0_hat and prev_t together (both None on "
+                          "the first step)")
+    ab_t, ab_prev = _alpha_bars(schedule, t, t_prev)
+
+    x0_hat, _ = schedule.split_output(xt, t, out)
+    x0_hat, _ = _clip(x0_hat, clip_x0, dynamic_threshold)
+
+    lam_t, lam_prev = _half_log_snr(ab_t), _half_log_snr(ab_prev)
+    h = lam_prev - lam_t  # > 0; inf on the last step or when starting from ab_t = 0
+    ratio = ((1 - ab_prev) / (1 - ab_t)).sqrt()  # sigma_prev / sigma_t; 0 on the last step
+    c_d = ab_prev.sqrt() * -torch.expm1(-h)  # -alpha_prev (exp(-h) - 1), 1 on the last step
+    x_prev = _coef(ratio, xt) * xt
+    if prev_x0_hat is None:
+        return x_prev + _coef(c_d, xt) * x0_hat, x0_hat
+
+    tt = torch.as_tensor(t).cpu()
+    tp = torch.as_tensor(prev_t).cpu()
+    if bool((tp <= tt).any()):
+        raise ConfigError(f"prev_t must be larger than t (the previous step was noisier), got "
+                          f"prev_t={tp.tolist()}, t={tt.tolist()}")
+    if prev_x0_hat.shape != x0_hat.shape:
+        raise ValueError(f"prev_x0_hat has shape {tuple(prev_x0_hat.shape)}, expected "
+                         f"{tuple(x0_hat.shape)}")
+    h0 = lam_t - _half_log_snr(schedule.alpha_bar(prev_t))  # the previous step's h, > 0
+    half_inv_r = 0.5 * h / h0  # 1/(2r); 0 when the previous step started from ab = 0 (h0 = inf)
+    last = torch.as_tensor(t_prev).cpu() == -1
+    # On the last step the correction is dropped (lower order final): D = x0_hat.
+    c_x0 = torch.where(last, c_d, c_d * (1 + half_inv_r))
+    c_prev = torch.where(last, torch.zeros_like(c_d), -c_d * half_inv_r)
+    x_prev = x_prev + _coef(c_x0, xt) * x0_hat
+    if bool((c_prev != 0).any()):
+        x_prev = x_prev + _coef(c_prev, xt) * prev_x0_hat.to(xt.dtype)
+    return x_prev, x0_hat
+
+
 # ---------------------------------------------------------------------------------------------
 # The sampling loop
 
@@ -285,10 +390,10 @@ def _resolve_null_label(model: Callable[..., Tensor], null_label: int | None) ->
 
 
 def sample(model: Callable[..., Tensor], schedule: NoiseSchedule, x_T: Tensor, *,
-           sampler: Literal["ddpm", "ddim"] = "ddim", num_steps: int = 50, eta: float = 0.0,
-           spacing: Spacing = "trailing", class_labels: Optional[Tensor] = None,
+           sampler: Literal["ddpm", "ddim", "dpmpp-2m"] = "ddim", num_steps: int = 50,
+           eta: float = 0.0, spacing: Spacing = "trailing", class_labels: Optional[Tensor] = None,
            guidance_scale: float = 1.0, null_label: Optional[int] = None,
-           clip_x0: Optional[bool] = None, generator: Optional[torch.Generator] = None,
+           clip_x0: Optional[bool] = None, generator: Optional[Generators] = None,
            callback: Optional[StepCallback] = None) -> Tensor:
     """Run the reverse process from ``x_T`` (B, C, H, W) and return the sample x0 (B, C, H, W).
 
@@ -297,8 +402,9 @@ def sample(model: Callable[..., Tensor], schedule: NoiseSchedule, x_T: Tensor, *
             (B,) tensor on ``x``'s device holding original-scale training timesteps.
         schedule: the schedule the model was trained with.
         x_T: the start noise, usually ``torch.randn``; its device and dtype are used throughout.
-        sampler: ``"ddim"`` (:func:`ddim_step` with ``eta``) or ``"ddpm"`` (respaced ancestral
-            :func:`ddpm_step` with fixed_small variance; ``eta`` is ignored).
+        sampler: ``"ddim"`` (:func:`ddim_step` with ``eta``), ``"ddpm"`` (respaced ancestral
+            :func:`ddpm_step` with fixed_small variance; ``eta`` is ignored) or ``"dpmpp-2m"``
+            (:func:`dpmpp_2m_step`, deterministic; ``eta`` is ignored; 10-20 steps suffice).
         num_steps, spacing: which training timesteps to visit (:func:`make_timesteps`).
         class_labels: (B,) int labels for a class-conditional model.
         guidance_scale: classifier-free guidance (Ho & Salimans 2022, eq. 6 with s = 1 + w):
@@ -311,13 +417,15 @@ def sample(model: Callable[..., Tensor], schedule: NoiseSchedule, x_T: Tensor, *
             explicit argument keeps ``sample`` usable with any callable (a wrapped or compiled
             net, a lambda), the fallback keeps the common case short.
         clip_x0: override the rule's clipping of x0_hat (default: ddpm clips to [-1, 1], ddim
-            does not).
-        generator: source of all noise (DDPM, or DDIM with eta > 0). If None, a fresh generator
-            seeded from OS entropy is created once for the whole run.
+            and dpmpp-2m do not).
+        generator: source of all noise (DDPM, or DDIM with eta > 0): one generator, or a list
+            of B generators where image b's noise comes from ``generator[b]`` only (so image b
+            is the same whatever else is in the batch). If None, a fresh generator seeded from
+            OS entropy is created once for the whole run.
         callback: called as ``callback(i, t, x_prev, x0_hat)`` after step i (t a Python int).
 
     Returns:
-        The x_prev of the last step. That step goes to t_prev = -1 (alpha_bar = 1), where both
+        The x_prev of the last step. That step goes to t_prev = -1 (alpha_bar = 1), where all
         rules return x0_hat itself, so the result lies in [-1, 1] exactly when x0 was clipped
         (ddpm by default); it is not clamped otherwise.
     """
@@ -338,8 +446,12 @@ def sample(model: Callable[..., Tensor], schedule: NoiseSchedule, x_T: Tensor, *
     if labels is not None and guided:
         null = torch.full_like(labels, _resolve_null_label(model, null_label))
         labels = torch.cat([labels, null])
-    if generator is None and (sampler == "ddpm" or eta > 0):
+    stochastic = sampler == "ddpm" or (sampler == "ddim" and eta > 0)
+    _check_generator_count(generator, B)
+    if generator is None and stochastic:
         generator = _fresh_generator(x_T.device)
+    prev_x0_hat: Optional[Tensor] = None  # dpmpp-2m's memory of the previous step
+    prev_t: Optional[int] = None
 
     x = x_T
     with torch.no_grad():
@@ -358,6 +470,10 @@ def sample(model: Callable[..., Tensor], schedule: NoiseSchedule, x_T: Tensor, *
             if sampler == "ddpm":
                 x, x0_hat = ddpm_step(schedule, out, t, t_prev, x, generator=generator,
                                       clip_x0=True if clip_x0 is None else clip_x0)
+            elif sampler == "dpmpp-2m":
+                x, x0_hat = dpmpp_2m_step(schedule, out, t, t_prev, x, prev_x0_hat=prev_x0_hat,
+                                          prev_t=prev_t, clip_x0=bool(clip_x0))
+                prev_x0_hat, prev_t = x0_hat, t
             else:
                 x, x0_hat = ddim_step(schedule, out, t, t_prev, x, eta=eta,
                                       generator=generator if eta > 0 else None,

@@ -1,4 +1,4 @@
-"""Timestep spacing, the DDPM/DDIM step rules and the sampling loop.
+"""Timestep spacing, the DDPM/DDIM/DPM-Solver++ step rules and the sampling loop.
 
 diffusers (a dev dependency) is the reference implementation the step rules are compared with.
 Two kinds of comparison are made:
@@ -22,7 +22,8 @@ import torch
 from diffunet.config import ScheduleConfig
 from diffunet.diffusion import NoiseSchedule
 from diffunet.errors import ConfigError
-from diffunet.schedulers import ddim_step, ddpm_step, make_timesteps, sample
+from diffunet.schedulers import (SAMPLERS, ddim_step, ddpm_step, dpmpp_2m_step, make_timesteps,
+                                 sample)
 
 DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample"}
 SHAPE = (2, 3, 4, 4)
@@ -539,3 +540,312 @@ def test_sampling_gaussian_data_with_the_optimal_predictor(sampler, num_steps):
     assert abs(std / sd - 1) < 0.05 + 4.5 / math.sqrt(2 * N)
     m_1000, sd_1000 = _exact_moments(s, list(range(999, -1, -1)), mu, sd, sampler)
     assert abs(m_1000 - mu) < 1e-3 and abs(sd_1000 / sd - 1) < 0.005
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-image generators
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.6)])
+def test_per_image_generators_make_each_image_independent_of_its_batch(sampler, eta):
+    """With one generator per image, image b is what a batch of one with that generator gives."""
+    s = make()
+    x_T = randn(4, 2, 4, 4, seed=0)
+
+    def gens(seeds):
+        return [torch.Generator().manual_seed(k) for k in seeds]
+
+    batched = sample(Recorder(), s, x_T, sampler=sampler, eta=eta, num_steps=6,
+                     generator=gens(range(4)))
+    for b in range(4):
+        alone = sample(Recorder(), s, x_T[b:b + 1], sampler=sampler, eta=eta, num_steps=6,
+                       generator=gens([b]))
+        torch.testing.assert_close(batched[b:b + 1], alone, rtol=1e-6, atol=1e-6)
+    # and a list of one generator per image is not the same as one generator for the batch
+    shared = sample(Recorder(), s, x_T, sampler=sampler, eta=eta, num_steps=6,
+                    generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(shared[1:], batched[1:])
+    z = randn(4, 2, 4, 4, seed=5)
+    with pytest.raises(ConfigError, match="one per image"):
+        sample(Recorder(), s, x_T, sampler=sampler, eta=eta, num_steps=2, generator=gens([0, 1]))
+    # the step rules take the list too; the noise of row b is randn((1, ...)) from generator b
+    a, _ = ddpm_step(s, z, 500, 480, x_T, generator=gens(range(4)))
+    rows = torch.cat([randn(1, 2, 4, 4, seed=b) for b in range(4)])
+    expected, _ = ddpm_step(s, z, 500, 480, x_T, noise=rows)
+    assert torch.equal(a, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# DPM-Solver++(2M)
+
+
+def _dpmpp_ref(diffusers, schedule, prediction_type, timesteps, dtype, clip=False):
+    """diffusers' DPM-Solver++(2M) set up as ours: data prediction, midpoint, x0 at sigma = 0.
+
+    The timesteps are passed explicitly: this scheduler's own ``leading``/``linspace`` spacings
+    differ from its DDIM/DDPM siblings' (it takes n+1 points and drops the last, so it never
+    visits t = 0), while diffunet uses :func:`make_timesteps` for every sampler. ``trailing``
+    is the same in both (checked in test_dpmpp_trailing_spacing_matches_diffusers).
+    """
+    ref = diffusers.DPMSolverMultistepScheduler(
+        algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+        lower_order_final=True, final_sigmas_type="zero",
+        prediction_type=DIFFUSERS_PREDICTION[prediction_type],
+        beta_schedule={"linear": "linear", "cosine": "squaredcos_cap_v2"}[
+            schedule.config.beta_schedule],
+        thresholding=clip, sample_max_value=1.0, dynamic_thresholding_ratio=1.0)
+    ref.set_timesteps(timesteps=list(timesteps))
+    if dtype == torch.float64:
+        # Same maths in float64: our tables (diffusers' are float32), and undo its float32
+        # upcast of the sample inside step() (lossless here: every xt is float32-representable).
+        ab = schedule.alphas_cumprod[torch.as_tensor(timesteps)]
+        ref.sigmas = torch.cat([((1 - ab) / ab).sqrt(), torch.zeros(1, dtype=torch.float64)])
+        for name in ("dpm_solver_first_order_update", "multistep_dpm_solver_second_order_update"):
+            orig = getattr(ref, name)
+            setattr(ref, name, lambda *a, _orig=orig, sample, **kw:
+                    _orig(*a, sample=sample.double(), **kw))
+    return ref
+
+
+DPM_CASES = [(20, "trailing", torch.float32), (50, "leading", torch.float32),
+             (10, "linspace", torch.float32), (1, "trailing", torch.float64),
+             (2, "trailing", torch.float64), (15, "trailing", torch.float64),
+             (20, "leading", torch.float64), (25, "linspace", torch.float64),
+             (1000, "trailing", torch.float64)]
+
+
+@pytest.mark.parametrize("n,spacing,dtype", DPM_CASES)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v", "x0"])
+def test_dpmpp_2m_step_matches_diffusers(prediction_type, n, spacing, dtype):
+    """Step by step on random data (a fresh random xt and model output at every step, the
+    previous x0_hat carried by hand), against diffusers' stateful scheduler."""
+    diffusers = pytest.importorskip("diffusers")
+    s = make(prediction_type)
+    timesteps = make_timesteps(1000, n, spacing).tolist()
+    ref = _dpmpp_ref(diffusers, s, prediction_type, timesteps, dtype)
+    assert ref.timesteps.tolist() == timesteps
+    # float32: diffusers' float32 tables and lambdas (h is a difference of two float32 logs)
+    # against our float64 coefficients: up to ~4e-5 relative (6e-4 absolute on outputs ~10,
+    # x0 prediction, leading spacing's big last-but-one step down to t = 0). The formulas
+    # themselves are checked by the float64 cases, to 1e-10.
+    tol = dict(rtol=0, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-4)
+    prev_x0_hat = prev_t = None
+    for k, (t, t_prev) in enumerate(pairs(timesteps)):
+        xt = randn(*SHAPE, seed=k).to(dtype)  # float32 values, also in the float64 case
+        out = 3 * randn(*SHAPE, seed=5000 + k, dtype=dtype)
+        expected = ref.step(out, t, xt).prev_sample
+        x_prev, x0_hat = dpmpp_2m_step(s, out, t, t_prev, xt, prev_x0_hat=prev_x0_hat,
+                                       prev_t=prev_t)
+        assert x_prev.dtype == x0_hat.dtype == dtype
+        torch.testing.assert_close(x0_hat, ref.model_outputs[-1], **tol)
+        torch.testing.assert_close(x_prev, expected, **tol)
+        if t_prev == -1:
+            # diffusers' final_sigmas_type="zero": a first-order step to sigma = 0, i.e. x0_hat
+            torch.testing.assert_close(x_prev, x0_hat, rtol=0, atol=0)
+        prev_x0_hat, prev_t = x0_hat, t
+
+
+def test_dpmpp_2m_with_clipping_matches_diffusers_thresholding():
+    diffusers = pytest.importorskip("diffusers")
+    s = make("epsilon")
+    timesteps = make_timesteps(1000, 12).tolist()
+    # diffusers' thresholding with ratio 1 and max 1 is static clipping to [-1, 1]
+    ref = _dpmpp_ref(diffusers, s, "epsilon", timesteps, torch.float64, clip=True)
+    prev = prev_t = None
+    for k, (t, t_prev) in enumerate(pairs(timesteps)):
+        xt = randn(*SHAPE, seed=k).double()
+        out = 3 * randn(*SHAPE, seed=50 + k, dtype=torch.float64)
+        expected = ref.step(out, t, xt).prev_sample
+        x_prev, prev = dpmpp_2m_step(s, out, t, t_prev, xt, prev_x0_hat=prev, prev_t=prev_t,
+                                     clip_x0=True)
+        prev_t = t
+        assert prev.abs().max() <= 1
+        torch.testing.assert_close(x_prev, expected, rtol=0, atol=1e-10)
+
+
+def test_dpmpp_trailing_spacing_matches_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    for n in (1, 5, 10, 15, 20, 25, 50, 100, 1000):
+        ref = diffusers.DPMSolverMultistepScheduler(timestep_spacing="trailing")
+        ref.set_timesteps(n)
+        assert ref.timesteps.tolist() == make_timesteps(1000, n, "trailing").tolist()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v", "x0"])
+def test_dpmpp_first_step_is_ddim_eta_zero(prediction_type):
+    s = make(prediction_type)
+    xt = randn(*SHAPE, seed=0, dtype=torch.float64)
+    out = randn(*SHAPE, seed=1, dtype=torch.float64)
+    for t, t_prev in [(999, 949), (500, 499), (20, 0), (37, -1)]:
+        a = dpmpp_2m_step(s, out, t, t_prev, xt)
+        b = ddim_step(s, out, t, t_prev, xt)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_dpmpp_second_order_step_by_hand():
+    """Lu et al. 2022, Algorithm 2 written out with plain floats."""
+    s = make("epsilon", beta_schedule="cosine")
+    xt = randn(*SHAPE, seed=0, dtype=torch.float64)
+    out = randn(*SHAPE, seed=1, dtype=torch.float64)
+    prev_x0 = randn(*SHAPE, seed=2, dtype=torch.float64)
+    t_before, t, t_prev = 700, 600, 450
+
+    def lam(k):
+        ab = s.alphas_cumprod[k].item()
+        return math.log(math.sqrt(ab) / math.sqrt(1 - ab))
+
+    ab_t, ab_p = s.alphas_cumprod[t].item(), s.alphas_cumprod[t_prev].item()
+    x0 = (xt - math.sqrt(1 - ab_t) * out) / math.sqrt(ab_t)
+    h, h_last = lam(t_prev) - lam(t), lam(t) - lam(t_before)
+    r = h_last / h
+    d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * prev_x0
+    expected = (math.sqrt(1 - ab_p) / math.sqrt(1 - ab_t) * xt
+                - math.sqrt(ab_p) * (math.exp(-h) - 1) * d)
+    x_prev, x0_hat = dpmpp_2m_step(s, out, t, t_prev, xt, prev_x0_hat=prev_x0, prev_t=t_before)
+    torch.testing.assert_close(x0_hat, x0, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x_prev, expected, rtol=0, atol=1e-12)
+    # the last step ignores the previous estimate and returns x0_hat
+    x_last, x0_last = dpmpp_2m_step(s, out, 30, -1, xt, prev_x0_hat=prev_x0, prev_t=100)
+    torch.testing.assert_close(x_last, x0_last, rtol=0, atol=0)
+
+
+def test_dpmpp_batched_timesteps_equal_per_sample_steps():
+    s = make("v")
+    xt, out, prev = (randn(3, 2, 4, 4, seed=k) for k in range(3))
+    t, t_prev, prev_t = (torch.tensor([900, 500, 3]), torch.tensor([850, 400, -1]),
+                         torch.tensor([950, 600, 40]))
+    x_prev, x0_hat = dpmpp_2m_step(s, out, t, t_prev, xt, prev_x0_hat=prev, prev_t=prev_t)
+    for i in range(3):
+        a, b = dpmpp_2m_step(s, out[i:i + 1], int(t[i]), int(t_prev[i]), xt[i:i + 1],
+                             prev_x0_hat=prev[i:i + 1], prev_t=int(prev_t[i]))
+        torch.testing.assert_close(x_prev[i:i + 1], a, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(x0_hat[i:i + 1], b, rtol=1e-6, atol=1e-6)
+
+
+def test_dpmpp_zero_terminal_snr_start_is_finite():
+    # alpha_bar = 0 at t = T-1: lambda = -inf, h = inf; the first step is x0_hat scaled, and
+    # the second step's 1/r = h / h0 = 0 (plain first order), never NaN.
+    s = make("v", rescale_zero_terminal_snr=True)
+    x_T = randn(*SHAPE, seed=0)
+    seen = []
+    out = sample(lambda x, t: 0.5 * x, s, x_T, sampler="dpmpp-2m", num_steps=5,
+                 callback=lambda i, t, x, x0: seen.append(x))
+    assert all(torch.isfinite(x).all() for x in seen) and torch.isfinite(out).all()
+
+
+def test_dpmpp_argument_errors():
+    s = make()
+    xt, out = randn(*SHAPE, seed=0), randn(*SHAPE, seed=1)
+    with pytest.raises(ConfigError, match="together"):
+        dpmpp_2m_step(s, out, 10, 9, xt, prev_x0_hat=out)
+    with pytest.raises(ConfigError, match="prev_t must be larger"):
+        dpmpp_2m_step(s, out, 10, 9, xt, prev_x0_hat=out, prev_t=10)
+    with pytest.raises(ConfigError, match="t_prev"):
+        dpmpp_2m_step(s, out, 10, 10, xt)
+
+
+def test_sample_dpmpp_is_the_step_rule_chained():
+    s = make("v")
+    model = Recorder()
+    x_T = randn(*SHAPE, seed=0)
+    result = sample(model, s, x_T, sampler="dpmpp-2m", num_steps=6, eta=0.5)  # eta ignored
+    assert "dpmpp-2m" in SAMPLERS and len(model.calls) == 6
+    ts = make_timesteps(1000, 6).tolist()
+    x, prev, prev_t = x_T, None, None
+    for t, t_prev in pairs(ts):
+        out = Recorder()(x, torch.full((2,), t))
+        x, prev = dpmpp_2m_step(s, out, t, t_prev, x, prev_x0_hat=prev, prev_t=prev_t)
+        prev_t = t
+    assert torch.equal(result, x)
+
+
+def _affine_chain(schedule, timesteps, mu, sd, sampler):
+    """Output of a deterministic sampler (ddim eta 0 or dpmpp-2m) with the optimal predictor
+    for data N(mu, sd^2), as an affine map of its start noise: x_out = A x_T + c.
+
+    Every quantity is affine in x_T (x0_hat = k x + x0_c, see _exact_moments), so (A, c) of x
+    and of the previous x0_hat propagate exactly. Written from the papers' formulas (DDIM
+    eq. 12; DPM-Solver++ Algorithm 2 in terms of lambda = log(alpha / sigma)), not the code.
+    For x_T ~ N(0, 1) the output mean is c and its std |A|.
+    """
+    A, c, prev, lam_before = 1.0, 0.0, None, None
+    for t, tp in pairs(timesteps):
+        a = schedule.alphas_cumprod[t].item()
+        ap = schedule.alphas_cumprod[tp].item() if tp >= 0 else 1.0
+        k = math.sqrt(a) * sd**2 / (a * sd**2 + 1 - a)
+        x0 = (k * A, k * c + mu - k * math.sqrt(a) * mu)  # x0_hat as (slope, offset)
+        lam = 0.5 * math.log(a / (1 - a))
+        if tp == -1:
+            new = x0
+        elif sampler == "ddim":  # sqrt(ap) x0 + sqrt(1 - ap) (x - sqrt(a) x0) / sqrt(1 - a)
+            q = math.sqrt((1 - ap) / (1 - a))
+            new = tuple(math.sqrt(ap) * x0_ + q * (x_ - math.sqrt(a) * x0_)
+                        for x_, x0_ in zip((A, c), x0))
+        else:
+            h = 0.5 * math.log(ap / (1 - ap)) - lam
+            d = x0
+            if prev is not None:
+                r = (lam - lam_before) / h
+                d = tuple((1 + 1 / (2 * r)) * u - 1 / (2 * r) * w for u, w in zip(x0, prev))
+            new = tuple(math.sqrt((1 - ap) / (1 - a)) * x_ - math.sqrt(ap) * (math.exp(-h) - 1) * d_
+                        for x_, d_ in zip((A, c), d))
+        prev, lam_before = x0, lam
+        A, c = new
+    return A, c
+
+
+@pytest.mark.parametrize("beta_schedule,dpm_steps", [("cosine", (12, 15, 20)),
+                                                     ("linear", (20,))])
+def test_dpmpp_at_few_steps_beats_ddim_at_50_on_gaussian_data(beta_schedule, dpm_steps):
+    """The issue's quality claim on a case with a known answer.
+
+    Data N(mu, sd^2) and the exact optimal predictor (see the test above). A deterministic
+    sampler is then an affine map x_T -> A x_T + c, computed exactly by _affine_chain. The
+    probability-flow ODE it discretises maps N(sqrt(ab_T) mu, v_T) to N(mu, sd^2) (the flow
+    preserves marginals, and in 1-D the monotone affine map between two Gaussians is unique),
+    so started from x_T ~ N(0, 1), as the samplers are, its exact output is
+    mean* = mu - sd sqrt(ab_T) mu / sqrt(v_T), std* = sd / sqrt(v_T), v_T = ab_T sd^2 + 1 - ab_T.
+    What is left, |mean - mean*| and |std - std*|, is the discretisation error alone.
+
+    Results (trailing spacing, mu = 0.3, sd = 0.5; std error relative):
+      cosine  DDIM 50: +2.3e-7, -3.1%;  DPM++ 12: +2.1e-7, -2.8%; 15: 1.0e-7, -1.4%; 20: 2e-8, -0.3%
+      linear  DDIM 50: +5.5e-5, -5.7%;  DPM++ 20: +4.2e-5, -4.4%   (DPM++ 15: -9.0%, DDIM 15: -18%)
+    """
+    mu, sd, N = 0.3, 0.5, 4000
+    s = make(beta_schedule=beta_schedule)
+
+    def oracle(x, t):
+        ab = s.alpha_bar(t, like=x)
+        return (1 - ab).sqrt() * (x - ab.sqrt() * mu) / (ab * sd**2 + 1 - ab)
+
+    ab_T = s.alphas_cumprod[-1].item()
+    v_T = ab_T * sd**2 + 1 - ab_T
+    mean_ode, std_ode = mu - sd * math.sqrt(ab_T) * mu / math.sqrt(v_T), sd / math.sqrt(v_T)
+
+    x_T = randn(N, 1, 1, 1, seed=0, dtype=torch.float64)  # the same start noise for all runs
+    errors = {}
+    for sampler, n in [("ddim", 50)] + [("dpmpp-2m", n) for n in dpm_steps]:
+        A, c = _affine_chain(s, make_timesteps(1000, n).tolist(), mu, sd, sampler)
+        out = sample(oracle, s, x_T, sampler=sampler, num_steps=n)
+        # The loop computes exactly this affine map (float64 rounding only): a far stronger
+        # check than comparing sample statistics with a sampling-error tolerance.
+        torch.testing.assert_close(out, A * x_T + c, rtol=0, atol=1e-9)
+        errors[sampler, n] = (abs(c - mean_ode), abs(abs(A) - std_ode) / std_ode)
+        # the empirical statistics of these N samples, against the data's: within sampling
+        # error (standard errors sd/sqrt(N), sd/sqrt(2N); 4.5 of them) plus the known bias
+        assert abs(out.mean().item() - mu) < 4.5 * sd / math.sqrt(N) + abs(c - mu)
+        assert abs(out.std().item() - sd) < 4.5 * sd / math.sqrt(2 * N) + abs(abs(A) - sd)
+    ddim_mean_err, ddim_std_err = errors["ddim", 50]
+    assert 0.03 < ddim_std_err < 0.06  # DDIM 50 is visibly biased here (so the test has teeth)
+    for n in dpm_steps:
+        mean_err, std_err = errors["dpmpp-2m", n]
+        assert mean_err <= ddim_mean_err and std_err <= ddim_std_err, (n, errors)
+    # ... while DDIM at the same small step counts is far worse, and DPM++ converges
+    for n in dpm_steps:
+        assert errors["dpmpp-2m", n][1] < 0.5 * _rel_std_err(s, "ddim", n, mu, sd, std_ode)
+    assert _rel_std_err(s, "dpmpp-2m", 200, mu, sd, std_ode) < 1e-3
+
+
+def _rel_std_err(s, sampler, n, mu, sd, std_ode):
+    A, _ = _affine_chain(s, make_timesteps(1000, n).tolist(), mu, sd, sampler)
+    return abs(abs(A) - std_ode) / std_ode

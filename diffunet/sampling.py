@@ -1,0 +1,451 @@
+"""``diffunet sample``: draw images from a model file into a folder, resumably, on 1..N processes.
+
+Layout of the output folder (and nothing else is ever written or removed there):
+
+==================  ==========================================================================
+``000000.png`` ...  image i (6 digits, more past 999999), grayscale or RGB as the model's
+                    channels say; each written atomically (temporary file + rename)
+``grid.png``        the first :data:`MAX_GRID_IMAGES` images tiled, built from the files on disk
+``manifest.json``   what made the images: model file + SHA-256, its configs, the settings that
+                    decide the pixels, the labels, the versions (written atomically)
+==================  ==========================================================================
+
+Reproducibility: image i depends only on the model, the settings in the manifest and ``seed + i``.
+Its start noise x_T is drawn on the CPU from ``torch.Generator().manual_seed(seed + i)`` (so the
+device does not change it) and the same generator then supplies that image's step noise (ddpm,
+ddim with eta > 0; :func:`~diffunet.schedulers.sample` takes one generator per image). The batch
+size and the number of processes therefore only decide which images are computed together,
+which can move results by float rounding inside the network, never by a different draw.
+
+Resume: a run first writes ``manifest.json`` (``complete: false``), then the images. Rerunning
+the same command skips images whose PNG exists; a folder with images from other settings is
+refused unless ``overwrite`` (which removes the old numbered PNGs, grid and manifest first).
+
+Several processes (``accelerate launch``, via Accelerate's ``PartialState``): every process runs
+the same checks, the main process prepares the folder, the images still to draw are dealt out
+round-robin by index, each process writes its own PNGs, and the main process waits for all of
+them, then writes the grid and the final manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import __version__
+from .checkpoint import atomic_write_bytes, load_model
+from .config import to_dict
+from .data import save_grid, save_image
+from .errors import ConfigError, DataError, DiffunetError
+from .schedulers import SAMPLERS, SPACINGS, make_timesteps, sample
+
+__all__ = ["SampleOptions", "SampleResult", "generate", "parse_class_labels", "image_name",
+           "MANIFEST", "GRID", "MAX_GRID_IMAGES", "PRECISIONS"]
+
+MANIFEST = "manifest.json"
+GRID = "grid.png"
+MAX_GRID_IMAGES = 1024
+"""The grid shows at most this many images (the first ones): 1024 64x64 tiles are ~2100 px."""
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+MANIFEST_FORMAT = "diffunet.samples"
+MANIFEST_VERSION = 1
+
+_IMAGE_RE = re.compile(r"\d{6,}\.png")
+# temporary files of interrupted atomic writes: data._save_atomic (".000012.png.<pid>.<hex>.tmp")
+# and checkpoint.atomic_write_bytes (".manifest.json.<random>.tmp")
+_TMP_RE = re.compile(r"\.(\d{6,}\.png|grid\.png|manifest\.json)\..+\.tmp")
+
+ClassLabels = Union[None, int, tuple[int, ...], Literal["all"]]
+
+
+def image_name(i: int) -> str:
+    """File name of image i: ``000000.png``, ``000001.png``, ..."""
+    return f"{i:06d}.png"
+
+
+def parse_class_labels(text: str | None) -> ClassLabels:
+    """Parse ``--class-label``: ``"3"`` -> 3, ``"1,4,7"`` -> (1, 4, 7), ``"all"`` -> "all"."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.lower() == "all":
+        return "all"
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--class-label: expected a class index, a comma-separated list such as "
+                          f"1,4,7, or 'all'; got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """Settings of one ``diffunet sample`` run; the command line's defaults are these.
+
+    ``class_labels``: None (unconditional; a class-conditional model then gets its "no label"
+    class), one label for every image, a tuple cycled over the images (image i gets
+    ``labels[i % len]``), or ``"all"`` (image i gets class ``i % num_classes``).
+    ``device``: None = CUDA when available (each process its own GPU), else the CPU.
+    ``precision``: the network runs under ``torch.autocast`` in fp16/bf16; the step rules and
+    the start noise stay float32.
+    """
+
+    num_samples: int = 64
+    batch_size: int = 64
+    sampler: str = "ddim"
+    num_steps: int = 50
+    eta: float = 0.0
+    spacing: str = "trailing"
+    seed: int = 0
+    class_labels: ClassLabels = None
+    guidance_scale: float = 1.0
+    grid: bool = True
+    precision: str = "fp32"
+    device: Optional[str] = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        for name, flag in (("num_samples", "--num-samples"), ("batch_size", "--batch-size")):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {self.sampler!r}; use --sampler with one of "
+                              f"{', '.join(SAMPLERS)}")
+        if not _is_int(self.num_steps) or self.num_steps < 1:
+            raise ConfigError(f"--steps must be a positive integer (at most the model's training "
+                              f"timesteps), got {self.num_steps!r}")
+        if not (isinstance(self.eta, (int, float)) and 0.0 <= self.eta <= 1.0):
+            raise ConfigError(f"--eta must be in [0, 1] (0: deterministic DDIM), got {self.eta!r}")
+        if self.eta != 0 and self.sampler != "ddim":
+            raise ConfigError(f"--eta only applies to --sampler ddim (got eta={self.eta} with "
+                              f"{self.sampler}); drop --eta or use --sampler ddim")
+        if self.spacing not in SPACINGS:
+            raise ConfigError(f"unknown timestep spacing {self.spacing!r}; use --spacing with one "
+                              f"of {', '.join(SPACINGS)}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63 - self.num_samples:
+            raise ConfigError(f"--seed must be a non-negative integer below 2**63 - num_samples, "
+                              f"got {self.seed!r}")
+        labels = self.class_labels
+        ok = (labels is None or labels == "all" or _is_int(labels)
+              or (isinstance(labels, tuple) and labels and all(_is_int(v) for v in labels)))
+        if not ok:
+            raise ConfigError(f"--class-label must be a class index, a list of them or 'all', "
+                              f"got {labels!r}")
+        if not (isinstance(self.guidance_scale, (int, float))
+                and math.isfinite(self.guidance_scale)):
+            raise ConfigError(f"--guidance-scale must be a finite number, got "
+                              f"{self.guidance_scale!r}")
+        if self.guidance_scale != 1.0 and labels is None:
+            raise ConfigError(f"--guidance-scale {self.guidance_scale} needs --class-label "
+                              "(classifier-free guidance steers towards a class); give labels or "
+                              "use --guidance-scale 1")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; use --precision with one of "
+                              f"{', '.join(PRECISIONS)}")
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """What :func:`generate` did (as seen from the calling process)."""
+
+    out_dir: Path
+    num_samples: int
+    drawn: tuple[int, ...]
+    """Indices of the images this process drew in this call."""
+    already_done: int
+    """Images that were on disk before this call (skipped by every process)."""
+    grid_path: Optional[Path]
+    manifest_path: Path
+    files: tuple[Path, ...] = field(default=(), repr=False)
+    """All ``num_samples`` image paths, in order."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _resolve_device(requested: Optional[str], state: Any) -> torch.device:
+    """The device this process samples on; a bare "cuda" means this process's own GPU."""
+    if requested is None:
+        if not torch.cuda.is_available() or state.device.type == "cpu":
+            return torch.device("cpu")  # also under `accelerate launch --cpu`
+        return torch.device("cuda", state.local_process_index % torch.cuda.device_count())
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown --device {requested!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {requested}: CUDA is not available here; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", state.local_process_index % torch.cuda.device_count())
+        elif device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {requested}: this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _autocast(precision: str, device: torch.device) -> Any:
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("--precision fp16 is not supported on the CPU; use --precision bf16 or "
+                          "fp32 there (or a CUDA --device)")
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _image_labels(spec: ClassLabels, num_classes: Optional[int], n: int) -> Optional[list[int]]:
+    """Per-image labels for images 0..n-1, or None (unconditional)."""
+    if spec is None:
+        return None
+    if num_classes is None:
+        raise ConfigError("--class-label was given but this model is unconditional (its "
+                          "unet.num_classes is not set); drop --class-label")
+    if spec == "all":
+        return [i % num_classes for i in range(n)]
+    values = (spec,) if _is_int(spec) else tuple(spec)
+    for v in values:
+        if not 0 <= v < num_classes:
+            raise ConfigError(f"class label {v} is out of range: this model has {num_classes} "
+                              f"classes, 0 to {num_classes - 1}")
+    return [values[i % len(values)] for i in range(n)]
+
+
+def _labels_spec(spec: ClassLabels) -> Any:
+    """The labels setting as JSON (what identifies the run; per-image labels are derived)."""
+    if spec is None or spec == "all":
+        return spec
+    return [spec] if _is_int(spec) else list(spec)
+
+
+def _read_manifest(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between the identifying parts of two manifests."""
+    diffs = []
+    old_sha = (old.get("model") or {}).get("sha256")
+    if old_sha != new["model"]["sha256"]:
+        diffs.append(f"model file sha256 {str(old_sha)[:12]}... there, "
+                     f"{new['model']['sha256'][:12]}... now")
+    old_settings = old.get("settings") or {}
+    for key, value in new["settings"].items():
+        if old_settings.get(key, "<missing>") != value:
+            was = json.dumps(old_settings.get(key))
+            diffs.append(f"{key} {was} there, {json.dumps(value)} now")
+    return diffs
+
+
+def _our_files(out_dir: Path) -> list[Path]:
+    """Everything in ``out_dir`` this command writes (and may therefore remove)."""
+    return [p for p in out_dir.iterdir()
+            if p.name in (GRID, MANIFEST) or _IMAGE_RE.fullmatch(p.name)
+            or _TMP_RE.fullmatch(p.name)]
+
+
+def _check_out_dir(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> None:
+    """Refuse an output folder that holds images from other settings (unless overwrite)."""
+    if overwrite or not out_dir.is_dir():
+        return
+    images = [p for p in out_dir.iterdir() if _IMAGE_RE.fullmatch(p.name)]
+    manifest_path = out_dir / MANIFEST
+    if manifest_path.exists():
+        old = _read_manifest(manifest_path)
+        if old is None or old.get("format") != MANIFEST_FORMAT:
+            raise ConfigError(f"{manifest_path} is not a readable diffunet sample manifest; pass "
+                              "--overwrite to replace that folder's samples, or choose another "
+                              "--out-dir")
+        diffs = _differences(old, manifest)
+        if diffs:
+            raise ConfigError(f"{out_dir} holds samples made with other settings ("
+                              + "; ".join(diffs[:3]) + "); rerun with those settings to resume, "
+                              "pass --overwrite to replace them, or choose another --out-dir")
+    elif images or (out_dir / GRID).exists():
+        raise ConfigError(f"{out_dir} already holds sample images but no {MANIFEST}, so they "
+                          "cannot be resumed; pass --overwrite to replace them, or choose another "
+                          "--out-dir")
+
+
+def _load_png(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A PNG written by this command back as a (C, H, W) float tensor in [-1, 1] (exact)."""
+    c, h, w = shape
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img)
+    except Exception as e:  # PIL raises several types for damaged files
+        raise DataError(f"cannot read {path} ({e}); delete it and rerun the same command to "
+                        "draw it again") from None
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    if arr.shape != (h, w, c) or arr.dtype != np.uint8:
+        raise DataError(f"{path} is not a {w}x{h} {'grayscale' if c == 1 else 'RGB'} image as "
+                        "this model makes; delete it and rerun the same command to redraw it")
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
+             options: SampleOptions = SampleOptions(), *, progress: bool = False,
+             say: Optional[Callable[[str], None]] = None) -> SampleResult:
+    """Draw ``options.num_samples`` images from the model file into ``out_dir``.
+
+    Writes ``000000.png`` ..., ``grid.png`` (unless ``options.grid`` is False) and
+    ``manifest.json``; skips images already on disk from the same settings (resume). Under
+    ``accelerate launch`` the images are split across the processes. ``progress`` shows a tqdm
+    bar of images (main process); ``say`` receives one-line status messages (main process).
+    Raises :class:`~diffunet.errors.DiffunetError` subclasses for bad input.
+    """
+    from accelerate import PartialState  # the heavy import lives here (and in training/cli)
+    from tqdm.auto import tqdm
+
+    # As Accelerator does, ACCELERATE_USE_CPU=1 (set by `accelerate launch --cpu`) joins the
+    # processes on the CPU (gloo); so does asking for the CPU outright.
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    state = PartialState(cpu=use_cpu or options.device == "cpu")
+    main = state.is_main_process
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    if launched > 1 and state.num_processes == 1:  # no GPU, not told to use the CPU
+        raise ConfigError(
+            f"launched as {launched} processes, but Accelerate found no GPU for them and was not "
+            f"told to use the CPU, so each would draw every image alone; to sample on {launched} "
+            f"CPU processes, launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+            f"--num_processes {launched} ...")
+    tell = say if (say is not None and main) else (lambda msg: None)
+    out_dir = Path(out_dir)
+    o = options
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out-dir {out_dir} is a file, not a folder; choose another --out-dir")
+    device = _resolve_device(o.device, state)
+    autocast = _autocast(o.precision, device)
+
+    net, schedule, meta = load_model(model_path)
+    T = schedule.num_train_timesteps
+    if o.num_steps > T:
+        raise ConfigError(f"--steps {o.num_steps} is more than this model's {T} training "
+                          f"timesteps; use 1 to {T}")
+    timesteps = make_timesteps(T, o.num_steps, o.spacing).tolist()
+    n = o.num_samples
+    labels = _image_labels(o.class_labels, net.config.num_classes, n)
+    shape = (net.config.in_channels, net.config.image_size, net.config.image_size)
+    if shape[0] not in (1, 3):
+        raise ConfigError(f"this model makes {shape[0]}-channel images; diffunet sample writes "
+                          "PNGs, which need 1 (grayscale) or 3 (RGB) channels")
+    net.to(device)
+
+    clip_x0 = o.sampler == "ddpm"  # each rule's default (sample(clip_x0=None)), made explicit
+    manifest: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "diffunet_version": __version__,
+        "complete": False,
+        "model": {"path": str(Path(model_path).resolve()), "sha256": meta["sha256"],
+                  "step": meta.get("step")},
+        "unet_config": to_dict(net.config),
+        "schedule_config": to_dict(schedule.config),
+        # Everything that decides the pixels; a rerun must match it to resume.
+        "settings": {"sampler": o.sampler, "num_steps": o.num_steps, "eta": float(o.eta),
+                     "spacing": o.spacing, "seed": o.seed,
+                     "class_labels": _labels_spec(o.class_labels),
+                     "guidance_scale": float(o.guidance_scale), "precision": o.precision,
+                     "clip_x0": clip_x0},
+        "timesteps": timesteps,
+        "num_samples": n,
+        "image_seeds": "image i (file i as 6 digits + .png) is drawn from seed + i",
+        "labels": labels,
+        "grid": GRID if o.grid else None,
+        "grid_images": min(n, MAX_GRID_IMAGES) if o.grid else 0,
+        # informational only (they change float rounding, not the draws):
+        "batch_size": o.batch_size,
+        "device": device.type,
+        "num_processes": state.num_processes,
+    }
+    # Every process checks (so all of them fail alike); only the main process writes.
+    _check_out_dir(out_dir, manifest, o.overwrite)
+    manifest_path = out_dir / MANIFEST
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if o.overwrite:
+            removed = _our_files(out_dir)
+            for p in removed:
+                p.unlink(missing_ok=True)
+            if removed:
+                tell(f"--overwrite: removed {len(removed)} earlier output file(s) from {out_dir}")
+        else:  # leftovers of writes that a killed run never finished
+            for p in _our_files(out_dir):
+                if _TMP_RE.fullmatch(p.name):
+                    p.unlink(missing_ok=True)
+        atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode("utf-8"))
+    state.wait_for_everyone()
+
+    files = tuple(out_dir / image_name(i) for i in range(n))
+    todo = [i for i in range(n) if not files[i].exists()]
+    done_before = n - len(todo)
+    if done_before:
+        tell(f"resuming: {done_before} of {n} images are already in {out_dir}")
+    mine = todo[state.process_index::state.num_processes]
+    bar = tqdm(total=n, initial=done_before, disable=not (progress and main), unit="img",
+               dynamic_ncols=True)
+    drawn: list[int] = []
+    net_in = torch.float32
+    for start in range(0, len(mine), o.batch_size):
+        idx = mine[start:start + o.batch_size]
+        # One CPU generator per image: its start noise, then its step noise (see module doc).
+        gens = [torch.Generator().manual_seed(o.seed + i) for i in idx]
+        x_T = torch.stack([torch.randn(shape, generator=g, dtype=net_in) for g in gens])
+        y = None if labels is None else torch.tensor([labels[i] for i in idx], device=device)
+        with autocast:
+            images = sample(net, schedule, x_T.to(device), sampler=o.sampler,
+                            num_steps=o.num_steps, eta=o.eta, spacing=o.spacing, class_labels=y,
+                            guidance_scale=o.guidance_scale, clip_x0=clip_x0, generator=gens)
+        images = images.float().cpu()
+        for i, image in zip(idx, images):
+            save_image(image, files[i])
+            drawn.append(i)
+        # the bar is the main process's: it counts the batches all processes draw alongside
+        bar.update(min(len(idx) * state.num_processes, n - bar.n))
+    state.wait_for_everyone()
+    bar.update(n - bar.n)
+    bar.close()
+
+    grid_path = out_dir / GRID if o.grid else None
+    if main:
+        missing = [p.name for p in files if not p.exists()]
+        if missing:
+            raise DiffunetError(f"{len(missing)} image(s) are missing from {out_dir} (e.g. "
+                                f"{missing[0]}); rerun the same command to draw them")
+        if grid_path is not None:
+            shown = [_load_png(p, shape) for p in files[:MAX_GRID_IMAGES]]
+            save_grid(torch.stack(shown), grid_path)
+        manifest["complete"] = True
+        atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode("utf-8"))
+        tell(f"wrote {n - done_before} image(s) to {out_dir}"
+             + (f" ({done_before} were already there)" if done_before else "")
+             + (f", grid {grid_path}" if grid_path is not None else ""))
+    state.wait_for_everyone()
+    return SampleResult(out_dir=out_dir, num_samples=n, drawn=tuple(drawn),
+                        already_done=done_before, grid_path=grid_path,
+                        manifest_path=manifest_path, files=files)

@@ -1,0 +1,399 @@
+"""`diffunet sample` (diffunet.sampling.generate and the CLI) on tiny CPU models.
+
+Batch-size independence: image i is drawn from its own generator (seed + i) for its start noise
+and its step noise, so only float rounding inside the network could make the batch size matter.
+On the CPU the tiny models here give bit-identical images for batch sizes 1, 3 and 8 (observed);
+the tests still allow what could legitimately differ elsewhere: 1e-5 on float outputs and 1/255
+on PNG pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import diffunet
+from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig
+from diffunet.cli import main
+from diffunet.errors import ConfigError
+from diffunet.sampling import GRID, MANIFEST, SampleOptions, generate, image_name
+from diffunet.schedulers import sample
+
+T = 100  # training timesteps of the tiny models (keeps "steps > T" cheap to test)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # These models are tiny: threads only add contention (on a busy 2-core machine a forward
+    # pass went from 8 ms to 1.6 s with 2 threads). Restore the suite's setting afterwards.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_model(path: Path, *, channels: int = 3, num_classes: int | None = None,
+               prediction_type: str = "epsilon") -> Path:
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(image_size=8, in_channels=channels, base_channels=16,
+                          channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                          dropout=0.0, num_groups=8, num_classes=num_classes))
+    with torch.no_grad():  # a fresh UNet's zero-initialised output layer predicts eps = 0 only
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    schedule = NoiseSchedule(ScheduleConfig(num_train_timesteps=T, prediction_type=prediction_type))
+    diffunet.save_model(path, net, schedule)
+    return path
+
+
+@pytest.fixture(scope="module")
+def rgb_model(tmp_path_factory) -> Path:
+    return make_model(tmp_path_factory.mktemp("models") / "rgb.safetensors")
+
+
+@pytest.fixture(scope="module")
+def gray_model(tmp_path_factory) -> Path:
+    return make_model(tmp_path_factory.mktemp("models") / "gray.safetensors", channels=1,
+                      prediction_type="v")
+
+
+@pytest.fixture(scope="module")
+def cond_model(tmp_path_factory) -> Path:
+    return make_model(tmp_path_factory.mktemp("models") / "cond.safetensors", num_classes=5)
+
+
+def pixels(folder: Path, n: int) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(folder / image_name(i))).astype(np.int16)
+                     for i in range(n)])
+
+
+def opts(**kw) -> SampleOptions:
+    base = dict(num_samples=6, batch_size=4, num_steps=4)
+    return SampleOptions(**{**base, **kw})
+
+
+def run_cli(args: list, capsys) -> tuple[int, str]:
+    """``diffunet sample ARGS --no-progress`` in this process: (exit code, stderr)."""
+    try:
+        code = main(["sample", *map(str, args), "--no-progress"])
+    except SystemExit as e:  # argparse's own errors exit (code 2) from inside main()
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.5), ("dpmpp-2m", 0.0)])
+def test_images_do_not_depend_on_the_batch_size(rgb_model, tmp_path, sampler, eta):
+    # float level: the per-image computation generate() does, batched three ways
+    net, schedule, _ = diffunet.load_model(rgb_model)
+
+    def floats(batch_size: int) -> torch.Tensor:
+        outs = []
+        for start in range(0, 8, batch_size):
+            gens = [torch.Generator().manual_seed(10 + i)
+                    for i in range(start, min(8, start + batch_size))]
+            x_T = torch.stack([torch.randn((3, 8, 8), generator=g) for g in gens])
+            outs.append(sample(net, schedule, x_T, sampler=sampler, eta=eta, num_steps=5,
+                               clip_x0=False, generator=gens))
+        return torch.cat(outs)
+
+    ref = floats(1)
+    for b in (3, 8):
+        torch.testing.assert_close(floats(b), ref, rtol=0, atol=1e-5)
+    # file level, through generate()
+    arrays = []
+    for b in (1, 3, 8):
+        out = tmp_path / f"b{b}"
+        generate(rgb_model, out, opts(num_samples=8, batch_size=b, sampler=sampler, eta=eta,
+                                      num_steps=5, seed=10))
+        arrays.append(pixels(out, 8))
+    for other in arrays[1:]:
+        assert np.abs(other - arrays[0]).max() <= 1
+    assert len({a.tobytes() for a in arrays[0]}) == 8  # and the 8 images are all different
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+           and not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _launch(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    # `accelerate launch --cpu --num_processes 2` starts ONE process (Accelerate's multi-CPU
+    # launch goes through mpirun); --multi_gpu starts torchrun, and ACCELERATE_USE_CPU=1 makes
+    # Accelerate join the processes with gloo on the CPU (as tests/test_training.py does).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "diffunet", "sample", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_images_as_one(rgb_model, tmp_path):
+    common = ["--num-samples", "7", "--batch-size", "2", "--sampler", "ddpm", "--steps", "4",
+              "--seed", "3", "--no-progress"]
+    two = tmp_path / "two"
+    proc = _launch([str(rgb_model), "--out-dir", str(two), *common], _env(ACCELERATE_USE_CPU="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((two / MANIFEST).read_text())
+    assert manifest["complete"] and manifest["num_processes"] == 2
+    assert proc.stderr.count("wrote 7 image(s)") == 1  # only the main process talks
+    one = tmp_path / "one"
+    assert main(["sample", str(rgb_model), "--out-dir", str(one), *common]) == 0
+    a, b = pixels(one, 7), pixels(two, 7)
+    assert np.abs(a - b).max() <= 1  # identical in practice
+    assert np.array_equal(np.asarray(Image.open(one / GRID)), np.asarray(Image.open(two / GRID)))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs this launch is a real 2-GPU run")
+def test_two_processes_without_cpu_flag_are_refused(rgb_model, tmp_path):
+    out = tmp_path / "out"
+    proc = _launch([str(rgb_model), "--out-dir", str(out), "--num-samples", "2"], _env())
+    assert proc.returncode != 0
+    assert proc.stderr.count("diffunet sample: error: launched as 2 processes") == 1
+    assert "ACCELERATE_USE_CPU=1" in proc.stderr and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume
+
+
+def test_resume_draws_only_the_missing_images(rgb_model, tmp_path):
+    ref = tmp_path / "ref"
+    generate(rgb_model, ref, opts(sampler="ddpm"))
+    out = tmp_path / "out"
+    first = generate(rgb_model, out, opts(sampler="ddpm"))
+    assert first.drawn == tuple(range(6)) and first.already_done == 0
+    for i in (1, 4):
+        (out / image_name(i)).unlink()
+    stale = out / ".000001.png.123.abcd1234.tmp"  # what a killed atomic write leaves behind
+    stale.write_bytes(b"half a png")
+    mtimes = {i: (out / image_name(i)).stat().st_mtime_ns for i in (0, 2, 3, 5)}
+    second = generate(rgb_model, out, opts(sampler="ddpm", batch_size=1))
+    assert second.drawn == (1, 4) and second.already_done == 4
+    assert {i: (out / image_name(i)).stat().st_mtime_ns for i in mtimes} == mtimes
+    assert not stale.exists()
+    assert np.array_equal(pixels(out, 6), pixels(ref, 6))
+    assert np.array_equal(np.asarray(Image.open(out / GRID)), np.asarray(Image.open(ref / GRID)))
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(rgb_model, tmp_path, monkeypatch):
+    ref = tmp_path / "ref"
+    generate(rgb_model, ref, opts(sampler="ddim", eta=1.0))
+    import diffunet.sampling as sampling
+
+    real_save = sampling.save_image
+    saved = []
+
+    def dying_save(image, path):
+        if len(saved) == 3:
+            raise KeyboardInterrupt  # the run is killed after three images
+        real_save(image, path)
+        saved.append(path)
+
+    monkeypatch.setattr(sampling, "save_image", dying_save)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        generate(rgb_model, out, opts(sampler="ddim", eta=1.0, batch_size=2))
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["complete"] is False and not (out / GRID).exists()
+    assert sorted(p.name for p in out.glob("*.png")) == [image_name(i) for i in range(3)]
+    monkeypatch.setattr(sampling, "save_image", real_save)
+    calls = []
+    monkeypatch.setattr(sampling, "sample", lambda *a, **k: calls.append(a[2].shape[0])
+                        or sample(*a, **k))
+    result = generate(rgb_model, out, opts(sampler="ddim", eta=1.0, batch_size=2))
+    assert result.drawn == (3, 4, 5) and calls == [2, 1]  # only the missing three are drawn
+    assert json.loads((out / MANIFEST).read_text())["complete"] is True
+    assert np.array_equal(pixels(out, 6), pixels(ref, 6))
+
+
+def test_other_settings_are_refused_unless_overwrite(rgb_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli([rgb_model, "--out-dir", out, "--num-samples", 3, "--steps", 3], capsys)[0] == 0
+    (out / "notes.txt").write_text("mine")
+    before = pixels(out, 3)
+    code, err = run_cli([rgb_model, "--out-dir", out, "--num-samples", 3, "--steps", 3,
+                         "--seed", 7], capsys)
+    assert code == 2 and "other settings" in err and "seed 0 there, 7 now" in err
+    assert "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert np.array_equal(pixels(out, 3), before)  # nothing touched
+    # more images with the same settings is a resume, not a conflict
+    assert run_cli([rgb_model, "--out-dir", out, "--num-samples", 4, "--steps", 3], capsys)[0] == 0
+    assert np.array_equal(pixels(out, 3), before)
+    # --overwrite replaces this command's files only
+    code, err = run_cli([rgb_model, "--out-dir", out, "--num-samples", 2, "--steps", 3,
+                         "--seed", 7, "--overwrite"], capsys)
+    assert code == 0 and "removed 6" in err  # 4 PNGs, grid, manifest
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", GRID, MANIFEST,
+                                                     "notes.txt"]
+    assert json.loads((out / MANIFEST).read_text())["settings"]["seed"] == 7
+    # images without a manifest cannot be resumed safely
+    (out / MANIFEST).unlink()
+    code, err = run_cli([rgb_model, "--out-dir", out, "--num-samples", 2, "--steps", 3,
+                         "--seed", 7], capsys)
+    assert code == 2 and "no manifest.json" in err
+    # nor can a different model file
+    other = make_model(tmp_path / "other.safetensors", channels=1)
+    out2 = tmp_path / "out2"
+    assert run_cli([rgb_model, "--out-dir", out2, "--num-samples", 1, "--steps", 2], capsys)[0] == 0
+    code, err = run_cli([other, "--out-dir", out2, "--num-samples", 1, "--steps", 2], capsys)
+    assert code == 2 and "sha256" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+@pytest.mark.parametrize("sampler,extra", [("ddpm", []), ("ddim", ["--eta", "0.3"]),
+                                           ("dpmpp-2m", ["--precision", "bf16"])])
+def test_each_sampler_through_the_cli(rgb_model, tmp_path, capsys, sampler, extra):
+    out = tmp_path / "out"
+    code, err = run_cli([rgb_model, "--out-dir", out, "--num-samples", 5, "--batch-size", 2,
+                         "--sampler", sampler, "--steps", 6, "--seed", 4, *extra], capsys)
+    assert code == 0, err
+    assert f"wrote 5 image(s) to {out}" in err
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [image_name(i) for i in range(5)] + [GRID, MANIFEST]
+    imgs = [Image.open(out / image_name(i)) for i in range(5)]
+    assert all(im.mode == "RGB" and im.size == (8, 8) for im in imgs)
+    grid = Image.open(out / GRID)
+    assert grid.mode == "RGB" and grid.size == (3 * 10 + 2, 2 * 10 + 2)  # 3x2 tiles, 2 px gaps
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["complete"] is True and m["num_samples"] == 5
+    assert m["model"]["sha256"] == hashlib.sha256(rgb_model.read_bytes()).hexdigest()
+    assert m["unet_config"]["image_size"] == 8 and m["schedule_config"]["num_train_timesteps"] == T
+    s = m["settings"]
+    assert (s["sampler"], s["num_steps"], s["seed"], s["guidance_scale"]) == (sampler, 6, 4, 1.0)
+    assert s["eta"] == (0.3 if sampler == "ddim" else 0.0) and s["spacing"] == "trailing"
+    assert s["precision"] == ("bf16" if sampler == "dpmpp-2m" else "fp32")
+    assert m["timesteps"] == diffunet.make_timesteps(T, 6).tolist()
+    assert "seed + i" in m["image_seeds"] and m["labels"] is None
+    assert m["diffunet_version"] == diffunet.__version__
+
+
+def test_grayscale_model_writes_mode_l_and_defaults(gray_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["sample", str(gray_model), "--num-samples", "3", "--steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    out = tmp_path / "samples" / "gray"  # default --out-dir: samples/<model file stem>
+    assert all(Image.open(out / image_name(i)).mode == "L" for i in range(3))
+    assert Image.open(out / GRID).mode == "L"
+    assert "3/3" in err  # the progress bar counts images
+    m = json.loads((out / MANIFEST).read_text())
+    assert (m["settings"]["sampler"], m["settings"]["num_steps"], m["batch_size"]) == ("ddim", 2,
+                                                                                        64)
+    code, err = run_cli([gray_model, "--out-dir", tmp_path / "nogrid", "--num-samples", 2,
+                         "--steps", 2, "--no-grid"], capsys)
+    assert code == 0 and not (tmp_path / "nogrid" / GRID).exists()
+
+
+def test_class_labels(cond_model, tmp_path, capsys):
+    def labels_run(name: str, spec: str, *extra) -> tuple[np.ndarray, list]:
+        out = tmp_path / name
+        code, err = run_cli([cond_model, "--out-dir", out, "--num-samples", 6, "--steps", 3,
+                             "--class-label", spec, *extra], capsys)
+        assert code == 0, err
+        return pixels(out, 6), json.loads((out / MANIFEST).read_text())
+
+    one, m1 = labels_run("one", "1")
+    two, m2 = labels_run("two", "1,4")
+    every, m3 = labels_run("all", "all")
+    assert m1["labels"] == [1] * 6 and m1["settings"]["class_labels"] == [1]
+    assert m2["labels"] == [1, 4, 1, 4, 1, 4] and m2["settings"]["class_labels"] == [1, 4]
+    assert m3["labels"] == [0, 1, 2, 3, 4, 0] and m3["settings"]["class_labels"] == "all"
+    # the labels reach the model: same seed + same label = same image, another label differs
+    assert np.array_equal(one[0::2], two[0::2]) and not np.array_equal(one[1::2], two[1::2])
+    assert np.array_equal(every[1], one[1])
+    guided, mg = labels_run("guided", "1", "--guidance-scale", "3")
+    assert mg["settings"]["guidance_scale"] == 3.0 and not np.array_equal(guided, one)
+    # a conditional model without labels samples with its "no label" class
+    code, err = run_cli([cond_model, "--out-dir", tmp_path / "none", "--num-samples", 2,
+                         "--steps", 2], capsys)
+    assert code == 0, err
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit code 2, no traceback
+
+
+def test_bad_input_in_a_subprocess(rgb_model, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "diffunet", "sample", str(rgb_model),
+                           "--sampler", "euler", "--out-dir", str(tmp_path / "x")],
+                          capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "diffunet sample: error: unknown sampler 'euler'; use --sampler with one of ddpm, ddim, "
+        "dpmpp-2m"]
+    assert proc.stdout == "" and not (tmp_path / "x").exists()
+
+
+def test_bad_input_in_process(rgb_model, cond_model, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    four = make_model(tmp_path / "four.safetensors", channels=4)
+    cases = [
+        ([rgb_model, "--steps", 0], "--steps must be a positive integer"),
+        ([rgb_model, "--steps", T + 1], f"more than this model's {T} training timesteps"),
+        ([rgb_model, "--num-samples", -3], "--num-samples must be a positive integer"),
+        ([rgb_model, "--num-samples", 0], "--num-samples must be a positive integer"),
+        ([rgb_model, "--batch-size", 0], "--batch-size must be a positive integer"),
+        ([rgb_model, "--num-samples", "many"], "invalid int value: 'many'"),
+        ([rgb_model, "--spacing", "uniform"], "unknown timestep spacing 'uniform'"),
+        ([rgb_model, "--eta", 2], "--eta must be in [0, 1]"),
+        ([rgb_model, "--sampler", "dpmpp-2m", "--eta", 0.5], "--eta only applies to"),
+        ([rgb_model, "--seed", -1], "--seed must be a non-negative integer"),
+        ([rgb_model, "--precision", "fp8"], "unknown precision 'fp8'"),
+        ([rgb_model, "--precision", "fp16", "--device", "cpu"], "use --precision bf16 or fp32"),
+        ([rgb_model, "--device", "tpu9"], "unknown --device 'tpu9'"),
+        ([rgb_model, "--out-dir", a_file], "is a file, not a folder"),
+        ([rgb_model, "--class-label", "2"], "this model is unconditional"),
+        ([rgb_model, "--guidance-scale", 2], "needs --class-label"),
+        ([cond_model, "--class-label", "5"], "class label 5 is out of range"),
+        ([cond_model, "--class-label", "1,-1"], "class label -1 is out of range"),
+        ([cond_model, "--class-label", "cats"], "--class-label: expected a class index"),
+        ([tmp_path / "missing.safetensors"], "model file not found"),
+        ([a_file], "not a safetensors model file"),
+        ([four], "4-channel images"),
+    ]
+    for args, message in cases:
+        if "--out-dir" not in args:
+            args = [*args, "--out-dir", tmp_path / "out"]
+        code, err = run_cli(args, capsys)
+        assert code == 2, (args, err)
+        assert len(err.strip().splitlines()) == 1 and message in err, (args, err)
+        assert err.startswith("diffunet sample: error: ") and "Traceback" not in err
+        assert not (tmp_path / "out").exists(), args  # nothing written for bad input
+
+
+def test_library_errors_are_config_errors(rgb_model, tmp_path):
+    with pytest.raises(ConfigError, match="--batch-size"):
+        SampleOptions(batch_size=-1)
+    with pytest.raises(ConfigError, match="needs --class-label"):
+        SampleOptions(guidance_scale=2.0)
+    with pytest.raises(ConfigError, match="positive"):
+        SampleOptions(num_samples=True)  # a bool is not a count
