@@ -127,7 +127,8 @@ def _read_header(path: Path, data: bytes) -> dict[str, Any]:
             "because that can run code. Load it yourself with torch.load(..., weights_only=True), "
             "put the state dict in a UNet, and write it with diffunet.save_model")
     if len(data) < 8:
-        raise ModelFileError(f"{path} is not a safetensors model file (only {len(data)} bytes)")
+        raise ModelFileError(f"{path} is not a safetensors model file (only {len(data)} bytes); "
+                             "re-save or re-download it")
     if n > _MAX_HEADER or 8 + n > len(data):
         raise ModelFileError(f"{path} is not a safetensors model file or is truncated (header "
                              f"says {n} bytes, file has {len(data)}); re-save or re-download it")
@@ -142,7 +143,8 @@ def _read_header(path: Path, data: bytes) -> dict[str, Any]:
         try:
             end = max(end, int(info["data_offsets"][1]))
         except (TypeError, KeyError, IndexError, ValueError):
-            raise ModelFileError(f"{path}: malformed safetensors entry for tensor {name!r}")
+            raise ModelFileError(f"{path}: malformed safetensors entry for tensor {name!r}; the "
+                                 "file is damaged, re-save or re-download it")
     if 8 + n + end > len(data):
         raise ModelFileError(f"{path} is truncated ({len(data)} bytes, its header needs "
                              f"{8 + n + end}); re-save or re-download it")
@@ -175,7 +177,8 @@ def _parse(path: Path, data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         version = int(raw.get("format_version", ""))
     except ValueError:
-        raise ModelFileError(f"{path}: malformed format_version {raw.get('format_version')!r}")
+        raise ModelFileError(f"{path}: malformed format_version {raw.get('format_version')!r}; "
+                             "the file is damaged, re-save or re-download it")
     if version > FORMAT_VERSION:
         raise ModelFileError(f"{path} has model format version {version}, newer than this "
                              f"diffunet {__version__} reads ({FORMAT_VERSION}); upgrade diffunet")

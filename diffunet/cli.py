@@ -8,6 +8,7 @@ exit code 2 without a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -65,12 +66,22 @@ def _resolve_train_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
         else:
             raise ConfigError(f"two config files given ({config_path}, {item}); give one, then "
                               "section.key=value overrides")
+    sections = [f.name for f in dataclasses.fields(RunConfig)]
+    if (config_path is not None and not Path(config_path).is_file()
+            and not config_path.endswith(".toml")
+            and config_path.partition(".")[0] in sections):  # "train.max_steps" without "=N"
+        raise ConfigError(f"{config_path}: not a config file, and an override needs a value; "
+                          f"write {config_path}=VALUE (e.g. train.max_steps=500)")
     stem = Path(config_path).stem if config_path else "default"
     out_dir = Path(args.out_dir) if args.out_dir else Path("runs") / stem
     base = None
     saved = out_dir / "config.json"
     if args.resume and config_path is None and saved.is_file():
-        base = json.loads(saved.read_text(encoding="utf-8"))
+        try:
+            base = json.loads(saved.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{saved} is damaged ({e}); give the run's CONFIG.toml and "
+                              "overrides along with --resume") from None
     return load_config(config_path, overrides, base=base), out_dir
 
 
@@ -211,7 +222,13 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code (2 for bad input)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":  # overrides after the options: train --out-dir X key=value
+        args.items += [e for e in extra if not e.startswith("-")]
+        extra = [e for e in extra if e.startswith("-")]
+    if extra:  # reported by the sub-command's parser, so the message names the command
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except DiffunetError as e:
@@ -221,6 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `diffunet info MODEL | head`
         sys.stderr.close()
         return 0
+    except OSError as e:  # the file system said no (full, read-only, ...): one line, no traceback
+        if _is_main_process():
+            where = f": {e.filename}" if e.filename else ""
+            print(f"diffunet {args.command}: error: {(e.strerror or str(e)).lower()}{where}; "
+                  "check the path, free space and permissions", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"diffunet {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -340,6 +340,14 @@ class TrainConfig:
     """Stop after this many consecutive steps with a non-finite loss."""
     trackers: tuple[str, ...] = ()
     """Accelerate trackers to log to as well, e.g. ["tensorboard"] or ["wandb"]."""
+    channels_last: bool = False
+    """Store the weights channels-last, so a GPU's convolutions and the attention run on
+    channels-last activations (on a CPU the UNet uses channels-last activations anyway).
+    Changes how the run executes, not what it computes."""
+    compile: bool = False
+    """``torch.compile`` the training forward/backward (fuses GroupNorm, SiLU and the other
+    element-wise work). The first steps are slow while it compiles; needs a C++ compiler on
+    a CPU. Changes how the run executes, not what it computes (up to float rounding)."""
 
     def __post_init__(self) -> None:
         p = "train."

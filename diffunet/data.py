@@ -8,7 +8,9 @@ random augmentation happens inside a data set (training flips batches itself wit
 uninterrupted one would have seen.
 
 Each data set has ``num_classes`` (None when unlabelled), ``class_names`` (None when unlabelled)
-and ``skipped`` (files that could not be read; only an image folder ever has any).
+and ``skipped`` (files that could not be read; only an image folder ever has any). An image
+folder also lists in ``upscaled`` the images whose shorter side is below ``image_size``: they
+are used (upscaled, which blurs them), and training says how many there are.
 
 Batches come from :class:`GlobalBatchSampler`: one infinite stream of per-epoch permutations, cut
 into global batches, each process taking its slice. The order depends only on the seed, never on
@@ -309,8 +311,9 @@ class BuiltinShapes(Dataset):
 # Image folder.
 
 
-def _scan_folder(root: Path) -> tuple[list[Path], list[str]]:
-    """Image files under ``root`` (recursive, sorted) whose header PIL can read, and the rest.
+def _scan_folder(root: Path, image_size: int = 0) -> tuple[list[Path], list[str], list[str]]:
+    """Image files under ``root`` (recursive, sorted) whose header PIL can read, the rest, and
+    the readable ones whose shorter side is below ``image_size``.
 
     Hidden files and folders (".name": .ipynb_checkpoints, macOS "._x.jpg" forks) are ignored.
     Symlinked folders are followed once (a link back up the tree is not entered again).
@@ -332,26 +335,32 @@ def _scan_folder(root: Path) -> tuple[list[Path], list[str]]:
 
     readable: list[Path] = []
     skipped: list[str] = []
+    small: list[str] = []
     for rel in candidates:
         path = root / rel
         try:
             # Header only (format, size): cheap. A file whose pixel data is damaged still
             # passes; FolderImages.__getitem__ reports it.
             with Image.open(path) as im:
-                ok = im.size[0] > 0 and im.size[1] > 0
+                size = im.size
+                ok = size[0] > 0 and size[1] > 0
         except Exception:  # not an image, truncated header, decompression bomb, ...
             ok = False
         if ok:
             readable.append(rel)
+            if min(size) < image_size:
+                small.append(str(path))
         else:
             skipped.append(str(path))
-    return readable, skipped
+    return readable, skipped, small
 
 
 class FolderImages(Dataset):
     """Every readable image under a folder (recursive, sorted by path), via :func:`prepare_image`.
 
-    ``skipped`` lists the files with an image extension whose header PIL cannot read. With
+    ``skipped`` lists the files with an image extension whose header PIL cannot read;
+    ``upscaled`` the images whose shorter side is below ``image_size`` (not an error: like every
+    image they are centre-cropped and resized, here upwards, which blurs them). With
     ``class_folders`` each first-level sub-folder is a class (sorted by name; only folders holding
     images count) and an image directly in ``root`` is an error rather than silently dropped.
     A file that passed the header check but fails to decode raises :class:`DataError` naming the
@@ -369,7 +378,7 @@ class FolderImages(Dataset):
         if not self.root.is_dir():
             raise DataError(f"data.path: {self.root} is a file, not a folder; point data.path at "
                             "the folder that holds the images")
-        files, self.skipped = _scan_folder(self.root)
+        files, self.skipped, self.upscaled = _scan_folder(self.root, image_size)
         if not files:
             if self.skipped:
                 raise DataError(f"data.path: none of the {len(self.skipped)} image files under "

@@ -15,12 +15,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 __all__ = [
     "timestep_embedding",
     "zero_",
+    "attention",
     "ResidualBlock",
     "AttentionBlock",
     "Downsample",
@@ -72,6 +72,36 @@ def zero_(module: nn.Module) -> nn.Module:
     return module
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention ``softmax(q k^T / sqrt(d)) v`` (Vaswani et al. 2017, eq. 1).
+
+    Args:
+        q, k, v: (B, heads, N, d), any strides with a contiguous last dim.
+
+    Returns:
+        (B, heads, N, d) in ``q``'s dtype.
+
+    Runs ``F.scaled_dot_product_attention``, so PyTorch picks a flash / memory-efficient kernel
+    where one fits (half precision on a GPU, the CPU flash kernel) and its math kernel otherwise
+    (fp32 on a GPU, head sizes a fused kernel does not take). If no kernel is allowed (inside a
+    caller's ``torch.nn.attention.sdpa_kernel`` restriction), this falls back to the same
+    formula written out rather than failing.
+    """
+    try:
+        return F.scaled_dot_product_attention(q, k, v)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError:  # "No available kernel": every allowed backend refused these inputs
+        return _math_attention(q, k, v)
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The formula of :func:`attention`, with the softmax in float32; (B, heads, N, d) each."""
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, heads, N, N)
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+    return weights @ v  # (B, heads, N, d)
+
+
 class ResidualBlock(nn.Module):
     """Residual block conditioned on the time(+class) embedding (DDPM App. B; AdaGN from
     Nichol & Dhariwal 2021).
@@ -110,16 +140,20 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """x (B, in_ch, H, W), emb (B, emb_dim) -> (B, out_ch, H, W)."""
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, out_ch, H, W)
+        # In-place work only touches tensors this block just made and no backward needs (a
+        # convolution's output; a GroupNorm output when autograd is off), so the numbers are the
+        # same and fewer activation-sized buffers are allocated.
+        no_grad = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=no_grad))  # (B, out_ch, H, W)
         e = self.emb_proj(F.silu(emb))[:, :, None, None]  # (B, out_ch or 2*out_ch, 1, 1)
         if self.scale_shift_norm:
             # AdaGN (Nichol & Dhariwal 2021): the embedding modulates the normalised activations.
             scale, shift = e.chunk(2, dim=1)
             h = torch.addcmul(shift, self.norm2(h), 1 + scale)
         else:
-            h = self.norm2(h + e)
-        h = self.conv2(self.dropout(F.silu(h)))
-        return self.skip(x) + h
+            h = self.norm2(h.add_(e))
+        h = self.conv2(self.dropout(F.silu(h, inplace=no_grad)))
+        return h.add_(self.skip(x))  # = skip(x) + h, bit for bit
 
 
 class AttentionBlock(nn.Module):
@@ -145,16 +179,16 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) -> (B, C, H, W)."""
-        _, _, height, _ = x.shape
-        tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")  # (B, HW, C)
+        b, c, height, width = x.shape
+        n, heads = height * width, self.num_heads
+        # Channels-last activations make this a view; NCHW ones are copied once here.
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, n, c)  # (B, HW, C)
         qkv = self.qkv(tokens)  # (B, HW, 3C)
-        q, k, v = rearrange(qkv, "b n (three heads d) -> three b heads n d",
-                            three=3, heads=self.num_heads)  # each (B, heads, HW, C/heads)
-        # softmax(q k^T / sqrt(d)) v; PyTorch picks a flash / memory-efficient kernel.
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
-        out = rearrange(out, "b heads n d -> b n (heads d)")  # (B, HW, C)
-        out = self.proj(out)  # (B, HW, C)
-        return x + rearrange(out, "b (h w) c -> b c h w", h=height)
+        # Views into qkv, not copies: the fused kernels take strided q/k/v.
+        q, k, v = qkv.view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = attention(q, k, v)  # (B, heads, HW, C/heads)
+        out = self.proj(out.transpose(1, 2).reshape(b, n, c))  # (B, HW, C)
+        return x + out.view(b, height, width, c).permute(0, 3, 1, 2)  # (B, C, H, W)
 
 
 class Downsample(nn.Module):
@@ -179,6 +213,13 @@ class Downsample(nn.Module):
         return F.avg_pool2d(x, kernel_size=2, stride=2)
 
 
+def _fold_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Three 3x3-conv taps along ``dim`` -> the four taps of the equivalent stride-2 transposed
+    conv (see :meth:`Upsample.forward`): ``[w2, w1 + w2, w0 + w1, w0]``."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w2, w1 + w2, w0 + w1, w0], dim=dim)
+
+
 class Upsample(nn.Module):
     """Double the resolution: ``(B, C, H, W) -> (B, C, 2H, 2W)``.
 
@@ -200,5 +241,12 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) -> (B, C, 2H, 2W)."""
         if self.kind == "nearest":
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            # conv3x3(nearest_x2(x)) computed without the 4x larger upsampled image: each output
+            # pixel sees a 2x2 input window, so the pair is one 4x4 stride-2 transposed conv whose
+            # taps are sums of the 3x3 taps (output row 2i reads rows i-1, i with weights w0,
+            # w1 + w2; row 2i+1 reads rows i, i+1 with w0 + w1, w2). Same function, 16 instead of
+            # 36 multiply-adds per output pixel and channel pair; only the rounding differs.
+            w = self.conv.weight.contiguous()  # (C_out, C_in, 3, 3)
+            w = _fold_taps(_fold_taps(w, 2), 3)  # (C_out, C_in, 4, 4)
+            return F.conv_transpose2d(x, w.transpose(0, 1), self.conv.bias, stride=2, padding=1)
         return self.conv(x)

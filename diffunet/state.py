@@ -11,7 +11,12 @@
 
 A state is written into ``state/.tmp-step0001000/`` and renamed to its final name only when
 every file is on disk, so a folder named ``step*`` is always complete: a crash at any moment
-leaves the previous states whole, and :func:`newest_state` never sees a partial one.
+leaves the previous states whole, and :func:`newest_state` never sees a partial one. Old states
+leave the same way: renamed out of the ``step*`` names first, then deleted.
+
+Reading a state never unpickles: :func:`read_trainer` and :func:`load_tensors` read JSON and
+safetensors and turn a damaged or foreign file into a one-line
+:class:`~diffunet.errors.ModelFileError`.
 """
 
 from __future__ import annotations
@@ -26,11 +31,17 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import ModelFileError
+
 STATE_FORMAT_VERSION = 1
 _NAME = re.compile(r"^step(\d{7,})$")
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors reports a failed write
 
 
 def state_name(step: int) -> str:
+    """``step0001000``: a state's folder name, made from a non-negative int and nothing else."""
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"a state's step must be a non-negative int, got {step!r}")
     return f"step{step:07d}"
 
 
@@ -54,10 +65,40 @@ def newest_state(root: Path) -> Path | None:
 def begin_state(root: Path, step: int) -> Path:
     """Create (afresh) the temporary folder a state for ``step`` is written into."""
     tmp = root / f".tmp-{state_name(step)}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    _remove(tmp)
     tmp.mkdir(parents=True)
     return tmp
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, folder or symlink (a link is unlinked, never followed); errors ignored."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def discard(path: Path) -> None:
+    """Delete a state folder so that no crash can leave it half-deleted under a ``step*``
+    name: rename it to ``.tmp-<name>.old`` (atomic), then delete that."""
+    stale = path.with_name(f".tmp-{path.name}.old")
+    _remove(stale)
+    try:
+        os.rename(path, stale)
+    except FileNotFoundError:
+        return
+    _remove(stale)
+
+
+def clear_leftovers(out_dir: Path) -> None:
+    """Remove what writes that a crash cut short left in a run folder: ``state/.tmp-*``
+    folders and the ``.<name>.<random>.tmp`` files of atomic writes in ``weights/``,
+    ``samples/`` and the run folder itself."""
+    for leftover in (out_dir / "state").glob(".tmp-*"):
+        _remove(leftover)
+    for folder in (out_dir, out_dir / "weights", out_dir / "samples"):
+        for leftover in folder.glob(".*.tmp"):
+            _remove(leftover)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -80,12 +121,12 @@ def commit_state(tmp: Path, keep_last: int) -> Path:
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
     final = tmp.parent / tmp.name.removeprefix(".tmp-")
-    if final.exists():  # re-saving the same step (e.g. resumed then interrupted at once)
-        shutil.rmtree(final)
+    if final.exists() or final.is_symlink():  # re-saving a step (e.g. over a damaged state)
+        discard(final)
     os.rename(tmp, final)
     _fsync_dir(tmp.parent)
     for _, old in complete_states(tmp.parent)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        discard(old)
     return final
 
 
@@ -97,12 +138,61 @@ def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:197] + "..." if len(text) > 200 else text or type(e).__name__
+
+
+def _damaged(folder: Path, problem: str) -> ModelFileError:
+    return ModelFileError(f"{problem}; delete {folder} to resume from the state before it, or "
+                          "start a new --out-dir")
+
+
+def read_trainer(folder: Path) -> dict[str, Any]:
+    """The checked ``trainer.json`` of the state ``folder`` (a :class:`ModelFileError` naming
+    the problem if it is damaged, from a newer diffunet, or not this folder's)."""
+    path = folder / "trainer.json"
+    try:
+        data = read_json(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged(folder, f"{path} cannot be read ({_one_line(e)})") from None
+    if not isinstance(data, dict):
+        raise _damaged(folder, f"{path} is not a JSON object")
+    version = data.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise _damaged(folder, f"{path} has no valid format_version")
+    if version > STATE_FORMAT_VERSION:
+        raise ModelFileError(f"{folder} has newer state format version {version} than this "
+                             f"diffunet reads ({STATE_FORMAT_VERSION}); upgrade diffunet")
+    m = _NAME.match(folder.name)
+    step = data.get("step")
+    if m is None or not isinstance(step, int) or isinstance(step, bool) or step != int(m[1]):
+        raise _damaged(folder, f"{path}: its step {step!r} does not match the folder name")
+    kinds = {"config": dict, "optimizer": dict, "nonfinite_total": int, "nonfinite_streak": int}
+    for key, kind in kinds.items():
+        if not isinstance(data.get(key), kind):
+            raise _damaged(folder, f"{path}: {key!r} is missing or not a {kind.__name__}")
+    return data
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+    """Write a safetensors file; a failed write raises OSError (errno, filename) like open()."""
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+    except Exception as e:  # safetensors raises SafetensorError("... (os error 28)")
+        m = _OS_ERROR.search(str(e))
+        if m is None:
+            raise
+        code = int(m[1])
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    """Read a state's safetensors file (never unpickles; damage is a ModelFileError)."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # missing, truncated, not safetensors (e.g. a pickle), ...
+        raise _damaged(path.parent, f"{path} cannot be read ({_one_line(e)})") from None
 
 
 def split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

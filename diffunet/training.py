@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -31,11 +31,11 @@ from typing import Any
 import torch
 
 from . import state as st
-from .checkpoint import save_model, unwrap_model
+from .checkpoint import atomic_write_bytes, save_model, unwrap_model
 from .config import RunConfig, to_dict
 from .data import GlobalBatchSampler, build_dataset, make_dataloader, save_grid
 from .diffusion import NoiseSchedule, diffusion_loss
-from .errors import ConfigError, DiffunetError
+from .errors import ConfigError, DiffunetError, ModelFileError
 from .schedulers import sample
 from .unet import UNet
 
@@ -76,8 +76,9 @@ class EMA:
     @torch.no_grad()
     def update(self, model: UNet, step: int) -> None:
         weight = 1.0 - self.decay_at(step)
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach().float(), weight)
+        # One multi-tensor lerp (a few kernels on a GPU, not one per parameter); same numbers.
+        torch._foreach_lerp_(list(self.model.parameters()),
+                             [p.detach().float() for p in model.parameters()], weight)
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
 
@@ -133,6 +134,37 @@ def prepare_out_dir(out_dir: Path, resume: bool) -> Path | None:
     return st.newest_state(out_dir / "state")
 
 
+_DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+_READ_ONLY = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+              errno.EPERM: "permission denied"}
+
+
+def _write_failed(e: OSError, doing: str, out_dir: Path) -> TrainingError:
+    """One line for a write that failed: the problem, the fix, and the newest state, which the
+    atomic writes left intact."""
+    if e.errno in _DISK_FULL:
+        problem, fix = _DISK_FULL[e.errno], "free space or choose another --out-dir"
+    elif e.errno in _READ_ONLY:
+        problem, fix = _READ_ONLY[e.errno], "make it writable or choose another --out-dir"
+    elif e.errno == errno.EFBIG:
+        problem, fix = "file too large", ("choose another --out-dir (its file system or a "
+                                          "ulimit -f caps file sizes)")
+    else:
+        problem, fix = (e.strerror or str(e)).lower(), "check the disk or choose another --out-dir"
+    newest = st.newest_state(out_dir / "state")
+    kept = (f"the previous checkpoint {newest.name} is intact (--resume continues from it)"
+            if newest is not None else "no checkpoint had been saved yet")
+    return TrainingError(f"{problem} while {doing} to {out_dir}; {fix}; {kept}")
+
+
+def _logged_step(line: str) -> float:
+    """The step of a ``log.jsonl`` line; inf for a blank or torn one (cut short by a crash)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def _install_stop_handlers(flag: dict[str, Any]) -> Callable[[], None]:
     """On SIGINT/SIGTERM, ask the loop to save and stop after the current step."""
     previous = {}
@@ -151,6 +183,22 @@ def _install_stop_handlers(flag: dict[str, Any]) -> Callable[[], None]:
             signal.signal(sig, h)
 
     return restore
+
+
+def _match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each per-parameter state tensor (Adam's moments) its parameter's memory layout.
+
+    Saved states load as contiguous tensors. The fused AdamW kernel walks a parameter and its
+    moments as flat arrays, so a channels-last weight with contiguous moments would be updated
+    with permuted moments (silently wrong); the values are kept, only the layout changes.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if (isinstance(value, torch.Tensor) and value.shape == p.shape
+                        and value.stride() != p.stride()):
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def _forever(loader: Any) -> Iterator[Any]:
@@ -204,7 +252,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     # --- where we start: fresh, or the newest complete state ------------------------------
     resume_from = prepare_out_dir(out_dir, resume)
     if resume_from is not None:
-        saved = st.read_json(resume_from / "trainer.json")
+        saved = st.read_trainer(resume_from)  # checked: never a damaged or foreign state
         check_resume_compatible(saved["config"], cfg)
         tell(f"resuming from {resume_from} (step {saved['step']})")
         if saved["step"] >= t.max_steps:
@@ -224,25 +272,44 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         raise ConfigError(f"unet.num_classes is {num_classes} but the data set has {have}; set "
                           f"unet.num_classes to match or unset it for an unconditional model")
     schedule = NoiseSchedule(cfg.schedule)
+    if device.type == "cuda":
+        # TF32 tensor cores for the fp32 matmuls (cuDNN convolutions use them by default).
+        torch.set_float32_matmul_precision("high")
     model = UNet(cfg.unet)
+    if t.channels_last:  # before the EMA copy, so previews run channels-last too
+        model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, t.ema_decay, t.ema_warmup)
+    # The fused AdamW is one kernel for all parameters (CPU and CUDA): ~3.5x faster on a CPU
+    # than the multi-tensor default for the DDPM CIFAR-10 net.
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
-                                  weight_decay=t.weight_decay, eps=1e-8)
+                                  weight_decay=t.weight_decay, eps=1e-8,
+                                  fused=True if device.type in ("cuda", "cpu") else None)
     step_gen = torch.Generator().manual_seed(t.seed)
     step, nonfinite_total, nonfinite_streak = 0, 0, 0
 
     if resume_from is not None:
-        model.load_state_dict(st.load_tensors(resume_from / "model.safetensors"))
-        ema.model.load_state_dict(st.load_tensors(resume_from / "ema.safetensors"))
-        optimizer.load_state_dict(st.join_optimizer_state(
-            st.load_tensors(resume_from / "optimizer.safetensors"), saved["optimizer"]))
-        step_gen.set_state(st.load_tensors(resume_from / "rng.safetensors")["step_gen"])
+        try:
+            model.load_state_dict(st.load_tensors(resume_from / "model.safetensors"))
+            ema.model.load_state_dict(st.load_tensors(resume_from / "ema.safetensors"))
+            optimizer.load_state_dict(st.join_optimizer_state(
+                st.load_tensors(resume_from / "optimizer.safetensors"), saved["optimizer"]))
+            _match_param_layout(optimizer)
+            step_gen.set_state(st.load_tensors(resume_from / "rng.safetensors")["step_gen"])
+        except ModelFileError:
+            raise
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:  # readable, but not ours
+            raise ModelFileError(
+                f"{resume_from} does not fit this model ({' '.join(str(e).split())[:200]}); "
+                "delete it to resume from the state before it, or start a new --out-dir"
+                ) from None
         step, nonfinite_total = saved["step"], saved["nonfinite_total"]
         nonfinite_streak = saved["nonfinite_streak"]
 
     ema.model.to(device)
     model, optimizer = accelerator.prepare(model, optimizer)
     net = unwrap_model(model)
+    if t.compile:  # after prepare: compiling the DDP-wrapped model lets it bucket gradients
+        model = torch.compile(model)
     if resume_from is not None:
         if accelerator.scaler is not None and saved.get("scaler"):
             accelerator.scaler.load_state_dict(saved["scaler"])
@@ -253,14 +320,13 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     if main:
         for sub in ("samples", "weights", "state"):
             (out_dir / sub).mkdir(parents=True, exist_ok=True)
-        for leftover in (out_dir / "state").glob(".tmp-step*"):  # from a save a crash cut short
-            shutil.rmtree(leftover, ignore_errors=True)
-        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        st.clear_leftovers(out_dir)  # temporary files of writes a crash cut short
+        atomic_write_bytes(out_dir / "config.json",
+                           (json.dumps(to_dict(cfg), indent=2) + "\n").encode("utf-8"))
         log_path = out_dir / "log.jsonl"
         if resume_from is not None and log_path.exists():  # drop lines past the resumed step
-            kept = [ln for ln in log_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= step]
-            log_path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [ln for ln in log_path.read_text().splitlines() if _logged_step(ln) <= step]
+            atomic_write_bytes(log_path, "".join(ln + "\n" for ln in kept).encode("utf-8"))
         if t.trackers:
             accelerator.init_trackers(out_dir.name, config={
                 f"{s}.{k}": json.dumps(v) for s, sec in to_dict(cfg).items() for k, v in sec.items()})
@@ -268,6 +334,10 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     if main and getattr(dataset, "skipped", None):
         tell(f"skipped {len(dataset.skipped)} unreadable file(s) in {cfg.data.path}, "
              f"e.g. {dataset.skipped[0]}")
+    if main and getattr(dataset, "upscaled", None):
+        tell(f"note: {len(dataset.upscaled)} of {len(dataset)} images in {cfg.data.path} are "
+             f"smaller than data.image_size={cfg.data.image_size} and are upscaled (e.g. "
+             f"{dataset.upscaled[0]}), which blurs them; a smaller image_size avoids that")
 
     sampler = GlobalBatchSampler(len(dataset), t.batch_size, seed=t.seed, start_step=step,
                                  rank=rank, world_size=world)
@@ -291,9 +361,20 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                             spacing=cfg.sample.spacing, class_labels=labels,
                             guidance_scale=cfg.sample.guidance_scale,
                             clip_x0=cfg.sample.clip_x0, generator=torch.Generator().manual_seed(t.seed + 2))
-        save_grid(images.float().cpu(), out_dir / "samples" / f"{st.state_name(at)}.png")
+        try:
+            save_grid(images.float().cpu(), out_dir / "samples" / f"{st.state_name(at)}.png")
+        except OSError as e:
+            raise _write_failed(e, f"writing preview {st.state_name(at)}.png", out_dir) from None
 
     def save_checkpoint(at: int) -> tuple[Path | None, Path | None]:
+        try:
+            return write_checkpoint(at)
+        except OSError as e:  # a full disk, a read-only folder: say so, leave no partial state
+            if main:
+                st.clear_leftovers(out_dir)
+            raise _write_failed(e, f"saving state {st.state_name(at)}", out_dir) from None
+
+    def write_checkpoint(at: int) -> tuple[Path | None, Path | None]:
         accelerator.wait_for_everyone()
         tmp = out_dir / "state" / f".tmp-{st.state_name(at)}"
         if main:
@@ -366,7 +447,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
             flags = torch.tensor([0.0 if torch.isfinite(step_loss) else 1.0,
                                   1.0 if stop else 0.0], device=device)
             flags = accelerator.reduce(flags, "sum") if world > 1 else flags
-            bad, stopping = bool(flags[0] > 0), bool(flags[1] > 0)
+            # The one host-device sync of a step (the loss is only read at log intervals): the
+            # skip and the stop must be decided on the host, the same on every process.
+            bad, stopping = (flags > 0).tolist()
             if bad:
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite_total += 1
@@ -402,8 +485,11 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                           "nonfinite_skipped": nonfinite_total,
                           "elapsed_s": round(now - run_start, 2)}
                 if main:
-                    with open(out_dir / "log.jsonl", "a", encoding="utf-8") as f:
-                        f.write(json.dumps(record) + "\n")
+                    try:
+                        with open(out_dir / "log.jsonl", "a", encoding="utf-8") as f:
+                            f.write(json.dumps(record) + "\n")
+                    except OSError as e:
+                        raise _write_failed(e, "writing log.jsonl", out_dir) from None
                     bar.set_postfix(loss="nan" if record["loss"] is None else f"{record['loss']:.4f}",
                                     lr=f"{record['lr']:.2e}", img_s=record["images_per_s"])
                     if t.trackers:

@@ -157,6 +157,20 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
+    def _memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the memory format the network runs in (the values are the same).
+
+        Channels-last activations spare oneDNN (CPU) and cuDNN a layout reorder around every
+        convolution, and make the attention tokens a view. On the CPU (oneDNN builds) they are
+        always used; elsewhere they follow the weights, i.e. ``model.to(memory_format=
+        torch.channels_last)`` turns them on. Every later activation inherits the format.
+        """
+        cpu_onednn = (x.device.type == "cpu" and torch.backends.mkldnn.is_available()
+                      and torch.backends.mkldnn.enabled)
+        if cpu_onednn or self.conv_out.weight.is_contiguous(memory_format=torch.channels_last):
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def _timesteps(self, t: torch.Tensor | int | float, batch: int, device: torch.device
                    ) -> torch.Tensor:
         """t as a (B,) tensor on ``device``: a scalar is broadcast to every sample."""
@@ -222,7 +236,7 @@ class UNet(nn.Module):
         if self.class_embed is not None:
             emb = emb + self.class_embed(self._class_labels(class_labels, batch, x.device))
 
-        h = self.conv_in(x)  # (B, base, H, W)
+        h = self.conv_in(self._memory_format(x))  # (B, base, H, W)
         skips = [h]
         for level in self.down:
             for i, block in enumerate(level.res):
@@ -246,4 +260,6 @@ class UNet(nn.Module):
             if level.upsample is not None:
                 h = level.upsample(h)  # (B, C, 2H, 2W)
 
-        return self.conv_out(nn.functional.silu(self.norm_out(h)))  # (B, out_channels, H, W)
+        h = nn.functional.silu(self.norm_out(h), inplace=not torch.is_grad_enabled())
+        out = self.conv_out(h)  # (B, out_channels, H, W)
+        return out.contiguous() if x.is_contiguous() else out  # NCHW in, NCHW out
