@@ -206,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation import add_eval_parser
 
     add_eval_parser(sub)
+
+    from .bench import add_bench_parser
+
+    add_bench_parser(sub)
     _one_line_errors(parser)
     return parser
 
