@@ -311,9 +311,9 @@ class DataConfig:
 class TrainConfig:
     """Optimisation, EMA, logging and checkpointing. ``batch_size`` is global (all processes)."""
 
-    max_steps: int = 3000
-    batch_size: int = 64
-    lr: float = 2e-4
+    max_steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-3
     warmup_steps: int = 100
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """After warm-up: keep ``lr``, or cosine-decay it to 0 at ``max_steps``."""
@@ -323,7 +323,7 @@ class TrainConfig:
     """Clip the global gradient norm to this (unset: no clipping)."""
     grad_accum_steps: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    ema_decay: float = 0.999
+    ema_decay: float = 0.995
     ema_warmup: bool = False
     """Ramp the EMA decay as min(ema_decay, (1 + step) / (10 + step))."""
     min_snr_gamma: float | None = None
@@ -332,8 +332,8 @@ class TrainConfig:
     """Class-conditional models: fraction of labels replaced by "no label" (for CFG)."""
     seed: int = 0
     log_every: int = 50
-    sample_every: int = 500
-    save_every: int = 1000
+    sample_every: int = 250
+    save_every: int = 500
     keep_last: int = 2
     """Training states kept in ``state/`` (model files in ``weights/`` are all kept)."""
     max_nonfinite: int = 20
@@ -409,7 +409,7 @@ class RunConfig:
     """Everything one training run needs; written to ``config.json`` in the run folder."""
 
     unet: UNetConfig = dataclasses.field(default_factory=lambda: UNetConfig(
-        base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
+        base_channels=32, channel_mults=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
         dropout=0.0, num_classes=None))
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
