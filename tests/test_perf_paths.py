@@ -266,15 +266,30 @@ def test_bench_in_process_tiny(tmp_path):
     json.dumps(result)  # JSON-ready
 
 
-@pytest.mark.slow
-def test_bench_script_end_to_end(tmp_path):
-    pytest.importorskip("diffusers")
-    out = tmp_path / "bench.json"
-    r = subprocess.run(
+def _bench_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", "tiny", "--repeats", "2",
          "--warmup", "1", "--batch-size", "4", "--sample-batch-size", "4", "--sample-steps", "2",
-         "--threads", "1", "--compare-diffusers", "--json", str(out)],
-        capture_output=True, text=True, timeout=300)
+         "--threads", "1", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_bench_script_end_to_end(tmp_path):
+    out = tmp_path / "bench.json"
+    r = _bench_script("unet.base_channels=8", "unet.num_groups=4", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "train step" in r.stdout and "sample DDIM-50" in r.stdout
+    data = json.loads(out.read_text())
+    assert data["unet"]["base_channels"] == 8
+    assert [(x["model"], x["what"]) for x in data["results"]] == [("diffunet", "train"),
+                                                                   ("diffunet", "sample")]
+    assert data["flops"]["nominal"] >= data["flops"]["executed"] > 0
+
+
+@pytest.mark.slow
+def test_bench_script_compares_with_diffusers(tmp_path):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "bench.json"
+    r = _bench_script("--compare-diffusers", "--json", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "diffunet/diffusers train: time" in r.stdout
     data = json.loads(out.read_text())
@@ -344,6 +359,18 @@ def test_gpu_bf16_channels_last_matches_fp32():
             out = model(x.cuda(), t.cuda())
     err = (out.float().cpu() - ref).norm() / ref.norm()
     assert err < 3e-2, float(err)
+
+
+@pytest.mark.gpu
+def test_gpu_bench_bf16_channels_last_compiled(tmp_path):
+    opts = BenchOptions(unet=resolve_unet("tiny"), config_name="tiny", batch_size=8,
+                        sample_batch_size=8, sample_steps=3, repeats=1, warmup=2,
+                        device="cuda", precision="bf16", channels_last=True, compile=True,
+                        peak_tflops=100.0, profile=str(tmp_path / "prof"))
+    result = benchmark(opts)
+    for r in result["results"]:
+        assert r["ms_per_step"] > 0 and r["peak_step_mb"] > 0
+    assert next(r for r in result["results"] if r["what"] == "train")["mfu"] > 0
 
 
 @pytest.mark.gpu
