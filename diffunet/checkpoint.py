@@ -8,7 +8,9 @@ tensors, and string metadata
 ``format_version``     ``"1"`` (files newer than :data:`FORMAT_VERSION` are refused)
 ``diffunet_version``   the version that wrote the file
 ``unet_config``        JSON of :class:`~diffunet.config.UNetConfig`
-``schedule_config``    JSON of :class:`~diffunet.config.ScheduleConfig`
+``schedule_config``    JSON of :class:`~diffunet.config.ScheduleConfig` (absent for a model with
+                       no noise schedule, e.g. a segmentation UNet; ``load_model`` then returns
+                       ``None`` for the schedule)
 anything else          JSON values given to ``save_model(..., extra=...)`` (e.g. ``step``)
 =====================  ==================================================================
 
@@ -83,12 +85,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def save_model(path: str | os.PathLike, model: torch.nn.Module, schedule: NoiseSchedule,
+def save_model(path: str | os.PathLike, model: torch.nn.Module, schedule: NoiseSchedule | None,
                *, extra: dict[str, Any] | None = None) -> None:
-    """Write ``model``'s weights and both configs to one self-describing ``.safetensors``.
+    """Write ``model``'s weights and configs to one self-describing ``.safetensors``.
 
     ``model`` may be wrapped (``torch.compile``, DDP); the bare UNet's state dict is stored, on
-    the CPU, in the dtype the weights have. ``extra`` adds JSON-serialisable metadata (for
+    the CPU, in the dtype the weights have. ``schedule`` is None for a network that is not a
+    diffusion model (e.g. a segmentation UNet). ``extra`` adds JSON-serialisable metadata (for
     example ``{"step": 1000}``). The write is atomic.
     """
     net = unwrap_model(model)
@@ -97,8 +100,9 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, schedule: NoiseS
         "format_version": str(FORMAT_VERSION),
         "diffunet_version": __version__,
         "unet_config": json.dumps(to_dict(net.config)),
-        "schedule_config": json.dumps(to_dict(schedule.config)),
     }
+    if schedule is not None:
+        metadata["schedule_config"] = json.dumps(to_dict(schedule.config))
     for key, value in (extra or {}).items():
         if key in _RESERVED:
             raise ValueError(f"extra metadata key {key!r} is reserved")
@@ -194,6 +198,8 @@ def _parse(path: Path, data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
         except json.JSONDecodeError:
             raise ModelFileError(f"{path}: metadata {key!r} is not valid JSON; the file is damaged")
     for key in ("unet_config", "schedule_config"):
+        if key == "schedule_config" and key not in meta:
+            continue  # a model with no noise schedule (e.g. segmentation)
         if not isinstance(meta.get(key), dict):
             raise ModelFileError(f"{path}: metadata {key!r} is missing or not a JSON object; "
                                  "the file is damaged or was not written by diffunet.save_model")
@@ -201,11 +207,12 @@ def _parse(path: Path, data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-               ) -> tuple[UNet, NoiseSchedule, dict[str, Any]]:
+               ) -> tuple[UNet, NoiseSchedule | None, dict[str, Any]]:
     """Rebuild the UNet (in eval mode) and noise schedule stored in a model file.
 
     Returns ``(net, schedule, meta)`` where ``meta`` holds the file's other metadata
-    (``format_version``, ``diffunet_version``, ``step`` if saved, ...) and ``sha256``.
+    (``format_version``, ``diffunet_version``, ``step`` if saved, ...) and ``sha256``;
+    ``schedule`` is None for a file with no noise schedule (a segmentation model).
     Never unpickles; raises :class:`~diffunet.errors.ModelFileError` with a one-line reason.
     """
     path = Path(path)
@@ -213,7 +220,8 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     meta, _ = _parse(path, data)
     try:
         unet_cfg = from_dict(UNetConfig, meta["unet_config"], "unet")
-        sched_cfg = from_dict(ScheduleConfig, meta["schedule_config"], "schedule")
+        sched_cfg = (from_dict(ScheduleConfig, meta["schedule_config"], "schedule")
+                     if "schedule_config" in meta else None)
     except ConfigError as e:
         raise ModelFileError(f"{path}: its stored config is invalid ({e})") from None
     try:
@@ -239,4 +247,15 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     net.load_state_dict(tensors)
     net.to(device).eval()
     meta["sha256"] = hashlib.sha256(data).hexdigest()
-    return net, NoiseSchedule(sched_cfg), meta
+    return net, (NoiseSchedule(sched_cfg) if sched_cfg is not None else None), meta
+
+
+def load_diffusion_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                         ) -> tuple[UNet, NoiseSchedule, dict[str, Any]]:
+    """:func:`load_model` for commands that need a diffusion model (sample, eval): a file with
+    no noise schedule (a segmentation model) is a :class:`ModelFileError` saying what to use."""
+    net, schedule, meta = load_model(path, device=device)
+    if schedule is None:
+        raise ModelFileError(f"{path} is not a diffusion model (it has no noise schedule; a "
+                             "segmentation model?); use `diffunet segment predict` with it")
+    return net, schedule, meta

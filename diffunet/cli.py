@@ -36,7 +36,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"training step    {meta['step']}")
     print(f"parameters       {n_params:,} ({n_params / 1e6:.2f}M)")
     print(f"sha256           {meta['sha256']}")
-    for section in ("unet_config", "schedule_config"):
+    for section in ("unet_config", "schedule_config", "segmentation"):
+        if section not in meta:
+            continue
         print(f"[{section.removesuffix('_config')}]")
         for key, value in meta[section].items():
             print(f"  {key} = {json.dumps(value)}")
@@ -210,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser
 
     add_bench_parser(sub)
+
+    from .inspection import add_inspect_parser
+
+    add_inspect_parser(sub)
+
+    from .segment import add_segment_parser
+
+    add_segment_parser(sub)
     _one_line_errors(parser)
     return parser
 
@@ -227,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code (2 for bad input)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train":  # overrides after the options: train --out-dir X key=value
+    if hasattr(args, "items"):  # overrides after the options: train --out-dir X key=value
         args.items += [e for e in extra if not e.startswith("-")]
         extra = [e for e in extra if e.startswith("-")]
     if extra:  # reported by the sub-command's parser, so the message names the command

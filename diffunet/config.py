@@ -71,9 +71,19 @@ class UNetConfig:
     """Class-conditional when set; label index ``num_classes`` means "no label" (for CFG)."""
     gradient_checkpointing: bool = False
     """Recompute block activations in the backward pass to save memory while training."""
+    time_conditioning: bool = True
+    """False: no timestep input at all, ``net(x)`` (a plain UNet for segmentation and the like);
+    ``out_channels`` is then e.g. the number of mask classes."""
 
     def __post_init__(self) -> None:
         p = "unet."
+        if not self.time_conditioning:
+            if self.num_classes is not None:
+                _fail(p + "num_classes", "class conditioning enters through the time embedding; "
+                      "it needs time_conditioning = true (or leave num_classes unset)")
+            if self.scale_shift_norm:
+                _fail(p + "scale_shift_norm", "needs the time embedding; set it to false when "
+                      "time_conditioning = false")
         for name in ("image_size", "in_channels", "base_channels", "num_res_blocks", "num_heads",
                      "num_groups"):
             if getattr(self, name) < 1:
@@ -119,9 +129,10 @@ class UNetConfig:
         return self.out_channels if self.out_channels is not None else self.in_channels
 
     @property
-    def time_embed_dim(self) -> int:
-        """Width of the timestep embedding MLP (4 x base_channels, as in DDPM)."""
-        return 4 * self.base_channels
+    def time_embed_dim(self) -> int | None:
+        """Width of the timestep embedding MLP (4 x base_channels, as in DDPM); None when the
+        network has no time conditioning."""
+        return 4 * self.base_channels if self.time_conditioning else None
 
     def heads_at(self, channels: int) -> int:
         """Number of attention heads for a block of ``channels`` channels (validated)."""
@@ -166,6 +177,10 @@ class ScheduleConfig:
 # Plain data <-> config dataclasses, with errors that name the key.
 
 
+_UNSET_WORDS = ("none", "unset")
+"""Strings that unset an optional number or list in TOML and on the command line."""
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
@@ -194,6 +209,9 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        if (type(None) in args and str not in args and isinstance(value, str)
+                and value.strip().lower() in _UNSET_WORDS):
+            return None  # TOML has no null: `min_snr_gamma = "none"` unsets a number
         for a in args:
             if a is type(None):
                 continue
@@ -326,8 +344,9 @@ class TrainConfig:
     ema_decay: float = 0.995
     ema_warmup: bool = False
     """Ramp the EMA decay as min(ema_decay, (1 + step) / (10 + step))."""
-    min_snr_gamma: float | None = None
-    """Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's choice."""
+    min_snr_gamma: float | None = 5.0
+    """Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's choice); "none" for the
+    plain loss of the DDPM paper."""
     label_dropout: float = 0.1
     """Class-conditional models: fraction of labels replaced by "no label" (for CFG)."""
     seed: int = 0
@@ -411,7 +430,11 @@ class RunConfig:
     unet: UNetConfig = dataclasses.field(default_factory=lambda: UNetConfig(
         base_channels=32, channel_mults=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
         dropout=0.0, num_classes=None))
-    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    # v-prediction on the cosine schedule: the x0 estimate stays bounded at the noisiest steps,
+    # so short (previews') DDIM runs give clean shapes after minutes of CPU training, where
+    # eps on the linear schedule gives coloured blobs (README, "How long").
+    schedule: ScheduleConfig = dataclasses.field(default_factory=lambda: ScheduleConfig(
+        beta_schedule="cosine", prediction_type="v"))
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
@@ -423,6 +446,9 @@ class RunConfig:
         if self.data.channels != self.unet.in_channels:
             _fail("data.channels", f"{self.data.channels} does not match unet.in_channels "
                   f"{self.unet.in_channels}; set both to the same value")
+        if not self.unet.time_conditioning:
+            _fail("unet.time_conditioning", "a diffusion model needs the timestep input; set it "
+                  "to true (time-less UNets are for `diffunet segment train`)")
         if self.sample.guidance_scale != 1.0 and self.unet.num_classes is None:
             _fail("sample.guidance_scale", f"{self.sample.guidance_scale} needs a class-conditional "
                   "model; set unet.num_classes or leave guidance_scale at 1")
@@ -431,29 +457,204 @@ class RunConfig:
                   f"schedule.num_train_timesteps {self.schedule.num_train_timesteps}")
 
 
-_SECTIONS: dict[str, type] = {"unet": UNetConfig, "schedule": ScheduleConfig, "data": DataConfig,
-                              "train": TrainConfig, "sample": SampleConfig}
+# ---------------------------------------------------------------------------------------------
+# Segmentation: the same UNet without time conditioning, trained on image/mask pairs.
 
 
-def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Build a :class:`RunConfig` from nested plain data; missing keys keep their defaults.
+@dataclass(frozen=True)
+class SegDataConfig:
+    """Image/mask pairs for segmentation; images are normalised with ``mean``/``std``."""
 
-    Sections absent from ``data`` keep ``RunConfig``'s defaults; a section that is present
-    starts from that default and overrides the keys it names.
+    source: Literal["builtin", "folder"] = "builtin"
+    """``builtin``: shapes with their masks generated from a seed (no download); ``folder``:
+    images under ``images`` with masks of the same name under ``masks``."""
+    images: str | None = None
+    """``folder``: the image folder (recursive)."""
+    masks: str | None = None
+    """``folder``: the mask folder: grayscale or palette PNGs whose values are class indices
+    (255 = ignore); a 0/255 mask is read as binary when ``num_classes`` is 2."""
+    val_images: str | None = None
+    """Optional separate validation images (with ``val_masks``); else ``val_fraction`` is held
+    out of the training pairs."""
+    val_masks: str | None = None
+    val_fraction: float = 0.1
+    num_classes: int | None = None
+    """Classes including background (2 = binary: one output channel, BCE). ``builtin``: 4."""
+    class_names: tuple[str, ...] = ()
+    image_size: int = 64
+    channels: int = 3
+    mean: tuple[float, ...] | None = None
+    """Per-channel mean of [0, 1] images; unset: ImageNet's. `diffunet segment stats` computes
+    the data set's own."""
+    std: tuple[float, ...] | None = None
+    random_flip: bool = True
+    """Random horizontal flips, applied to image and mask together."""
+    vertical_flip: bool = False
+    builtin_size: int = 2000
+    """``builtin``: number of generated image/mask pairs (before the validation split)."""
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        p = "data."
+        if self.source == "folder":
+            for name in ("images", "masks"):
+                if not getattr(self, name):
+                    _fail(p + name, "is required with data.source = 'folder'")
+            if self.num_classes is None:
+                _fail(p + "num_classes", "is required with data.source = 'folder' (classes "
+                      "including background; 2 for binary masks)")
+        if (self.val_images is None) != (self.val_masks is None):
+            _fail(p + "val_masks" if self.val_masks is None else p + "val_images",
+                  "set val_images and val_masks together (or neither)")
+        if self.source == "builtin" and self.val_images is not None:
+            _fail(p + "val_images", "is for data.source = 'folder'; the built-in set holds out "
+                  "val_fraction of its pairs")
+        if self.source == "builtin" and self.num_classes not in (None, 4):
+            _fail(p + "num_classes", f"the built-in set has 4 classes (background, circle, "
+                  f"square, triangle), got {self.num_classes}; leave it unset")
+        if self.num_classes is not None and not 2 <= self.num_classes <= 255:
+            _fail(p + "num_classes", f"must be in [2, 255] (background counts), "
+                  f"got {self.num_classes}")
+        if self.class_names and self.num_classes is not None \
+                and len(self.class_names) != self.num_classes:
+            _fail(p + "class_names", f"{len(self.class_names)} names for num_classes "
+                  f"{self.num_classes}")
+        if not 0 <= self.val_fraction < 1:
+            _fail(p + "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        if self.image_size < 1:
+            _fail(p + "image_size", f"must be a positive integer, got {self.image_size}")
+        if self.channels not in (1, 3):
+            _fail(p + "channels", f"must be 1 (grayscale) or 3 (RGB), got {self.channels}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.channels:
+                _fail(p + name, f"needs one value per channel ({self.channels}), "
+                      f"got {list(value)}")
+        if self.std is not None and not all(v > 0 for v in self.std):
+            _fail(p + "std", f"must be positive, got {list(self.std)}")
+        if self.builtin_size < 2:
+            _fail(p + "builtin_size", f"must be at least 2, got {self.builtin_size}")
+        if self.num_workers < 0:
+            _fail(p + "num_workers", f"must be 0 or more, got {self.num_workers}")
+
+    @property
+    def classes(self) -> int:
+        """The number of classes, including background (the built-in set's 4 when unset)."""
+        return self.num_classes if self.num_classes is not None else 4
+
+
+@dataclass(frozen=True)
+class SegTrainConfig:
+    """Segmentation training: AdamW with a one-cycle learning rate, cross-entropy/BCE + Dice."""
+
+    epochs: int = 8
+    batch_size: int = 16
+    """Global batch size (split across processes)."""
+    lr: float = 3e-3
+    """Peak learning rate of the one-cycle schedule (Smith & Topin 2019)."""
+    pct_start: float = 0.25
+    """Fraction of the steps spent warming up to ``lr`` (OneCycleLR's pct_start)."""
+    weight_decay: float = 1e-4
+    dice_weight: float = 1.0
+    """Loss = cross-entropy (BCE for binary) + dice_weight x soft Dice loss."""
+    grad_clip: float | None = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights (e.g. 0.99), used for validation and
+    the saved model files; unset: no EMA."""
+    seed: int = 0
+    log_every: int = 20
+
+    def __post_init__(self) -> None:
+        p = "train."
+        for name in ("epochs", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                _fail(p + name, f"must be a positive integer, got {getattr(self, name)}")
+        if not self.lr > 0:
+            _fail(p + "lr", f"must be positive, got {self.lr}")
+        if not 0 < self.pct_start < 1:
+            _fail(p + "pct_start", f"must be in (0, 1), got {self.pct_start}")
+        if self.weight_decay < 0:
+            _fail(p + "weight_decay", f"must be 0 or more, got {self.weight_decay}")
+        if self.dice_weight < 0:
+            _fail(p + "dice_weight", f"must be 0 or more, got {self.dice_weight}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            _fail(p + "grad_clip", f"must be positive or unset, got {self.grad_clip}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            _fail(p + "ema_decay", f"must be in (0, 1) or unset, got {self.ema_decay}")
+
+
+@dataclass(frozen=True)
+class SegRunConfig:
+    """A segmentation run (`diffunet segment train`); written to ``config.json``.
+
+    ``unet.out_channels`` follows from ``data.num_classes`` (1 for binary, else the number of
+    classes) when unset.
+    """
+
+    unet: UNetConfig = dataclasses.field(default_factory=lambda: UNetConfig(
+        image_size=64, base_channels=32, channel_mults=(1, 2, 2, 2), num_res_blocks=1,
+        attn_resolutions=(8,), dropout=0.0, time_conditioning=False))
+    data: SegDataConfig = dataclasses.field(default_factory=SegDataConfig)
+    train: SegTrainConfig = dataclasses.field(default_factory=SegTrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.unet.time_conditioning:
+            _fail("unet.time_conditioning", "must be false for segmentation (the network "
+                  "takes no timestep)")
+        if self.data.image_size != self.unet.image_size:
+            _fail("data.image_size", f"{self.data.image_size} does not match unet.image_size "
+                  f"{self.unet.image_size}; set both to the same value")
+        if self.data.channels != self.unet.in_channels:
+            _fail("data.channels", f"{self.data.channels} does not match unet.in_channels "
+                  f"{self.unet.in_channels}; set both to the same value")
+        want = self.output_channels
+        if self.unet.out_channels is not None and self.unet.out_channels != want:
+            _fail("unet.out_channels", f"{self.unet.out_channels} does not fit "
+                  f"data.num_classes {self.data.classes} (needs {want}: one logit for binary, "
+                  "else one per class); leave it unset")
+
+    @property
+    def output_channels(self) -> int:
+        """Network outputs: 1 (binary, BCE) or one logit per class (cross-entropy)."""
+        return 1 if self.data.classes == 2 else self.data.classes
+
+    @property
+    def net_config(self) -> UNetConfig:
+        """``unet`` with ``out_channels`` filled in."""
+        return dataclasses.replace(self.unet, out_channels=self.output_channels)
+
+
+def _sections(root: type) -> dict[str, type]:
+    """Section name -> config dataclass, for a composed config such as :class:`RunConfig`."""
+    return dict(field_types(root))
+
+
+def config_from_dict(root: type[C], data: dict[str, Any]) -> C:
+    """Build the composed config ``root`` (e.g. :class:`RunConfig`) from nested plain data.
+
+    Sections absent from ``data`` keep ``root``'s defaults; a section that is present starts
+    from that default and overrides the keys it names.
     """
     if not isinstance(data, dict):
         raise ConfigError(f"expected a table of sections, got {data!r}")
-    default = RunConfig()
+    sections = _sections(root)
+    default = root()
     parts: dict[str, Any] = {}
     for section, table in data.items():
-        if section not in _SECTIONS:
-            raise unknown_key(section, section, list(_SECTIONS), "section")
+        if section not in sections:
+            raise unknown_key(section, section, list(sections), "section")
         if not isinstance(table, dict):
             raise ConfigError(f"{section}: expected a table of keys, got {table!r}")
         base = to_dict(getattr(default, section))
         base.update(table)
-        parts[section] = from_dict(_SECTIONS[section], base, section)
-    return RunConfig(**parts)
+        parts[section] = from_dict(sections[section], base, section)
+    return root(**parts)
+
+
+def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build a :class:`RunConfig` from nested plain data; missing keys keep their defaults."""
+    return config_from_dict(RunConfig, data)
 
 
 def _parse_value(text: str) -> Any:
@@ -466,9 +667,10 @@ def _parse_value(text: str) -> Any:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
-                *, base: dict[str, Any] | None = None) -> RunConfig:
+                *, base: dict[str, Any] | None = None, root: type[C] = RunConfig) -> C:
     """Read a TOML config (or start from ``base``, else the defaults) and apply
-    ``section.key=value`` overrides.
+    ``section.key=value`` overrides; ``root`` is the composed config to build
+    (:class:`RunConfig`, or :class:`SegRunConfig` for segmentation).
 
     Errors (a TOML syntax error with its line, an unknown section or key, a wrong type, an
     impossible value) raise :class:`ConfigError` with one line that names the key.
@@ -490,22 +692,27 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         if not sep or not dot or not name:
             raise ConfigError(f"override {item!r}: expected section.key=value, "
                               "e.g. train.max_steps=500")
-        if section not in _SECTIONS:
-            raise unknown_key(section, section, list(_SECTIONS), "section")
+        sections = _sections(root)
+        if section not in sections:
+            raise unknown_key(section, section, list(sections), "section")
         table = data.setdefault(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{section}: expected a table of keys, got {table!r}")
         table[name] = _parse_value(text.strip())
-    return run_config_from_dict(data)
+    return config_from_dict(root, data)
 
 
-def to_toml(cfg: RunConfig) -> str:
-    """The resolved config as TOML text (unset values appear as comments)."""
+def to_toml(cfg: Any) -> str:
+    """The resolved config as TOML text that loads back to ``cfg``. An unset value is a comment
+    where unset is the default, else ``key = "none"`` (TOML has no null)."""
     lines = []
+    defaults = to_dict(type(cfg)())
     for section, table in to_dict(cfg).items():
         lines.append(f"[{section}]")
         for key, value in table.items():
-            if value is None:
+            if value is None and defaults[section].get(key) is not None:
+                lines.append(f'{key} = "none"')
+            elif value is None:
                 lines.append(f"# {key} is unset")
             else:  # JSON scalars and lists of them are valid TOML values
                 lines.append(f"{key} = {json.dumps(value)}")

@@ -656,10 +656,10 @@ def _write_json(path: str | None, result: dict[str, Any]) -> None:
 
 
 def _run_bpd(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
+    from .checkpoint import load_diffusion_model
 
     device = _device(args.device)
-    net, schedule, meta = load_model(args.model, device=device)
+    net, schedule, meta = load_diffusion_model(args.model, device=device)
     config_path, overrides = _split_items(args.items)
     # Default data: the data section of the run config that training stores in the model file,
     # else the built-in set at the model's size. The model's own configs complete the RunConfig

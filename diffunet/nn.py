@@ -121,6 +121,7 @@ class ResidualBlock(nn.Module):
 
         h = conv1(SiLU(norm1(x)))
         h = h + proj(emb)                                   # default: add per channel
+                                                            # (skipped when emb_dim is None)
         h = norm2(h)             or  norm2(h) * (1 + scale) + shift   # scale_shift_norm (AdaGN)
         h = conv2(dropout(SiLU(h)))                         # conv2 zero-initialised
         return skip(x) + h                                  # skip: 1x1 conv iff in_ch != out_ch
@@ -130,38 +131,49 @@ class ResidualBlock(nn.Module):
         self,
         in_ch: int,
         out_ch: int,
-        emb_dim: int,
+        emb_dim: int | None,
         dropout: float = 0.0,
         num_groups: int = 32,
         scale_shift_norm: bool = False,
     ) -> None:
         super().__init__()
+        if emb_dim is None and scale_shift_norm:
+            raise ValueError("ResidualBlock: scale_shift_norm needs an embedding (emb_dim)")
         self.in_ch = in_ch
         self.out_ch = out_ch
         self.scale_shift_norm = scale_shift_norm
         self.norm1 = nn.GroupNorm(num_groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         # SiLU is applied functionally before this Linear (the embedding MLP ends in a Linear).
-        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if scale_shift_norm else out_ch)
+        # No embedding (a time-less UNet): no projection, so no unused parameters.
+        self.emb_proj = (None if emb_dim is None
+                         else nn.Linear(emb_dim, 2 * out_ch if scale_shift_norm else out_ch))
         self.norm2 = nn.GroupNorm(num_groups, out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         # A 1x1 conv only where the channel count changes; otherwise the skip is free.
         self.skip: nn.Module = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """x (B, in_ch, H, W), emb (B, emb_dim) -> (B, out_ch, H, W)."""
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, in_ch, H, W), emb (B, emb_dim) or None (time-less block) -> (B, out_ch, H, W)."""
         # In-place work only touches tensors this block just made and no backward needs (a
         # convolution's output; a GroupNorm output when autograd is off), so the numbers are the
         # same and fewer activation-sized buffers are allocated.
         no_grad = not torch.is_grad_enabled()
         h = self.conv1(F.silu(self.norm1(x), inplace=no_grad))  # (B, out_ch, H, W)
-        e = self.emb_proj(F.silu(emb))[:, :, None, None]  # (B, out_ch or 2*out_ch, 1, 1)
-        if self.scale_shift_norm:
+        if self.emb_proj is None:
+            if emb is not None:
+                raise ValueError("ResidualBlock: this block has no embedding input (emb_dim=None)")
+            h = self.norm2(h)
+        elif emb is None:
+            raise ValueError("ResidualBlock: emb is required (the block was built with emb_dim)")
+        elif self.scale_shift_norm:
             # AdaGN (Nichol & Dhariwal 2021): the embedding modulates the normalised activations.
+            e = self.emb_proj(F.silu(emb))[:, :, None, None]  # (B, 2*out_ch, 1, 1)
             scale, shift = e.chunk(2, dim=1)
             h = torch.addcmul(shift, self.norm2(h), 1 + scale)
         else:
+            e = self.emb_proj(F.silu(emb))[:, :, None, None]  # (B, out_ch, 1, 1)
             h = self.norm2(_add_into(h, e))
         h = self.conv2(self.dropout(F.silu(h, inplace=no_grad)))
         return _add_into(h, self.skip(x))  # = skip(x) + h, bit for bit

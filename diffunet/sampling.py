@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 
 from . import __version__
-from .checkpoint import atomic_write_bytes, load_model
+from .checkpoint import atomic_write_bytes, load_diffusion_model
 from .config import to_dict
 from .data import save_grid, save_image
 from .errors import ConfigError, DataError, DiffunetError
@@ -342,7 +342,7 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     device = _resolve_device(o.device, state)
     autocast = _autocast(o.precision, device)
 
-    net, schedule, meta = load_model(model_path)
+    net, schedule, meta = load_diffusion_model(model_path)
     T = schedule.num_train_timesteps
     if o.num_steps > T:
         raise ConfigError(f"--steps {o.num_steps} is more than this model's {T} training "

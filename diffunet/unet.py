@@ -1,11 +1,13 @@
 """The time-conditioned residual/attention UNet (Ho et al. 2020; Nichol & Dhariwal 2021).
 
 The network only maps ``(x_t, t[, class_labels]) -> output``; it knows nothing about the noise
-schedule or what the output means (eps, v or x0: see ``NoiseSchedule.split_output``).
+schedule or what the output means (eps, v or x0: see ``NoiseSchedule.split_output``). With
+``UNetConfig(time_conditioning=False)`` it is the same network with no timestep input,
+``net(x)``: no ``time_embed`` and no per-block embedding projections (a segmentation backbone).
 
 State-dict layout (the keys of saved model files; keep stable)::
 
-    time_embed.{0,2}        Linear(base, 4 base) -> SiLU -> Linear(4 base, 4 base)
+    time_embed.{0,2}        Linear(base, 4 base) -> SiLU -> Linear(4 base, 4 base)  (time-conditioned)
     class_embed             Embedding(num_classes + 1, 4 base)      (class-conditional only)
     conv_in
     down.{level}.res.{i}    ResidualBlock      down.{level}.attn.{i}  AttentionBlock (if any)
@@ -89,7 +91,7 @@ class UNet(nn.Module):
             return AttentionBlock(ch, num_heads=cfg.heads_at(ch), num_groups=cfg.num_groups)
 
         # Raw t never enters a Linear: sinusoids first, then this MLP (DDPM App. B).
-        self.time_embed = nn.Sequential(
+        self.time_embed = None if emb_dim is None else nn.Sequential(
             nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
         # The extra row (index num_classes) is the learned "no label" embedding for
@@ -207,16 +209,17 @@ class UNet(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        t: torch.Tensor | int | float,
+        t: torch.Tensor | int | float | None = None,
         class_labels: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        """Predict the network target for noised images.
+        """Predict the network target for noised images (or, time-less, e.g. mask logits).
 
         Args:
             x: (B, in_channels, H, W) with H = W = ``config.image_size`` (any multiple of
                 2^(levels-1) works).
             t: (B,) integer or float timesteps, or a scalar (python number or 0-d tensor)
                 used for every sample. Original-scale timesteps, e.g. in [0, 1000).
+                Required when ``config.time_conditioning``; must be omitted otherwise.
             class_labels: (B,) integer labels (or one scalar for all) in [0, num_classes],
                 ``num_classes`` meaning "no label"; ``None`` is "no label" for all samples.
                 Only for conditional models (``ConfigError`` otherwise).
@@ -229,12 +232,21 @@ class UNet(nn.Module):
             raise ConfigError("unet.num_classes: class_labels were given but this UNet is "
                               "unconditional; set num_classes or pass class_labels=None")
 
-        t = self._timesteps(t, batch, x.device)
-        # Sinusoids in float32 (exact for int t), then the MLP's own dtype (e.g. after .half()).
-        emb = timestep_embedding(t, self.config.base_channels)
-        emb = self.time_embed(emb.to(self.time_embed[0].weight.dtype))  # (B, 4 base)
-        if self.class_embed is not None:
-            emb = emb + self.class_embed(self._class_labels(class_labels, batch, x.device))
+        emb = None
+        if self.time_embed is None:
+            if t is not None:
+                raise ValueError("this UNet has no timestep input (unet.time_conditioning = "
+                                 "false); call net(x)")
+        else:
+            if t is None:
+                raise ValueError("this UNet is time-conditioned: call net(x, t) with the "
+                                 "timesteps (a scalar or shape (B,))")
+            t = self._timesteps(t, batch, x.device)
+            # Sinusoids in float32 (exact for int t), then the MLP's own dtype (e.g. .half()).
+            emb = timestep_embedding(t, self.config.base_channels)
+            emb = self.time_embed(emb.to(self.time_embed[0].weight.dtype))  # (B, 4 base)
+            if self.class_embed is not None:
+                emb = emb + self.class_embed(self._class_labels(class_labels, batch, x.device))
 
         h = self.conv_in(self._memory_format(x))  # (B, base, H, W)
         skips = [h]

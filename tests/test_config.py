@@ -39,6 +39,7 @@ def test_cifar10_preset_is_the_ddpm_recipe() -> None:
     t = cfg.train
     assert (t.lr, t.warmup_steps, t.grad_clip, t.batch_size, t.max_steps, t.ema_decay) == (
         2e-4, 5000, 1.0, 128, 800_000, 0.9999)
+    assert t.min_snr_gamma is None  # the paper's unweighted loss, although the default has 5
     assert cfg.data.random_flip and cfg.data.name == "cifar10"
 
 
@@ -125,3 +126,18 @@ def test_from_dict_converts_lists_and_ints() -> None:
     cfg = from_dict(TrainConfig, {"adam_betas": [0.9, 0.99], "lr": 1}, "train")
     assert cfg.adam_betas == (0.9, 0.99) and cfg.lr == 1.0
     assert from_dict(DataConfig, {}, "data") == DataConfig()
+
+
+def test_none_unsets_an_optional_number_and_to_toml_round_trips() -> None:
+    import tomllib
+
+    cfg = load_config(None, ["train.min_snr_gamma=none", "train.grad_clip=unset"])
+    assert cfg.train.min_snr_gamma is None and cfg.train.grad_clip is None
+    text = to_toml(cfg)
+    assert 'min_snr_gamma = "none"' in text  # the default is 5, so unset must be written out
+    assert "# out_channels is unset" in text  # unset is the default: a comment
+    assert load_config(None, [], base=tomllib.loads(text)) == cfg
+    # a string field keeps the word as a value (a folder may be called "none")
+    assert load_config(None, ["data.path=none"]).data.path == "none"
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load_config(None, ["train.max_steps=none"])  # not optional

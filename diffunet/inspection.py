@@ -1,0 +1,483 @@
+"""Feature visualisation: look inside a UNet the way people debug one.
+
+``diffunet inspect MODEL.safetensors`` runs one input through the network with a forward hook on
+every block (``conv_in``, each residual / attention / down- and upsampling block, the middle
+block's three, ``norm_out``, ``conv_out``), and writes into ``--out-dir``:
+
+=====================  ==========================================================================
+``input.png``          the input image (x0, in the model's size and channels)
+``noised.png``         diffusion models: x_t = add_noise(x0, noise, t), noise from ``--seed``
+``prediction.png``     segmentation models: the predicted mask, one colour per class
+``NN_<block>.png``     the block's feature maps (NN = execution index), one tile per channel,
+                       each channel min-max scaled on its own; magenta marks NaN/inf pixels
+``stats.json``         the input and per-block activation statistics (see :func:`activation_stats`)
+``stats.txt``          the same statistics as an aligned table
+=====================  ==========================================================================
+
+It works for diffusion models (``net(x_t, t[, class_labels])``, t defaults to T // 2) and for
+time-less segmentation UNets (``net(x)``, the image normalised with the model file's mean/std).
+
+:func:`capture_activations`, :func:`activation_stats`, :func:`feature_grid` and
+:func:`inspect_model` return values; :func:`run_inspect` (the command) is the only one that prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import atomic_write_bytes, load_model
+from .data import BuiltinShapes, _pil_from_hwc, _save_atomic, load_image, save_image
+from .errors import ConfigError, ModelFileError
+from .seg_data import class_palette
+from .seg_losses import predict_labels
+
+__all__ = [
+    "InspectResult",
+    "activation_stats",
+    "add_inspect_parser",
+    "block_names",
+    "capture_activations",
+    "feature_grid",
+    "format_stats_table",
+    "inspect_model",
+    "run_inspect",
+]
+
+_FORMAT = "diffunet.inspect"
+_FORMAT_VERSION = 1
+
+# The block-level modules of a UNet (see the state-dict layout in unet.py), not their inner layers.
+_BLOCK_RE = re.compile(
+    r"^(?:conv_in|norm_out|conv_out|mid\.(?:res1|attn|res2)"
+    r"|(?:down|up)\.\d+\.(?:res\.\d+|attn\.\d+|downsample|upsample))$")
+
+# Files an inspect run writes; a folder holding only these (and their atomic-write temporaries)
+# is a previous run's output and may be replaced without --overwrite.
+_OWN_NAME = r"(?:input\.png|noised\.png|prediction\.png|stats\.json|stats\.txt|\d{2,}_[\w.]+\.png)"
+_OWN_RE = re.compile(rf"^(?:{_OWN_NAME}|\.{_OWN_NAME}\..+\.tmp)$")
+
+_NONFINITE_RGB = (255, 0, 255)  # magenta: absent from a grey ramp, so NaN/inf pixels stand out
+_PAD_RGB = (40, 60, 110)  # dark blue between tiles: distinct from both black and white tiles
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+
+
+def block_names(net: nn.Module) -> list[str]:
+    """The names of ``net``'s block-level modules (``conv_in``, ``down.0.res.0``, ...,
+    ``conv_out``), in ``named_modules()`` order (not necessarily execution order)."""
+    return [name for name, _ in net.named_modules() if _BLOCK_RE.match(name)]
+
+
+def capture_activations(net: nn.Module, x: Tensor, t: Tensor | int | float | None = None,
+                        class_labels: Tensor | int | None = None,
+                        ) -> list[tuple[str, Tensor]]:
+    """Run ``net`` once on ``x`` and return every block's output, in the order they ran.
+
+    ``x`` (B, C, H, W) on the network's device; ``t`` (B,) or a scalar for a time-conditioned
+    UNet (``net(x, t, class_labels=...)``), None for a time-less one (``net(x)``). Returns
+    ``[(name, activation (B, C_block, H_block, W_block) float32 CPU), ...]``, names as in
+    :func:`block_names`. Runs under ``torch.no_grad()`` in the network's current mode (call
+    ``net.eval()`` first for dropout-free, repeatable activations). The hooks are always removed.
+    Each activation is copied when captured, so later in-place work in the network cannot
+    change it.
+    """
+    names = set(block_names(net))
+    if not names:
+        raise ValueError(f"{type(net).__name__} has no UNet blocks (conv_in, down.*, mid.*, "
+                         "up.*, conv_out) to capture")
+    captured: list[tuple[str, Tensor]] = []
+
+    def make_hook(name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            # clone: the UNet applies SiLU in place to norm_out's output under no_grad
+            captured.append((name, out.detach().to("cpu", torch.float32)
+                             .clone(memory_format=torch.contiguous_format)))
+        return hook
+
+    handles = []
+    try:
+        for name, module in net.named_modules():
+            if name in names:
+                handles.append(module.register_forward_hook(make_hook(name)))
+        with torch.no_grad():
+            if t is None and class_labels is None:
+                net(x)
+            elif class_labels is None:
+                net(x, t)
+            else:
+                net(x, t, class_labels=class_labels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def activation_stats(activations: Sequence[tuple[str, Tensor]], *, zero_tol: float = 1e-6,
+                     ) -> list[dict[str, Any]]:
+    """Summary statistics of each ``(name, activation (B, C, H, W))``, as JSON-ready dicts.
+
+    Keys: ``index`` (execution order), ``name``, ``shape``, ``mean``, ``std`` (population, i.e.
+    correction 0), ``min``, ``max``, ``mean_abs`` (all over the finite values; None when there
+    are none), ``frac_zero`` (exactly 0), ``frac_near_zero`` (``|x| <= zero_tol``),
+    ``nonfinite`` (count of NaN/inf values) and ``constant_channels`` (channels, dim 1, whose
+    finite values are all equal over batch and space: dead or saturated features).
+    """
+    stats = []
+    for index, (name, act) in enumerate(activations):
+        a = act.detach().to("cpu", torch.float64)
+        finite = torch.isfinite(a)
+        vals = a[finite]
+        n, nf = a.numel(), int(vals.numel())
+        entry: dict[str, Any] = {"index": index, "name": name, "shape": list(act.shape)}
+        if nf:
+            entry.update(mean=float(vals.mean()), std=float(vals.std(correction=0)),
+                         min=float(vals.min()), max=float(vals.max()),
+                         mean_abs=float(vals.abs().mean()))
+        else:
+            entry.update(mean=None, std=None, min=None, max=None, mean_abs=None)
+        entry["frac_zero"] = float((a == 0).sum()) / n if n else 0.0
+        entry["frac_near_zero"] = float((a.abs() <= zero_tol).sum()) / n if n else 0.0
+        entry["nonfinite"] = n - nf
+        constant = 0
+        if a.ndim >= 2 and n:
+            per_ch = a.transpose(0, 1).reshape(a.shape[1], -1)  # (C, B*H*W)
+            fin = finite.transpose(0, 1).reshape(a.shape[1], -1)
+            hi = torch.where(fin, per_ch, -math.inf).amax(dim=1)
+            lo = torch.where(fin, per_ch, math.inf).amin(dim=1)
+            constant = int((~(hi > lo)).sum())  # also channels with no finite value at all
+        entry["constant_channels"] = constant
+        for key in ("mean", "std", "min", "max", "mean_abs"):
+            if entry[key] is not None:
+                entry[key] = _finite_or_none(entry[key])  # float64 overflow -> None, not inf
+        stats.append(entry)
+    return stats
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def format_stats_table(stats: Sequence[dict[str, Any]]) -> str:
+    """:func:`activation_stats` output as an aligned plain-text table (one row per block)."""
+    header = ["#", "block", "shape", "mean", "std", "min", "max", "mean|x|", "zero%",
+              "~zero%", "const.ch", "non-finite"]
+    rows = [[str(s["index"]), s["name"], "x".join(str(d) for d in s["shape"]),
+             _fmt(s["mean"]), _fmt(s["std"]), _fmt(s["min"]), _fmt(s["max"]), _fmt(s["mean_abs"]),
+             f"{100 * s['frac_zero']:.1f}", f"{100 * s['frac_near_zero']:.1f}",
+             str(s["constant_channels"]), str(s["nonfinite"])] for s in stats]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    left = {1, 2}  # text columns left-aligned, numbers right-aligned
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures
+
+
+def feature_grid(act: Tensor, max_channels: int = 64, *, min_tile: int = 32, padding: int = 2,
+                 ) -> np.ndarray:
+    """Tile the first ``max_channels`` channels of one activation (C, H, W) into an RGB image.
+
+    Returns uint8 (rows * (h + padding) + padding, cols * (w + padding) + padding, 3), a
+    near-square grid (cols = ceil(sqrt(n))) read row by row in channel order. Each channel is
+    min-max scaled to 0..255 over its own finite values (black = its minimum, white = its
+    maximum); a constant channel is mid grey (128), NaN/inf pixels are magenta. Tiles are
+    enlarged by an integer factor (nearest neighbour) so the shorter side is at least
+    ``min_tile`` pixels: a 4x4 map becomes 32x32. Padding is dark blue.
+    """
+    if act.ndim != 3:
+        raise ValueError(f"feature_grid takes one activation (C, H, W), got {tuple(act.shape)}")
+    if max_channels < 1:
+        raise ValueError(f"max_channels must be a positive integer, got {max_channels}")
+    a = act[:max_channels].detach().to("cpu", torch.float64)
+    n, h, w = a.shape
+    if n == 0 or h == 0 or w == 0:
+        raise ValueError(f"feature_grid needs a non-empty activation, got {tuple(act.shape)}")
+    finite = torch.isfinite(a)
+    lo = torch.where(finite, a, math.inf).amin(dim=(1, 2), keepdim=True)   # (n, 1, 1)
+    hi = torch.where(finite, a, -math.inf).amax(dim=(1, 2), keepdim=True)
+    span = hi - lo
+    varies = torch.isfinite(span) & (span > 0)
+    # float64 keeps (a - lo) / span finite for any float32 input; constant channels -> 0.5
+    norm = torch.where(varies, (a - lo) / torch.where(varies, span, 1.0), 0.5)
+    grey = (norm.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)  # (n, h, w)
+    rgb = grey.unsqueeze(-1).expand(n, h, w, 3).clone()  # (n, h, w, 3)
+    rgb[~finite] = torch.tensor(_NONFINITE_RGB, dtype=torch.uint8)
+    scale = max(1, math.ceil(min_tile / min(h, w)))
+    if scale > 1:
+        rgb = rgb.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    th, tw = h * scale, w * scale
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    canvas = np.empty((rows * (th + padding) + padding, cols * (tw + padding) + padding, 3),
+                      dtype=np.uint8)
+    canvas[:] = _PAD_RGB
+    tiles = rgb.numpy()
+    for k in range(n):
+        r, c = divmod(k, cols)
+        y, x = padding + r * (th + padding), padding + c * (tw + padding)
+        canvas[y:y + th, x:x + tw] = tiles[k]
+    return canvas
+
+
+def _mask_image(logits: Tensor) -> np.ndarray:
+    """Mask logits (K, H, W) -> uint8 (H, W, 3): the predicted class of each pixel (as
+    ``diffunet segment predict`` decides it) in the colours of its mask PNGs."""
+    labels = predict_labels(torch.nan_to_num(logits.float(), nan=-math.inf)[None])[0]
+    num_classes = 2 if logits.shape[0] == 1 else logits.shape[0]
+    palette = np.array(class_palette(num_classes), dtype=np.uint8)
+    return palette[labels.cpu().numpy()]
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole inspection
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    """What :func:`inspect_model` did: ``out_dir``, the ``files`` written there (in order),
+    ``kind`` (``"diffusion"`` or ``"segmentation"``), ``input`` (how the input was made) and
+    ``blocks`` (:func:`activation_stats` of every block, plus each one's ``file``)."""
+
+    out_dir: Path
+    files: list[Path]
+    kind: str
+    input: dict[str, Any]
+    blocks: list[dict[str, Any]]
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> list[Path]:
+    """Refuse an ``out_dir`` holding anything but a previous inspect output (unless
+    ``overwrite``); returns the previous output's files, to be replaced."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out-dir {out_dir} is a file; give a folder")
+    if not out_dir.is_dir():
+        return []
+    entries = list(out_dir.iterdir())
+    foreign = [e for e in entries if not (e.is_file() and _OWN_RE.match(e.name))]
+    if foreign and not overwrite:
+        raise ConfigError(f"--out-dir {out_dir} is not empty and holds no previous inspect "
+                          f"output (e.g. {foreign[0].name}); choose another folder or pass "
+                          "--overwrite to write into it anyway")
+    # With foreign files present (and --overwrite) nothing is deleted: a name that merely looks
+    # like ours might be the user's. Same-named files are replaced.
+    return [] if foreign else entries
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown --device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def _load_input(image: str | os.PathLike | None, size: int, channels: int) -> tuple[Tensor, str]:
+    """The input image (C, S, S) in [-1, 1] and a description of where it came from."""
+    if channels not in (1, 3):
+        raise ConfigError(f"this model takes {channels}-channel input; inspect can only make "
+                          "1- or 3-channel images (grey or RGB)")
+    if image is not None:
+        return load_image(image, size, channels), str(image)
+    shapes = BuiltinShapes(1, size, channels, seed=0)
+    assert shapes.class_names is not None
+    return shapes[0][0], f"built-in shapes, image 0 ({shapes.class_names[0]})"
+
+
+def inspect_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
+                  image: str | os.PathLike | None = None, t: int | None = None, seed: int = 0,
+                  class_label: int | None = None, max_channels: int = 64,
+                  overwrite: bool = False, device: str | torch.device | None = None,
+                  ) -> InspectResult:
+    """Capture every block's activations for one input and write pictures and statistics.
+
+    The input is ``image`` (any image file, resized and centre-cropped to the model's size and
+    channels) or image 0 of the built-in shapes. A diffusion model sees x_t = add_noise(x0,
+    noise, t) with ``t`` in [0, T) (default T // 2) and noise from ``torch.Generator`` seeded
+    with ``seed``; ``class_label`` (conditional models only; default "no label"). A
+    segmentation model sees the image in [0, 1] normalised with its file's mean/std and must
+    not be given ``t``. ``max_channels`` caps the tiles per block picture. ``out_dir`` must be
+    new, empty or a previous inspect output unless ``overwrite``. ``device``: default cuda if
+    available, else cpu. Bad input raises :class:`~diffunet.errors.DiffunetError`.
+    """
+    if max_channels < 1:
+        raise ConfigError(f"--max-channels must be a positive integer, got {max_channels}")
+    dev = device if isinstance(device, torch.device) else _device(device)
+    net, schedule, meta = load_model(model_path, device=dev)
+    cfg = net.config
+    out_dir = Path(out_dir)
+    info: dict[str, Any] = {"model": str(model_path), "sha256": meta.get("sha256")}
+
+    if cfg.time_conditioning:
+        kind = "diffusion"
+        if schedule is None:
+            raise ModelFileError(f"{model_path}: the network needs a timestep but the file has "
+                                 "no noise schedule; re-save it with diffunet.save_model")
+        T = schedule.num_train_timesteps
+        if t is None:
+            t = T // 2
+        if not 0 <= t < T:
+            raise ConfigError(f"--t must be in [0, {T - 1}] (the model has {T} training "
+                              f"timesteps), got {t}")
+        if class_label is not None:
+            if cfg.num_classes is None:
+                raise ConfigError("--class-label: this model is unconditional (no "
+                                  "unet.num_classes); drop --class-label")
+            if not 0 <= class_label < cfg.num_classes:
+                raise ConfigError(f"--class-label must be in [0, {cfg.num_classes - 1}] (the "
+                                  f"model has {cfg.num_classes} classes), got {class_label}")
+    else:
+        kind = "segmentation"
+        if t is not None:
+            raise ConfigError("--t: segmentation models have no timestep; drop --t")
+        if class_label is not None:
+            raise ConfigError("--class-label: segmentation models take no class label; "
+                              "drop --class-label")
+
+    x0, source = _load_input(image, cfg.image_size, cfg.in_channels)  # (C, S, S) in [-1, 1]
+    old_files = _check_out_dir(out_dir, overwrite)
+    x0 = x0.unsqueeze(0)  # (1, C, S, S)
+    info.update(kind=kind, image=source, image_size=cfg.image_size, channels=cfg.in_channels)
+
+    pictures: list[tuple[str, np.ndarray | Tensor]] = [("input.png", x0[0])]
+    if kind == "diffusion":
+        assert schedule is not None and t is not None
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(x0.shape, generator=gen)  # drawn on the CPU: same on every device
+        xt = schedule.add_noise(x0, noise, t)
+        info.update(t=t, num_train_timesteps=schedule.num_train_timesteps, seed=seed,
+                    class_label=class_label)
+        labels = None
+        if cfg.num_classes is not None:
+            labels = torch.tensor([cfg.num_classes if class_label is None else class_label],
+                                  device=dev)
+        acts = capture_activations(net, xt.to(dev), torch.tensor([t], device=dev), labels)
+        pictures.append(("noised.png", xt[0]))
+    else:
+        seg = meta.get("segmentation")
+        mean = std = None
+        if isinstance(seg, dict) and seg.get("mean") is not None and seg.get("std") is not None:
+            mean, std = list(seg["mean"]), list(seg["std"])
+            if len(mean) != cfg.in_channels or len(std) != cfg.in_channels:
+                raise ModelFileError(f"{model_path}: segmentation mean/std have {len(mean)}/"
+                                     f"{len(std)} entries for a {cfg.in_channels}-channel model")
+        x = (x0 + 1.0) / 2.0  # [0, 1]
+        if mean is not None and std is not None:
+            x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+        info.update(normalisation={"mean": mean, "std": std} if mean is not None else
+                    "none (the file has no segmentation mean/std; image in [0, 1])")
+        if isinstance(seg, dict) and seg.get("class_names") is not None:
+            info["class_names"] = seg["class_names"]
+        acts = capture_activations(net, x.to(dev))
+        pictures.append(("prediction.png", _mask_image(acts[-1][1][0])))
+
+    stats = activation_stats(acts)
+    width = max(2, len(str(len(acts) - 1)))
+    for s, (name, act) in zip(stats, acts):
+        s["file"] = f"{s['index']:0{width}d}_{name}.png"
+        s["channels_shown"] = min(max_channels, act.shape[1])
+        pictures.append((s["file"], feature_grid(act[0], max_channels)))
+
+    # Everything is computed; only now touch the folder.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    new_names = {name for name, _ in pictures} | {"stats.json", "stats.txt"}
+    for old in old_files:  # a previous run's output, e.g. another model's block pictures
+        if old.name not in new_names:
+            old.unlink(missing_ok=True)
+    files = []
+    for name, pic in pictures:
+        path = out_dir / name
+        if isinstance(pic, Tensor):
+            save_image(pic, path)
+        else:
+            _save_atomic(_pil_from_hwc(pic), path)
+        files.append(path)
+    files += [out_dir / "stats.json", out_dir / "stats.txt"]
+    doc = {"format": _FORMAT, "format_version": _FORMAT_VERSION, "input": info,
+           "files": [p.name for p in files], "blocks": stats}
+    atomic_write_bytes(out_dir / "stats.json", (json.dumps(doc, indent=2) + "\n").encode())
+    text = "\n".join(f"# {k}: {v}" for k, v in info.items()) + "\n" + format_stats_table(stats)
+    atomic_write_bytes(out_dir / "stats.txt", (text + "\n").encode())
+    return InspectResult(out_dir=out_dir, files=files, kind=kind, input=info, blocks=stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def add_inspect_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``inspect`` to an ``add_subparsers()`` object; sets ``func=run_inspect``."""
+    p = subparsers.add_parser(
+        "inspect", help="picture every block's feature maps for one input (and their stats)",
+        description="Run one input through a model with a hook on every block and write "
+                    "input.png, noised.png (diffusion) or prediction.png (segmentation), one "
+                    "NN_<block>.png of feature maps per block (each channel min-max scaled on "
+                    "its own; magenta = NaN/inf) and stats.json / stats.txt.")
+    p.add_argument("model", metavar="MODEL.safetensors")
+    p.add_argument("--image", metavar="PATH",
+                   help="input image file (default: an image of the built-in shapes)")
+    p.add_argument("--t", type=int, metavar="T",
+                   help="diffusion models: the timestep, in [0, T) (default T // 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise in x_t (default 0)")
+    p.add_argument("--class-label", type=int, metavar="K",
+                   help="class-conditional models: the label (default: no label)")
+    p.add_argument("--max-channels", type=int, default=64, metavar="N",
+                   help="feature maps per block picture, the first N channels (default 64)")
+    p.add_argument("--out-dir", help="output folder (default inspect/<model file name>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out-dir that holds other files")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.set_defaults(func=run_inspect)
+    return p
+
+
+def run_inspect(args: argparse.Namespace, say: Callable[[str], None] = print) -> int:
+    """Run ``diffunet inspect`` from parsed arguments; prints what was written and the
+    statistics table (stdout). Returns the exit code; bad input raises DiffunetError."""
+    out_dir = Path(args.out_dir) if args.out_dir else Path("inspect") / Path(args.model).stem
+    r = inspect_model(args.model, out_dir, image=args.image, t=args.t, seed=args.seed,
+                      class_label=args.class_label, max_channels=args.max_channels,
+                      overwrite=args.overwrite, device=args.device)
+    say(f"{r.kind} model {args.model}; input: {r.input['image']}"
+        + (f", t={r.input['t']}, seed {r.input['seed']}" if r.kind == "diffusion" else ""))
+    say(format_stats_table(r.blocks))
+    say(f"wrote {len(r.files)} files to {r.out_dir}:")
+    say("  input.png        the input image")
+    if r.kind == "diffusion":
+        say(f"  noised.png       x_t at t={r.input['t']} (the network's input)")
+    else:
+        say("  prediction.png   the predicted mask (one colour per class)")
+    say(f"  {r.blocks[0]['file']} ... {r.blocks[-1]['file']}   feature maps of the "
+        f"{len(r.blocks)} blocks")
+    say("  stats.json, stats.txt   the statistics above")
+    bad = [b["name"] for b in r.blocks if b["nonfinite"]]
+    if bad:
+        say(f"warning: non-finite activations from block {bad[0]} on ({len(bad)} blocks)")
+    return 0

@@ -1,0 +1,257 @@
+"""The segmentation recipe: the time-less UNet, its config, model files, `diffunet segment`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import diffunet
+from diffunet import UNet, UNetConfig
+from diffunet.cli import main
+from diffunet.config import SegRunConfig, load_config
+from diffunet.errors import ConfigError, ModelFileError
+
+TINY = dict(image_size=16, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+            attn_resolutions=(8,), num_groups=4, dropout=0.0)
+# A tiny run: 16x16 built-in shapes, 2 epochs of 5 steps.
+TINY_RUN = ["unet.image_size=16", "data.image_size=16", "unet.base_channels=8",
+            "unet.channel_mults=[1,2]", "unet.attn_resolutions=[8]", "unet.num_groups=4",
+            "data.builtin_size=48", "data.val_fraction=0.2", "train.epochs=2",
+            "train.batch_size=8", "train.log_every=2"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each `diffunet segment train` below runs in this process; a real one gets a fresh
+    process, so reset Accelerate's process-wide state (it pins mixed_precision) around it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_timeless_unet_shapes_and_keys() -> None:
+    net = UNet(UNetConfig(**TINY, time_conditioning=False, out_channels=5))
+    x = torch.randn(2, 3, 16, 16)
+    out = net(x)
+    assert out.shape == (2, 5, 16, 16)
+    keys = net.state_dict().keys()
+    assert not any(k.startswith("time_embed") or ".emb_proj." in k for k in keys)
+    timed = UNet(UNetConfig(**TINY, out_channels=5))
+    # Exactly the time MLP and the per-block projections are gone.
+    extra = {k for k in timed.state_dict() if k not in keys}
+    assert extra and all(k.startswith("time_embed") or ".emb_proj." in k for k in extra)
+    assert set(keys) < set(timed.state_dict())
+
+
+def test_timeless_unet_rejects_t_and_timed_unet_needs_t() -> None:
+    net = UNet(UNetConfig(**TINY, time_conditioning=False))
+    with pytest.raises(ValueError, match="no timestep input"):
+        net(torch.randn(1, 3, 16, 16), torch.tensor([3]))
+    timed = UNet(UNetConfig(**TINY))
+    with pytest.raises(ValueError, match="time-conditioned"):
+        timed(torch.randn(1, 3, 16, 16))
+
+
+def test_timeless_unet_is_a_function_of_x_only_and_trains() -> None:
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(**TINY, time_conditioning=False, out_channels=2))
+    x = torch.randn(2, 3, 16, 16)
+    target = torch.randint(0, 2, (2, 16, 16))
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    losses = []
+    for _ in range(5):
+        loss = torch.nn.functional.cross_entropy(net(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    net.eval()
+    assert torch.equal(net(x), net(x))
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["unet.time_conditioning=true"], "unet.time_conditioning"),
+    (["unet.out_channels=3"], "unet.out_channels"),
+    (["data.source=folder", "data.images=a", "data.masks=b"], "data.num_classes"),
+    (["data.source=folder", "data.masks=b", "data.num_classes=2"], "data.images"),
+    (["data.mean=[0.5]"], "data.mean"),
+    (["data.std=[1, 0, 1]"], "data.std"),
+    (["data.num_classes=3"], "data.num_classes"),
+    (["data.val_images=a"], "data.val_masks"),
+    (["train.ema_decay=1.5"], "train.ema_decay"),
+    (["train.pct_start=0"], "train.pct_start"),
+    (["data.image_size=32"], "data.image_size"),
+    (["trian.epochs=3"], "trian"),
+])
+def test_seg_config_errors_name_the_key(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, overrides, root=SegRunConfig)
+
+
+def test_seg_config_output_channels() -> None:
+    assert SegRunConfig().net_config.out_channels == 4  # built-in: 4 classes
+    cfg = load_config(None, ["data.source=folder", "data.images=a", "data.masks=b",
+                             "data.num_classes=2"], root=SegRunConfig)
+    assert cfg.net_config.out_channels == 1  # binary: one logit
+    # a diffusion run refuses a time-less UNet
+    with pytest.raises(ConfigError, match="unet.time_conditioning"):
+        load_config(None, ["unet.time_conditioning=false"])
+
+
+def test_segment_toml_preset_is_the_default() -> None:
+    preset = load_config(Path(__file__).parents[1] / "configs" / "segment.toml", root=SegRunConfig)
+    assert preset == SegRunConfig()
+
+
+def test_model_file_without_schedule(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    net = UNet(UNetConfig(**TINY, time_conditioning=False, out_channels=4))
+    path = tmp_path / "seg.safetensors"
+    diffunet.save_model(path, net, None, extra={"segmentation": {"num_classes": 4}})
+    net2, schedule, meta = diffunet.load_model(path)
+    assert schedule is None and meta["segmentation"] == {"num_classes": 4}
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.equal(net.eval()(x), net2(x))
+    assert main(["info", str(path)]) == 0
+    assert "[segmentation]" in capsys.readouterr().out
+    # diffusion commands refuse it with one line
+    assert main(["sample", str(path), "--num-samples", "1", "--out-dir",
+                 str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a diffusion model" in err and "segment predict" in err and "\n" not in err
+    with pytest.raises(ModelFileError, match="not a diffusion model"):
+        diffunet.checkpoint.load_diffusion_model(path)
+
+
+def _train(tmp_path: Path, name: str, extra: list[str] = ()) -> Path:
+    out = tmp_path / name
+    assert main(["segment", "train", *TINY_RUN, *extra, "--out-dir", str(out),
+                 "--no-progress"]) == 0
+    return out
+
+
+def test_segment_train_end_to_end_and_deterministic(tmp_path: Path) -> None:
+    out = _train(tmp_path, "a")
+    for f in ("config.json", "log.jsonl", "weights/best.safetensors", "weights/last.safetensors"):
+        assert (out / f).is_file(), f
+    lines = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+    epochs = [ln for ln in lines if "val_dice" in ln]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    for e in epochs:
+        assert len(e["val_dice"]) == 4 and len(e["val_iou"]) == 4
+        assert all(v is None or 0 <= v <= 1 for v in e["val_dice"] + e["val_iou"])
+    assert any(e["best"] for e in epochs)
+    assert [ln["step"] for ln in lines if "loss" in ln] == [2, 4, 6, 8]  # 38 pairs // 8 = 4 steps per epoch
+    net, schedule, meta = diffunet.load_model(out / "weights" / "best.safetensors")
+    assert schedule is None and not net.config.time_conditioning
+    seg = meta["segmentation"]
+    assert seg["num_classes"] == 4 and seg["class_names"][0] == "background"
+    assert seg["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    best = max(epochs, key=lambda e: e["val_mean_dice"] if e["val_mean_dice"] is not None else -1)
+    assert meta["epoch"] == best["epoch"]
+    # the same seed gives the same weights
+    again = _train(tmp_path, "b")
+    a = load_file(out / "weights" / "last.safetensors")
+    b = load_file(again / "weights" / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a non-empty run folder is refused, its files untouched
+    before = (out / "log.jsonl").read_bytes()
+    assert main(["segment", "train", *TINY_RUN, "--out-dir", str(out), "--no-progress"]) == 2
+    assert (out / "log.jsonl").read_bytes() == before
+
+
+def test_output_bias_starts_at_the_class_prior(tmp_path: Path) -> None:
+    out = _train(tmp_path, "prior", ["train.epochs=1", "train.lr=1e-9"])
+    net, _, _ = diffunet.load_model(out / "weights" / "last.safetensors")
+    probs = torch.softmax(net.conv_out.bias.detach(), 0)
+    assert probs[0] > 0.5  # background is the most frequent class
+    assert torch.all(probs[1:] > 0.02)  # and no class starts at zero
+
+
+def test_segment_train_bf16_and_ema(tmp_path: Path) -> None:
+    out = _train(tmp_path, "bf16", ["train.mixed_precision=bf16", "train.ema_decay=0.9",
+                                    "train.epochs=1"])
+    assert (out / "weights" / "last.safetensors").is_file()
+
+
+def _write_folder_data(root: Path, n: int = 24, size: int = 20) -> tuple[Path, Path]:
+    """Binary data: bright squares on dark noise; masks as 0/255 grayscale PNGs."""
+    images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+        mask = np.zeros((size, size), np.uint8)
+        y, x = rng.integers(0, size - 8, 2)
+        img[y:y + 8, x:x + 8] = 220
+        mask[y:y + 8, x:x + 8] = 255
+        Image.fromarray(img).save(images / f"im{i:02d}.jpg" if i % 2 else images / f"im{i:02d}.png")
+        Image.fromarray(mask).save(masks / f"im{i:02d}.png")
+    return images, masks
+
+
+def test_segment_folder_binary_train_predict_stats(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    images, masks = _write_folder_data(tmp_path / "data")
+    folder = ["data.source=folder", f"data.images={images}", f"data.masks={masks}",
+              "data.num_classes=2"]
+    out = _train(tmp_path, "bin", folder + ["train.epochs=3", "train.lr=0.01"])
+    model = out / "weights" / "best.safetensors"
+    net, _, meta = diffunet.load_model(model)
+    assert net.config.out_channels == 1 and meta["segmentation"]["num_classes"] == 2
+
+    # predict: a mask (class indices) and an overlay at the input's own size (not square)
+    Image.fromarray(np.full((24, 40, 3), 30, np.uint8)).save(tmp_path / "wide.png")
+    pred = tmp_path / "pred"
+    assert main(["segment", "predict", str(model), str(images / "im00.png"),
+                 str(tmp_path / "wide.png"), "--out-dir", str(pred), "--no-progress"]) == 0
+    m = np.asarray(Image.open(pred / "wide.png"))
+    assert m.shape == (24, 40) and set(np.unique(m)) <= {0, 1}
+    assert Image.open(pred / "wide_overlay.png").size == (40, 24)
+    assert Image.open(pred / "im00.png").mode == "P"
+    # existing outputs are not replaced without --overwrite
+    before = (pred / "wide.png").read_bytes()
+    assert main(["segment", "predict", str(model), str(tmp_path / "wide.png"),
+                 "--out-dir", str(pred), "--no-progress"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (pred / "wide.png").read_bytes() == before
+
+    # stats: the images' mean/std as config lines
+    capsys.readouterr()
+    assert main(["segment", "stats", *folder, "data.image_size=16", "unet.image_size=16",
+                 "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert len(stats["mean"]) == 3 and all(0 < v < 1 for v in stats["mean"])
+
+
+def test_segment_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    diff = tmp_path / "diff.safetensors"
+    diffunet.save_model(diff, UNet(UNetConfig(**TINY)), diffunet.NoiseSchedule(
+        diffunet.ScheduleConfig()))
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(img)
+    cases = [
+        (["segment", "predict", str(diff), str(img)], "not a segmentation model"),
+        (["segment", "predict", str(tmp_path / "none.safetensors"), str(img)], "not found"),
+        (["segment", "train", "train.epochs=0", "--dry-run"], "train.epochs"),
+        (["segment", "train", "data.source=folder", f"data.images={tmp_path}/nope",
+          f"data.masks={tmp_path}/nope", "data.num_classes=2", "--out-dir",
+          str(tmp_path / "r")], "nope"),
+        (["segment", "train", *TINY_RUN, "train.batch_size=64", "--out-dir",
+          str(tmp_path / "r2")], "train.batch_size"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err and "Traceback" not in err, (argv, err)
