@@ -255,3 +255,49 @@ def test_segment_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFix
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert needle in err and "\n" not in err and "Traceback" not in err, (argv, err)
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_work_and_report_exact_metrics(tmp_path: Path) -> None:
+    """`accelerate launch` with 2 CPU processes: one log, one set of files, and validation
+    metrics over the whole split (each process scores its share; the counts are summed)."""
+    import contextlib
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from diffunet.seg_losses import dice_iou
+    from diffunet.seg_training import build_segmentation_data, evaluate
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+           and not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    out = tmp_path / "two"
+    # 11 validation pairs: an odd count, so the two processes score different numbers of them
+    run = [*TINY_RUN, "data.builtin_size=55"]
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                        "--dynamo_backend", "no", "--main_process_port", str(port),
+                        "-m", "diffunet", "segment", "train", *run, "--out-dir", str(out),
+                        "--no-progress"], env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("epoch 2/2") == 1  # only the main process talks
+    epochs = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()
+              if "val_dice" in json.loads(ln)]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+
+    cfg = load_config(None, run, root=SegRunConfig)
+    data = build_segmentation_data(cfg)
+    assert len(data.val) == 11
+    net, _, _ = diffunet.load_model(out / "weights" / "last.safetensors")
+    loader = torch.utils.data.DataLoader(data.val, batch_size=4)
+    cm = evaluate(net, loader, 4, data.mean, data.std, torch.device("cpu"),
+                  contextlib.nullcontext)
+    dice, _ = dice_iou(cm)
+    expected = [None if torch.isnan(v) else round(float(v), 6) for v in dice]
+    assert epochs[-1]["val_dice"] == pytest.approx(expected, abs=1e-6)
