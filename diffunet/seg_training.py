@@ -15,7 +15,8 @@ class (one logit for a binary problem), trained on image/mask pairs:
 - after every epoch: Dice and IoU per class on the validation split, one line in ``log.jsonl``,
   ``weights/last.safetensors`` and, when the mean foreground Dice improved,
   ``weights/best.safetensors`` (model files carry the normalisation and class names, so
-  ``diffunet segment predict`` needs nothing else).
+  ``diffunet segment predict`` needs nothing else), and the training state in ``state/``, so
+  ``--resume`` continues after the last finished epoch exactly as an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from . import state as st
 from .checkpoint import atomic_write_bytes, save_model, unwrap_model
 from .config import SegRunConfig, to_dict
 from .data import GlobalBatchSampler, make_dataloader
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, ModelFileError
 from .seg_data import (IGNORE_INDEX, BuiltinSegShapes, PairedFolders, class_pixel_counts,
                        default_mean_std, joint_flip, normalize, split_indices)
 from .seg_losses import (confusion_matrix, dice_iou, init_output_bias_, mean_foreground,
                          predict_labels, segmentation_loss)
-from .training import EMA, _write_failed, prepare_out_dir
+from .training import EMA, _logged_step, _match_param_layout, _write_failed, prepare_out_dir
 from .unet import UNet
 
 
@@ -131,6 +133,28 @@ def segmentation_metadata(cfg: SegRunConfig, data: SegData) -> dict[str, Any]:
             "channels": cfg.data.channels, "ignore_index": IGNORE_INDEX}
 
 
+_STATE_KEYS: dict[str, type] = {"config": dict, "optimizer": dict, "scheduler": dict,
+                                "epoch": int, "best": dict}
+# Settings that change how a run executes, not what it computes: free to differ on resume.
+_EXECUTION_ONLY = {("data", "num_workers"), ("data", "images"), ("data", "masks"),
+                   ("data", "val_images"), ("data", "val_masks"), ("train", "log_every")}
+
+
+def check_resume_compatible(saved: dict[str, Any], cfg: SegRunConfig) -> None:
+    """Resuming must not change what the run computes (the one-cycle schedule spans all epochs,
+    so train.epochs is fixed too); folders may move."""
+    now = to_dict(cfg)
+    for section, table in saved.items():
+        for key, value in table.items():
+            if (section, key) in _EXECUTION_ONLY:
+                continue
+            if now.get(section, {}).get(key) != value:
+                raise ConfigError(
+                    f"{section}.{key}: the run being resumed used {value!r}, this config says "
+                    f"{now.get(section, {}).get(key)!r}; resume with the same settings or start "
+                    "a new --out-dir")
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Any, num_classes: int, mean: tuple[float, ...],
              std: tuple[float, ...], device: torch.device,
@@ -152,13 +176,14 @@ def _fmt(values: list[float]) -> str:
     return "nan" if not values else " ".join("nan" if math.isnan(v) else f"{v:.3f}" for v in values)
 
 
-def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *,
+def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *, resume: bool = False,
                        say: Callable[[str], None] = lambda msg: None,
                        progress: bool = True) -> SegTrainResult:
     """Train a segmentation UNet as ``cfg`` says, writing everything into ``out_dir``.
 
     ``say`` receives one-line messages for people (one per epoch with the validation Dice);
-    ``progress`` shows a tqdm bar. A non-empty ``out_dir`` is refused. Raises
+    ``progress`` shows a tqdm bar. Without ``resume`` a non-empty ``out_dir`` is refused; with
+    it the run continues after the newest saved epoch (or starts fresh, saying so). Raises
     :class:`~diffunet.errors.DiffunetError` subclasses for bad input.
     """
     from accelerate import Accelerator
@@ -178,7 +203,15 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *,
     if t.batch_size % world:
         raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by {world} "
                           "processes")
-    prepare_out_dir(out_dir, resume=False)  # refuses a non-empty folder
+    resume_from = prepare_out_dir(out_dir, resume)  # without resume: refuses a non-empty folder
+    saved: dict[str, Any] = {}
+    if resume_from is not None:
+        saved = st.read_trainer(resume_from, _STATE_KEYS)
+        check_resume_compatible(saved["config"], cfg)
+        if main:
+            say(f"resuming from {resume_from} (epoch {saved['epoch']} of {t.epochs})")
+    elif resume and main:
+        say(f"no saved state in {out_dir / 'state'}; starting a fresh run")
     accelerator.wait_for_everyone()
 
     # --- data -----------------------------------------------------------------------------
@@ -196,7 +229,9 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *,
             say(note)
     steps_per_epoch = n_train // t.batch_size  # whole global batches: every step the same size
     total_steps = steps_per_epoch * t.epochs
-    sampler = GlobalBatchSampler(n_train, t.batch_size, seed=t.seed, rank=rank, world_size=world)
+    start_step = int(saved.get("step", 0))
+    sampler = GlobalBatchSampler(n_train, t.batch_size, seed=t.seed, start_step=start_step,
+                                 rank=rank, world_size=world)
     batches = iter(make_dataloader(data.train, sampler, cfg.data.num_workers,
                                    pin_memory=device.type == "cuda"))
     # Validation: each process takes every world-th item (no padding), and the confusion
@@ -229,17 +264,45 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *,
     pct = min(max(t.pct_start, 2 / total_steps), 1 - 2 / total_steps)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=t.lr,
                                                     total_steps=total_steps, pct_start=pct)
+    flip_gen = torch.Generator().manual_seed(t.seed * 1000 + rank + 1)  # explicit randomness
+    if resume_from is not None:
+        try:
+            model.load_state_dict(st.load_tensors(resume_from / "model.safetensors"))
+            if ema is not None:
+                ema.model.load_state_dict(st.load_tensors(resume_from / "ema.safetensors"))
+            optimizer.load_state_dict(st.join_optimizer_state(
+                st.load_tensors(resume_from / "optimizer.safetensors"), saved["optimizer"]))
+            _match_param_layout(optimizer)
+            scheduler.load_state_dict(saved["scheduler"])
+            rng_file = resume_from / f"rng_rank{rank}.safetensors"
+            if rng_file.is_file():  # absent if resumed on more processes than it had
+                rng = st.load_tensors(rng_file)
+                flip_gen.set_state(rng.pop("flip_gen"))
+                st.set_rng_states(rng)
+        except ModelFileError:
+            raise
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:  # readable, but not ours
+            raise ModelFileError(
+                f"{resume_from} does not fit this run ({' '.join(str(e).split())[:200]}); "
+                "delete it to resume from the state before it, or start a new --out-dir"
+                ) from None
     if ema is not None:
         ema.model.to(device)
     model, optimizer = accelerator.prepare(model, optimizer)
     net = unwrap_model(model)
-    flip_gen = torch.Generator().manual_seed(t.seed * 1000 + rank + 1)  # explicit randomness
 
     meta = segmentation_metadata(cfg, data)
     if main:
-        (out_dir / "weights").mkdir(parents=True, exist_ok=True)
+        for sub in ("weights", "state"):
+            (out_dir / sub).mkdir(parents=True, exist_ok=True)
+        st.clear_leftovers(out_dir)  # temporary files of writes a crash cut short
         atomic_write_bytes(out_dir / "config.json",
                            (json.dumps(to_dict(cfg), indent=2) + "\n").encode("utf-8"))
+        log_path = out_dir / "log.jsonl"
+        if resume_from is not None and log_path.exists():  # drop lines past the resumed step
+            kept = [ln for ln in log_path.read_text().splitlines()
+                    if _logged_step(ln) <= start_step]
+            atomic_write_bytes(log_path, "".join(ln + "\n" for ln in kept).encode("utf-8"))
         say(f"{n_train} training / {len(data.val)} validation pairs, {K} classes "
             f"({', '.join(data.class_names)}); {steps_per_epoch} steps per epoch; "
             f"{net.num_parameters():,} parameters")
@@ -262,18 +325,50 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *,
             raise _write_failed(e, f"saving {name}", out_dir) from None
         return path
 
+    def save_state(at: int, epoch: int, best: dict[str, Any]) -> None:
+        """Everything the next epoch needs, as ``state/step<at>`` (atomic; the newest kept)."""
+        accelerator.wait_for_everyone()
+        tmp = out_dir / "state" / f".tmp-{st.state_name(at)}"
+        if main:
+            st.begin_state(out_dir / "state", at)
+        accelerator.wait_for_everyone()
+        st.save_tensors(tmp / f"rng_rank{rank}.safetensors",
+                        {**st.rng_states(), "flip_gen": flip_gen.get_state()})
+        if main:
+            st.save_tensors(tmp / "model.safetensors", net.state_dict())
+            if ema is not None:
+                st.save_tensors(tmp / "ema.safetensors", ema.model.state_dict())
+            opt_tensors, opt_plain = st.split_optimizer_state(optimizer.state_dict())
+            st.save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+            st.write_json(tmp / "trainer.json", {
+                "format_version": st.STATE_FORMAT_VERSION, "step": at, "epoch": epoch,
+                "world_size": world, "best": best, "optimizer": opt_plain,
+                "scheduler": scheduler.state_dict(), "config": to_dict(cfg)})
+        accelerator.wait_for_everyone()
+        if main:
+            st.commit_state(tmp, keep_last=1)
+        accelerator.wait_for_everyone()
+
     # --- the loop ---------------------------------------------------------------------------
-    bar = tqdm(total=total_steps, disable=not (main and progress), dynamic_ncols=True,
-               unit="step", smoothing=0.05)
+    bar = tqdm(total=total_steps, initial=start_step, disable=not (main and progress),
+               dynamic_ncols=True, unit="step", smoothing=0.05)
+
     def tell(msg: str) -> None:
         if main:
             with tqdm.external_write_mode():  # keep the bar intact below the message
                 say(msg)
 
-    best_dice, best_epoch, best_path, last_path = -math.inf, None, None, None
-    step, run_start = 0, time.perf_counter()
+    best = saved.get("best", {})
+    best_dice = best.get("dice") if best.get("dice") is not None else -math.inf
+    best_epoch = best.get("epoch")
+    best_path = out_dir / "weights" / "best.safetensors" if best_epoch is not None else None
+    last_path = out_dir / "weights" / "last.safetensors" if resume_from is not None else None
+    step, run_start = start_step, time.perf_counter()
+    epoch = int(saved.get("epoch", 0))
+    if epoch >= t.epochs:
+        tell(f"the run already finished its {t.epochs} epochs; nothing to do")
     try:
-        for epoch in range(1, t.epochs + 1):
+        for epoch in range(epoch + 1, t.epochs + 1):
             model.train()
             epoch_loss = torch.zeros((), device=device)
             interval_loss = torch.zeros((), device=device)
@@ -343,10 +438,21 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *,
                      + (" [best]" if is_best else ""))
             if is_best:
                 best_dice, best_epoch = mean_dice, epoch
-            accelerator.wait_for_everyone()
+            try:
+                save_state(step, epoch, {"dice": best_dice if best_epoch is not None else None,
+                                         "epoch": best_epoch})
+            except OSError as e:
+                if main:
+                    st.clear_leftovers(out_dir)
+                raise _write_failed(e, f"saving state {st.state_name(step)}", out_dir) from None
+    except KeyboardInterrupt:
+        tell(f"interrupted in epoch {epoch}; " + (
+            f"the state after epoch {epoch - 1} is saved, continue with --resume"
+            if epoch > 1 else "no epoch had finished, nothing to resume"))
+        raise
     finally:
         bar.close()
-    if main and best_path is not None:
+    if main and best_path is not None and step > start_step:
         write({"step": step, "best_epoch": best_epoch, "best_mean_dice": round(best_dice, 6),
                "best_model": str(best_path)})
     return SegTrainResult(epochs=t.epochs, best_path=best_path, last_path=last_path,

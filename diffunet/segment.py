@@ -161,7 +161,10 @@ def predict_masks(model_path: str | os.PathLike, inputs: Sequence[str], out_dir:
 # the command
 
 
-def _resolve(items: Sequence[str]) -> tuple[SegRunConfig, str | None]:
+def _resolve(items: Sequence[str], resume_dir: Path | None = None,
+             ) -> tuple[SegRunConfig, str | None]:
+    """CONFIG and overrides -> (config, CONFIG path). With --resume and no CONFIG, the run
+    folder's own config.json is the starting point."""
     config_path, overrides = None, []
     for item in items:
         if "=" in item:
@@ -171,7 +174,14 @@ def _resolve(items: Sequence[str]) -> tuple[SegRunConfig, str | None]:
         else:
             raise ConfigError(f"two config files given ({config_path}, {item}); give one, then "
                               "section.key=value overrides")
-    return load_config(config_path, overrides, root=SegRunConfig), config_path
+    base = None
+    if resume_dir is not None and config_path is None and (resume_dir / "config.json").is_file():
+        try:
+            base = json.loads((resume_dir / "config.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{resume_dir / 'config.json'} is damaged ({e}); give the run's "
+                              "CONFIG.toml and overrides along with --resume") from None
+    return load_config(config_path, overrides, base=base, root=SegRunConfig), config_path
 
 
 def _say(msg: str) -> None:
@@ -182,9 +192,10 @@ def _say(msg: str) -> None:
 def run_segment(args: argparse.Namespace) -> int:
     """Run ``diffunet segment train|predict|stats``; returns the exit code."""
     if args.segment_command == "train":
-        cfg, config_path = _resolve(args.items)
+        config_path = next((i for i in args.items if "=" not in i), None)
         stem = Path(config_path).stem if config_path else "segment"
         out_dir = Path(args.out_dir) if args.out_dir else Path("runs") / stem
+        cfg, _ = _resolve(args.items, out_dir if args.resume else None)
         if args.dry_run:
             from .unet import UNet
 
@@ -196,7 +207,8 @@ def run_segment(args: argparse.Namespace) -> int:
             return 0
         from .seg_training import train_segmentation
 
-        result = train_segmentation(cfg, out_dir, say=_say, progress=not args.no_progress)
+        result = train_segmentation(cfg, out_dir, resume=args.resume, say=_say,
+                                    progress=not args.no_progress)
         if result.best_path is not None:
             _say(f"best model (epoch {result.best_epoch}, validation Dice "
                  f"{result.best_dice:.3f}): {result.best_path}")
@@ -257,6 +269,8 @@ def add_segment_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("items", nargs="*", metavar="[CONFIG.toml] [section.key=value ...]")
     q.add_argument("--out-dir", help="run folder (default: runs/<config name>, or "
                                      "runs/segment)")
+    q.add_argument("--resume", action="store_true",
+                   help="continue after the newest finished epoch in --out-dir (fresh if none)")
     q.add_argument("--dry-run", action="store_true",
                    help="print the resolved config and model size, then exit")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")

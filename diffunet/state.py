@@ -148,9 +148,14 @@ def _damaged(folder: Path, problem: str) -> ModelFileError:
                           "start a new --out-dir")
 
 
-def read_trainer(folder: Path) -> dict[str, Any]:
+_TRAINER_KEYS: dict[str, type] = {"config": dict, "optimizer": dict, "nonfinite_total": int,
+                                  "nonfinite_streak": int}
+
+
+def read_trainer(folder: Path, kinds: dict[str, type] | None = None) -> dict[str, Any]:
     """The checked ``trainer.json`` of the state ``folder`` (a :class:`ModelFileError` naming
-    the problem if it is damaged, from a newer diffunet, or not this folder's)."""
+    the problem if it is damaged, from a newer diffunet, or not this folder's). ``kinds``: the
+    keys it must hold and their JSON types (default: those of diffusion training)."""
     path = folder / "trainer.json"
     try:
         data = read_json(path)
@@ -168,8 +173,7 @@ def read_trainer(folder: Path) -> dict[str, Any]:
     step = data.get("step")
     if m is None or not isinstance(step, int) or isinstance(step, bool) or step != int(m[1]):
         raise _damaged(folder, f"{path}: its step {step!r} does not match the folder name")
-    kinds = {"config": dict, "optimizer": dict, "nonfinite_total": int, "nonfinite_streak": int}
-    for key, kind in kinds.items():
+    for key, kind in (kinds if kinds is not None else _TRAINER_KEYS).items():
         if not isinstance(data.get(key), kind):
             raise _damaged(folder, f"{path}: {key!r} is missing or not a {kind.__name__}")
     return data

@@ -301,3 +301,56 @@ def test_two_processes_share_the_work_and_report_exact_metrics(tmp_path: Path) -
     dice, _ = dice_iou(cm)
     expected = [None if torch.isnan(v) else round(float(v), 6) for v in dice]
     assert epochs[-1]["val_dice"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_resume_after_an_interrupt_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    from diffunet.seg_training import train_segmentation
+
+    cfg = load_config(None, [*TINY_RUN, "train.epochs=3", "train.ema_decay=0.9",
+                             "data.random_flip=true", "data.vertical_flip=true"],
+                      root=SegRunConfig)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train_segmentation(cfg, whole, progress=False)
+
+    def stop_after_epoch_2(msg: str) -> None:  # Ctrl-C right after epoch 2 was reported
+        if msg.startswith("epoch 2/3"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_segmentation(cfg, cut, say=stop_after_epoch_2, progress=False)
+    # The interrupt came before epoch 2's state was saved: the newest is epoch 1's.
+    assert [p.name for p in (cut / "state").iterdir()] == ["step0000004"]
+    said: list[str] = []
+    result = train_segmentation(cfg, cut, resume=True, say=said.append, progress=False)
+    assert said[0].startswith("resuming from") and "epoch 1 of 3" in said[0]
+    assert [m[:9] for m in said if m.startswith("epoch")] == ["epoch 2/3", "epoch 3/3"]
+    for name in ("last", "best"):
+        a = load_file(whole / "weights" / f"{name}.safetensors")
+        b = load_file(cut / "weights" / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+    def records(out: Path) -> list[dict]:
+        rows = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("elapsed_s", "best_model")}
+                for r in rows]
+
+    assert records(cut) == records(whole)
+    assert result.best_epoch == json.loads((whole / "log.jsonl").read_text().splitlines()[-1])[
+        "best_epoch"]
+    # resuming a finished run does nothing and says so
+    said.clear()
+    train_segmentation(cfg, cut, resume=True, say=said.append, progress=False)
+    assert any("nothing to do" in m for m in said)
+    assert records(cut) == records(whole)
+
+
+def test_resume_refuses_a_changed_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = _train(tmp_path, "run", ["train.epochs=1"])
+    capsys.readouterr()
+    assert main(["segment", "train", *TINY_RUN, "train.epochs=1", "train.lr=0.5",
+                 "--out-dir", str(out), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.lr" in err and "\n" not in err
+    # with no CONFIG, --resume starts from the run's own config.json
+    assert main(["segment", "train", "--out-dir", str(out), "--resume", "--no-progress"]) == 0
+    assert "nothing to do" in capsys.readouterr().err
