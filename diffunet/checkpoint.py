@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from . import __version__
 from .config import ScheduleConfig, UNetConfig, from_dict, to_dict
 from .diffusion import NoiseSchedule
 from .errors import ConfigError, ModelFileError
+from .fileio import atomic_write_bytes
 from .unet import UNet
 
 FORMAT = "diffunet.model"
@@ -54,35 +54,6 @@ def unwrap_model(model: torch.nn.Module) -> UNet:
         else:
             raise TypeError(f"save_model needs a diffunet UNet, got {type(model).__name__}")
     return model
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one.
-
-    The bytes go to a temporary file in the same folder, are flushed to disk, and the file is
-    renamed over ``path`` (``os.replace`` is atomic on POSIX and Windows).
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable; not possible on every platform
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def save_model(path: str | os.PathLike, model: torch.nn.Module, schedule: NoiseSchedule | None,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import difflib
 import math
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -34,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import DataConfig
 from .errors import ConfigError, DataError
+from .fileio import atomic_save_image, first_line
 
 __all__ = [
     "BuiltinShapes",
@@ -154,14 +154,6 @@ def _open_image(path: str | os.PathLike, image_size: int) -> Image.Image:
         return img
 
 
-def _first_line(e: BaseException) -> str:
-    """An exception as one short line (messages must stay on one line; some span several)."""
-    text = " ".join(str(e).split())
-    if len(text) > 200:
-        text = text[:197] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 def load_image(path: str | os.PathLike, image_size: int, channels: int) -> Tensor:
     """Read one image file as a float32 tensor (channels, image_size, image_size) in [-1, 1],
     with the same transform as the image folder data set."""
@@ -170,7 +162,7 @@ def load_image(path: str | os.PathLike, image_size: int, channels: int) -> Tenso
     try:
         img = _open_image(path, image_size)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-        raise DataError(f"cannot read image {path} ({_first_line(e)}); "
+        raise DataError(f"cannot read image {path} ({first_line(e)}); "
                         "give a png/jpg/webp/... file") from None
     return prepare_image(img, image_size, channels)
 
@@ -410,7 +402,7 @@ class FolderImages(Dataset):
             img = _open_image(path, self.image_size)
             image = prepare_image(img, self.image_size, self.channels)
         except Exception as e:
-            raise DataError(f"cannot decode {path} ({_first_line(e)}); delete or repair the file "
+            raise DataError(f"cannot decode {path} ({first_line(e)}); delete or repair the file "
                             "(only headers are checked when the folder is scanned)") from None
         return image, self.labels[index]
 
@@ -533,9 +525,9 @@ def _build_torchvision(cfg: DataConfig) -> TorchvisionImages:
                             "uncorrupted); set data.download=true or point data.path at it"
                             ) from None
         if cfg.download:
-            raise DataError(f"could not download {display} into {root} ({_first_line(e)}); check "
+            raise DataError(f"could not download {display} into {root} ({first_line(e)}); check "
                             f"the network, or download it by hand into {root}") from None
-        raise DataError(f"cannot read {display} from {root} ({_first_line(e)}); delete it and "
+        raise DataError(f"cannot read {display} from {root} ({first_line(e)}); delete it and "
                         "set data.download=true to fetch it again") from None
     return TorchvisionImages(base, cfg.image_size, cfg.channels, labelled)
 
@@ -691,30 +683,11 @@ def _pil_from_hwc(arr: np.ndarray) -> Image.Image:
     raise ValueError(f"images need 1 or 3 channels, got {arr.shape[-1]}")
 
 
-def _save_atomic(img: Image.Image, path: str | os.PathLike) -> None:
-    """Write ``img`` via a temporary file in the same folder and ``os.replace``, so a crash
-    never leaves a half-written file under ``path``. The format follows the extension."""
-    path = Path(path)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise DataError(f"cannot write {path}: unknown image extension {path.suffix!r}; use .png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Named by hand rather than with tempfile.mkstemp, whose 0600 mode would survive the rename.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            img.save(f, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_image(image: Tensor, path: str | os.PathLike) -> None:
     """Save one image (C, H, W) in [-1, 1]: grayscale for C=1, RGB for C=3 (atomic write)."""
     if image.ndim != 3:
         raise ValueError(f"save_image takes one image (C, H, W), got shape {tuple(image.shape)}")
-    _save_atomic(_pil_from_hwc(to_uint8(image).cpu().numpy()), path)
+    atomic_save_image(_pil_from_hwc(to_uint8(image).cpu().numpy()), path)
 
 
 def make_grid_image(images: Tensor, nrow: int | None = None, padding: int = 2,
@@ -744,4 +717,4 @@ def make_grid_image(images: Tensor, nrow: int | None = None, padding: int = 2,
 
 def save_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None) -> None:
     """Save (B, C, H, W) images in [-1, 1] as one grid image (see :func:`make_grid_image`)."""
-    _save_atomic(make_grid_image(images, nrow), path)
+    atomic_save_image(make_grid_image(images, nrow), path)

@@ -32,9 +32,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .config import DataConfig, load_config
-from .data import BuiltinShapes, FolderImages, TorchvisionImages, _first_line, build_dataset
+from .data import BuiltinShapes, FolderImages, TorchvisionImages, build_dataset
 from .diffusion import LIKELIHOOD_VARIANCES, NoiseSchedule, bits_per_dim
 from .errors import ConfigError, DataError, DiffunetError, ModelFileError
+from .fileio import atomic_write_bytes, first_line
 
 __all__ = [
     "BPDResult",
@@ -303,7 +304,7 @@ def inception_weights_path(weights: str | os.PathLike | None = None, *,
         _download(INCEPTION_WEIGHTS_URL, path)
     except Exception as e:  # URLError, HTTPError, OSError, timeouts, ...
         raise ModelFileError(f"the FID Inception weights are not in {path} and could not be "
-                             f"downloaded ({_first_line(e)}); " + _how_to_supply(path)) from None
+                             f"downloaded ({first_line(e)}); " + _how_to_supply(path)) from None
     return path
 
 
@@ -316,7 +317,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ModelFileError(f"cannot read the FID Inception weights {path} ({_first_line(e)}); "
+        raise ModelFileError(f"cannot read the FID Inception weights {path} ({first_line(e)}); "
                              f"delete it and download {INCEPTION_WEIGHTS_URL} again") from None
     if not isinstance(state, dict):
         raise ModelFileError(f"{path} does not hold a state dict; expected pytorch-fid's "
@@ -342,7 +343,7 @@ def load_inception(weights: str | os.PathLike | None = None, *,
         inception.load_state_dict(state)
     except RuntimeError as e:
         raise ModelFileError(f"{path} is not the FID Inception weights file "
-                             f"({_first_line(e)}); use pytorch-fid's {INCEPTION_WEIGHTS_FILE}"
+                             f"({first_line(e)}); use pytorch-fid's {INCEPTION_WEIGHTS_FILE}"
                              ) from None
     net = _FIDInception(inception).to(device).eval().requires_grad_(False)
     return FeatureNetwork(net=net, identity=f"fid-inception-v3-pool3/bilinear299/"
@@ -516,7 +517,6 @@ def _save_cached(path: Path, stats: FeatureStats, fingerprint: str, summary: dic
                  ) -> None:
     from safetensors.torch import save
 
-    from .checkpoint import atomic_write_bytes
 
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": _CACHE_FORMAT, "format_version": str(_CACHE_VERSION),

@@ -36,9 +36,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import atomic_write_bytes, load_model
-from .data import BuiltinShapes, _pil_from_hwc, _save_atomic, load_image, save_image
+from .checkpoint import load_model
+from .data import BuiltinShapes, _pil_from_hwc, load_image, save_image
 from .errors import ConfigError, ModelFileError
+from .fileio import atomic_save_image, atomic_write_bytes
 from .seg_data import class_palette
 from .seg_losses import predict_labels
 
@@ -417,7 +418,7 @@ def inspect_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         if isinstance(pic, Tensor):
             save_image(pic, path)
         else:
-            _save_atomic(_pil_from_hwc(pic), path)
+            atomic_save_image(_pil_from_hwc(pic), path)
         files.append(path)
     files += [out_dir / "stats.json", out_dir / "stats.txt"]
     doc = {"format": _FORMAT, "format_version": _FORMAT_VERSION, "input": info,

@@ -44,10 +44,11 @@ import torch
 from PIL import Image
 
 from . import __version__
-from .checkpoint import atomic_write_bytes, load_diffusion_model
+from .checkpoint import load_diffusion_model
 from .config import to_dict
 from .data import save_grid, save_image
 from .errors import ConfigError, DataError, DiffunetError
+from .fileio import atomic_write_bytes
 from .schedulers import SAMPLERS, SPACINGS, make_timesteps, sample
 
 __all__ = ["SampleOptions", "SampleResult", "generate", "parse_class_labels", "image_name",
@@ -62,8 +63,8 @@ MANIFEST_FORMAT = "diffunet.samples"
 MANIFEST_VERSION = 1
 
 _IMAGE_RE = re.compile(r"\d{6,}\.png")
-# temporary files of interrupted atomic writes: data._save_atomic (".000012.png.<pid>.<hex>.tmp")
-# and checkpoint.atomic_write_bytes (".manifest.json.<random>.tmp")
+# temporary files of interrupted atomic writes (fileio: ".000012.png.<pid>.<hex>.tmp",
+# ".manifest.json.<pid>.<hex>.tmp")
 _TMP_RE = re.compile(r"\.(\d{6,}\.png|grid\.png|manifest\.json)\..+\.tmp")
 
 ClassLabels = Union[None, int, tuple[int, ...], Literal["all"]]

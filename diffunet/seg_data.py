@@ -25,9 +25,9 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .data import (IMAGE_EXTENSIONS, _first_line, _open_image, _save_atomic,
-                   _scan_folder, _seed_for, prepare_image, to_uint8)
+from .data import IMAGE_EXTENSIONS, _open_image, _scan_folder, _seed_for, prepare_image, to_uint8
 from .errors import DataError
+from .fileio import atomic_save_image, first_line
 
 __all__ = [
     "IGNORE_INDEX",
@@ -374,7 +374,7 @@ class PairedFolders(Dataset):
                 isize, _ = _upright_size(ipath)
                 msize, mode = _upright_size(mpath)
             except Exception as e:  # passed _scan_folder's header check; changed since?
-                raise DataError(f"cannot read {ipath} or {mpath} ({_first_line(e)}); check the "
+                raise DataError(f"cannot read {ipath} or {mpath} ({first_line(e)}); check the "
                                 "files") from None
             if mode not in _MASK_MODES:
                 raise _bad_mask_mode(mpath, mode)
@@ -392,7 +392,7 @@ class PairedFolders(Dataset):
             img = _open_image(ipath, s)
             image = prepare_image(img, s, self.channels)
         except Exception as e:
-            raise DataError(f"cannot decode {ipath} ({_first_line(e)}); delete or repair the "
+            raise DataError(f"cannot decode {ipath} ({first_line(e)}); delete or repair the "
                             "file (only headers are checked when the folder is scanned)") from None
         # prepare_image gives v / 127.5 - 1 for 8-bit v, so this is exactly v / 255.
         image = ((image + 1.0) * 0.5).clamp(0.0, 1.0)
@@ -429,7 +429,7 @@ class PairedFolders(Dataset):
                 mode = m.mode
                 arr = np.asarray(m) if mode in _MASK_MODES else None
         except Exception as e:
-            raise DataError(f"cannot decode mask {path} ({_first_line(e)}); delete or repair the "
+            raise DataError(f"cannot decode mask {path} ({first_line(e)}); delete or repair the "
                             "file") from None
         if arr is None:
             raise _bad_mask_mode(path, mode)
@@ -606,7 +606,7 @@ def save_mask(mask: Tensor | np.ndarray, path: str | os.PathLike, num_classes: i
     arr = _as_label_array(mask, num_classes).astype(np.uint8)
     img = Image.frombytes("P", (arr.shape[1], arr.shape[0]), np.ascontiguousarray(arr).tobytes())
     img.putpalette([v for colour in class_palette(256) for v in colour])
-    _save_atomic(img, path)
+    atomic_save_image(img, path)
 
 
 def overlay(image: Tensor, mask: Tensor, num_classes: int, alpha: float = 0.5) -> Tensor:

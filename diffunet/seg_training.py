@@ -34,10 +34,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import state as st
-from .checkpoint import atomic_write_bytes, save_model, unwrap_model
+from .checkpoint import save_model, unwrap_model
 from .config import SegRunConfig, to_dict
 from .data import GlobalBatchSampler, make_dataloader
 from .errors import ConfigError, DataError, ModelFileError
+from .fileio import atomic_write_bytes
 from .seg_data import (IGNORE_INDEX, BuiltinSegShapes, PairedFolders, class_pixel_counts,
                        default_mean_std, joint_flip, normalize, split_indices)
 from .seg_losses import (confusion_matrix, dice_iou, init_output_bias_, mean_foreground,

@@ -14,7 +14,6 @@ Only :func:`run_segment` prints.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -28,9 +27,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import SegRunConfig, load_config, to_toml
-from .data import IMAGE_EXTENSIONS, _first_line, _save_atomic
+from .data import IMAGE_EXTENSIONS
 from .errors import ConfigError, DataError, ModelFileError
-from .seg_data import class_palette, compute_mean_std, normalize, overlay, save_mask
+from .fileio import atomic_save_image, first_line
+from .seg_data import compute_mean_std, normalize, overlay, save_mask
 
 __all__ = ["add_segment_parser", "predict_masks", "run_segment"]
 
@@ -74,7 +74,7 @@ def _read_rgb(path: Path, channels: int) -> np.ndarray:
                 img = Image.alpha_composite(background, img)
             img = img.convert("RGB" if channels == 3 else "L")
     except Exception as e:  # PIL raises several types for a bad file
-        raise DataError(f"cannot read image {path} ({_first_line(e)}); give a png/jpg/webp/... "
+        raise DataError(f"cannot read image {path} ({first_line(e)}); give a png/jpg/webp/... "
                         "file") from None
     arr = np.asarray(img, dtype=np.float32) / 255.0
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
@@ -151,7 +151,7 @@ def predict_masks(model_path: str | os.PathLike, inputs: Sequence[str], out_dir:
         labels = predict_image(net, image, image_size, mean, std).cpu()
         save_mask(labels, mask_path, K)
         blended = overlay(image.cpu(), labels, K, alpha=alpha)
-        _save_atomic(Image.fromarray(np.ascontiguousarray(blended)), overlay_path)
+        atomic_save_image(Image.fromarray(np.ascontiguousarray(blended)), overlay_path)
         if progress is not None:
             progress(i + 1, len(files))
     return targets

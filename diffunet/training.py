@@ -31,11 +31,12 @@ from typing import Any
 import torch
 
 from . import state as st
-from .checkpoint import atomic_write_bytes, save_model, unwrap_model
+from .checkpoint import save_model, unwrap_model
 from .config import RunConfig, to_dict
 from .data import GlobalBatchSampler, build_dataset, make_dataloader, save_grid
 from .diffusion import NoiseSchedule, diffusion_loss
 from .errors import ConfigError, DiffunetError, ModelFileError
+from .fileio import atomic_write_bytes
 from .schedulers import sample
 from .unet import UNet
 

@@ -204,3 +204,22 @@ def test_info_on_a_bad_file_is_one_line_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "not a safetensors model file" in proc.stderr
+
+
+def test_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    """Atomic writes must not leave model files owner-only (a temp file's 0600 mode)."""
+    import os
+
+    from diffunet.fileio import atomic_save_image, atomic_write_bytes
+    from PIL import Image
+
+    umask = os.umask(0o022)
+    try:
+        path = _saved(tmp_path)
+        atomic_write_bytes(tmp_path / "a.json", b"{}")
+        atomic_save_image(Image.new("RGB", (2, 2)), tmp_path / "b.png")
+    finally:
+        os.umask(umask)
+    for p in (path, tmp_path / "a.json", tmp_path / "b.png"):
+        assert p.stat().st_mode & 0o777 == 0o644, p
+    assert not list(tmp_path.glob(".*.tmp"))
