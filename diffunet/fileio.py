@@ -18,7 +18,7 @@ from PIL import Image
 
 from .errors import DataError
 
-__all__ = ["atomic_save_image", "atomic_write_bytes", "first_line"]
+__all__ = ["atomic_save_image", "atomic_write_bytes", "first_line", "fsync_dir"]
 
 
 def first_line(e: BaseException) -> str:
@@ -29,7 +29,8 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename into it) to disk, where the platform allows."""
     try:  # make a rename durable; not possible on every platform
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -63,7 +64,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = 
         tmp.unlink(missing_ok=True)
         raise
     if durable:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def atomic_save_image(img: Image.Image, path: str | os.PathLike) -> None:

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import ModelFileError
+from .fileio import fsync_dir
 
 STATE_FORMAT_VERSION = 1
 _NAME = re.compile(r"^step(\d{7,})$")
@@ -101,30 +102,17 @@ def clear_leftovers(out_dir: Path) -> None:
             _remove(leftover)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def commit_state(tmp: Path, keep_last: int) -> Path:
     """Flush every file in ``tmp``, rename it to its final name, then prune old states."""
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     final = tmp.parent / tmp.name.removeprefix(".tmp-")
     if final.exists() or final.is_symlink():  # re-saving a step (e.g. over a damaged state)
         discard(final)
     os.rename(tmp, final)
-    _fsync_dir(tmp.parent)
+    fsync_dir(tmp.parent)
     for _, old in complete_states(tmp.parent)[:-keep_last]:
         discard(old)
     return final
