@@ -354,3 +354,14 @@ def test_resume_refuses_a_changed_config(tmp_path: Path, capsys: pytest.CaptureF
     # with no CONFIG, --resume starts from the run's own config.json
     assert main(["segment", "train", "--out-dir", str(out), "--resume", "--no-progress"]) == 0
     assert "nothing to do" in capsys.readouterr().err
+
+
+def test_train_segmentation_script_is_the_command() -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "scripts" / "train_segmentation.py"
+    r = subprocess.run([sys.executable, str(script), "train.epochs=3", "--dry-run"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "epochs = 3" in r.stdout and "time_conditioning = false" in r.stdout
