@@ -262,6 +262,18 @@ def _upright_size(path: Path) -> tuple[tuple[int, int], str]:
         return (w, h), im.mode
 
 
+_MASK_SUFFIXES = ("_mask", "_masks", "-mask", "_label", "_labels", "_seg", "_gt",
+                  "_segmentation", "_annotation")
+"""Name endings that mark a mask file (x_mask.png is the mask of x.jpg)."""
+
+
+def _strip_mask_suffix(stem: str) -> str:
+    for suffix in _MASK_SUFFIXES:
+        if stem.lower().endswith(suffix) and len(stem) > len(suffix):
+            return stem[:-len(suffix)]
+    return stem
+
+
 def _bad_mask_mode(path: Path, mode: str) -> DataError:
     return DataError(f"masks must be grayscale or palette images, got {mode}: {path}; convert it "
                      "to a palette or grayscale PNG whose pixel values are the class indices "
@@ -332,11 +344,19 @@ class PairedFolders(Dataset):
         self.skipped: list[str] = img_skipped + mask_skipped
 
         # Keys: relative path without extension; fallback: bare stem, if unique on both sides.
+        # A mask named like its image plus a usual suffix (x_mask.png for x.jpg) matches too,
+        # after every exact name.
         by_key: dict[str, Path] = {}
         stems: dict[str, list[Path]] = {}
         for rel in masks:
             by_key.setdefault(rel.with_suffix("").as_posix(), rel)
             stems.setdefault(rel.stem, []).append(rel)
+        for rel in masks:
+            bare = _strip_mask_suffix(rel.stem)
+            if bare != rel.stem:
+                by_key.setdefault(rel.with_name(bare).as_posix(), rel)
+                if bare not in stems:
+                    stems[bare] = [m for m in masks if _strip_mask_suffix(m.stem) == bare]
         image_stems: dict[str, int] = {}
         for rel in images:
             image_stems[rel.stem] = image_stems.get(rel.stem, 0) + 1
@@ -363,8 +383,8 @@ class PairedFolders(Dataset):
                 f"{found(masks, self.masks_root)}"
                 + (f", {len(self.skipped)} unreadable" if self.skipped else "")
                 + f" ({', '.join(IMAGE_EXTENSIONS)}); a mask must have its image's relative path "
-                "with any image extension (images/a/x.jpg <-> masks/a/x.png), or the image's "
-                "file name stem when that is unique")
+                "with any image extension (images/a/x.jpg <-> masks/a/x.png, or x_mask.png), "
+                "or the image's file name stem when that is unique")
         small_set = set(small)
         self.upscaled: list[str] = [str(p) for p, _ in self.pairs if str(p) in small_set]
 
@@ -445,9 +465,12 @@ class PairedFolders(Dataset):
         bad = [v for v in values if (v >= k or v < 0) and v != IGNORE_INDEX]
         if bad and not binary:
             shown = ", ".join(str(v) for v in values[:12]) + (", ..." if len(values) > 12 else "")
+            lossy = Path(path).suffix.lower() in (".jpg", ".jpeg", ".webp")
             raise DataError(f"mask {path} has values {{{shown}}} but data.num_classes is {k}; "
-                            f"labels must be 0..{k - 1} (255 = ignore): fix the mask or raise "
-                            "data.num_classes")
+                            + ("JPEG/WebP compression blurs labels, so save masks as PNG"
+                               if lossy else
+                               f"labels must be 0..{k - 1} (255 = ignore): fix the mask or raise "
+                               "data.num_classes"))
         return arr, binary
 
 

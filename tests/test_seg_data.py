@@ -281,6 +281,34 @@ def test_paired_out_of_range_label_is_an_error(tmp_path: Path) -> None:
         == {0, 255}
 
 
+def test_paired_matching_with_a_mask_suffix(tmp_path: Path) -> None:
+    imgs, masks = tmp_path / "images", tmp_path / "masks"
+    m = np.zeros((12, 12), dtype=np.uint8)
+    _save(imgs / "a" / "x.jpg", _rgb(12, 12))
+    _save(masks / "a" / "x_mask.png", m)        # x_mask is x's mask
+    _save(imgs / "y.png", _rgb(12, 12))
+    _save(masks / "y.png", m)                   # an exact name wins over a suffixed one
+    _save(masks / "y_label.png", m + 1)
+    _save(imgs / "b" / "z.png", _rgb(12, 12))
+    _save(masks / "c" / "z_gt.png", m)          # suffixed and unique stem, other folder
+    ds = PairedFolders(imgs, masks, image_size=8, channels=3, num_classes=2)
+    assert sorted((p.relative_to(imgs).as_posix(), q.relative_to(masks).as_posix())
+                  for p, q in ds.pairs) == [("a/x.jpg", "a/x_mask.png"),
+                                            ("b/z.png", "c/z_gt.png"), ("y.png", "y.png")]
+    assert [Path(p).name for p in ds.unmatched_masks] == ["y_label.png"]
+
+
+def test_jpeg_masks_get_a_save_as_png_hint(tmp_path: Path) -> None:
+    m = np.zeros((16, 16), np.uint8)
+    m[4:12, 4:12] = 255
+    _save(tmp_path / "i" / "a.png", _rgb(16, 16))
+    (tmp_path / "m").mkdir()
+    Image.fromarray(m).save(tmp_path / "m" / "a.jpg", quality=50)
+    ds = PairedFolders(tmp_path / "i", tmp_path / "m", 8, 3, 2)
+    with pytest.raises(DataError, match="save masks as PNG"):
+        ds[0]
+
+
 def test_paired_size_mismatch_is_an_error(tmp_path: Path) -> None:
     _save(tmp_path / "i" / "a.png", _rgb(20, 16))
     _save(tmp_path / "m" / "a.png", np.zeros((18, 16), np.uint8))
