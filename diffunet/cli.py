@@ -34,6 +34,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
           f"{meta.get('diffunet_version', '?')})")
     if "step" in meta:
         print(f"training step    {meta['step']}")
+    if "epoch" in meta:
+        metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
+        dice, iou = metrics.get("val_mean_dice"), metrics.get("val_mean_iou")
+        print(f"training epoch   {meta['epoch']}" + (
+            f" (validation mean Dice {dice:.4f}, IoU {iou:.4f})"
+            if isinstance(dice, (int, float)) and isinstance(iou, (int, float)) else ""))
     print(f"parameters       {n_params:,} ({n_params / 1e6:.2f}M)")
     print(f"sha256           {meta['sha256']}")
     for section in ("unet_config", "schedule_config", "segmentation"):

@@ -140,7 +140,8 @@ def _train(tmp_path: Path, name: str, extra: list[str] = ()) -> Path:
     return out
 
 
-def test_segment_train_end_to_end_and_deterministic(tmp_path: Path) -> None:
+def test_segment_train_end_to_end_and_deterministic(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
     out = _train(tmp_path, "a")
     for f in ("config.json", "log.jsonl", "weights/best.safetensors", "weights/last.safetensors"):
         assert (out / f).is_file(), f
@@ -159,6 +160,9 @@ def test_segment_train_end_to_end_and_deterministic(tmp_path: Path) -> None:
     assert seg["mean"] == pytest.approx([0.485, 0.456, 0.406])
     best = max(epochs, key=lambda e: e["val_mean_dice"] if e["val_mean_dice"] is not None else -1)
     assert meta["epoch"] == best["epoch"]
+    capsys.readouterr()
+    assert main(["info", str(out / "weights" / "best.safetensors")]) == 0
+    assert f"training epoch   {best['epoch']} (validation mean Dice" in capsys.readouterr().out
     # the same seed gives the same weights
     again = _train(tmp_path, "b")
     a = load_file(out / "weights" / "last.safetensors")
