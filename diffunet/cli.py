@@ -14,11 +14,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import __version__
 from .config import RunConfig, load_config, to_toml
 from .errors import ConfigError, DiffunetError
+
+C = TypeVar("C")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -56,17 +58,23 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
+    """Print a one-line message for people on stderr, from the main process only."""
     if _is_main_process():
         print(msg, file=sys.stderr, flush=True)
 
 
-def _resolve_train_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
-    """CONFIG and overrides -> (RunConfig, out_dir). With --resume and no CONFIG, the run
-    folder's own config.json is the starting point, so `--resume train.max_steps=N` extends it."""
+def resolve_run_config(items: Sequence[str], out_dir: str | None, resume: bool, *,
+                       root: type[C], default_name: str) -> tuple[C, Path]:
+    """``[CONFIG.toml] [section.key=value ...]`` -> (config of type ``root``, run folder).
+
+    The run folder is ``out_dir``, else ``runs/<CONFIG name>`` (``runs/<default_name>``). With
+    ``resume`` and no CONFIG, the run folder's own config.json is the starting point, so
+    ``--resume train.max_steps=N`` extends a run.
+    """
     config_path = None
     overrides = []
-    for item in args.items:
+    for item in items:
         if "=" in item:
             overrides.append(item)
         elif config_path is None:
@@ -74,27 +82,28 @@ def _resolve_train_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
         else:
             raise ConfigError(f"two config files given ({config_path}, {item}); give one, then "
                               "section.key=value overrides")
-    sections = [f.name for f in dataclasses.fields(RunConfig)]
+    sections = [f.name for f in dataclasses.fields(root)]
     if (config_path is not None and not Path(config_path).is_file()
             and not config_path.endswith(".toml")
             and config_path.partition(".")[0] in sections):  # "train.max_steps" without "=N"
         raise ConfigError(f"{config_path}: not a config file, and an override needs a value; "
                           f"write {config_path}=VALUE (e.g. train.max_steps=500)")
-    stem = Path(config_path).stem if config_path else "default"
-    out_dir = Path(args.out_dir) if args.out_dir else Path("runs") / stem
+    stem = Path(config_path).stem if config_path else default_name
+    run_dir = Path(out_dir) if out_dir else Path("runs") / stem
     base = None
-    saved = out_dir / "config.json"
-    if args.resume and config_path is None and saved.is_file():
+    saved = run_dir / "config.json"
+    if resume and config_path is None and saved.is_file():
         try:
             base = json.loads(saved.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"{saved} is damaged ({e}); give the run's CONFIG.toml and "
                               "overrides along with --resume") from None
-    return load_config(config_path, overrides, base=base), out_dir
+    return load_config(config_path, overrides, base=base, root=root), run_dir
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    cfg, out_dir = _resolve_train_config(args)
+    cfg, out_dir = resolve_run_config(args.items, args.out_dir, args.resume, root=RunConfig,
+                                      default_name="default")
     if args.dry_run:
         from .unet import UNet
 
@@ -105,13 +114,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     from .training import train
 
-    result = train(cfg, out_dir, resume=args.resume, say=_say, progress=not args.no_progress)
+    result = train(cfg, out_dir, resume=args.resume, say=say, progress=not args.no_progress)
     if result.model_path is not None:
-        _say(f"step {result.step}: model file {result.model_path}")
+        say(f"step {result.step}: model file {result.model_path}")
     if result.nonfinite_skipped:
-        _say(f"skipped {result.nonfinite_skipped} step(s) with a non-finite loss")
+        say(f"skipped {result.nonfinite_skipped} step(s) with a non-finite loss")
     if not result.interrupted and result.model_path is not None:
-        _say(f"sample from it with: diffunet sample {result.model_path}")
+        say(f"sample from it with: diffunet sample {result.model_path}")
     return 0
 
 
@@ -124,7 +133,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         class_labels=parse_class_labels(args.class_label), guidance_scale=args.guidance_scale,
         grid=args.grid, precision=args.precision, device=args.device, overwrite=args.overwrite)
     out_dir = Path(args.out_dir) if args.out_dir else Path("samples") / Path(args.model).stem
-    generate(args.model, out_dir, options, progress=not args.no_progress, say=_say)
+    generate(args.model, out_dir, options, progress=not args.no_progress, say=say)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .config import SegRunConfig, load_config, to_toml
+from .cli import resolve_run_config, say
+from .config import SegRunConfig, to_toml
 from .data import IMAGE_EXTENSIONS
 from .errors import ConfigError, DataError, ModelFileError
 from .fileio import atomic_save_image, first_line
@@ -161,41 +161,11 @@ def predict_masks(model_path: str | os.PathLike, inputs: Sequence[str], out_dir:
 # the command
 
 
-def _resolve(items: Sequence[str], resume_dir: Path | None = None,
-             ) -> tuple[SegRunConfig, str | None]:
-    """CONFIG and overrides -> (config, CONFIG path). With --resume and no CONFIG, the run
-    folder's own config.json is the starting point."""
-    config_path, overrides = None, []
-    for item in items:
-        if "=" in item:
-            overrides.append(item)
-        elif config_path is None:
-            config_path = item
-        else:
-            raise ConfigError(f"two config files given ({config_path}, {item}); give one, then "
-                              "section.key=value overrides")
-    base = None
-    if resume_dir is not None and config_path is None and (resume_dir / "config.json").is_file():
-        try:
-            base = json.loads((resume_dir / "config.json").read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{resume_dir / 'config.json'} is damaged ({e}); give the run's "
-                              "CONFIG.toml and overrides along with --resume") from None
-    return load_config(config_path, overrides, base=base, root=SegRunConfig), config_path
-
-
-def _say(msg: str) -> None:
-    if os.environ.get("RANK", "0") == "0":
-        print(msg, file=sys.stderr, flush=True)
-
-
 def run_segment(args: argparse.Namespace) -> int:
     """Run ``diffunet segment train|predict|stats``; returns the exit code."""
     if args.segment_command == "train":
-        config_path = next((i for i in args.items if "=" not in i), None)
-        stem = Path(config_path).stem if config_path else "segment"
-        out_dir = Path(args.out_dir) if args.out_dir else Path("runs") / stem
-        cfg, _ = _resolve(args.items, out_dir if args.resume else None)
+        cfg, out_dir = resolve_run_config(args.items, args.out_dir, args.resume,
+                                          root=SegRunConfig, default_name="segment")
         if args.dry_run:
             from .unet import UNet
 
@@ -207,12 +177,12 @@ def run_segment(args: argparse.Namespace) -> int:
             return 0
         from .seg_training import train_segmentation
 
-        result = train_segmentation(cfg, out_dir, resume=args.resume, say=_say,
+        result = train_segmentation(cfg, out_dir, resume=args.resume, say=say,
                                     progress=not args.no_progress)
         if result.best_path is not None:
-            _say(f"best model (epoch {result.best_epoch}, validation Dice "
+            say(f"best model (epoch {result.best_epoch}, validation Dice "
                  f"{result.best_dice:.3f}): {result.best_path}")
-            _say(f"predict with: diffunet segment predict {result.best_path} IMAGE_OR_FOLDER")
+            say(f"predict with: diffunet segment predict {result.best_path} IMAGE_OR_FOLDER")
         return 0
     if args.segment_command == "predict":
         out_dir = Path(args.out_dir) if args.out_dir else Path("masks") / Path(args.model).stem
@@ -232,10 +202,11 @@ def run_segment(args: argparse.Namespace) -> int:
         finally:
             for bar in bars:
                 bar.close()
-        _say(f"wrote {len(written)} mask(s) and overlay(s) to {out_dir}")
+        say(f"wrote {len(written)} mask(s) and overlay(s) to {out_dir}")
         return 0
     # stats
-    cfg, _ = _resolve(args.items)
+    cfg, _ = resolve_run_config(args.items, None, False, root=SegRunConfig,
+                                default_name="segment")
     from .seg_training import build_segmentation_data
 
     data = build_segmentation_data(cfg)
@@ -246,7 +217,7 @@ def run_segment(args: argparse.Namespace) -> int:
           f"data.mean = {json.dumps([round(v, 4) for v in mean])}\n"
           f"data.std = {json.dumps([round(v, 4) for v in std])}")
     if not args.json:
-        _say("put these under [data] in your config (or pass them as overrides) to normalise "
+        say("put these under [data] in your config (or pass them as overrides) to normalise "
              "with this data set's statistics instead of ImageNet's")
     return 0
 
