@@ -37,13 +37,14 @@ from . import state as st
 from .checkpoint import save_model, unwrap_model
 from .config import SegRunConfig, to_dict
 from .data import GlobalBatchSampler, make_dataloader
-from .errors import ConfigError, DataError, ModelFileError
+from .errors import ConfigError, DataError
 from .fileio import atomic_write_bytes
 from .seg_data import (IGNORE_INDEX, BuiltinSegShapes, PairedFolders, class_pixel_counts,
                        default_mean_std, joint_flip, normalize, split_indices)
 from .seg_losses import (confusion_matrix, dice_iou, init_output_bias_, mean_foreground,
                          predict_labels, segmentation_loss)
-from .training import EMA, _logged_step, _match_param_layout, _write_failed, prepare_out_dir
+from .training import (EMA, _write_failed, load_state_into, prepare_out_dir, state_must_fit,
+                       trim_log)
 from .unet import UNet
 
 
@@ -267,26 +268,15 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *, resume: bool =
                                                     total_steps=total_steps, pct_start=pct)
     flip_gen = torch.Generator().manual_seed(t.seed * 1000 + rank + 1)  # explicit randomness
     if resume_from is not None:
-        try:
-            model.load_state_dict(st.load_tensors(resume_from / "model.safetensors"))
-            if ema is not None:
-                ema.model.load_state_dict(st.load_tensors(resume_from / "ema.safetensors"))
-            optimizer.load_state_dict(st.join_optimizer_state(
-                st.load_tensors(resume_from / "optimizer.safetensors"), saved["optimizer"]))
-            _match_param_layout(optimizer)
+        with state_must_fit(resume_from):
+            load_state_into(resume_from, saved, model, ema.model if ema is not None else None,
+                            optimizer)
             scheduler.load_state_dict(saved["scheduler"])
             rng_file = resume_from / f"rng_rank{rank}.safetensors"
             if rng_file.is_file():  # absent if resumed on more processes than it had
                 rng = st.load_tensors(rng_file)
                 flip_gen.set_state(rng.pop("flip_gen"))
                 st.set_rng_states(rng)
-        except ModelFileError:
-            raise
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:  # readable, but not ours
-            raise ModelFileError(
-                f"{resume_from} does not fit this run ({' '.join(str(e).split())[:200]}); "
-                "delete it to resume from the state before it, or start a new --out-dir"
-                ) from None
     if ema is not None:
         ema.model.to(device)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -299,11 +289,8 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *, resume: bool =
         st.clear_leftovers(out_dir)  # temporary files of writes a crash cut short
         atomic_write_bytes(out_dir / "config.json",
                            (json.dumps(to_dict(cfg), indent=2) + "\n").encode("utf-8"))
-        log_path = out_dir / "log.jsonl"
-        if resume_from is not None and log_path.exists():  # drop lines past the resumed step
-            kept = [ln for ln in log_path.read_text().splitlines()
-                    if _logged_step(ln) <= start_step]
-            atomic_write_bytes(log_path, "".join(ln + "\n" for ln in kept).encode("utf-8"))
+        if resume_from is not None:
+            trim_log(out_dir / "log.jsonl", start_step)
         say(f"{n_train} training / {len(data.val)} validation pairs, {K} classes "
             f"({', '.join(data.class_names)}); {steps_per_epoch} steps per epoch; "
             f"{net.num_parameters():,} parameters")

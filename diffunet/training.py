@@ -166,6 +166,14 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
+def trim_log(log_path: Path, step: int) -> None:
+    """Drop the ``log.jsonl`` lines past ``step`` (those of the work a resumed run redoes, and a
+    torn last line), so the log ends as an uninterrupted run's would."""
+    if log_path.exists():
+        kept = [ln for ln in log_path.read_text().splitlines() if _logged_step(ln) <= step]
+        atomic_write_bytes(log_path, "".join(ln + "\n" for ln in kept).encode("utf-8"))
+
+
 def _install_stop_handlers(flag: dict[str, Any]) -> Callable[[], None]:
     """On SIGINT/SIGTERM, ask the loop to save and stop after the current step."""
     previous = {}
@@ -200,6 +208,32 @@ def _match_param_layout(optimizer: torch.optim.Optimizer) -> None:
                 if (isinstance(value, torch.Tensor) and value.shape == p.shape
                         and value.stride() != p.stride()):
                     state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+def load_state_into(folder: Path, saved: dict[str, Any], model: torch.nn.Module,
+                    ema_model: torch.nn.Module | None, optimizer: torch.optim.Optimizer) -> None:
+    """Load a saved state's weights, EMA weights and optimizer state into a fresh run (before
+    ``accelerator.prepare``); ``saved`` is its checked ``trainer.json``."""
+    model.load_state_dict(st.load_tensors(folder / "model.safetensors"))
+    if ema_model is not None:
+        ema_model.load_state_dict(st.load_tensors(folder / "ema.safetensors"))
+    optimizer.load_state_dict(st.join_optimizer_state(
+        st.load_tensors(folder / "optimizer.safetensors"), saved["optimizer"]))
+    _match_param_layout(optimizer)
+
+
+@contextlib.contextmanager
+def state_must_fit(folder: Path) -> Iterator[None]:
+    """Turn an error from loading a readable state that does not fit this run (other shapes,
+    keys, schedule) into a one-line :class:`ModelFileError` that says what to do."""
+    try:
+        yield
+    except ModelFileError:
+        raise
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:  # readable, but not ours
+        raise ModelFileError(
+            f"{folder} does not fit this run ({' '.join(str(e).split())[:200]}); delete it to "
+            "resume from the state before it, or start a new --out-dir") from None
 
 
 def _forever(loader: Any) -> Iterator[Any]:
@@ -289,20 +323,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     step, nonfinite_total, nonfinite_streak = 0, 0, 0
 
     if resume_from is not None:
-        try:
-            model.load_state_dict(st.load_tensors(resume_from / "model.safetensors"))
-            ema.model.load_state_dict(st.load_tensors(resume_from / "ema.safetensors"))
-            optimizer.load_state_dict(st.join_optimizer_state(
-                st.load_tensors(resume_from / "optimizer.safetensors"), saved["optimizer"]))
-            _match_param_layout(optimizer)
+        with state_must_fit(resume_from):
+            load_state_into(resume_from, saved, model, ema.model, optimizer)
             step_gen.set_state(st.load_tensors(resume_from / "rng.safetensors")["step_gen"])
-        except ModelFileError:
-            raise
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:  # readable, but not ours
-            raise ModelFileError(
-                f"{resume_from} does not fit this model ({' '.join(str(e).split())[:200]}); "
-                "delete it to resume from the state before it, or start a new --out-dir"
-                ) from None
         step, nonfinite_total = saved["step"], saved["nonfinite_total"]
         nonfinite_streak = saved["nonfinite_streak"]
 
@@ -324,10 +347,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         st.clear_leftovers(out_dir)  # temporary files of writes a crash cut short
         atomic_write_bytes(out_dir / "config.json",
                            (json.dumps(to_dict(cfg), indent=2) + "\n").encode("utf-8"))
-        log_path = out_dir / "log.jsonl"
-        if resume_from is not None and log_path.exists():  # drop lines past the resumed step
-            kept = [ln for ln in log_path.read_text().splitlines() if _logged_step(ln) <= step]
-            atomic_write_bytes(log_path, "".join(ln + "\n" for ln in kept).encode("utf-8"))
+        if resume_from is not None:
+            trim_log(out_dir / "log.jsonl", step)
         if t.trackers:
             accelerator.init_trackers(out_dir.name, config={
                 f"{s}.{k}": json.dumps(v) for s, sec in to_dict(cfg).items() for k, v in sec.items()})
