@@ -423,6 +423,16 @@ class SampleConfig:
             _fail(p + "num_images", f"must be a positive integer, got {self.num_images}")
 
 
+def _check_data_fits_unet(data: DataConfig | SegDataConfig, unet: UNetConfig) -> None:
+    """The images a run loads must have the size and channels its UNet takes."""
+    if data.image_size != unet.image_size:
+        _fail("data.image_size", f"{data.image_size} does not match unet.image_size "
+              f"{unet.image_size}; set both to the same value")
+    if data.channels != unet.in_channels:
+        _fail("data.channels", f"{data.channels} does not match unet.in_channels "
+              f"{unet.in_channels}; set both to the same value")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one training run needs; written to ``config.json`` in the run folder."""
@@ -440,12 +450,7 @@ class RunConfig:
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
-        if self.data.image_size != self.unet.image_size:
-            _fail("data.image_size", f"{self.data.image_size} does not match unet.image_size "
-                  f"{self.unet.image_size}; set both to the same value")
-        if self.data.channels != self.unet.in_channels:
-            _fail("data.channels", f"{self.data.channels} does not match unet.in_channels "
-                  f"{self.unet.in_channels}; set both to the same value")
+        _check_data_fits_unet(self.data, self.unet)
         if not self.unet.time_conditioning:
             _fail("unet.time_conditioning", "a diffusion model needs the timestep input; set it "
                   "to true (time-less UNets are for `diffunet segment train`)")
@@ -602,12 +607,7 @@ class SegRunConfig:
         if self.unet.time_conditioning:
             _fail("unet.time_conditioning", "must be false for segmentation (the network "
                   "takes no timestep)")
-        if self.data.image_size != self.unet.image_size:
-            _fail("data.image_size", f"{self.data.image_size} does not match unet.image_size "
-                  f"{self.unet.image_size}; set both to the same value")
-        if self.data.channels != self.unet.in_channels:
-            _fail("data.channels", f"{self.data.channels} does not match unet.in_channels "
-                  f"{self.unet.in_channels}; set both to the same value")
+        _check_data_fits_unet(self.data, self.unet)
         want = self.output_channels
         if self.unet.out_channels is not None and self.unet.out_channels != want:
             _fail("unet.out_channels", f"{self.unet.out_channels} does not fit "
