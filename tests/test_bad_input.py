@@ -19,7 +19,6 @@ from __future__ import annotations
 import ast
 import json
 from collections.abc import Callable
-import os
 import pickle
 import shutil
 import struct
@@ -40,6 +39,7 @@ from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig
 from diffunet.checkpoint import FORMAT_VERSION
 from diffunet.sampling import image_name
 from diffunet.state import state_name
+from processes import clean_env
 
 RUNNER = r"""
 import json, os, sys, traceback
@@ -81,11 +81,7 @@ T = 20  # the tiny model's training timesteps
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-           and not k.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", PYTHONUNBUFFERED="1")
-    return env
+    return clean_env(ACCELERATE_USE_CPU="1")
 
 
 @dataclass

@@ -41,6 +41,7 @@ from safetensors.torch import load_file
 import diffunet
 from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig, cli
 from diffunet.sampling import GRID, MANIFEST, image_name
+from processes import clean_env, reset_accelerate_state
 
 # A tiny run: 8x8 images, two levels, attention at 4x4, dropout and flips (so the RNG state
 # matters), a save after every step and a preview every 7 steps (so kills land in both).
@@ -59,11 +60,7 @@ COMPARED = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rn
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-           and not k.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", PYTHONUNBUFFERED="1", **extra)
-    return env
+    return clean_env(ACCELERATE_USE_CPU="1", **extra)
 
 
 def _train_cmd(out: Path, *extra: str) -> list[str]:
@@ -334,17 +331,11 @@ def in_process(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     yield
     torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 def _train_in_process(out: Path, steps: int, capsys, *extra: str) -> tuple[int, str]:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     rc = cli.main(["train", *SMALL, f"train.max_steps={steps}", *extra, "--out-dir", str(out),
                    "--resume", "--no-progress"])
     return rc, capsys.readouterr().err

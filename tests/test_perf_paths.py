@@ -22,6 +22,7 @@ from diffunet.config import UNetConfig, load_config
 from diffunet.errors import ConfigError
 from diffunet.nn import AttentionBlock, ResidualBlock, Upsample, _math_attention, attention
 from diffunet.unet import UNet
+from processes import reset_accelerate_state
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
@@ -318,8 +319,6 @@ def test_train_flags_are_validated():
 
 
 def test_train_channels_last_gives_the_same_model(tmp_path, monkeypatch):
-    from accelerate.state import AcceleratorState, GradientState
-
     from diffunet.training import train
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
@@ -330,8 +329,7 @@ def test_train_channels_last_gives_the_same_model(tmp_path, monkeypatch):
             "unet.dropout=0.0"]
     results = []
     for flag in ("false", "true"):
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate_state()
         out = tmp_path / flag
         res = train(load_config(None, [*tiny, f"train.channels_last={flag}"]), out,
                     progress=False)
@@ -388,7 +386,6 @@ def test_gpu_attention_never_fails(dtype, head_dim):
 def test_train_channels_last_resume_is_exact(tmp_path, monkeypatch):
     # Saved optimizer moments load contiguous; the fused AdamW needs them in the (channels-last)
     # weights' layout, or the resumed steps would silently use permuted moments.
-    from accelerate.state import AcceleratorState, GradientState
     from safetensors.torch import load_file
 
     from diffunet.training import train
@@ -401,8 +398,7 @@ def test_train_channels_last_resume_is_exact(tmp_path, monkeypatch):
             "train.save_every=2", "train.warmup_steps=0", "train.lr=1e-2"]
 
     def run_to(steps: int, out: Path, resume: bool = False) -> None:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate_state()
         train(load_config(None, [*tiny, f"train.max_steps={steps}"]), out, resume=resume,
               progress=False)
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +26,7 @@ from diffunet.cli import main
 from diffunet.errors import ConfigError
 from diffunet.sampling import GRID, MANIFEST, SampleOptions, generate, image_name
 from diffunet.schedulers import sample
+from processes import clean_env, launch_two
 
 T = 100  # training timesteps of the tiny models (keeps "steps > T" cheap to test)
 
@@ -125,29 +124,11 @@ def test_images_do_not_depend_on_the_batch_size(rgb_model, tmp_path, sampler, et
     assert len({a.tobytes() for a in arrays[0]}) == 8  # and the 8 images are all different
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-           and not k.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
-    return env
+_env = clean_env
 
 
 def _launch(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    # `accelerate launch --cpu --num_processes 2` starts ONE process (Accelerate's multi-CPU
-    # launch goes through mpirun); --multi_gpu starts torchrun, and ACCELERATE_USE_CPU=1 makes
-    # Accelerate join the processes with gloo on the CPU (as tests/test_training.py does).
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "diffunet", "sample", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return launch_two(["sample", *args], env)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from diffunet import UNet, UNetConfig
 from diffunet.cli import main
 from diffunet.config import SegRunConfig, load_config
 from diffunet.errors import ConfigError, ModelFileError
+from processes import clean_env, launch_two, reset_accelerate_state
 
 TINY = dict(image_size=16, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
             attn_resolutions=(8,), num_groups=4, dropout=0.0)
@@ -30,13 +31,9 @@ TINY_RUN = ["unet.image_size=16", "data.image_size=16", "unet.base_channels=8",
 def fresh_accelerate_state():
     """Each `diffunet segment train` below runs in this process; a real one gets a fresh
     process, so reset Accelerate's process-wide state (it pins mixed_precision) around it."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 def test_timeless_unet_shapes_and_keys() -> None:
@@ -266,29 +263,15 @@ def test_two_processes_share_the_work_and_report_exact_metrics(tmp_path: Path) -
     """`accelerate launch` with 2 CPU processes: one log, one set of files, and validation
     metrics over the whole split (each process scores its share; the counts are summed)."""
     import contextlib
-    import os
-    import socket
-    import subprocess
-    import sys
 
     from diffunet.seg_losses import dice_iou
     from diffunet.seg_training import build_segmentation_data, evaluate
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-           and not k.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     out = tmp_path / "two"
     # 11 validation pairs: an odd count, so the two processes score different numbers of them
     run = [*TINY_RUN, "data.builtin_size=55"]
-    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                        "--dynamo_backend", "no", "--main_process_port", str(port),
-                        "-m", "diffunet", "segment", "train", *run, "--out-dir", str(out),
-                        "--no-progress"], env=env, capture_output=True, text=True, timeout=180)
+    r = launch_two(["segment", "train", *run, "--out-dir", str(out), "--no-progress"],
+                   clean_env(ACCELERATE_USE_CPU="1"), timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("epoch 2/2") == 1  # only the main process talks
     epochs = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()

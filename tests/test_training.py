@@ -9,11 +9,9 @@ Everything runs a tiny UNet (8 channels, 16x16) on the built-in shapes for a han
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +28,7 @@ from diffunet.data import GlobalBatchSampler
 from diffunet.errors import ConfigError
 from diffunet.training import EMA, TrainingError, lr_at, train
 from diffunet.unet import UNet
+from processes import clean_env, launch_two, reset_accelerate_state
 
 TINY = [
     "unet.base_channels=8", "unet.num_groups=4", "unet.channel_mults=[1,2]",
@@ -50,10 +49,7 @@ def _one_thread_fresh_accelerate(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     yield
     torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)  # every train() starts from a clean Accelerate state
-    GradientState._reset_state()
+    reset_accelerate_state()  # every train() starts from a clean Accelerate state
 
 
 def _cfg(*extra: str) -> RunConfig:
@@ -104,22 +100,12 @@ def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-           and not k.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", **extra)
-    return env
+    return clean_env(ACCELERATE_USE_CPU="1", **extra)
 
 
 def _diffunet(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "diffunet", *args], env=_env(),
                           capture_output=True, text=True, timeout=timeout)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,14 +322,8 @@ def test_resume_from_older_state_drops_later_log_lines(tmp_path: Path) -> None:
 
 
 def _launch(out: Path, overrides: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    # `accelerate launch --cpu --num_processes 2` starts ONE process (Accelerate's multi-CPU
-    # launch goes through mpirun); --multi_gpu starts torchrun, and ACCELERATE_USE_CPU=1 makes
-    # Accelerate join the processes with gloo on the CPU.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "diffunet", "train", *overrides, "--out-dir", str(out), "--no-progress"]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    return launch_two(["train", *overrides, "--out-dir", str(out), "--no-progress"], env,
+                      timeout=180)
 
 
 @pytest.mark.slow
