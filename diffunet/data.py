@@ -44,6 +44,7 @@ __all__ = [
     "TORCHVISION_DATASETS",
     "build_dataset",
     "load_image",
+    "load_image_full",
     "make_dataloader",
     "make_grid_image",
     "prepare_image",
@@ -98,6 +99,20 @@ def _has_alpha(img: Image.Image) -> bool:
     return img.mode in ("P", "L", "RGB") and "transparency" in img.info
 
 
+def _convert_mode(img: Image.Image, channels: int) -> Image.Image:
+    """``img`` as ``L``/``RGB`` 8-bit, or ``F`` on the 0..255 scale for 16-bit and float
+    images; transparency composited onto white (see :func:`prepare_image`)."""
+    if img.mode in _HIGH_BIT_MODES:
+        scale = 255.0 if img.mode == "F" else 255.0 / 65535.0
+        arr = np.asarray(img, dtype=np.float32) * scale
+        return Image.fromarray(arr)  # float32 (H, W): mode "F" (all high-bit modes are 1-band)
+    if _has_alpha(img):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("L" if channels == 1 else "RGB")
+
+
 def prepare_image(img: Image.Image, image_size: int, channels: int) -> Tensor:
     """Turn a PIL image into a float32 tensor (channels, image_size, image_size) in [-1, 1].
 
@@ -112,17 +127,7 @@ def prepare_image(img: Image.Image, image_size: int, channels: int) -> Tensor:
       (antialiased when shrinking), which is "resize the shorter side, then centre-crop" without
       rounding the intermediate size.
     """
-    if img.mode in _HIGH_BIT_MODES:
-        scale = 255.0 if img.mode == "F" else 255.0 / 65535.0
-        arr = np.asarray(img, dtype=np.float32) * scale
-        work = Image.fromarray(arr)  # float32 (H, W): mode "F" (all high-bit modes are 1-band)
-    else:
-        if _has_alpha(img):
-            rgba = img.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(white, rgba)
-        work = img.convert("L" if channels == 1 else "RGB")
-
+    work = _convert_mode(img, channels)
     w, h = work.size
     side = min(w, h)
     left, top = (w - side) / 2.0, (h - side) / 2.0
@@ -141,30 +146,46 @@ def prepare_image(img: Image.Image, image_size: int, channels: int) -> Tensor:
     return x
 
 
-def _open_image(path: str | os.PathLike, image_size: int) -> Image.Image:
-    """Open and decode an image file, upright (EXIF orientation applied). Raises on failure."""
+def _open_image(path: str | os.PathLike, image_size: int | None) -> Image.Image:
+    """Open and decode an image file, upright (EXIF orientation applied). Raises on failure.
+    ``image_size`` None: at full resolution."""
     # The with-block closes the file (also when decoding fails); the loaded pixels stay usable.
     with Image.open(path) as img:
         # JPEG only: let the decoder shrink by 1/2, 1/4 or 1/8 while keeping at least twice the
         # target size, so a 4000x3000 photo is not fully decoded just to become 64x64.
-        img.draft(None, (2 * image_size, 2 * image_size))
+        if image_size is not None:
+            img.draft(None, (2 * image_size, 2 * image_size))
         img.load()
         if img.getexif().get(0x0112, 1) != 1:  # camera photos store "rotate me" in EXIF
             return ImageOps.exif_transpose(img)
         return img
 
 
-def load_image(path: str | os.PathLike, image_size: int, channels: int) -> Tensor:
-    """Read one image file as a float32 tensor (channels, image_size, image_size) in [-1, 1],
-    with the same transform as the image folder data set."""
+def _open_checked(path: str | os.PathLike, image_size: int | None) -> Image.Image:
+    """:func:`_open_image`, with a missing or unreadable file as a one-line DataError."""
     if not os.path.isfile(path):
         raise DataError(f"image file not found: {path}")
     try:
-        img = _open_image(path, image_size)
+        return _open_image(path, image_size)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
         raise DataError(f"cannot read image {path} ({first_line(e)}); "
                         "give a png/jpg/webp/... file") from None
-    return prepare_image(img, image_size, channels)
+
+
+def load_image(path: str | os.PathLike, image_size: int, channels: int) -> Tensor:
+    """Read one image file as a float32 tensor (channels, image_size, image_size) in [-1, 1],
+    with the same transform as the image folder data set."""
+    return prepare_image(_open_checked(path, image_size), image_size, channels)
+
+
+def load_image_full(path: str | os.PathLike, channels: int) -> Tensor:
+    """Read one image file at its own size (H, W upright) as float32 (channels, H, W) in
+    [0, 1], converted as :func:`prepare_image` converts (transparency onto white, 16-bit
+    scaled), but not resized or cropped."""
+    work = _convert_mode(_open_checked(path, None), channels)
+    x = torch.from_numpy(np.array(work, dtype=np.float32) / 255.0).clamp_(0.0, 1.0)
+    x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+    return x.expand(channels, -1, -1).contiguous() if x.shape[0] != channels else x
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,9 +27,9 @@ from PIL import Image
 
 from .cli import resolve_run_config, say
 from .config import SegRunConfig, to_toml
-from .data import IMAGE_EXTENSIONS
+from .data import IMAGE_EXTENSIONS, load_image_full
 from .errors import ConfigError, DataError, ModelFileError
-from .fileio import atomic_save_image, first_line
+from .fileio import atomic_save_image
 from .seg_data import compute_mean_std, normalize, overlay, save_mask
 
 __all__ = ["add_segment_parser", "predict_masks", "run_segment"]
@@ -61,23 +61,6 @@ def _input_files(inputs: Sequence[str]) -> list[Path]:
                             "them into different --out-dir folders")
         names[f.stem] = f
     return files
-
-
-def _read_rgb(path: Path, channels: int) -> np.ndarray:
-    """An image file as float32 (C, H, W) in [0, 1] at its own size."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                img = img.convert("RGBA")
-                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(background, img)
-            img = img.convert("RGB" if channels == 3 else "L")
-    except Exception as e:  # PIL raises several types for a bad file
-        raise DataError(f"cannot read image {path} ({first_line(e)}); give a png/jpg/webp/... "
-                        "file") from None
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
 @torch.no_grad()
@@ -147,7 +130,7 @@ def predict_masks(model_path: str | os.PathLike, inputs: Sequence[str], out_dir:
                               "replaced); pass --overwrite or choose another --out-dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, (f, (mask_path, overlay_path)) in enumerate(zip(files, targets)):
-        image = torch.from_numpy(_read_rgb(f, channels)).to(dev)
+        image = load_image_full(f, channels).to(dev)
         labels = predict_image(net, image, image_size, mean, std).cpu()
         save_mask(labels, mask_path, K)
         blended = overlay(image.cpu(), labels, K, alpha=alpha)

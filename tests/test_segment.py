@@ -221,6 +221,15 @@ def test_segment_folder_binary_train_predict_stats(tmp_path: Path,
     assert m.shape == (24, 40) and set(np.unique(m)) <= {0, 1}
     assert Image.open(pred / "wide_overlay.png").size == (40, 24)
     assert Image.open(pred / "im00.png").mode == "P"
+    # a camera photo stored sideways with an EXIF "rotate" tag is predicted upright, as the
+    # training data is read
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(np.full((24, 40, 3), 30, np.uint8)).save(tmp_path / "cam.jpg", exif=exif)
+    assert main(["segment", "predict", str(model), str(tmp_path / "cam.jpg"),
+                 "--out-dir", str(pred), "--no-progress"]) == 0
+    assert np.asarray(Image.open(pred / "cam.png")).shape == (40, 24)
+    assert Image.open(pred / "cam_overlay.png").size == (24, 40)
     # existing outputs are not replaced without --overwrite
     before = (pred / "wide.png").read_bytes()
     assert main(["segment", "predict", str(model), str(tmp_path / "wide.png"),
