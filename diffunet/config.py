@@ -589,6 +589,15 @@ class SegTrainConfig:
             _fail(p + "ema_decay", f"must be in (0, 1) or unset, got {self.ema_decay}")
 
 
+def segmentation_output_channels(num_classes: int) -> int:
+    """Output channels K_out of a segmentation head for ``num_classes`` K (background included):
+    1 for K = 2 (one foreground logit, sigmoid), K otherwise (softmax)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2 (background included), "
+                         f"got {num_classes!r}")
+    return 1 if num_classes == 2 else num_classes
+
+
 @dataclass(frozen=True)
 class SegRunConfig:
     """A segmentation run (`diffunet segment train`); written to ``config.json``.
@@ -617,7 +626,7 @@ class SegRunConfig:
     @property
     def output_channels(self) -> int:
         """Network outputs: 1 (binary, BCE) or one logit per class (cross-entropy)."""
-        return 1 if self.data.classes == 2 else self.data.classes
+        return segmentation_output_channels(self.data.classes)
 
     @property
     def net_config(self) -> UNetConfig:

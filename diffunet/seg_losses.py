@@ -24,17 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# The binary-vs-multi-class output convention lives with the config that sizes the network.
+from .config import segmentation_output_channels as output_channels
+
 _PRIOR_EPS = 1e-4  # class frequencies are clamped to [eps, 1 - eps]: an absent class gets a
 # finite bias (logit(1e-4) ~ -9.2) rather than -inf, and the net can still learn to predict it.
-
-
-def output_channels(num_classes: int) -> int:
-    """Output channels K_out of a segmentation head for ``num_classes`` K (background included):
-    1 for K = 2 (one foreground logit, sigmoid), K otherwise (softmax)."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2 (background included), "
-                         f"got {num_classes!r}")
-    return 1 if num_classes == 2 else num_classes
 
 
 def predict_labels(logits: Tensor) -> Tensor:
