@@ -568,10 +568,13 @@ def compute_mean_std(dataset: Dataset, max_items: int | None = None,
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
-def class_pixel_counts(dataset: Dataset, max_items: int | None = 512) -> Tensor:
+def class_pixel_counts(dataset: Dataset, max_items: int | None = 512, *,
+                       num_classes: int | None = None) -> Tensor:
     """Pixels per class, (K,) int64, over ``max_items`` evenly spaced items (all when None or
-    when the data set is smaller), ignoring :data:`IGNORE_INDEX`; K = ``dataset.num_classes``."""
-    k = int(dataset.num_classes)  # type: ignore[attr-defined]
+    when the data set is smaller), ignoring :data:`IGNORE_INDEX`; K = ``num_classes``, by
+    default ``dataset.num_classes`` (give it for a ``Subset``)."""
+    k = int(num_classes if num_classes is not None
+            else dataset.num_classes)  # type: ignore[attr-defined]
     n = len(dataset)  # type: ignore[arg-type]
     m = n if max_items is None else min(n, max_items)
     counts = torch.zeros(k, dtype=torch.int64)

@@ -74,16 +74,6 @@ class SegData:
     """One-line remarks for people (skipped files, unmatched names)."""
 
 
-class _Part(Subset):
-    """A :class:`~torch.utils.data.Subset` that keeps its data set's ``num_classes`` and
-    ``class_names``."""
-
-    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
-        super().__init__(dataset, indices)
-        self.num_classes = dataset.num_classes  # type: ignore[attr-defined]
-        self.class_names = dataset.class_names  # type: ignore[attr-defined]
-
-
 def _folder_notes(ds: Any, images: str, masks: str) -> list[str]:
     notes = []
     if getattr(ds, "skipped", None):
@@ -118,7 +108,7 @@ def build_segmentation_data(cfg: SegRunConfig) -> SegData:
         train: Dataset = base
     else:
         train_idx, val_idx = split_indices(len(base), d.val_fraction, cfg.train.seed)
-        train, val = _Part(base, train_idx), _Part(base, val_idx)
+        train, val = Subset(base, train_idx), Subset(base, val_idx)
     names = tuple(d.class_names) or tuple(getattr(base, "class_names", None) or
                                           [f"class{k}" for k in range(K)])
     mean, std = default_mean_std(d.channels)
@@ -247,7 +237,7 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *, resume: bool =
     set_seed(t.seed)  # identical initial weights on every process
     net_cfg = cfg.net_config
     model = UNet(net_cfg)
-    counts = class_pixel_counts(data.train)
+    counts = class_pixel_counts(data.train, num_classes=K)
     if int(counts[1:].sum()) == 0:
         raise DataError("the training masks hold no foreground pixels (every label is 0 or "
                         "255); check data.masks and data.num_classes")
