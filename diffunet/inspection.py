@@ -40,7 +40,7 @@ from .checkpoint import load_model
 from .data import BuiltinShapes, _pil_from_hwc, load_image, save_image
 from .errors import ConfigError, ModelFileError
 from .fileio import atomic_save_image, atomic_write_bytes
-from .seg_data import class_palette
+from .seg_data import class_palette, normalize
 from .seg_losses import predict_labels
 
 __all__ = [
@@ -391,7 +391,7 @@ def inspect_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                                      f"{len(std)} entries for a {cfg.in_channels}-channel model")
         x = (x0 + 1.0) / 2.0  # [0, 1]
         if mean is not None and std is not None:
-            x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+            x = normalize(x, mean, std)
         info.update(normalisation={"mean": mean, "std": std} if mean is not None else
                     "none (the file has no segmentation mean/std; image in [0, 1])")
         if isinstance(seg, dict) and seg.get("class_names") is not None:
