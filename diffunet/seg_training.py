@@ -38,13 +38,12 @@ from .checkpoint import save_model, unwrap_model
 from .config import SegRunConfig, to_dict
 from .data import GlobalBatchSampler, make_dataloader
 from .errors import ConfigError, DataError
-from .fileio import atomic_write_bytes
 from .seg_data import (IGNORE_INDEX, BuiltinSegShapes, PairedFolders, class_pixel_counts,
                        default_mean_std, joint_flip, normalize, split_indices)
 from .seg_losses import (confusion_matrix, dice_iou, init_output_bias_, mean_foreground,
                          predict_labels, segmentation_loss)
-from .training import (EMA, _write_failed, load_state_into, prepare_out_dir, state_must_fit,
-                       trim_log)
+from .training import (EMA, _write_failed, load_state_into, open_run_folder, prepare_out_dir,
+                       state_must_fit)
 from .unet import UNet
 
 
@@ -274,13 +273,8 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *, resume: bool =
 
     meta = segmentation_metadata(cfg, data)
     if main:
-        for sub in ("weights", "state"):
-            (out_dir / sub).mkdir(parents=True, exist_ok=True)
-        st.clear_leftovers(out_dir)  # temporary files of writes a crash cut short
-        atomic_write_bytes(out_dir / "config.json",
-                           (json.dumps(to_dict(cfg), indent=2) + "\n").encode("utf-8"))
-        if resume_from is not None:
-            trim_log(out_dir / "log.jsonl", start_step)
+        open_run_folder(out_dir, ("weights", "state"), cfg,
+                        start_step if resume_from is not None else None)
         say(f"{n_train} training / {len(data.val)} validation pairs, {K} classes "
             f"({', '.join(data.class_names)}); {steps_per_epoch} steps per epoch; "
             f"{net.num_parameters():,} parameters")

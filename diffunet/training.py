@@ -166,6 +166,20 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
+def open_run_folder(out_dir: Path, subdirs: tuple[str, ...], cfg: Any,
+                    resumed_at: int | None) -> None:
+    """Make the run folder's sub-folders, remove what interrupted writes left, write the
+    resolved ``config.json`` and, for a resumed run, trim ``log.jsonl`` to step ``resumed_at``.
+    Main process only."""
+    for sub in subdirs:
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    st.clear_leftovers(out_dir)  # temporary files of writes a crash cut short
+    atomic_write_bytes(out_dir / "config.json",
+                       (json.dumps(to_dict(cfg), indent=2) + "\n").encode("utf-8"))
+    if resumed_at is not None:
+        trim_log(out_dir / "log.jsonl", resumed_at)
+
+
 def trim_log(log_path: Path, step: int) -> None:
     """Drop the ``log.jsonl`` lines past ``step`` (those of the work a resumed run redoes, and a
     torn last line), so the log ends as an uninterrupted run's would."""
@@ -342,13 +356,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
             st.set_rng_states(st.load_tensors(rng_file))
 
     if main:
-        for sub in ("samples", "weights", "state"):
-            (out_dir / sub).mkdir(parents=True, exist_ok=True)
-        st.clear_leftovers(out_dir)  # temporary files of writes a crash cut short
-        atomic_write_bytes(out_dir / "config.json",
-                           (json.dumps(to_dict(cfg), indent=2) + "\n").encode("utf-8"))
-        if resume_from is not None:
-            trim_log(out_dir / "log.jsonl", step)
+        open_run_folder(out_dir, ("samples", "weights", "state"), cfg,
+                        step if resume_from is not None else None)
         if t.trackers:
             accelerator.init_trackers(out_dir.name, config={
                 f"{s}.{k}": json.dumps(v) for s, sec in to_dict(cfg).items() for k, v in sec.items()})
