@@ -7,15 +7,15 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from .checkpoint import load_model, save_model
 from .config import (DataConfig, RunConfig, SampleConfig, ScheduleConfig, TrainConfig, UNetConfig,
                      load_config)
 from .diffusion import NoiseSchedule, diffusion_loss
-from .errors import ConfigError, DataError, DiffunetError, ModelFileError
-from .schedulers import ddim_step, ddpm_step, dpmpp_2m_step, make_timesteps, sample
+from .errors import (ConfigError, DataError, DiffunetError, FolderError, ModelFileError,
+                     TrainingError, UsageError)
+from .samplers import ddim_step, ddpm_step, dpmpp_2m_step, make_timesteps, sample
 from .unet import UNet
+from .version import __version__
 
 __all__ = [
     "__version__",
@@ -23,5 +23,6 @@ __all__ = [
     "make_timesteps", "ddpm_step", "ddim_step", "dpmpp_2m_step", "sample",
     "save_model", "load_model",
     "RunConfig", "DataConfig", "TrainConfig", "SampleConfig", "load_config",
-    "DiffunetError", "ConfigError", "DataError", "ModelFileError",
+    "DiffunetError", "ConfigError", "UsageError", "FolderError", "DataError", "ModelFileError",
+    "TrainingError",
 ]

@@ -10,7 +10,7 @@ on a shared machine hits both alike:
   logging are not part of it.
 - ``sample``: deterministic DDIM (eta 0) from fresh Gaussian noise, ``sample_steps`` network
   calls plus step updates, ending with the images on the CPU. diffunet runs
-  :func:`~diffunet.schedulers.sample`; diffusers runs its ``DDIMPipeline``. Every DDIM step
+  :func:`~diffunet.samplers.sample`; diffusers runs its ``DDIMPipeline``. Every DDIM step
   costs the same, so "DDIM-50 images/s" is ``batch / (50 x time per step)`` also when fewer
   steps are timed (the CPU default, 5).
 
@@ -27,10 +27,8 @@ against the device's dense bf16 peak.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -44,21 +42,22 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from . import __version__
-from .config import (RunConfig, ScheduleConfig, UNetConfig, _parse_value, from_dict, load_config,
+from .config import (SMALL_UNET, ScheduleConfig, UNetConfig, from_dict, load_config, parse_value,
                      to_dict)
 from .diffusion import NoiseSchedule
-from .errors import ConfigError, DiffunetError
+from .errors import MissingDependencyError, UsageError
 from .nn import Upsample
-from .schedulers import sample
+from .runs import pick_device
+from .samplers import sample
 from .unet import UNet
+from .version import __version__
 
 __all__ = ["BenchOptions", "PRESETS", "benchmark", "forward_flops", "format_table",
-           "add_bench_parser", "run_bench", "main"]
+           "resolve_unet"]
 
 PRESETS: dict[str, Callable[[], UNetConfig]] = {
     "ddpm-cifar10": UNetConfig,  # UNetConfig's defaults: 35.7M parameters, 12.4 GFLOP/image
-    "default": lambda: RunConfig().unet,  # what `diffunet train` with no CONFIG trains
+    "default": lambda: SMALL_UNET,  # what `diffunet train` with no CONFIG trains
     "tiny": lambda: UNetConfig(image_size=16, base_channels=16, channel_mults=(1, 2),
                                num_res_blocks=1, attn_resolutions=(8,), num_groups=8,
                                dropout=0.0),
@@ -113,17 +112,17 @@ class BenchOptions:
         for name in ("batch_size", "sample_batch_size", "sample_steps", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, "
-                                  f"got {value}")
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, "
+                                 f"got {value}")
         if self.repeats < 1 or self.warmup < 0:
-            raise ConfigError(f"--repeats must be at least 1 and --warmup at least 0, got "
-                              f"{self.repeats} and {self.warmup}")
+            raise UsageError(f"--repeats must be at least 1 and --warmup at least 0, got "
+                             f"{self.repeats} and {self.warmup}")
         if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+            raise UsageError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         if not self.what or any(w not in ("train", "sample") for w in self.what):
-            raise ConfigError(f"--only must be train or sample, got {','.join(self.what)}")
+            raise UsageError(f"--only must be train or sample, got {','.join(self.what)}")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
-            raise ConfigError(f"--peak-tflops must be positive, got {self.peak_tflops}")
+            raise UsageError(f"--peak-tflops must be positive, got {self.peak_tflops}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,15 +137,15 @@ def resolve_unet(config: str, overrides: Sequence[str] = ()) -> UNetConfig:
     elif config.endswith(".toml") or Path(config).is_file():
         base = to_dict(load_config(config).unet)
     else:
-        raise ConfigError(f"--config {config!r}: not a preset ({', '.join(PRESETS)}) or a "
-                          "TOML file")
+        raise UsageError(f"--config {config!r}: not a preset ({', '.join(PRESETS)}) or a "
+                         "TOML file")
     for item in overrides:
         key, sep, text = item.partition("=")
         section, _, name = key.strip().partition(".")
         if not sep or section != "unet" or not name:
-            raise ConfigError(f"override {item!r}: diffunet bench takes unet.key=value "
-                              "overrides, e.g. unet.base_channels=64")
-        base[name] = _parse_value(text.strip())
+            raise UsageError(f"override {item!r}: diffunet bench takes unet.key=value "
+                             "overrides, e.g. unet.base_channels=64")
+        base[name] = parse_value(text.strip())
     return from_dict(UNetConfig, base, "unet")
 
 
@@ -156,8 +155,8 @@ def diffusers_unet(cfg: UNetConfig) -> torch.nn.Module:
     try:
         from diffusers import UNet2DModel
     except ImportError:
-        raise DiffunetError("--compare-diffusers needs diffusers: pip install "
-                            "'diffunet[bench]'") from None
+        raise MissingDependencyError("--compare-diffusers needs diffusers: pip install "
+                                     "'diffunet[bench]'") from None
     unsupported = []
     if cfg.downsample != "conv":
         unsupported.append(f"unet.downsample={cfg.downsample!r}")
@@ -175,8 +174,8 @@ def diffusers_unet(cfg: UNetConfig) -> torch.nn.Module:
     else:
         unsupported.append("attention heads of different widths per level")
     if unsupported:
-        raise ConfigError(f"--compare-diffusers: UNet2DModel cannot express "
-                          f"{', '.join(unsupported)}")
+        raise UsageError(f"--compare-diffusers: UNet2DModel cannot express "
+                         f"{', '.join(unsupported)}")
     attn = [r in cfg.attn_resolutions for r in cfg.resolutions]
     return UNet2DModel(
         sample_size=cfg.image_size, in_channels=cfg.in_channels,
@@ -423,9 +422,7 @@ def benchmark(opts: BenchOptions, say: Callable[[str], None] = lambda msg: None
     ``say`` receives progress lines. Raises :class:`~diffunet.errors.DiffunetError` subclasses
     for bad input (an unknown device, a config diffusers cannot express, diffusers missing).
     """
-    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA device here; use --device cpu")
+    device = pick_device(opts.device)
     gpu = device.type == "cuda"
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
@@ -557,102 +554,3 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"(sampling: {steps} DDIM steps timed per pass; ms/step is per network "
                      "call + update, images/s is for 50 steps)")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def bench_arguments(p: argparse.ArgumentParser) -> None:
-    """Add the ``bench`` options to ``p``."""
-    d = BenchOptions  # the defaults live in the options dataclass (house rule 5)
-    p.add_argument("items", nargs="*", metavar="unet.key=value",
-                   help="overrides of the network config, e.g. unet.base_channels=64")
-    p.add_argument("--config", default=d.config_name, metavar="|".join(PRESETS) + "|CONFIG.toml",
-                   help=f"the network (default {d.config_name}: 35.7M parameters)")
-    p.add_argument("--batch-size", type=int, metavar="B",
-                   help="training batch (default 128 on a GPU, 16 on a CPU)")
-    p.add_argument("--sample-batch-size", type=int, metavar="B",
-                   help="sampling batch (default 1024 on a GPU, 64 on a CPU)")
-    p.add_argument("--sample-steps", type=int, metavar="S",
-                   help="DDIM steps timed per sampling pass (default 50 on a GPU, 5 on a CPU)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision,
-                   help="fp32, or bf16 autocast with fp32 weights (default fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the models")
-    p.add_argument("--channels-last", action="store_true",
-                   help="channels-last weights and inputs for both models")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--repeats", type=int, default=d.repeats,
-                   help=f"timed repeats, the median is reported (default {d.repeats})")
-    p.add_argument("--warmup", type=int, default=d.warmup,
-                   help=f"untimed repeats first (default {d.warmup})")
-    p.add_argument("--only", choices=("train", "sample"), help="measure only this")
-    p.add_argument("--compare-diffusers", action="store_true",
-                   help="also run diffusers' UNet2DModel / DDIMPipeline, interleaved "
-                        "(pip install 'diffunet[bench]')")
-    p.add_argument("--diffusers-eager", action="store_true",
-                   help="with --compile: leave diffusers uncompiled")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--peak-tflops", type=float, metavar="X",
-                   help="the device's bf16 peak for MFU (default: known GPUs by name)")
-    p.add_argument("--profile", metavar="PREFIX",
-                   help="also profile one diffunet train step / sampling pass: top operators "
-                        "in the table, Chrome traces to PREFIX.train.json, PREFIX.sample.json")
-    p.add_argument("--json", default="bench.json", metavar="PATH",
-                   help="write the results here too (default bench.json; '' for none)")
-
-
-def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``bench`` to an ``add_subparsers()`` object; sets ``func=run_bench``."""
-    p = subparsers.add_parser(
-        "bench", help="time a training step and DDIM sampling (optionally against diffusers)",
-        description="Time a training step (forward + backward + AdamW) and DDIM-50 sampling "
-                    "of a UNet config: images/s, ms per step, peak memory and, on a GPU, MFU. "
-                    "Prints a table and writes it as JSON.")
-    bench_arguments(p)
-    p.set_defaults(func=run_bench)
-    return p
-
-
-def options_from_args(args: argparse.Namespace) -> BenchOptions:
-    """:class:`BenchOptions` from parsed ``bench`` arguments."""
-    return BenchOptions(
-        unet=resolve_unet(args.config, args.items), config_name=args.config,
-        batch_size=args.batch_size, sample_batch_size=args.sample_batch_size,
-        sample_steps=args.sample_steps, precision=args.precision, compile=args.compile,
-        channels_last=args.channels_last, device=args.device, threads=args.threads,
-        repeats=args.repeats, warmup=args.warmup,
-        what=(args.only,) if args.only else ("train", "sample"),
-        compare_diffusers=args.compare_diffusers, diffusers_eager=args.diffusers_eager,
-        memory=not args.no_memory, peak_tflops=args.peak_tflops, profile=args.profile)
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    """Run ``diffunet bench`` from parsed arguments: progress on stderr, the table on stdout,
-    the JSON to ``--json``. Returns the exit code; bad input raises DiffunetError."""
-    opts = options_from_args(args)
-    result = benchmark(opts, say=lambda msg: print(msg, file=sys.stderr, flush=True))
-    print(format_table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python scripts/bench.py ...``: the ``diffunet bench`` command on its own."""
-    parser = argparse.ArgumentParser(
-        prog="bench", description="Time a training step and DDIM-50 sampling of a UNet config "
-                                  "(the `diffunet bench` command).")
-    bench_arguments(parser)
-    args = parser.parse_intermixed_args(argv)
-    try:
-        return run_bench(args)
-    except DiffunetError as e:
-        print(f"bench: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -31,12 +31,12 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from . import __version__
 from .config import ScheduleConfig, UNetConfig, from_dict, to_dict
 from .diffusion import NoiseSchedule
 from .errors import ConfigError, ModelFileError
 from .fileio import atomic_write_bytes
 from .unet import UNet
+from .version import __version__
 
 FORMAT = "diffunet.model"
 FORMAT_VERSION = 1
@@ -230,3 +230,24 @@ def load_diffusion_model(path: str | os.PathLike, *, device: str | torch.device 
         raise ModelFileError(f"{path} is not a diffusion model (it has no noise schedule; a "
                              "segmentation model?); use `diffunet segment predict` with it")
     return net, schedule, meta
+
+
+def write_tensor_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str]) -> None:
+    """Write any tensors with string metadata as one safetensors file, atomically (for files
+    that are not models, e.g. cached FID reference statistics)."""
+    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, save_safetensors_bytes(data, metadata=metadata))
+
+
+def read_tensor_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and string metadata of a safetensors file (never unpickles); a missing,
+    damaged or foreign file is a :class:`ModelFileError`."""
+    path = Path(path)
+    data = _read_bytes(path)
+    header = _read_header(path, data)
+    try:
+        tensors = load_safetensors_bytes(data)
+    except Exception as e:  # safetensors raises its own error type for damaged data
+        raise ModelFileError(f"{path}: cannot read its tensors ({e}); the file is damaged")
+    return tensors, dict(header.get("__metadata__") or {})

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
 import os
 import sys
 import types
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from .errors import ConfigError
+from .errors import ConfigError, DiffunetError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,8 +35,29 @@ BetaSchedule = Literal["linear", "scaled_linear", "cosine", "sigmoid"]
 PredictionType = Literal["epsilon", "v", "x0"]
 
 
+SamplerName = Literal["ddpm", "ddim", "dpmpp-2m"]
+"""The step rules :func:`diffunet.samplers.sample` runs (``SAMPLERS`` there is this list)."""
+Spacing = Literal["leading", "trailing", "linspace"]
+"""Which training timesteps a sampler visits (:func:`diffunet.samplers.make_timesteps`)."""
+
+
 def _fail(key: str, problem: str) -> None:
     raise ConfigError(f"{key}: {problem}")
+
+
+def free_on_resume(default: Any) -> Any:
+    """A config field that a resumed run may change: it says how the run executes or how long it
+    goes on, not what the saved state computed (``--resume`` compares every other field with the
+    run's saved config and refuses a change, naming the key). Use as the field's default."""
+    return dataclasses.field(default=default, metadata={"resume": "free"})
+
+
+def may_change_on_resume(cls: type, name: str) -> bool:
+    """Whether field ``name`` of the config dataclass ``cls`` is :func:`free_on_resume`."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.metadata.get("resume") == "free"
+    return True  # a key this version no longer has constrains nothing
 
 
 @dataclass(frozen=True)
@@ -69,7 +91,7 @@ class UNetConfig:
     upsample: Literal["nearest", "transposed"] = "nearest"
     num_classes: int | None = None
     """Class-conditional when set; label index ``num_classes`` means "no label" (for CFG)."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = free_on_resume(False)
     """Recompute block activations in the backward pass to save memory while training."""
     time_conditioning: bool = True
     """False: no timestep input at all, ``net(x)`` (a plain UNet for segmentation and the like);
@@ -292,21 +314,25 @@ class DataConfig:
     source: Literal["builtin", "folder", "torchvision"] = "builtin"
     """``builtin``: coloured shapes generated from a seed (no download); ``folder``: a folder of
     images (recursive); ``torchvision``: a torchvision data set by ``name``."""
-    path: str | None = None
+    path: str | None = free_on_resume(None)
     """The image folder, or the torchvision download/cache root (default ``./data``)."""
     name: str | None = None
     """torchvision data set: cifar10, cifar100, mnist, fashion_mnist, celeba, stl10, ..."""
-    image_size: int = 32
-    channels: int = 3
+    image_size: int | None = None
+    """Side of the square training images; unset: the UNet's ``unet.image_size`` (in a
+    :class:`RunConfig`; when set it must equal it)."""
+    channels: int | None = None
+    """1 (grayscale) or 3 (RGB); unset: the UNet's ``unet.in_channels`` (when set it must equal
+    it)."""
     random_flip: bool = True
     """Random horizontal flips (off for digits and text)."""
     class_folders: bool = False
     """``folder`` only: each sub-folder of ``path`` is a class, labelled in sorted order."""
-    download: bool = True
+    download: bool = free_on_resume(True)
     """``torchvision`` only: download the data set if it is not under ``path`` yet."""
     builtin_size: int = 50000
     """``builtin`` only: number of distinct generated images (one epoch)."""
-    num_workers: int = 0
+    num_workers: int = free_on_resume(0)
     """DataLoader worker processes (0 loads in the training process)."""
 
     def __post_init__(self) -> None:
@@ -315,55 +341,63 @@ class DataConfig:
             _fail(p + "path", "is required with data.source = 'folder' (the image folder)")
         if self.source == "torchvision" and not self.name:
             _fail(p + "name", "is required with data.source = 'torchvision' (e.g. 'cifar10')")
-        if self.image_size < 1:
-            _fail(p + "image_size", f"must be a positive integer, got {self.image_size}")
-        if self.channels not in (1, 3):
-            _fail(p + "channels", f"must be 1 (grayscale) or 3 (RGB), got {self.channels}")
+        _check_image_shape(self.image_size, self.channels)
         if self.builtin_size < 1:
             _fail(p + "builtin_size", f"must be a positive integer, got {self.builtin_size}")
         if self.num_workers < 0:
             _fail(p + "num_workers", f"must be 0 or more, got {self.num_workers}")
 
 
+def _check_image_shape(image_size: int | None, channels: int | None) -> None:
+    if image_size is not None and image_size < 1:
+        _fail("data.image_size", f"must be a positive integer or unset, got {image_size}")
+    if channels is not None and channels not in (1, 3):
+        _fail("data.channels", f"must be 1 (grayscale) or 3 (RGB), got {channels}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation, EMA, logging and checkpointing. ``batch_size`` is global (all processes)."""
+    """Optimisation, EMA, logging and checkpointing. ``batch_size`` is global (all processes).
 
-    max_steps: int = 2000
+    A resumed run may change any of these but ``batch_size`` (the data stream is cut into global
+    batches): a longer ``max_steps``, another ``lr``, other save or log intervals.
+    """
+
+    max_steps: int = free_on_resume(2000)
     batch_size: int = 32
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr: float = free_on_resume(1e-3)
+    warmup_steps: int = free_on_resume(100)
+    lr_schedule: Literal["constant", "cosine"] = free_on_resume("constant")
     """After warm-up: keep ``lr``, or cosine-decay it to 0 at ``max_steps``."""
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, ...] = (0.9, 0.999)
-    grad_clip: float | None = 1.0
+    weight_decay: float = free_on_resume(0.0)
+    adam_betas: tuple[float, ...] = free_on_resume((0.9, 0.999))
+    grad_clip: float | None = free_on_resume(1.0)
     """Clip the global gradient norm to this (unset: no clipping)."""
-    grad_accum_steps: int = 1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    ema_decay: float = 0.995
-    ema_warmup: bool = False
+    grad_accum_steps: int = free_on_resume(1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = free_on_resume("no")
+    ema_decay: float = free_on_resume(0.995)
+    ema_warmup: bool = free_on_resume(False)
     """Ramp the EMA decay as min(ema_decay, (1 + step) / (10 + step))."""
-    min_snr_gamma: float | None = 5.0
+    min_snr_gamma: float | None = free_on_resume(5.0)
     """Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's choice); "none" for the
     plain loss of the DDPM paper."""
-    label_dropout: float = 0.1
+    label_dropout: float = free_on_resume(0.1)
     """Class-conditional models: fraction of labels replaced by "no label" (for CFG)."""
-    seed: int = 0
-    log_every: int = 50
-    sample_every: int = 250
-    save_every: int = 500
-    keep_last: int = 2
+    seed: int = free_on_resume(0)
+    log_every: int = free_on_resume(50)
+    sample_every: int = free_on_resume(250)
+    save_every: int = free_on_resume(500)
+    keep_last: int = free_on_resume(2)
     """Training states kept in ``state/`` (model files in ``weights/`` are all kept)."""
-    max_nonfinite: int = 20
+    max_nonfinite: int = free_on_resume(20)
     """Stop after this many consecutive steps with a non-finite loss."""
-    trackers: tuple[str, ...] = ()
+    trackers: tuple[str, ...] = free_on_resume(())
     """Accelerate trackers to log to as well, e.g. ["tensorboard"] or ["wandb"]."""
-    channels_last: bool = False
+    channels_last: bool = free_on_resume(False)
     """Store the weights channels-last, so a GPU's convolutions and the attention run on
     channels-last activations (on a CPU the UNet uses channels-last activations anyway).
     Changes how the run executes, not what it computes."""
-    compile: bool = False
+    compile: bool = free_on_resume(False)
     """``torch.compile`` the training forward/backward (fuses GroupNorm, SiLU and the other
     element-wise work). The first steps are slow while it compiles; needs a C++ compiler on
     a CPU. Changes how the run executes, not what it computes (up to float rounding)."""
@@ -398,59 +432,103 @@ class TrainConfig:
                 _fail(p + "trackers", f"unknown tracker {t!r}; use e.g. 'tensorboard' or 'wandb'")
 
 
+def check_sampling(names: dict[str, str], *, sampler: Any = None, num_steps: Any = None,
+                   eta: Any = None, spacing: Any = None, guidance_scale: Any = None,
+                   error: type[DiffunetError] = ConfigError) -> None:
+    """The rules for sampling settings, stated once: for :class:`SampleConfig`, the
+    ``diffunet sample`` options and :func:`diffunet.samplers.sample`. ``names`` maps each
+    setting to how the caller spells it (``sample.eta``, ``--eta``, ``eta``), so the one-line
+    ``error`` (:class:`ConfigError` for config keys, :class:`UsageError` for options and
+    arguments) names what the user wrote; a None value was not given and is not checked."""
+    def bad(name: str, problem: str) -> DiffunetError:
+        return error(f"{names[name]} {problem}")
+
+    if sampler is not None and sampler not in get_args(SamplerName):
+        raise error(f"unknown sampler {sampler!r}; use {names['sampler']} with one of "
+                    f"{', '.join(get_args(SamplerName))}")
+    if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int)
+                                  or num_steps < 1):
+        raise bad("num_steps", f"must be a positive integer (at most the model's training "
+                  f"timesteps), got {num_steps!r}")
+    if eta is not None:
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+            raise bad("eta", f"must be in [0, 1] (0: deterministic DDIM), got {eta!r}")
+        if eta != 0 and sampler is not None and sampler != "ddim":
+            raise bad("eta", f"only applies to {names['sampler']} ddim (got eta={eta} with "
+                      f"{sampler}); drop {names['eta']} or use {names['sampler']} ddim")
+    if spacing is not None and spacing not in get_args(Spacing):
+        raise error(f"unknown timestep spacing {spacing!r}; use {names['spacing']} with one of "
+                    f"{', '.join(get_args(Spacing))}")
+    if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(
+            guidance_scale, (int, float)) or not math.isfinite(guidance_scale)):
+        raise bad("guidance_scale", f"must be a finite number, got {guidance_scale!r}")
+
+
 @dataclass(frozen=True)
 class SampleConfig:
-    """Sampling settings: the preview grids written while training, and `diffunet sample`."""
+    """How to sample a model: the one set of sampling settings, used by the preview grids written
+    while training and by ``diffunet sample`` (whose defaults are the ``[sample]`` table stored
+    in the model file, else these). Every field may change on resume."""
 
-    sampler: Literal["ddim", "ddpm", "dpmpp-2m"] = "ddim"
-    num_steps: int = 25
-    eta: float = 0.0
-    spacing: Literal["leading", "trailing", "linspace"] = "trailing"
-    guidance_scale: float = 1.0
+    sampler: SamplerName = free_on_resume("ddim")
+    num_steps: int = free_on_resume(25)
+    eta: float = free_on_resume(0.0)
+    """DDIM's noise: 0 deterministic ... 1 DDPM-like (``ddim`` only)."""
+    spacing: Spacing = free_on_resume("trailing")
+    guidance_scale: float = free_on_resume(1.0)
     """Classifier-free guidance scale for class-conditional models (1 = no guidance)."""
-    clip_x0: bool = True
+    clip_x0: bool = free_on_resume(True)
     """Clip each step's x0 estimate to the data range [-1, 1] (diffusers' clip_sample)."""
-    num_images: int = 64
-    """Images in each preview grid."""
+    num_images: int = free_on_resume(64)
+    """Images in each preview grid (``diffunet sample`` has ``--num-samples`` instead)."""
 
     def __post_init__(self) -> None:
-        p = "sample."
-        if self.num_steps < 1:
-            _fail(p + "num_steps", f"must be a positive integer, got {self.num_steps}")
-        if not 0 <= self.eta <= 1:
-            _fail(p + "eta", f"must be in [0, 1] (0: deterministic DDIM), got {self.eta}")
+        check_sampling({f.name: f"sample.{f.name}" for f in dataclasses.fields(self)},
+                       sampler=self.sampler, num_steps=self.num_steps, eta=self.eta,
+                       spacing=self.spacing, guidance_scale=self.guidance_scale)
         if self.num_images < 1:
-            _fail(p + "num_images", f"must be a positive integer, got {self.num_images}")
+            _fail("sample.num_images", f"must be a positive integer, got {self.num_images}")
 
 
-def _check_data_fits_unet(data: DataConfig | SegDataConfig, unet: UNetConfig) -> None:
-    """The images a run loads must have the size and channels its UNet takes."""
-    if data.image_size != unet.image_size:
+def _fit_data_to_unet(cfg: Any) -> None:
+    """Fill an unset ``data.image_size``/``data.channels`` from the UNet (the images a run loads
+    are the ones its network takes), or check a set one against it. ``cfg`` is a composed config
+    with ``data`` and ``unet`` sections, still being built (hence ``object.__setattr__``)."""
+    data, unet = cfg.data, cfg.unet
+    if data.image_size is not None and data.image_size != unet.image_size:
         _fail("data.image_size", f"{data.image_size} does not match unet.image_size "
-              f"{unet.image_size}; set both to the same value")
-    if data.channels != unet.in_channels:
+              f"{unet.image_size}; leave data.image_size unset (it follows the UNet) or set both "
+              "to the same value")
+    if data.channels is not None and data.channels != unet.in_channels:
         _fail("data.channels", f"{data.channels} does not match unet.in_channels "
-              f"{unet.in_channels}; set both to the same value")
+              f"{unet.in_channels}; leave data.channels unset (it follows the UNet) or set both "
+              "to the same value")
+    object.__setattr__(cfg, "data", dataclasses.replace(
+        data, image_size=unet.image_size, channels=unet.in_channels))
+
+
+SMALL_UNET = UNetConfig(base_channels=32, channel_mults=(1, 2, 2, 2), num_res_blocks=1,
+                        attn_resolutions=(8,), dropout=0.0)
+"""The small network of the default runs (1.5M parameters at 32x32): ``diffunet train`` trains it
+at 32x32, ``diffunet segment train`` (without its timestep input) at 64x64. ``UNetConfig()``
+itself is the DDPM paper's 35.7M-parameter CIFAR-10 network."""
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one training run needs; written to ``config.json`` in the run folder."""
 
-    unet: UNetConfig = dataclasses.field(default_factory=lambda: UNetConfig(
-        base_channels=32, channel_mults=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
-        dropout=0.0, num_classes=None))
+    unet: UNetConfig = SMALL_UNET
     # v-prediction on the cosine schedule: the x0 estimate stays bounded at the noisiest steps,
     # so short (previews') DDIM runs give clean shapes after minutes of CPU training, where
     # eps on the linear schedule gives coloured blobs (README, "How long").
-    schedule: ScheduleConfig = dataclasses.field(default_factory=lambda: ScheduleConfig(
-        beta_schedule="cosine", prediction_type="v"))
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    schedule: ScheduleConfig = ScheduleConfig(beta_schedule="cosine", prediction_type="v")
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
 
     def __post_init__(self) -> None:
-        _check_data_fits_unet(self.data, self.unet)
+        _fit_data_to_unet(self)
         if not self.unet.time_conditioning:
             _fail("unet.time_conditioning", "a diffusion model needs the timestep input; set it "
                   "to true (time-less UNets are for `diffunet segment train`)")
@@ -473,21 +551,23 @@ class SegDataConfig:
     source: Literal["builtin", "folder"] = "builtin"
     """``builtin``: shapes with their masks generated from a seed (no download); ``folder``:
     images under ``images`` with masks of the same name under ``masks``."""
-    images: str | None = None
+    images: str | None = free_on_resume(None)
     """``folder``: the image folder (recursive)."""
-    masks: str | None = None
+    masks: str | None = free_on_resume(None)
     """``folder``: the mask folder: grayscale or palette PNGs whose values are class indices
     (255 = ignore); a 0/255 mask is read as binary when ``num_classes`` is 2."""
-    val_images: str | None = None
+    val_images: str | None = free_on_resume(None)
     """Optional separate validation images (with ``val_masks``); else ``val_fraction`` is held
     out of the training pairs."""
-    val_masks: str | None = None
+    val_masks: str | None = free_on_resume(None)
     val_fraction: float = 0.1
     num_classes: int | None = None
     """Classes including background (2 = binary: one output channel, BCE). ``builtin``: 4."""
     class_names: tuple[str, ...] = ()
-    image_size: int = 64
-    channels: int = 3
+    image_size: int | None = None
+    """Side of the square training images; unset: ``unet.image_size``."""
+    channels: int | None = None
+    """1 or 3; unset: ``unet.in_channels``."""
     mean: tuple[float, ...] | None = None
     """Per-channel mean of [0, 1] images; unset: ImageNet's. `diffunet segment stats` computes
     the data set's own."""
@@ -497,7 +577,7 @@ class SegDataConfig:
     vertical_flip: bool = False
     builtin_size: int = 2000
     """``builtin``: number of generated image/mask pairs (before the validation split)."""
-    num_workers: int = 0
+    num_workers: int = free_on_resume(0)
 
     def __post_init__(self) -> None:
         p = "data."
@@ -526,14 +606,12 @@ class SegDataConfig:
                   f"{self.num_classes}")
         if not 0 <= self.val_fraction < 1:
             _fail(p + "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
-        if self.image_size < 1:
-            _fail(p + "image_size", f"must be a positive integer, got {self.image_size}")
-        if self.channels not in (1, 3):
-            _fail(p + "channels", f"must be 1 (grayscale) or 3 (RGB), got {self.channels}")
+        _check_image_shape(self.image_size, self.channels)
         for name in ("mean", "std"):
             value = getattr(self, name)
-            if value is not None and len(value) != self.channels:
-                _fail(p + name, f"needs one value per channel ({self.channels}), "
+            if value is not None and len(value) not in ((self.channels,) if self.channels
+                                                        else (1, 3)):
+                _fail(p + name, f"needs one value per channel ({self.channels or '1 or 3'}), "
                       f"got {list(value)}")
         if self.std is not None and not all(v > 0 for v in self.std):
             _fail(p + "std", f"must be positive, got {list(self.std)}")
@@ -550,7 +628,10 @@ class SegDataConfig:
 
 @dataclass(frozen=True)
 class SegTrainConfig:
-    """Segmentation training: AdamW with a one-cycle learning rate, cross-entropy/BCE + Dice."""
+    """Segmentation training: AdamW with a one-cycle learning rate, cross-entropy/BCE + Dice.
+
+    The one-cycle schedule spans all epochs, so a resumed run keeps every setting here but
+    ``log_every``."""
 
     epochs: int = 8
     batch_size: int = 16
@@ -568,7 +649,7 @@ class SegTrainConfig:
     """Keep an exponential moving average of the weights (e.g. 0.99), used for validation and
     the saved model files; unset: no EMA."""
     seed: int = 0
-    log_every: int = 20
+    log_every: int = free_on_resume(20)
 
     def __post_init__(self) -> None:
         p = "train."
@@ -606,17 +687,20 @@ class SegRunConfig:
     classes) when unset.
     """
 
-    unet: UNetConfig = dataclasses.field(default_factory=lambda: UNetConfig(
-        image_size=64, base_channels=32, channel_mults=(1, 2, 2, 2), num_res_blocks=1,
-        attn_resolutions=(8,), dropout=0.0, time_conditioning=False))
-    data: SegDataConfig = dataclasses.field(default_factory=SegDataConfig)
-    train: SegTrainConfig = dataclasses.field(default_factory=SegTrainConfig)
+    unet: UNetConfig = dataclasses.replace(SMALL_UNET, image_size=64, time_conditioning=False)
+    data: SegDataConfig = SegDataConfig()
+    train: SegTrainConfig = SegTrainConfig()
 
     def __post_init__(self) -> None:
         if self.unet.time_conditioning:
             _fail("unet.time_conditioning", "must be false for segmentation (the network "
                   "takes no timestep)")
-        _check_data_fits_unet(self.data, self.unet)
+        _fit_data_to_unet(self)
+        for name in ("mean", "std"):
+            value = getattr(self.data, name)
+            if value is not None and len(value) != self.data.channels:
+                _fail(f"data.{name}", f"needs one value per channel ({self.data.channels}), "
+                      f"got {list(value)}")
         want = self.output_channels
         if self.unet.out_channels is not None and self.unet.out_channels != want:
             _fail("unet.out_channels", f"{self.unet.out_channels} does not fit "
@@ -648,14 +732,16 @@ def config_from_dict(root: type[C], data: dict[str, Any]) -> C:
     if not isinstance(data, dict):
         raise ConfigError(f"expected a table of sections, got {data!r}")
     sections = _sections(root)
-    default = root()
+    # Each section starts from its declared default, not from root()'s resolved one (whose
+    # derived fields, e.g. data.image_size, followed the default UNet).
+    defaults = {f.name: f.default for f in dataclasses.fields(root)}
     parts: dict[str, Any] = {}
     for section, table in data.items():
         if section not in sections:
             raise unknown_key(section, section, list(sections), "section")
         if not isinstance(table, dict):
             raise ConfigError(f"{section}: expected a table of keys, got {table!r}")
-        base = to_dict(getattr(default, section))
+        base = to_dict(defaults[section])
         base.update(table)
         parts[section] = from_dict(sections[section], base, section)
     return root(**parts)
@@ -666,7 +752,7 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     return config_from_dict(RunConfig, data)
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     """A command-line value: TOML syntax (numbers, true/false, [lists], "strings"), else a
     bare string, so ``data.path=/tmp/images`` needs no quotes."""
     try:
@@ -707,7 +793,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         table = data.setdefault(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{section}: expected a table of keys, got {table!r}")
-        table[name] = _parse_value(text.strip())
+        table[name] = parse_value(text.strip())
     return config_from_dict(root, data)
 
 

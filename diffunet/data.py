@@ -1,10 +1,10 @@
-"""Training images: the built-in shapes, an image folder, torchvision data sets; image <-> tensor.
+"""Training images: the built-in shapes, an image folder, torchvision data sets; batching.
 
 Every data set here yields ``(image, label)`` with ``image`` a float32 tensor (C, H, W) in
 [-1, 1] (C = ``DataConfig.channels``, H = W = ``DataConfig.image_size``) and ``label`` an int
 class index, or -1 when the source has no labels. Items are a pure function of their index: no
 random augmentation happens inside a data set (training flips batches itself with
-:func:`random_flip` and an explicit generator), so a resumed run sees exactly the images an
+:func:`flip_where` and coins from an explicit generator), so a resumed run sees exactly the images an
 uninterrupted one would have seen.
 
 Each data set has ``num_classes`` (None when unlabelled), ``class_names`` (None when unlabelled)
@@ -25,37 +25,29 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import DataConfig
 from .errors import ConfigError, DataError
-from .fileio import atomic_save_image, first_line
+from .fileio import first_line
+from .images import IMAGE_EXTENSIONS, open_image, prepare_image
 
 __all__ = [
     "BuiltinShapes",
     "FolderImages",
     "TorchvisionImages",
     "GlobalBatchSampler",
-    "IMAGE_EXTENSIONS",
     "TORCHVISION_DATASETS",
     "build_dataset",
-    "load_image",
-    "load_image_full",
+    "flip_where",
     "make_dataloader",
-    "make_grid_image",
-    "prepare_image",
-    "random_flip",
-    "save_grid",
-    "save_image",
-    "to_uint8",
+    "scan_image_folder",
+    "seed_for",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-"""File endings (any case) that an image folder scan picks up."""
 
 # ---------------------------------------------------------------------------------------------
 # Seeds. Python-int splitmix64 (Steele et al. 2014) turns a tuple of ints into one 64-bit seed, so
@@ -74,118 +66,12 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _seed_for(*keys: int) -> int:
+def seed_for(*keys: int) -> int:
     """A 64-bit seed that is a fixed function of the ints ``keys`` (negative ints allowed)."""
     h = 0
     for k in keys:
         h = _splitmix64(h ^ (int(k) & _MASK64))
     return h
-
-
-# ---------------------------------------------------------------------------------------------
-# The one image transform: any PIL image -> float32 (C, S, S) in [-1, 1].
-
-# Modes with more than 8 bits per sample. PIL cannot convert them to "L" without clipping at 255,
-# so they are scaled by hand: integer modes are read as 16-bit (0..65535; what PIL gives for
-# 16-bit PNG and TIFF), "F" (float TIFF) as 0..1. Values outside those ranges are clipped.
-_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
-
-
-def _has_alpha(img: Image.Image) -> bool:
-    # Image.has_transparency_data needs Pillow >= 10.1; this is the same test.
-    if img.mode in _ALPHA_MODES:
-        return True
-    return img.mode in ("P", "L", "RGB") and "transparency" in img.info
-
-
-def _convert_mode(img: Image.Image, channels: int) -> Image.Image:
-    """``img`` as ``L``/``RGB`` 8-bit, or ``F`` on the 0..255 scale for 16-bit and float
-    images; transparency composited onto white (see :func:`prepare_image`)."""
-    if img.mode in _HIGH_BIT_MODES:
-        scale = 255.0 if img.mode == "F" else 255.0 / 65535.0
-        arr = np.asarray(img, dtype=np.float32) * scale
-        return Image.fromarray(arr)  # float32 (H, W): mode "F" (all high-bit modes are 1-band)
-    if _has_alpha(img):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
-    return img.convert("L" if channels == 1 else "RGB")
-
-
-def prepare_image(img: Image.Image, image_size: int, channels: int) -> Tensor:
-    """Turn a PIL image into a float32 tensor (channels, image_size, image_size) in [-1, 1].
-
-    The one transform shared by image folders, torchvision data sets and :func:`load_image`:
-
-    - transparency (RGBA, LA, palette or colour-key transparency) is composited onto **white**,
-      because transparent images (icons, sprites, cut-outs) are drawn to be seen on a white page
-      and their dark outlines would vanish on black;
-    - palette, bilevel, CMYK, ... become ``L`` (channels=1, ITU-R 601 luma) or ``RGB``; 16-bit
-      and float images are scaled to 8-bit range without clipping at 255;
-    - the centred square of side min(W, H) is resized to image_size in one bicubic resample
-      (antialiased when shrinking), which is "resize the shorter side, then centre-crop" without
-      rounding the intermediate size.
-    """
-    work = _convert_mode(img, channels)
-    w, h = work.size
-    side = min(w, h)
-    left, top = (w - side) / 2.0, (h - side) / 2.0
-    work = work.resize((image_size, image_size), Image.BICUBIC,
-                       box=(left, top, left + side, top + side))
-
-    arr = np.array(work)  # a writable copy: (S, S) or (S, S, 3)
-    x = torch.from_numpy(arr).to(torch.float32)
-    x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
-    # uint8 v -> v / 127.5 - 1 maps 0 -> -1 and 255 -> 1 exactly, so to_uint8 inverts it.
-    x = x / 127.5 - 1.0
-    if work.mode == "F":
-        x = x.clamp(-1.0, 1.0)  # bicubic overshoots near edges; uint8 results are clipped by PIL
-    if x.shape[0] != channels:  # a grey high-bit image asked for as RGB
-        x = x.expand(channels, -1, -1).contiguous()
-    return x
-
-
-def _open_image(path: str | os.PathLike, image_size: int | None) -> Image.Image:
-    """Open and decode an image file, upright (EXIF orientation applied). Raises on failure.
-    ``image_size`` None: at full resolution."""
-    # The with-block closes the file (also when decoding fails); the loaded pixels stay usable.
-    with Image.open(path) as img:
-        # JPEG only: let the decoder shrink by 1/2, 1/4 or 1/8 while keeping at least twice the
-        # target size, so a 4000x3000 photo is not fully decoded just to become 64x64.
-        if image_size is not None:
-            img.draft(None, (2 * image_size, 2 * image_size))
-        img.load()
-        if img.getexif().get(0x0112, 1) != 1:  # camera photos store "rotate me" in EXIF
-            return ImageOps.exif_transpose(img)
-        return img
-
-
-def _open_checked(path: str | os.PathLike, image_size: int | None) -> Image.Image:
-    """:func:`_open_image`, with a missing or unreadable file as a one-line DataError."""
-    if not os.path.isfile(path):
-        raise DataError(f"image file not found: {path}")
-    try:
-        return _open_image(path, image_size)
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-        raise DataError(f"cannot read image {path} ({first_line(e)}); "
-                        "give a png/jpg/webp/... file") from None
-
-
-def load_image(path: str | os.PathLike, image_size: int, channels: int) -> Tensor:
-    """Read one image file as a float32 tensor (channels, image_size, image_size) in [-1, 1],
-    with the same transform as the image folder data set."""
-    return prepare_image(_open_checked(path, image_size), image_size, channels)
-
-
-def load_image_full(path: str | os.PathLike, channels: int) -> Tensor:
-    """Read one image file at its own size (H, W upright) as float32 (channels, H, W) in
-    [0, 1], converted as :func:`prepare_image` converts (transparency onto white, 16-bit
-    scaled), but not resized or cropped."""
-    work = _convert_mode(_open_checked(path, None), channels)
-    x = torch.from_numpy(np.array(work, dtype=np.float32) / 255.0).clamp_(0.0, 1.0)
-    x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
-    return x.expand(channels, -1, -1).contiguous() if x.shape[0] != channels else x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +152,7 @@ class BuiltinShapes(Dataset):
         u = torch.empty(b, 5)
         gen = torch.Generator()
         for k, i in enumerate(idx):
-            gen.manual_seed(_seed_for(_TAG_SHAPES, self.seed, i))
+            gen.manual_seed(seed_for(_TAG_SHAPES, self.seed, i))
             u[k] = torch.rand(5, generator=gen)
         labels = torch.tensor(idx, dtype=torch.int64) % len(_SHAPE_NAMES)
         colour = (u[:, 0] * len(_PALETTE)).long()
@@ -324,7 +210,7 @@ class BuiltinShapes(Dataset):
 # Image folder.
 
 
-def _scan_folder(root: Path, image_size: int = 0) -> tuple[list[Path], list[str], list[str]]:
+def scan_image_folder(root: Path, image_size: int = 0) -> tuple[list[Path], list[str], list[str]]:
     """Image files under ``root`` (recursive, sorted) whose header PIL can read, the rest, and
     the readable ones whose shorter side is below ``image_size``.
 
@@ -391,7 +277,7 @@ class FolderImages(Dataset):
         if not self.root.is_dir():
             raise DataError(f"data.path: {self.root} is a file, not a folder; point data.path at "
                             "the folder that holds the images")
-        files, self.skipped, self.upscaled = _scan_folder(self.root, image_size)
+        files, self.skipped, self.upscaled = scan_image_folder(self.root, image_size)
         if not files:
             if self.skipped:
                 raise DataError(f"data.path: none of the {len(self.skipped)} image files under "
@@ -420,7 +306,7 @@ class FolderImages(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path = self.files[index]
         try:
-            img = _open_image(path, self.image_size)
+            img = open_image(path, self.image_size)
             image = prepare_image(img, self.image_size, self.channels)
         except Exception as e:
             raise DataError(f"cannot decode {path} ({first_line(e)}); delete or repair the file "
@@ -559,6 +445,10 @@ def build_dataset(cfg: DataConfig) -> Dataset:
     The built-in shapes always use seed 0 (the data set is fixed, like a downloaded one; the
     training seed only changes the order, through :class:`GlobalBatchSampler`).
     """
+    for name in ("image_size", "channels"):
+        if getattr(cfg, name) is None:
+            raise ConfigError(f"data.{name} is unset; a DataConfig on its own needs image_size "
+                              "and channels (a RunConfig fills them in from its unet)")
     if cfg.source == "builtin":
         return BuiltinShapes(cfg.builtin_size, cfg.image_size, cfg.channels, seed=0)
     if cfg.source == "folder":
@@ -574,15 +464,19 @@ def build_dataset(cfg: DataConfig) -> Dataset:
 # Augmentation and batching.
 
 
-def random_flip(images: Tensor, generator: torch.Generator) -> Tensor:
-    """Flip each image of (B, C, H, W) left-right with probability 1/2; returns (B, C, H, W).
+def flip_where(x: Tensor, flip: Tensor, dim: int = -1) -> Tensor:
+    """Mirror the items of a batch ``x`` (B, ...) along ``dim`` where ``flip`` (B,) bool is True;
+    returns the same shape. ``flip`` may live on another device than ``x``.
 
-    The coin flips are drawn from ``generator`` (on its device), so a seeded generator gives the
-    same flips on resume; the images may live on another device.
+    The coins are drawn by the trainers for the *global* batch from their explicit generator and
+    sliced to a process's share (``(torch.rand(B, generator=g) < 0.5)[mine]``), so the flips do
+    not depend on the number of processes and a resumed run draws the same ones.
     """
-    flip = torch.rand(images.shape[0], generator=generator, device=generator.device) < 0.5
-    flip = flip.to(images.device).view(-1, *([1] * (images.ndim - 1)))
-    return torch.where(flip, images.flip(-1), images)
+    if flip.ndim != 1 or flip.shape[0] != x.shape[0]:
+        raise ValueError(f"flip must be (B,) for x of shape {tuple(x.shape)}, got "
+                         f"{tuple(flip.shape)}")
+    mask = flip.to(x.device).view(-1, *([1] * (x.ndim - 1)))
+    return torch.where(mask, x.flip(dim), x)
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -622,7 +516,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         """The order of epoch ``epoch``: a permutation of range(num_items), int64 (N,)."""
         perm = self._perms.get(epoch)
         if perm is None:
-            gen = torch.Generator().manual_seed(_seed_for(_TAG_EPOCH, self.seed, epoch))
+            gen = torch.Generator().manual_seed(seed_for(_TAG_EPOCH, self.seed, epoch))
             perm = torch.randperm(self.num_items, generator=gen)
             if len(self._perms) >= 2:  # a batch spans at most a few epochs; keep memory flat
                 self._perms.pop(min(self._perms))
@@ -676,66 +570,3 @@ def make_dataloader(dataset: Dataset, batch_sampler: Sampler[list[int]], num_wor
         # from consuming the global RNG (house rule 3).
         generator=torch.Generator().manual_seed(0),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Tensor -> image files.
-
-
-def to_uint8(images: Tensor, channels_last: bool = True) -> Tensor:
-    """Map [-1, 1] floats to uint8 0..255 (clamped, rounded; NaN -> 128).
-
-    (B, C, H, W) -> (B, H, W, C) when ``channels_last`` else (B, C, H, W); a single (C, H, W)
-    image works the same way. Inverse of ``v / 127.5 - 1`` for uint8 ``v``.
-    """
-    x = torch.nan_to_num(images.detach().float(), nan=0.0).clamp(-1.0, 1.0)
-    x = ((x + 1.0) * 127.5).round().to(torch.uint8)
-    if channels_last:
-        x = x.permute(*range(x.ndim - 3), x.ndim - 2, x.ndim - 1, x.ndim - 3)
-    return x
-
-
-def _pil_from_hwc(arr: np.ndarray) -> Image.Image:
-    """A uint8 (H, W, 1) or (H, W, 3) array as an ``L`` or ``RGB`` image."""
-    if arr.shape[-1] == 1:
-        return Image.fromarray(np.ascontiguousarray(arr[..., 0]))  # uint8 (H, W): "L"
-    if arr.shape[-1] == 3:
-        return Image.fromarray(np.ascontiguousarray(arr))  # uint8 (H, W, 3): "RGB"
-    raise ValueError(f"images need 1 or 3 channels, got {arr.shape[-1]}")
-
-
-def save_image(image: Tensor, path: str | os.PathLike) -> None:
-    """Save one image (C, H, W) in [-1, 1]: grayscale for C=1, RGB for C=3 (atomic write)."""
-    if image.ndim != 3:
-        raise ValueError(f"save_image takes one image (C, H, W), got shape {tuple(image.shape)}")
-    atomic_save_image(_pil_from_hwc(to_uint8(image).cpu().numpy()), path)
-
-
-def make_grid_image(images: Tensor, nrow: int | None = None, padding: int = 2,
-                    pad_value: float = 0.0) -> Image.Image:
-    """Tile (B, C, H, W) images in [-1, 1] into one ``L``/``RGB`` PIL image.
-
-    ``nrow`` images per row (default ceil(sqrt(B)), a near-square grid), ``padding`` pixels
-    between and around tiles in ``pad_value`` (default 0.0: mid grey, visible against both dark
-    and white backgrounds).
-    """
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"make_grid_image takes a batch (B, C, H, W), got {tuple(images.shape)}")
-    b, c, h, w = images.shape
-    ncol = nrow if nrow is not None else math.ceil(math.sqrt(b))
-    ncol = max(1, min(ncol, b))
-    rows = math.ceil(b / ncol)
-    tiles = to_uint8(images).cpu().numpy()  # (B, H, W, C)
-    fill = int(to_uint8(torch.tensor([pad_value]), channels_last=False)[0])
-    canvas = np.full((rows * (h + padding) + padding, ncol * (w + padding) + padding, c), fill,
-                     dtype=np.uint8)
-    for k in range(b):
-        r, q = divmod(k, ncol)
-        y, x = padding + r * (h + padding), padding + q * (w + padding)
-        canvas[y:y + h, x:x + w] = tiles[k]
-    return _pil_from_hwc(canvas)
-
-
-def save_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None) -> None:
-    """Save (B, C, H, W) images in [-1, 1] as one grid image (see :func:`make_grid_image`)."""
-    atomic_save_image(make_grid_image(images, nrow), path)

@@ -1,11 +1,28 @@
-"""The errors diffunet raises for bad input.
+"""The errors diffunet raises for bad input, each used for what its name says.
 
 Every message is one line that names the problem and the fix; the command line prints it and
 exits with code 2 (no traceback). Each subclass also derives from the builtin a library user
-would expect (``ValueError``), so ``except ValueError`` keeps working.
+would expect (``ValueError``, or ``ImportError`` for a missing extra), so ``except ValueError``
+keeps working.
+
+==========================  ===================================================================
+:class:`ConfigError`        a config key, type or value that cannot work (names ``section.key``)
+:class:`UsageError`         a command-line option or function argument that cannot work (names
+                            the ``--flag``), or a launch that cannot run as asked
+:class:`FolderError`        an output or run folder that cannot be used as asked: a file, not
+                            empty, in use by another run, holding other settings' files
+:class:`DataError`          a data source or input image that cannot be read
+:class:`ModelFileError`     a model file or training state that is missing, damaged, foreign,
+                            too new, or does not fit
+:class:`TrainingError`      training cannot go on (the loss stays non-finite, a write failed)
+:class:`MissingDependencyError`  an optional extra is not installed (says what to install)
+==========================  ===================================================================
 """
 
 from __future__ import annotations
+
+__all__ = ["DiffunetError", "ConfigError", "UsageError", "FolderError", "DataError",
+           "ModelFileError", "TrainingError", "MissingDependencyError"]
 
 
 class DiffunetError(Exception):
@@ -16,9 +33,29 @@ class ConfigError(DiffunetError, ValueError):
     """A config key, type or value that cannot work (the message names the key)."""
 
 
+class UsageError(DiffunetError, ValueError):
+    """A command-line option or function argument that cannot work (the message names the
+    flag), or a launch (``accelerate launch``, torchrun) that cannot run as asked."""
+
+
+class FolderError(DiffunetError, ValueError):
+    """An output or run folder that cannot be used as asked (a file, not empty, in use by
+    another run, holding files from other settings)."""
+
+
 class ModelFileError(DiffunetError, ValueError):
-    """A model file that is missing, not a diffunet file, too new, or does not fit its config."""
+    """A model file or training state that is missing, not diffunet's, damaged, too new, or
+    does not fit its config."""
 
 
 class DataError(DiffunetError, ValueError):
     """A data source that cannot be read (missing path, no readable image, ...)."""
+
+
+class TrainingError(DiffunetError):
+    """Training cannot go on (e.g. the loss stays non-finite, or a write failed); the message
+    says what to try and what was kept."""
+
+
+class MissingDependencyError(DiffunetError, ImportError):
+    """An optional dependency (an extra such as ``eval``) is not installed."""

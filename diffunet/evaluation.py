@@ -1,6 +1,6 @@
 """Evaluation: bits/dim on a data set, and FID / KID between generated and reference images.
 
-- :func:`dataset_bits_per_dim` runs :func:`diffunet.diffusion.bits_per_dim` (the DDPM variational
+- :func:`dataset_bits_per_dim` runs :func:`diffunet.likelihood.bits_per_dim` (the DDPM variational
   bound, section 3.3) over a data set with a progress bar and an image limit.
 - :func:`fid_kid` compares two image sets through a feature network: the Frechet distance between
   Gaussians fitted to the features (FID, Heusel et al. 2017) and the kernel inception distance
@@ -10,13 +10,14 @@
 - The feature network is pluggable (:class:`FeatureNetwork`); :func:`load_inception` builds the
   standard FID Inception-v3 from the optional ``pytorch-fid`` package (``pip install
   "diffunet[eval]"``) and loads its weights from a local file or a once-downloaded cache.
-- :func:`add_eval_parser` / :func:`run_eval` are the ``diffunet eval`` command; only
-  :func:`run_eval` prints. Everything else returns values.
+- :func:`bpd_data_config`, :func:`generated_images` and :func:`reference_images` resolve what
+  ``diffunet eval bpd|fid`` evaluates on (:mod:`diffunet.cli.evaluate` parses and prints).
+
+Everything here returns values; nothing prints.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -31,11 +32,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .checkpoint import read_tensor_file, write_tensor_file
 from .config import DataConfig, load_config
 from .data import BuiltinShapes, FolderImages, TorchvisionImages, build_dataset
-from .diffusion import LIKELIHOOD_VARIANCES, NoiseSchedule, bits_per_dim
-from .errors import ConfigError, DataError, DiffunetError, ModelFileError
-from .fileio import atomic_write_bytes, first_line
+from .diffusion import NoiseSchedule
+from .errors import DataError, MissingDependencyError, ModelFileError, UsageError
+from .fileio import atomic_writer, first_line
+from .likelihood import LIKELIHOOD_VARIANCES, bits_per_dim
 
 __all__ = [
     "BPDResult",
@@ -43,8 +46,10 @@ __all__ = [
     "FeatureNetwork",
     "FeatureStats",
     "INCEPTION_WEIGHTS_URL",
-    "MissingDependencyError",
-    "add_eval_parser",
+    "LIKELIHOOD_VARIANCES",
+    "INCEPTION_WEIGHTS_FILE",
+    "INSTALL_HINT",
+    "bpd_data_config",
     "dataset_bits_per_dim",
     "dataset_fingerprint",
     "default_cache_dir",
@@ -53,21 +58,20 @@ __all__ = [
     "frechet_distance",
     "kernel_inception_distance",
     "load_inception",
+    "generated_images",
+    "reference_images",
     "reference_statistics",
-    "run_eval",
+    "split_data_items",
 ]
 
 INCEPTION_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                          "pt_inception-2015-12-05-6726825d.pth")
 """pytorch-fid's port of the TensorFlow FID Inception (2015-12-05), the network every FID uses."""
 INCEPTION_WEIGHTS_FILE = INCEPTION_WEIGHTS_URL.rsplit("/", 1)[1]
-_INSTALL_HINT = 'pip install "diffunet[eval]"'
+INSTALL_HINT = 'pip install "diffunet[eval]"'
+"""How to get the FID feature network's package (the ``eval`` extra)."""
 _CACHE_FORMAT = "diffunet.fid_reference"
 _CACHE_VERSION = 1
-
-
-class MissingDependencyError(DiffunetError, ImportError):
-    """An optional dependency (an extra such as ``eval``) is not installed."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +133,7 @@ def dataset_bits_per_dim(model: Callable[..., Tensor], schedule: NoiseSchedule, 
     from tqdm.auto import tqdm
 
     if max_images is not None and max_images < 1:
-        raise ConfigError(f"max_images must be a positive integer, got {max_images}")
+        raise UsageError(f"max_images must be a positive integer, got {max_images}")
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     if n < 1:
         raise DataError("the data set is empty; give it at least one image")
@@ -205,7 +209,7 @@ def _import_pytorch_fid() -> Any:
         import pytorch_fid.inception as fid_inception
     except ImportError:
         raise MissingDependencyError(f"FID and KID need the optional package pytorch-fid; "
-                                     f"install it with: {_INSTALL_HINT}") from None
+                                     f"install it with: {INSTALL_HINT}") from None
     return fid_inception
 
 
@@ -242,28 +246,21 @@ def default_cache_dir() -> Path:
 
 
 def _download(url: str, path: Path, timeout: float = 30.0) -> None:
-    """Fetch ``url`` to ``path`` through a temporary file in the same folder, so a failed or
-    interrupted download leaves nothing under ``path``. ``timeout`` (seconds) bounds each
+    """Fetch ``url`` to ``path`` atomically (:func:`~diffunet.fileio.atomic_writer`), so a failed
+    or interrupted download leaves nothing under ``path``. ``timeout`` (seconds) bounds each
     connect and read, so a machine whose network silently drops packets fails instead of
     hanging (torch.hub's downloader has no timeout)."""
     import shutil
-    import tempfile
     import urllib.request
 
     from tqdm.auto import tqdm
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm.wrapattr(f, "write", total=total, desc=path.name, unit="B",
-                               unit_scale=True) as out:
-                shutil.copyfileobj(response, out, length=1 << 20)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as f, urllib.request.urlopen(url, timeout=timeout) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm.wrapattr(f, "write", total=total, desc=path.name, unit="B",
+                           unit_scale=True) as out:
+            shutil.copyfileobj(response, out, length=1 << 20)
 
 
 def _sha256(path: Path) -> str:
@@ -313,8 +310,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     (tensors only: nothing in it can run code)."""
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
+            return read_tensor_file(path)[0]
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ModelFileError(f"cannot read the FID Inception weights {path} ({first_line(e)}); "
@@ -439,7 +435,7 @@ def kernel_inception_distance(features_a: Tensor, features_b: Tensor, *,
         raise DataError(f"KID needs at least 2 images in each set, got {features_a.shape[0]} "
                         f"and {features_b.shape[0]}")
     if num_subsets < 1:
-        raise ConfigError(f"num_subsets must be a positive integer, got {num_subsets}")
+        raise UsageError(f"num_subsets must be a positive integer, got {num_subsets}")
     generator = torch.Generator().manual_seed(0) if generator is None else generator
     d = features_a.shape[1]
     a = features_a.to(device, torch.float64)
@@ -500,30 +496,23 @@ def _load_cached(path: Path, fingerprint: str) -> FeatureStats | None:
     """The statistics in cache file ``path``, or None if it is absent, damaged or foreign."""
     if not path.is_file():
         return None
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != _CACHE_FORMAT or meta.get("fingerprint") != fingerprint:
-                return None
-            return FeatureStats(features=f.get_tensor("features"), mu=f.get_tensor("mu"),
-                                sigma=f.get_tensor("sigma"))
-    except Exception:  # a damaged cache entry is recomputed, never an error
+        tensors, meta = read_tensor_file(path)
+        if meta.get("format") != _CACHE_FORMAT or meta.get("fingerprint") != fingerprint:
+            return None
+        return FeatureStats(features=tensors["features"], mu=tensors["mu"],
+                            sigma=tensors["sigma"])
+    except (ModelFileError, KeyError):  # a damaged cache entry is recomputed, never an error
         return None
 
 
 def _save_cached(path: Path, stats: FeatureStats, fingerprint: str, summary: dict[str, Any],
                  ) -> None:
-    from safetensors.torch import save
-
-
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": _CACHE_FORMAT, "format_version": str(_CACHE_VERSION),
                 "fingerprint": fingerprint, "summary": json.dumps(summary)}
-    tensors = {"features": stats.features.contiguous(), "mu": stats.mu.contiguous(),
-               "sigma": stats.sigma.contiguous()}
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    write_tensor_file(path, {"features": stats.features, "mu": stats.mu, "sigma": stats.sigma},
+                      metadata)
 
 
 def reference_statistics(dataset: Dataset, network: FeatureNetwork, *,
@@ -612,228 +601,79 @@ def fid_kid(generated: Dataset, reference: Dataset, network: FeatureNetwork, *,
 
 
 # ---------------------------------------------------------------------------------------------
-# The `diffunet eval` command
+# What `diffunet eval` evaluates on
 
 
-def _split_items(items: Sequence[str]) -> tuple[str | None, list[str]]:
+def split_data_items(items: Sequence[str]) -> tuple[str | None, list[str]]:
     """``[CONFIG.toml] [data.key=value ...]`` -> (config path or None, data overrides)."""
     config_path, overrides = None, []
     for item in items:
         if "=" in item:
             if not item.strip().startswith("data."):
-                raise ConfigError(f"override {item!r}: diffunet eval takes only data.key=value "
-                                  "overrides (the data set to evaluate on)")
+                raise UsageError(f"override {item!r}: diffunet eval takes only data.key=value "
+                                 "overrides (the data set to evaluate on)")
             overrides.append(item)
         elif config_path is None:
             config_path = item
         else:
-            raise ConfigError(f"two config files given ({config_path}, {item}); give one, then "
-                              "data.key=value overrides")
+            raise UsageError(f"two config files given ({config_path}, {item}); give one, then "
+                             "data.key=value overrides")
     return config_path, overrides
 
 
-def _device(name: str | None) -> torch.device:
-    if name is not None:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _timesteps_arg(text: str) -> int | None:
-    if text == "all":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'all' or a positive integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 'all' or a positive integer, got {text!r}")
-    return value
-
-
-def _write_json(path: str | None, result: dict[str, Any]) -> None:
-    if path:
-        Path(path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-
-
-def _run_bpd(args: argparse.Namespace) -> int:
-    from .checkpoint import load_diffusion_model
-
-    device = _device(args.device)
-    net, schedule, meta = load_diffusion_model(args.model, device=device)
-    config_path, overrides = _split_items(args.items)
-    # Default data: the data section of the run config that training stores in the model file,
-    # else the built-in set at the model's size. The model's own configs complete the RunConfig
-    # (so its checks compare the data with this model); eval samples nothing, hence num_steps 1.
+def bpd_data_config(meta: dict[str, Any], items: Sequence[str]) -> DataConfig:
+    """The data set ``diffunet eval bpd`` scores a model on: ``items`` (``[CONFIG.toml]
+    [data.key=value ...]``) over the data section of the run config stored in the model file
+    (``meta``, from :func:`~diffunet.checkpoint.load_model`), else the built-in set, at the
+    model's image size and channels (a mismatch is a :class:`ConfigError`)."""
+    unet = meta["unet_config"]
+    config_path, overrides = split_data_items(items)
+    # The model's own configs complete the RunConfig (so its checks compare the data with this
+    # model); eval samples nothing, hence num_steps 1.
     stored = meta.get("run_config")
     data = stored.get("data") if isinstance(stored, dict) else None
-    base = {"unet": meta["unet_config"], "schedule": meta["schedule_config"],
-            "sample": {"num_steps": 1},
-            "data": data if isinstance(data, dict) else {
-                "image_size": net.config.image_size, "channels": net.config.in_channels}}
-    data_cfg = load_config(config_path, overrides, base=base).data
-    if (data_cfg.image_size, data_cfg.channels) != (net.config.image_size,
-                                                     net.config.in_channels):
-        raise ConfigError(f"data.image_size/data.channels: the data set gives "
-                          f"{data_cfg.channels}x{data_cfg.image_size}x{data_cfg.image_size} "
-                          f"images but the model takes {net.config.in_channels}x"
-                          f"{net.config.image_size}x{net.config.image_size}; set "
-                          f"data.image_size={net.config.image_size} "
-                          f"data.channels={net.config.in_channels}")
-    dataset = build_dataset(data_cfg)
-    gen = torch.Generator().manual_seed(args.seed)
-    result = dataset_bits_per_dim(net, schedule, dataset, max_images=args.max_images,
-                                  batch_size=args.batch_size, num_timesteps=args.timesteps,
-                                  variance=args.variance, clip_x0=not args.no_clip,
-                                  device=device, generator=gen, num_workers=data_cfg.num_workers,
-                                  progress=not args.no_progress)
-    s = result.summary()
-    T = s["num_train_timesteps"]
-    var_text = ("beta_t" if s["variance"] == "fixed_large" else "posterior beta~_t")
-    steps = (f"all {T} timesteps" if s["timesteps"] == "all" else
-             f"{s['timesteps']} random KL timesteps of {T - 1} per image (unbiased estimate)")
-    print(f"bits/dim         {s['bpd']:.4f} +- {s['bpd_stderr']:.4f} (standard error, "
-          f"{s['num_images']} images)")
-    print(f"  prior L_T      {s['prior_bpd']:.4f}")
-    print(f"  KL L_1..L_T-1  {s['kl_bpd']:.4f}")
-    print(f"  decoder L_0    {s['decoder_bpd']:.4f}")
-    print(f"{steps}; fixed variance {s['variance']} ({var_text}); x0_hat "
-          f"{'clipped to [-1, 1]' if s['clip_x0'] else 'not clipped'}")
-    _write_json(args.json, {"model": str(args.model), **s})
-    return 0
+    base = {"unet": unet, "schedule": meta["schedule_config"], "sample": {"num_steps": 1},
+            "data": data if isinstance(data, dict) else {}}
+    return load_config(config_path, overrides, base=base).data
 
 
-def _reference_dataset(args: argparse.Namespace, image_size: int) -> Dataset:
-    """The reference set from --reference (a folder or a CONFIG.toml) and data overrides, at
-    ``image_size`` RGB."""
-    config_path, overrides = _split_items(args.items)
-    ref = args.reference
-    if ref is not None and Path(ref).expanduser().is_dir():
-        if config_path or overrides:
-            raise ConfigError("--reference is a folder: CONFIG.toml and data.key=value "
-                              "overrides do not apply to it")
-        return FolderImages(ref, image_size, 3)
-    if ref is not None:
-        if config_path is not None:
-            raise ConfigError(f"two reference configs given ({ref}, {config_path})")
-        if not Path(ref).expanduser().is_file():
-            raise DataError(f"--reference {ref}: no such folder or config file; give a folder "
-                            "of images or a CONFIG.toml")
-        config_path = ref
-    if config_path is None and not overrides:
-        raise ConfigError("no reference set: give --reference FOLDER or CONFIG.toml, or "
-                          "data.key=value overrides (e.g. data.source=builtin)")
-    data_cfg: DataConfig = load_config(config_path, overrides).data
-    return build_dataset(dataclasses.replace(data_cfg, image_size=image_size, channels=3))
-
-
-def _run_fid(args: argparse.Namespace) -> int:
+def generated_images(folder: str | os.PathLike, image_size: int | None = None
+                     ) -> tuple[FolderImages, int]:
+    """The generated images of ``diffunet eval fid`` as RGB at ``image_size`` (default: the
+    shorter side of the first file in sorted order, ``000000.png`` of ``diffunet sample``)."""
     from PIL import Image
 
-    device = _device(args.device)
-    generated = FolderImages(args.generated, 1, 3)
-    if args.image_size is None:
-        with Image.open(generated.files[0]) as im:  # sorted first: 000000.png from `sample`
+    generated = FolderImages(folder, 1, 3)
+    if image_size is None:
+        with Image.open(generated.files[0]) as im:
             image_size = min(im.size)
-    else:
-        image_size = args.image_size
     generated.image_size = image_size  # the folder was scanned before the size was known
-    reference = _reference_dataset(args, image_size)
-    network = load_inception(args.feature_weights, device=device)
-    cache = None if args.no_cache else default_cache_dir()
-    result = fid_kid(generated, reference, network, cache_dir=cache,
-                     max_reference=args.max_reference, batch_size=args.batch_size,
-                     device=device, kid_subset_size=args.kid_subset_size,
-                     kid_num_subsets=args.kid_subsets,
-                     generator=torch.Generator().manual_seed(args.seed),
-                     progress=not args.no_progress)
-    print(f"FID              {result.fid:.3f}")
-    print(f"KID              {result.kid:.5f} +- {result.kid_std:.5f} ({result.kid_num_subsets} "
-          f"subsets of {result.kid_subset_size})")
-    print(f"images           {result.num_generated} generated, {result.num_reference} "
-          f"reference, at {image_size}x{image_size}")
-    where = ("from cache" if result.reference_from_cache else
-             "computed" + (", cached" if result.reference_cache else ""))
-    print(f"reference stats  {where}" + (f": {result.reference_cache}"
-                                          if result.reference_cache else ""))
-    _write_json(args.json, {"generated": str(args.generated), "image_size": image_size,
-                            **result.summary()})
-    return 0
+    return generated, image_size
 
 
-def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``eval`` (with sub-commands ``bpd`` and ``fid``) to a ``add_subparsers()`` object.
-
-    Sets ``func=run_eval`` on the parsed namespace. Returns the ``eval`` parser.
-    """
-    p = subparsers.add_parser(
-        "eval", help="bits/dim of a model on a data set, or FID/KID of generated images",
-        description="Evaluate a model: `eval bpd` (negative log-likelihood bound) or "
-                    "`eval fid` (FID and KID of a folder of generated images).")
-    sub = p.add_subparsers(dest="eval_command", metavar="{bpd,fid}")
-    sub.required = True
-
-    def common(q: argparse.ArgumentParser, batch: int) -> None:
-        q.add_argument("--batch-size", type=int, default=batch, metavar="B",
-                       help=f"network inputs per forward pass (default {batch})")
-        q.add_argument("--seed", type=int, default=0, help="seed for noise / subsets (0)")
-        q.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda if "
-                                        "available, else cpu)")
-        q.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-        q.add_argument("--no-progress", action="store_true", help="no progress bar")
-        q.set_defaults(func=run_eval)
-
-    q = sub.add_parser(
-        "bpd", help="negative log-likelihood (variational bound) in bits/dim",
-        description="The DDPM variational bound (Ho et al. 2020, sec. 3.3) in bits per "
-                    "dimension, on the model's training data (stored in model files written "
-                    "by `diffunet train`; else the built-in set) or on CONFIG.toml's data "
-                    "with data.key=value overrides.")
-    q.add_argument("model", metavar="MODEL.safetensors")
-    q.add_argument("items", nargs="*", metavar="[CONFIG.toml] [data.key=value ...]")
-    q.add_argument("--max-images", type=int, metavar="N",
-                   help="evaluate the first N images only (default: all)")
-    q.add_argument("--timesteps", type=_timesteps_arg, default=None, metavar="all|N",
-                   help="all: every timestep (the bound, T network calls per image); N: N "
-                        "random KL timesteps per image, an unbiased estimate (default all)")
-    q.add_argument("--variance", choices=LIKELIHOOD_VARIANCES, default="fixed_large",
-                   help="fixed reverse variance: beta_t (fixed_large, default) or the "
-                        "posterior variance (fixed_small)")
-    q.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1]")
-    common(q, 256)
-
-    q = sub.add_parser(
-        "fid", help="FID and KID of generated images against a reference set",
-        description="FID and KID between a folder of generated images (e.g. `diffunet "
-                    "sample`'s output) and a reference set, with the standard FID "
-                    "Inception-v3 (needs: " + _INSTALL_HINT + "). Reference statistics are "
-                    "cached in $DIFFUNET_CACHE (default ~/.cache/diffunet).")
-    q.add_argument("generated", metavar="GENERATED_FOLDER")
-    q.add_argument("items", nargs="*", metavar="[CONFIG.toml] [data.key=value ...]",
-                   help="the reference data set, when --reference is not a folder")
-    q.add_argument("--reference", metavar="FOLDER|CONFIG.toml",
-                   help="reference images: a folder, or a config whose [data] is the set")
-    q.add_argument("--feature-weights", metavar="PATH",
-                   help=f"local {INCEPTION_WEIGHTS_FILE} (default: the cache, downloaded once "
-                        "from " + INCEPTION_WEIGHTS_URL + ")")
-    q.add_argument("--image-size", type=int, metavar="S",
-                   help="load both sets at SxS (default: the generated images' size)")
-    q.add_argument("--max-reference", type=int, metavar="N",
-                   help="use the first N reference images only")
-    q.add_argument("--kid-subset-size", type=int, default=1000, metavar="N",
-                   help="KID subset size (default 1000, capped at the smaller set)")
-    q.add_argument("--kid-subsets", type=int, default=100, metavar="N",
-                   help="number of KID subsets (default 100)")
-    q.add_argument("--no-cache", action="store_true",
-                   help="neither read nor write cached reference statistics")
-    common(q, 50)
-    return p
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    """Run ``diffunet eval bpd|fid`` from parsed arguments; prints a short table of results
-    to stdout (and writes ``--json``). Returns the exit code; bad input raises DiffunetError."""
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    if args.eval_command == "bpd":
-        return _run_bpd(args)
-    return _run_fid(args)
+def reference_images(reference: str | None, items: Sequence[str], image_size: int) -> Dataset:
+    """The reference set of ``diffunet eval fid``: ``reference`` is a folder of images or a
+    CONFIG.toml whose ``[data]`` is the set (``items``: more ``data.key=value`` overrides, or a
+    CONFIG.toml), loaded as RGB at ``image_size``."""
+    config_path, overrides = split_data_items(items)
+    if reference is not None and Path(reference).expanduser().is_dir():
+        if config_path or overrides:
+            raise UsageError("--reference is a folder: CONFIG.toml and data.key=value "
+                             "overrides do not apply to it")
+        return FolderImages(reference, image_size, 3)
+    if reference is not None:
+        if config_path is not None:
+            raise UsageError(f"two reference configs given ({reference}, {config_path})")
+        if not Path(reference).expanduser().is_file():
+            raise DataError(f"--reference {reference}: no such folder or config file; give a "
+                            "folder of images or a CONFIG.toml")
+        config_path = reference
+    if config_path is None and not overrides:
+        raise UsageError("no reference set: give --reference FOLDER or CONFIG.toml, or "
+                         "data.key=value overrides (e.g. data.source=builtin)")
+    # The size is image_size (the generated images'), the channels RGB: overrides of either
+    # would only be checked against the config's UNet, then replaced.
+    overrides = [o for o in overrides if not o.strip().startswith(("data.image_size",
+                                                                   "data.channels"))]
+    data_cfg: DataConfig = load_config(config_path, overrides).data
+    return build_dataset(dataclasses.replace(data_cfg, image_size=image_size, channels=3))

@@ -1,7 +1,8 @@
 """Writing files so that a crash never leaves a half-written one (the one home of atomic writes).
 
 Every file diffunet writes (model files, configs, logs rewritten on resume, sample PNGs, mask
-PNGs, manifests, inspection output) goes through :func:`atomic_write_bytes`: the bytes go to
+PNGs, manifests, inspection output, downloads) goes through :func:`atomic_writer` (or
+:func:`atomic_write_bytes`, built on it): the bytes go to
 ``.<name>.<pid>.<random>.tmp`` in the same folder, which is then renamed over the target
 (``os.replace`` is atomic on POSIX and Windows). Cleanup code elsewhere recognises leftovers of
 interrupted writes by that ``.<name>.*.tmp`` pattern.
@@ -9,16 +10,19 @@ interrupted writes by that ``.<name>.*.tmp`` pattern.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
 from .errors import DataError
 
-__all__ = ["atomic_save_image", "atomic_write_bytes", "first_line", "fsync_dir"]
+__all__ = ["atomic_save_image", "atomic_write_bytes", "atomic_writer", "first_line", "fsync_dir"]
 
 
 def first_line(e: BaseException) -> str:
@@ -43,19 +47,23 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one.
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, *, durable: bool = True) -> Iterator[BinaryIO]:
+    """A binary file to write that appears at ``path`` only when the ``with`` block succeeds:
+    a crash, an exception or an interrupt leaves the old file (or none), never a partial one.
 
-    ``durable``: flush the file and the folder to disk (fsync) before and after the rename, so
-    a power cut cannot leave an empty file either; sample images skip it (one fsync per image
-    would dominate a large sampling run, and a rerun redraws what a power cut lost). The file
-    gets the usual permissions (0666 minus the umask), as a plain ``open`` would give it.
+    The bytes go to ``.<name>.<pid>.<random>.tmp`` in the same folder, renamed over ``path`` at
+    the end (``os.replace`` is atomic on POSIX and Windows). ``durable``: flush the file and the
+    folder to disk (fsync) before and after the rename, so a power cut cannot leave an empty file
+    either; sample images skip it (one fsync per image would dominate a large sampling run, and
+    a rerun redraws what a power cut lost). The file gets the usual permissions (0666 minus the
+    umask), as a plain ``open`` would give it.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "xb") as f:
-            f.write(data)
+            yield f
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
@@ -65,6 +73,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = 
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one
+    (:func:`atomic_writer`)."""
+    with atomic_writer(path, durable=durable) as f:
+        f.write(data)
 
 
 def atomic_save_image(img: Image.Image, path: str | os.PathLike) -> None:

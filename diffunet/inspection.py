@@ -18,12 +18,11 @@ It works for diffusion models (``net(x_t, t[, class_labels])``, t defaults to T 
 time-less segmentation UNets (``net(x)``, the image normalised with the model file's mean/std).
 
 :func:`capture_activations`, :func:`activation_stats`, :func:`feature_grid` and
-:func:`inspect_model` return values; :func:`run_inspect` (the command) is the only one that prints.
+:func:`inspect_model` return values; the command (:mod:`diffunet.cli.inspect`) prints them.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -37,22 +36,20 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import load_model
-from .data import BuiltinShapes, _pil_from_hwc, load_image, save_image
-from .errors import ConfigError, ModelFileError
+from .data import BuiltinShapes
+from .errors import FolderError, ModelFileError, UsageError
 from .fileio import atomic_save_image, atomic_write_bytes
-from .seg_data import class_palette, normalize
-from .seg_losses import predict_labels
+from .runs import pick_device
+from .images import class_palette, load_image, normalize, pil_from_hwc, predict_labels, save_image
 
 __all__ = [
     "InspectResult",
     "activation_stats",
-    "add_inspect_parser",
     "block_names",
     "capture_activations",
     "feature_grid",
     "format_stats_table",
     "inspect_model",
-    "run_inspect",
 ]
 
 _FORMAT = "diffunet.inspect"
@@ -274,13 +271,13 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> list[Path]:
     """Refuse an ``out_dir`` holding anything but a previous inspect output (unless
     ``overwrite``); returns the previous output's files, to be replaced."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out-dir {out_dir} is a file; give a folder")
+        raise FolderError(f"--out-dir {out_dir} is a file; give a folder")
     if not out_dir.is_dir():
         return []
     entries = list(out_dir.iterdir())
     foreign = [e for e in entries if not (e.is_file() and _OWN_RE.match(e.name))]
     if foreign and not overwrite:
-        raise ConfigError(f"--out-dir {out_dir} is not empty and holds no previous inspect "
+        raise FolderError(f"--out-dir {out_dir} is not empty and holds no previous inspect "
                           f"output (e.g. {foreign[0].name}); choose another folder or pass "
                           "--overwrite to write into it anyway")
     # With foreign files present (and --overwrite) nothing is deleted: a name that merely looks
@@ -288,23 +285,11 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> list[Path]:
     return [] if foreign else entries
 
 
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"unknown --device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return device
-
-
 def _load_input(image: str | os.PathLike | None, size: int, channels: int) -> tuple[Tensor, str]:
     """The input image (C, S, S) in [-1, 1] and a description of where it came from."""
     if channels not in (1, 3):
-        raise ConfigError(f"this model takes {channels}-channel input; inspect can only make "
-                          "1- or 3-channel images (grey or RGB)")
+        raise UsageError(f"this model takes {channels}-channel input; inspect can only make "
+                         "1- or 3-channel images (grey or RGB)")
     if image is not None:
         return load_image(image, size, channels), str(image)
     shapes = BuiltinShapes(1, size, channels, seed=0)
@@ -329,8 +314,8 @@ def inspect_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     available, else cpu. Bad input raises :class:`~diffunet.errors.DiffunetError`.
     """
     if max_channels < 1:
-        raise ConfigError(f"--max-channels must be a positive integer, got {max_channels}")
-    dev = device if isinstance(device, torch.device) else _device(device)
+        raise UsageError(f"--max-channels must be a positive integer, got {max_channels}")
+    dev = device if isinstance(device, torch.device) else pick_device(device)
     net, schedule, meta = load_model(model_path, device=dev)
     cfg = net.config
     out_dir = Path(out_dir)
@@ -345,22 +330,22 @@ def inspect_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         if t is None:
             t = T // 2
         if not 0 <= t < T:
-            raise ConfigError(f"--t must be in [0, {T - 1}] (the model has {T} training "
-                              f"timesteps), got {t}")
+            raise UsageError(f"--t must be in [0, {T - 1}] (the model has {T} training "
+                             f"timesteps), got {t}")
         if class_label is not None:
             if cfg.num_classes is None:
-                raise ConfigError("--class-label: this model is unconditional (no "
-                                  "unet.num_classes); drop --class-label")
+                raise UsageError("--class-label: this model is unconditional (no "
+                                 "unet.num_classes); drop --class-label")
             if not 0 <= class_label < cfg.num_classes:
-                raise ConfigError(f"--class-label must be in [0, {cfg.num_classes - 1}] (the "
-                                  f"model has {cfg.num_classes} classes), got {class_label}")
+                raise UsageError(f"--class-label must be in [0, {cfg.num_classes - 1}] (the "
+                                 f"model has {cfg.num_classes} classes), got {class_label}")
     else:
         kind = "segmentation"
         if t is not None:
-            raise ConfigError("--t: segmentation models have no timestep; drop --t")
+            raise UsageError("--t: segmentation models have no timestep; drop --t")
         if class_label is not None:
-            raise ConfigError("--class-label: segmentation models take no class label; "
-                              "drop --class-label")
+            raise UsageError("--class-label: segmentation models take no class label; "
+                             "drop --class-label")
 
     x0, source = _load_input(image, cfg.image_size, cfg.in_channels)  # (C, S, S) in [-1, 1]
     old_files = _check_out_dir(out_dir, overwrite)
@@ -418,7 +403,7 @@ def inspect_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         if isinstance(pic, Tensor):
             save_image(pic, path)
         else:
-            atomic_save_image(_pil_from_hwc(pic), path)
+            atomic_save_image(pil_from_hwc(pic), path)
         files.append(path)
     files += [out_dir / "stats.json", out_dir / "stats.txt"]
     doc = {"format": _FORMAT, "format_version": _FORMAT_VERSION, "input": info,
@@ -427,58 +412,3 @@ def inspect_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     text = "\n".join(f"# {k}: {v}" for k, v in info.items()) + "\n" + format_stats_table(stats)
     atomic_write_bytes(out_dir / "stats.txt", (text + "\n").encode())
     return InspectResult(out_dir=out_dir, files=files, kind=kind, input=info, blocks=stats)
-
-
-# ---------------------------------------------------------------------------------------------
-# The command
-
-
-def add_inspect_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``inspect`` to an ``add_subparsers()`` object; sets ``func=run_inspect``."""
-    p = subparsers.add_parser(
-        "inspect", help="picture every block's feature maps for one input (and their stats)",
-        description="Run one input through a model with a hook on every block and write "
-                    "input.png, noised.png (diffusion) or prediction.png (segmentation), one "
-                    "NN_<block>.png of feature maps per block (each channel min-max scaled on "
-                    "its own; magenta = NaN/inf) and stats.json / stats.txt.")
-    p.add_argument("model", metavar="MODEL.safetensors")
-    p.add_argument("--image", metavar="PATH",
-                   help="input image file (default: an image of the built-in shapes)")
-    p.add_argument("--t", type=int, metavar="T",
-                   help="diffusion models: the timestep, in [0, T) (default T // 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise in x_t (default 0)")
-    p.add_argument("--class-label", type=int, metavar="K",
-                   help="class-conditional models: the label (default: no label)")
-    p.add_argument("--max-channels", type=int, default=64, metavar="N",
-                   help="feature maps per block picture, the first N channels (default 64)")
-    p.add_argument("--out-dir", help="output folder (default inspect/<model file name>)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty --out-dir that holds other files")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    p.set_defaults(func=run_inspect)
-    return p
-
-
-def run_inspect(args: argparse.Namespace, say: Callable[[str], None] = print) -> int:
-    """Run ``diffunet inspect`` from parsed arguments; prints what was written and the
-    statistics table (stdout). Returns the exit code; bad input raises DiffunetError."""
-    out_dir = Path(args.out_dir) if args.out_dir else Path("inspect") / Path(args.model).stem
-    r = inspect_model(args.model, out_dir, image=args.image, t=args.t, seed=args.seed,
-                      class_label=args.class_label, max_channels=args.max_channels,
-                      overwrite=args.overwrite, device=args.device)
-    say(f"{r.kind} model {args.model}; input: {r.input['image']}"
-        + (f", t={r.input['t']}, seed {r.input['seed']}" if r.kind == "diffusion" else ""))
-    say(format_stats_table(r.blocks))
-    say(f"wrote {len(r.files)} files to {r.out_dir}:")
-    say("  input.png        the input image")
-    if r.kind == "diffusion":
-        say(f"  noised.png       x_t at t={r.input['t']} (the network's input)")
-    else:
-        say("  prediction.png   the predicted mask (one colour per class)")
-    say(f"  {r.blocks[0]['file']} ... {r.blocks[-1]['file']}   feature maps of the "
-        f"{len(r.blocks)} blocks")
-    say("  stats.json, stats.txt   the statistics above")
-    bad = [b["name"] for b in r.blocks if b["nonfinite"]]
-    if bad:
-        say(f"warning: non-finite activations from block {bad[0]} on ({len(bad)} blocks)")
-    return 0

@@ -13,7 +13,7 @@ Layout of the output folder (and nothing else is ever written or removed there):
 Reproducibility: image i depends only on the model, the settings in the manifest and ``seed + i``.
 Its start noise x_T is drawn on the CPU from ``torch.Generator().manual_seed(seed + i)`` (so the
 device does not change it) and the same generator then supplies that image's step noise (ddpm,
-ddim with eta > 0; :func:`~diffunet.schedulers.sample` takes one generator per image). The batch
+ddim with eta > 0; :func:`~diffunet.samplers.sample` takes one generator per image). The batch
 size and the number of processes therefore only decide which images are computed together,
 which can move results by float rounding inside the network, never by a different draw.
 
@@ -30,7 +30,6 @@ them, then writes the grid and the final manifest.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Callable
@@ -43,16 +42,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import __version__
 from .checkpoint import load_diffusion_model
-from .config import to_dict
-from .data import save_grid, save_image
-from .errors import ConfigError, DataError, DiffunetError
+from .config import SampleConfig, check_sampling, from_dict, to_dict
+from .errors import ConfigError, DataError, FolderError, UsageError
 from .fileio import atomic_write_bytes
-from .schedulers import SAMPLERS, SPACINGS, make_timesteps, sample
+from .images import save_grid, save_image
+from .runs import pick_device, refuse_lone_processes
+from .samplers import make_timesteps, sample
+from .version import __version__
 
 __all__ = ["SampleOptions", "SampleResult", "generate", "parse_class_labels", "image_name",
-           "MANIFEST", "GRID", "MAX_GRID_IMAGES", "PRECISIONS"]
+           "sample_settings", "MANIFEST", "GRID", "MAX_GRID_IMAGES", "PRECISIONS"]
 
 MANIFEST = "manifest.json"
 GRID = "grid.png"
@@ -85,8 +85,8 @@ def parse_class_labels(text: str | None) -> ClassLabels:
     try:
         values = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise ConfigError(f"--class-label: expected a class index, a comma-separated list such as "
-                          f"1,4,7, or 'all'; got {text!r}") from None
+        raise UsageError(f"--class-label: expected a class index, a comma-separated list such as "
+                         f"1,4,7, or 'all'; got {text!r}") from None
     return values[0] if len(values) == 1 else values
 
 
@@ -94,71 +94,88 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_FLAGS = {"sampler": "--sampler", "num_steps": "--steps", "eta": "--eta",
+          "spacing": "--spacing", "guidance_scale": "--guidance-scale"}
+
+
 @dataclass(frozen=True)
 class SampleOptions:
     """Settings of one ``diffunet sample`` run; the command line's defaults are these.
 
-    ``class_labels``: None (unconditional; a class-conditional model then gets its "no label"
-    class), one label for every image, a tuple cycled over the images (image i gets
-    ``labels[i % len]``), or ``"all"`` (image i gets class ``i % num_classes``).
-    ``device``: None = CUDA when available (each process its own GPU), else the CPU.
-    ``precision``: the network runs under ``torch.autocast`` in fp16/bf16; the step rules and
-    the start noise stay float32.
+    How to sample (``sampler``, ``num_steps``, ``eta``, ``spacing``, ``guidance_scale``,
+    ``clip_x0``): None takes the model file's own ``[sample]`` settings, the ones its preview
+    grids were drawn with (a file without them: :class:`~diffunet.config.SampleConfig`'s
+    defaults); see :func:`sample_settings`. ``class_labels``: None (unconditional; a
+    class-conditional model then gets its "no label" class), one label for every image, a tuple
+    cycled over the images (image i gets ``labels[i % len]``), or ``"all"`` (image i gets class
+    ``i % num_classes``). ``device``: None = CUDA when available (each process its own GPU), else
+    the CPU. ``precision``: the network runs under ``torch.autocast`` in fp16/bf16; the step
+    rules and the start noise stay float32.
     """
 
     num_samples: int = 64
     batch_size: int = 64
-    sampler: str = "ddim"
-    num_steps: int = 50
-    eta: float = 0.0
-    spacing: str = "trailing"
     seed: int = 0
     class_labels: ClassLabels = None
-    guidance_scale: float = 1.0
     grid: bool = True
     precision: str = "fp32"
     device: Optional[str] = None
     overwrite: bool = False
+    sampler: Optional[str] = None
+    num_steps: Optional[int] = None
+    eta: Optional[float] = None
+    spacing: Optional[str] = None
+    guidance_scale: Optional[float] = None
+    clip_x0: Optional[bool] = None
 
     def __post_init__(self) -> None:
         for name, flag in (("num_samples", "--num-samples"), ("batch_size", "--batch-size")):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
-                raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"unknown sampler {self.sampler!r}; use --sampler with one of "
-                              f"{', '.join(SAMPLERS)}")
-        if not _is_int(self.num_steps) or self.num_steps < 1:
-            raise ConfigError(f"--steps must be a positive integer (at most the model's training "
-                              f"timesteps), got {self.num_steps!r}")
-        if not (isinstance(self.eta, (int, float)) and 0.0 <= self.eta <= 1.0):
-            raise ConfigError(f"--eta must be in [0, 1] (0: deterministic DDIM), got {self.eta!r}")
-        if self.eta != 0 and self.sampler != "ddim":
-            raise ConfigError(f"--eta only applies to --sampler ddim (got eta={self.eta} with "
-                              f"{self.sampler}); drop --eta or use --sampler ddim")
-        if self.spacing not in SPACINGS:
-            raise ConfigError(f"unknown timestep spacing {self.spacing!r}; use --spacing with one "
-                              f"of {', '.join(SPACINGS)}")
+                raise UsageError(f"{flag} must be a positive integer, got {value!r}")
+        check_sampling(_FLAGS, sampler=self.sampler, num_steps=self.num_steps, eta=self.eta,
+                       spacing=self.spacing, guidance_scale=self.guidance_scale,
+                       error=UsageError)
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63 - self.num_samples:
-            raise ConfigError(f"--seed must be a non-negative integer below 2**63 - num_samples, "
-                              f"got {self.seed!r}")
+            raise UsageError(f"--seed must be a non-negative integer below 2**63 - num_samples, "
+                             f"got {self.seed!r}")
         labels = self.class_labels
         ok = (labels is None or labels == "all" or _is_int(labels)
               or (isinstance(labels, tuple) and labels and all(_is_int(v) for v in labels)))
         if not ok:
-            raise ConfigError(f"--class-label must be a class index, a list of them or 'all', "
-                              f"got {labels!r}")
-        if not (isinstance(self.guidance_scale, (int, float))
-                and math.isfinite(self.guidance_scale)):
-            raise ConfigError(f"--guidance-scale must be a finite number, got "
-                              f"{self.guidance_scale!r}")
-        if self.guidance_scale != 1.0 and labels is None:
-            raise ConfigError(f"--guidance-scale {self.guidance_scale} needs --class-label "
-                              "(classifier-free guidance steers towards a class); give labels or "
-                              "use --guidance-scale 1")
+            raise UsageError(f"--class-label must be a class index, a list of them or 'all', "
+                             f"got {labels!r}")
+        if self.guidance_scale not in (None, 1.0) and labels is None:
+            raise UsageError(f"--guidance-scale {self.guidance_scale} needs --class-label "
+                             "(classifier-free guidance steers towards a class); give labels or "
+                             "use --guidance-scale 1")
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {self.precision!r}; use --precision with one of "
-                              f"{', '.join(PRECISIONS)}")
+            raise UsageError(f"unknown precision {self.precision!r}; use --precision with one of "
+                             f"{', '.join(PRECISIONS)}")
+
+
+def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfig:
+    """How ``diffunet sample`` samples the model file whose metadata is ``meta``: the file's
+    ``[sample]`` settings (written by ``diffunet train``: what its previews used; else
+    :class:`~diffunet.config.SampleConfig`'s defaults) with the ones ``options`` gives in their
+    place. Without class labels the stored guidance scale does not apply; a sampler other than
+    ``ddim`` drops the stored DDIM ``eta``."""
+    stored = meta.get("run_config")
+    stored = stored.get("sample") if isinstance(stored, dict) else None
+    try:
+        base = from_dict(SampleConfig, stored, "sample") if isinstance(stored, dict) else None
+    except ConfigError:
+        base = None  # informational metadata from another diffunet version: use the defaults
+    settings = to_dict(base if base is not None else SampleConfig())
+    if options.class_labels is None:
+        settings["guidance_scale"] = 1.0
+    given = {k: getattr(options, k) for k in (*_FLAGS, "clip_x0")
+             if getattr(options, k) is not None}
+    if given.get("sampler", "ddim") != "ddim" and "eta" not in given:
+        settings["eta"] = 0.0
+    settings.update(given)
+    check_sampling(_FLAGS, sampler=settings["sampler"], eta=settings["eta"], error=UsageError)
+    return SampleConfig(**settings)
 
 
 @dataclass(frozen=True)
@@ -181,33 +198,12 @@ class SampleResult:
 # Helpers
 
 
-def _resolve_device(requested: Optional[str], state: Any) -> torch.device:
-    """The device this process samples on; a bare "cuda" means this process's own GPU."""
-    if requested is None:
-        if not torch.cuda.is_available() or state.device.type == "cpu":
-            return torch.device("cpu")  # also under `accelerate launch --cpu`
-        return torch.device("cuda", state.local_process_index % torch.cuda.device_count())
-    try:
-        device = torch.device(requested)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"unknown --device {requested!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {requested}: CUDA is not available here; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", state.local_process_index % torch.cuda.device_count())
-        elif device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {requested}: this machine has "
-                              f"{torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
 def _autocast(precision: str, device: torch.device) -> Any:
     if precision == "fp32":
         return nullcontext()
     if precision == "fp16" and device.type == "cpu":
-        raise ConfigError("--precision fp16 is not supported on the CPU; use --precision bf16 or "
-                          "fp32 there (or a CUDA --device)")
+        raise UsageError("--precision fp16 is not supported on the CPU; use --precision bf16 or "
+                         "fp32 there (or a CUDA --device)")
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype)
 
@@ -217,15 +213,15 @@ def _image_labels(spec: ClassLabels, num_classes: Optional[int], n: int) -> Opti
     if spec is None:
         return None
     if num_classes is None:
-        raise ConfigError("--class-label was given but this model is unconditional (its "
-                          "unet.num_classes is not set); drop --class-label")
+        raise UsageError("--class-label was given but this model is unconditional (its "
+                         "unet.num_classes is not set); drop --class-label")
     if spec == "all":
         return [i % num_classes for i in range(n)]
     values = (spec,) if _is_int(spec) else tuple(spec)
     for v in values:
         if not 0 <= v < num_classes:
-            raise ConfigError(f"class label {v} is out of range: this model has {num_classes} "
-                              f"classes, 0 to {num_classes - 1}")
+            raise UsageError(f"class label {v} is out of range: this model has {num_classes} "
+                             f"classes, 0 to {num_classes - 1}")
     return [values[i % len(values)] for i in range(n)]
 
 
@@ -275,16 +271,16 @@ def _check_out_dir(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> 
     if manifest_path.exists():
         old = _read_manifest(manifest_path)
         if old is None or old.get("format") != MANIFEST_FORMAT:
-            raise ConfigError(f"{manifest_path} is not a readable diffunet sample manifest; pass "
+            raise FolderError(f"{manifest_path} is not a readable diffunet sample manifest; pass "
                               "--overwrite to replace that folder's samples, or choose another "
                               "--out-dir")
         diffs = _differences(old, manifest)
         if diffs:
-            raise ConfigError(f"{out_dir} holds samples made with other settings ("
+            raise FolderError(f"{out_dir} holds samples made with other settings ("
                               + "; ".join(diffs[:3]) + "); rerun with those settings to resume, "
                               "pass --overwrite to replace them, or choose another --out-dir")
     elif images or (out_dir / GRID).exists():
-        raise ConfigError(f"{out_dir} already holds sample images but no {MANIFEST}, so they "
+        raise FolderError(f"{out_dir} already holds sample images but no {MANIFEST}, so they "
                           "cannot be resumed; pass --overwrite to replace them, or choose another "
                           "--out-dir")
 
@@ -320,7 +316,7 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     bar of images (main process); ``say`` receives one-line status messages (main process).
     Raises :class:`~diffunet.errors.DiffunetError` subclasses for bad input.
     """
-    from accelerate import PartialState  # the heavy import lives here (and in training/cli)
+    from accelerate import PartialState  # Accelerate's other home is the run harness
     from tqdm.auto import tqdm
 
     # As Accelerator does, ACCELERATE_USE_CPU=1 (set by `accelerate launch --cpu`) joins the
@@ -328,36 +324,32 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     state = PartialState(cpu=use_cpu or options.device == "cpu")
     main = state.is_main_process
-    launched = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
-    if launched > 1 and state.num_processes == 1:  # no GPU, not told to use the CPU
-        raise ConfigError(
-            f"launched as {launched} processes, but Accelerate found no GPU for them and was not "
-            f"told to use the CPU, so each would draw every image alone; to sample on {launched} "
-            f"CPU processes, launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
-            f"--num_processes {launched} ...")
+    refuse_lone_processes(state.num_processes, "draw every image alone", "sample")
     tell = say if (say is not None and main) else (lambda msg: None)
     out_dir = Path(out_dir)
     o = options
     if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out-dir {out_dir} is a file, not a folder; choose another --out-dir")
-    device = _resolve_device(o.device, state)
+        raise FolderError(f"--out-dir {out_dir} is a file, not a folder; choose another --out-dir")
+    # Under `accelerate launch --cpu` (or ACCELERATE_USE_CPU=1) the processes share the CPU.
+    device = (torch.device("cpu") if o.device is None and state.device.type == "cpu"
+              else pick_device(o.device, state.local_process_index))
     autocast = _autocast(o.precision, device)
 
     net, schedule, meta = load_diffusion_model(model_path)
+    how = sample_settings(meta, o)
     T = schedule.num_train_timesteps
-    if o.num_steps > T:
-        raise ConfigError(f"--steps {o.num_steps} is more than this model's {T} training "
-                          f"timesteps; use 1 to {T}")
-    timesteps = make_timesteps(T, o.num_steps, o.spacing).tolist()
+    if how.num_steps > T:
+        raise UsageError(f"--steps {how.num_steps} is more than this model's {T} training "
+                         f"timesteps; use 1 to {T}")
+    timesteps = make_timesteps(T, how.num_steps, how.spacing).tolist()
     n = o.num_samples
     labels = _image_labels(o.class_labels, net.config.num_classes, n)
     shape = (net.config.in_channels, net.config.image_size, net.config.image_size)
     if shape[0] not in (1, 3):
-        raise ConfigError(f"this model makes {shape[0]}-channel images; diffunet sample writes "
-                          "PNGs, which need 1 (grayscale) or 3 (RGB) channels")
+        raise UsageError(f"this model makes {shape[0]}-channel images; diffunet sample writes "
+                         "PNGs, which need 1 (grayscale) or 3 (RGB) channels")
     net.to(device)
 
-    clip_x0 = o.sampler == "ddpm"  # each rule's default (sample(clip_x0=None)), made explicit
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
@@ -368,11 +360,11 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         "unet_config": to_dict(net.config),
         "schedule_config": to_dict(schedule.config),
         # Everything that decides the pixels; a rerun must match it to resume.
-        "settings": {"sampler": o.sampler, "num_steps": o.num_steps, "eta": float(o.eta),
-                     "spacing": o.spacing, "seed": o.seed,
+        "settings": {"sampler": how.sampler, "num_steps": how.num_steps, "eta": float(how.eta),
+                     "spacing": how.spacing, "seed": o.seed,
                      "class_labels": _labels_spec(o.class_labels),
-                     "guidance_scale": float(o.guidance_scale), "precision": o.precision,
-                     "clip_x0": clip_x0},
+                     "guidance_scale": float(how.guidance_scale), "precision": o.precision,
+                     "clip_x0": how.clip_x0},
         "timesteps": timesteps,
         "num_samples": n,
         "image_seeds": "image i (file i as 6 digits + .png) is drawn from seed + i",
@@ -419,9 +411,10 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         x_T = torch.stack([torch.randn(shape, generator=g, dtype=net_in) for g in gens])
         y = None if labels is None else torch.tensor([labels[i] for i in idx], device=device)
         with autocast:
-            images = sample(net, schedule, x_T.to(device), sampler=o.sampler,
-                            num_steps=o.num_steps, eta=o.eta, spacing=o.spacing, class_labels=y,
-                            guidance_scale=o.guidance_scale, clip_x0=clip_x0, generator=gens)
+            images = sample(net, schedule, x_T.to(device), sampler=how.sampler,
+                            num_steps=how.num_steps, eta=how.eta, spacing=how.spacing,
+                            class_labels=y, guidance_scale=how.guidance_scale,
+                            clip_x0=how.clip_x0, generator=gens)
         images = images.float().cpu()
         for i, image in zip(idx, images):
             save_image(image, files[i])
@@ -436,8 +429,8 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     if main:
         missing = [p.name for p in files if not p.exists()]
         if missing:
-            raise DiffunetError(f"{len(missing)} image(s) are missing from {out_dir} (e.g. "
-                                f"{missing[0]}); rerun the same command to draw them")
+            raise FolderError(f"{len(missing)} image(s) are missing from {out_dir} (e.g. "
+                              f"{missing[0]}); rerun the same command to draw them")
         if grid_path is not None:
             shown = [_load_png(p, shape) for p in files[:MAX_GRID_IMAGES]]
             save_grid(torch.stack(shown), grid_path)

@@ -1,3 +1,4 @@
 """`python scripts/bench.py [--config NAME|CONFIG.toml] [unet.key=value ...] [options]` (= diffunet bench)."""
-from diffunet.bench import main
-raise SystemExit(main())
+import sys
+from diffunet.cli import main
+raise SystemExit(main(["bench", *sys.argv[1:]]))

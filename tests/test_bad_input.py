@@ -268,7 +268,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
                                      "--out-dir", "{out}"],
      ["unet.image_size: 9 is not divisible by 2", "fewer channel_mults"]),
     ("config-data-vs-unet-size", ["train", *TINY, "data.image_size=16", "--out-dir", "{out}"],
-     ["data.image_size: 16 does not match unet.image_size 8; set both to the same value"]),
+     ["data.image_size: 16 does not match unet.image_size 8; leave data.image_size unset (it "
+      "follows the UNet) or set both to the same value"]),
     ("config-groupnorm-groups", ["train", *TINY, "unet.base_channels=6", "--out-dir", "{out}"],
      ["unet.num_groups: 6 channels", "not divisible by 4 groups"]),
     ("config-heads", ["train", *TINY, "unet.num_heads=3", "--out-dir", "{out}"],
@@ -616,7 +617,7 @@ def test_mixed_sizes_and_modes_load_at_the_configured_shape(world: World) -> Non
     from diffunet.data import build_dataset
 
     folder = world.d / "images" / "mixed"
-    ds = build_dataset(DataConfig(source="folder", path=str(folder), image_size=16))
+    ds = build_dataset(DataConfig(channels=3, source="folder", path=str(folder), image_size=16))
     assert len(ds) == 5 and ds.skipped == []
     assert sorted(Path(p).name for p in ds.upscaled) == ["palette.gif", "small_gray.png",
                                                          "small_rgba.png"]

@@ -76,11 +76,53 @@ def test_wrapped_model_saves_the_bare_weights(tmp_path: Path) -> None:
     assert set(net2.state_dict()) == set(net.state_dict())
 
 
-def test_write_is_atomic_and_replaces(tmp_path: Path) -> None:
+def test_write_is_atomic_and_replaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
     path = _saved(tmp_path)
+    old = path.read_bytes()
+    # At the moment the new file takes the name, the whole new file is already written beside
+    # it and the old one is still whole: a reader never sees a partial model file.
+    real_replace, seen = os.replace, []
+
+    def watching(src, dst):
+        seen.append((Path(dst).read_bytes() == old, load_model(src)[0] is not None))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", watching)
     save_model(path, _model(seed=1), NoiseSchedule())
+    monkeypatch.undo()
+    assert seen == [(True, True)]
+    assert path.read_bytes() != old
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp files left
     assert load_model(path)[1].config == ScheduleConfig()
+
+    # A write cut short (here: the disk fills up half-way through) leaves the old file and no
+    # temporary file.
+    import diffunet.fileio as fileio
+
+    class HalfWritten:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[:len(data) // 2])
+            raise OSError(28, "No space left on device")
+
+    before = path.read_bytes()
+    monkeypatch.setattr(fileio, "open", lambda *a, **kw: HalfWritten(open(*a, **kw)),
+                        raising=False)
+    with pytest.raises(OSError, match="No space"):
+        save_model(path, _model(seed=2), NoiseSchedule())
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
 
 def test_extra_cannot_override_reserved_keys(tmp_path: Path) -> None:

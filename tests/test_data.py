@@ -14,18 +14,8 @@ from PIL import Image, features
 
 from diffunet.config import DataConfig
 from diffunet.errors import DataError
-from diffunet.data import (
-    BuiltinShapes,
-    GlobalBatchSampler,
-    build_dataset,
-    load_image,
-    make_dataloader,
-    make_grid_image,
-    random_flip,
-    save_grid,
-    save_image,
-    to_uint8,
-)
+from diffunet.data import BuiltinShapes, GlobalBatchSampler, build_dataset, flip_where, make_dataloader
+from diffunet.images import load_image, make_grid_image, save_grid, save_image, to_uint8
 
 # ---------------------------------------------------------------------------------------------
 # Built-in shapes
@@ -103,7 +93,7 @@ def mixed_folder(tmp_path: Path) -> Path:
 
 
 def test_folder_reads_every_mode_and_skips_unreadable(mixed_folder: Path) -> None:
-    ds = build_dataset(DataConfig(source="folder", path=str(mixed_folder), image_size=16))
+    ds = build_dataset(DataConfig(channels=3, source="folder", path=str(mixed_folder), image_size=16))
     names = [p.name for p in ds.files]
     expected = ["a_gray.png", "b_rgb.jpg", "c_rgba.png", "d_palette.gif", "g_upper.BMP",
                 "e_16bit.png"] + (["f.webp"] if features.check("webp") else [])
@@ -172,7 +162,7 @@ def test_damaged_pixel_data_raises_naming_the_file(tmp_path: Path) -> None:
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "ok.png")
     data = (tmp_path / "ok.png").read_bytes()
     (tmp_path / "truncated.png").write_bytes(data[:200])  # header intact, pixel data cut off
-    ds = build_dataset(DataConfig(source="folder", path=str(tmp_path), image_size=8))
+    ds = build_dataset(DataConfig(channels=3, source="folder", path=str(tmp_path), image_size=8))
     assert len(ds) == 2 and ds.skipped == []  # the scan reads headers only
     ds[0]
     with pytest.raises(DataError, match="truncated.png"):
@@ -185,7 +175,7 @@ def test_class_folders(tmp_path: Path) -> None:
         Image.new("RGB", (10, 12), (200, 100, 0)).save(tmp_path / rel)
     (tmp_path / "empty").mkdir()
     _write_text(tmp_path / "zebra" / "fake.png")  # unreadable only: no class
-    cfg = DataConfig(source="folder", path=str(tmp_path), image_size=8, class_folders=True)
+    cfg = DataConfig(channels=3, source="folder", path=str(tmp_path), image_size=8, class_folders=True)
     ds = build_dataset(cfg)
     assert ds.class_names == ["cat", "dog"] and ds.num_classes == 2
     assert [(p.relative_to(tmp_path).as_posix(), ds[i][1]) for i, p in enumerate(ds.files)] == [
@@ -198,7 +188,7 @@ def test_class_folders(tmp_path: Path) -> None:
 
 def test_folder_errors(tmp_path: Path) -> None:
     def build(path: Path) -> object:
-        return build_dataset(DataConfig(source="folder", path=str(path)))
+        return build_dataset(DataConfig(channels=3, image_size=32, source="folder", path=str(path)))
 
     with pytest.raises(DataError, match="does not exist"):
         build(tmp_path / "missing")
@@ -281,7 +271,7 @@ def test_torchvision_cifar10(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": names}, f)
 
-    ds = build_dataset(DataConfig(source="torchvision", name="CIFAR-10", path=str(tmp_path),
+    ds = build_dataset(DataConfig(channels=3, image_size=32, source="torchvision", name="CIFAR-10", path=str(tmp_path),
                                   download=False))
     assert len(ds) == 20 and ds.num_classes == 10 and ds.class_names == names
     x, y = ds[6]  # second training batch, row 2
@@ -292,33 +282,45 @@ def test_torchvision_cifar10(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_torchvision_missing_and_unknown(tmp_path: Path) -> None:
-    cfg = DataConfig(source="torchvision", name="cifar10", path=str(tmp_path / "nothing"),
+    cfg = DataConfig(channels=3, image_size=32, source="torchvision", name="cifar10", path=str(tmp_path / "nothing"),
                      download=False)
     with pytest.raises(DataError, match=r"cifar10 is not under .*nothing.*data\.download=true"):
         build_dataset(cfg)
     with pytest.raises(DataError, match="mnist is not under"):
-        build_dataset(DataConfig(source="torchvision", name="mnist", path=str(tmp_path),
+        build_dataset(DataConfig(channels=3, image_size=32, source="torchvision", name="mnist", path=str(tmp_path),
                                  download=False))
     with pytest.raises(DataError, match=r"did you mean 'cifar10'\?.*known: .*fashion_mnist"):
-        build_dataset(DataConfig(source="torchvision", name="cifar", download=False))
+        build_dataset(DataConfig(channels=3, image_size=32, source="torchvision", name="cifar", download=False))
     with pytest.raises(DataError, match="did you mean 'mnist'"):
-        build_dataset(DataConfig(source="torchvision", name="minst", download=False))
+        build_dataset(DataConfig(channels=3, image_size=32, source="torchvision", name="minst", download=False))
 
 
 # ---------------------------------------------------------------------------------------------
 # Flips
 
 
-def test_random_flip() -> None:
-    images = torch.randn(400, 3, 4, 5, generator=torch.Generator().manual_seed(0))
-    a = random_flip(images, torch.Generator().manual_seed(1))
-    b = random_flip(images, torch.Generator().manual_seed(1))
-    assert torch.equal(a, b)
-    flipped = torch.tensor([torch.equal(a[i], images[i].flip(-1)) for i in range(400)])
-    kept = torch.tensor([torch.equal(a[i], images[i]) for i in range(400)])
-    assert bool((flipped ^ kept).all())  # each image is either exactly flipped or untouched
-    assert 150 < int(flipped.sum()) < 250
-    assert not torch.equal(a, random_flip(images, torch.Generator().manual_seed(2)))
+def test_flip_where_mirrors_exactly_the_chosen_items() -> None:
+    images = torch.randn(6, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    flip = torch.tensor([True, False, False, True, True, False])
+    out = flip_where(images, flip)
+    for i in range(6):  # each image is either exactly mirrored left-right or untouched
+        assert torch.equal(out[i], images[i].flip(-1) if flip[i] else images[i])
+    masks = torch.arange(6 * 4 * 5).reshape(6, 4, 5)  # other ranks and axes too
+    top_bottom = flip_where(masks, flip, dim=-2)
+    assert torch.equal(top_bottom[0], masks[0].flip(0)) and torch.equal(top_bottom[1], masks[1])
+    with pytest.raises(ValueError, match="flip must be"):
+        flip_where(images, flip[:5])
+
+
+def test_flip_coins_for_the_global_batch_do_not_depend_on_the_world_size() -> None:
+    # What both trainers do: draw for the global batch, keep this process's rows.
+    def coins(rank: int, world: int) -> torch.Tensor:
+        per = 8 // world
+        return (torch.rand(8, generator=torch.Generator().manual_seed(3)) < 0.5)[
+            rank * per:(rank + 1) * per]
+
+    assert torch.equal(torch.cat([coins(0, 2), coins(1, 2)]), coins(0, 1))
+    assert torch.equal(torch.cat([coins(r, 4) for r in range(4)]), coins(0, 1))
 
 
 # ---------------------------------------------------------------------------------------------

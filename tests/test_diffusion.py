@@ -9,7 +9,7 @@ import torch
 
 from diffunet.config import ScheduleConfig
 from diffunet.diffusion import NoiseSchedule, diffusion_loss
-from diffunet.errors import ConfigError
+from diffunet.errors import ConfigError, UsageError
 
 PREDICTION_TYPES = ("epsilon", "v", "x0")
 # our beta_schedule -> diffusers' name, with the (beta_start, beta_end) each is normally used with
@@ -116,11 +116,11 @@ def test_alpha_bar_gathering_shapes_dtype_and_t_minus_one():
 def test_bad_timesteps_are_rejected():
     s = make()
     x = torch.zeros(2, 1)
-    with pytest.raises(ConfigError):
+    with pytest.raises(UsageError):
         s.alpha_bar(1000, like=x)
-    with pytest.raises(ConfigError):
+    with pytest.raises(UsageError):
         s.alpha_bar(-2, like=x)
-    with pytest.raises(ConfigError):
+    with pytest.raises(UsageError):
         s.alpha_bar(torch.tensor([3, 1000]), like=x)
     with pytest.raises(TypeError):
         s.alpha_bar(torch.tensor([0.5, 1.0]), like=x)
@@ -264,7 +264,7 @@ def test_min_snr_weights_hand_checked():
     assert make("v").loss_weight(0, gamma).item() == pytest.approx(5e-4, rel=1e-9)
     # SNR 0 (zero terminal SNR): the epsilon weight is 1, not 0/0
     assert make(rescale_zero_terminal_snr=True).loss_weight(999, gamma).item() == 1.0
-    with pytest.raises(ConfigError):
+    with pytest.raises(UsageError):
         make().loss_weight(t, 0.0)
 
 

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig, save_model
-from diffunet.data import BuiltinShapes, FolderImages, save_image
-from diffunet.diffusion import (bits_per_dim, discretized_gaussian_log_likelihood, model_variance,
-                                normal_kl, p_mean_variance, prior_bpd, q_posterior)
+from diffunet.data import BuiltinShapes, FolderImages
+from diffunet.images import save_image
+from diffunet.likelihood import (bits_per_dim, discretized_gaussian_log_likelihood, model_variance,
+                                 normal_kl, p_mean_variance, prior_bpd, q_posterior)
 from diffunet.errors import DiffunetError, ModelFileError
 from diffunet import evaluation as ev
 from diffunet.evaluation import (FeatureNetwork, dataset_bits_per_dim, fid_kid, frechet_distance,
@@ -500,10 +501,9 @@ def test_inception_matches_pytorch_fid(tmp_path, monkeypatch):
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="diffunet")
-    sub = parser.add_subparsers(dest="command")
-    ev.add_eval_parser(sub)
-    return parser.parse_args(argv)
+    from diffunet.cli import build_parser
+
+    return build_parser(["eval"]).parse_args(argv)
 
 
 def test_eval_bpd_command(tmp_path, capsys):

@@ -13,8 +13,8 @@ from PIL import Image
 
 from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig, save_model
 from diffunet.cli import main
-from diffunet.data import load_image
-from diffunet.errors import ConfigError
+from diffunet.images import load_image
+from diffunet.errors import ConfigError, FolderError
 from diffunet.inspection import (_mask_image, activation_stats, block_names, capture_activations,
                                  feature_grid, format_stats_table, inspect_model)
 
@@ -260,7 +260,7 @@ def test_non_empty_out_dir_refused_and_untouched(models: dict[str, Path], tmp_pa
     assert rc == 0, err
     assert (out_dir / "notes.txt").read_text() == "keep me"
     assert (out_dir / "stats.json").is_file()
-    with pytest.raises(ConfigError, match="is a file"):
+    with pytest.raises(FolderError, match="is a file"):
         inspect_model(models["diff"], out_dir / "notes.txt", device="cpu")
 
 

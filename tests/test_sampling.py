@@ -23,9 +23,9 @@ from PIL import Image
 import diffunet
 from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig
 from diffunet.cli import main
-from diffunet.errors import ConfigError
+from diffunet.errors import ConfigError, UsageError
 from diffunet.sampling import GRID, MANIFEST, SampleOptions, generate, image_name
-from diffunet.schedulers import sample
+from diffunet.samplers import sample
 from processes import clean_env, launch_two
 
 T = 100  # training timesteps of the tiny models (keeps "steps > T" cheap to test)
@@ -372,9 +372,9 @@ def test_bad_input_in_process(rgb_model, cond_model, tmp_path, capsys):
 
 
 def test_library_errors_are_config_errors(rgb_model, tmp_path):
-    with pytest.raises(ConfigError, match="--batch-size"):
+    with pytest.raises(UsageError, match="--batch-size"):
         SampleOptions(batch_size=-1)
-    with pytest.raises(ConfigError, match="needs --class-label"):
+    with pytest.raises(UsageError, match="needs --class-label"):
         SampleOptions(guidance_scale=2.0)
-    with pytest.raises(ConfigError, match="positive"):
+    with pytest.raises(UsageError, match="positive"):
         SampleOptions(num_samples=True)  # a bool is not a count

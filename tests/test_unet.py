@@ -233,13 +233,22 @@ def test_gradient_checkpointing_matches_plain_path():
         torch.testing.assert_close(grad, results[1][1][name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_gradient_checkpointing_inactive_in_eval_and_no_grad():
+def test_gradient_checkpointing_inactive_in_eval_and_no_grad(monkeypatch):
+    import diffunet.unet as unet_module
+
+    calls = []
+    real = unet_module.checkpoint
+    monkeypatch.setattr(unet_module, "checkpoint",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
     cfg = tiny(gradient_checkpointing=True)
     model = perturbed(UNet(cfg))
     x, t = inputs(cfg)
     with torch.no_grad():
-        out = model(x, t)
-    assert out.shape == x.shape
+        model.train()(x, t)  # training mode, but nothing to recompute for
+    model.eval()(x, t)  # gradients on, but evaluating
+    assert calls == []
+    model.train()(x, t).sum().backward()  # the one case that checkpoints: every block
+    assert len(calls) >= cfg.num_res_blocks * len(cfg.channel_mults)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,23 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# The binary-vs-multi-class output convention lives with the config that sizes the network.
-from .config import segmentation_output_channels as output_channels
+# The binary-vs-multi-class output convention lives with the config that sizes the network,
+# the logits-to-labels rule with the mask images.
+from ..config import segmentation_output_channels as output_channels
+from ..images import predict_labels
+
+__all__ = ["confusion_matrix", "dice_iou", "dice_loss", "init_output_bias_", "mean_foreground",
+           "output_bias_from_prior", "output_channels", "predict_labels", "segmentation_loss"]
 
 _PRIOR_EPS = 1e-4  # class frequencies are clamped to [eps, 1 - eps]: an absent class gets a
 # finite bias (logit(1e-4) ~ -9.2) rather than -inf, and the net can still learn to predict it.
-
-
-def predict_labels(logits: Tensor) -> Tensor:
-    """Hard labels (B, H, W) int64 from ``logits`` (B, K_out, H, W).
-
-    One channel: foreground where sigmoid(logit) > 0.5, i.e. logit > 0 (a tie is background).
-    Several channels: the argmax over channels.
-    """
-    _check_logits_shape(logits)
-    if logits.shape[1] == 1:
-        return (logits[:, 0] > 0).long()
-    return logits.argmax(dim=1)
 
 
 def dice_loss(logits: Tensor, target: Tensor, *, ignore_index: int = 255,

@@ -21,8 +21,8 @@ import torch
 
 from diffunet.config import ScheduleConfig
 from diffunet.diffusion import NoiseSchedule
-from diffunet.errors import ConfigError
-from diffunet.schedulers import (SAMPLERS, ddim_step, ddpm_step, dpmpp_2m_step, make_timesteps,
+from diffunet.errors import UsageError
+from diffunet.samplers import (SAMPLERS, ddim_step, ddpm_step, dpmpp_2m_step, make_timesteps,
                                  sample)
 
 DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -85,13 +85,13 @@ def test_make_timesteps_is_exact_where_diffusers_float_rounding_is_not():
 
 def test_make_timesteps_errors():
     for n in (0, -1, 1001):
-        with pytest.raises(ConfigError, match="num_steps must be between 1 and"):
+        with pytest.raises(UsageError, match="num_steps must be between 1 and"):
             make_timesteps(1000, n)
-    with pytest.raises(ConfigError, match="spacing 'uniform'.*'leading', 'trailing', 'linspace'"):
+    with pytest.raises(UsageError, match="spacing 'uniform'.*'leading', 'trailing', 'linspace'"):
         make_timesteps(1000, 10, "uniform")
-    with pytest.raises(ConfigError):
+    with pytest.raises(UsageError):
         make_timesteps(1000, 2.5)
-    with pytest.raises(ValueError):  # ConfigError is a ValueError
+    with pytest.raises(ValueError):  # UsageError is a ValueError
         make_timesteps(1000, 0)
 
 
@@ -187,7 +187,7 @@ def test_dynamic_threshold_matches_diffusers_and_imagen():
     small = torch.full(SHAPE, 0.5, dtype=torch.float64)
     _, x0 = ddim_step(make("x0"), small, 10, 5, xt, dynamic_threshold=0.995)
     torch.testing.assert_close(x0, small, rtol=0, atol=0)
-    with pytest.raises(ConfigError, match="dynamic_threshold"):
+    with pytest.raises(UsageError, match="dynamic_threshold"):
         ddpm_step(s, out, t, t - 1, xt, dynamic_threshold=99.5)
 
 
@@ -308,13 +308,13 @@ def test_batched_timesteps_equal_per_sample_steps(rule):
 def test_step_rule_argument_errors():
     s = make()
     xt, out = randn(*SHAPE, seed=0), randn(*SHAPE, seed=1)
-    with pytest.raises(ConfigError, match="variance"):
+    with pytest.raises(UsageError, match="variance"):
         ddpm_step(s, out, 10, 9, xt, variance="learned")
-    with pytest.raises(ConfigError, match="eta"):
+    with pytest.raises(UsageError, match="eta"):
         ddim_step(s, out, 10, 9, xt, eta=1.5)
-    with pytest.raises(ConfigError, match="not both"):
+    with pytest.raises(UsageError, match="not both"):
         ddpm_step(s, out, 10, 9, xt, noise=out, generator=torch.Generator())
-    with pytest.raises(ConfigError, match="t_prev"):
+    with pytest.raises(UsageError, match="t_prev"):
         ddim_step(s, out, 10, 10, xt)
     with pytest.raises(ValueError, match="noise has shape"):
         ddpm_step(s, out, 10, 9, xt, noise=out[:1])
@@ -454,15 +454,15 @@ def test_classifier_free_guidance_one_doubled_forward(how):
 def test_guidance_errors():
     s = make()
     x_T = randn(*SHAPE, seed=0)
-    with pytest.raises(ConfigError, match="class_labels"):
+    with pytest.raises(UsageError, match="class_labels"):
         sample(Recorder(), s, x_T, num_steps=2, guidance_scale=2.0)
-    with pytest.raises(ConfigError, match="null_label"):
+    with pytest.raises(UsageError, match="null_label"):
         sample(Recorder(), s, x_T, num_steps=2, guidance_scale=2.0,
                class_labels=torch.tensor([0, 1]))
 
 
 def test_unknown_sampler_names_the_valid_ones():
-    with pytest.raises(ConfigError, match="'ddpm', 'ddim'"):
+    with pytest.raises(UsageError, match="one of ddpm, ddim, dpmpp-2m"):
         sample(Recorder(), make(), randn(*SHAPE, seed=0), sampler="euler")
 
 
@@ -566,7 +566,7 @@ def test_per_image_generators_make_each_image_independent_of_its_batch(sampler, 
                     generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(shared[1:], batched[1:])
     z = randn(4, 2, 4, 4, seed=5)
-    with pytest.raises(ConfigError, match="one per image"):
+    with pytest.raises(UsageError, match="one per image"):
         sample(Recorder(), s, x_T, sampler=sampler, eta=eta, num_steps=2, generator=gens([0, 1]))
     # the step rules take the list too; the noise of row b is randn((1, ...)) from generator b
     a, _ = ddpm_step(s, z, 500, 480, x_T, generator=gens(range(4)))
@@ -736,11 +736,11 @@ def test_dpmpp_zero_terminal_snr_start_is_finite():
 def test_dpmpp_argument_errors():
     s = make()
     xt, out = randn(*SHAPE, seed=0), randn(*SHAPE, seed=1)
-    with pytest.raises(ConfigError, match="together"):
+    with pytest.raises(UsageError, match="together"):
         dpmpp_2m_step(s, out, 10, 9, xt, prev_x0_hat=out)
-    with pytest.raises(ConfigError, match="prev_t must be larger"):
+    with pytest.raises(UsageError, match="prev_t must be larger"):
         dpmpp_2m_step(s, out, 10, 9, xt, prev_x0_hat=out, prev_t=10)
-    with pytest.raises(ConfigError, match="t_prev"):
+    with pytest.raises(UsageError, match="t_prev"):
         dpmpp_2m_step(s, out, 10, 10, xt)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -179,10 +180,27 @@ def test_output_bias_starts_at_the_class_prior(tmp_path: Path) -> None:
     assert torch.all(probs[1:] > 0.02)  # and no class starts at zero
 
 
-def test_segment_train_bf16_and_ema(tmp_path: Path) -> None:
+def test_segment_train_bf16_runs_in_bf16_and_saves_the_ema_weights(tmp_path: Path) -> None:
     out = _train(tmp_path, "bf16", ["train.mixed_precision=bf16", "train.ema_decay=0.9",
                                     "train.epochs=1"])
-    assert (out / "weights" / "last.safetensors").is_file()
+    reset_accelerate_state()  # Accelerate pins the first run's mixed precision process-wide
+    fp32 = _train(tmp_path, "fp32", ["train.ema_decay=0.9", "train.epochs=1"])
+    last = load_file(out / "weights" / "last.safetensors")
+    state = next((out / "state").iterdir())
+    ema, raw = load_file(state / "ema.safetensors"), load_file(state / "model.safetensors")
+    # The model file holds the EMA weights (fp32), not the raw ones they trail.
+    assert all(torch.equal(last[k], ema[k]) for k in last)
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema)
+    assert all(v.dtype == torch.float32 for v in last.values())
+
+    # bf16 autocast really ran: the same seed gives other (bf16-rounded) losses than fp32,
+    # and close ones.
+    def losses(run: Path) -> list[float]:
+        rows = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r]
+
+    a, b = losses(out), losses(fp32)
+    assert a != b and a == pytest.approx(b, rel=0.1)
 
 
 def _write_folder_data(root: Path, n: int = 24, size: int = 20) -> tuple[Path, Path]:
@@ -268,17 +286,21 @@ def test_segment_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 @pytest.mark.slow
-def test_two_processes_share_the_work_and_report_exact_metrics(tmp_path: Path) -> None:
-    """`accelerate launch` with 2 CPU processes: one log, one set of files, and validation
-    metrics over the whole split (each process scores its share; the counts are summed)."""
+def test_two_processes_share_the_work_report_exact_metrics_and_train_the_one_process_model(
+        tmp_path: Path) -> None:
+    """`accelerate launch` with 2 CPU processes: one log, one set of files, validation metrics
+    over the whole split (each process scores its share; the counts are summed), and, with the
+    Dice term off (cross-entropy over equal shards averages to the global batch's), the model of
+    one process: flips are drawn for the global batch, so they do not depend on the world size."""
     import contextlib
 
-    from diffunet.seg_losses import dice_iou
-    from diffunet.seg_training import build_segmentation_data, evaluate
+    from diffunet.segmentation.data import build_segmentation_data
+    from diffunet.segmentation.losses import dice_iou
+    from diffunet.segmentation.training import evaluate, train_segmentation
 
     out = tmp_path / "two"
     # 11 validation pairs: an odd count, so the two processes score different numbers of them
-    run = [*TINY_RUN, "data.builtin_size=55"]
+    run = [*TINY_RUN, "data.builtin_size=55", "train.dice_weight=0", "data.vertical_flip=true"]
     r = launch_two(["segment", "train", *run, "--out-dir", str(out), "--no-progress"],
                    clean_env(ACCELERATE_USE_CPU="1"), timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -298,9 +320,115 @@ def test_two_processes_share_the_work_and_report_exact_metrics(tmp_path: Path) -
     expected = [None if torch.isnan(v) else round(float(v), 6) for v in dice]
     assert epochs[-1]["val_dice"] == pytest.approx(expected, abs=1e-6)
 
+    one = tmp_path / "one"
+    train_segmentation(cfg, one, progress=False)
+    a, b = (load_file(d / "weights" / "last.safetensors") for d in (out, one))
+    moved = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert moved < 1e-4, moved
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs this launch is a real 2-GPU run")
+def test_two_processes_without_cpu_flag_are_refused(tmp_path: Path) -> None:
+    # Without ACCELERATE_USE_CPU and without a GPU, Accelerate gives each process a world of
+    # one: two lone runs writing one folder. The harness refuses before touching the folder.
+    out = tmp_path / "run"
+    env = clean_env()
+    r = launch_two(["segment", "train", *TINY_RUN, "--out-dir", str(out), "--no-progress"], env,
+                   timeout=180)
+    assert r.returncode != 0
+    assert r.stderr.count("diffunet segment: error: launched as 2 processes") == 1
+    assert "ACCELERATE_USE_CPU=1" in r.stderr
+    assert not out.exists()
+
+
+class _SignalAtItem(torch.utils.data.Dataset):
+    """A training set that raises SIGTERM (as `kill` would) when item ``at`` is read."""
+
+    def __init__(self, base: torch.utils.data.Dataset, at: int) -> None:
+        self.base, self.at, self.reads = base, at, 0
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        self.reads += 1
+        if self.reads == self.at:
+            import signal
+
+            signal.raise_signal(signal.SIGTERM)
+        return self.base[index]
+
+
+def test_sigterm_mid_epoch_saves_and_resume_matches_an_uninterrupted_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffunet.segmentation import training as seg_training
+
+    cfg = load_config(None, [*TINY_RUN, "train.epochs=3", "train.ema_decay=0.9",
+                             "train.log_every=3", "data.random_flip=true",
+                             "data.vertical_flip=true"], root=SegRunConfig)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    seg_training.train_segmentation(cfg, whole, progress=False)
+
+    real = seg_training.build_segmentation_data
+
+    def signalling(c: SegRunConfig):
+        data = real(c)
+        # class_pixel_counts reads the (38) training items first, then every step 8: the
+        # signal comes while step 6 (epoch 2 of 3, 4 steps each) loads its batch.
+        data.train = _SignalAtItem(data.train, at=len(data.train) + 5 * 8 + 1)
+        return data
+
+    monkeypatch.setattr(seg_training, "build_segmentation_data", signalling)
+    said: list[str] = []
+    result = seg_training.train_segmentation(cfg, cut, say=said.append, progress=False)
+    monkeypatch.undo()
+    assert result.interrupted
+    assert said[-1] == (f"stopped by SIGTERM at step 6 (epoch 2 of 3); state saved in "
+                        f"{cut / 'state'}; continue with --resume")
+    assert [p.name for p in (cut / "state").iterdir()] == ["step0000006"]
+    assert (cut / "weights" / "best.safetensors").is_file()  # epoch 1's, the best so far
+
+    said.clear()
+    seg_training.train_segmentation(cfg, cut, resume=True, say=said.append, progress=False)
+    assert said[0] == (f"resuming from {cut / 'state' / 'step0000006'} (epoch 1 of 3, "
+                       "2 steps into epoch 2)")
+    for name in ("last", "best"):
+        a = load_file(whole / "weights" / f"{name}.safetensors")
+        b = load_file(cut / "weights" / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+    def records(out: Path) -> list[dict]:
+        rows = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("elapsed_s", "best_model")}
+                for r in rows]
+
+    assert records(cut) == records(whole)  # mid-epoch loss sums included
+
+
+def test_a_second_run_into_a_locked_folder_is_refused(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    from diffunet.runs import lock_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    held = lock_folder(out)  # another run, as far as the lock is concerned
+    try:
+        assert main(["segment", "train", *TINY_RUN, "--out-dir", str(out), "--resume",
+                     "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"diffunet segment: error: {out} is in use by another diffunet run "
+                       f"(process {os.getpid()}); wait for it to finish or stop it, or choose "
+                       "another --out-dir")
+    finally:
+        held.close()
+    assert not (out / "state").exists()  # nothing was written while it was held
+    assert main(["segment", "train", *TINY_RUN, "train.epochs=1", "--out-dir", str(out),
+                 "--resume", "--no-progress"]) == 0
+
 
 def test_resume_after_an_interrupt_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    from diffunet.seg_training import train_segmentation
+    from diffunet.segmentation.training import train_segmentation
 
     cfg = load_config(None, [*TINY_RUN, "train.epochs=3", "train.ema_decay=0.9",
                              "data.random_flip=true", "data.vertical_flip=true"],

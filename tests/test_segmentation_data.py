@@ -12,26 +12,22 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from diffunet.data import BuiltinShapes, random_flip, to_uint8
+from diffunet.data import BuiltinShapes
 from diffunet.errors import DataError
-from diffunet.seg_data import (
-    IGNORE_INDEX,
+from diffunet.images import IGNORE_INDEX, class_palette, normalize, overlay, save_mask, to_uint8
+from diffunet.segmentation.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BuiltinSegShapes,
     PairedFolders,
     ShapeSpec,
-    class_palette,
     class_pixel_counts,
     compute_mean_std,
     default_mean_std,
     joint_flip,
-    normalize,
-    overlay,
-    save_mask,
     split_indices,
 )
-from diffunet.seg_data import _signed_distance
+from diffunet.segmentation.data import _signed_distance
 
 # ---------------------------------------------------------------------------------------------
 # Built-in shapes
@@ -363,21 +359,22 @@ def test_joint_flip_keeps_alignment_and_is_reproducible() -> None:
     g = torch.Generator().manual_seed(0)
     masks = torch.randint(0, 5, (16, 6, 7), generator=g)
     images = torch.stack([masks.float(), torch.rand(16, 6, 7, generator=g)], dim=1)
-    x, m = joint_flip(images, masks, torch.Generator().manual_seed(1), vertical=True)
-    x2, m2 = joint_flip(images, masks, torch.Generator().manual_seed(1), vertical=True)
-    assert torch.equal(x, x2) and torch.equal(m, m2)
+    coins = torch.rand(2, 16, generator=torch.Generator().manual_seed(1)) < 0.5
+    x, m = joint_flip(images, masks, coins[0], coins[1])
     assert torch.equal(x[:, 0], m.float())  # image and mask flipped together
+    for b in range(16):  # exactly the chosen axes, sample by sample
+        want = masks[b]
+        want = want.flip(-1) if coins[0, b] else want
+        want = want.flip(-2) if coins[1, b] else want
+        assert torch.equal(m[b], want)
     changed = [not torch.equal(m[b], masks[b]) for b in range(16)]
     assert any(changed) and not all(changed)
     assert torch.equal(x[:, 1][~torch.tensor(changed)], images[:, 1][~torch.tensor(changed)])
-    # the horizontal coins are data.random_flip's; the stream does not depend on the axes
-    gh, gr, gv = (torch.Generator().manual_seed(2) for _ in range(3))
-    xh, _ = joint_flip(images, masks, gh)
-    assert torch.equal(xh, random_flip(images, gr))
-    joint_flip(images, masks, gv, horizontal=False, vertical=True)
-    assert torch.equal(torch.rand(3, generator=gh), torch.rand(3, generator=gv))
+    x_only_v, _ = joint_flip(images, masks, None, coins[1])  # None leaves an axis alone
+    assert all(torch.equal(x_only_v[b], images[b].flip(-2) if coins[1, b] else images[b])
+               for b in range(16))
     with pytest.raises(ValueError):
-        joint_flip(images, masks[:, :5], gh)
+        joint_flip(images, masks[:, :5], coins[0])
 
 
 def test_normalize_and_default_mean_std() -> None:

@@ -1,5 +1,5 @@
-"""Segmentation data: built-in shapes with masks, paired image/mask folders, joint flips, masks
-as palette PNGs.
+"""Segmentation data: built-in shapes with masks, paired image/mask folders, splits, joint flips,
+statistics (the mask PNGs, overlays and normalisation are in :mod:`diffunet.images`).
 
 Every data set here yields ``(image, mask)``: ``image`` a float32 tensor (C, S, S) in [0, 1]
 (not normalised: :func:`normalize` works on batches, on whatever device they live) and ``mask``
@@ -17,39 +17,35 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
-from .data import IMAGE_EXTENSIONS, _open_image, _scan_folder, _seed_for, prepare_image, to_uint8
-from .errors import DataError
-from .fileio import atomic_save_image, first_line
+from ..data import flip_where, scan_image_folder, seed_for
+from ..config import SegRunConfig
+from ..errors import DataError
+from ..fileio import first_line
+from ..images import IGNORE_INDEX, IMAGE_EXTENSIONS, open_image, prepare_image
 
 __all__ = [
-    "IGNORE_INDEX",
+    "SegData",
+    "build_segmentation_data",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "BuiltinSegShapes",
     "PairedFolders",
     "ShapeSpec",
-    "class_palette",
     "class_pixel_counts",
     "compute_mean_std",
     "default_mean_std",
     "joint_flip",
-    "normalize",
-    "overlay",
-    "save_mask",
     "split_indices",
 ]
-
-IGNORE_INDEX = 255
-"""Mask value for "void" pixels (object borders, unlabelled regions): counted by no loss or
-metric. 255 because that is what palette PNG masks (PASCAL VOC) use."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -178,7 +174,7 @@ class BuiltinSegShapes(Dataset):
                              f"{self.size}")
         c, s = self.channels, self.image_size
         # torch's generator, as data.py: the same numbers on every platform and numpy version.
-        gen = torch.Generator().manual_seed(_seed_for(_TAG_SEG_SHAPES, self.seed, index))
+        gen = torch.Generator().manual_seed(seed_for(_TAG_SEG_SHAPES, self.seed, index))
         u = torch.rand(2 + 2 * c + _MAX_SHAPES * (4 + _COLOUR_TRIES * c), generator=gen,
                        dtype=torch.float64)
         noise = torch.randn(c, s, s, generator=gen)
@@ -253,7 +249,7 @@ _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the image b
 
 
 def _upright_size(path: Path) -> tuple[tuple[int, int], str]:
-    """(width, height) after the EXIF rotation :func:`data._open_image` applies, and the mode;
+    """(width, height) after the EXIF rotation :func:`images.open_image` applies, and the mode;
     from the header only."""
     with Image.open(path) as im:
         w, h = im.size
@@ -309,7 +305,7 @@ class PairedFolders(Dataset):
     0..K-1 or 255 (ignore), checked on the full mask when an item is loaded.
 
     Geometry: image and mask are cropped to the same centred square and resized to
-    ``image_size``; the image by :func:`data.prepare_image` (bicubic, antialiased; alpha on
+    ``image_size``; the image by :func:`images.prepare_image` (bicubic, antialiased; alpha on
     white), the mask by nearest neighbour so labels stay labels. A file that fails to decode
     raises :class:`DataError` naming it when it is loaded (as :class:`data.FolderImages`).
     """
@@ -330,8 +326,8 @@ class PairedFolders(Dataset):
             raise DataError(f"images and masks are both in {self.images_root}; put the masks in "
                             "their own folder (same relative paths as the images)")
 
-        images, img_skipped, small = _scan_folder(self.images_root, image_size)
-        masks, mask_skipped, _ = _scan_folder(self.masks_root)
+        images, img_skipped, small = scan_image_folder(self.images_root, image_size)
+        masks, mask_skipped, _ = scan_image_folder(self.masks_root)
         try:  # a masks folder inside the images folder: its files are not images
             inner = self.masks_root.resolve().relative_to(self.images_root.resolve()).parts
         except ValueError:
@@ -393,7 +389,7 @@ class PairedFolders(Dataset):
             try:
                 isize, _ = _upright_size(ipath)
                 msize, mode = _upright_size(mpath)
-            except Exception as e:  # passed _scan_folder's header check; changed since?
+            except Exception as e:  # passed scan_image_folder's header check; changed since?
                 raise DataError(f"cannot read {ipath} or {mpath} ({first_line(e)}); check the "
                                 "files") from None
             if mode not in _MASK_MODES:
@@ -409,7 +405,7 @@ class PairedFolders(Dataset):
         ipath, mpath = self.pairs[index]
         s = self.image_size
         try:
-            img = _open_image(ipath, s)
+            img = open_image(ipath, s)
             image = prepare_image(img, s, self.channels)
         except Exception as e:
             raise DataError(f"cannot decode {ipath} ({first_line(e)}); delete or repair the "
@@ -419,7 +415,7 @@ class PairedFolders(Dataset):
         labels, binary = self._read_mask(mpath)
 
         # The crop prepare_image took, in the decoded image's pixels. A JPEG may have been decoded
-        # at 1/2, 1/4 or 1/8 size (data._open_image's draft), so scale the box by that power of
+        # at 1/2, 1/4 or 1/8 size (images.open_image's draft), so scale the box by that power of
         # two: decoded pixel j covers full-size pixels [j*f, (j+1)*f).
         iw, ih = img.size
         mh, mw = labels.shape
@@ -444,7 +440,7 @@ class PairedFolders(Dataset):
         try:
             with Image.open(path) as m:
                 m.load()
-                if m.getexif().get(0x0112, 1) != 1:  # rotate as data._open_image rotates images
+                if m.getexif().get(0x0112, 1) != 1:  # rotate as images.open_image rotates images
                     m = ImageOps.exif_transpose(m)
                 mode = m.mode
                 arr = np.asarray(m) if mode in _MASK_MODES else None
@@ -491,48 +487,28 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
     n_val = 0
     if val_fraction > 0 and n >= 2:
         n_val = min(max(1, round(n * val_fraction)), n - 1)
-    gen = torch.Generator().manual_seed(_seed_for(_TAG_SPLIT, seed, n))
+    gen = torch.Generator().manual_seed(seed_for(_TAG_SPLIT, seed, n))
     perm = torch.randperm(n, generator=gen).tolist()
     return sorted(perm[n_val:]), sorted(perm[:n_val])
 
 
-def joint_flip(images: Tensor, masks: Tensor, generator: torch.Generator,
-               horizontal: bool = True, vertical: bool = False) -> tuple[Tensor, Tensor]:
+def joint_flip(images: Tensor, masks: Tensor, horizontal: Tensor | None = None,
+               vertical: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Flip each sample of ``images`` (B, C, H, W) and ``masks`` (B, H, W) together: left-right
-    and/or top-bottom, each with probability 1/2; returns the same shapes.
+    where ``horizontal`` (B,) bool is True, top-bottom where ``vertical`` is; None leaves that
+    axis alone. Returns the same shapes.
 
-    The coins come from ``generator`` (a CPU generator) as two draws of B uniforms, horizontal
-    then vertical, whichever axes are enabled, so the stream depends only on B. The horizontal
-    coins are the ones ``data.random_flip`` draws from the same generator.
+    The trainer draws the coins for the global batch from its explicit generator, horizontal
+    then vertical, and passes this process's share (see :func:`diffunet.data.flip_where`).
     """
     if images.ndim != 4 or masks.ndim != 3 or images.shape[0] != masks.shape[0] \
             or images.shape[-2:] != masks.shape[-2:]:
         raise ValueError(f"joint_flip takes images (B, C, H, W) and masks (B, H, W), got "
                          f"{tuple(images.shape)} and {tuple(masks.shape)}")
-    if generator.device.type != "cpu":
-        raise ValueError(f"joint_flip draws its coins on the CPU; give it a CPU generator, got "
-                         f"one on {generator.device}")
-    b = images.shape[0]
-    coins = [torch.rand(b, generator=generator) < 0.5 for _ in range(2)]
-    for enabled, flip, dim in zip((horizontal, vertical), coins, (-1, -2)):
-        if not enabled:
-            continue
-        flip = flip.to(images.device)
-        images = torch.where(flip.view(b, 1, 1, 1), images.flip(dim), images)
-        masks = torch.where(flip.to(masks.device).view(b, 1, 1), masks.flip(dim), masks)
+    for flip, dim in ((horizontal, -1), (vertical, -2)):
+        if flip is not None:
+            images, masks = flip_where(images, flip, dim), flip_where(masks, flip, dim)
     return images, masks
-
-
-def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """``(images - mean) / std`` per channel for (B, C, H, W) (or (C, H, W)) images in [0, 1];
-    same shape, device and dtype as ``images``."""
-    c = images.shape[-3]
-    if len(mean) != c or len(std) != c:
-        raise ValueError(f"normalize: {c} channels but mean has {len(mean)} and std "
-                         f"{len(std)} values")
-    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(c, 1, 1)
-    s = torch.tensor(std, dtype=images.dtype, device=images.device).view(c, 1, 1)
-    return (images - m) / s
 
 
 def compute_mean_std(dataset: Dataset, max_items: int | None = None,
@@ -590,64 +566,61 @@ def class_pixel_counts(dataset: Dataset, max_items: int | None = 512, *,
 
 
 # ---------------------------------------------------------------------------------------------
-# Masks as images.
+# The data of a run.
 
 
-def _voc_colour(i: int) -> tuple[int, int, int]:
-    # PASCAL VOC's palette: the bits of i spread over the high bits of r, g, b.
-    r = g = b = 0
-    for j in range(8):
-        r |= ((i >> 0) & 1) << (7 - j)
-        g |= ((i >> 1) & 1) << (7 - j)
-        b |= ((i >> 2) & 1) << (7 - j)
-        i >>= 3
-    return r, g, b
+@dataclass
+class SegData:
+    """The resolved data of a run: training and validation sets and how to read them."""
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    notes: list[str]
+    """One-line remarks for people (skipped files, unmatched names)."""
 
 
-def class_palette(num_classes: int) -> list[tuple[int, int, int]]:
-    """RGB colours for classes 0..num_classes-1: the PASCAL VOC palette (0 black, 1 dark red,
-    2 green, 3 olive, 4 navy, ...; index 255, the ignore label, is cream)."""
-    if not 1 <= num_classes <= 256:
-        raise ValueError(f"class_palette: num_classes must be 1..256, got {num_classes}")
-    return [_voc_colour(i) for i in range(num_classes)]
+def _folder_notes(ds: Any, images: str, masks: str) -> list[str]:
+    notes = []
+    if getattr(ds, "skipped", None):
+        notes.append(f"skipped {len(ds.skipped)} unreadable file(s) in {images}, "
+                     f"e.g. {ds.skipped[0]}")
+    if getattr(ds, "unmatched_images", None):
+        notes.append(f"{len(ds.unmatched_images)} image(s) in {images} have no mask of the same "
+                     f"name in {masks} and are left out, e.g. {ds.unmatched_images[0]}")
+    if getattr(ds, "unmatched_masks", None):
+        notes.append(f"{len(ds.unmatched_masks)} mask(s) in {masks} have no image and are left "
+                     f"out, e.g. {ds.unmatched_masks[0]}")
+    return notes
 
 
-def _as_label_array(mask: Tensor | np.ndarray, num_classes: int) -> np.ndarray:
-    arr = mask.detach().cpu().numpy() if isinstance(mask, Tensor) else np.asarray(mask)
-    if arr.ndim != 2:
-        raise ValueError(f"a mask is (H, W), got shape {arr.shape}")
-    bad = (arr < 0) | ((arr >= num_classes) & (arr != IGNORE_INDEX))
-    if bad.any():
-        raise ValueError(f"mask values must be 0..{num_classes - 1} or 255, got "
-                         f"{int(arr[bad].flat[0])}")
-    return arr
-
-
-def save_mask(mask: Tensor | np.ndarray, path: str | os.PathLike, num_classes: int) -> None:
-    """Save a mask (H, W) of labels 0..K-1 (and 255) as a palette PNG whose indices are the
-    labels: it shows in colour and :class:`PairedFolders` reads it back exactly. Atomic write."""
-    if Path(path).suffix.lower() != ".png":
-        raise DataError(f"cannot write mask {path}: masks are saved as .png (lossless, with a "
-                        "palette); change the extension")
-    arr = _as_label_array(mask, num_classes).astype(np.uint8)
-    img = Image.frombytes("P", (arr.shape[1], arr.shape[0]), np.ascontiguousarray(arr).tobytes())
-    img.putpalette([v for colour in class_palette(256) for v in colour])
-    atomic_save_image(img, path)
-
-
-def overlay(image: Tensor, mask: Tensor, num_classes: int, alpha: float = 0.5) -> Tensor:
-    """The image (C, H, W) in [0, 1] (grayscale shown as RGB) with each non-background class
-    blended in its :func:`class_palette` colour at opacity ``alpha``: uint8 (H, W, 3).
-    Background and ignore (255) pixels are the image's own."""
-    if image.ndim != 3 or image.shape[0] not in (1, 3) or mask.shape != image.shape[1:]:
-        raise ValueError(f"overlay takes an image (C, H, W) with C 1 or 3 and a mask (H, W), got "
-                         f"{tuple(image.shape)} and {tuple(mask.shape)}")
-    base = to_uint8(image.detach().cpu().float() * 2.0 - 1.0)  # (H, W, C): [0, 1] -> 0..255
-    base = base.expand(-1, -1, 3) if base.shape[-1] == 1 else base
-    labels = mask.detach().cpu().to(torch.int64)
-    _as_label_array(labels, num_classes)
-    lut = torch.zeros(256, 3)
-    lut[:num_classes] = torch.tensor(class_palette(num_classes), dtype=torch.float32)
-    fg = ((labels > 0) & (labels < num_classes)).unsqueeze(-1)
-    blended = (base.float() * (1.0 - alpha) + lut[labels.clamp(0, 255)] * alpha).round()
-    return torch.where(fg, blended.clamp(0, 255).to(torch.uint8), base)
+def build_segmentation_data(cfg: SegRunConfig) -> SegData:
+    """The training and validation sets ``cfg.data`` describes (items: image (C,S,S) in [0, 1],
+    mask (S,S) int64)."""
+    d = cfg.data
+    K = d.classes
+    notes: list[str] = []
+    if d.source == "builtin":
+        base: Dataset = BuiltinSegShapes(d.builtin_size, image_size=d.image_size,
+                                         channels=d.channels, seed=0)
+    else:
+        base = PairedFolders(d.images, d.masks, d.image_size, d.channels, K,
+                             class_names=d.class_names or None)
+        notes += _folder_notes(base, str(d.images), str(d.masks))
+    if d.val_images is not None:
+        val: Dataset = PairedFolders(d.val_images, d.val_masks, d.image_size, d.channels, K,
+                                     class_names=d.class_names or None)
+        notes += _folder_notes(val, str(d.val_images), str(d.val_masks))
+        train: Dataset = base
+    else:
+        train_idx, val_idx = split_indices(len(base), d.val_fraction, cfg.train.seed)
+        train, val = Subset(base, train_idx), Subset(base, val_idx)
+    names = tuple(d.class_names) or tuple(getattr(base, "class_names", None) or
+                                          [f"class{k}" for k in range(K)])
+    mean, std = default_mean_std(d.channels)
+    return SegData(train=train, val=val, num_classes=K, class_names=names,
+                   mean=tuple(d.mean) if d.mean is not None else tuple(mean),
+                   std=tuple(d.std) if d.std is not None else tuple(std), notes=notes)

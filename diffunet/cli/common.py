@@ -1,0 +1,96 @@
+"""What every command of the command line shares: printing for people, the one-line argument
+errors, and ``[CONFIG.toml] [section.key=value ...]`` run arguments."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from ..config import load_config
+from ..errors import ConfigError, UsageError
+
+C = TypeVar("C")
+
+
+def is_main_process() -> bool:
+    """Under ``accelerate launch`` every process runs the command; only rank 0 talks to people."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def say(msg: str) -> None:
+    """Print a one-line message for people on stderr, from the main process only."""
+    if is_main_process():
+        print(msg, file=sys.stderr, flush=True)
+
+
+def out(text: str) -> None:
+    """Print a command's result (tables, JSON) on stdout."""
+    print(text)
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """Make ``parser`` and every sub-command parser below it report bad arguments as one line
+    (no usage dump), exit code 2."""
+    def error(message: str) -> None:
+        parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
+
+    parser.error = error  # type: ignore[method-assign]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                one_line_errors(child)
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, resume_help: str,
+                      out_dir_help: str = "run folder (default: runs/<config name>)") -> None:
+    """The arguments of a training command: ``[CONFIG.toml] [section.key=value ...]``,
+    ``--out-dir``, ``--resume``, ``--dry-run``, ``--no-progress``."""
+    p.add_argument("items", nargs="*", metavar="[CONFIG.toml] [section.key=value ...]")
+    p.add_argument("--out-dir", help=out_dir_help)
+    p.add_argument("--resume", action="store_true", help=resume_help)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and model size, then exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def resolve_run_config(items: Sequence[str], out_dir: str | None, resume: bool, *,
+                       root: type[C], default_name: str) -> tuple[C, Path]:
+    """``[CONFIG.toml] [section.key=value ...]`` -> (config of type ``root``, run folder).
+
+    The run folder is ``out_dir``, else ``runs/<CONFIG name>`` (``runs/<default_name>``). With
+    ``resume`` and no CONFIG, the run folder's own config.json is the starting point, so
+    ``--resume train.max_steps=N`` extends a run.
+    """
+    config_path = None
+    overrides = []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif config_path is None:
+            config_path = item
+        else:
+            raise UsageError(f"two config files given ({config_path}, {item}); give one, then "
+                             "section.key=value overrides")
+    sections = [f.name for f in dataclasses.fields(root)]
+    if (config_path is not None and not Path(config_path).is_file()
+            and not config_path.endswith(".toml")
+            and config_path.partition(".")[0] in sections):  # "train.max_steps" without "=N"
+        raise UsageError(f"{config_path}: not a config file, and an override needs a value; "
+                         f"write {config_path}=VALUE (e.g. train.max_steps=500)")
+    stem = Path(config_path).stem if config_path else default_name
+    run_dir = Path(out_dir) if out_dir else Path("runs") / stem
+    base = None
+    saved = run_dir / "config.json"
+    if resume and config_path is None and saved.is_file():
+        try:
+            base = json.loads(saved.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{saved} is damaged ({e}); give the run's CONFIG.toml and "
+                              "overrides along with --resume") from None
+    return load_config(config_path, overrides, base=base, root=root), run_dir

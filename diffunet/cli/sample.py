@@ -1,0 +1,75 @@
+"""``diffunet sample MODEL``: draw images from a model file into a folder (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import say
+
+DESCRIPTION = ("Draw images from a model file: 000000.png, ... (image i from seed + i, the same "
+               "whatever the batch size or number of processes), grid.png and manifest.json. "
+               "Rerunning the same command resumes an interrupted run. Under `accelerate launch "
+               "-m diffunet sample ...` the work is split across processes. How to sample "
+               "(sampler, steps, eta, spacing, guidance, clipping) defaults to the model file's "
+               "own [sample] settings, the ones its training previews used.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..config import SampleConfig
+    from ..sampling import PRECISIONS, SampleOptions
+    from ..samplers import SAMPLERS, SPACINGS
+
+    d, s = SampleOptions, SampleConfig  # the defaults live in the dataclasses (house rule 5)
+    model_or = "default: the model's [sample] setting, else"
+    p.add_argument("model", metavar="MODEL.safetensors")
+    p.add_argument("--num-samples", type=int, default=d.num_samples, metavar="N",
+                   help=f"images to draw (default {d.num_samples})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, metavar="B",
+                   help=f"images per forward pass, per process (default {d.batch_size})")
+    p.add_argument("--sampler", metavar="|".join(SAMPLERS),
+                   help=f"step rule ({model_or} {s.sampler}); dpmpp-2m needs only 10-20 steps")
+    p.add_argument("--steps", type=int, dest="num_steps", metavar="S",
+                   help=f"sampling steps, 1 to the model's training timesteps ({model_or} "
+                        f"{s.num_steps})")
+    p.add_argument("--eta", type=float,
+                   help=f"DDIM noise: 0 deterministic ... 1 DDPM-like (ddim only; {model_or} "
+                        f"{s.eta})")
+    p.add_argument("--spacing", metavar="|".join(SPACINGS),
+                   help=f"which training timesteps to visit ({model_or} {s.spacing})")
+    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"clip each step's x0 estimate to [-1, 1] ({model_or} "
+                        f"{'yes' if s.clip_x0 else 'no'})")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help=f"image i is drawn from seed + i (default {d.seed})")
+    p.add_argument("--class-label", metavar="K|K1,K2,...|all",
+                   help="class-conditional models: one label, a list cycled over the images, "
+                        "or all (image i gets class i mod num_classes)")
+    p.add_argument("--guidance-scale", type=float, metavar="W",
+                   help="classifier-free guidance scale, needs --class-label (with labels: "
+                        f"{model_or} {s.guidance_scale}, i.e. none)")
+    p.add_argument("--out-dir", help="output folder (default samples/<model file name>)")
+    p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=d.grid,
+                   help="write grid.png (default: yes)")
+    p.add_argument("--precision", default=d.precision, metavar="|".join(PRECISIONS),
+                   help="network precision (default fp32; fp16 needs a GPU, bf16 works on CPU)")
+    p.add_argument("--device", default=d.device,
+                   help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace samples from other settings in --out-dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..sampling import SampleOptions, generate, parse_class_labels
+
+    options = SampleOptions(
+        num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
+        class_labels=parse_class_labels(args.class_label), grid=args.grid,
+        precision=args.precision, device=args.device, overwrite=args.overwrite,
+        sampler=args.sampler, num_steps=args.num_steps, eta=args.eta, spacing=args.spacing,
+        guidance_scale=args.guidance_scale, clip_x0=args.clip_x0)
+    out_dir = Path(args.out_dir) if args.out_dir else Path("samples") / Path(args.model).stem
+    generate(args.model, out_dir, options, progress=not args.no_progress, say=say)
+    return 0

@@ -1,0 +1,635 @@
+"""The run harness: what every training run shares, so each trainer is only its loop.
+
+:class:`Run` owns, for ``diffunet train`` and ``diffunet segment train`` alike:
+
+- **Accelerate and the launch**: the :class:`accelerate.Accelerator` (mixed precision with a
+  one-line error where it cannot run, trackers), the "launched as N processes but Accelerate
+  sees one" refusal, the ``accelerate launch --cpu`` note, the global batch's divisibility.
+- **The run folder**: a non-empty folder is refused without ``--resume``; one writer at a time
+  (an OS lock on the folder held for the whole run, released by the kernel even after a
+  SIGKILL, and the second run told which process holds it); leftovers of interrupted writes cleared;
+  ``config.json`` written; ``log.jsonl`` trimmed to the resumed step.
+- **Resume**: the newest complete state, checked (:func:`diffunet.state.read_trainer`), and the
+  config compared field by field with the one it was saved with: a field declared
+  :func:`~diffunet.config.free_on_resume` may change, any other change is refused naming the key.
+- **The state protocol**: every process writes its RNG file, the main process the rest, the
+  folder is committed by one rename (:mod:`diffunet.state`); loading puts it all back.
+- **Signals**: SIGINT/SIGTERM ask the loop to save and stop after the current step, every
+  process agreeing on when (:meth:`Run.agree`).
+- **Progress and logs**: the tqdm bar, one-line messages that keep it intact, ``log.jsonl`` lines
+  and the trackers.
+- **Write failures**: a full disk, a read-only folder, a file-size limit become one line naming
+  the problem, the fix and the newest intact state (:func:`write_failed`).
+
+Work that only the main process does (the lock, the folder, the log, states) runs through
+:meth:`Run.collective`, so when it fails every process raises instead of the others waiting at
+the next barrier forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import errno
+import json
+import math
+import os
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from . import errors
+from . import state as st
+from .config import may_change_on_resume, to_dict
+from .errors import ConfigError, DiffunetError, FolderError, ModelFileError, TrainingError, UsageError
+from .fileio import atomic_write_bytes
+
+__all__ = ["EMA", "FolderLock", "Run", "check_resume_compatible", "lock_folder", "pick_device",
+           "refuse_lone_processes", "state_must_fit", "trim_log", "write_failed"]
+
+R = TypeVar("R")
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pieces every trainer (and command) uses
+
+
+def refuse_lone_processes(world: int, alone: str, doing: str) -> None:
+    """Refuse a launch of N processes that Accelerate runs as N worlds of one (no GPU, and not
+    told to use the CPU): each would ``alone`` (e.g. "train alone into runs/x"). ``doing`` is the
+    verb for the fix ("train", "sample")."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    if launched > 1 and world == 1:
+        raise UsageError(
+            f"launched as {launched} processes, but Accelerate found no GPU for them and was not "
+            f"told to use the CPU, so each would {alone}; to {doing} on {launched} CPU "
+            f"processes, launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+            f"--num_processes {launched} ...")
+
+
+def pick_device(requested: str | None, local_index: int = 0) -> torch.device:
+    """The device a command runs on, from its ``--device``: None is this process's GPU where
+    CUDA is available, else the CPU; a bare ``cuda`` is this process's GPU (``local_index``, the
+    process's index on its machine, modulo the GPU count). An unknown device, or a GPU that is
+    not there, is a one-line :class:`UsageError`."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested is None:
+        return torch.device("cuda", local_index % count) if count else torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"unknown --device {requested!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not count:
+            raise UsageError(f"--device {requested}: CUDA is not available here; use --device "
+                             "cpu")
+        if device.index is None:
+            return torch.device("cuda", local_index % count)
+        if device.index >= count:
+            raise UsageError(f"--device {requested}: this machine has {count} CUDA device(s)")
+    return device
+
+
+class EMA:
+    """Exponential moving average of the weights, kept in fp32 (Polyak averaging).
+
+    Every process updates its own copy from the same synchronised weights, so the copies stay
+    identical without communication.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool) -> None:
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self.decay = decay
+        self.warmup = warmup
+
+    def decay_at(self, step: int) -> float:
+        """The decay used after optimizer step ``step`` (0-based); ramps up when warming up."""
+        if self.warmup:
+            return min(self.decay, (1 + step) / (10 + step))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        weight = 1.0 - self.decay_at(step)
+        # One multi-tensor lerp (a few kernels on a GPU, not one per parameter); same numbers.
+        torch._foreach_lerp_(list(self.model.parameters()),
+                             [p.detach().float() for p in model.parameters()], weight)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+_DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+_READ_ONLY = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+              errno.EPERM: "permission denied"}
+
+
+def write_failed(e: OSError, doing: str, out_dir: Path) -> TrainingError:
+    """One line for a write that failed: the problem, the fix, and the newest state, which the
+    atomic writes left intact."""
+    if e.errno in _DISK_FULL:
+        problem, fix = _DISK_FULL[e.errno], "free space or choose another --out-dir"
+    elif e.errno in _READ_ONLY:
+        problem, fix = _READ_ONLY[e.errno], "make it writable or choose another --out-dir"
+    elif e.errno == errno.EFBIG:
+        problem, fix = "file too large", ("choose another --out-dir (its file system or a "
+                                          "ulimit -f caps file sizes)")
+    else:
+        problem, fix = (e.strerror or str(e)).lower(), "check the disk or choose another --out-dir"
+    newest = st.newest_state(out_dir / "state")
+    kept = (f"the previous checkpoint {newest.name} is intact (--resume continues from it)"
+            if newest is not None else "no checkpoint had been saved yet")
+    return TrainingError(f"{problem} while {doing} to {out_dir}; {fix}; {kept}")
+
+
+def _logged_step(line: str) -> float:
+    """The step of a ``log.jsonl`` line; inf for a blank or torn one (cut short by a crash)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def trim_log(log_path: Path, step: int) -> None:
+    """Drop the ``log.jsonl`` lines past ``step`` (those of the work a resumed run redoes, and a
+    torn last line), so the log ends as an uninterrupted run's would."""
+    if log_path.exists():
+        kept = [ln for ln in log_path.read_text().splitlines() if _logged_step(ln) <= step]
+        atomic_write_bytes(log_path, "".join(ln + "\n" for ln in kept).encode("utf-8"))
+
+
+def check_resume_compatible(saved: dict[str, Any], cfg: Any) -> None:
+    """Refuse resuming with a config that changes what the saved run computed.
+
+    ``saved`` is the config the state was written with (plain data), ``cfg`` the composed config
+    of this run. Every field is compared unless its dataclass declares it
+    :func:`~diffunet.config.free_on_resume`; keys the saved config lacks (written by an older
+    diffunet) constrain nothing.
+    """
+    now = to_dict(cfg)
+    for section in now:
+        cls = type(getattr(cfg, section))
+        table = saved.get(section)
+        if not isinstance(table, dict):
+            continue
+        for key, value in table.items():
+            if key not in now[section] or may_change_on_resume(cls, key):
+                continue
+            if now[section][key] != value:
+                raise ConfigError(
+                    f"{section}.{key}: the run being resumed used {value!r}, this config says "
+                    f"{now[section][key]!r}; resume with the same {section}.{key} or start a "
+                    "new --out-dir")
+
+
+@contextlib.contextmanager
+def state_must_fit(folder: Path) -> Iterator[None]:
+    """Turn an error from loading a readable state that does not fit this run (other shapes,
+    keys, schedule) into a one-line :class:`ModelFileError` that says what to do."""
+    try:
+        yield
+    except ModelFileError:
+        raise
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:  # readable, but not ours
+        raise ModelFileError(
+            f"{folder} does not fit this run ({' '.join(str(e).split())[:200]}); delete it to "
+            "resume from the state before it, or start a new --out-dir") from None
+
+
+def _match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each per-parameter state tensor (Adam's moments) its parameter's memory layout.
+
+    Saved states load as contiguous tensors. The fused AdamW kernel walks a parameter and its
+    moments as flat arrays, so a channels-last weight with contiguous moments would be updated
+    with permuted moments (silently wrong); the values are kept, only the layout changes.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if (isinstance(value, torch.Tensor) and value.shape == p.shape
+                        and value.stride() != p.stride()):
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+class FolderLock:
+    """An exclusive ``flock`` on a run folder itself (the directory, so nothing is written into
+    it): held while the run lasts, released by :meth:`close` or, whatever happens, by the kernel
+    when the process ends, so a SIGKILL never leaves a stale lock."""
+
+    def __init__(self, folder: Path) -> None:
+        import fcntl
+
+        self.folder = folder
+        self._fd: int | None = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._fd)
+            self._fd = None
+            holder = _lock_holder(folder)
+            raise FolderError(f"{folder} is in use by another diffunet run (process "
+                              f"{holder}); wait for it to finish or stop it, or choose another "
+                              "--out-dir") from None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+def _lock_holder(folder: Path) -> str:
+    """The PID holding a flock on ``folder``, from Linux's /proc/locks; else "unknown"."""
+    try:
+        inode = os.stat(folder).st_ino
+        with open("/proc/locks", encoding="ascii") as f:
+            for line in f:  # "1: FLOCK  ADVISORY  WRITE 6285 00:2f:1234 0 EOF"
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and \
+                        fields[5].rsplit(":", 1)[-1] == str(inode):
+                    return fields[4]
+    except (OSError, ValueError):
+        pass
+    return "unknown"
+
+
+def lock_folder(folder: Path) -> FolderLock | None:
+    """Take ``folder``'s run lock (:class:`FolderLock`); another holder is a
+    :class:`FolderError` naming its process. Where the OS has no ``flock`` (Windows) nothing is
+    locked and None is returned."""
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    return FolderLock(folder)
+
+
+def _rebuild(kind: str, message: str) -> Exception:
+    """Another process's error, raised here too: the same diffunet error type, else RuntimeError."""
+    cls = getattr(errors, kind, None)
+    if isinstance(cls, type) and issubclass(cls, DiffunetError):
+        return cls(message)
+    return RuntimeError(f"another process failed: {kind}: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+class Run:
+    """One training run's shared machinery; use it as a context manager around the loop.
+
+    Creating it sets up Accelerate, checks the launch and the batch, claims the run folder
+    (refusing a non-empty one without ``resume``, taking the lock) and, with ``resume``, reads
+    and checks the newest state: afterwards ``resume_from`` is that state (None: a fresh run),
+    ``saved`` its ``trainer.json`` and ``start_step`` its step. Then the trainer builds its
+    model and calls :meth:`restore`, :meth:`prepare`, :meth:`open_folder` and, in its loop,
+    :meth:`agree`, :meth:`log`, :meth:`save_state`; leaving the ``with`` block closes the bar,
+    ends the trackers, restores the signal handlers and releases the lock.
+
+    ``command`` names the command in messages (``"train"``, ``"segment train"``);
+    ``batch_size`` must split into ``batch_divisor`` parts per process; ``state_keys`` are the
+    keys (and JSON types) a state's ``trainer.json`` must hold; ``say`` receives one-line
+    messages (main process only); ``progress`` shows a tqdm bar.
+    """
+
+    def __init__(self, cfg: Any, out_dir: str | Path, *, resume: bool, command: str,
+                 mixed_precision: str, batch_size: int, batch_divisor: int = 1,
+                 trackers: Sequence[str] = (), state_keys: dict[str, type] | None = None,
+                 say: Callable[[str], None] = lambda msg: None, progress: bool = True) -> None:
+        from accelerate import Accelerator  # the heavy import lives here (and in sampling)
+
+        self.cfg, self.out_dir, self.command = cfg, Path(out_dir), command
+        self._say, self._show_progress = say, progress
+        self.trackers = tuple(trackers)
+        self.bar: Any = None
+        self._lock: Any = None
+        self._created = self._opened = False
+        self._stop: dict[str, str] = {}
+        self._restore_signals: Callable[[], None] | None = None
+        self._rank_rng: dict[str, torch.Tensor] = {}
+        try:
+            self.accelerator = Accelerator(mixed_precision=mixed_precision,
+                                           log_with=list(self.trackers) or None,
+                                           project_dir=str(self.out_dir))
+        except ValueError as e:
+            raise ConfigError(f"train.mixed_precision={mixed_precision!r} cannot run here ({e}); "
+                              "use 'bf16' or 'no' on a CPU") from None
+        acc = self.accelerator
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.main, self.device = acc.is_main_process, acc.device
+        self._check_launch()
+        if batch_size % (self.world * batch_divisor):
+            by = f"{self.world} processes" + (f" x {batch_divisor} grad_accum_steps"
+                                              if batch_divisor > 1 else "")
+            raise ConfigError(f"train.batch_size: {batch_size} is not divisible by {by}")
+        if self.device.type == "cuda":
+            # TF32 tensor cores for the fp32 matmuls (cuDNN convolutions use them by default).
+            torch.set_float32_matmul_precision("high")
+        try:
+            self.resume_from: Path | None = self.collective(lambda: self._claim_folder(resume))
+            self.saved: dict[str, Any] = {}
+            if self.resume_from is not None:
+                self.saved = st.read_trainer(self.resume_from, state_keys)
+                check_resume_compatible(self.saved["config"], cfg)
+            elif resume:
+                self.tell(f"no saved state in {self.out_dir / 'state'}; starting a fresh run")
+            acc.wait_for_everyone()
+        except BaseException:
+            self._release()
+            raise
+        self.start_step: int = int(self.saved.get("step", 0))
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def _check_launch(self) -> None:
+        refuse_lone_processes(self.world, f"train alone into {self.out_dir}", "train")
+        if (self.world == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ
+                and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")):
+            # `accelerate launch --cpu --num_processes N` runs ONE process unless MPI is set up.
+            self.tell("note: `accelerate launch --cpu` started one process (Accelerate needs "
+                      "mpirun for several CPU processes); training in one process, which gives "
+                      "the same model. For N CPU processes use: ACCELERATE_USE_CPU=1 accelerate "
+                      f"launch --multi_gpu --num_processes N -m diffunet {self.command} ...")
+
+    def _claim_folder(self, resume: bool) -> Path | None:
+        """Main process: check the folder, take its lock, find the state to resume from."""
+        out = self.out_dir
+        if out.exists() and not out.is_dir():
+            raise FolderError(f"--out-dir {out} is a file; give a folder path")
+        if not resume and out.is_dir() and any(out.iterdir()):
+            raise FolderError(f"--out-dir {out} is not empty; pass --resume to continue that "
+                              "run, or choose another --out-dir")
+        self._created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_folder(out)
+        return st.newest_state(out / "state") if resume else None
+
+    def _release(self) -> None:
+        """Release the lock; a folder this run created and never wrote to goes again (bad input
+        leaves nothing behind)."""
+        if self._created and self.main and not self._opened:
+            with contextlib.suppress(OSError):
+                self.out_dir.rmdir()  # only if still empty
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def seed_everything(self, seed: int) -> None:
+        """Seed Python, NumPy and torch (every device) the same on every process."""
+        from accelerate.utils import set_seed
+
+        set_seed(seed)
+
+    def adamw(self, params: Any, **kwargs: Any) -> torch.optim.AdamW:
+        """AdamW, fused where PyTorch has the kernel for this device: one kernel for all
+        parameters (~3.5x faster on a CPU than the multi-tensor default for the DDPM net)."""
+        fused = True if self.device.type in ("cuda", "cpu") else None
+        return torch.optim.AdamW(params, fused=fused, **kwargs)
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                ema: torch.nn.Module | None = None,
+                generators: dict[str, torch.Generator] | None = None) -> dict[str, torch.Tensor]:
+        """Load the state being resumed (nothing for a fresh run) into the bare ``model``, its
+        ``ema`` copy and ``optimizer`` (before :meth:`prepare`) and set the shared
+        ``generators`` (same on every process). Returns this process's own saved tensors (the
+        ``rank_tensors`` of :meth:`save_state`); its RNG states are set by :meth:`prepare`."""
+        folder = self.resume_from
+        if folder is None:
+            return {}
+        with state_must_fit(folder):
+            model.load_state_dict(st.load_tensors(folder / "model.safetensors"))
+            if ema is not None:
+                ema.load_state_dict(st.load_tensors(folder / "ema.safetensors"))
+            optimizer.load_state_dict(st.join_optimizer_state(
+                st.load_tensors(folder / "optimizer.safetensors"), self.saved["optimizer"]))
+            _match_param_layout(optimizer)
+            if generators:
+                shared = st.load_tensors(folder / "rng.safetensors")
+                for name, gen in generators.items():
+                    gen.set_state(shared[name])
+            own: dict[str, torch.Tensor] = {}
+            rank_file = folder / f"rng_rank{self.rank}.safetensors"
+            if rank_file.is_file():  # absent if resumed on more processes than it had
+                for key, value in st.load_tensors(rank_file).items():
+                    (self._rank_rng if key.startswith("torch_") else own)[key] = value
+        return own
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+                ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """``accelerator.prepare`` the model and optimizer (device, DDP, mixed precision), then
+        put back the resumed grad scaler and, last, this process's RNG states (dropout)."""
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        scaler = self.accelerator.scaler
+        if scaler is not None and self.saved.get("scaler"):
+            scaler.load_state_dict(self.saved["scaler"])
+        if self._rank_rng:
+            st.set_rng_states(self._rank_rng)
+        return model, optimizer
+
+    def open_folder(self, subdirs: Sequence[str]) -> None:
+        """Make the run folder's sub-folders, remove what interrupted writes left, write the
+        resolved ``config.json``, trim ``log.jsonl`` for a resumed run, start the trackers."""
+        def on_main() -> None:
+            self._opened = True
+            try:
+                for sub in subdirs:
+                    (self.out_dir / sub).mkdir(parents=True, exist_ok=True)
+                st.clear_leftovers(self.out_dir)  # temporary files of writes a crash cut short
+                atomic_write_bytes(self.out_dir / "config.json",
+                                   (json.dumps(to_dict(self.cfg), indent=2) + "\n").encode())
+                if self.resume_from is not None:
+                    trim_log(self.out_dir / "log.jsonl", self.start_step)
+            except OSError as e:
+                raise write_failed(e, "preparing the run folder", self.out_dir) from None
+            if self.trackers:
+                self.accelerator.init_trackers(self.out_dir.name, config={
+                    f"{s}.{k}": json.dumps(v) for s, sec in to_dict(self.cfg).items()
+                    for k, v in sec.items()})
+
+        self.collective(on_main)
+
+    # -- while the loop runs -------------------------------------------------------------------
+
+    def __enter__(self) -> Run:
+        previous = {}
+
+        def handler(signum: int, frame: Any) -> None:
+            self._stop["signal"] = signal.Signals(signum).name
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        self._restore_signals = lambda: [signal.signal(s, h) for s, h in previous.items()]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self.bar is not None:
+                self.bar.close()
+            if self._restore_signals is not None:
+                self._restore_signals()
+            if self.trackers:
+                self.accelerator.end_training()
+        finally:
+            self._release()
+
+    def progress(self, total: int) -> Any:
+        """The tqdm bar of the run's steps (shown on the main process when asked for)."""
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=self.start_step, disable=not (
+            self.main and self._show_progress), dynamic_ncols=True, unit="step", smoothing=0.05)
+        return self.bar
+
+    def tell(self, msg: str) -> None:
+        """A one-line message for people, from the main process, above the progress bar."""
+        if not self.main:
+            return
+        if self.bar is None:
+            self._say(msg)
+            return
+        from tqdm.auto import tqdm
+
+        with tqdm.external_write_mode():  # keep the bar intact below the message
+            self._say(msg)
+
+    @property
+    def stop_signal(self) -> str | None:
+        """The name of the signal that asked this process to stop (None: not asked)."""
+        return self._stop.get("signal")
+
+    def agree(self, *flags: bool | torch.Tensor) -> list[bool]:
+        """Each flag true on ANY process, as the same Python bools on every process (one small
+        all-reduce; none at all for Python flags in a single process). Used for the decisions
+        that must be the same everywhere: skip a non-finite step, stop on a signal."""
+        if self.world == 1 and not any(isinstance(f, torch.Tensor) for f in flags):
+            return [bool(f) for f in flags]
+        values = torch.stack([torch.as_tensor(f, device=self.device).reshape(()).float()
+                              for f in flags])
+        if self.world > 1:
+            values = self.accelerator.reduce(values, "sum")
+        return [v > 0 for v in values.tolist()]
+
+    def collective(self, fn: Callable[[], R], *, main_only: bool = True) -> R:
+        """Run ``fn`` on the main process (or, with ``main_only=False``, on every process) and
+        return the main process's result everywhere. If it raises anywhere, every process
+        raises: the failing one its own error, the others the same type and message."""
+        result: Any = None
+        error: Exception | None = None
+        if self.main or not main_only:
+            try:
+                result = fn()
+            except Exception as e:  # re-raised below, on every process
+                error = e
+        if self.world == 1:
+            if error is not None:
+                raise error
+            return result
+        from accelerate.utils import gather_object
+
+        mine = (result if self.main else None,
+                None if error is None else (type(error).__name__, str(error)))
+        reports = gather_object([mine])
+        if error is not None:
+            raise error
+        for _, report in reports:
+            if report is not None:
+                raise _rebuild(*report)
+        return reports[0][0]
+
+    def log(self, record: dict[str, Any], postfix: dict[str, Any] | None = None) -> None:
+        """Append ``record`` to ``log.jsonl`` (main process), show ``postfix`` on the bar and
+        send the numbers to the trackers. Called by every process."""
+        def on_main() -> None:
+            try:
+                with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise write_failed(e, "writing log.jsonl", self.out_dir) from None
+            if postfix and self.bar is not None:
+                self.bar.set_postfix(**postfix)
+            if self.trackers:
+                self.accelerator.log({k: v for k, v in record.items()
+                                      if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                                     step=record.get("step"))
+
+        self.collective(on_main)
+
+    def write(self, doing: str, fn: Callable[[], R]) -> R:
+        """Run a main-process write ``fn`` (a preview, a model file); a failed write is the
+        one-line :func:`write_failed` message on every process."""
+        def on_main() -> R:
+            try:
+                return fn()
+            except OSError as e:
+                raise write_failed(e, doing, self.out_dir) from None
+
+        return self.collective(on_main)
+
+    def save_state(self, step: int, *, tensors: dict[str, dict[str, torch.Tensor]],
+                   optimizer: torch.optim.Optimizer, trainer: dict[str, Any],
+                   generators: dict[str, torch.Generator] | None = None,
+                   rank_tensors: dict[str, torch.Tensor] | None = None, keep_last: int,
+                   before_commit: Callable[[], Any] | None = None) -> Path:
+        """Write ``state/step<step>/`` atomically, keeping the newest ``keep_last``.
+
+        ``tensors``: file stem -> state dict, written by the main process (``model``, ``ema``);
+        ``optimizer`` split into tensors and JSON; ``trainer``: the loop's own counters, beside
+        the step, world size, grad scaler and config the harness adds; ``generators``: shared
+        generators (``rng.safetensors``); ``rank_tensors``: this process's own tensors, saved
+        with its RNG states in ``rng_rank<r>.safetensors``. ``before_commit`` runs on the main
+        process once every file is written, before the rename (e.g. the inference model file).
+        A failed write removes the partial state and raises the :func:`write_failed` line.
+        """
+        name = st.state_name(step)
+        root, tmp = self.out_dir / "state", self.out_dir / "state" / f".tmp-{name}"
+
+        def failed(e: OSError) -> TrainingError:
+            st.clear_leftovers(self.out_dir)
+            return write_failed(e, f"saving state {name}", self.out_dir)
+
+        def begin() -> None:
+            try:
+                st.begin_state(root, step)
+            except OSError as e:
+                raise failed(e) from None
+
+        def write_files() -> None:
+            try:
+                st.save_tensors(tmp / f"rng_rank{self.rank}.safetensors",
+                                {**st.rng_states(), **(rank_tensors or {})})
+                if not self.main:
+                    return
+                for stem, state_dict in tensors.items():
+                    st.save_tensors(tmp / f"{stem}.safetensors", state_dict)
+                opt_tensors, opt_plain = st.split_optimizer_state(optimizer.state_dict())
+                st.save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+                if generators:
+                    st.save_tensors(tmp / "rng.safetensors",
+                                    {k: g.get_state() for k, g in generators.items()})
+                scaler = self.accelerator.scaler
+                st.write_json(tmp / "trainer.json", {
+                    "format_version": st.STATE_FORMAT_VERSION, "step": step,
+                    "world_size": self.world, **trainer,
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "optimizer": opt_plain, "config": to_dict(self.cfg)})
+                if before_commit is not None:
+                    before_commit()
+            except OSError as e:
+                raise failed(e) from None
+
+        def commit() -> Path:
+            try:
+                return st.commit_state(tmp, keep_last)
+            except OSError as e:
+                raise failed(e) from None
+
+        self.collective(begin)
+        self.collective(write_files, main_only=False)
+        return self.collective(commit)
