@@ -4,8 +4,8 @@ Every data set here yields ``(image, label)`` with ``image`` a float32 tensor (C
 [-1, 1] (C = ``DataConfig.channels``, H = W = ``DataConfig.image_size``) and ``label`` an int
 class index, or -1 when the source has no labels. Items are a pure function of their index: no
 random augmentation happens inside a data set (training flips batches itself with
-:func:`flip_where` and coins from an explicit generator), so a resumed run sees exactly the images an
-uninterrupted one would have seen.
+:func:`flip_where` and coins from an explicit generator), so a resumed run sees exactly the
+images an uninterrupted one would have seen.
 
 Each data set has ``num_classes`` (None when unlabelled), ``class_names`` (None when unlabelled)
 and ``skipped`` (files that could not be read; only an image folder ever has any). An image

@@ -44,7 +44,8 @@ import torch
 from . import errors
 from . import state as st
 from .config import may_change_on_resume, to_dict
-from .errors import ConfigError, DiffunetError, FolderError, ModelFileError, TrainingError, UsageError
+from .errors import (ConfigError, DiffunetError, FolderError, ModelFileError, TrainingError,
+                     UsageError)
 from .fileio import atomic_write_bytes
 
 __all__ = ["EMA", "FolderLock", "Run", "check_resume_compatible", "lock_folder", "pick_device",

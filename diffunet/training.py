@@ -83,6 +83,29 @@ def _dataset_notes(dataset: Any, cfg: RunConfig) -> list[str]:
     return notes
 
 
+def _check_labels(cfg: RunConfig, dataset: Any) -> None:
+    k = cfg.unet.num_classes
+    if k is not None and dataset.num_classes != k:
+        have = ("no class labels" if dataset.num_classes is None
+                else f"{dataset.num_classes} classes")
+        raise ConfigError(f"unet.num_classes is {k} but the data set has {have}; set "
+                          "unet.num_classes to match or unset it for an unconditional model")
+
+
+def _log(run: Run, cfg: RunConfig, step: int, loss_sum: Tensor, steps: int, seconds: float,
+         elapsed: float, nonfinite: int) -> None:
+    """One ``log.jsonl`` line for the ``steps`` good steps since the last (the loss is read on
+    the host only here): step, mean loss over every process, lr, images/s, counters."""
+    mean = run.accelerator.reduce(loss_sum, "mean") if run.world > 1 else loss_sum
+    loss = mean.item() / steps if steps else None
+    lr = lr_at(cfg, step - 1)
+    rate = round(cfg.train.batch_size * max(1, steps) / max(seconds, 1e-9), 2)
+    run.log({"step": step, "loss": loss, "lr": lr, "images_per_s": rate,
+             "nonfinite_skipped": nonfinite, "elapsed_s": round(elapsed, 2)},
+            postfix={"loss": "nan" if loss is None else f"{loss:.4f}", "lr": f"{lr:.2e}",
+                     "img_s": rate})
+
+
 def _step_inputs(cfg: RunConfig, gen: torch.Generator, images: Tensor, labels: Tensor,
                  mine: slice) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """A step's randomness, drawn for the GLOBAL batch B and sliced to this process's rows
@@ -174,12 +197,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         run.seed_everything(t.seed)  # identical initial weights on every process
         with run.accelerator.main_process_first():  # one process downloads, the others read
             dataset = build_dataset(cfg.data)
-        k = cfg.unet.num_classes
-        if k is not None and dataset.num_classes != k:
-            have = ("no class labels" if dataset.num_classes is None
-                    else f"{dataset.num_classes} classes")
-            raise ConfigError(f"unet.num_classes is {k} but the data set has {have}; set "
-                              "unet.num_classes to match or unset it for an unconditional model")
+        _check_labels(cfg, dataset)
         schedule = NoiseSchedule(cfg.schedule)
         model = UNet(cfg.unet)
         if t.channels_last:  # before the EMA copy, so previews run channels-last too
@@ -257,18 +275,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
             run.bar.update(1)
 
             if step % t.log_every == 0 or step == t.max_steps or stopping:
-                mean_loss = (run.accelerator.reduce(interval_loss, "mean") if run.world > 1
-                             else interval_loss)
                 now = time.perf_counter()
-                loss = mean_loss.item() / interval_steps if interval_steps else None
-                record = {"step": step, "loss": loss, "lr": lr_at(cfg, step - 1),
-                          "images_per_s": round(t.batch_size * max(1, interval_steps)
-                                                / max(now - interval_start, 1e-9), 2),
-                          "nonfinite_skipped": counts["nonfinite_total"],
-                          "elapsed_s": round(now - run_start, 2)}
-                run.log(record, postfix={"loss": "nan" if loss is None else f"{loss:.4f}",
-                                         "lr": f"{record['lr']:.2e}",
-                                         "img_s": record["images_per_s"]})
+                _log(run, cfg, step, interval_loss, interval_steps, now - interval_start,
+                     now - run_start, counts["nonfinite_total"])
                 interval_loss.zero_()
                 interval_steps, interval_start = 0, now
             if step % t.sample_every == 0:

@@ -14,7 +14,8 @@ from PIL import Image, features
 
 from diffunet.config import DataConfig
 from diffunet.errors import DataError
-from diffunet.data import BuiltinShapes, GlobalBatchSampler, build_dataset, flip_where, make_dataloader
+from diffunet.data import (BuiltinShapes, GlobalBatchSampler, build_dataset, flip_where,
+                           make_dataloader)
 from diffunet.images import load_image, make_grid_image, save_grid, save_image, to_uint8
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +94,8 @@ def mixed_folder(tmp_path: Path) -> Path:
 
 
 def test_folder_reads_every_mode_and_skips_unreadable(mixed_folder: Path) -> None:
-    ds = build_dataset(DataConfig(channels=3, source="folder", path=str(mixed_folder), image_size=16))
+    ds = build_dataset(DataConfig(channels=3, source="folder", path=str(mixed_folder),
+                                  image_size=16))
     names = [p.name for p in ds.files]
     expected = ["a_gray.png", "b_rgb.jpg", "c_rgba.png", "d_palette.gif", "g_upper.BMP",
                 "e_16bit.png"] + (["f.webp"] if features.check("webp") else [])
@@ -175,7 +177,8 @@ def test_class_folders(tmp_path: Path) -> None:
         Image.new("RGB", (10, 12), (200, 100, 0)).save(tmp_path / rel)
     (tmp_path / "empty").mkdir()
     _write_text(tmp_path / "zebra" / "fake.png")  # unreadable only: no class
-    cfg = DataConfig(channels=3, source="folder", path=str(tmp_path), image_size=8, class_folders=True)
+    cfg = DataConfig(channels=3, source="folder", path=str(tmp_path), image_size=8,
+                     class_folders=True)
     ds = build_dataset(cfg)
     assert ds.class_names == ["cat", "dog"] and ds.num_classes == 2
     assert [(p.relative_to(tmp_path).as_posix(), ds[i][1]) for i, p in enumerate(ds.files)] == [
@@ -271,7 +274,8 @@ def test_torchvision_cifar10(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": names}, f)
 
-    ds = build_dataset(DataConfig(channels=3, image_size=32, source="torchvision", name="CIFAR-10", path=str(tmp_path),
+    ds = build_dataset(DataConfig(channels=3, image_size=32, source="torchvision",
+                                  name="CIFAR-10", path=str(tmp_path),
                                   download=False))
     assert len(ds) == 20 and ds.num_classes == 10 and ds.class_names == names
     x, y = ds[6]  # second training batch, row 2
@@ -282,17 +286,21 @@ def test_torchvision_cifar10(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_torchvision_missing_and_unknown(tmp_path: Path) -> None:
-    cfg = DataConfig(channels=3, image_size=32, source="torchvision", name="cifar10", path=str(tmp_path / "nothing"),
+    cfg = DataConfig(channels=3, image_size=32, source="torchvision", name="cifar10",
+                     path=str(tmp_path / "nothing"),
                      download=False)
     with pytest.raises(DataError, match=r"cifar10 is not under .*nothing.*data\.download=true"):
         build_dataset(cfg)
     with pytest.raises(DataError, match="mnist is not under"):
-        build_dataset(DataConfig(channels=3, image_size=32, source="torchvision", name="mnist", path=str(tmp_path),
+        build_dataset(DataConfig(channels=3, image_size=32, source="torchvision", name="mnist",
+                                 path=str(tmp_path),
                                  download=False))
     with pytest.raises(DataError, match=r"did you mean 'cifar10'\?.*known: .*fashion_mnist"):
-        build_dataset(DataConfig(channels=3, image_size=32, source="torchvision", name="cifar", download=False))
+        build_dataset(DataConfig(channels=3, image_size=32, source="torchvision", name="cifar",
+                                 download=False))
     with pytest.raises(DataError, match="did you mean 'mnist'"):
-        build_dataset(DataConfig(channels=3, image_size=32, source="torchvision", name="minst", download=False))
+        build_dataset(DataConfig(channels=3, image_size=32, source="torchvision", name="minst",
+                                 download=False))
 
 
 # ---------------------------------------------------------------------------------------------

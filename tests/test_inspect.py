@@ -14,7 +14,7 @@ from PIL import Image
 from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig, save_model
 from diffunet.cli import main
 from diffunet.images import load_image
-from diffunet.errors import ConfigError, FolderError
+from diffunet.errors import FolderError
 from diffunet.inspection import (_mask_image, activation_stats, block_names, capture_activations,
                                  feature_grid, format_stats_table, inspect_model)
 

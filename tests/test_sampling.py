@@ -23,7 +23,7 @@ from PIL import Image
 import diffunet
 from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig
 from diffunet.cli import main
-from diffunet.errors import ConfigError, UsageError
+from diffunet.errors import UsageError
 from diffunet.sampling import GRID, MANIFEST, SampleOptions, generate, image_name
 from diffunet.samplers import sample
 from processes import clean_env, launch_two

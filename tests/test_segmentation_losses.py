@@ -11,9 +11,10 @@ import math
 import pytest
 import torch
 
-from diffunet.segmentation.losses import (confusion_matrix, dice_iou, dice_loss, init_output_bias_,
-                                              mean_foreground, output_bias_from_prior, output_channels,
-                                              predict_labels, segmentation_loss)
+from diffunet.segmentation.losses import (confusion_matrix, dice_iou, dice_loss,
+                                          init_output_bias_, mean_foreground,
+                                          output_bias_from_prior, output_channels,
+                                          predict_labels, segmentation_loss)
 
 LN2, LN3 = math.log(2), math.log(3)
 F64 = torch.float64

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,99 @@ def _one_cycle(optimizer: torch.optim.Optimizer, cfg: SegRunConfig, total_steps:
                                                pct_start=pct)
 
 
+def _steps_per_epoch(cfg: SegRunConfig, data: SegData) -> int:
+    """Whole global batches per epoch (every step the same size); the data must allow one."""
+    b, n_train = cfg.train.batch_size, len(data.train)
+    if n_train < b:
+        raise ConfigError(f"train.batch_size: {b} is more than the {n_train} training pairs; "
+                          "lower it or add data")
+    if len(data.val) == 0:
+        raise ConfigError("data.val_fraction: the validation split is empty; set "
+                          "data.val_fraction > 0 or give data.val_images/val_masks")
+    return n_train // b
+
+
+@dataclass(frozen=True)
+class _EpochScore:
+    loss: float
+    """The epoch's mean training loss over every process."""
+    mean_dice: float
+    metrics: dict[str, Any]
+    """What the log line and the model files record: Dice and IoU per class and their means."""
+    text: str
+    """The epoch's line for people (without the epoch number)."""
+
+
+def _score_epoch(run: Run, model: torch.nn.Module, val_loader: Any, data: SegData,
+                 mean_loss: torch.Tensor, epoch: int) -> _EpochScore:
+    """Validate ``model`` on every process's share of the split and sum the confusion
+    matrices: exact Dice and IoU for any number of processes."""
+    if not torch.isfinite(mean_loss):
+        raise TrainingError(f"the loss became non-finite in epoch {epoch}; try a lower "
+                            "train.lr or train.mixed_precision='no'")
+    acc = run.accelerator
+    cm = evaluate(model, val_loader, data.num_classes, data.mean, data.std, run.device,
+                  acc.autocast)
+    dice, iou = dice_iou((acc.reduce(cm, "sum") if run.world > 1 else cm).cpu())
+    mean_dice, mean_iou = mean_foreground(dice), mean_foreground(iou)
+    loss = (acc.reduce(mean_loss, "mean") if run.world > 1 else mean_loss).item()
+    per_class = ", ".join(f"{name} {_fmt(float(v))}"
+                          for name, v in zip(data.class_names[1:], dice[1:].tolist()))
+    return _EpochScore(loss=loss, mean_dice=mean_dice, metrics={
+        "val_dice": _rounded(dice), "val_iou": _rounded(iou),
+        "val_mean_dice": _rounded([mean_dice])[0], "val_mean_iou": _rounded([mean_iou])[0]},
+        text=f"loss {loss:.4f}, validation Dice {_fmt(mean_dice)} ({per_class}), IoU "
+             f"{_fmt(mean_iou)}")
+
+
+def _loaders(cfg: SegRunConfig, data: SegData, run: Run) -> tuple[Iterator[Any], DataLoader]:
+    """This process's training batches from the run's step on (the global batch's share, the
+    same order for any number of processes) and its share of the validation split: every
+    world-th item, no padding, so the summed confusion matrices are exact."""
+    t = cfg.train
+    batches = iter(make_dataloader(
+        data.train, GlobalBatchSampler(len(data.train), t.batch_size, seed=t.seed,
+                                       start_step=run.start_step, rank=run.rank,
+                                       world_size=run.world),
+        cfg.data.num_workers, pin_memory=run.device.type == "cuda"))
+    val = DataLoader(Subset(data.val, list(range(run.rank, len(data.val), run.world))),
+                     batch_size=max(1, min(64, 2 * t.batch_size)),
+                     num_workers=cfg.data.num_workers)
+    return batches, val
+
+
+def _network(cfg: SegRunConfig, data: SegData) -> UNet:
+    """The time-less UNet with its output bias at the class prior (Lin et al. 2017, sec. 4.1):
+    the untrained net predicts the class frequencies rather than an arbitrary split, so early
+    Dice is not stuck at 0."""
+    model = UNet(cfg.net_config)
+    counts = class_pixel_counts(data.train, num_classes=data.num_classes)
+    if int(counts[1:].sum()) == 0:
+        raise DataError("the training masks hold no foreground pixels (every label is 0 or "
+                        "255); check data.masks and data.num_classes")
+    init_output_bias_(model.conv_out, counts)
+    return model
+
+
+def _train_step(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: Any, cfg: SegRunConfig, data: SegData, images: torch.Tensor,
+                masks: torch.Tensor) -> torch.Tensor:
+    """One optimisation step on this process's (image, mask) batch; returns the loss (0-d)."""
+    t, acc, device = cfg.train, run.accelerator, run.device
+    model.train()
+    with acc.autocast():
+        logits = model(normalize(images.to(device, non_blocking=True), data.mean, data.std))
+    loss = segmentation_loss(logits.float(), masks.to(device, non_blocking=True),
+                             dice_weight=t.dice_weight, ignore_index=IGNORE_INDEX)
+    acc.backward(loss)
+    if t.grad_clip is not None:
+        acc.clip_grad_norm_(model.parameters(), t.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *, resume: bool = False,
                        say: Callable[[str], None] = lambda msg: None,
                        progress: bool = True) -> SegTrainResult:
@@ -127,16 +220,9 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *, resume: bool =
     with Run(cfg, out_dir, resume=resume, command="segment train", batch_size=t.batch_size,
              mixed_precision=t.mixed_precision, state_keys=STATE_KEYS, say=say,
              progress=progress) as run:
-        saved, step, acc, device = run.saved, run.start_step, run.accelerator, run.device
+        saved, step, device = run.saved, run.start_step, run.device
         data = build_segmentation_data(cfg)
-        K, n_train, (mean, std) = data.num_classes, len(data.train), (data.mean, data.std)
-        if n_train < t.batch_size:
-            raise ConfigError(f"train.batch_size: {t.batch_size} is more than the {n_train} "
-                              "training pairs; lower it or add data")
-        if len(data.val) == 0:
-            raise ConfigError("data.val_fraction: the validation split is empty; set "
-                              "data.val_fraction > 0 or give data.val_images/val_masks")
-        steps_per_epoch = n_train // t.batch_size  # whole global batches, all the same size
+        steps_per_epoch = _steps_per_epoch(cfg, data)
         total = steps_per_epoch * t.epochs
         if run.resume_from is not None:
             into = step - saved["epoch"] * steps_per_epoch
@@ -144,26 +230,11 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *, resume: bool =
                      + (f", {into} steps into epoch {saved['epoch'] + 1})" if into else ")"))
         for note in data.notes:
             run.tell(note)
-        batches = iter(make_dataloader(
-            data.train, GlobalBatchSampler(n_train, t.batch_size, seed=t.seed, start_step=step,
-                                           rank=run.rank, world_size=run.world),
-            cfg.data.num_workers, pin_memory=device.type == "cuda"))
-        # Validation: each process takes every world-th item (no padding), and the confusion
-        # matrices are summed, so the metrics are exact for any number of processes.
-        val_loader = DataLoader(Subset(data.val, list(range(run.rank, len(data.val), run.world))),
-                                batch_size=max(1, min(64, 2 * t.batch_size)),
-                                num_workers=cfg.data.num_workers)
+        batches, val_loader = _loaders(cfg, data, run)
 
         # --- model, optimizer, schedule, and the saved state when resuming -------------------
         run.seed_everything(t.seed)  # identical initial weights on every process
-        model = UNet(cfg.net_config)
-        counts = class_pixel_counts(data.train, num_classes=K)
-        if int(counts[1:].sum()) == 0:
-            raise DataError("the training masks hold no foreground pixels (every label is 0 or "
-                            "255); check data.masks and data.num_classes")
-        # Bias from the class prior (Lin et al. 2017, sec. 4.1): the untrained net predicts the
-        # class frequencies rather than an arbitrary split, so early Dice is not stuck at 0.
-        init_output_bias_(model.conv_out, counts)
+        model = _network(cfg, data)
         ema = EMA(model, t.ema_decay, warmup=True) if t.ema_decay is not None else None
         optimizer = run.adamw(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         scheduler = _one_cycle(optimizer, cfg, total)
@@ -178,7 +249,8 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *, resume: bool =
         model, optimizer = run.prepare(model, optimizer)
         net = unwrap_model(model)
         run.open_folder(("weights", "state"))
-        run.tell(f"{n_train} training / {len(data.val)} validation pairs, {K} classes "
+        run.tell(f"{len(data.train)} training / {len(data.val)} validation pairs, "
+                 f"{data.num_classes} classes "
                  f"({', '.join(data.class_names)}); {steps_per_epoch} steps per epoch; "
                  f"{net.num_parameters():,} parameters")
         meta = segmentation_metadata(cfg, data)
@@ -211,26 +283,17 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *, resume: bool =
             coins = [(torch.rand(t.batch_size, generator=flip_gen) < 0.5)[mine] for _ in "hv"]
             images, masks = joint_flip(images, masks, coins[0] if cfg.data.random_flip else None,
                                        coins[1] if cfg.data.vertical_flip else None)
-            model.train()
-            with acc.autocast():
-                logits = model(normalize(images.to(device, non_blocking=True), mean, std))
-            loss = segmentation_loss(logits.float(), masks.to(device, non_blocking=True),
-                                     dice_weight=t.dice_weight, ignore_index=IGNORE_INDEX)
-            acc.backward(loss)
-            if t.grad_clip is not None:
-                acc.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = _train_step(run, model, optimizer, scheduler, cfg, data, images, masks)
             if ema is not None:
                 ema.update(net, step)
             step += 1
             for v in sums.values():
-                v += loss.detach()
+                v += loss
             run.bar.update(1)
             (stopping,) = run.agree(run.stop_signal is not None)
             if step % t.log_every == 0:  # the loss is read on the host only here
-                mean_loss = round((acc.reduce(sums["interval"], "mean") / t.log_every).item(), 6)
+                interval = run.accelerator.reduce(sums["interval"], "mean") / t.log_every
+                mean_loss = round(interval.item(), 6)
                 run.log({"step": step, "epoch": epoch, "loss": mean_loss,
                          "lr": scheduler.get_last_lr()[0],
                          "elapsed_s": round(time.perf_counter() - run_start, 2)},
@@ -238,31 +301,18 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *, resume: bool =
                                  "lr": f"{scheduler.get_last_lr()[0]:.2e}"})
                 sums["interval"].zero_()
             if step % steps_per_epoch == 0:  # the epoch is over: score it, save, report
-                if not torch.isfinite(sums["epoch_loss"]):
-                    raise TrainingError(f"the loss became non-finite in epoch {epoch}; try a "
-                                        "lower train.lr or train.mixed_precision='no'")
-                cm = evaluate(ema.model if ema is not None else net, val_loader, K, mean, std,
-                              device, acc.autocast)
-                dice, iou = dice_iou((acc.reduce(cm, "sum") if run.world > 1 else cm).cpu())
-                mean_dice, mean_iou = mean_foreground(dice), mean_foreground(iou)
-                train_loss = (acc.reduce(sums["epoch_loss"], "mean") / steps_per_epoch).item()
+                score = _score_epoch(run, ema.model if ema is not None else net, val_loader,
+                                     data, sums["epoch_loss"] / steps_per_epoch, epoch)
                 sums["epoch_loss"].zero_()
-                is_best = not math.isnan(mean_dice) and mean_dice > best_dice
-                metrics = {"val_dice": _rounded(dice), "val_iou": _rounded(iou),
-                           "val_mean_dice": _rounded([mean_dice])[0],
-                           "val_mean_iou": _rounded([mean_iou])[0]}
-                last_path = save_model_file("last.safetensors", epoch, metrics)
+                is_best = not math.isnan(score.mean_dice) and score.mean_dice > best_dice
+                last_path = save_model_file("last.safetensors", epoch, score.metrics)
                 if is_best:
-                    best_path = save_model_file("best.safetensors", epoch, metrics)
-                    best_dice, best_epoch = mean_dice, epoch
-                run.log({"step": step, "epoch": epoch, "train_loss": round(train_loss, 6),
-                         **metrics, "best": is_best,
+                    best_path = save_model_file("best.safetensors", epoch, score.metrics)
+                    best_dice, best_epoch = score.mean_dice, epoch
+                run.log({"step": step, "epoch": epoch, "train_loss": round(score.loss, 6),
+                         **score.metrics, "best": is_best,
                          "elapsed_s": round(time.perf_counter() - run_start, 2)})
-                per_class = ", ".join(f"{name} {_fmt(float(v))}" for name, v in
-                                      zip(data.class_names[1:], dice[1:].tolist()))
-                run.tell(f"epoch {epoch}/{t.epochs}: loss {train_loss:.4f}, validation Dice "
-                         f"{_fmt(mean_dice)} ({per_class}), IoU {_fmt(mean_iou)}"
-                         + (" [best]" if is_best else ""))
+                run.tell(f"epoch {epoch}/{t.epochs}: {score.text}" + (" [best]" if is_best else ""))
             if step % steps_per_epoch == 0 or stopping:
                 run.save_state(step, tensors={"model": net.state_dict(), **(
                     {"ema": ema.model.state_dict()} if ema is not None else {})},
