@@ -1,9 +1,25 @@
-"""Shared test settings: CPU only, few threads, deterministic algorithms."""
+"""Shared test settings (CPU only, few threads) and fixtures.
+
+- ``one_thread``: one intra-op thread for the test. The test models are tiny: on two busy cores
+  each convolution otherwise waits for a descheduled OpenMP thread (a forward pass went from
+  8 ms to 1.6 s).
+- ``cpu_accelerate``: for tests that run ``train()``, ``train_segmentation()`` or the command
+  line in this process: one thread, Accelerate on the CPU even where a GPU is, and Accelerate's
+  process-wide state (it pins e.g. mixed_precision) reset before and after, so each run starts
+  as a fresh process would.
+
+The tiny networks and runs are in ``helpers.py``; child-process environments and launches in
+``processes.py``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
+
+from processes import reset_accelerate_state
 
 torch.set_num_threads(2)
 
@@ -15,3 +31,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cpu_accelerate(one_thread: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    reset_accelerate_state()
+    yield
+    reset_accelerate_state()

@@ -24,6 +24,12 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def cpu_env(**extra: str) -> dict[str, str]:
+    """:func:`clean_env` for diffunet on the CPU: ``ACCELERATE_USE_CPU=1`` (Accelerate uses the
+    CPU even where a GPU is, and several launched processes join with gloo)."""
+    return clean_env(ACCELERATE_USE_CPU="1", **extra)
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now (for a launch's rendezvous)."""
     with socket.socket() as s:

@@ -39,7 +39,8 @@ from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig
 from diffunet.checkpoint import FORMAT_VERSION
 from diffunet.sampling import image_name
 from diffunet.state import state_name
-from processes import clean_env
+from helpers import tiny_run
+from processes import cpu_env
 
 RUNNER = r"""
 import json, os, sys, traceback
@@ -71,17 +72,11 @@ print(json.dumps(results))
 """
 
 # A tiny valid run; each config case adds one problem to it.
-TINY = ["unet.image_size=8", "data.image_size=8", "unet.base_channels=8", "unet.num_groups=4",
-        "unet.channel_mults=[1,2]", "unet.num_res_blocks=1", "unet.attn_resolutions=[4]",
-        "data.builtin_size=16", "train.batch_size=2", "train.max_steps=2", "train.save_every=2",
-        "sample.num_images=2", "sample.num_steps=2", "unet.dropout=0.0"]
-FOLDER16 = [a.replace("=8", "=16") if a.startswith(("unet.image_size", "data.image_size")) else a
-            for a in TINY] + ["unet.attn_resolutions=[8]", "data.source=folder"]
+SMALLER = ("data.builtin_size=16", "train.batch_size=2", "train.max_steps=2",
+           "train.save_every=2", "sample.num_images=2")
+TINY = tiny_run(*SMALLER, image_size=8)
+FOLDER16 = tiny_run(*SMALLER, "data.source=folder", image_size=16)
 T = 20  # the tiny model's training timesteps
-
-
-def _env() -> dict[str, str]:
-    return clean_env(ACCELERATE_USE_CPU="1")
 
 
 @dataclass
@@ -96,7 +91,7 @@ def run_forked(argvs: list[list[str]], cwd: Path, logs: Path) -> list[Result]:
     logs.mkdir(parents=True, exist_ok=True)
     cases = [{"argv": argv, "cwd": str(cwd), "stdout": str(logs / f"{i}.out"),
               "stderr": str(logs / f"{i}.err")} for i, argv in enumerate(argvs)]
-    proc = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(cases), env=_env(),
+    proc = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(cases), env=cpu_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     codes = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -109,7 +104,7 @@ def run_real(argv: list[str], cwd: Path, console_script: bool = False) -> Result
     script = Path(sys.executable).with_name("diffunet")  # where pip puts the console script
     exe = [str(script)] if console_script and script.exists() else [
         sys.executable, "-m", "diffunet"]
-    proc = subprocess.run([*exe, *argv], cwd=cwd, env=_env(), capture_output=True, text=True,
+    proc = subprocess.run([*exe, *argv], cwd=cwd, env=cpu_env(), capture_output=True, text=True,
                           timeout=300)
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
@@ -264,7 +259,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
      ["train.batch_size: must be a positive integer, got -4"]),
     ("config-channels", ["train", *TINY, "data.channels=2", "--out-dir", "{out}"],
      ["data.channels: must be 1 (grayscale) or 3 (RGB), got 2"]),
-    ("config-image-size-vs-levels", ["train", *TINY, "unet.image_size=9", "data.image_size=9",
+    ("config-image-size-vs-levels", ["train", *TINY, "unet.image_size=9",
                                      "--out-dir", "{out}"],
      ["unet.image_size: 9 is not divisible by 2", "fewer channel_mults"]),
     ("config-data-vs-unet-size", ["train", *TINY, "data.image_size=16", "--out-dir", "{out}"],

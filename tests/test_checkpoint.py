@@ -17,17 +17,14 @@ import diffunet
 from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig, load_model, save_model
 from diffunet.checkpoint import FORMAT_VERSION, read_metadata
 from diffunet.errors import ModelFileError
+from helpers import perturbed, tiny_net
 
-TINY = UNetConfig(image_size=16, in_channels=3, base_channels=16, channel_mults=(1, 2),
-                  num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, num_groups=8)
+TINY = UNetConfig(**tiny_net(base_channels=16, num_groups=8))
 
 
 def _model(cfg: UNetConfig = TINY, seed: int = 0) -> UNet:
-    torch.manual_seed(seed)
-    net = UNet(cfg)
-    with torch.no_grad():  # leave no zero-initialised layer, so the round trip is a real check
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    torch.manual_seed(seed)  # the initial weights too
+    net = perturbed(UNet(cfg), seed=seed)  # no zero layer left: the round trip is a real check
     return net.eval()
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from diffunet.config import (DataConfig, RunConfig, ScheduleConfig, TrainConfig, UNetConfig,
-                             from_dict, load_config, run_config_from_dict, to_dict, to_toml)
+from diffunet.config import (SMALL_UNET, DataConfig, RunConfig, SampleConfig, ScheduleConfig,
+                             SegRunConfig, SegTrainConfig, TrainConfig, UNetConfig,
+                             check_sampling, from_dict, load_config, may_change_on_resume,
+                             run_config_from_dict, to_dict, to_toml)
 from diffunet.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,3 +144,87 @@ def test_none_unsets_an_optional_number_and_to_toml_round_trips() -> None:
     assert load_config(None, ["data.path=none"]).data.path == "none"
     with pytest.raises(ConfigError, match="train.max_steps"):
         load_config(None, ["train.max_steps=none"])  # not optional
+
+
+# ---------------------------------------------------------------------------------------------
+# Each fact once: the data's image size and channels follow the UNet
+
+
+def test_data_image_size_and_channels_follow_the_unet_unless_set() -> None:
+    cfg = load_config(None, ["unet.image_size=16", "unet.in_channels=1", "data.builtin_size=9"])
+    assert (cfg.data.image_size, cfg.data.channels) == (16, 1)  # derived, not repeated
+    same = load_config(None, ["unet.image_size=16", "data.image_size=16"])
+    assert same.data.image_size == 16  # set, and checked
+    with pytest.raises(ConfigError, match=r"^data\.channels: 3 does not match unet\.in_channels 1"):
+        load_config(None, ["unet.in_channels=1", "data.channels=3"])
+    assert DataConfig().image_size is None and DataConfig().channels is None
+    assert load_config(ROOT / "configs" / "mnist.toml").data.channels == 1  # the preset's unet
+    seg = load_config(None, ["unet.image_size=32"], root=SegRunConfig)
+    assert seg.data.image_size == 32
+    with pytest.raises(ConfigError, match=r"^data\.image_size"):
+        load_config(None, ["data.image_size=48"], root=SegRunConfig)
+
+
+def test_the_small_default_network_is_stated_once() -> None:
+    assert RunConfig().unet == SMALL_UNET
+    assert SegRunConfig().unet == dataclasses.replace(SMALL_UNET, image_size=64,
+                                                      time_conditioning=False)
+    assert UNetConfig() != SMALL_UNET  # UNetConfig() is the DDPM paper's network
+
+
+# ---------------------------------------------------------------------------------------------
+# What a resumed run may change: declared once per field
+
+
+def test_resume_rules_are_field_metadata() -> None:
+    assert may_change_on_resume(TrainConfig, "max_steps")
+    assert may_change_on_resume(TrainConfig, "lr")
+    assert not may_change_on_resume(TrainConfig, "batch_size")
+    assert may_change_on_resume(UNetConfig, "gradient_checkpointing")
+    assert not may_change_on_resume(UNetConfig, "base_channels")
+    assert may_change_on_resume(DataConfig, "num_workers")
+    assert not may_change_on_resume(DataConfig, "random_flip")
+    assert all(may_change_on_resume(SampleConfig, f.name)
+               for f in dataclasses.fields(SampleConfig))
+    # segmentation: the one-cycle schedule spans the run, so only the log interval may change
+    assert [f.name for f in dataclasses.fields(SegTrainConfig)
+            if may_change_on_resume(SegTrainConfig, f.name)] == ["log_every"]
+
+
+def test_check_resume_compatible_names_the_first_changed_key() -> None:
+    from diffunet.runs import check_resume_compatible
+
+    saved = to_dict(RunConfig())
+    check_resume_compatible(saved, load_config(None, ["train.max_steps=9000", "train.lr=1e-4",
+                                                      "sample.num_steps=50",
+                                                      "data.num_workers=2"]))
+    with pytest.raises(ConfigError, match=r"^data\.random_flip: the run being resumed used "
+                                          r"True, this config says False"):
+        check_resume_compatible(saved, load_config(None, ["data.random_flip=false"]))
+    with pytest.raises(ConfigError, match=r"^train\.batch_size"):
+        check_resume_compatible(saved, load_config(None, ["train.batch_size=64"]))
+    # a key an older diffunet did not write constrains nothing; one it wrote that is gone too
+    older = {**saved, "train": {k: v for k, v in saved["train"].items() if k != "seed"}}
+    older["unet"] = {**older["unet"], "removed_field": 1}
+    check_resume_compatible(older, RunConfig())
+    seg = to_dict(SegRunConfig())
+    check_resume_compatible(seg, load_config(None, ["train.log_every=5"], root=SegRunConfig))
+    with pytest.raises(ConfigError, match=r"^train\.lr"):
+        check_resume_compatible(seg, load_config(None, ["train.lr=0.1"], root=SegRunConfig))
+
+
+# ---------------------------------------------------------------------------------------------
+# One set of sampling settings: one rule set for config keys, flags and arguments
+
+
+def test_sampling_rules_are_stated_once_and_name_what_the_caller_wrote() -> None:
+    from diffunet.errors import UsageError
+
+    with pytest.raises(ConfigError, match=r"^sample\.eta only applies to sample\.sampler ddim"):
+        load_config(None, ["sample.sampler=ddpm", "sample.eta=0.5"])
+    with pytest.raises(UsageError, match=r"^--eta only applies to --sampler ddim"):
+        check_sampling({"sampler": "--sampler", "eta": "--eta"}, sampler="dpmpp-2m", eta=0.3,
+                       error=UsageError)
+    with pytest.raises(ConfigError, match=r"^sample\.num_steps must be a positive integer"):
+        SampleConfig(num_steps=0)
+    check_sampling({}, sampler=None, eta=None)  # nothing given: nothing to check

@@ -21,6 +21,7 @@ from diffunet.likelihood import (bits_per_dim, discretized_gaussian_log_likeliho
                                  normal_kl, p_mean_variance, prior_bpd, q_posterior)
 from diffunet.errors import DiffunetError, ModelFileError
 from diffunet import evaluation as ev
+from helpers import perturbed, tiny_net
 from diffunet.evaluation import (FeatureNetwork, dataset_bits_per_dim, fid_kid, frechet_distance,
                                  kernel_inception_distance, reference_statistics)
 
@@ -194,17 +195,12 @@ def test_p_mean_variance_clips_x0_hat():
     assert float(raw.min()) > 1.0
 
 
-TINY_UNET = UNetConfig(image_size=8, in_channels=3, base_channels=16, channel_mults=(1, 2),
-                       num_res_blocks=1, attn_resolutions=(), dropout=0.0, num_groups=8)
+TINY_UNET = UNetConfig(**tiny_net(8, base_channels=16, num_groups=8, attn_resolutions=()))
 
 
 def _tiny_unet(seed: int = 0) -> UNet:
     torch.manual_seed(seed)
-    net = UNet(TINY_UNET)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return net.eval()
+    return perturbed(UNet(TINY_UNET), seed=seed).eval()
 
 
 def test_bits_per_dim_of_a_tiny_unet_on_builtin_shapes():

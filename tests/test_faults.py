@@ -41,26 +41,18 @@ from safetensors.torch import load_file
 import diffunet
 from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig, cli
 from diffunet.sampling import GRID, MANIFEST, image_name
-from processes import clean_env, reset_accelerate_state
+from helpers import tiny_run
+from processes import cpu_env, reset_accelerate_state
 
 # A tiny run: 8x8 images, two levels, attention at 4x4, dropout and flips (so the RNG state
 # matters), a save after every step and a preview every 7 steps (so kills land in both).
-TRAIN = [
-    "unet.image_size=8", "data.image_size=8", "unet.base_channels=8", "unet.num_groups=4",
-    "unet.channel_mults=[1,2]", "unet.num_res_blocks=1", "unet.attn_resolutions=[4]",
-    "unet.dropout=0.3", "data.random_flip=true", "data.builtin_size=64", "train.batch_size=4",
-    "train.lr=1e-3", "train.warmup_steps=2", "sample.num_images=4", "sample.num_steps=2",
-    "train.log_every=1", "train.save_every=1", "train.sample_every=7", "train.keep_last=2",
-]
+TRAIN = tiny_run("unet.dropout=0.3", "data.random_flip=true", "train.log_every=1",
+                 "train.save_every=1", "train.sample_every=7", "train.keep_last=2", image_size=8)
 STEPS = 30
 STATE_FILES = {"model.safetensors", "ema.safetensors", "optimizer.safetensors",
                "rng.safetensors", "rng_rank0.safetensors", "trainer.json"}
 COMPARED = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors",
             "rng_rank0.safetensors")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    return clean_env(ACCELERATE_USE_CPU="1", **extra)
 
 
 def _train_cmd(out: Path, *extra: str) -> list[str]:
@@ -71,7 +63,7 @@ def _train_cmd(out: Path, *extra: str) -> list[str]:
 def _start(cmd: list[str], log: Path, **popen) -> subprocess.Popen:
     """Start ``cmd`` with stdout and stderr going to ``log`` (readable after a SIGKILL)."""
     with open(log, "w") as f:
-        return subprocess.Popen(cmd, env=_env(), stdout=f, stderr=subprocess.STDOUT, **popen)
+        return subprocess.Popen(cmd, env=cpu_env(), stdout=f, stderr=subprocess.STDOUT, **popen)
 
 
 def _wait_until(proc: subprocess.Popen, done, timeout: float = 120, poll: float = 0.002) -> bool:
@@ -161,7 +153,7 @@ def _assert_same_run(out: Path, ref: Path, step: int) -> None:
 def reference_run(tmp_path_factory) -> Path:
     """The uninterrupted run every interrupted one must reproduce."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    r = subprocess.run(_train_cmd(out), env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(_train_cmd(out), env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return out
 
@@ -216,7 +208,7 @@ def test_training_survives_repeated_sigkill(tmp_path: Path, reference_run: Path)
         if rc == 0:  # it finished before the kill (a slow machine): fine
             break
 
-    final = subprocess.run(_train_cmd(out), env=_env(), capture_output=True, text=True,
+    final = subprocess.run(_train_cmd(out), env=cpu_env(), capture_output=True, text=True,
                            timeout=300)
     assert final.returncode == 0, final.stderr
     if newest is not None:
@@ -230,7 +222,8 @@ def test_training_survives_repeated_sigkill(tmp_path: Path, reference_run: Path)
     _assert_same_run(out, reference_run, STEPS)
 
 
-def test_a_log_line_cut_short_is_dropped_on_resume(tmp_path: Path, capsys, in_process) -> None:
+def test_a_log_line_cut_short_is_dropped_on_resume(tmp_path: Path, capsys,
+                                                   cpu_accelerate) -> None:
     # A kill in the middle of appending to log.jsonl can leave a torn last line. Resuming drops
     # it with every line past the resumed step, rather than failing to parse it.
     out = tmp_path / "run"
@@ -302,7 +295,7 @@ def test_signal_during_a_save_saves_and_resumes(tmp_path: Path, reference_run: P
     assert Path(m.group(2)) == _state(out, n) and max(_complete_states(out)) == n
     assert _leftovers(out) == []
 
-    r = subprocess.run(_train_cmd(out), env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(_train_cmd(out), env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"resuming from {_state(out, n)} (step {n})" in r.stderr
     _assert_same_run(out, reference_run, STEPS)
@@ -323,17 +316,6 @@ def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
             for p in sorted(folder.rglob("*"))}
 
 
-@pytest.fixture
-def in_process(monkeypatch: pytest.MonkeyPatch):
-    """Run ``cli.main`` in this process: one thread, the CPU, a fresh Accelerate state after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
-    yield
-    torch.set_num_threads(threads)
-    reset_accelerate_state()
-
-
 def _train_in_process(out: Path, steps: int, capsys, *extra: str) -> tuple[int, str]:
     reset_accelerate_state()
     rc = cli.main(["train", *SMALL, f"train.max_steps={steps}", *extra, "--out-dir", str(out),
@@ -349,7 +331,7 @@ def _fd_path(fd: int) -> str:
 
 
 @pytest.mark.parametrize("fault", ["state-file", "model-file", "read-only"])
-def test_full_disk_or_read_only_during_a_save(tmp_path: Path, capsys, in_process,
+def test_full_disk_or_read_only_during_a_save(tmp_path: Path, capsys, cpu_accelerate,
                                               monkeypatch: pytest.MonkeyPatch,
                                               fault: str) -> None:
     out = tmp_path / "run"
@@ -443,11 +425,11 @@ def test_a_failed_write_in_a_real_process(tmp_path: Path, fault: str) -> None:
     out = tmp_path / "run"
     args = ["train", *SMALL, "--out-dir", str(out), "--no-progress"]
     cmd = [sys.executable, "-m", "diffunet", *args]
-    r = subprocess.run([*cmd, "train.max_steps=2"], env=_env(), capture_output=True, text=True,
+    r = subprocess.run([*cmd, "train.max_steps=2"], env=cpu_env(), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
     before = _snapshot(_state(out, 2))
-    env = _env(PYTHONDONTWRITEBYTECODE="1")
+    env = cpu_env(PYTHONDONTWRITEBYTECODE="1")
     if fault == "file-size-limit":
         limited = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_FSIZE, "
                    "(16384, 16384)); sys.argv[0] = 'diffunet'; "
@@ -480,7 +462,7 @@ def test_a_failed_write_in_a_real_process(tmp_path: Path, fault: str) -> None:
     assert _snapshot(_state(out, 2)) == before
     assert sorted(p.name for p in (out / "state").iterdir()) == ["step0000002"]
     assert _leftovers(out) == []
-    r = subprocess.run([*cmd, "train.max_steps=4", "--resume"], env=_env(), capture_output=True,
+    r = subprocess.run([*cmd, "train.max_steps=4", "--resume"], env=cpu_env(), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert sorted(_complete_states(out)) == [2, 4]
@@ -508,7 +490,7 @@ raise SystemExit(cli.main(sys.argv[1:]))
 def _nan_run(out: Path, nan_at: str, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-c", NAN_DRIVER, "train", *TRAIN, *extra, "train.keep_last=10",
            "--out-dir", str(out), "--no-progress"]
-    return subprocess.run(cmd, env=_env(NAN_AT=nan_at), capture_output=True, text=True,
+    return subprocess.run(cmd, env=cpu_env(NAN_AT=nan_at), capture_output=True, text=True,
                           timeout=300)
 
 
@@ -569,7 +551,7 @@ def test_sampling_survives_repeated_sigkill(tmp_path: Path) -> None:
                 "--device", "cpu", "--out-dir", str(out), "--no-progress"]
 
     ref = tmp_path / "ref"
-    r = subprocess.run(cmd(ref), env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd(ref), env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
 
     rng = random.Random(11)
@@ -595,7 +577,7 @@ def test_sampling_survives_repeated_sigkill(tmp_path: Path) -> None:
             break
     assert kills >= 5
 
-    r = subprocess.run(cmd(out), env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd(out), env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     if seen:
         assert f"resuming: {len(seen)} of {n} images are already in {out}" in r.stderr

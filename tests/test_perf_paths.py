@@ -22,21 +22,12 @@ from diffunet.config import UNetConfig, load_config
 from diffunet.errors import ConfigError, UsageError
 from diffunet.nn import AttentionBlock, ResidualBlock, Upsample, _math_attention, attention
 from diffunet.unet import UNet
+from helpers import perturbed, tiny_net, tiny_run
 from processes import reset_accelerate_state
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
-            attn_resolutions=(8,), num_groups=8, dropout=0.0)
+TINY = tiny_net(base_channels=16, num_groups=8)
 TOL = dict(rtol=1e-4, atol=1e-5)
-
-
-def perturbed(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
-    """Noise on every parameter: zero-initialised layers would hide differences."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return model
 
 
 def run(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor
@@ -318,18 +309,14 @@ def test_train_flags_are_validated():
         load_config(None, ["train.compile=1"])
 
 
-def test_train_channels_last_gives_the_same_model(tmp_path, monkeypatch):
+def test_train_channels_last_gives_the_same_model(tmp_path, cpu_accelerate):
     from accelerate.utils import set_seed
     from safetensors.torch import load_file
 
     from diffunet.training import train
 
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
-    tiny = ["unet.base_channels=8", "unet.num_groups=4", "unet.channel_mults=[1,2]",
-            "unet.num_res_blocks=1", "unet.attn_resolutions=[8]", "unet.image_size=16",
-            "data.builtin_size=16", "train.batch_size=4", "train.max_steps=3", "train.lr=1e-2",
-            "train.warmup_steps=0", "sample.num_images=2", "sample.num_steps=2",
-            "unet.dropout=0.0"]
+    tiny = tiny_run("data.builtin_size=16", "train.max_steps=3", "train.lr=1e-2",
+                    "train.warmup_steps=0", "sample.num_images=2")
     weights = []
     for flag in ("false", "true"):
         reset_accelerate_state()
@@ -389,19 +376,15 @@ def test_gpu_attention_never_fails(dtype, head_dim):
         torch.testing.assert_close(attention(q, k, v).double(), expected, **tol)
 
 
-def test_train_channels_last_resume_is_exact(tmp_path, monkeypatch):
+def test_train_channels_last_resume_is_exact(tmp_path, cpu_accelerate):
     # Saved optimizer moments load contiguous; the fused AdamW needs them in the (channels-last)
     # weights' layout, or the resumed steps would silently use permuted moments.
     from safetensors.torch import load_file
 
     from diffunet.training import train
 
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
-    tiny = ["unet.base_channels=8", "unet.num_groups=4", "unet.channel_mults=[1,2]",
-            "unet.num_res_blocks=1", "unet.attn_resolutions=[8]", "unet.image_size=16",
-            "data.image_size=16", "data.builtin_size=16", "train.batch_size=4",
-            "sample.num_images=2", "sample.num_steps=2", "train.channels_last=true",
-            "train.save_every=2", "train.warmup_steps=0", "train.lr=1e-2"]
+    tiny = tiny_run("data.builtin_size=16", "sample.num_images=2", "train.channels_last=true",
+                    "train.save_every=2", "train.warmup_steps=0", "train.lr=1e-2")
 
     def run_to(steps: int, out: Path, resume: bool = False) -> None:
         reset_accelerate_state()

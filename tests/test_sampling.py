@@ -23,22 +23,17 @@ from PIL import Image
 import diffunet
 from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig
 from diffunet.cli import main
+from diffunet.config import SampleConfig, to_dict
 from diffunet.errors import UsageError
 from diffunet.sampling import GRID, MANIFEST, SampleOptions, generate, image_name
 from diffunet.samplers import sample
-from processes import clean_env, launch_two
+from processes import clean_env, cpu_env, launch_two
 
 T = 100  # training timesteps of the tiny models (keeps "steps > T" cheap to test)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These models are tiny: threads only add contention (on a busy 2-core machine a forward
-    # pass went from 8 ms to 1.6 s with 2 threads). Restore the suite's setting afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# These models are tiny: threads only add contention (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(path: Path, *, channels: int = 3, num_classes: int | None = None,
@@ -124,7 +119,6 @@ def test_images_do_not_depend_on_the_batch_size(rgb_model, tmp_path, sampler, et
     assert len({a.tobytes() for a in arrays[0]}) == 8  # and the 8 images are all different
 
 
-_env = clean_env
 
 
 def _launch(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -136,7 +130,7 @@ def test_two_processes_give_the_same_images_as_one(rgb_model, tmp_path):
     common = ["--num-samples", "7", "--batch-size", "2", "--sampler", "ddpm", "--steps", "4",
               "--seed", "3", "--no-progress"]
     two = tmp_path / "two"
-    proc = _launch([str(rgb_model), "--out-dir", str(two), *common], _env(ACCELERATE_USE_CPU="1"))
+    proc = _launch([str(rgb_model), "--out-dir", str(two), *common], cpu_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((two / MANIFEST).read_text())
     assert manifest["complete"] and manifest["num_processes"] == 2
@@ -152,7 +146,7 @@ def test_two_processes_give_the_same_images_as_one(rgb_model, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs this launch is a real 2-GPU run")
 def test_two_processes_without_cpu_flag_are_refused(rgb_model, tmp_path):
     out = tmp_path / "out"
-    proc = _launch([str(rgb_model), "--out-dir", str(out), "--num-samples", "2"], _env())
+    proc = _launch([str(rgb_model), "--out-dir", str(out), "--num-samples", "2"], clean_env())
     assert proc.returncode != 0
     assert proc.stderr.count("diffunet sample: error: launched as 2 processes") == 1
     assert "ACCELERATE_USE_CPU=1" in proc.stderr and not out.exists()
@@ -325,7 +319,7 @@ def test_class_labels(cond_model, tmp_path, capsys):
 def test_bad_input_in_a_subprocess(rgb_model, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "diffunet", "sample", str(rgb_model),
                            "--sampler", "euler", "--out-dir", str(tmp_path / "x")],
-                          capture_output=True, text=True, env=_env(), timeout=120)
+                          capture_output=True, text=True, env=clean_env(), timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "diffunet sample: error: unknown sampler 'euler'; use --sampler with one of ddpm, ddim, "
@@ -378,3 +372,67 @@ def test_library_errors_are_config_errors(rgb_model, tmp_path):
         SampleOptions(guidance_scale=2.0)
     with pytest.raises(UsageError, match="positive"):
         SampleOptions(num_samples=True)  # a bool is not a count
+
+
+# ---------------------------------------------------------------------------------------------
+# One set of sampling settings: the model file's [sample], what its previews used
+
+
+def _with_run_config(src: Path, dst: Path, **sample: object) -> Path:
+    """A copy of the model file ``src`` whose metadata carries a training run's [sample]."""
+    net, schedule, _ = diffunet.load_model(src)
+    diffunet.save_model(dst, net, schedule,
+                        extra={"run_config": {"sample": {**to_dict(SampleConfig()), **sample}}})
+    return dst
+
+
+def test_sample_uses_the_model_files_own_sample_settings(rgb_model, tmp_path):
+    from diffunet.sampling import sample_settings
+
+    trained = _with_run_config(rgb_model, tmp_path / "trained.safetensors", sampler="ddpm",
+                               num_steps=3, clip_x0=False, spacing="leading")
+    out = tmp_path / "defaults"
+    generate(trained, out, SampleOptions(num_samples=2, batch_size=2))
+    settings = json.loads((out / MANIFEST).read_text())["settings"]
+    assert (settings["sampler"], settings["num_steps"], settings["clip_x0"],
+            settings["spacing"]) == ("ddpm", 3, False, "leading")
+    # the pixels are those of sample() with exactly these settings
+    net, schedule, _ = diffunet.load_model(trained)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    x_T = torch.stack([torch.randn((3, 8, 8), generator=g) for g in gens])
+    ref = sample(net, schedule, x_T, sampler="ddpm", num_steps=3, spacing="leading",
+                 clip_x0=False, generator=gens)
+    expected = ((ref.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).to(torch.int16)
+    assert np.abs(pixels(out, 2) - expected.numpy()).max() <= 1
+
+    # a flag replaces one setting; the others stay the model's
+    how = sample_settings(diffunet.load_model(trained)[2], SampleOptions(num_steps=5))
+    assert (how.sampler, how.num_steps, how.clip_x0) == ("ddpm", 5, False)
+    # switching to ddim does not inherit a DDIM eta the model never had; a stored ddim eta is
+    # dropped when another sampler is asked for
+    eta_model = _with_run_config(rgb_model, tmp_path / "eta.safetensors", eta=0.5)
+    meta = diffunet.load_model(eta_model)[2]
+    assert sample_settings(meta, SampleOptions()).eta == 0.5
+    assert sample_settings(meta, SampleOptions(sampler="dpmpp-2m")).eta == 0.0
+    # a file without a training run's settings samples with SampleConfig's defaults
+    plain = sample_settings(diffunet.load_model(rgb_model)[2], SampleOptions())
+    assert plain == SampleConfig()
+
+
+def test_a_stored_guidance_scale_needs_labels_to_apply(cond_model, tmp_path):
+    from diffunet.sampling import sample_settings
+
+    guided = _with_run_config(cond_model, tmp_path / "g.safetensors", guidance_scale=3.0)
+    meta = diffunet.load_model(guided)[2]
+    assert sample_settings(meta, SampleOptions()).guidance_scale == 1.0  # unconditional
+    assert sample_settings(meta, SampleOptions(class_labels=2)).guidance_scale == 3.0
+    with pytest.raises(UsageError, match="--guidance-scale 2.0 needs --class-label"):
+        SampleOptions(guidance_scale=2.0)
+
+
+def test_clip_x0_flag_reaches_the_manifest(rgb_model, tmp_path, capsys):
+    out = tmp_path / "noclip"
+    code, err = run_cli([rgb_model, "--num-samples", "1", "--steps", "2", "--no-clip-x0",
+                         "--out-dir", out], capsys)
+    assert code == 0, err
+    assert json.loads((out / MANIFEST).read_text())["settings"]["clip_x0"] is False

@@ -17,24 +17,15 @@ from diffunet import UNet, UNetConfig
 from diffunet.cli import main
 from diffunet.config import SegRunConfig, load_config
 from diffunet.errors import ConfigError, ModelFileError
+from helpers import tiny_net, unet_overrides
 from processes import clean_env, launch_two, reset_accelerate_state
 
-TINY = dict(image_size=16, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
-            attn_resolutions=(8,), num_groups=4, dropout=0.0)
-# A tiny run: 16x16 built-in shapes, 2 epochs of 5 steps.
-TINY_RUN = ["unet.image_size=16", "data.image_size=16", "unet.base_channels=8",
-            "unet.channel_mults=[1,2]", "unet.attn_resolutions=[8]", "unet.num_groups=4",
-            "data.builtin_size=48", "data.val_fraction=0.2", "train.epochs=2",
-            "train.batch_size=8", "train.log_every=2"]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each `diffunet segment train` below runs in this process; a real one gets a fresh
-    process, so reset Accelerate's process-wide state (it pins mixed_precision) around it."""
-    reset_accelerate_state()
-    yield
-    reset_accelerate_state()
+TINY = tiny_net()
+# A tiny run: 16x16 built-in shapes, 2 epochs of 4 steps (38 training pairs, batch 8).
+TINY_RUN = [*unet_overrides(TINY), "data.builtin_size=48", "data.val_fraction=0.2",
+            "train.epochs=2", "train.batch_size=8", "train.log_every=2"]
+# Each `diffunet segment train` below runs in this process, from a fresh Accelerate state.
+pytestmark = pytest.mark.usefixtures("cpu_accelerate")
 
 
 def test_timeless_unet_shapes_and_keys() -> None:
@@ -257,7 +248,7 @@ def test_segment_folder_binary_train_predict_stats(tmp_path: Path,
 
     # stats: the images' mean/std as config lines
     capsys.readouterr()
-    assert main(["segment", "stats", *folder, "data.image_size=16", "unet.image_size=16",
+    assert main(["segment", "stats", *folder, "unet.image_size=16",
                  "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert len(stats["mean"]) == 3 and all(0 < v < 1 for v in stats["mean"])

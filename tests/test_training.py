@@ -28,28 +28,14 @@ from diffunet.data import GlobalBatchSampler
 from diffunet.errors import ConfigError
 from diffunet.training import EMA, TrainingError, lr_at, train
 from diffunet.unet import UNet
-from processes import clean_env, launch_two, reset_accelerate_state
+from helpers import tiny_run
+from processes import cpu_env, launch_two, reset_accelerate_state
 
-TINY = [
-    "unet.base_channels=8", "unet.num_groups=4", "unet.channel_mults=[1,2]",
-    "unet.num_res_blocks=1", "unet.attn_resolutions=[8]", "unet.image_size=16",
-    "data.image_size=16", "data.builtin_size=64", "train.batch_size=4", "train.lr=1e-3",
-    "train.warmup_steps=2", "sample.num_images=4", "sample.num_steps=2",
-]
+TINY = tiny_run()
+# Every train() here runs in this process, on the CPU, from a fresh Accelerate state.
+pytestmark = pytest.mark.usefixtures("cpu_accelerate")
 STATE_FILES = {"model.safetensors", "ema.safetensors", "optimizer.safetensors",
                "rng.safetensors", "rng_rank0.safetensors", "trainer.json"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_fresh_accelerate(monkeypatch: pytest.MonkeyPatch):
-    # One intra-op thread: these models are tiny, and with two threads on two busy cores each
-    # convolution waits for a descheduled OpenMP thread (~100x slower). CPU even where a GPU is.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
-    yield
-    torch.set_num_threads(threads)
-    reset_accelerate_state()  # every train() starts from a clean Accelerate state
 
 
 def _cfg(*extra: str) -> RunConfig:
@@ -99,12 +85,8 @@ def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
             for p in sorted(folder.rglob("*"))}
 
 
-def _env(**extra: str) -> dict[str, str]:
-    return clean_env(ACCELERATE_USE_CPU="1", **extra)
-
-
 def _diffunet(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "diffunet", *args], env=_env(),
+    return subprocess.run([sys.executable, "-m", "diffunet", *args], env=cpu_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -331,7 +313,7 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     overrides = [*TINY, "train.max_steps=4", "train.log_every=2", "train.save_every=2",
                  "train.sample_every=4", "unet.dropout=0.0", "data.random_flip=true"]
     two, one = tmp_path / "two", tmp_path / "one"
-    r = _launch(two, overrides, _env())
+    r = _launch(two, overrides, cpu_env())
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("model file") == 1  # only the main process talks
     assert [rec["step"] for rec in _log(two)] == [2, 4]  # one log, written once
@@ -355,7 +337,7 @@ def test_two_processes_without_cpu_flag_are_refused(tmp_path: Path) -> None:
     # Without ACCELERATE_USE_CPU and without a GPU, Accelerate gives each process a world of
     # one: two lone runs writing one folder. train() refuses before touching the folder.
     out = tmp_path / "run"
-    env = _env()
+    env = cpu_env()
     del env["ACCELERATE_USE_CPU"]
     r = _launch(out, [*TINY, "train.max_steps=2"], env)
     assert r.returncode != 0
@@ -377,7 +359,7 @@ def test_signal_saves_and_resume_continues(tmp_path: Path, capsys: pytest.Captur
     proc = subprocess.Popen(
         [sys.executable, "-m", "diffunet", "train", *settings, "train.max_steps=100000",
          "--out-dir", str(out), "--no-progress"],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         log = out / "log.jsonl"
@@ -536,3 +518,34 @@ def test_num_classes_must_match_data(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"unet\.num_classes is 3 but the data set has 4 classes"):
         train(_cfg("unet.num_classes=3", "train.max_steps=2"), out, progress=False)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. One writer per run folder.
+
+
+def test_one_writer_per_run_folder_and_a_killed_holder_leaves_no_lock(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+         "from diffunet.runs import lock_folder\nlock = lock_folder(Path(sys.argv[1]))\n"
+         "print('locked', flush=True)\ntime.sleep(120)\n", str(out)],
+        env=cpu_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        argv = ["train", *TINY, "train.max_steps=2", "--out-dir", str(out), "--resume",
+                "--no-progress"]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"diffunet train: error: {out} is in use by another diffunet run "
+                       f"(process {holder.pid}); wait for it to finish or stop it, or choose "
+                       "another --out-dir")
+        assert list(out.iterdir()) == []  # the refused run wrote nothing
+    finally:
+        holder.kill()  # SIGKILL: no clean-up code runs in the holder
+        holder.wait()
+    reset_accelerate_state()
+    assert cli.main(argv) == 0, capsys.readouterr().err  # the kernel released the lock
+    assert (out / "state" / "step0000002").is_dir()

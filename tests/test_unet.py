@@ -17,24 +17,11 @@ from diffunet.nn import (
     timestep_embedding,
 )
 from diffunet.unet import UNet
-
-# A tiny two-level network: 16x16 input, attention at 8x8, builds and runs in milliseconds.
-TINY = dict(image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
-            attn_resolutions=(8,), num_groups=8, dropout=0.0)
-
+from helpers import perturbed, tiny_net
 
 def tiny(**overrides) -> UNetConfig:
-    return UNetConfig(**{**TINY, **overrides})
-
-
-def perturbed(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
-    """Add noise to every parameter: zero-initialised output layers make a fresh UNet output
-    exactly zero, which would hide conditioning and block gradients to earlier layers."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return model
+    """The tests' tiny network (16x16, attention at 8x8), 16 base channels in 8 groups."""
+    return UNetConfig(**tiny_net(**{"base_channels": 16, "num_groups": 8, **overrides}))
 
 
 def inputs(cfg: UNetConfig, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
