@@ -333,6 +333,19 @@ def test_two_processes_without_cpu_flag_are_refused(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def _assert_same_model_files(a: Path, b: Path) -> None:
+    for name in ("last", "best"):
+        ta = load_file(a / "weights" / f"{name}.safetensors")
+        tb = load_file(b / "weights" / f"{name}.safetensors")
+        assert all(torch.equal(ta[k], tb[k]) for k in ta), name
+
+
+def _records(out: Path) -> list[dict]:
+    """The run's log lines without their timings."""
+    rows = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "best_model")} for r in rows]
+
+
 class _SignalAtItem(torch.utils.data.Dataset):
     """A training set that raises SIGTERM (as `kill` would) when item ``at`` is read."""
 
@@ -384,17 +397,9 @@ def test_sigterm_mid_epoch_saves_and_resume_matches_an_uninterrupted_run(
     seg_training.train_segmentation(cfg, cut, resume=True, say=said.append, progress=False)
     assert said[0] == (f"resuming from {cut / 'state' / 'step0000006'} (epoch 1 of 3, "
                        "2 steps into epoch 2)")
-    for name in ("last", "best"):
-        a = load_file(whole / "weights" / f"{name}.safetensors")
-        b = load_file(cut / "weights" / f"{name}.safetensors")
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    _assert_same_model_files(whole, cut)
 
-    def records(out: Path) -> list[dict]:
-        rows = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k not in ("elapsed_s", "best_model")}
-                for r in rows]
-
-    assert records(cut) == records(whole)  # mid-epoch loss sums included
+    assert _records(cut) == _records(whole)  # mid-epoch loss sums included
 
 
 def test_a_second_run_into_a_locked_folder_is_refused(tmp_path: Path,
@@ -439,24 +444,16 @@ def test_resume_after_an_interrupt_matches_an_uninterrupted_run(tmp_path: Path) 
     result = train_segmentation(cfg, cut, resume=True, say=said.append, progress=False)
     assert said[0].startswith("resuming from") and "epoch 1 of 3" in said[0]
     assert [m[:9] for m in said if m.startswith("epoch")] == ["epoch 2/3", "epoch 3/3"]
-    for name in ("last", "best"):
-        a = load_file(whole / "weights" / f"{name}.safetensors")
-        b = load_file(cut / "weights" / f"{name}.safetensors")
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    _assert_same_model_files(whole, cut)
 
-    def records(out: Path) -> list[dict]:
-        rows = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k not in ("elapsed_s", "best_model")}
-                for r in rows]
-
-    assert records(cut) == records(whole)
+    assert _records(cut) == _records(whole)
     assert result.best_epoch == json.loads((whole / "log.jsonl").read_text().splitlines()[-1])[
         "best_epoch"]
     # resuming a finished run does nothing and says so
     said.clear()
     train_segmentation(cfg, cut, resume=True, say=said.append, progress=False)
     assert any("nothing to do" in m for m in said)
-    assert records(cut) == records(whole)
+    assert _records(cut) == _records(whole)
 
 
 def test_resume_refuses_a_changed_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

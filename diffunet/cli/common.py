@@ -10,9 +10,9 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from ..config import load_config
+from ..config import UNetConfig, load_config, to_toml
 from ..errors import ConfigError, UsageError
 
 C = TypeVar("C")
@@ -57,6 +57,18 @@ def add_run_arguments(p: argparse.ArgumentParser, *, resume_help: str,
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config and model size, then exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def dry_run(cfg: Any, net: UNetConfig, out_dir: Path, note: str = "") -> int:
+    """``--dry-run``: the resolved config as TOML, the network's size (``note`` after it) and
+    the run folder, on stdout; nothing is written."""
+    from ..unet import UNet
+
+    n = UNet(net).num_parameters()
+    out(to_toml(cfg))
+    out(f"# UNet parameters: {n:,} ({n / 1e6:.2f}M){note}")
+    out(f"# output folder: {out_dir}")
+    return 0
 
 
 def resolve_run_config(items: Sequence[str], out_dir: str | None, resume: bool, *,

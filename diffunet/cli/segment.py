@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..config import SegRunConfig, to_toml
-from .common import add_run_arguments, out, resolve_run_config, say
+from ..config import SegRunConfig
+from .common import add_run_arguments, dry_run, out, resolve_run_config, say
 
 DESCRIPTION = ("The UNet as a segmentation network (no timestep input): `segment train` (with "
                "no CONFIG: built-in shapes with their masks), `segment predict` (mask PNGs and "
@@ -66,14 +66,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg, out_dir = resolve_run_config(args.items, args.out_dir, args.resume, root=SegRunConfig,
                                       default_name="segment")
     if args.dry_run:
-        from ..unet import UNet
-
-        n = UNet(cfg.net_config).num_parameters()
-        out(to_toml(cfg))
-        out(f"# UNet parameters: {n:,} ({n / 1e6:.2f}M), {cfg.output_channels} output "
-            "channel(s)")
-        out(f"# output folder: {out_dir}")
-        return 0
+        return dry_run(cfg, cfg.net_config, out_dir, f", {cfg.output_channels} output channel(s)")
     from ..segmentation.training import train_segmentation
 
     result = train_segmentation(cfg, out_dir, resume=args.resume, say=say,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import RunConfig, to_toml
-from .common import add_run_arguments, out, resolve_run_config, say
+from ..config import RunConfig
+from .common import add_run_arguments, dry_run, resolve_run_config, say
 
 DESCRIPTION = ("Train a diffusion UNet. Settings come from CONFIG.toml (optional) and "
                "section.key=value overrides, e.g. train.max_steps=500 unet.dropout=0.1.")
@@ -21,13 +21,7 @@ def run(args: argparse.Namespace) -> int:
     cfg, out_dir = resolve_run_config(args.items, args.out_dir, args.resume, root=RunConfig,
                                       default_name="default")
     if args.dry_run:
-        from ..unet import UNet
-
-        n_params = UNet(cfg.unet).num_parameters()
-        out(to_toml(cfg))
-        out(f"# UNet parameters: {n_params:,} ({n_params / 1e6:.2f}M)")
-        out(f"# output folder: {out_dir}")
-        return 0
+        return dry_run(cfg, cfg.unet, out_dir)
     from ..training import train
 
     result = train(cfg, out_dir, resume=args.resume, say=say, progress=not args.no_progress)
