@@ -107,8 +107,11 @@ def _add_into(h: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
     For fresh activations no backward reads (a convolution's output): one buffer fewer.
     """
-    if (torch.result_type(h, other) == h.dtype
-            and torch.broadcast_shapes(h.shape, other.shape) == h.shape):
+    # Dtype and shape checks that torch.compile folds at trace time (torch.result_type and
+    # torch.broadcast_shapes would each break the graph).
+    fits = other.dim() <= h.dim() and all(
+        o in (1, s) for o, s in zip(reversed(other.shape), reversed(h.shape)))
+    if fits and torch.promote_types(h.dtype, other.dtype) == h.dtype:
         return h.add_(other)
     return h + other
 

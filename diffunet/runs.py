@@ -44,6 +44,7 @@ import torch
 from . import errors
 from . import state as st
 from .config import may_change_on_resume, to_dict
+from .data import seed_for
 from .errors import (ConfigError, DiffunetError, FolderError, ModelFileError, TrainingError,
                      UsageError)
 from .fileio import atomic_write_bytes
@@ -52,6 +53,7 @@ __all__ = ["EMA", "FolderLock", "Run", "check_resume_compatible", "lock_folder",
            "refuse_lone_processes", "state_must_fit", "trim_log", "write_failed"]
 
 R = TypeVar("R")
+_TAG_DROPOUT = 3  # keeps the per-process RNG seeds apart from data.py's streams (tags 1, 2)
 
 
 
@@ -114,11 +116,20 @@ class EMA:
         return self.decay
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
+    def update(self, model: torch.nn.Module, step: int, keep: torch.Tensor | None = None) -> None:
+        """Move the average towards ``model``'s weights; where ``keep`` (a 0-d bool tensor on
+        the device) is False, leave it exactly as it is (a skipped step), with no host sync."""
         weight = 1.0 - self.decay_at(step)
+        ema = list(self.model.parameters())
+        src = [p.detach().float() for p in model.parameters()]
         # One multi-tensor lerp (a few kernels on a GPU, not one per parameter); same numbers.
-        torch._foreach_lerp_(list(self.model.parameters()),
-                             [p.detach().float() for p in model.parameters()], weight)
+        if keep is None:
+            torch._foreach_lerp_(ema, src, weight)
+        else:
+            w = keep.to(device=ema[0].device, dtype=torch.float32) * weight  # 0-d: weight or 0
+            # One weight tensor per parameter: a lone tensor weight is read as a Python scalar
+            # (a host sync); this list keeps it on the device.
+            torch._foreach_lerp_(ema, src, [w] * len(ema))
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
 
@@ -385,6 +396,16 @@ class Run:
 
         set_seed(seed)
 
+    def generator(self, seed: int) -> torch.Generator:
+        """A generator on this run's device seeded with ``seed``, for randomness that must be
+        the same on every process (it is saved in the state); the CPU's where the device has
+        none of its own."""
+        try:
+            gen = torch.Generator(device=self.device)
+        except RuntimeError:
+            gen = torch.Generator()
+        return gen.manual_seed(seed)
+
     def adamw(self, params: Any, **kwargs: Any) -> torch.optim.AdamW:
         """AdamW, fused where PyTorch has the kernel for this device: one kernel for all
         parameters (~3.5x faster on a CPU than the multi-tensor default for the DDPM net)."""
@@ -419,16 +440,20 @@ class Run:
                     (self._rank_rng if key.startswith("torch_") else own)[key] = value
         return own
 
-    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, seed: int
                 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """``accelerator.prepare`` the model and optimizer (device, DDP, mixed precision), then
-        put back the resumed grad scaler and, last, this process's RNG states (dropout)."""
+        put back the resumed grad scaler and, last, this process's RNG (dropout): seeded from
+        ``seed`` and the process's rank, so each process draws its own masks (as k-diffusion and
+        EDM do), or, resumed, the saved states."""
         model, optimizer = self.accelerator.prepare(model, optimizer)
         scaler = self.accelerator.scaler
         if scaler is not None and self.saved.get("scaler"):
             scaler.load_state_dict(self.saved["scaler"])
         if self._rank_rng:
             st.set_rng_states(self._rank_rng)
+        else:
+            torch.manual_seed(seed_for(_TAG_DROPOUT, seed, self.rank))  # every device too
         return model, optimizer
 
     def open_folder(self, subdirs: Sequence[str]) -> None:

@@ -108,39 +108,88 @@ def _log(run: Run, cfg: RunConfig, step: int, loss_sum: Tensor, steps: int, seco
 
 def _step_inputs(cfg: RunConfig, gen: torch.Generator, images: Tensor, labels: Tensor,
                  mine: slice) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """A step's randomness, drawn for the GLOBAL batch B and sliced to this process's rows
-    ``mine``: timesteps (b,), noise (b, C, H, W), flips, label dropout. Returns x0, noise, t,
-    labels (None for an unconditional model), on the CPU."""
-    B, T = cfg.train.batch_size, cfg.schedule.num_train_timesteps
-    timesteps = torch.randint(0, T, (B,), generator=gen)[mine]
-    noise = torch.randn((B, *images.shape[1:]), generator=gen)[mine]
+    """A step's randomness, drawn on the generator's device for the GLOBAL batch B and sliced
+    to this process's rows ``mine`` (so every process, and any number of them, sees the same
+    global batch): timesteps (b,), noise (b, C, H, W), flips, label dropout. ``images``
+    (b, C, H, W) and ``labels`` (b,) are on that device. Returns x0, noise, t, labels (None for
+    an unconditional model)."""
+    B, T, dev = cfg.train.batch_size, cfg.schedule.num_train_timesteps, gen.device
+    timesteps = torch.randint(0, T, (B,), generator=gen, device=dev)[mine]
+    noise = torch.randn((B, *images.shape[1:]), generator=gen, device=dev)[mine]
     if cfg.data.random_flip:
-        images = flip_where(images, (torch.rand(B, generator=gen) < 0.5)[mine])
+        images = flip_where(images, (torch.rand(B, generator=gen, device=dev) < 0.5)[mine])
     k = cfg.unet.num_classes
     if k is None:
         return images, noise, timesteps, None
-    drop = (torch.rand(B, generator=gen) < cfg.train.label_dropout)[mine]
+    drop = (torch.rand(B, generator=gen, device=dev) < cfg.train.label_dropout)[mine]
     return images, noise, timesteps, torch.where(drop, torch.full_like(labels, k), labels)
 
 
-def _backward(run: Run, model: torch.nn.Module, schedule: NoiseSchedule, cfg: RunConfig,
-              x0: Tensor, noise: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+def step_loss(model: Callable[..., Tensor], schedule: NoiseSchedule, x0: Tensor, noise: Tensor,
+              t: Tensor, labels: Tensor | None, min_snr_gamma: float | None) -> Tensor:
+    """The training objective of a (micro-)batch, a 0-d tensor: noise ``x0`` (b, C, H, W) to
+    x_t with ``noise`` at timesteps ``t`` (b,), run the network, and average
+    :func:`~diffunet.diffusion.diffusion_loss`. This is what ``train.compile`` compiles (one
+    graph, forward and loss)."""
+    xt = schedule.add_noise(x0, noise, t)
+    out = model(xt, t, class_labels=labels)
+    return diffusion_loss(schedule, out.float(), x0, noise, t, min_snr_gamma=min_snr_gamma).mean()
+
+
+def _backward(run: Run, model: torch.nn.Module, loss_fn: Callable[..., Tensor],
+              schedule: NoiseSchedule, cfg: RunConfig, x0: Tensor, noise: Tensor, t: Tensor,
+              labels: Tensor | None) -> Tensor:
     """Forward and backward over the process's batch in ``grad_accum_steps`` micro-batches
     (gradients synchronised on the last one); returns the mean loss, a 0-d device tensor."""
     acc, k = run.accelerator, cfg.train.grad_accum_steps
     micro = x0.shape[0] // k
-    step_loss = torch.zeros((), device=run.device)
+    total = torch.zeros((), device=run.device)
     for i in range(k):
         mb = slice(i * micro, (i + 1) * micro)
         with contextlib.nullcontext() if i == k - 1 else acc.no_sync(model):
             with acc.autocast():
-                xt = schedule.add_noise(x0[mb], noise[mb], t[mb])
-                out = model(xt, t[mb], class_labels=None if labels is None else labels[mb])
-            loss = diffusion_loss(schedule, out.float(), x0[mb], noise[mb], t[mb],
-                                  min_snr_gamma=cfg.train.min_snr_gamma).mean()
+                loss = loss_fn(model, schedule, x0[mb], noise[mb], t[mb],
+                               None if labels is None else labels[mb], cfg.train.min_snr_gamma)
             acc.backward(loss / k)
-        step_loss += loss.detach() / k
-    return step_loss
+        total += loss.detach() / k
+    return total
+
+
+def _grad_norm(parameters: Any) -> Tensor:
+    """The global L2 norm of the gradients (0-d, on their device), without a host sync."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def _update(run: Run, cfg: RunConfig, model: torch.nn.Module, optimizer: Any, ema: EMA,
+            net: torch.nn.Module, step: int, loss: Tensor) -> Tensor:
+    """Clip, take the optimizer step and update the EMA, unless the step went non-finite (its
+    loss or gradients) on any process: returns that flag, a 0-d bool device tensor.
+
+    The skip is decided on the device, with no host sync: the fused AdamW skips through its
+    ``found_inf`` (what the grad scaler uses; with fp16 the scaler's own takes its place) and
+    the EMA through a zero weight, so both stay exactly as they were. An optimizer without
+    ``found_inf`` support decides on the host (one sync)."""
+    t = cfg.train
+    norm = (run.accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
+            if t.grad_clip is not None else _grad_norm(model.parameters()))
+    bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
+    if run.world > 1:  # a device all-reduce, no host read: every process skips alike
+        bad = run.accelerator.reduce(bad.float(), "sum") > 0
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(cfg, step)
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds it
+    if inner.param_groups[0].get("fused"):
+        inner.found_inf = bad.float()
+        optimizer.step()
+        inner.__dict__.pop("found_inf", None)
+    elif not bool(bad):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema.update(net, step, keep=~bad)
+    return bad
 
 
 def _preview_fn(cfg: RunConfig, ema: EMA, schedule: NoiseSchedule, run: Run
@@ -205,15 +254,16 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         ema = EMA(model, t.ema_decay, t.ema_warmup)
         optimizer = run.adamw(model.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
                               weight_decay=t.weight_decay, eps=1e-8)
-        step_gen = torch.Generator().manual_seed(t.seed)
+        step_gen = run.generator(t.seed)  # on the device: same draws on every process
         run.restore(model, optimizer, ema=ema.model, generators={"step_gen": step_gen})
         counts = {key: int(run.saved.get(key, 0)) for key in ("nonfinite_total",
                                                               "nonfinite_streak")}
         ema.model.to(run.device)
-        model, optimizer = run.prepare(model, optimizer)
+        model, optimizer = run.prepare(model, optimizer, t.seed)
         net = unwrap_model(model)
-        if t.compile:  # after prepare: compiling the DDP-wrapped model lets it bucket gradients
-            model = torch.compile(model)
+        # Compiled: the whole objective (noising, forward, loss) as one graph; the DDP-wrapped
+        # model is traced through, so its gradient buckets still overlap the backward.
+        loss_fn = torch.compile(step_loss) if t.compile else step_loss
         run.open_folder(("samples", "weights", "state"))
         for note in _dataset_notes(dataset, cfg):
             run.tell(note)
@@ -233,61 +283,59 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                     extra={"step": at, "run_config": to_dict(cfg)}))
             return model_path, state_path
 
-        # --- the loop --------------------------------------------------------------------------
+        # --- the loop: no host sync between check points (log lines, saves, the non-finite
+        # limit), so an accelerator is never kept waiting by the host -----------------------
         run.progress(t.max_steps)
         per_process = t.batch_size // run.world
         mine = slice(run.rank * per_process, (run.rank + 1) * per_process)
-        interval_loss = torch.zeros((), device=run.device)
-        interval_steps, interval_start, run_start = 0, time.perf_counter(), time.perf_counter()
+        zero = torch.zeros((), dtype=torch.int64, device=run.device)
+        nonfinite = {k: zero + v for k, v in counts.items()}  # device counters, read at checks
+        interval_loss, interval_good = torch.zeros((), device=run.device), zero.clone()
+        interval_start = run_start = time.perf_counter()
         model_path = state_path = None
         stopping = False
         while step < t.max_steps:
-            x0, noise, timesteps, labels = _step_inputs(cfg, step_gen, *next(batches), mine)
+            images, labels = next(batches)
+            x0, noise, timesteps, labels = _step_inputs(
+                cfg, step_gen, images.to(run.device, non_blocking=True),
+                labels.to(run.device, non_blocking=True), mine)
             model.train()
-            step_loss = _backward(run, model, schedule, cfg, x0.to(run.device, non_blocking=True),
-                                  noise.to(run.device), timesteps.to(run.device),
-                                  None if labels is None else labels.to(run.device))
-            # The one host-device sync of a step (the loss is read only at log intervals): the
-            # skip and the stop must be decided on the host, the same on every process.
-            bad, stopping = run.agree(~torch.isfinite(step_loss), run.stop_signal is not None)
-            if bad:
-                optimizer.zero_grad(set_to_none=True)
-                counts["nonfinite_total"] += 1
-                counts["nonfinite_streak"] += 1
+            loss = _backward(run, model, loss_fn, schedule, cfg, x0, noise, timesteps, labels)
+            bad = _update(run, cfg, model, optimizer, ema, net, step, loss)
+            nonfinite["nonfinite_total"] += bad
+            nonfinite["nonfinite_streak"] = (nonfinite["nonfinite_streak"] + 1) * bad
+            interval_loss += torch.where(bad, 0.0, loss)
+            interval_good += ~bad
+            step += 1
+            run.bar.update(1)
+            if run.world == 1:  # a host flag, nothing to agree on
+                stopping = run.stop_signal is not None
+            check = (step % t.log_every == 0 or step % t.max_nonfinite == 0
+                     or step == t.max_steps)
+            if check and run.world > 1:
+                (stopping,) = run.agree(run.stop_signal is not None)
+            if check or stopping:  # read the device counters (a host sync) only here
+                counts = {k: int(v) for k, v in nonfinite.items()}
                 if counts["nonfinite_streak"] >= t.max_nonfinite:
                     raise TrainingError(
                         f"the loss was non-finite for {counts['nonfinite_streak']} steps in a "
-                        f"row (step {step + 1}); try a lower train.lr, train.grad_clip=1.0, or "
+                        f"row (step {step}); try a lower train.lr, train.grad_clip=1.0, or "
                         "train.mixed_precision='no'/'bf16' instead of 'fp16'")
-            else:
-                counts["nonfinite_streak"] = 0
-                if t.grad_clip is not None:
-                    run.accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(cfg, step)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if not run.accelerator.optimizer_step_was_skipped:
-                    ema.update(net, step)
-                interval_loss += step_loss
-                interval_steps += 1
-            step += 1
-            run.bar.update(1)
-
             if step % t.log_every == 0 or step == t.max_steps or stopping:
                 now = time.perf_counter()
-                _log(run, cfg, step, interval_loss, interval_steps, now - interval_start,
+                _log(run, cfg, step, interval_loss, int(interval_good), now - interval_start,
                      now - run_start, counts["nonfinite_total"])
                 interval_loss.zero_()
-                interval_steps, interval_start = 0, now
+                interval_good.zero_()
+                interval_start = now
             if step % t.sample_every == 0:
                 preview(step)
             if step % t.save_every == 0 or step == t.max_steps or stopping:
+                counts = {k: int(v) for k, v in nonfinite.items()}
                 model_path, state_path = save(step)
             if stopping:
                 run.tell(f"stopped by {run.stop_signal or 'a signal'} at step {step}; state "
                          f"saved in {state_path}; continue with --resume")
                 break
     return TrainResult(step=step, model_path=model_path, state_path=state_path,
-                       interrupted=stopping,
-                       nonfinite_skipped=counts["nonfinite_total"])
+                       interrupted=stopping, nonfinite_skipped=counts["nonfinite_total"])

@@ -78,6 +78,8 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
         self.config = config
+        # Read once: torch.compile cannot trace torch.backends.mkldnn.is_available().
+        self._onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
         cfg = config
         base = cfg.base_channels
         emb_dim = cfg.time_embed_dim
@@ -167,9 +169,7 @@ class UNet(nn.Module):
         always used; elsewhere they follow the weights, i.e. ``model.to(memory_format=
         torch.channels_last)`` turns them on. Every later activation inherits the format.
         """
-        cpu_onednn = (x.device.type == "cpu" and torch.backends.mkldnn.is_available()
-                      and torch.backends.mkldnn.enabled)
-        if cpu_onednn or self.conv_out.weight.is_contiguous(memory_format=torch.channels_last):
+        if (x.device.type == "cpu" and self._onednn) or self.conv_out.weight.is_contiguous(memory_format=torch.channels_last):
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
@@ -199,11 +199,19 @@ class UNet(nn.Module):
         if labels.shape != (batch,):
             raise ValueError(f"class_labels must have shape ({batch},) to match x, "
                              f"got shape {tuple(labels.shape)}")
-        # One host sync; worth it, as an out-of-range index would otherwise be a device assert.
-        if bool(((labels < 0) | (labels > num_classes)).any()):
-            raise ValueError(f"class_labels must be in [0, {num_classes}] ({num_classes} is "
-                             f"'no label'), got values from {int(labels.min())} to "
-                             f"{int(labels.max())}")
+        # No host sync: an asynchronous assert (on a GPU, a device-side assert at the embedding's
+        # index rather than a silently wrong row; under torch.compile, part of the graph). On
+        # the CPU it fails at once, and the values are read only then, for the message.
+        in_range = ((labels >= 0) & (labels <= num_classes)).all()
+        if torch.compiler.is_compiling() or labels.device.type != "cpu":
+            torch._assert_async(in_range, "class_labels out of range [0, num_classes]")
+        else:
+            try:
+                torch._assert_async(in_range, "class_labels out of range")
+            except RuntimeError:
+                raise ValueError(f"class_labels must be in [0, {num_classes}] ({num_classes} is "
+                                 f"'no label'), got values from {int(labels.min())} to "
+                                 f"{int(labels.max())}") from None
         return labels.long()
 
     def forward(

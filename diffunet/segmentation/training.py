@@ -246,7 +246,7 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *, resume: bool =
                 scheduler.load_state_dict(saved["scheduler"])
         if ema is not None:
             ema.model.to(device)
-        model, optimizer = run.prepare(model, optimizer)
+        model, optimizer = run.prepare(model, optimizer, t.seed)
         net = unwrap_model(model)
         run.open_folder(("weights", "state"))
         run.tell(f"{len(data.train)} training / {len(data.val)} validation pairs, "
