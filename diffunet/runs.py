@@ -34,7 +34,9 @@ import errno
 import json
 import math
 import os
+import secrets
 import signal
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -311,8 +313,10 @@ class Run:
     def __init__(self, cfg: Any, out_dir: str | Path, *, resume: bool, command: str,
                  mixed_precision: str, batch_size: int, batch_divisor: int = 1,
                  trackers: Sequence[str] = (), state_keys: dict[str, type] | None = None,
-                 say: Callable[[str], None] = lambda msg: None, progress: bool = True) -> None:
+                 static_graph: bool = False, say: Callable[[str], None] = lambda msg: None,
+                 progress: bool = True) -> None:
         from accelerate import Accelerator  # the heavy import lives here (and in sampling)
+        from accelerate.utils import DistributedDataParallelKwargs
 
         self.cfg, self.out_dir, self.command = cfg, Path(out_dir), command
         self._say, self._show_progress = say, progress
@@ -324,9 +328,14 @@ class Run:
         self._restore_signals: Callable[[], None] | None = None
         self._rank_rng: dict[str, torch.Tensor] = {}
         try:
+            # DDP: gradients written straight into the all-reduce buckets (no copy, less
+            # memory); a static graph (same parameters used every step) lets DDP skip its
+            # per-step search for unused ones and overlap more of the communication.
+            ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True,
+                                                static_graph=static_graph)
             self.accelerator = Accelerator(mixed_precision=mixed_precision,
                                            log_with=list(self.trackers) or None,
-                                           project_dir=str(self.out_dir))
+                                           project_dir=str(self.out_dir), kwargs_handlers=[ddp])
         except ValueError as e:
             raise ConfigError(f"train.mixed_precision={mixed_precision!r} cannot run here ({e}); "
                               "use 'bf16' or 'no' on a CPU") from None
@@ -339,10 +348,14 @@ class Run:
                                               if batch_divisor > 1 else "")
             raise ConfigError(f"train.batch_size: {batch_size} is not divisible by {by}")
         if self.device.type == "cuda":
-            # TF32 tensor cores for the fp32 matmuls (cuDNN convolutions use them by default).
+            # TF32 tensor cores for the fp32 matmuls (cuDNN convolutions use them by default);
+            # the shapes never change, so cuDNN may time its algorithms once and keep the best.
             torch.set_float32_matmul_precision("high")
+            torch.backends.cudnn.benchmark = True
         try:
             self.resume_from: Path | None = self.collective(lambda: self._claim_folder(resume))
+            if self.world > 1:
+                self._check_shared_folder()
             self.saved: dict[str, Any] = {}
             if self.resume_from is not None:
                 self.saved = st.read_trainer(self.resume_from, state_keys)
@@ -379,6 +392,30 @@ class Run:
         out.mkdir(parents=True, exist_ok=True)
         self._lock = lock_folder(out)
         return st.newest_state(out / "state") if resume else None
+
+    def _check_shared_folder(self) -> None:
+        """Every process writes its own part of a state into the run folder, so every node
+        must see it: the main process puts a marker there and each process looks for it."""
+        def put() -> Path:
+            path = self.out_dir / f".shared-{secrets.token_hex(8)}"
+            path.touch()
+            return path
+
+        marker = self.collective(put)  # the main process's name, on every process
+        try:
+
+            def visible() -> None:
+                if not marker.exists():
+                    raise FolderError(
+                        f"--out-dir {self.out_dir} is not the same folder for process "
+                        f"{self.rank} on {socket.gethostname()} as for the main process: every "
+                        "node writes its part of the training state there; give an --out-dir "
+                        "on a file system all nodes share")
+
+            self.collective(visible, main_only=False)
+        finally:
+            if self.main:
+                marker.unlink(missing_ok=True)
 
     def _release(self) -> None:
         """Release the lock; a folder this run created and never wrote to goes again (bad input

@@ -130,7 +130,13 @@ def _gaussian(like: Tensor, noise: Tensor | None, generator: Generators | None) 
     _check_generator_count(generator, like.shape[0])
     one = (1, *like.shape[1:])
     draws = [torch.randn(one, generator=g, device=g.device, dtype=like.dtype) for g in generator]
-    return torch.cat([z.to(like.device) for z in draws])
+    if len({g.device for g in generator}) > 1:
+        return torch.cat([z.to(like.device) for z in draws])
+    # One copy for the batch, not one per image; from pinned memory it does not block the host.
+    z = torch.cat(draws)
+    if z.device.type == "cpu" and like.device.type == "cuda":
+        z = z.pin_memory()
+    return z.to(like.device, non_blocking=True)
 
 
 def _check_generator_count(generator: Generators | None, batch: int) -> None:

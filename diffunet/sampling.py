@@ -109,18 +109,23 @@ class SampleOptions:
     class-conditional model then gets its "no label" class), one label for every image, a tuple
     cycled over the images (image i gets ``labels[i % len]``), or ``"all"`` (image i gets class
     ``i % num_classes``). ``device``: None = CUDA when available (each process its own GPU), else
-    the CPU. ``precision``: the network runs under ``torch.autocast`` in fp16/bf16; the step
-    rules and the start noise stay float32.
+    the CPU. ``precision``: the network runs under ``torch.autocast`` in fp16/bf16 (the step
+    rules and the start noise stay float32); None = bf16 on a GPU, fp32 elsewhere.
+    ``batch_size``: None = 64 on the CPU; on a GPU as many images as its free memory holds
+    (measured with one small forward pass). ``compile``: ``torch.compile`` the network;
+    ``channels_last``: run it on channels-last weights and activations.
     """
 
     num_samples: int = 64
-    batch_size: int = 64
+    batch_size: Optional[int] = None
     seed: int = 0
     class_labels: ClassLabels = None
     grid: bool = True
-    precision: str = "fp32"
+    precision: Optional[str] = None
     device: Optional[str] = None
     overwrite: bool = False
+    compile: bool = False
+    channels_last: bool = False
     sampler: Optional[str] = None
     num_steps: Optional[int] = None
     eta: Optional[float] = None
@@ -131,7 +136,8 @@ class SampleOptions:
     def __post_init__(self) -> None:
         for name, flag in (("num_samples", "--num-samples"), ("batch_size", "--batch-size")):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if (value is not None or name == "num_samples") and (not _is_int(value)
+                                                                 or value < 1):
                 raise UsageError(f"{flag} must be a positive integer, got {value!r}")
         check_sampling(_FLAGS, sampler=self.sampler, num_steps=self.num_steps, eta=self.eta,
                        spacing=self.spacing, guidance_scale=self.guidance_scale,
@@ -149,7 +155,7 @@ class SampleOptions:
             raise UsageError(f"--guidance-scale {self.guidance_scale} needs --class-label "
                              "(classifier-free guidance steers towards a class); give labels or "
                              "use --guidance-scale 1")
-        if self.precision not in PRECISIONS:
+        if self.precision is not None and self.precision not in PRECISIONS:
             raise UsageError(f"unknown precision {self.precision!r}; use --precision with one of "
                              f"{', '.join(PRECISIONS)}")
 
@@ -196,6 +202,53 @@ class SampleResult:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _fill_batch(net: torch.nn.Module, shape: tuple[int, int, int], device: torch.device,
+                autocast: Any, guided: bool, cap: int) -> int:
+    """How many images a sampling batch on GPU ``device`` should hold: its free memory over
+    what one image's forward pass takes (measured on a batch of 4; twice that with guidance),
+    with a margin, as a power of two from 1 to 4096, at most ``cap``."""
+    probe = 4
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    x = torch.zeros((probe * (2 if guided else 1), *shape), device=device)
+    t = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+    with torch.no_grad(), autocast:
+        net(x, t) if net.config.num_classes is None else net(x, t, class_labels=t)
+    per_image = max(1, (torch.cuda.max_memory_allocated(device) - base) // probe)
+    free, _ = torch.cuda.mem_get_info(device)
+    fits = max(1, int(0.6 * free) // per_image)
+    return max(1, min(cap, 4096, 2 ** (fits.bit_length() - 1)))
+
+
+class _Writer:
+    """PNG encoding and writing off the critical path: a few threads (zlib releases the GIL)
+    write the images of one batch while the device draws the next. At most two batches wait;
+    a failed write is raised at the next batch or at :meth:`close`."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+        self._pending: list[Any] = []
+
+    def submit(self, images: torch.Tensor, paths: list[Path]) -> None:
+        """Write ``images`` (B, C, H, W) in [-1, 1] on the CPU to ``paths``."""
+        self._pending.append([self._pool.submit(save_image, im, p)
+                              for im, p in zip(images, paths)])
+        while len(self._pending) > 2:
+            for future in self._pending.pop(0):
+                future.result()
+
+    def close(self) -> None:
+        try:
+            for batch in self._pending:
+                for future in batch:
+                    future.result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _autocast(precision: str, device: torch.device) -> Any:
@@ -305,6 +358,22 @@ def _load_png(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
 # The command
 
 
+def _draw_batch(denoiser: Any, schedule: Any, how: SampleConfig, idx: list[int], seed: int,
+                shape: tuple[int, int, int], labels: Optional[list[int]], device: torch.device,
+                autocast: Any, writer: _Writer, files: tuple[Path, ...]) -> None:
+    """Draw images ``idx`` together and hand them to ``writer``. One CPU generator per image
+    gives its start noise and then its step noise (see the module doc)."""
+    gens = [torch.Generator().manual_seed(seed + i) for i in idx]
+    x_T = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    y = None if labels is None else torch.tensor([labels[i] for i in idx], device=device)
+    with autocast:
+        images = sample(denoiser, schedule, x_T.to(device), sampler=how.sampler,
+                        num_steps=how.num_steps, eta=how.eta, spacing=how.spacing,
+                        class_labels=y, guidance_scale=how.guidance_scale,
+                        clip_x0=how.clip_x0, generator=gens)
+    writer.submit(images.float().cpu(), [files[i] for i in idx])
+
+
 def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
              options: SampleOptions = SampleOptions(), *, progress: bool = False,
              say: Optional[Callable[[str], None]] = None) -> SampleResult:
@@ -333,7 +402,8 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     # Under `accelerate launch --cpu` (or ACCELERATE_USE_CPU=1) the processes share the CPU.
     device = (torch.device("cpu") if o.device is None and state.device.type == "cpu"
               else pick_device(o.device, state.local_process_index))
-    autocast = _autocast(o.precision, device)
+    precision = o.precision or ("bf16" if device.type == "cuda" else "fp32")
+    autocast = _autocast(precision, device)
 
     net, schedule, meta = load_diffusion_model(model_path)
     how = sample_settings(meta, o)
@@ -349,6 +419,15 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         raise UsageError(f"this model makes {shape[0]}-channel images; diffunet sample writes "
                          "PNGs, which need 1 (grayscale) or 3 (RGB) channels")
     net.to(device)
+    if o.channels_last:
+        net.to(memory_format=torch.channels_last)
+    if o.batch_size is not None:
+        batch_size = o.batch_size
+    elif device.type == "cuda":
+        batch_size = _fill_batch(net, shape, device, autocast, how.guidance_scale != 1.0, cap=n)
+    else:
+        batch_size = 64
+    denoiser = torch.compile(net, dynamic=False) if o.compile else net
 
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
@@ -363,7 +442,7 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         "settings": {"sampler": how.sampler, "num_steps": how.num_steps, "eta": float(how.eta),
                      "spacing": how.spacing, "seed": o.seed,
                      "class_labels": _labels_spec(o.class_labels),
-                     "guidance_scale": float(how.guidance_scale), "precision": o.precision,
+                     "guidance_scale": float(how.guidance_scale), "precision": precision,
                      "clip_x0": how.clip_x0},
         "timesteps": timesteps,
         "num_samples": n,
@@ -372,7 +451,7 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         "grid": GRID if o.grid else None,
         "grid_images": min(n, MAX_GRID_IMAGES) if o.grid else 0,
         # informational only (they change float rounding, not the draws):
-        "batch_size": o.batch_size,
+        "batch_size": batch_size,
         "device": device.type,
         "num_processes": state.num_processes,
     }
@@ -397,30 +476,26 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     files = tuple(out_dir / image_name(i) for i in range(n))
     todo = [i for i in range(n) if not files[i].exists()]
     done_before = n - len(todo)
+    # Every process has its to-do list before any of them writes an image: otherwise a fast
+    # one's new files would shorten a slow one's list and the round-robin deal would differ.
+    state.wait_for_everyone()
     if done_before:
         tell(f"resuming: {done_before} of {n} images are already in {out_dir}")
     mine = todo[state.process_index::state.num_processes]
     bar = tqdm(total=n, initial=done_before, disable=not (progress and main), unit="img",
                dynamic_ncols=True)
     drawn: list[int] = []
-    net_in = torch.float32
-    for start in range(0, len(mine), o.batch_size):
-        idx = mine[start:start + o.batch_size]
-        # One CPU generator per image: its start noise, then its step noise (see module doc).
-        gens = [torch.Generator().manual_seed(o.seed + i) for i in idx]
-        x_T = torch.stack([torch.randn(shape, generator=g, dtype=net_in) for g in gens])
-        y = None if labels is None else torch.tensor([labels[i] for i in idx], device=device)
-        with autocast:
-            images = sample(net, schedule, x_T.to(device), sampler=how.sampler,
-                            num_steps=how.num_steps, eta=how.eta, spacing=how.spacing,
-                            class_labels=y, guidance_scale=how.guidance_scale,
-                            clip_x0=how.clip_x0, generator=gens)
-        images = images.float().cpu()
-        for i, image in zip(idx, images):
-            save_image(image, files[i])
-            drawn.append(i)
-        # the bar is the main process's: it counts the batches all processes draw alongside
-        bar.update(min(len(idx) * state.num_processes, n - bar.n))
+    writer = _Writer()
+    try:
+        for start in range(0, len(mine), batch_size):
+            idx = mine[start:start + batch_size]
+            _draw_batch(denoiser, schedule, how, idx, o.seed, shape, labels, device, autocast,
+                        writer, files)
+            drawn.extend(idx)
+            # the bar is the main process's: it counts the batches all processes draw
+            bar.update(min(len(idx) * state.num_processes, n - bar.n))
+    finally:
+        writer.close()
     state.wait_for_everyone()
     bar.update(n - bar.n)
     bar.close()

@@ -234,7 +234,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     t = cfg.train
     with Run(cfg, out_dir, resume=resume, command="train", mixed_precision=t.mixed_precision,
              batch_size=t.batch_size, batch_divisor=t.grad_accum_steps, trackers=t.trackers,
-             state_keys=STATE_KEYS, say=say, progress=progress) as run:
+             state_keys=STATE_KEYS, static_graph=t.grad_accum_steps == 1 and not t.compile,
+             say=say, progress=progress) as run:
         step = run.start_step
         if run.resume_from is not None:
             run.tell(f"resuming from {run.resume_from} (step {step})")

@@ -37,9 +37,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two(args: list[str], env: dict[str, str],
-               timeout: float = 300) -> subprocess.CompletedProcess:
-    """``accelerate launch`` two processes of ``python -m diffunet ARGS``.
+def launch_two(args: list[str], env: dict[str, str], timeout: float = 300,
+               script: str | None = None) -> subprocess.CompletedProcess:
+    """``accelerate launch`` two processes of ``python -m diffunet ARGS`` (or of the Python
+    file ``script`` with ARGS).
 
     `accelerate launch --cpu --num_processes 2` starts ONE process (Accelerate's multi-CPU
     launch goes through mpirun); --multi_gpu starts torchrun, and ACCELERATE_USE_CPU=1 in
@@ -48,7 +49,7 @@ def launch_two(args: list[str], env: dict[str, str],
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "diffunet", *args]
+           *([script] if script else ["-m", "diffunet"]), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

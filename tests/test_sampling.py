@@ -180,30 +180,41 @@ def test_an_interrupted_run_resumes_where_it_stopped(rgb_model, tmp_path, monkey
     generate(rgb_model, ref, opts(sampler="ddim", eta=1.0))
     import diffunet.sampling as sampling
 
-    real_save = sampling.save_image
-    saved = []
+    draws = []
 
-    def dying_save(image, path):
-        if len(saved) == 3:
-            raise KeyboardInterrupt  # the run is killed after three images
-        real_save(image, path)
-        saved.append(path)
+    def dying_sample(*args, **kwargs):
+        draws.append(1)
+        if len(draws) == 2:
+            raise KeyboardInterrupt  # the run is killed while it draws the second batch
+        return sample(*args, **kwargs)
 
-    monkeypatch.setattr(sampling, "save_image", dying_save)
+    monkeypatch.setattr(sampling, "sample", dying_sample)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         generate(rgb_model, out, opts(sampler="ddim", eta=1.0, batch_size=2))
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["complete"] is False and not (out / GRID).exists()
-    assert sorted(p.name for p in out.glob("*.png")) == [image_name(i) for i in range(3)]
-    monkeypatch.setattr(sampling, "save_image", real_save)
+    # the first batch, handed to the background writer, is on disk in full
+    assert sorted(p.name for p in out.glob("*.png")) == [image_name(i) for i in range(2)]
     calls = []
     monkeypatch.setattr(sampling, "sample", lambda *a, **k: calls.append(a[2].shape[0])
                         or sample(*a, **k))
     result = generate(rgb_model, out, opts(sampler="ddim", eta=1.0, batch_size=2))
-    assert result.drawn == (3, 4, 5) and calls == [2, 1]  # only the missing three are drawn
+    assert result.drawn == (2, 3, 4, 5) and calls == [2, 2]  # only the missing four are drawn
     assert json.loads((out / MANIFEST).read_text())["complete"] is True
     assert np.array_equal(pixels(out, 6), pixels(ref, 6))
+
+
+def test_a_failed_png_write_in_the_background_stops_the_run(rgb_model, tmp_path, monkeypatch):
+    import diffunet.sampling as sampling
+
+    def full_disk(image, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(sampling, "save_image", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        generate(rgb_model, tmp_path / "out", opts(batch_size=2))
+    assert not (tmp_path / "out" / GRID).exists()
 
 
 def test_other_settings_are_refused_unless_overwrite(rgb_model, tmp_path, capsys):
@@ -436,3 +447,23 @@ def test_clip_x0_flag_reaches_the_manifest(rgb_model, tmp_path, capsys):
                          "--out-dir", out], capsys)
     assert code == 0, err
     assert json.loads((out / MANIFEST).read_text())["settings"]["clip_x0"] is False
+
+
+def test_cpu_defaults_are_fp32_and_a_batch_of_64(rgb_model, tmp_path):
+    out = tmp_path / "defaults"
+    generate(rgb_model, out, SampleOptions(num_samples=2, num_steps=2))
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["settings"]["precision"] == "fp32" and manifest["batch_size"] == 64
+
+
+@pytest.mark.slow
+def test_compiled_channels_last_sampling_gives_the_same_images(rgb_model, tmp_path):
+    # The denoiser compiled (Inductor, ~30 s here) on channels-last weights: the same pixels to
+    # float rounding; the files record the same settings, so either run resumes the other.
+    plain, fast = tmp_path / "plain", tmp_path / "fast"
+    generate(rgb_model, plain, opts(sampler="ddpm", num_samples=3, num_steps=3))
+    generate(rgb_model, fast, opts(sampler="ddpm", num_samples=3, num_steps=3, compile=True,
+                                   channels_last=True))
+    assert np.abs(pixels(fast, 3) - pixels(plain, 3)).max() <= 1
+    settings = [json.loads((d / MANIFEST).read_text())["settings"] for d in (plain, fast)]
+    assert settings[0] == settings[1]

@@ -346,6 +346,30 @@ def test_two_processes_without_cpu_flag_are_refused(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+@pytest.mark.slow
+def test_a_run_folder_other_nodes_cannot_see_is_refused(tmp_path: Path) -> None:
+    # Two processes, as on two nodes without a shared file system: the second does not see
+    # what the first writes into --out-dir (here: it is told the main process's marker is not
+    # there). Every process writes its part of a state there, so the run is refused at start.
+    script = tmp_path / "other_node.py"
+    script.write_text(
+        "import os, pathlib, sys\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    real = pathlib.Path.exists\n"
+        "    pathlib.Path.exists = lambda p: False if p.name.startswith('.shared-') "
+        "else real(p)\n"
+        "from diffunet.cli import main\n"
+        "raise SystemExit(main(sys.argv[1:]))\n")
+    out = tmp_path / "run"
+    r = launch_two(["train", *TINY, "train.max_steps=2", "--out-dir", str(out),
+                    "--no-progress"], cpu_env(), timeout=180, script=str(script))
+    assert r.returncode != 0
+    assert r.stderr.count("diffunet train: error: --out-dir") == 1, r.stderr[-2000:]
+    assert "is not the same folder for process 1" in r.stderr
+    assert "a file system all nodes share" in r.stderr
+    assert not out.exists()  # the marker is gone, and so is the folder the run made
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. SIGTERM / SIGINT: save, say so, exit 0; --resume goes on from there.
 

@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=d.num_samples, metavar="N",
                    help=f"images to draw (default {d.num_samples})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, metavar="B",
-                   help=f"images per forward pass, per process (default {d.batch_size})")
+                   help="images per forward pass, per process (default: 64 on a CPU; on a GPU "
+                        "as many as its free memory holds)")
     p.add_argument("--sampler", metavar="|".join(SAMPLERS),
                    help=f"step rule ({model_or} {s.sampler}); dpmpp-2m needs only 10-20 steps")
     p.add_argument("--steps", type=int, dest="num_steps", metavar="S",
@@ -52,7 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=d.grid,
                    help="write grid.png (default: yes)")
     p.add_argument("--precision", default=d.precision, metavar="|".join(PRECISIONS),
-                   help="network precision (default fp32; fp16 needs a GPU, bf16 works on CPU)")
+                   help="network precision (default: bf16 on a GPU, fp32 elsewhere; fp16 needs "
+                        "a GPU)")
+    p.add_argument("--compile", action="store_true", default=d.compile,
+                   help="torch.compile the network (the first batch waits for the compiler)")
+    p.add_argument("--channels-last", action="store_true", default=d.channels_last,
+                   help="channels-last weights and activations (faster convolutions on GPUs)")
     p.add_argument("--device", default=d.device,
                    help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true",
@@ -68,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
         class_labels=parse_class_labels(args.class_label), grid=args.grid,
         precision=args.precision, device=args.device, overwrite=args.overwrite,
+        compile=args.compile, channels_last=args.channels_last,
         sampler=args.sampler, num_steps=args.num_steps, eta=args.eta, spacing=args.spacing,
         guidance_scale=args.guidance_scale, clip_x0=args.clip_x0)
     out_dir = Path(args.out_dir) if args.out_dir else Path("samples") / Path(args.model).stem

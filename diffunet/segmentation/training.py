@@ -218,8 +218,8 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *, resume: bool =
     """
     t = cfg.train
     with Run(cfg, out_dir, resume=resume, command="segment train", batch_size=t.batch_size,
-             mixed_precision=t.mixed_precision, state_keys=STATE_KEYS, say=say,
-             progress=progress) as run:
+             mixed_precision=t.mixed_precision, state_keys=STATE_KEYS, static_graph=True,
+             say=say, progress=progress) as run:
         saved, step, device = run.saved, run.start_step, run.device
         data = build_segmentation_data(cfg)
         steps_per_epoch = _steps_per_epoch(cfg, data)
