@@ -361,7 +361,6 @@ def _make_subject(name: str, cfg: UNetConfig, opts: BenchOptions, device: torch.
     g = torch.Generator().manual_seed(opts.seed)
 
     if "train" in opts.what:
-        train_net = torch.compile(net) if compile_it else net
         optimizer = _optimizer(net, device)
         schedule = NoiseSchedule(ScheduleConfig())
         x0 = torch.rand((batch, C, H, H), generator=g) * 2 - 1
@@ -370,12 +369,18 @@ def _make_subject(name: str, cfg: UNetConfig, opts: BenchOptions, device: torch.
         xt = schedule.add_noise(x0, noise, t).to(device, memory_format=fmt)
         noise, t = noise.to(device, memory_format=fmt), t.to(device)
 
+        def objective(xt: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+            out = net(xt, t)
+            out = out.sample if is_diffusers else out
+            return F.mse_loss(out.float(), noise)
+
+        # --compile: the whole objective (forward and loss) as one graph, as train.compile does
+        loss_fn = torch.compile(objective) if compile_it else objective
+
         def train_step() -> None:
             net.train()
             with _autocast(device, opts.precision):
-                out = train_net(xt, t)
-                out = out.sample if is_diffusers else out
-            loss = F.mse_loss(out.float(), noise)
+                loss = loss_fn(xt, t, noise)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -332,8 +332,12 @@ class DataConfig:
     """``torchvision`` only: download the data set if it is not under ``path`` yet."""
     builtin_size: int = 50000
     """``builtin`` only: number of distinct generated images (one epoch)."""
-    num_workers: int = free_on_resume(0)
-    """DataLoader worker processes (0 loads in the training process)."""
+    num_workers: int | None = free_on_resume(None)
+    """DataLoader worker processes (0 loads in the training process); unset: 0 on a CPU, on a
+    GPU up to 8 per process (the CPUs shared among the processes)."""
+    cache: bool | None = free_on_resume(None)
+    """Keep ``folder`` and ``torchvision`` images decoded (as uint8, exactly the same items)
+    after their first read; unset: when they take at most 4 GiB."""
 
     def __post_init__(self) -> None:
         p = "data."
@@ -344,8 +348,8 @@ class DataConfig:
         _check_image_shape(self.image_size, self.channels)
         if self.builtin_size < 1:
             _fail(p + "builtin_size", f"must be a positive integer, got {self.builtin_size}")
-        if self.num_workers < 0:
-            _fail(p + "num_workers", f"must be 0 or more, got {self.num_workers}")
+        if self.num_workers is not None and self.num_workers < 0:
+            _fail(p + "num_workers", f"must be 0 or more or unset, got {self.num_workers}")
 
 
 def _check_image_shape(image_size: int | None, channels: int | None) -> None:

@@ -449,15 +449,72 @@ def build_dataset(cfg: DataConfig) -> Dataset:
         if getattr(cfg, name) is None:
             raise ConfigError(f"data.{name} is unset; a DataConfig on its own needs image_size "
                               "and channels (a RunConfig fills them in from its unet)")
-    if cfg.source == "builtin":
+    if cfg.source == "builtin":  # rendered in vectorised ops: faster than any cache
         return BuiltinShapes(cfg.builtin_size, cfg.image_size, cfg.channels, seed=0)
     if cfg.source == "folder":
         assert cfg.path is not None  # DataConfig requires it for source='folder'
-        return FolderImages(cfg.path, cfg.image_size, cfg.channels, cfg.class_folders)
-    if cfg.source == "torchvision":
-        return _build_torchvision(cfg)
-    raise DataError(f"data.source: unknown source {cfg.source!r}; use builtin, folder or "
-                    "torchvision")  # pragma: no cover - DataConfig rejects it first
+        base: Dataset = FolderImages(cfg.path, cfg.image_size, cfg.channels, cfg.class_folders)
+    elif cfg.source == "torchvision":
+        base = _build_torchvision(cfg)
+    else:  # pragma: no cover - DataConfig rejects it first
+        raise DataError(f"data.source: unknown source {cfg.source!r}; use builtin, folder or "
+                        "torchvision")
+    size = len(base) * cfg.channels * cfg.image_size ** 2  # bytes, as uint8
+    if cfg.cache or (cfg.cache is None and size <= CACHE_AUTO_BYTES):
+        return DecodedCache(base, cfg.image_size, cfg.channels)
+    return base
+
+
+CACHE_AUTO_BYTES = 4 << 30
+"""``data.cache`` unset: decoded images are cached when they take at most this much memory."""
+
+
+class DecodedCache(Dataset):
+    """An image data set whose items are decoded and resized once, then kept as uint8.
+
+    Items are a pure function of their index, so a cached item is exactly the item: every image
+    whose values lie on the 256-level grid (``v / 127.5 - 1``, all 8-bit sources) is stored as
+    its uint8 levels and given back bit for bit; one that does not (16-bit or float images) is
+    decoded again each time. The cache fills as the items are first read, in shared memory so
+    that DataLoader worker processes fill and read one copy (where shared memory is too small,
+    e.g. a container's /dev/shm, each process keeps its own). The wrapped set's attributes
+    (``num_classes``, ``skipped``, ...) are this set's.
+    """
+
+    def __init__(self, base: Dataset, image_size: int, channels: int) -> None:
+        self.base = base
+        n = len(base)  # type: ignore[arg-type]
+        self.pixels = torch.empty((n, channels, image_size, image_size), dtype=torch.uint8)
+        self.labels = torch.zeros(n, dtype=torch.int64)
+        self.state = torch.zeros(n, dtype=torch.uint8)  # 0 new, 1 cached, 2 not cacheable
+        try:  # before the workers fork, so they share it
+            for t in (self.pixels, self.labels, self.state):
+                t.share_memory_()
+        except RuntimeError:  # too little shared memory: per-process caches
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "base":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        state = int(self.state[index])
+        if state == 1:
+            return self.pixels[index].to(torch.float32) / 127.5 - 1.0, int(self.labels[index])
+        image, label = self.base[index]
+        if state == 0:
+            levels = ((image + 1.0) * 127.5).round()
+            if torch.equal(levels / 127.5 - 1.0, image):  # on the grid: exact as uint8
+                self.pixels[index] = levels.to(torch.uint8)
+                self.labels[index] = label
+                self.state[index] = 1
+            else:
+                self.state[index] = 2
+        return image, label
 
 
 # ---------------------------------------------------------------------------------------------

@@ -443,6 +443,16 @@ class Run:
             gen = torch.Generator()
         return gen.manual_seed(seed)
 
+    def workers(self, requested: int | None) -> int:
+        """DataLoader worker processes: ``requested``, else 0 on a CPU (the training process
+        has the cores) and on a GPU up to 8, the machine's CPUs shared among its processes."""
+        if requested is not None:
+            return requested
+        if self.device.type != "cuda":
+            return 0
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return max(1, min(8, (os.cpu_count() or 1) // local - 1))
+
     def adamw(self, params: Any, **kwargs: Any) -> torch.optim.AdamW:
         """AdamW, fused where PyTorch has the kernel for this device: one kernel for all
         parameters (~3.5x faster on a CPU than the multi-tensor default for the DDPM net)."""

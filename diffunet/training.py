@@ -271,7 +271,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         batches = _forever(make_dataloader(
             dataset, GlobalBatchSampler(len(dataset), t.batch_size, seed=t.seed,
                                         start_step=step, rank=run.rank, world_size=run.world),
-            cfg.data.num_workers, pin_memory=run.device.type == "cuda"))
+            run.workers(cfg.data.num_workers), pin_memory=run.device.type == "cuda"))
         preview = _preview_fn(cfg, ema, schedule, run)
 
         def save(at: int) -> tuple[Path, Path]:

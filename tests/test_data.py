@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import pickle
 import struct
@@ -447,3 +448,56 @@ def test_save_is_atomic_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.png"]
     with pytest.raises(DataError, match="unknown image extension"):
         save_image(torch.ones(3, 4, 4), tmp_path / "x.notanimage")
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoded cache
+
+
+def test_the_decoded_cache_gives_exactly_the_items_and_decodes_each_once(tmp_path: Path) -> None:
+    from diffunet.data import DecodedCache, FolderImages
+
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png")
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(tmp_path / "mid16.png")
+    cfg = DataConfig(channels=3, image_size=8, source="folder", path=str(tmp_path))
+    cached = build_dataset(cfg)
+    assert isinstance(cached, DecodedCache) and cached.files == cached.base.files
+    plain = FolderImages(tmp_path, 8, 3)
+    decodes = []
+    real = cached.base.__class__.__getitem__
+    cached.base.__class__.__getitem__ = lambda self, i: (
+        decodes.append(i) if self is cached.base else None) or real(self, i)
+    try:
+        for _ in range(2):  # two epochs
+            for i in range(len(plain)):
+                x, y = cached[i]
+                assert torch.equal(x, plain[i][0]) and y == plain[i][1]  # bit for bit
+    finally:
+        cached.base.__class__.__getitem__ = real
+    mid = [p.name for p in plain.files].index("mid16.png")
+    # 8-bit images are decoded once; the 16-bit mid-tone is off the 256-level grid, so it is
+    # never stored (a uint8 copy would not be the same item) and is decoded each time
+    assert sorted(decodes) == sorted([*range(len(plain)), mid])
+    assert cached.state.tolist() == [2 if i == mid else 1 for i in range(len(plain))]
+    assert not isinstance(build_dataset(dataclasses.replace(cfg, cache=False)), DecodedCache)
+
+
+def test_the_decoded_cache_is_shared_with_loader_workers(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png")
+    ds = build_dataset(DataConfig(channels=3, image_size=8, source="folder",
+                                  path=str(tmp_path)))
+    if not ds.pixels.is_shared():
+        pytest.skip("no shared memory here: each worker keeps its own cache")
+    sampler = GlobalBatchSampler(len(ds), 2, seed=0)
+    loader = iter(make_dataloader(ds, sampler, num_workers=2))
+    first = [next(loader)[0] for _ in range(3)]  # one epoch, decoded by the two workers
+    assert ds.state.tolist() == [1] * 6  # ...and filled into this process's cache
+    assert torch.equal(torch.cat(first).sort(dim=0).values,
+                       torch.stack([ds[i][0] for i in sampler.batch_at(0) + sampler.batch_at(1)
+                                    + sampler.batch_at(2)]).sort(dim=0).values)

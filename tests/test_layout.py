@@ -27,6 +27,7 @@ ROOT = PACKAGE.parent
 LAYERS: list[tuple[str, ...]] = [
     ("__main__",),
     ("cli",),
+    ("gpu_check",),  # runs the trainer and the bench: above both
     ("segmentation",),
     ("training",),
     ("sampling",),

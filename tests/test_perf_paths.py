@@ -25,7 +25,7 @@ from diffunet.errors import ConfigError, UsageError
 from diffunet.nn import AttentionBlock, ResidualBlock, Upsample, _math_attention, attention
 from diffunet.unet import UNet
 from helpers import perturbed, tiny_net, tiny_run
-from processes import reset_accelerate_state
+from processes import clean_env, reset_accelerate_state
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = tiny_net(base_channels=16, num_groups=8)
@@ -464,3 +464,22 @@ def test_train_channels_last_resume_is_exact(tmp_path, cpu_accelerate):
         b = load_file(str(tmp_path / "whole" / "state" / "step0000004" / name))
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name}: {key}"
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_on_the_cpu(tmp_path):
+    # scripts/gpu_check.sh --device cpu --quick: every part of the check, at tiny sizes
+    # (~40 s here), so that the one call on a lent GPU does not fail on a typo.
+    env = {**clean_env(), "OUT": str(tmp_path / "out")}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--device", "cpu",
+                        "--quick"], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert [v["variant"] for v in result["train"]] == ["fp32", "bf16", "bf16 + channels-last"]
+    assert result["syncs"]["between_check_points"] == {}
+    assert result["recipe_train"]["returncode"] == 0 and result["recipe_train"]["images_per_s"]
+    assert result["sample_command"]["returncode"] == 0
+    assert any("scaled_dot_product" in k for k in result["sdpa_kernels"])
+    table = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "| train step, bf16 + channels-last |" in table and "DDIM-50 sampling" in table

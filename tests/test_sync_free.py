@@ -1,86 +1,35 @@
 """The training step keeps an accelerator busy: between check points (log lines, saves, the
 non-finite limit) it never reads a device value on the host.
 
-On the CPU the test counts, under a dispatch mode, the operations that would make the host wait
-for a GPU (``aten._local_scalar_dense`` behind ``.item()``/``bool()``/``int()``, ``nonzero``,
-``is_nonzero``, ``equal``, ``masked_select``, ``unique``) plus ``Tensor.tolist``, step by step,
-and asserts none between check points. Data loading (host work on host tensors) is left out.
+On the CPU :func:`diffunet.gpu_check.count_step_syncs` counts, under a dispatch mode, the
+operations that would make the host wait for a GPU (``aten._local_scalar_dense`` behind
+``.item()``/``bool()``/``int()``, ``nonzero``, ``is_nonzero``, ``equal``, ``masked_select``,
+``unique``) plus ``Tensor.tolist``, step by step; the test asserts none between check points.
+Data loading (host work on host tensors) is left out.
 On a GPU (marked ``gpu``) the same loop runs under ``torch.cuda.set_sync_debug_mode("error")``.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffunet import training
 from diffunet.config import load_config
+from diffunet.gpu_check import StepSyncs, count_step_syncs
 from helpers import tiny_run
 
 pytestmark = pytest.mark.usefixtures("cpu_accelerate")
 
-_SYNCING = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select",
-            "_unique2", "unique_consecutive", "unique_dim"}
-
-
-class _PerStep:
-    """Which step the loop is in (the number of batches taken) and what it did there."""
-
-    def __init__(self) -> None:
-        self.step = 0
-        self.loading = False
-        self.syncs: Counter[int] = Counter()
-        self.names: dict[int, set[str]] = {}
-
-    def record(self, name: str) -> None:
-        if not self.loading:
-            self.syncs[self.step] += 1
-            self.names.setdefault(self.step, set()).add(name)
-
-
-class _CountSyncs(TorchDispatchMode):
-    def __init__(self, where: _PerStep) -> None:
-        super().__init__()
-        self.where = where
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        name = func.overloadpacket.__name__
-        if name in _SYNCING:
-            self.where.record(name)
-        return func(*args, **(kwargs or {}))
-
-
-def _run_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> _PerStep:
-    where = _PerStep()
-    real_forever, real_tolist = training._forever, torch.Tensor.tolist
-
-    def counted_batches(loader):  # each batch taken begins the next step
-        batches = real_forever(loader)
-        while True:
-            where.loading = True
-            item = next(batches)
-            where.loading = False
-            where.step += 1
-            yield item
-
-    def counted_tolist(self):
-        where.record("tolist")
-        return real_tolist(self)
-
-    monkeypatch.setattr(training, "_forever", counted_batches)
-    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+def _run_counted(tmp_path: Path, *extra: str) -> StepSyncs:
     cfg = load_config(None, tiny_run("train.max_steps=10", "train.log_every=4",
                                      "train.save_every=1000", "train.sample_every=1000",
                                      "train.max_nonfinite=1000", "unet.dropout=0.1", *extra))
-    with _CountSyncs(where):
-        result = training.train(cfg, tmp_path / "run", progress=False)
-    monkeypatch.undo()
-    assert result.step == 10
-    return where
+    found = count_step_syncs(cfg, tmp_path / "run")
+    assert found.steps == 10
+    return found
 
 
 @pytest.mark.parametrize("extra", [
@@ -88,12 +37,10 @@ def _run_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -
     ["unet.num_classes=4", "train.label_dropout=0.5"],
     ["train.grad_clip=none", "train.grad_accum_steps=2"],
 ], ids=["unconditional", "class-conditional", "no-clipping-accumulated"])
-def test_no_host_sync_between_check_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                          extra: list[str]) -> None:
-    where = _run_counted(tmp_path, monkeypatch, *extra)
+def test_no_host_sync_between_check_points(tmp_path: Path, extra: list[str]) -> None:
+    where = _run_counted(tmp_path, *extra)
     checks = {4, 8, 10}  # the log lines (every 4 steps, and the last step with its save)
-    between = {s: where.names[s] for s in range(1, 11) if s not in checks and where.syncs[s]}
-    assert between == {}
+    assert where.between(checks) == {}
     # The counter has teeth: the check points read the loss and the counters.
     assert all(where.syncs[s] > 0 for s in checks)
 
@@ -111,8 +58,8 @@ def test_a_nonfinite_step_is_skipped_on_the_device(tmp_path: Path,
         return loss * float("nan") if len(calls) == 2 else loss
 
     monkeypatch.setattr(training, "diffusion_loss", second_is_nan)
-    where = _run_counted(tmp_path, monkeypatch)
-    assert [s for s in range(1, 11) if s not in {4, 8, 10} and where.syncs[s]] == []
+    where = _run_counted(tmp_path)
+    assert where.between({4, 8, 10}) == {}
     log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
     assert '"nonfinite_skipped": 1' in log[0]
 

@@ -53,6 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "in the table, Chrome traces to PREFIX.train.json, PREFIX.sample.json")
     p.add_argument("--json", default="bench.json", metavar="PATH",
                    help="write the results here too (default bench.json; '' for none)")
+    p.add_argument("--gpu-check", metavar="DIR",
+                   help="run the whole GPU check instead (training step in fp32/bf16/"
+                        "channels-last/compile and DDIM-50 vs diffusers, host syncs, attention "
+                        "kernels, a recipe run, a sampling run; under 8 minutes on an H100) "
+                        "and write DIR/gpu_check.json and DIR/gpu_check.md")
+    p.add_argument("--quick", action="store_true",
+                   help="with --gpu-check: tiny sizes, to check the check (e.g. on a CPU)")
     p.set_defaults(func=run)
 
 
@@ -60,6 +67,13 @@ def run(args: argparse.Namespace) -> int:
     """Progress on stderr, the table on stdout, the JSON to ``--json``."""
     from ..bench import BenchOptions, benchmark, format_table, resolve_unet
     from ..fileio import atomic_write_bytes
+
+    if args.gpu_check:
+        from ..gpu_check import gpu_check, markdown
+
+        out(markdown(gpu_check(args.gpu_check, device=args.device, quick=args.quick, say=say)))
+        out(f"wrote {Path(args.gpu_check) / 'gpu_check.json'} and gpu_check.md")
+        return 0
 
     opts = BenchOptions(
         unet=resolve_unet(args.config, args.items), config_name=args.config,

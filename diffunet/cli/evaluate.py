@@ -111,7 +111,8 @@ def _bpd(args: argparse.Namespace) -> int:
                                   num_timesteps=args.timesteps, variance=args.variance,
                                   clip_x0=not args.no_clip, device=device,
                                   generator=torch.Generator().manual_seed(args.seed),
-                                  num_workers=data_cfg.num_workers, progress=not args.no_progress)
+                                  num_workers=data_cfg.num_workers or 0,
+                                  progress=not args.no_progress)
     s = result.summary()
     T = s["num_train_timesteps"]
     var_text = "beta_t" if s["variance"] == "fixed_large" else "posterior beta~_t"
