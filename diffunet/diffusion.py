@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .config import BetaSchedule, PredictionType, ScheduleConfig
-from .errors import ConfigError, UsageError
+from .errors import ConfigError, UsageError, require
 
 Timesteps = Union[int, Tensor]
 """A timestep: a Python int or 0-d integer tensor (one t for the batch), or a (B,) int tensor."""
@@ -150,18 +150,10 @@ class NoiseSchedule:
             raise TypeError(f"t must hold integer timesteps (e.g. int64), got {t.dtype}")
         if t.ndim > 1:
             raise ValueError(f"t must be a scalar or a (B,) tensor, got shape {tuple(t.shape)}")
-        # The range check costs no host sync: an asynchronous assert (on a GPU, a device-side
-        # assert rather than a gather from the wrong row). On the CPU it fails at once and the
-        # values are read only then, for the message.
-        in_range = ((t >= -1) & (t < T)).all()
-        if torch.compiler.is_compiling() or t.device.type != "cpu":
-            torch._assert_async(in_range, "timesteps out of range [-1, num_train_timesteps)")
-        else:
-            try:
-                torch._assert_async(in_range, "timesteps out of range")
-            except RuntimeError:
-                raise UsageError(f"timesteps must lie in [-1, {T - 1}] (num_train_timesteps={T}), "
-                                 f"got values in [{int(t.min())}, {int(t.max())}]") from None
+        # No host sync (on a GPU a device-side assert rather than a gather from a wrong row).
+        require(((t >= -1) & (t < T)).all(), UsageError, lambda: (
+            f"timesteps must lie in [-1, {T - 1}] (num_train_timesteps={T}), got values in "
+            f"[{int(t.min())}, {int(t.max())}]"))
         return t.long() + 1
 
     def _gather(self, name: str, t: Timesteps, like: Tensor | None) -> Tensor:

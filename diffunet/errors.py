@@ -21,8 +21,11 @@ keeps working.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 __all__ = ["DiffunetError", "ConfigError", "UsageError", "FolderError", "DataError",
-           "ModelFileError", "TrainingError", "MissingDependencyError"]
+           "ModelFileError", "TrainingError", "MissingDependencyError", "require"]
 
 
 class DiffunetError(Exception):
@@ -59,3 +62,19 @@ class TrainingError(DiffunetError):
 
 class MissingDependencyError(DiffunetError, ImportError):
     """An optional dependency (an extra such as ``eval``) is not installed."""
+
+
+def require(ok: Any, error: type[Exception], message: Callable[[], str]) -> None:
+    """Check ``ok``, a 0-d bool tensor, without a host sync: ``torch._assert_async``, which on an
+    accelerator (and under ``torch.compile``) fails as a device-side assert rather than waiting
+    for the value. On the CPU it fails at once, and then ``error(message())`` is raised, the
+    one-line message built only then (it may read the offending values)."""
+    import torch
+
+    if torch.compiler.is_compiling() or ok.device.type != "cpu":
+        torch._assert_async(ok, error.__name__)
+        return
+    try:
+        torch._assert_async(ok, error.__name__)
+    except RuntimeError:
+        raise error(message()) from None

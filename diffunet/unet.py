@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import UNetConfig
-from .errors import ConfigError
+from .errors import ConfigError, require
 from .nn import AttentionBlock, Downsample, ResidualBlock, Upsample, timestep_embedding, zero_
 
 __all__ = ["UNet"]
@@ -199,19 +199,11 @@ class UNet(nn.Module):
         if labels.shape != (batch,):
             raise ValueError(f"class_labels must have shape ({batch},) to match x, "
                              f"got shape {tuple(labels.shape)}")
-        # No host sync: an asynchronous assert (on a GPU, a device-side assert at the embedding's
-        # index rather than a silently wrong row; under torch.compile, part of the graph). On
-        # the CPU it fails at once, and the values are read only then, for the message.
-        in_range = ((labels >= 0) & (labels <= num_classes)).all()
-        if torch.compiler.is_compiling() or labels.device.type != "cpu":
-            torch._assert_async(in_range, "class_labels out of range [0, num_classes]")
-        else:
-            try:
-                torch._assert_async(in_range, "class_labels out of range")
-            except RuntimeError:
-                raise ValueError(f"class_labels must be in [0, {num_classes}] ({num_classes} is "
-                                 f"'no label'), got values from {int(labels.min())} to "
-                                 f"{int(labels.max())}") from None
+        # No host sync (on a GPU a device-side assert rather than a silently wrong embedding
+        # row; under torch.compile, part of the graph).
+        require(((labels >= 0) & (labels <= num_classes)).all(), ValueError, lambda: (
+            f"class_labels must be in [0, {num_classes}] ({num_classes} is 'no label'), got "
+            f"values from {int(labels.min())} to {int(labels.max())}"))
         return labels.long()
 
     def forward(
