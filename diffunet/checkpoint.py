@@ -139,6 +139,9 @@ def _read_bytes(path: Path) -> bytes:
         raise ModelFileError(f"model file not found: {path}")
     if path.is_dir():
         raise ModelFileError(f"{path} is a folder; give the path of a .safetensors model file")
+    if not path.is_file():  # reading a FIFO would wait forever, a device might never end
+        raise ModelFileError(f"{path} is not a regular file (a FIFO, socket or device); give "
+                             "the path of a .safetensors model file")
     return path.read_bytes()
 
 

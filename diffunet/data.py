@@ -239,10 +239,13 @@ def scan_image_folder(root: Path, image_size: int = 0) -> tuple[list[Path], list
         path = root / rel
         try:
             # Header only (format, size): cheap. A file whose pixel data is damaged still
-            # passes; FolderImages.__getitem__ reports it.
-            with Image.open(path) as im:
-                size = im.size
-                ok = size[0] > 0 and size[1] > 0
+            # passes; FolderImages.__getitem__ reports it. A FIFO or device named like an
+            # image is skipped unopened: reading one would block or never end.
+            ok = path.is_file()
+            if ok:
+                with Image.open(path) as im:
+                    size = im.size
+                    ok = size[0] > 0 and size[1] > 0
         except Exception:  # not an image, truncated header, decompression bomb, ...
             ok = False
         if ok:
@@ -465,6 +468,15 @@ def build_dataset(cfg: DataConfig) -> Dataset:
     return base
 
 
+def _shared_memory_room() -> int:
+    """Free bytes of /dev/shm, where PyTorch puts shared tensors on Linux (0 if unknown)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except (OSError, AttributeError):
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
 CACHE_AUTO_BYTES = 4 << 30
 """``data.cache`` unset: decoded images are cached when they take at most this much memory."""
 
@@ -484,14 +496,22 @@ class DecodedCache(Dataset):
     def __init__(self, base: Dataset, image_size: int, channels: int) -> None:
         self.base = base
         n = len(base)  # type: ignore[arg-type]
-        self.pixels = torch.empty((n, channels, image_size, image_size), dtype=torch.uint8)
+        size = n * channels * image_size ** 2
+        try:
+            self.pixels = torch.empty((n, channels, image_size, image_size), dtype=torch.uint8)
+        except RuntimeError:  # the allocator said no: say what it would take
+            raise DataError(f"data.cache: the {n} decoded images would take "
+                            f"{size / 2**30:.1f} GiB; set data.cache=false") from None
         self.labels = torch.zeros(n, dtype=torch.int64)
         self.state = torch.zeros(n, dtype=torch.uint8)  # 0 new, 1 cached, 2 not cacheable
-        try:  # before the workers fork, so they share it
-            for t in (self.pixels, self.labels, self.state):
-                t.share_memory_()
-        except RuntimeError:  # too little shared memory: per-process caches
-            pass
+        # Shared (before the workers fork) only where the shared-memory file system has room:
+        # pages of a shared tensor beyond it would kill the process (SIGBUS) when first written.
+        if _shared_memory_room() > 2 * size:
+            try:
+                for t in (self.pixels, self.labels, self.state):
+                    t.share_memory_()
+            except RuntimeError:  # per-process caches, then
+                pass
 
     def __getattr__(self, name: str) -> Any:
         if name == "base":  # not set yet (unpickling): no recursion

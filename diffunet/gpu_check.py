@@ -40,8 +40,9 @@ import torch
 
 from .bench import PRESETS, BenchOptions, benchmark
 from .config import RunConfig, load_config
+from .errors import FolderError
 from .fileio import atomic_write_bytes
-from .runs import pick_device
+from .runs import cpu_requested, pick_device
 from .unet import UNet
 
 __all__ = ["SYNCING_OPS", "StepSyncs", "count_step_syncs", "gpu_check", "markdown",
@@ -148,8 +149,7 @@ def count_step_syncs(cfg: RunConfig, out_dir: str | Path) -> StepSyncs:
 
 def _trains_on_cuda() -> bool:
     """Whether ``train()`` here runs on a GPU (Accelerate's choice)."""
-    return torch.cuda.is_available() and os.environ.get(
-        "ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
+    return torch.cuda.is_available() and not cpu_requested()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +206,11 @@ def gpu_check(out_dir: str | Path, *, device: str | None = None, quick: bool = F
               say: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Run the check (see the module doc) and write ``gpu_check.json`` and ``gpu_check.md``
     into ``out_dir``; returns the results."""
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # the commands below run with it as their working folder
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FolderError(f"--gpu-check {out} is not an empty folder; give a new one (the "
+                          "check writes gpu_check.json, gpu_check.md, train/, samples/ and "
+                          "sync_run/ there)")
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
     unet = PRESETS["tiny"]() if quick else PRESETS["ddpm-cifar10"]()
@@ -332,10 +336,11 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["",
               f"- `diffunet train` with the recipe, {rt['steps']} steps: "
               + (f"{rt['images_per_s']:.0f} img/s (bench: {rt['bench_images_per_s']:.0f})"
-                 if rt["images_per_s"] and rt["bench_images_per_s"] else f"failed: {rt['error']}"),
+                 if rt["images_per_s"] and rt["bench_images_per_s"] else
+                 f"failed (exit {rt['returncode']}): {rt['error'] or 'no log.jsonl'}"),
               f"- `diffunet sample` of {sc['images']} images, DDIM-{sc['steps']}: "
               + (f"{sc['images_per_s']:.1f} img/s with PNGs, {sc['seconds']:.1f} s"
-                 if sc["images_per_s"] else f"failed: {sc['error']}"),
+                 if sc["images_per_s"] else f"failed (exit {sc['returncode']}): {sc['error']}"),
               f"- host syncs between check points in {sy['steps']} training steps: "
               f"{len(sy['between_check_points'])} step(s)"
               + (f" ({sy['between_check_points']})" if sy["between_check_points"] else ""),

@@ -15,7 +15,7 @@
 - **The state protocol**: every process writes its RNG file, the main process the rest, the
   folder is committed by one rename (:mod:`diffunet.state`); loading puts it all back.
 - **Signals**: SIGINT/SIGTERM ask the loop to save and stop after the current step, every
-  process agreeing on when (:meth:`Run.agree`).
+  process agreeing on when (:meth:`Run.should_stop`).
 - **Progress and logs**: the tqdm bar, one-line messages that keep it intact, ``log.jsonl`` lines
   and the trackers.
 - **Write failures**: a full disk, a read-only folder, a file-size limit become one line naming
@@ -51,16 +51,21 @@ from .errors import (ConfigError, DiffunetError, FolderError, ModelFileError, Tr
                      UsageError)
 from .fileio import atomic_write_bytes
 
-__all__ = ["EMA", "FolderLock", "Run", "check_resume_compatible", "lock_folder", "pick_device",
-           "refuse_lone_processes", "state_must_fit", "trim_log", "write_failed"]
+__all__ = ["EMA", "FolderLock", "Run", "check_resume_compatible", "cpu_requested", "lock_folder",
+           "pick_device", "refuse_lone_processes", "state_must_fit", "trim_log", "write_failed"]
 
 R = TypeVar("R")
 _TAG_DROPOUT = 3  # keeps the per-process RNG seeds apart from data.py's streams (tags 1, 2)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Small pieces every trainer (and command) uses
+
+
+def cpu_requested() -> bool:
+    """Whether Accelerate is told to use the CPU (``ACCELERATE_USE_CPU``, which ``accelerate
+    launch --cpu`` sets) even where a GPU is."""
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
 
 
 def refuse_lone_processes(world: int, alone: str, doing: str) -> None:
@@ -74,6 +79,25 @@ def refuse_lone_processes(world: int, alone: str, doing: str) -> None:
             f"told to use the CPU, so each would {alone}; to {doing} on {launched} CPU "
             f"processes, launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
             f"--num_processes {launched} ...")
+
+
+def _check_batch_fits(batch: int, channels: int, side: int, device: torch.device) -> None:
+    """Refuse a global batch whose step inputs alone (four float32 copies of the batch: images,
+    noise, inputs, outputs) exceed the device's memory, before anything is built: such a batch
+    would not fail cleanly, it would exhaust the machine."""
+    need = 4 * 4 * batch * channels * side * side
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # not knowable here
+            return
+    if need > have:
+        raise ConfigError(f"train.batch_size: {batch} images of {channels}x{side}x{side} need "
+                          f"{need / 2**30:,.1f} GiB for one step's inputs alone, more than this "
+                          f"{device.type.upper()}'s {have / 2**30:,.1f} GiB; lower "
+                          "train.batch_size (or unet.image_size)")
 
 
 def pick_device(requested: str | None, local_index: int = 0) -> torch.device:
@@ -301,18 +325,20 @@ class Run:
     and checks the newest state: afterwards ``resume_from`` is that state (None: a fresh run),
     ``saved`` its ``trainer.json`` and ``start_step`` its step. Then the trainer builds its
     model and calls :meth:`restore`, :meth:`prepare`, :meth:`open_folder` and, in its loop,
-    :meth:`agree`, :meth:`log`, :meth:`save_state`; leaving the ``with`` block closes the bar,
+    :meth:`should_stop`, :meth:`log`, :meth:`save_state`; leaving the ``with`` block closes the bar,
     ends the trackers, restores the signal handlers and releases the lock.
 
     ``command`` names the command in messages (``"train"``, ``"segment train"``);
-    ``batch_size`` must split into ``batch_divisor`` parts per process; ``state_keys`` are the
+    ``batch_size`` must split into ``batch_divisor`` parts per process and, with images of
+    ``image_shape`` (channels, side), fit the device; ``state_keys`` are the
     keys (and JSON types) a state's ``trainer.json`` must hold; ``say`` receives one-line
     messages (main process only); ``progress`` shows a tqdm bar.
     """
 
     def __init__(self, cfg: Any, out_dir: str | Path, *, resume: bool, command: str,
-                 mixed_precision: str, batch_size: int, batch_divisor: int = 1,
-                 trackers: Sequence[str] = (), state_keys: dict[str, type] | None = None,
+                 mixed_precision: str, batch_size: int, image_shape: tuple[int, int],
+                 batch_divisor: int = 1, trackers: Sequence[str] = (),
+                 state_keys: dict[str, type] | None = None,
                  static_graph: bool = False, say: Callable[[str], None] = lambda msg: None,
                  progress: bool = True) -> None:
         from accelerate import Accelerator  # the heavy import lives here (and in sampling)
@@ -347,6 +373,7 @@ class Run:
             by = f"{self.world} processes" + (f" x {batch_divisor} grad_accum_steps"
                                               if batch_divisor > 1 else "")
             raise ConfigError(f"train.batch_size: {batch_size} is not divisible by {by}")
+        _check_batch_fits(batch_size, *image_shape, self.device)
         if self.device.type == "cuda":
             # TF32 tensor cores for the fp32 matmuls (cuDNN convolutions use them by default);
             # the shapes never change, so cuDNN may time its algorithms once and keep the best.
@@ -373,7 +400,7 @@ class Run:
     def _check_launch(self) -> None:
         refuse_lone_processes(self.world, f"train alone into {self.out_dir}", "train")
         if (self.world == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ
-                and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")):
+                and cpu_requested()):
             # `accelerate launch --cpu --num_processes N` runs ONE process unless MPI is set up.
             self.tell("note: `accelerate launch --cpu` started one process (Accelerate needs "
                       "mpirun for several CPU processes); training in one process, which gives "
@@ -577,17 +604,17 @@ class Run:
         """The name of the signal that asked this process to stop (None: not asked)."""
         return self._stop.get("signal")
 
-    def agree(self, *flags: bool | torch.Tensor) -> list[bool]:
-        """Each flag true on ANY process, as the same Python bools on every process (one small
-        all-reduce; none at all for Python flags in a single process). Used for the decisions
-        that must be the same everywhere: skip a non-finite step, stop on a signal."""
-        if self.world == 1 and not any(isinstance(f, torch.Tensor) for f in flags):
-            return [bool(f) for f in flags]
-        values = torch.stack([torch.as_tensor(f, device=self.device).reshape(()).float()
-                              for f in flags])
-        if self.world > 1:
-            values = self.accelerator.reduce(values, "sum")
-        return [v > 0 for v in values.tolist()]
+    def should_stop(self, check_point: bool) -> bool:
+        """Whether the loop stops after this step because of SIGINT/SIGTERM, the same answer on
+        every process. One process answers at once from its host flag; several agree (one small
+        all-reduce, a host sync) only at the loop's ``check_point`` steps, so the steps between
+        never wait for the host."""
+        if self.world == 1:
+            return self.stop_signal is not None
+        if not check_point:
+            return False
+        flag = torch.tensor(float(self.stop_signal is not None), device=self.device)
+        return bool(self.accelerator.reduce(flag, "sum") > 0)
 
     def collective(self, fn: Callable[[], R], *, main_only: bool = True) -> R:
         """Run ``fn`` on the main process (or, with ``main_only=False``, on every process) and

@@ -47,15 +47,17 @@ from .config import SampleConfig, check_sampling, from_dict, to_dict
 from .errors import ConfigError, DataError, FolderError, UsageError
 from .fileio import atomic_write_bytes
 from .images import save_grid, save_image
-from .runs import pick_device, refuse_lone_processes
+from .runs import cpu_requested, pick_device, refuse_lone_processes
 from .samplers import make_timesteps, sample
 from .version import __version__
 
 __all__ = ["SampleOptions", "SampleResult", "generate", "parse_class_labels", "image_name",
-           "sample_settings", "MANIFEST", "GRID", "MAX_GRID_IMAGES", "PRECISIONS"]
+           "sample_settings", "MANIFEST", "GRID", "MAX_GRID_IMAGES", "MAX_SAMPLES", "PRECISIONS"]
 
 MANIFEST = "manifest.json"
 GRID = "grid.png"
+MAX_SAMPLES = 10_000_000
+"""Images one run draws into one folder at most (each is a file the run checks and lists)."""
 MAX_GRID_IMAGES = 1024
 """The grid shows at most this many images (the first ones): 1024 64x64 tiles are ~2100 px."""
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
@@ -139,6 +141,10 @@ class SampleOptions:
             if (value is not None or name == "num_samples") and (not _is_int(value)
                                                                  or value < 1):
                 raise UsageError(f"{flag} must be a positive integer, got {value!r}")
+        if self.num_samples > MAX_SAMPLES:
+            raise UsageError(f"--num-samples {self.num_samples} is more than {MAX_SAMPLES:,} "
+                             "images for one folder; draw them into several --out-dir folders "
+                             "(with --seed offsets)")
         check_sampling(_FLAGS, sampler=self.sampler, num_steps=self.num_steps, eta=self.eta,
                        spacing=self.spacing, guidance_scale=self.guidance_scale,
                        error=UsageError)
@@ -286,6 +292,8 @@ def _labels_spec(spec: ClassLabels) -> Any:
 
 
 def _read_manifest(path: Path) -> Optional[dict[str, Any]]:
+    if not path.is_file():  # a FIFO or device planted under the name would block a read
+        return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -390,8 +398,7 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
 
     # As Accelerator does, ACCELERATE_USE_CPU=1 (set by `accelerate launch --cpu`) joins the
     # processes on the CPU (gloo); so does asking for the CPU outright.
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    state = PartialState(cpu=use_cpu or options.device == "cpu")
+    state = PartialState(cpu=cpu_requested() or options.device == "cpu")
     main = state.is_main_process
     refuse_lone_processes(state.num_processes, "draw every image alone", "sample")
     tell = say if (say is not None and main) else (lambda msg: None)

@@ -234,7 +234,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     t = cfg.train
     with Run(cfg, out_dir, resume=resume, command="train", mixed_precision=t.mixed_precision,
              batch_size=t.batch_size, batch_divisor=t.grad_accum_steps, trackers=t.trackers,
-             state_keys=STATE_KEYS, static_graph=t.grad_accum_steps == 1 and not t.compile,
+             image_shape=(cfg.unet.in_channels, cfg.unet.image_size), state_keys=STATE_KEYS,
+             static_graph=t.grad_accum_steps == 1 and not t.compile,
              say=say, progress=progress) as run:
         step = run.start_step
         if run.resume_from is not None:
@@ -309,12 +310,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
             interval_good += ~bad
             step += 1
             run.bar.update(1)
-            if run.world == 1:  # a host flag, nothing to agree on
-                stopping = run.stop_signal is not None
             check = (step % t.log_every == 0 or step % t.max_nonfinite == 0
-                     or step == t.max_steps)
-            if check and run.world > 1:
-                (stopping,) = run.agree(run.stop_signal is not None)
+                     or step % t.save_every == 0 or step == t.max_steps)
+            stopping = run.should_stop(check)
             if check or stopping:  # read the device counters (a host sync) only here
                 counts = {k: int(v) for k, v in nonfinite.items()}
                 if counts["nonfinite_streak"] >= t.max_nonfinite:
@@ -332,7 +330,6 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
             if step % t.sample_every == 0:
                 preview(step)
             if step % t.save_every == 0 or step == t.max_steps or stopping:
-                counts = {k: int(v) for k, v in nonfinite.items()}
                 model_path, state_path = save(step)
             if stopping:
                 run.tell(f"stopped by {run.stop_signal or 'a signal'} at step {step}; state "

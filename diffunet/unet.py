@@ -169,7 +169,8 @@ class UNet(nn.Module):
         always used; elsewhere they follow the weights, i.e. ``model.to(memory_format=
         torch.channels_last)`` turns them on. Every later activation inherits the format.
         """
-        if (x.device.type == "cpu" and self._onednn) or self.conv_out.weight.is_contiguous(memory_format=torch.channels_last):
+        weights_nhwc = self.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+        if (x.device.type == "cpu" and self._onednn) or weights_nhwc:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 

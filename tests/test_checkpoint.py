@@ -262,3 +262,12 @@ def test_files_get_the_usual_permissions(tmp_path: Path) -> None:
     for p in (path, tmp_path / "a.json", tmp_path / "b.png"):
         assert p.stat().st_mode & 0o777 == 0o644, p
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_fifo_named_like_a_model_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
+    with pytest.raises(ModelFileError, match="is not a regular file"):
+        load_model(fifo)

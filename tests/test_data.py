@@ -501,3 +501,31 @@ def test_the_decoded_cache_is_shared_with_loader_workers(tmp_path: Path) -> None
     assert torch.equal(torch.cat(first).sort(dim=0).values,
                        torch.stack([ds[i][0] for i in sampler.batch_at(0) + sampler.batch_at(1)
                                     + sampler.batch_at(2)]).sort(dim=0).values)
+
+
+def test_a_fifo_in_an_image_folder_is_skipped_unopened(tmp_path: Path) -> None:
+    import os
+
+    Image.new("RGB", (12, 12), (9, 9, 9)).save(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "b.png")  # opening it would block the scan
+    ds = build_dataset(DataConfig(channels=3, image_size=8, source="folder",
+                                  path=str(tmp_path), cache=False))
+    assert [p.name for p in ds.files] == ["a.png"]
+    assert [Path(s).name for s in ds.skipped] == ["b.png"]
+
+
+def test_a_cache_that_cannot_be_allocated_is_one_line(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    Image.new("RGB", (12, 12), (9, 9, 9)).save(tmp_path / "a.png")
+    real_empty = torch.empty
+
+    def refused(*args, **kwargs):
+        if kwargs.get("dtype") is torch.uint8:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", refused)
+    with pytest.raises(DataError, match=r"^data\.cache: the 1 decoded images would take .* GiB; "
+                                        r"set data\.cache=false$"):
+        build_dataset(DataConfig(channels=3, image_size=8, source="folder", path=str(tmp_path),
+                                 cache=True))

@@ -483,3 +483,12 @@ def test_the_gpu_check_runs_on_the_cpu(tmp_path):
     assert any("scaled_dot_product" in k for k in result["sdpa_kernels"])
     table = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "| train step, bf16 + channels-last |" in table and "DDIM-50 sampling" in table
+
+
+def test_the_gpu_check_refuses_a_folder_holding_files(tmp_path, capsys):
+    from diffunet.cli import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["bench", "--gpu-check", str(tmp_path), "--quick", "--device", "cpu"]) == 2
+    assert "is not an empty folder" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -24,7 +24,7 @@ import diffunet
 from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig
 from diffunet.cli import main
 from diffunet.config import SampleConfig, to_dict
-from diffunet.errors import UsageError
+from diffunet.errors import FolderError, UsageError
 from diffunet.sampling import GRID, MANIFEST, SampleOptions, generate, image_name
 from diffunet.samplers import sample
 from processes import clean_env, cpu_env, launch_two
@@ -467,3 +467,20 @@ def test_compiled_channels_last_sampling_gives_the_same_images(rgb_model, tmp_pa
     assert np.abs(pixels(fast, 3) - pixels(plain, 3)).max() <= 1
     settings = [json.loads((d / MANIFEST).read_text())["settings"] for d in (plain, fast)]
     assert settings[0] == settings[1]
+
+
+def test_a_planted_fifo_manifest_is_refused_without_blocking(rgb_model, tmp_path):
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / MANIFEST)
+    with pytest.raises(FolderError, match="is not a readable diffunet sample manifest"):
+        generate(rgb_model, out, opts(num_samples=1))
+
+
+def test_more_samples_than_one_folder_holds_are_refused():
+    from diffunet.sampling import MAX_SAMPLES
+
+    with pytest.raises(UsageError, match="--num-samples 10000001 is more than 10,000,000"):
+        SampleOptions(num_samples=MAX_SAMPLES + 1)

@@ -573,3 +573,12 @@ def test_one_writer_per_run_folder_and_a_killed_holder_leaves_no_lock(
     reset_accelerate_state()
     assert cli.main(argv) == 0, capsys.readouterr().err  # the kernel released the lock
     assert (out / "state" / "step0000002").is_dir()
+
+
+def test_a_batch_the_machine_cannot_hold_is_refused_before_anything_is_written(
+        tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"^train\.batch_size: 1000000000000 images of 3x16x16 "
+                                          r"need .* GiB for one step's inputs alone"):
+        train(_cfg("train.batch_size=1000000000000"), out, progress=False)
+    assert not out.exists()

@@ -219,6 +219,7 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *, resume: bool =
     t = cfg.train
     with Run(cfg, out_dir, resume=resume, command="segment train", batch_size=t.batch_size,
              mixed_precision=t.mixed_precision, state_keys=STATE_KEYS, static_graph=True,
+             image_shape=(cfg.unet.in_channels, cfg.unet.image_size),
              say=say, progress=progress) as run:
         saved, step, device = run.saved, run.start_step, run.device
         data = build_segmentation_data(cfg)
@@ -290,7 +291,7 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *, resume: bool =
             for v in sums.values():
                 v += loss
             run.bar.update(1)
-            (stopping,) = run.agree(run.stop_signal is not None)
+            stopping = run.should_stop(step % t.log_every == 0 or step % steps_per_epoch == 0)
             if step % t.log_every == 0:  # the loss is read on the host only here
                 interval = run.accelerator.reduce(sums["interval"], "mean") / t.log_every
                 mean_loss = round(interval.item(), 6)
