@@ -14,27 +14,42 @@ tensors, and string metadata
 anything else          JSON values given to ``save_model(..., extra=...)`` (e.g. ``step``)
 =====================  ==================================================================
 
-Loading reads the header itself (so a truncated or foreign file gets a precise message) and
-never unpickles anything: a pickled ``.pt``/``.ckpt`` is recognised and refused.
+Loading treats the file as a stranger's: it opens it as the regular file it must be (a FIFO or
+a device is refused on the open descriptor), reads the 8-byte length and the header (at most
+100 MiB), checks everything in the header against one schema (tensor entries with dtypes
+safetensors knows, integer shapes, contiguous in-bounds offsets whose byte count is dtype x
+shape, metadata a JSON object of strings with short keys, each JSON value nested at most
+:data:`~diffunet.fileio.MAX_JSON_DEPTH` deep, segmentation metadata that fits the network),
+compares the tensor names and shapes with the network the stored config builds (counted on the
+meta device), checks that the network, its schedule and one image fit in memory, and only then
+reads exactly the tensor bytes. Weights that are not finite are refused, naming the first such
+tensor. Every problem is one :class:`~diffunet.errors.ModelFileError` line; nothing is ever
+unpickled: a pickled ``.pt``/``.ckpt`` is recognised and refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
+import re
+import stat
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from .config import ScheduleConfig, UNetConfig, from_dict, to_dict
+from .config import (ScheduleConfig, UNetConfig, from_dict, segmentation_output_channels,
+                     to_dict)
 from .diffusion import NoiseSchedule
 from .errors import ConfigError, ModelFileError
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, first_line, parse_json, schema_problem
+from .resources import Cost, activation_bytes, check_fits, parameter_shapes, schedule_bytes
 from .unet import UNet
 from .version import __version__
 
@@ -87,76 +102,291 @@ def _looks_pickled(data: bytes) -> bool:
     return data[:4] == b"PK\x03\x04" or (data[:1] == b"\x80" and data[1:2] in b"\x02\x03\x04\x05")
 
 
-def _read_header(path: Path, data: bytes) -> dict[str, Any]:
-    """Parse and sanity-check the safetensors header of ``data`` (the bytes of ``path``)."""
-    header = None
-    n = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else 0
-    if 8 <= 8 + n <= len(data) and n <= _MAX_HEADER:
+# ---------------------------------------------------------------------------------------------
+# Reading a file that may have been written by anyone: open it as what it is, read the 8-byte
+# length and the header, check everything the header says, and only then read the tensor bytes.
+
+_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2), "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1),
+    "U16": (torch.uint16, 2), "U32": (torch.uint32, 4), "U64": (torch.uint64, 8),
+    "BOOL": (torch.bool, 1),
+}
+"""safetensors dtype names (whole bytes per element) -> torch dtype and bytes per element."""
+_MAX_NAME = 256  # characters of a tensor name or metadata key (diffunet's are under 80)
+_MAX_DIMS = 16
+_MAX_VERSION = 64  # characters of the diffunet_version string
+_CHUNK = 16 << 20
+
+
+def _q(text: str) -> str:
+    """``repr`` of a name from the file, short enough for a one-line message."""
+    r = repr(text)
+    return r if len(r) <= 60 else r[:50] + "...'"
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return f"the JSON value {json.dumps(value)}"
+    if isinstance(value, (int, float)):
+        return f"the JSON number {_q(str(value))[1:-1]}"
+    if isinstance(value, dict):
+        return "a JSON object"
+    if isinstance(value, list):
+        return "a JSON array"
+    return f"the string {_q(value)}" if isinstance(value, str) else type(value).__name__
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _Header(NamedTuple):
+    header: dict[str, Any]
+    head: bytes  # the 8-byte length and the header bytes, as in the file
+    size: int  # bytes of the whole file
+    tensors: list[tuple[str, str, tuple[int, ...], int, int]]  # name, dtype, shape, begin, end
+
+
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[tuple[BinaryIO, int]]:
+    """``path`` opened for reading as the regular file it must be, and its size. Opened without
+    blocking and checked on the open descriptor (no window between a check and the open in
+    which the name could be swapped for a FIFO or a device)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ModelFileError(f"model file not found: {path}") from None
+    except IsADirectoryError:  # Windows; on POSIX a folder opens and fstat says so
+        raise ModelFileError(f"{path} is a folder; give the path of a .safetensors model "
+                             "file") from None
+    except OSError as e:
+        raise ModelFileError(f"{path} cannot be opened ({(e.strerror or str(e)).lower()}); "
+                             "check its permissions or give another model file") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ModelFileError(f"{path} is a folder; give the path of a .safetensors model "
+                                 "file")
+        if not stat.S_ISREG(st.st_mode):  # reading a FIFO would wait forever, a device never end
+            raise ModelFileError(f"{path} is not a regular file (a FIFO, socket or device); "
+                                 "give the path of a .safetensors model file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f, st.st_size
+
+
+def _read_exactly(f: BinaryIO, n: int) -> bytes:
+    parts, left = [], n
+    while left > 0:
+        chunk = f.read(min(left, _CHUNK))
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def _entry_problem(info: Any) -> str | None:
+    """What is wrong with one tensor entry of a safetensors header, or None."""
+    if not isinstance(info, dict):
+        return f"it is {_kind(info)}, not a JSON object"
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in info:
+            return f"no {key}"
+    extra = sorted(set(info) - {"dtype", "shape", "data_offsets"})
+    if extra:
+        return f"unknown key {_q(extra[0])}"
+    shape, offsets = info["shape"], info["data_offsets"]
+    if (not isinstance(shape, list) or len(shape) > _MAX_DIMS
+            or not all(_is_int(d) and d >= 0 for d in shape)):
+        return (f"shape must be a list of at most {_MAX_DIMS} non-negative integers, got "
+                f"{_q(json.dumps(shape))[1:-1]}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(_is_int(o) and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+        return ("data_offsets must be two increasing non-negative integers, got "
+                f"{_q(json.dumps(offsets))[1:-1]}")
+    return None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the key {_q(dup)} appears twice")
+    return d
+
+
+def _read_header(path: Path, f: BinaryIO, size: int) -> _Header:
+    """Read and check the safetensors header of the open file ``f`` (``size`` bytes), leaving
+    ``f`` at the first tensor byte. One schema check of everything in the header: tensor entries
+    with dtypes safetensors knows, integer shapes, in-bounds contiguous offsets whose byte
+    count is dtype x shape, metadata a JSON object of strings."""
+    first = _read_exactly(f, 8)
+    n = struct.unpack("<Q", first)[0] if len(first) == 8 else 0
+    header, why = None, ""
+    raw = b""
+    if len(first) == 8 and n <= _MAX_HEADER and 8 + n <= size:
+        raw = _read_exactly(f, n)
         try:
-            header = json.loads(data[8:8 + n].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = parse_json(raw)
+            if isinstance(header, dict):
+                header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        except ValueError as e:  # not UTF-8, not JSON, nested too deep, a duplicate key
             header = None
-    if header is None and _looks_pickled(data):
+            if not isinstance(e, json.JSONDecodeError | UnicodeDecodeError):
+                why = f": {e}"
+    if header is None and _looks_pickled(first):
         raise ModelFileError(
             f"{path} is a pickled PyTorch checkpoint (.pt/.ckpt); diffunet never unpickles files "
             "because that can run code. Load it yourself with torch.load(..., weights_only=True), "
             "put the state dict in a UNet, and write it with diffunet.save_model")
-    if len(data) < 8:
-        raise ModelFileError(f"{path} is not a safetensors model file (only {len(data)} bytes); "
+    if len(first) < 8:
+        raise ModelFileError(f"{path} is not a safetensors model file (only {size} bytes); "
                              "re-save or re-download it")
-    if n > _MAX_HEADER or 8 + n > len(data):
+    if n > _MAX_HEADER or 8 + n > size:
         raise ModelFileError(f"{path} is not a safetensors model file or is truncated (header "
-                             f"says {n} bytes, file has {len(data)}); re-save or re-download it")
+                             f"says {n} bytes, file has {size}); re-save or re-download it")
+    if len(raw) < n:
+        raise ModelFileError(f"{path} is truncated (it shrank while being read); re-save or "
+                             "re-download it")
     if header is None:
-        raise ModelFileError(f"{path} is not a safetensors model file (its header is not JSON)")
+        raise ModelFileError(f"{path} is not a safetensors model file (its header is not "
+                             f"JSON{why})")
     if not isinstance(header, dict):
-        raise ModelFileError(f"{path} is not a safetensors model file (malformed header)")
-    end = 0
+        raise ModelFileError(f"{path} is not a safetensors model file (malformed header: "
+                             f"{_kind(header)}, not a JSON object)")
+    damaged = "the file is damaged, re-save or re-download it"
+    meta = header.get("__metadata__")
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise ModelFileError(f"{path}: its safetensors metadata is {_kind(meta)}, not a "
+                                 f"JSON object of strings; {damaged}")
+        for key, value in meta.items():
+            if len(key) > _MAX_NAME:
+                raise ModelFileError(f"{path}: a metadata key is {len(key):,} characters long "
+                                     f"(at most {_MAX_NAME}: {_q(key)}); {damaged}")
+            if not isinstance(value, str):
+                raise ModelFileError(f"{path}: metadata {_q(key)} is {_kind(value)}, not a "
+                                     "string (safetensors metadata holds only strings); "
+                                     f"{damaged}")
+            try:
+                key.encode("utf-8"), value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ModelFileError(f"{path}: metadata {_q(key)} is not valid UTF-8; "
+                                     f"{damaged}") from None
+    tensors = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (TypeError, KeyError, IndexError, ValueError):
-            raise ModelFileError(f"{path}: malformed safetensors entry for tensor {name!r}; the "
-                                 "file is damaged, re-save or re-download it")
-    if 8 + n + end > len(data):
-        raise ModelFileError(f"{path} is truncated ({len(data)} bytes, its header needs "
-                             f"{8 + n + end}); re-save or re-download it")
-    return header
+        if len(name) > _MAX_NAME:
+            raise ModelFileError(f"{path}: a tensor name is {len(name):,} characters long (at "
+                                 f"most {_MAX_NAME}: {_q(name)}); {damaged}")
+        problem = _entry_problem(info)
+        if problem is None and info["dtype"] not in _DTYPES:
+            problem = (f"dtype {_q(str(info['dtype']))} is not one safetensors knows (one of "
+                       f"{', '.join(_DTYPES)})")
+        if problem is None:
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                problem = "its name is not valid UTF-8"
+        if problem is not None:
+            raise ModelFileError(f"{path}: malformed safetensors entry for tensor {_q(name)} "
+                                 f"({problem}); {damaged}")
+        begin, end = info["data_offsets"]
+        tensors.append((name, info["dtype"], tuple(info["shape"]), begin, end))
+    data_len = size - 8 - n
+    needed = max((end for *_, end in tensors), default=0)
+    if needed > data_len:
+        raise ModelFileError(f"{path} is truncated ({size} bytes, its header needs "
+                             f"{8 + n + needed}); re-save or re-download it")
+    for name, dtype, shape, begin, end in tensors:
+        want = math.prod(shape) * _DTYPES[dtype][1]
+        if end - begin != want:
+            raise ModelFileError(f"{path}: malformed safetensors entry for tensor {_q(name)} "
+                                 f"({dtype} {list(shape)} is {want:,} bytes but its "
+                                 f"data_offsets span {end - begin:,}); {damaged}")
+    pos, prev = 0, None
+    for name, _, _, begin, end in sorted(tensors, key=lambda t: (t[3], t[4])):
+        if begin < pos:
+            raise ModelFileError(f"{path}: cannot read its tensors (tensors {_q(prev)} and "
+                                 f"{_q(name)} overlap at byte {begin:,}); {damaged}")
+        if begin > pos:
+            raise ModelFileError(f"{path}: cannot read its tensors (no tensor holds data bytes "
+                                 f"{pos:,} to {begin:,}); {damaged}")
+        pos, prev = end, name
+    if pos != data_len:
+        raise ModelFileError(f"{path}: cannot read its tensors ({data_len - pos:,} bytes "
+                             f"after the last tensor); {damaged}")
+    return _Header(header, first + raw, size, tensors)
+
+
+def _read_tensors(path: Path, f: BinaryIO, h: _Header, digest: Any) -> dict[str, torch.Tensor]:
+    """The tensors of the checked header ``h``: exactly the data region of ``f``, read (and
+    hashed into ``digest``) in chunks into one buffer, each tensor a view of it."""
+    data_len = h.size - len(h.head)
+    buf = bytearray(data_len)
+    view, pos = memoryview(buf), 0
+    while pos < data_len:
+        got = f.readinto(view[pos:pos + _CHUNK])
+        if not got:
+            raise ModelFileError(f"{path} is truncated (it shrank while being read); re-save "
+                                 "or re-download it")
+        digest.update(view[pos:pos + got])
+        pos += got
+    if f.read(1):
+        raise ModelFileError(f"{path} grew while being read; read it again when it is written")
+    tensors = {}
+    for name, dtype, shape, begin, end in h.tensors:
+        tdtype = _DTYPES[dtype][0]
+        if end == begin:
+            tensors[name] = torch.empty(shape, dtype=tdtype)
+        else:
+            tensors[name] = torch.frombuffer(buf, dtype=tdtype, count=math.prod(shape),
+                                             offset=begin).reshape(shape)
+    return tensors
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Check that ``path`` is a diffunet model file and return its parsed metadata.
 
     Values are decoded from JSON; ``unet_config`` and ``schedule_config`` stay plain dicts.
+    Only the header is read (the tensor bytes are checked for extent, not read).
     """
-    return _parse(Path(path), _read_bytes(Path(path)))[0]
+    path = Path(path)
+    with _open(path) as (f, size):
+        return _parse(path, _read_header(path, f, size))
 
 
-def _read_bytes(path: Path) -> bytes:
-    if not path.exists():
-        raise ModelFileError(f"model file not found: {path}")
-    if path.is_dir():
-        raise ModelFileError(f"{path} is a folder; give the path of a .safetensors model file")
-    if not path.is_file():  # reading a FIFO would wait forever, a device might never end
-        raise ModelFileError(f"{path} is not a regular file (a FIFO, socket or device); give "
-                             "the path of a .safetensors model file")
-    return path.read_bytes()
+_SEGMENTATION_SCHEMA = {"num_classes?": int, "class_names?": [str], "mean?": [float],
+                        "std?": [float], "image_size?": int, "channels?": int,
+                        "ignore_index?": int}
+"""What ``diffunet segment train`` writes under the ``segmentation`` key (see
+:func:`diffunet.segmentation.training.segmentation_metadata`): each key is checked when it is
+there (a missing one is for the command that needs it to name)."""
 
 
-def _parse(path: Path, data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
-    header = _read_header(path, data)
-    raw = header.get("__metadata__") or {}
+def _parse(path: Path, h: _Header) -> dict[str, Any]:
+    raw = h.header.get("__metadata__") or {}
     if raw.get("format") != FORMAT:
         raise ModelFileError(f"{path} is a safetensors file but not a diffunet model file (its "
                              "metadata has no format 'diffunet.model'); write one with "
                              "diffunet.save_model")
-    try:
-        version = int(raw.get("format_version", ""))
-    except ValueError:
-        raise ModelFileError(f"{path}: malformed format_version {raw.get('format_version')!r}; "
-                             "the file is damaged, re-save or re-download it")
+    text = raw.get("format_version", "")
+    if not re.fullmatch(r"[0-9]{1,9}", text):
+        raise ModelFileError(f"{path}: malformed format_version {_q(text)}; the file is "
+                             "damaged, re-save or re-download it")
+    version = int(text)
     if version > FORMAT_VERSION:
         raise ModelFileError(f"{path} has model format version {version}, newer than this "
                              f"diffunet {__version__} reads ({FORMAT_VERSION}); upgrade diffunet")
@@ -165,19 +395,196 @@ def _parse(path: Path, data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
         if key in ("format", "format_version"):
             continue
         if key == "diffunet_version":
+            if len(value) > _MAX_VERSION or not value.isprintable():
+                raise ModelFileError(f"{path}: malformed diffunet_version {_q(value)}; the "
+                                     "file is damaged, re-save or re-download it")
             meta[key] = value
             continue
         try:
-            meta[key] = json.loads(value)
-        except json.JSONDecodeError:
-            raise ModelFileError(f"{path}: metadata {key!r} is not valid JSON; the file is damaged")
+            meta[key] = parse_json(value)
+        except (json.JSONDecodeError, UnicodeError):
+            raise ModelFileError(f"{path}: metadata {_q(key)} is not valid JSON; the file is "
+                                 "damaged, re-save or re-download it") from None
+        except ValueError as e:  # nested too deep
+            raise ModelFileError(f"{path}: metadata {_q(key)} is refused ({e}; diffunet writes "
+                                 "at most 4); the file is damaged or not diffunet's") from None
     for key in ("unet_config", "schedule_config"):
         if key == "schedule_config" and key not in meta:
             continue  # a model with no noise schedule (e.g. segmentation)
         if not isinstance(meta.get(key), dict):
             raise ModelFileError(f"{path}: metadata {key!r} is missing or not a JSON object; "
                                  "the file is damaged or was not written by diffunet.save_model")
-    return meta, header
+    if "segmentation" in meta:
+        problem = schema_problem(meta["segmentation"], _SEGMENTATION_SCHEMA, "segmentation")
+        if problem:
+            raise ModelFileError(f"{path}: its segmentation metadata is damaged ({problem}); "
+                                 "re-save it with `diffunet segment train`")
+    return meta
+
+
+def _segmentation_problem(seg: dict[str, Any], cfg: UNetConfig) -> str | None:
+    """What in the (schema-checked) segmentation metadata does not fit the network ``cfg``."""
+    k = seg.get("num_classes")
+    if k is not None:
+        if not 2 <= k <= 255:  # a mask PNG holds labels 0..254 (255 is "ignore")
+            return f"num_classes is {k}, not 2 to 255"
+        out = cfg.out_channels if cfg.out_channels is not None else cfg.in_channels
+        want = segmentation_output_channels(k)
+        if out != want:
+            return (f"num_classes {k} needs {want} network output channel(s) but the unet has "
+                    f"{out}")
+        if "class_names" in seg and len(seg["class_names"]) != k:
+            return f"{len(seg['class_names'])} class_names for {k} classes"
+    if any(len(name) > _MAX_NAME for name in seg.get("class_names", ())):
+        return f"a class name is longer than {_MAX_NAME} characters"
+    if seg.get("channels", cfg.in_channels) != cfg.in_channels:
+        return f"channels {seg['channels']} but the unet takes {cfg.in_channels}"
+    if seg.get("image_size", cfg.image_size) != cfg.image_size:
+        return f"image_size {seg['image_size']} but the unet's is {cfg.image_size}"
+    for name in ("mean", "std"):
+        values = seg.get(name)
+        if values is None:
+            continue
+        if len(values) != cfg.in_channels:
+            return (f"{name} has {len(values)} entries for a {cfg.in_channels}-channel "
+                    "model")
+        if not all(math.isfinite(v) for v in values):
+            return f"{name} {_q(json.dumps(values))[1:-1]} is not finite"
+    if not all(v > 0 for v in seg.get("std", ())):
+        return f"std {seg['std']} has an entry that is not positive"
+    return None
+
+
+def _fit_problem(h: _Header, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """How the file's tensors differ from the network's ``shapes`` (None: they fit)."""
+    have = {name: shape for name, _, shape, _, _ in h.tensors}
+    missing = sorted(set(shapes) - set(have))
+    unexpected = sorted(set(have) - set(shapes))
+    wrong = [f"{k} {have[k]} vs {v}" for k, v in shapes.items() if k in have and have[k] != v]
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} (e.g. {_q(unexpected[0])[1:-1]})")
+    if wrong:
+        parts.append(f"wrong shape {len(wrong)} (e.g. {wrong[0]})")
+    if not parts:
+        return None
+    implied = sum(math.prod(s) for s in shapes.values())
+    held = sum(math.prod(s) for s in have.values())
+    if implied != held:
+        parts.append(f"its config implies {implied:,} parameters but it holds {held:,}")
+    return "; ".join(parts)
+
+
+def _too_big_to_build(h: _Header, cfg: UNetConfig) -> str | None:
+    """A config whose network surely has more tensors than the file holds, or more weights
+    than torch can count, found without building it (a million residual blocks would take
+    minutes to build even on the meta device; a trillion channels would overflow torch's
+    element counts)."""
+    levels = len(cfg.channel_mults)
+    min_tensors = 2 * levels * (2 * cfg.num_res_blocks + 1)  # a weight and a bias per block
+    widest = cfg.base_channels * max(cfg.channel_mults)
+    min_weights = 9 * widest * widest  # one 3x3 convolution at the widest level
+    held = sum(math.prod(shape) for _, _, shape, _, _ in h.tensors)
+    if min_tensors > len(h.tensors):
+        return (f"its config implies at least {min_tensors:,} tensors but it holds "
+                f"{len(h.tensors):,}")
+    if min_weights >= 1 << 62:  # past torch's int64 element counts: not even countable
+        return f"its config implies at least {min_weights:,} parameters but it holds {held:,}"
+    return None
+
+
+def first_nonfinite(tensors: dict[str, torch.Tensor]) -> tuple[str, int, int] | None:
+    """The first floating tensor (in ``tensors``' order) holding NaN or inf: its name, how many
+    such entries and how many entries it has; None when every value is finite."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.numel():
+            if t.element_size() == 1:  # float8: isfinite is not implemented for it everywhere
+                t = t.float()
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return name, bad, t.numel()
+    return None
+
+
+class LoadedModel(NamedTuple):
+    """What :func:`load_model_file` found: the network (eval mode), the noise schedule (None
+    for a segmentation model), the file's own metadata (JSON decoded; ``format_version`` the
+    integer), its sha256, and the first tensor with non-finite values (None: all finite)."""
+
+    net: UNet
+    schedule: NoiseSchedule | None
+    metadata: dict[str, Any]
+    sha256: str
+    nonfinite: tuple[str, int, int] | None
+
+
+def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                    check_finite: bool = True) -> LoadedModel:
+    """:func:`load_model` with the file's metadata kept apart from what the loader found.
+
+    Everything is checked before anything large is allocated: the header (schema, offsets,
+    bounds), the metadata (JSON nesting, schema, segmentation metadata against the network),
+    the configs, the tensor names and shapes against the network the config builds (counted
+    on the meta device), and the memory the network, its schedule and one image need. Only
+    then are the tensor bytes read, exactly the data region. ``check_finite``: a NaN or inf in
+    any weight is a :class:`ModelFileError` (else it is reported in ``nonfinite``).
+    """
+    path = Path(path)
+    with _open(path) as (f, size):
+        h = _read_header(path, f, size)
+        meta = _parse(path, h)
+        try:
+            unet_cfg = from_dict(UNetConfig, meta["unet_config"], "unet")
+            sched_cfg = (from_dict(ScheduleConfig, meta["schedule_config"], "schedule")
+                         if "schedule_config" in meta else None)
+        except ConfigError as e:
+            raise ModelFileError(f"{path}: its stored config is invalid ({e})") from None
+        if "segmentation" in meta:
+            problem = _segmentation_problem(meta["segmentation"], unet_cfg)
+            if problem:
+                raise ModelFileError(f"{path}: its segmentation metadata does not fit its "
+                                     f"network ({problem}); the file is damaged, re-save it "
+                                     "with `diffunet segment train`")
+        fit = _too_big_to_build(h, unet_cfg)
+        if fit is None:
+            try:
+                shapes = parameter_shapes(unet_cfg)
+            except (RuntimeError, ValueError, OverflowError, MemoryError) as e:
+                raise ModelFileError(f"{path}: its stored unet config describes a network that "
+                                     f"cannot be built ({first_line(e)})") from None
+            fit = _fit_problem(h, shapes)
+        if fit:
+            raise ModelFileError(f"{path}: the weights do not fit the stored unet config: "
+                                 f"{fit}")
+        n_params = sum(math.prod(s) for s in shapes.values())
+        data_bytes = size - len(h.head)
+        on_cpu = torch.device(device).type == "cpu"
+        cost = Cost(n_params * 4 + (data_bytes if on_cpu else 0),
+                    schedule_bytes(sched_cfg.num_train_timesteps) if sched_cfg else 0,
+                    activation_bytes(unet_cfg, 1))
+        fix = "use a machine with more memory, or a smaller model"
+        check_fits(cost, device, f"{path}: this model (one image at a time)", fix,
+                   ModelFileError)
+        if not on_cpu:
+            check_fits(Cost(data_bytes, 0, 0), "cpu", f"{path}: reading its weights", fix,
+                       ModelFileError)
+        digest = hashlib.sha256(h.head)
+        tensors = _read_tensors(path, f, h, digest)
+    ordered = {name: tensors[name] for name in shapes}  # the network's order
+    bad = first_nonfinite(ordered)
+    if bad is not None and check_finite:
+        name, count, total = bad
+        raise ModelFileError(f"{path}: tensor {name} holds {count:,} non-finite value(s) (NaN "
+                             f"or inf) of {total:,}; the weights are damaged (a diverged "
+                             "training run?), use an earlier model file")
+    net = UNet(unet_cfg)
+    net.load_state_dict(ordered)
+    del tensors, ordered
+    net.to(device).eval()
+    schedule = NoiseSchedule(sched_cfg) if sched_cfg is not None else None
+    return LoadedModel(net, schedule, meta, digest.hexdigest(), bad)
 
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -185,43 +592,15 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     """Rebuild the UNet (in eval mode) and noise schedule stored in a model file.
 
     Returns ``(net, schedule, meta)`` where ``meta`` holds the file's other metadata
-    (``format_version``, ``diffunet_version``, ``step`` if saved, ...) and ``sha256``;
-    ``schedule`` is None for a file with no noise schedule (a segmentation model).
-    Never unpickles; raises :class:`~diffunet.errors.ModelFileError` with a one-line reason.
+    (``format_version``, ``diffunet_version``, ``step`` if saved, ...) and ``sha256`` (the
+    file's real checksum, whatever its metadata says); ``schedule`` is None for a file with no
+    noise schedule (a segmentation model). Never unpickles, never reads more than the header
+    before checking it (see :func:`load_model_file`); raises
+    :class:`~diffunet.errors.ModelFileError` with a one-line reason, also for weights that are
+    not finite.
     """
-    path = Path(path)
-    data = _read_bytes(path)
-    meta, _ = _parse(path, data)
-    try:
-        unet_cfg = from_dict(UNetConfig, meta["unet_config"], "unet")
-        sched_cfg = (from_dict(ScheduleConfig, meta["schedule_config"], "schedule")
-                     if "schedule_config" in meta else None)
-    except ConfigError as e:
-        raise ModelFileError(f"{path}: its stored config is invalid ({e})") from None
-    try:
-        tensors = load_safetensors_bytes(data)
-    except Exception as e:  # safetensors raises its own error type for damaged data
-        raise ModelFileError(f"{path}: cannot read its tensors ({e}); the file is damaged")
-    net = UNet(unet_cfg)
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}"
-             for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[0]})")
-        if wrong:
-            parts.append(f"wrong shape {len(wrong)} (e.g. {wrong[0]})")
-        raise ModelFileError(f"{path}: the weights do not fit the stored unet config: "
-                             + "; ".join(parts))
-    net.load_state_dict(tensors)
-    net.to(device).eval()
-    meta["sha256"] = hashlib.sha256(data).hexdigest()
-    return net, (NoiseSchedule(sched_cfg) if sched_cfg is not None else None), meta
+    loaded = load_model_file(path, device=device)
+    return loaded.net, loaded.schedule, {**loaded.metadata, "sha256": loaded.sha256}
 
 
 def load_diffusion_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -244,13 +623,13 @@ def write_tensor_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
 
 
 def read_tensor_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and string metadata of a safetensors file (never unpickles); a missing,
-    damaged or foreign file is a :class:`ModelFileError`."""
+    """The tensors and string metadata of a safetensors file (never unpickles; the header is
+    checked before the tensor bytes are read); a missing, damaged or foreign file is a
+    :class:`ModelFileError`."""
     path = Path(path)
-    data = _read_bytes(path)
-    header = _read_header(path, data)
-    try:
-        tensors = load_safetensors_bytes(data)
-    except Exception as e:  # safetensors raises its own error type for damaged data
-        raise ModelFileError(f"{path}: cannot read its tensors ({e}); the file is damaged")
-    return tensors, dict(header.get("__metadata__") or {})
+    with _open(path) as (f, size):
+        h = _read_header(path, f, size)
+        check_fits(Cost(size, 0, 0), "cpu", f"{path}: reading it", "use a machine with more "
+                   "memory", ModelFileError)
+        tensors = _read_tensors(path, f, h, hashlib.sha256())
+    return tensors, dict(h.header.get("__metadata__") or {})

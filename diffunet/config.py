@@ -45,6 +45,33 @@ def _fail(key: str, problem: str) -> None:
     raise ConfigError(f"{key}: {problem}")
 
 
+SEED_LIMIT = 2**32
+"""Seeds are integers in [0, 2**32): what NumPy's seeding (and so Accelerate's ``set_seed``,
+which every run calls) accepts. ``diffunet sample --seed`` draws with torch alone and allows
+more (below 2**63 - num_samples)."""
+
+
+def check_seed(key: str, seed: Any, error: type[DiffunetError] = ConfigError) -> None:
+    """Refuse a seed outside [0, 2**32) (:data:`SEED_LIMIT`) with one line naming ``key``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise error(f"{key}: must be an integer with 0 <= seed < 2**32 (what NumPy's seeding "
+                    f"accepts), got {seed!r}")
+
+
+def _check_finite(cfg: Any, section: str) -> None:
+    """Every float of the config dataclass ``cfg`` (also inside a tuple) must be finite, unless
+    its field's metadata says ``allow_inf`` (then +-inf, never NaN): an ``inf`` learning rate
+    trains into NaN, a NaN passes every ``<`` range check unnoticed."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        items = value if isinstance(value, tuple) else (value,)
+        for x in items:
+            if isinstance(x, float) and not math.isfinite(x) and not (
+                    f.metadata.get("allow_inf") and not math.isnan(x)):
+                shown = list(value) if isinstance(value, tuple) else value
+                _fail(f"{section}.{f.name}", f"must be a finite number, got {shown}")
+
+
 def free_on_resume(default: Any) -> Any:
     """A config field that a resumed run may change: it says how the run executes or how long it
     goes on, not what the saved state computed (``--resume`` compares every other field with the
@@ -98,6 +125,7 @@ class UNetConfig:
     ``out_channels`` is then e.g. the number of mask classes."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "unet")
         p = "unet."
         if not self.time_conditioning:
             if self.num_classes is not None:
@@ -184,6 +212,7 @@ class ScheduleConfig:
     """Rescale betas so the last step is pure noise (Lin et al. 2023, Algorithm 1)."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "schedule")
         p = "schedule."
         if self.num_train_timesteps < 2:
             _fail(p + "num_train_timesteps", f"must be at least 2, got {self.num_train_timesteps}")
@@ -340,6 +369,7 @@ class DataConfig:
     after their first read; unset: when they take at most 4 GiB."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "data")
         p = "data."
         if self.source == "folder" and not self.path:
             _fail(p + "path", "is required with data.source = 'folder' (the image folder)")
@@ -407,6 +437,7 @@ class TrainConfig:
     a CPU. Changes how the run executes, not what it computes (up to float rounding)."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "train")
         p = "train."
         for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "sample_every",
                      "save_every", "keep_last", "max_nonfinite"):
@@ -428,6 +459,7 @@ class TrainConfig:
             _fail(p + "min_snr_gamma", f"must be positive or unset, got {self.min_snr_gamma}")
         if not 0 <= self.label_dropout < 1:
             _fail(p + "label_dropout", f"must be in [0, 1), got {self.label_dropout}")
+        check_seed(p + "seed", self.seed)
         if self.batch_size % self.grad_accum_steps:
             _fail(p + "batch_size", f"{self.batch_size} is not divisible by grad_accum_steps "
                   f"{self.grad_accum_steps}")
@@ -468,6 +500,12 @@ def check_sampling(names: dict[str, str], *, sampler: Any = None, num_steps: Any
         raise bad("guidance_scale", f"must be a finite number, got {guidance_scale!r}")
 
 
+MAX_PREVIEW_IMAGES = 256
+"""The most images a preview grid may hold: a 16x16 grid is as much as one can look at, and
+the preview is sampled in one batch on the training device, next to the model, its optimizer
+and the EMA (``diffunet sample`` draws any number, batch by batch)."""
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     """How to sample a model: the one set of sampling settings, used by the preview grids written
@@ -487,11 +525,14 @@ class SampleConfig:
     """Images in each preview grid (``diffunet sample`` has ``--num-samples`` instead)."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "sample")
         check_sampling({f.name: f"sample.{f.name}" for f in dataclasses.fields(self)},
                        sampler=self.sampler, num_steps=self.num_steps, eta=self.eta,
                        spacing=self.spacing, guidance_scale=self.guidance_scale)
-        if self.num_images < 1:
-            _fail("sample.num_images", f"must be a positive integer, got {self.num_images}")
+        if not 1 <= self.num_images <= MAX_PREVIEW_IMAGES:
+            _fail("sample.num_images", f"must be in [1, {MAX_PREVIEW_IMAGES}] (a preview is "
+                  f"one grid, sampled in one batch beside the training run), got "
+                  f"{self.num_images}; draw more with diffunet sample --num-samples")
 
 
 def _fit_data_to_unet(cfg: Any) -> None:
@@ -584,6 +625,7 @@ class SegDataConfig:
     num_workers: int = free_on_resume(0)
 
     def __post_init__(self) -> None:
+        _check_finite(self, "data")
         p = "data."
         if self.source == "folder":
             for name in ("images", "masks"):
@@ -656,6 +698,7 @@ class SegTrainConfig:
     log_every: int = free_on_resume(20)
 
     def __post_init__(self) -> None:
+        _check_finite(self, "train")
         p = "train."
         for name in ("epochs", "batch_size", "log_every"):
             if getattr(self, name) < 1:
@@ -672,6 +715,7 @@ class SegTrainConfig:
             _fail(p + "grad_clip", f"must be positive or unset, got {self.grad_clip}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             _fail(p + "ema_decay", f"must be in (0, 1) or unset, got {self.ema_decay}")
+        check_seed(p + "seed", self.seed)
 
 
 def segmentation_output_channels(num_classes: int) -> int:

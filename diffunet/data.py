@@ -22,18 +22,19 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import DataConfig
 from .errors import ConfigError, DataError
 from .fileio import first_line
-from .images import IMAGE_EXTENSIONS, open_image, prepare_image
+from .images import (IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS_VARIABLE, image_header, max_image_pixels,
+                     open_image, prepare_image)
 
 __all__ = [
     "BuiltinShapes",
@@ -43,9 +44,11 @@ __all__ = [
     "TORCHVISION_DATASETS",
     "build_dataset",
     "flip_where",
+    "image_folder",
     "make_dataloader",
     "scan_image_folder",
     "seed_for",
+    "skipped_note",
 ]
 
 
@@ -210,30 +213,75 @@ class BuiltinShapes(Dataset):
 # Image folder.
 
 
+def _walk_images(root: Path) -> tuple[list[Path], list[str]]:
+    """Files with an image extension under ``root`` (relative paths, in no particular order)
+    and the sub-folders that could not be listed.
+
+    Iterative (a folder nested thousands of levels deep is no recursion), hidden names
+    skipped, and symlinks to folders followed only inside ``root`` (compared by real path) and
+    only once per folder (by device and inode), so ``up -> ..``, ``self -> .`` or a link to
+    ``/`` cannot make the walk loop or wander the file system.
+    """
+    real_root = os.path.realpath(root)
+    inside = real_root.rstrip(os.sep) + os.sep
+    files: list[Path] = []
+    unreadable: list[str] = []
+    st = os.stat(root)
+    seen = {(st.st_dev, st.st_ino)}
+    todo = [Path()]
+    while todo:
+        rel = todo.pop()
+        here = root / rel
+        try:
+            with os.scandir(here) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            unreadable.append(str(here))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:  # a dangling or looping link: not a folder; a file check skips it
+                is_dir = False
+            if is_dir:
+                try:
+                    if entry.is_symlink():
+                        real = os.path.realpath(entry.path)
+                        if real != real_root and not real.startswith(inside):
+                            continue  # a link out of the data folder
+                    info = entry.stat(follow_symlinks=True)
+                except OSError:
+                    unreadable.append(entry.path)
+                    continue
+                key = (info.st_dev, info.st_ino)
+                if key not in seen:  # a folder reached twice (through links) is walked once
+                    seen.add(key)
+                    todo.append(rel / entry.name)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(rel / entry.name)
+    return files, unreadable
+
+
 def scan_image_folder(root: Path, image_size: int = 0) -> tuple[list[Path], list[str], list[str]]:
     """Image files under ``root`` (recursive, sorted) whose header PIL can read, the rest, and
     the readable ones whose shorter side is below ``image_size``.
 
     Hidden files and folders (".name": .ipynb_checkpoints, macOS "._x.jpg" forks) are ignored.
-    Symlinked folders are followed once (a link back up the tree is not entered again).
+    Symlinked folders are followed once each and only inside ``root``. The rest ("skipped")
+    holds the files that are not images (or not regular files: a FIFO named x.png), images
+    larger than :func:`~diffunet.images.max_image_pixels` (``DIFFUNET_MAX_IMAGE_PIXELS``), and
+    sub-folders that could not be listed (no permission).
     """
-    candidates: list[Path] = []
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        # sorted, so that which of two paths to a linked folder is kept does not depend on the OS
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                candidates.append(Path(dirpath, name).relative_to(root))
-    candidates.sort(key=lambda p: p.parts)  # determinism: the OS lists files in any order
+    root = Path(root)
+    max_image_pixels()  # a bad DIFFUNET_MAX_IMAGE_PIXELS is an error, not every file skipped
+    candidates, skipped = _walk_images(root)
+    # determinism: the OS lists files in any order, and which of two paths to a linked folder
+    # is walked depends on the order the walk met them
+    candidates.sort(key=lambda p: p.parts)
 
     readable: list[Path] = []
-    skipped: list[str] = []
     small: list[str] = []
     for rel in candidates:
         path = root / rel
@@ -241,12 +289,12 @@ def scan_image_folder(root: Path, image_size: int = 0) -> tuple[list[Path], list
             # Header only (format, size): cheap. A file whose pixel data is damaged still
             # passes; FolderImages.__getitem__ reports it. A FIFO or device named like an
             # image is skipped unopened: reading one would block or never end.
-            ok = path.is_file()
+            ok = stat.S_ISREG(os.stat(path).st_mode)
             if ok:
-                with Image.open(path) as im:
+                with image_header(path) as im:
                     size = im.size
                     ok = size[0] > 0 and size[1] > 0
-        except Exception:  # not an image, truncated header, decompression bomb, ...
+        except Exception:  # not an image, truncated header, larger than the pixel limit, ...
             ok = False
         if ok:
             readable.append(rel)
@@ -255,6 +303,40 @@ def scan_image_folder(root: Path, image_size: int = 0) -> tuple[list[Path], list
         else:
             skipped.append(str(path))
     return readable, skipped, small
+
+
+def image_folder(root: str | os.PathLike, key: str = "data.path", image_size: int = 0
+                 ) -> tuple[list[Path], list[str], list[str]]:
+    """:func:`scan_image_folder` of the folder a config key names, with a missing folder, a
+    file, or a folder without one readable image as a one-line :class:`DataError` naming
+    ``key``. Reads headers only (``--dry-run`` checks a data folder with it)."""
+    root = Path(root).expanduser()  # "~/images" from a TOML file is not shell-expanded
+    if not root.exists():
+        raise DataError(f"{key}: {root} does not exist; point {key} at a folder of images")
+    if not root.is_dir():
+        raise DataError(f"{key}: {root} is a file, not a folder; point {key} at the folder "
+                        "that holds the images")
+    files, skipped, small = scan_image_folder(root, image_size)
+    if not files:
+        if skipped:
+            raise DataError(f"{key}: no readable image under {root}: {len(skipped)} file(s) or "
+                            f"folder(s) skipped ({SKIPPED_NOTE}, at most "
+                            f"{max_image_pixels():,} pixels), e.g. {skipped[0]}; check that "
+                            "they are valid images")
+        raise DataError(f"{key}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}; "
+                        f"put images there or point {key} at an image folder")
+    return files, skipped, small
+
+
+SKIPPED_NOTE = ("not images, unreadable, not regular files, or larger than "
+                f"{MAX_IMAGE_PIXELS_VARIABLE}")
+"""What a "skipped N file(s)" note says the skipped entries are."""
+
+
+def skipped_note(skipped: Sequence[str], where: str) -> str:
+    """The one-line note for the entries a folder scan skipped (:func:`scan_image_folder`)."""
+    return (f"skipped {len(skipped)} file(s) or folder(s) in {where} ({SKIPPED_NOTE}), "
+            f"e.g. {skipped[0]}")
 
 
 class FolderImages(Dataset):
@@ -274,20 +356,7 @@ class FolderImages(Dataset):
         self.root = Path(root).expanduser()  # "~/images" from a TOML file is not shell-expanded
         self.image_size = image_size
         self.channels = channels
-        if not self.root.exists():
-            raise DataError(f"data.path: {self.root} does not exist; point data.path at a folder "
-                            "of images")
-        if not self.root.is_dir():
-            raise DataError(f"data.path: {self.root} is a file, not a folder; point data.path at "
-                            "the folder that holds the images")
-        files, self.skipped, self.upscaled = scan_image_folder(self.root, image_size)
-        if not files:
-            if self.skipped:
-                raise DataError(f"data.path: none of the {len(self.skipped)} image files under "
-                                f"{self.root} could be read (e.g. {self.skipped[0]}); check that "
-                                "they are valid images")
-            raise DataError(f"data.path: no image files ({', '.join(IMAGE_EXTENSIONS)}) under "
-                            f"{self.root}; put images there or point data.path at an image folder")
+        files, self.skipped, self.upscaled = image_folder(self.root, "data.path", image_size)
         self.files: list[Path] = [self.root / rel for rel in files]
         self.num_classes: int | None = None
         self.class_names: list[str] | None = None

@@ -1,4 +1,6 @@
-"""Writing files so that a crash never leaves a half-written one (the one home of atomic writes).
+"""Files on disk: writing them so that a crash never leaves a half-written one (the one home of
+atomic writes), and reading the JSON that diffunet wrote, or that a stranger planted, within
+bounds (:func:`read_json`, :func:`parse_json`, :func:`schema_problem`).
 
 Every file diffunet writes (model files, configs, logs rewritten on resume, sample PNGs, mask
 PNGs, manifests, inspection output, downloads) goes through :func:`atomic_writer` (or
@@ -12,17 +14,26 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import re
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from PIL import Image
 
 from .errors import DataError
 
-__all__ = ["atomic_save_image", "atomic_write_bytes", "atomic_writer", "first_line", "fsync_dir"]
+__all__ = ["atomic_save_image", "atomic_write_bytes", "atomic_writer", "first_line", "fsync_dir",
+           "MAX_JSON_DEPTH", "parse_json", "read_json", "read_regular_file", "schema_problem"]
+
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of ``[`` and ``{`` accepted in any JSON diffunet reads. Its own files nest
+at most 4 levels; Python's parser recurses per level, so a planted ``[[[[...`` of some thousand
+levels would end in a RecursionError instead of a clear message."""
 
 
 def first_line(e: BaseException) -> str:
@@ -93,3 +104,108 @@ def atomic_save_image(img: Image.Image, path: str | os.PathLike) -> None:
     img.save(buf, format=fmt)  # encoded first, so a failed encode leaves nothing behind
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buf.getvalue(), durable=False)
+
+
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def parse_json(data: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` with a bound on nesting (:data:`MAX_JSON_DEPTH`) and strict UTF-8.
+
+    Raises ``ValueError`` (``json.JSONDecodeError`` and ``UnicodeDecodeError`` are subclasses)
+    with a short reason for text that is not UTF-8, not JSON, or nested too deep. NaN and
+    Infinity are accepted, as Python writes them (a non-finite loss in ``log.jsonl``).
+    """
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    if raw.count(b"[") + raw.count(b"{") > max_depth:  # only then can it nest too deep
+        depth = 0
+        for m in _JSON_TOKENS.finditer(raw):
+            tok = m.group()
+            if tok in (b"[", b"{"):
+                depth += 1
+                if depth > max_depth:
+                    raise ValueError(f"JSON nested more than {max_depth} levels deep")
+            elif tok in (b"]", b"}"):
+                depth -= 1
+    return json.loads(raw.decode("utf-8"))
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of ``path``, refusing what is not a regular file (a FIFO would block the read,
+    a device like /dev/zero never ends; symlinks are followed to what they name) and a file
+    larger than ``max_bytes``. Raises ``OSError`` or ``ValueError`` with a short reason."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file (a folder, FIFO, socket or device)")
+        if st.st_size > max_bytes:
+            raise ValueError(f"{st.st_size:,} bytes, more than the {max_bytes:,} such a file "
+                             "can have")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:  # grew while being read
+        raise ValueError(f"more than the {max_bytes:,} bytes such a file can have")
+    return data
+
+
+def read_json(path: str | os.PathLike, max_bytes: int = 16 << 20) -> Any:
+    """Parse the JSON file ``path`` within bounds (:func:`read_regular_file`,
+    :func:`parse_json`). Raises ``OSError`` or ``ValueError`` with a short reason."""
+    return parse_json(read_regular_file(path, max_bytes))
+
+
+def schema_problem(value: Any, schema: Any, where: str = "") -> str | None:
+    """What is wrong with ``value`` against ``schema``, or None if it fits.
+
+    A schema is a type or a tuple of types (``bool`` is not an ``int`` here, ``int`` is a
+    ``float``), a dict ``{key: schema}`` (a JSON object with at least these keys; a key written
+    ``"name?"`` may be missing), or a one-element list ``[schema]`` (a JSON array of such items).
+    The answer names the offending place, e.g. ``"optimizer.step: expected int, got 'x'"``.
+    """
+    here = where or "the top level"
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return f"{here}: expected a JSON object, got {_kind(value)}"
+        for key, sub in schema.items():
+            optional = key.endswith("?")
+            name = key.rstrip("?")
+            if name not in value:
+                if optional:
+                    continue
+                return f"{where + '.' if where else ''}{name}: missing"
+            problem = schema_problem(value[name], sub, f"{where + '.' if where else ''}{name}")
+            if problem:
+                return problem
+        return None
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return f"{here}: expected a JSON array, got {_kind(value)}"
+        for i, item in enumerate(value):
+            problem = schema_problem(item, schema[0], f"{where}[{i}]")
+            if problem:
+                return problem
+        return None
+    types = schema if isinstance(schema, tuple) else (schema,)
+    if float in types and int not in types:
+        types = (*types, int)
+    if isinstance(value, bool) and bool not in types:
+        return f"{here}: expected {_names(types)}, got {_kind(value)}"
+    if not isinstance(value, types):
+        return f"{here}: expected {_names(types)}, got {_kind(value)}"
+    return None
+
+
+def _names(types: tuple[type, ...]) -> str:
+    names = {dict: "a JSON object", list: "a JSON array", type(None): "null"}
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types if
+                                     not (t is int and float in types)))
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return "a JSON object" if isinstance(value, dict) else "a JSON array"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

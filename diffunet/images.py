@@ -10,8 +10,10 @@ sets (:mod:`diffunet.data`, :mod:`diffunet.segmentation.data`), previews and ``d
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Sequence
 
@@ -20,12 +22,13 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from .errors import DataError
+from .errors import DataError, DiffunetError, UsageError
 from .fileio import atomic_save_image, first_line
 
 __all__ = [
-    "IGNORE_INDEX", "IMAGE_EXTENSIONS", "class_palette", "load_image", "load_image_full",
-    "make_grid_image", "normalize", "open_image", "overlay", "pil_from_hwc", "predict_labels",
+    "IGNORE_INDEX", "IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS_VARIABLE", "class_palette",
+    "image_header", "load_image", "load_image_full", "make_grid_image", "max_image_pixels",
+    "normalize", "open_image", "overlay", "pil_from_hwc", "predict_labels",
     "prepare_image", "save_grid", "save_image", "save_mask", "to_uint8",
 ]
 
@@ -33,6 +36,53 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 """File endings (any case) that an image folder scan picks up."""
 IGNORE_INDEX = 255
 """The mask label of void pixels: counted in neither the loss nor the metrics."""
+MAX_IMAGE_PIXELS_VARIABLE = "DIFFUNET_MAX_IMAGE_PIXELS"
+"""The environment variable that sets the largest image (width x height) any command decodes."""
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+"""About 10000x10000: far above any training image, and a 10000x10000 RGB image is already
+300 MB decoded (a float tensor of it 1.2 GB); a small file can claim any size in its header."""
+
+
+def max_image_pixels() -> int:
+    """The largest image, in pixels, that diffunet decodes: ``DIFFUNET_MAX_IMAGE_PIXELS`` (an
+    integer; default :data:`DEFAULT_MAX_IMAGE_PIXELS`). A value that is not a positive integer
+    is a one-line :class:`UsageError`."""
+    text = os.environ.get(MAX_IMAGE_PIXELS_VARIABLE, "").strip().replace("_", "")
+    if not text:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"{MAX_IMAGE_PIXELS_VARIABLE}="
+                         f"{os.environ[MAX_IMAGE_PIXELS_VARIABLE]!r} is not a positive integer; "
+                         f"unset it (default {DEFAULT_MAX_IMAGE_PIXELS:_}) or set e.g. "
+                         f"{MAX_IMAGE_PIXELS_VARIABLE}=200000000")
+    return value
+
+
+@contextlib.contextmanager
+def image_header(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """``Image.open(path)`` (the header only; pixels are decoded by ``load()``) with
+    diffunet's size limit in place of PIL's decompression-bomb check (a multi-line warning
+    above ~90 megapixels, an error above ~180 that no setting of ours could raise): an image
+    larger than :func:`max_image_pixels` is a one-line :class:`DataError` naming the setting,
+    raised before a single pixel is decoded."""
+    limit = max_image_pixels()
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # PIL checks in Image.open; this module checks instead
+    try:
+        img = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    with img:
+        w, h = img.size
+        if w * h > limit:
+            raise DataError(f"{path} is {w}x{h} = {w * h:,} pixels, more than the {limit:,} "
+                            f"diffunet decodes; shrink the image or raise the limit with "
+                            f"{MAX_IMAGE_PIXELS_VARIABLE}={w * h}")
+        yield img
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,10 +150,11 @@ def prepare_image(img: Image.Image, image_size: int, channels: int) -> Tensor:
 
 
 def open_image(path: str | os.PathLike, image_size: int | None) -> Image.Image:
-    """Open and decode an image file, upright (EXIF orientation applied). Raises on failure.
-    ``image_size`` None: at full resolution."""
+    """Open and decode an image file, upright (EXIF orientation applied). Raises on failure;
+    an image above :func:`max_image_pixels` is a :class:`DataError` raised from its header,
+    before decoding. ``image_size`` None: at full resolution."""
     # The with-block closes the file (also when decoding fails); the loaded pixels stay usable.
-    with Image.open(path) as img:
+    with image_header(path) as img:
         # JPEG only: let the decoder shrink by 1/2, 1/4 or 1/8 while keeping at least twice the
         # target size, so a 4000x3000 photo is not fully decoded just to become 64x64.
         if image_size is not None:
@@ -120,6 +171,8 @@ def _open_checked(path: str | os.PathLike, image_size: int | None) -> Image.Imag
         raise DataError(f"image file not found: {path}")
     try:
         return open_image(path, image_size)
+    except DiffunetError:  # over the size limit: its own line names the setting
+        raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
         raise DataError(f"cannot read image {path} ({first_line(e)}); "
                         "give a png/jpg/webp/... file") from None

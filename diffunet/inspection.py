@@ -10,7 +10,9 @@ block's three, ``norm_out``, ``conv_out``), and writes into ``--out-dir``:
 ``prediction.png``     segmentation models: the predicted mask, one colour per class
 ``NN_<block>.png``     the block's feature maps (NN = execution index), one tile per channel,
                        each channel min-max scaled on its own; magenta marks NaN/inf pixels
-``stats.json``         the input and per-block activation statistics (see :func:`activation_stats`)
+``stats.json``         the input and per-block activation statistics (see :func:`activation_stats`),
+                       and ``files``: every file of the run's (the folder's manifest, written
+                       before them; see :mod:`diffunet.outputs`)
 ``stats.txt``          the same statistics as an aligned table
 =====================  ==========================================================================
 
@@ -23,7 +25,6 @@ time-less segmentation UNets (``net(x)``, the image normalised with the model fi
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -39,6 +40,7 @@ from .checkpoint import load_model
 from .data import BuiltinShapes
 from .errors import FolderError, ModelFileError, UsageError
 from .fileio import atomic_save_image, atomic_write_bytes
+from .outputs import claim_folder
 from .runs import pick_device
 from .images import class_palette, load_image, normalize, pil_from_hwc, predict_labels, save_image
 
@@ -60,10 +62,9 @@ _BLOCK_RE = re.compile(
     r"^(?:conv_in|norm_out|conv_out|mid\.(?:res1|attn|res2)"
     r"|(?:down|up)\.\d+\.(?:res\.\d+|attn\.\d+|downsample|upsample))$")
 
-# Files an inspect run writes; a folder holding only these (and their atomic-write temporaries)
-# is a previous run's output and may be replaced without --overwrite.
-_OWN_NAME = r"(?:input\.png|noised\.png|prediction\.png|stats\.json|stats\.txt|\d{2,}_[\w.]+\.png)"
-_OWN_RE = re.compile(rf"^(?:{_OWN_NAME}|\.{_OWN_NAME}\..+\.tmp)$")
+# The manifest of an inspect output folder (:mod:`diffunet.outputs`): the statistics file, whose
+# ``files`` lists every file of the run's, written first (``complete: false``) and last.
+MANIFEST = "stats.json"
 
 _NONFINITE_RGB = (255, 0, 255)  # magenta: absent from a grey ramp, so NaN/inf pixels stand out
 _PAD_RGB = (40, 60, 110)  # dark blue between tiles: distinct from both black and white tiles
@@ -267,24 +268,6 @@ class InspectResult:
     blocks: list[dict[str, Any]]
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> list[Path]:
-    """Refuse an ``out_dir`` holding anything but a previous inspect output (unless
-    ``overwrite``); returns the previous output's files, to be replaced."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FolderError(f"--out-dir {out_dir} is a file; give a folder")
-    if not out_dir.is_dir():
-        return []
-    entries = list(out_dir.iterdir())
-    foreign = [e for e in entries if not (e.is_file() and _OWN_RE.match(e.name))]
-    if foreign and not overwrite:
-        raise FolderError(f"--out-dir {out_dir} is not empty and holds no previous inspect "
-                          f"output (e.g. {foreign[0].name}); choose another folder or pass "
-                          "--overwrite to write into it anyway")
-    # With foreign files present (and --overwrite) nothing is deleted: a name that merely looks
-    # like ours might be the user's. Same-named files are replaced.
-    return [] if foreign else entries
-
-
 def _load_input(image: str | os.PathLike | None, size: int, channels: int) -> tuple[Tensor, str]:
     """The input image (C, S, S) in [-1, 1] and a description of where it came from."""
     if channels not in (1, 3):
@@ -310,8 +293,10 @@ def inspect_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     with ``seed``; ``class_label`` (conditional models only; default "no label"). A
     segmentation model sees the image in [0, 1] normalised with its file's mean/std and must
     not be given ``t``. ``max_channels`` caps the tiles per block picture. ``out_dir`` must be
-    new, empty or a previous inspect output unless ``overwrite``. ``device``: default cuda if
-    available, else cpu. Bad input raises :class:`~diffunet.errors.DiffunetError`.
+    new, empty or a previous inspect output (whose files, listed in its ``stats.json``, are
+    replaced) unless ``overwrite``, which writes beside other files and keeps them; a file
+    ``stats.json`` does not list is never written over (:mod:`diffunet.outputs`). ``device``:
+    default cuda if available, else cpu. Bad input raises :class:`~diffunet.errors.DiffunetError`.
     """
     if max_channels < 1:
         raise UsageError(f"--max-channels must be a positive integer, got {max_channels}")
@@ -348,7 +333,8 @@ def inspect_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                              "drop --class-label")
 
     x0, source = _load_input(image, cfg.image_size, cfg.in_channels)  # (C, S, S) in [-1, 1]
-    old_files = _check_out_dir(out_dir, overwrite)
+    if out_dir.exists() and not out_dir.is_dir():  # before the work; claimed after it
+        raise FolderError(f"--out-dir {out_dir} is a file, not a folder; choose another --out-dir")
     x0 = x0.unsqueeze(0)  # (1, C, S, S)
     info.update(kind=kind, image=source, image_size=cfg.image_size, channels=cfg.in_channels)
 
@@ -392,23 +378,27 @@ def inspect_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         pictures.append((s["file"], feature_grid(act[0], max_channels)))
 
     # Everything is computed; only now touch the folder.
-    out_dir.mkdir(parents=True, exist_ok=True)
-    new_names = {name for name, _ in pictures} | {"stats.json", "stats.txt"}
-    for old in old_files:  # a previous run's output, e.g. another model's block pictures
-        if old.name not in new_names:
-            old.unlink(missing_ok=True)
-    files = []
-    for name, pic in pictures:
-        path = out_dir / name
-        if isinstance(pic, Tensor):
-            save_image(pic, path)
-        else:
-            atomic_save_image(pil_from_hwc(pic), path)
-        files.append(path)
-    files += [out_dir / "stats.json", out_dir / "stats.txt"]
-    doc = {"format": _FORMAT, "format_version": _FORMAT_VERSION, "input": info,
-           "files": [p.name for p in files], "blocks": stats}
-    atomic_write_bytes(out_dir / "stats.json", (json.dumps(doc, indent=2) + "\n").encode())
-    text = "\n".join(f"# {k}: {v}" for k, v in info.items()) + "\n" + format_stats_table(stats)
-    atomic_write_bytes(out_dir / "stats.txt", (text + "\n").encode())
+    names = [name for name, _ in pictures] + [MANIFEST, "stats.txt"]
+    inputs = [model_path] + ([image] if image is not None else [])
+    doc = {"format": _FORMAT, "format_version": _FORMAT_VERSION, "complete": False,
+           "input": info, "blocks": stats}
+    with claim_folder(out_dir, command="inspect", manifest=MANIFEST, format=_FORMAT,
+                      format_version=_FORMAT_VERSION, planned=names, inputs=inputs,
+                      overwrite=overwrite,
+                      schema={"complete?": bool, "input?": dict, "blocks?": list}) as folder:
+        # listed first: what is left of the previous output (removed next) and the new files
+        folder.write_manifest(doc, [n for n in folder.listed if n in folder.present] + names)
+        # a previous run's output that this one does not rewrite (e.g. another model's blocks)
+        folder.remove([n for n in folder.listed if n not in names])
+        folder.remove_leftovers()
+        for name, pic in pictures:
+            path = out_dir / name
+            if isinstance(pic, Tensor):
+                save_image(pic, path)
+            else:
+                atomic_save_image(pil_from_hwc(pic), path)
+        text = "\n".join(f"# {k}: {v}" for k, v in info.items()) + "\n" + format_stats_table(stats)
+        atomic_write_bytes(out_dir / "stats.txt", (text + "\n").encode())
+        folder.write_manifest({**doc, "complete": True}, names)
+    files = [out_dir / name for name in names]
     return InspectResult(out_dir=out_dir, files=files, kind=kind, input=info, blocks=stats)

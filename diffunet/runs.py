@@ -30,29 +30,32 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import errno
 import json
-import math
 import os
 import secrets
 import signal
 import socket
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
-from . import errors
+from . import errors, resources
 from . import state as st
-from .config import may_change_on_resume, to_dict
+from .config import UNetConfig, may_change_on_resume, to_dict
 from .data import seed_for
 from .errors import (ConfigError, DiffunetError, FolderError, ModelFileError, TrainingError,
                      UsageError)
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, parse_json, read_regular_file
 
-__all__ = ["EMA", "FolderLock", "Run", "check_resume_compatible", "cpu_requested", "lock_folder",
-           "pick_device", "refuse_lone_processes", "state_must_fit", "trim_log", "write_failed"]
+__all__ = ["EMA", "FolderLock", "Run", "check_resume_compatible", "check_training_fits",
+           "cpu_requested", "lock_folder", "not_a_run_yet", "pick_device", "read_log",
+           "refuse_lone_processes", "state_must_fit", "training_cost", "trim_log",
+           "write_failed"]
 
 R = TypeVar("R")
 _TAG_DROPOUT = 3  # keeps the per-process RNG seeds apart from data.py's streams (tags 1, 2)
@@ -81,23 +84,37 @@ def refuse_lone_processes(world: int, alone: str, doing: str) -> None:
             f"--num_processes {launched} ...")
 
 
-def _check_batch_fits(batch: int, channels: int, side: int, device: torch.device) -> None:
-    """Refuse a global batch whose step inputs alone (four float32 copies of the batch: images,
-    noise, inputs, outputs) exceed the device's memory, before anything is built: such a batch
-    would not fail cleanly, it would exhaust the machine."""
-    need = 4 * 4 * batch * channels * side * side
-    if device.type == "cuda":
-        have = torch.cuda.get_device_properties(device).total_memory
-    else:
-        try:
-            have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):  # not knowable here
-            return
-    if need > have:
-        raise ConfigError(f"train.batch_size: {batch} images of {channels}x{side}x{side} need "
-                          f"{need / 2**30:,.1f} GiB for one step's inputs alone, more than this "
-                          f"{device.type.upper()}'s {have / 2**30:,.1f} GiB; lower "
-                          "train.batch_size (or unet.image_size)")
+def training_cost(net: UNetConfig | None, timesteps: int | None, batch: int,
+                  per_process: int, channels: int, side: int) -> tuple[resources.Cost, int]:
+    """What one training step needs on each process, before anything is built: four copies of
+    the weights (weights, gradients, AdamW's two moments), the schedule's tables, the
+    activations of the process's ``per_process`` images (a lower bound) and four float32 copies
+    of the *global* ``batch`` (images, noise, noised inputs, targets: the step's randomness is
+    drawn for the global batch on every process). Returns the cost and the parameter count
+    (0 when ``net`` is None: only the batch is counted)."""
+    inputs = 4 * 4 * batch * channels * side * side
+    if net is None:
+        return resources.Cost(0, 0, inputs), 0
+    n = resources.parameter_count(net)
+    return resources.Cost(4 * 4 * n, resources.schedule_bytes(timesteps) if timesteps else 0,
+                          resources.activation_bytes(net, per_process) + inputs), n
+
+
+def check_training_fits(net: UNetConfig | None, timesteps: int | None, batch: int,
+                        per_process: int, channels: int, side: int,
+                        device: torch.device | str) -> int:
+    """Refuse, with one :class:`ConfigError` line, a run whose network, schedule and step
+    batch (:func:`training_cost`) cannot fit ``device``'s memory, before anything is built:
+    such a run would not fail cleanly, it would exhaust the machine. Returns the UNet's
+    parameter count."""
+    cost, n = training_cost(net, timesteps, batch, per_process, channels, side)
+    what = (f"training a UNet of {n:,} parameters (weights, gradients and AdamW's two moments) "
+            if n else "training ") + f"on train.batch_size={batch} images of {channels}x{side}x{side}"
+    fix = ("lower unet.base_channels, unet.channel_mults or unet.num_res_blocks, or "
+           "train.batch_size (or unet.image_size)" if n else
+           "lower train.batch_size (or unet.image_size)")
+    resources.check_fits(cost, device, what, fix, ConfigError)
+    return n
 
 
 def pick_device(requested: str | None, local_index: int = 0) -> torch.device:
@@ -110,8 +127,11 @@ def pick_device(requested: str | None, local_index: int = 0) -> torch.device:
         return torch.device("cuda", local_index % count) if count else torch.device("cpu")
     try:
         device = torch.device(requested)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"unknown --device {requested!r}; use cpu, cuda or cuda:N") from None
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"unknown --device {requested!r}: diffunet runs on cpu, cuda or cuda:N"
+                         + ("" if count else " (no CUDA device here: use cpu)"))
     if device.type == "cuda":
         if not count:
             raise UsageError(f"--device {requested}: CUDA is not available here; use --device "
@@ -183,20 +203,66 @@ def write_failed(e: OSError, doing: str, out_dir: Path) -> TrainingError:
     return TrainingError(f"{problem} while {doing} to {out_dir}; {fix}; {kept}")
 
 
-def _logged_step(line: str) -> float:
-    """The step of a ``log.jsonl`` line; inf for a blank or torn one (cut short by a crash)."""
+_MAX_LOG_BYTES = 1 << 30  # a log line is ~200 bytes: millions of lines fit
+
+
+def _log_problem(line: str) -> str | None:
+    """What is wrong with one ``log.jsonl`` line (None: a JSON object with an int step)."""
     try:
-        return float(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return math.inf
+        record = parse_json(line)
+    except (ValueError, RecursionError) as e:
+        return str(e).split("\n")[0][:120] or "not JSON"
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return "no non-negative integer step"
+    return None
+
+
+def read_log(log_path: Path) -> list[tuple[int, str]] | None:
+    """The ``(step, line)`` records of ``log.jsonl`` (None if there is none), read within
+    bounds and checked: every line must be a JSON object with a non-negative integer
+    ``step``, except a last line cut short by a crash (no newline after it), which is
+    dropped. Anything else (not a regular file, too large, not UTF-8, a line that is not such
+    an object) is a one-line :class:`FolderError` naming the file, the line and the fix."""
+    def damaged(problem: str) -> FolderError:
+        return FolderError(f"{log_path} is damaged ({problem}); move it away or delete it (it "
+                           "is only the run's log; the training state is apart), then run again")
+
+    if not (log_path.exists() or log_path.is_symlink()):
+        return None
+    try:
+        raw = read_regular_file(log_path, _MAX_LOG_BYTES)
+    except (OSError, ValueError) as e:
+        raise damaged(" ".join(str(e).split())[:160]) from None
+    lines = raw.split(b"\n")
+    torn = lines.pop()  # after the last newline: b"" unless a write was cut short
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise damaged(f"line {number} is not UTF-8 text") from None
+        problem = _log_problem(text)
+        if problem is not None:
+            raise damaged(f"line {number}: {problem}")
+        records.append((parse_json(text)["step"], text))
+    del torn  # a torn last line: dropped
+    return records
 
 
 def trim_log(log_path: Path, step: int) -> None:
     """Drop the ``log.jsonl`` lines past ``step`` (those of the work a resumed run redoes, and a
-    torn last line), so the log ends as an uninterrupted run's would."""
-    if log_path.exists():
-        kept = [ln for ln in log_path.read_text().splitlines() if _logged_step(ln) <= step]
-        atomic_write_bytes(log_path, "".join(ln + "\n" for ln in kept).encode("utf-8"))
+    torn last line), so the log ends as an uninterrupted run's would; checked by
+    :func:`read_log` first. ``step`` 0 (no state) leaves an empty log."""
+    records = read_log(log_path)
+    if records is None:
+        return
+    kept = [line for at, line in records if at <= step] if step > 0 else []
+    atomic_write_bytes(log_path, "".join(ln + "\n" for ln in kept).encode("utf-8"))
 
 
 def check_resume_compatible(saved: dict[str, Any], cfg: Any) -> None:
@@ -251,6 +317,47 @@ def _match_param_layout(optimizer: torch.optim.Optimizer) -> None:
                 if (isinstance(value, torch.Tensor) and value.shape == p.shape
                         and value.stride() != p.stride()):
                     state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+_RUN_SUBFOLDERS = ("samples", "weights", "state")
+
+
+def not_a_run_yet(folder: Path, root: type) -> bool:
+    """Whether ``folder`` holds nothing but what a start that failed before its first state
+    left: diffunet's own ``config.json`` (a JSON object of ``root``'s sections and keys), a
+    valid ``log.jsonl`` and empty ``samples/``, ``weights/``, ``state/`` folders. Such a folder
+    is not a run yet: a new start may use it as if it were empty. Anything else (a state, a
+    model file, a preview, any other file, a symlink) makes it a run, or someone else's."""
+    from .config import field_types
+
+    try:
+        entries = {p.name: p for p in folder.iterdir()}
+        if "config.json" not in entries:
+            return False
+        for name, p in entries.items():
+            info = os.lstat(p)
+            if name in _RUN_SUBFOLDERS:
+                if not stat.S_ISDIR(info.st_mode) or any(p.iterdir()):
+                    return False
+            elif name == "log.jsonl":
+                if not stat.S_ISREG(info.st_mode):
+                    return False
+                read_log(p)
+            elif name != "config.json" or not stat.S_ISREG(info.st_mode):
+                return False
+        data = parse_json(read_regular_file(folder / "config.json", 16 << 20))
+        sections = field_types(root)
+        if not isinstance(data, dict) or not data:
+            return False
+        for section, table in data.items():
+            if section not in sections or not isinstance(table, dict):
+                return False
+            keys = {f.name for f in dataclasses.fields(sections[section])}
+            if not set(table) <= keys:
+                return False
+    except (OSError, ValueError, RecursionError, FolderError):
+        return False
+    return True
 
 
 class FolderLock:
@@ -330,7 +437,8 @@ class Run:
 
     ``command`` names the command in messages (``"train"``, ``"segment train"``);
     ``batch_size`` must split into ``batch_divisor`` parts per process and, with images of
-    ``image_shape`` (channels, side), fit the device; ``state_keys`` are the
+    ``image_shape`` (channels, side), the network ``net`` and a schedule of ``timesteps``,
+    fit the device (:func:`check_training_fits`, before anything is built); ``state_keys`` are the
     keys (and JSON types) a state's ``trainer.json`` must hold; ``say`` receives one-line
     messages (main process only); ``progress`` shows a tqdm bar.
     """
@@ -338,7 +446,8 @@ class Run:
     def __init__(self, cfg: Any, out_dir: str | Path, *, resume: bool, command: str,
                  mixed_precision: str, batch_size: int, image_shape: tuple[int, int],
                  batch_divisor: int = 1, trackers: Sequence[str] = (),
-                 state_keys: dict[str, type] | None = None,
+                 state_keys: dict[str, type] | None = None, net: UNetConfig | None = None,
+                 timesteps: int | None = None,
                  static_graph: bool = False, say: Callable[[str], None] = lambda msg: None,
                  progress: bool = True) -> None:
         from accelerate import Accelerator  # the heavy import lives here (and in sampling)
@@ -373,7 +482,8 @@ class Run:
             by = f"{self.world} processes" + (f" x {batch_divisor} grad_accum_steps"
                                               if batch_divisor > 1 else "")
             raise ConfigError(f"train.batch_size: {batch_size} is not divisible by {by}")
-        _check_batch_fits(batch_size, *image_shape, self.device)
+        check_training_fits(net, timesteps, batch_size, batch_size // self.world, *image_shape,
+                            self.device)
         if self.device.type == "cuda":
             # TF32 tensor cores for the fp32 matmuls (cuDNN convolutions use them by default);
             # the shapes never change, so cuDNN may time its algorithms once and keep the best.
@@ -386,6 +496,10 @@ class Run:
             self.saved: dict[str, Any] = {}
             if self.resume_from is not None:
                 self.saved = st.read_trainer(self.resume_from, state_keys)
+                folder = self.resume_from
+                note = self.collective(lambda: st.verify_files(folder, self.saved))
+                if note:
+                    self.tell(note)
                 check_resume_compatible(self.saved["config"], cfg)
             elif resume:
                 self.tell(f"no saved state in {self.out_dir / 'state'}; starting a fresh run")
@@ -413,8 +527,13 @@ class Run:
         if out.exists() and not out.is_dir():
             raise FolderError(f"--out-dir {out} is a file; give a folder path")
         if not resume and out.is_dir() and any(out.iterdir()):
-            raise FolderError(f"--out-dir {out} is not empty; pass --resume to continue that "
-                              "run, or choose another --out-dir")
+            if not not_a_run_yet(out, type(self.cfg)):
+                raise FolderError(f"--out-dir {out} is not empty; pass --resume to continue "
+                                  "that run, or choose another --out-dir")
+            self.tell(f"note: {out} holds only the config.json (and log) of a run that never "
+                      "saved a state; starting afresh in it")
+        if resume and out.is_dir():
+            read_log(out / "log.jsonl")  # a damaged log is refused before anything is written
         self._created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         self._lock = lock_folder(out)
@@ -512,6 +631,14 @@ class Run:
             if rank_file.is_file():  # absent if resumed on more processes than it had
                 for key, value in st.load_tensors(rank_file).items():
                     (self._rank_rng if key.startswith("torch_") else own)[key] = value
+                cpu = self._rank_rng.get("torch_cpu")
+                like = torch.get_rng_state()
+                if not all(isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.ndim == 1
+                           for v in self._rank_rng.values()) or cpu is None \
+                        or cpu.shape != like.shape:
+                    raise ModelFileError(
+                        f"{rank_file} holds no valid torch RNG state; delete {folder} to resume "
+                        "from the state before it, or start a new --out-dir")
         return own
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, seed: int
@@ -541,8 +668,9 @@ class Run:
                 st.clear_leftovers(self.out_dir)  # temporary files of writes a crash cut short
                 atomic_write_bytes(self.out_dir / "config.json",
                                    (json.dumps(to_dict(self.cfg), indent=2) + "\n").encode())
-                if self.resume_from is not None:
-                    trim_log(self.out_dir / "log.jsonl", self.start_step)
+                # resumed: the lines past the state's step go (all of them without a state, as
+                # in a folder that is not a run yet)
+                trim_log(self.out_dir / "log.jsonl", self.start_step)
             except OSError as e:
                 raise write_failed(e, "preparing the run folder", self.out_dir) from None
             if self.trackers:

@@ -1,13 +1,16 @@
 """``diffunet sample``: draw images from a model file into a folder, resumably, on 1..N processes.
 
-Layout of the output folder (and nothing else is ever written or removed there):
+Layout of the output folder (nothing else is ever written there, and only files its manifest
+lists are ever removed: :mod:`diffunet.outputs`, the rule every output folder follows):
 
 ==================  ==========================================================================
 ``000000.png`` ...  image i (6 digits, more past 999999), grayscale or RGB as the model's
                     channels say; each written atomically (temporary file + rename)
 ``grid.png``        the first :data:`MAX_GRID_IMAGES` images tiled, built from the files on disk
 ``manifest.json``   what made the images: model file + SHA-256, its configs, the settings that
-                    decide the pixels, the labels, the versions (written atomically)
+                    decide the pixels, the labels, the versions, and ``files``: the exact names
+                    of every file of this command's in the folder (written atomically, before
+                    the files it lists)
 ==================  ==========================================================================
 
 Reproducibility: image i depends only on the model, the settings in the manifest and ``seed + i``.
@@ -17,9 +20,11 @@ ddim with eta > 0; :func:`~diffunet.samplers.sample` takes one generator per ima
 size and the number of processes therefore only decide which images are computed together,
 which can move results by float rounding inside the network, never by a different draw.
 
-Resume: a run first writes ``manifest.json`` (``complete: false``), then the images. Rerunning
-the same command skips images whose PNG exists; a folder with images from other settings is
-refused unless ``overwrite`` (which removes the old numbered PNGs, grid and manifest first).
+Resume: a run locks the folder, then writes ``manifest.json`` (``complete: false``), then the
+images. Rerunning the same command skips images whose PNG exists; a folder with images from
+other settings is refused unless ``overwrite`` (which removes the files the old manifest lists
+first). A folder holding files no manifest lists is refused unless ``overwrite`` (then they are
+kept beside the samples), and such a file under a name this run would write is never replaced.
 
 Several processes (``accelerate launch``, via Accelerate's ``PartialState``): every process runs
 the same checks, the main process prepares the folder, the images still to draw are dealt out
@@ -31,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -44,9 +48,10 @@ from PIL import Image
 
 from .checkpoint import load_diffusion_model
 from .config import SampleConfig, check_sampling, from_dict, to_dict
+from . import errors
 from .errors import ConfigError, DataError, FolderError, UsageError
-from .fileio import atomic_write_bytes
 from .images import save_grid, save_image
+from .outputs import OutputFolder, claim_folder, is_plain_file
 from .runs import cpu_requested, pick_device, refuse_lone_processes
 from .samplers import make_timesteps, sample
 from .version import __version__
@@ -63,11 +68,6 @@ MAX_GRID_IMAGES = 1024
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 MANIFEST_FORMAT = "diffunet.samples"
 MANIFEST_VERSION = 1
-
-_IMAGE_RE = re.compile(r"\d{6,}\.png")
-# temporary files of interrupted atomic writes (fileio: ".000012.png.<pid>.<hex>.tmp",
-# ".manifest.json.<pid>.<hex>.tmp")
-_TMP_RE = re.compile(r"\.(\d{6,}\.png|grid\.png|manifest\.json)\..+\.tmp")
 
 ClassLabels = Union[None, int, tuple[int, ...], Literal["all"]]
 
@@ -291,16 +291,6 @@ def _labels_spec(spec: ClassLabels) -> Any:
     return [spec] if _is_int(spec) else list(spec)
 
 
-def _read_manifest(path: Path) -> Optional[dict[str, Any]]:
-    if not path.is_file():  # a FIFO or device planted under the name would block a read
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable differences between the identifying parts of two manifests."""
     diffs = []
@@ -316,34 +306,71 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return diffs
 
 
-def _our_files(out_dir: Path) -> list[Path]:
-    """Everything in ``out_dir`` this command writes (and may therefore remove)."""
-    return [p for p in out_dir.iterdir()
-            if p.name in (GRID, MANIFEST) or _IMAGE_RE.fullmatch(p.name)
-            or _TMP_RE.fullmatch(p.name)]
+_MANIFEST_SCHEMA = {"model": {"sha256": str}, "settings": dict}
+# A manifest lists every image: ~25 bytes each with its label, at most MAX_SAMPLES of them.
+_MANIFEST_MAX_BYTES = (16 << 20) + 32 * MAX_SAMPLES
 
 
-def _check_out_dir(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> None:
-    """Refuse an output folder that holds images from other settings (unless overwrite)."""
-    if overwrite or not out_dir.is_dir():
+def _legacy_files(old: dict[str, Any]) -> list[str]:
+    """The files a manifest from before manifests listed them stands for: its images, grid."""
+    n = old.get("num_samples")
+    if not _is_int(n) or not 0 <= n <= MAX_SAMPLES:
+        raise ValueError(f"num_samples: expected an integer from 0 to {MAX_SAMPLES:,}")
+    return [image_name(i) for i in range(n)] + [GRID]
+
+
+def _claim(out_dir: Path, manifest: dict[str, Any], model_path: str | os.PathLike,
+           options: SampleOptions, tell: Callable[[str], None]) -> OutputFolder:
+    """Lock and check ``out_dir`` (:func:`~diffunet.outputs.claim_folder`), refuse samples from
+    other settings unless overwrite (which then removes this command's earlier files), and
+    write the manifest listing every file this run may write. Main process only."""
+    n = options.num_samples
+    planned = [image_name(i) for i in range(n)] + ([GRID] if options.grid else [])
+    claim = claim_folder(out_dir, command="sample", manifest=MANIFEST, format=MANIFEST_FORMAT,
+                         format_version=MANIFEST_VERSION, planned=planned, inputs=[model_path],
+                         overwrite=options.overwrite, schema=_MANIFEST_SCHEMA,
+                         legacy_files=_legacy_files, noun="sample images",
+                         max_bytes=_MANIFEST_MAX_BYTES)
+    try:
+        if claim.previous is not None and not options.overwrite:
+            diffs = _differences(claim.previous, manifest)
+            if diffs:
+                raise FolderError(f"{out_dir} holds samples made with other settings ("
+                                  + "; ".join(diffs[:3]) + "); rerun with those settings to "
+                                  "resume, pass --overwrite to replace them, or choose another "
+                                  "--out-dir")
+        claim.remove_leftovers()  # of writes that a killed run never finished
+        if options.overwrite:
+            removed = claim.remove(claim.listed) + (claim.previous is not None)
+            if removed:
+                tell(f"--overwrite: removed {removed} earlier output file(s) from {out_dir}")
+        # what is kept of an earlier run with the same settings (e.g. more images) stays listed
+        kept = [name for name in claim.listed if name in claim.present]
+        claim.write_manifest(manifest, kept + planned)
+    except BaseException:
+        claim.close()
+        raise
+    return claim
+
+
+def _same_outcome(state: Any, error: Optional[BaseException]) -> None:
+    """Raise on every process if the main process's folder claim failed (and the main
+    process's own error there): the others would otherwise wait for it forever."""
+    if state.num_processes == 1:
+        if error is not None:
+            raise error
         return
-    images = [p for p in out_dir.iterdir() if _IMAGE_RE.fullmatch(p.name)]
-    manifest_path = out_dir / MANIFEST
-    if manifest_path.exists():
-        old = _read_manifest(manifest_path)
-        if old is None or old.get("format") != MANIFEST_FORMAT:
-            raise FolderError(f"{manifest_path} is not a readable diffunet sample manifest; pass "
-                              "--overwrite to replace that folder's samples, or choose another "
-                              "--out-dir")
-        diffs = _differences(old, manifest)
-        if diffs:
-            raise FolderError(f"{out_dir} holds samples made with other settings ("
-                              + "; ".join(diffs[:3]) + "); rerun with those settings to resume, "
-                              "pass --overwrite to replace them, or choose another --out-dir")
-    elif images or (out_dir / GRID).exists():
-        raise FolderError(f"{out_dir} already holds sample images but no {MANIFEST}, so they "
-                          "cannot be resumed; pass --overwrite to replace them, or choose another "
-                          "--out-dir")
+    from accelerate.utils import gather_object
+
+    reports = gather_object([None if error is None else (type(error).__name__, str(error))])
+    if error is not None:
+        raise error
+    for report in reports:
+        if report is not None:
+            cls = getattr(errors, report[0], None)
+            if isinstance(cls, type) and issubclass(cls, errors.DiffunetError):
+                raise cls(report[1])
+            raise RuntimeError(f"the main process failed: {report[0]}: {report[1]}")
 
 
 def _load_png(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -394,7 +421,6 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     Raises :class:`~diffunet.errors.DiffunetError` subclasses for bad input.
     """
     from accelerate import PartialState  # Accelerate's other home is the run harness
-    from tqdm.auto import tqdm
 
     # As Accelerator does, ACCELERATE_USE_CPU=1 (set by `accelerate launch --cpu`) joins the
     # processes on the CPU (gloo); so does asking for the CPU outright.
@@ -462,26 +488,37 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         "device": device.type,
         "num_processes": state.num_processes,
     }
-    # Every process checks (so all of them fail alike); only the main process writes.
-    _check_out_dir(out_dir, manifest, o.overwrite)
-    manifest_path = out_dir / MANIFEST
+    # The main process locks and checks the folder and writes the manifest (listing every file
+    # this run may write) before any image; the others learn whether that worked.
+    claim: Optional[OutputFolder] = None
+    error: Optional[BaseException] = None
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if o.overwrite:
-            removed = _our_files(out_dir)
-            for p in removed:
-                p.unlink(missing_ok=True)
-            if removed:
-                tell(f"--overwrite: removed {len(removed)} earlier output file(s) from {out_dir}")
-        else:  # leftovers of writes that a killed run never finished
-            for p in _our_files(out_dir):
-                if _TMP_RE.fullmatch(p.name):
-                    p.unlink(missing_ok=True)
-        atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode("utf-8"))
-    state.wait_for_everyone()
+        try:
+            claim = _claim(out_dir, manifest, model_path, o, tell)
+        except Exception as e:  # raised on every process by _same_outcome
+            error = e
+    _same_outcome(state, error)
+    try:
+        return _draw_all(state, main, out_dir, manifest, claim, n, o, how, denoiser, schedule,
+                         shape, labels, device, autocast, batch_size, progress, tell)
+    finally:
+        if claim is not None:
+            claim.close()
 
+
+def _draw_all(state: Any, main: bool, out_dir: Path, manifest: dict[str, Any],
+              claim: Optional[OutputFolder], n: int, o: SampleOptions, how: SampleConfig,
+              denoiser: Any, schedule: Any, shape: tuple[int, int, int],
+              labels: Optional[list[int]], device: torch.device, autocast: Any,
+              batch_size: int, progress: bool, tell: Callable[[str], None]) -> SampleResult:
+    """Draw the images not yet in the claimed folder, then the grid and the final manifest."""
+    from tqdm.auto import tqdm
+
+    manifest_path = out_dir / MANIFEST
+    state.wait_for_everyone()
     files = tuple(out_dir / image_name(i) for i in range(n))
-    todo = [i for i in range(n) if not files[i].exists()]
+    # a planted link under an image's name is redrawn (the write replaces the link itself)
+    todo = [i for i in range(n) if not is_plain_file(files[i])]
     done_before = n - len(todo)
     # Every process has its to-do list before any of them writes an image: otherwise a fast
     # one's new files would shorten a slow one's list and the round-robin deal would differ.
@@ -509,6 +546,7 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
 
     grid_path = out_dir / GRID if o.grid else None
     if main:
+        assert claim is not None
         missing = [p.name for p in files if not p.exists()]
         if missing:
             raise FolderError(f"{len(missing)} image(s) are missing from {out_dir} (e.g. "
@@ -517,7 +555,7 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
             shown = [_load_png(p, shape) for p in files[:MAX_GRID_IMAGES]]
             save_grid(torch.stack(shown), grid_path)
         manifest["complete"] = True
-        atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode("utf-8"))
+        claim.write_manifest(manifest, claim.listed)
         tell(f"wrote {n - done_before} image(s) to {out_dir}"
              + (f" ({done_before} were already there)" if done_before else "")
              + (f", grid {grid_path}" if grid_path is not None else ""))

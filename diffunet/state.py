@@ -16,15 +16,23 @@ leave the same way: renamed out of the ``step*`` names first, then deleted.
 
 Reading a state never unpickles: :func:`read_trainer` and :func:`load_tensors` read JSON and
 safetensors and turn a damaged or foreign file into a one-line
-:class:`~diffunet.errors.ModelFileError`.
+:class:`~diffunet.errors.ModelFileError`. ``trainer.json`` is read within bounds
+(:func:`diffunet.fileio.read_json`: size, nesting, UTF-8) and every field checked against
+:data:`TRAINER_SCHEMA`. Its ``files`` entry records the size and SHA-256 of every other file of
+the state when it is committed; :func:`verify_files` checks them before a resume, so a file
+removed, truncated, replaced (by another safetensors file, a symlink, ...) or added is refused
+instead of resumed silently into a run that is no longer exact. States written before the
+``files`` entry existed have none: they are resumed unverified, with a note saying so.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import ModelFileError
-from .fileio import fsync_dir
+from .fileio import fsync_dir, read_json as read_bounded_json, schema_problem
 
 STATE_FORMAT_VERSION = 1
 _NAME = re.compile(r"^step(\d{7,})$")
@@ -47,13 +55,16 @@ def state_name(step: int) -> str:
 
 
 def complete_states(root: Path) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of every complete state under ``root``, oldest first."""
+    """``(step, folder)`` of every complete state under ``root``, oldest first: every
+    ``step*`` folder (states are committed by one rename, so one without a readable
+    ``trainer.json`` was damaged afterwards, and :func:`read_trainer` says so rather than the
+    resume silently falling back to an older state or a fresh start)."""
     if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
         m = _NAME.match(p.name)
-        if m and p.is_dir() and (p / "trainer.json").is_file():
+        if m and p.is_dir():
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -102,8 +113,31 @@ def clear_leftovers(out_dir: Path) -> None:
             _remove(leftover)
 
 
+def file_digest(path: Path) -> dict[str, Any]:
+    """``{"size": bytes, "sha256": hex}`` of a file, as ``trainer.json`` records it."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def record_files(folder: Path) -> None:
+    """Add to ``folder/trainer.json`` the ``files`` entry: the size and SHA-256 of every other
+    file of the state (:func:`verify_files` checks them on resume)."""
+    path = folder / "trainer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["files"] = {f.name: file_digest(f) for f in sorted(folder.iterdir())
+                     if f.name != "trainer.json"}
+    write_json(path, data)
+
+
 def commit_state(tmp: Path, keep_last: int) -> Path:
-    """Flush every file in ``tmp``, rename it to its final name, then prune old states."""
+    """Record every file's size and hash in ``trainer.json`` (:func:`record_files`), flush
+    every file in ``tmp``, rename it to its final name, then prune old states."""
+    record_files(tmp)
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -122,10 +156,6 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text[:197] + "..." if len(text) > 200 else text or type(e).__name__
@@ -139,15 +169,26 @@ def _damaged(folder: Path, problem: str) -> ModelFileError:
 _TRAINER_KEYS: dict[str, type] = {"config": dict, "optimizer": dict, "nonfinite_total": int,
                                   "nonfinite_streak": int}
 
+TRAINER_SCHEMA: dict[str, Any] = {
+    "format_version": int, "step": int, "world_size": int, "scaler?": (dict, type(None)),
+    "optimizer": {"state": dict, "param_groups": [{"params": [int]}]}, "config": dict,
+    "files?": dict}
+"""What every state's ``trainer.json`` holds (:func:`diffunet.fileio.schema_problem`), besides
+the trainer's own keys; ``files`` is missing only in states written before it was recorded."""
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.safetensors$")
+_MAX_STEP = 2**63 - 1
+_MAX_TRAINER_BYTES = 64 << 20
+
 
 def read_trainer(folder: Path, kinds: dict[str, type] | None = None) -> dict[str, Any]:
     """The checked ``trainer.json`` of the state ``folder`` (a :class:`ModelFileError` naming
     the problem if it is damaged, from a newer diffunet, or not this folder's). ``kinds``: the
-    keys it must hold and their JSON types (default: those of diffusion training)."""
+    keys it must hold and their JSON types (default: those of diffusion training), checked
+    with :data:`TRAINER_SCHEMA`."""
     path = folder / "trainer.json"
     try:
-        data = read_json(path)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = read_bounded_json(path, _MAX_TRAINER_BYTES)
+    except (OSError, ValueError, RecursionError) as e:
         raise _damaged(folder, f"{path} cannot be read ({_one_line(e)})") from None
     if not isinstance(data, dict):
         raise _damaged(folder, f"{path} is not a JSON object")
@@ -159,12 +200,76 @@ def read_trainer(folder: Path, kinds: dict[str, type] | None = None) -> dict[str
                              f"diffunet reads ({STATE_FORMAT_VERSION}); upgrade diffunet")
     m = _NAME.match(folder.name)
     step = data.get("step")
-    if m is None or not isinstance(step, int) or isinstance(step, bool) or step != int(m[1]):
-        raise _damaged(folder, f"{path}: its step {step!r} does not match the folder name")
-    for key, kind in (kinds if kinds is not None else _TRAINER_KEYS).items():
-        if not isinstance(data.get(key), kind):
-            raise _damaged(folder, f"{path}: {key!r} is missing or not a {kind.__name__}")
+    if m is None or not isinstance(step, int) or isinstance(step, bool) or step != int(m[1]) \
+            or not 0 <= step <= _MAX_STEP:
+        raise _damaged(folder, f"{path}: its step {_short(step)} does not match the folder name")
+    schema = {**(kinds if kinds is not None else _TRAINER_KEYS), **TRAINER_SCHEMA}
+    problem = schema_problem(data, schema)
+    if problem is None and not 1 <= data["world_size"] <= 1 << 20:
+        problem = f"world_size: {data['world_size']} is not a number of processes"
+    if problem is None and not all(isinstance(k, str) and k.isdigit() and isinstance(v, dict)
+                                   for k, v in data["optimizer"]["state"].items()):
+        problem = "optimizer.state: expected parameter indices mapping to objects"
+    if problem is None and "files" in data:
+        problem = _files_problem(data["files"])
+    if problem is not None:
+        raise _damaged(folder, f"{path}: {problem}")
     return data
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _files_problem(files: dict[str, Any]) -> str | None:
+    for name, entry in files.items():
+        if not _FILE_NAME.match(name):
+            return f"files: {_short(name)} is not the name of a state file"
+        problem = schema_problem(entry, {"size": int, "sha256": str}, f"files.{name}")
+        if problem is not None:
+            return problem
+        if not (0 <= entry["size"] and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
+            return f"files.{name}: not a size and a SHA-256 digest"
+    return None
+
+
+def verify_files(folder: Path, trainer: dict[str, Any]) -> str | None:
+    """Check every file of the state ``folder`` against the sizes and SHA-256 digests its
+    ``trainer`` (:func:`read_trainer`) recorded: a file missing, not a regular file (a symlink,
+    a folder), of another size or content, or a safetensors file it did not record is a
+    one-line :class:`ModelFileError`. Returns a note for a state written before digests were
+    recorded (resumed unverified), else None."""
+    files = trainer.get("files")
+    if files is None:
+        return (f"note: {folder} was written by an older diffunet that did not record its "
+                "files' digests; resuming from it unverified")
+    for name, want in files.items():
+        path = folder / name
+        try:
+            info = os.lstat(path)
+        except OSError:
+            raise _damaged(folder, f"{path} is missing") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise _damaged(folder, f"{path} is not a regular file (a symlink or folder)")
+        if info.st_size != want["size"]:
+            raise _damaged(folder, f"{path} has {info.st_size:,} bytes where the state recorded "
+                           f"{want['size']:,}")
+        try:
+            digest = file_digest(path)["sha256"]
+        except OSError as e:
+            raise _damaged(folder, f"{path} cannot be read ({_one_line(e)})") from None
+        if digest != want["sha256"]:
+            raise _damaged(folder, f"{path} is not the file the state recorded (its SHA-256 "
+                           "differs)")
+    try:
+        extra = sorted(p.name for p in folder.iterdir()
+                       if p.name != "trainer.json" and p.name not in files)
+    except OSError as e:
+        raise _damaged(folder, f"{folder} cannot be listed ({_one_line(e)})") from None
+    if extra:
+        raise _damaged(folder, f"{folder / extra[0]} is not a file the state recorded")
+    return None
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -31,7 +31,7 @@ from torch import Tensor
 from . import state as st
 from .checkpoint import save_model, unwrap_model
 from .config import RunConfig, to_dict
-from .data import GlobalBatchSampler, build_dataset, flip_where, make_dataloader
+from .data import GlobalBatchSampler, build_dataset, flip_where, make_dataloader, skipped_note
 from .diffusion import NoiseSchedule, diffusion_loss
 from .errors import ConfigError, TrainingError
 from .images import save_grid
@@ -74,8 +74,7 @@ def _dataset_notes(dataset: Any, cfg: RunConfig) -> list[str]:
     """What people should know about an image folder: unreadable and upscaled files."""
     notes, where = [], cfg.data.path
     if getattr(dataset, "skipped", None):
-        notes.append(f"skipped {len(dataset.skipped)} unreadable file(s) in {where}, "
-                     f"e.g. {dataset.skipped[0]}")
+        notes.append(skipped_note(dataset.skipped, str(where)))
     if getattr(dataset, "upscaled", None):
         notes.append(f"note: {len(dataset.upscaled)} of {len(dataset)} images in {where} are "
                      f"smaller than data.image_size={cfg.data.image_size} and are upscaled (e.g. "
@@ -235,6 +234,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     with Run(cfg, out_dir, resume=resume, command="train", mixed_precision=t.mixed_precision,
              batch_size=t.batch_size, batch_divisor=t.grad_accum_steps, trackers=t.trackers,
              image_shape=(cfg.unet.in_channels, cfg.unet.image_size), state_keys=STATE_KEYS,
+             net=cfg.unet, timesteps=cfg.schedule.num_train_timesteps,
              static_graph=t.grad_accum_steps == 1 and not t.compile,
              say=say, progress=progress) as run:
         step = run.start_step

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import struct
 import subprocess
@@ -271,3 +272,89 @@ def test_a_fifo_named_like_a_model_file_is_refused_without_blocking(tmp_path: Pa
     os.mkfifo(fifo)  # reading it would wait for a writer forever
     with pytest.raises(ModelFileError, match="is not a regular file"):
         load_model(fifo)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"num_classes": 5, "scale_shift_norm": True},
+    {"channel_mults": (1, 2, 3), "num_res_blocks": 2, "image_size": 16, "attn_resolutions": (8, 4),
+     "head_channels": 8, "upsample": "transposed", "downsample": "avgpool"},
+    {"time_conditioning": False, "out_channels": 4, "attn_resolutions": ()},
+])
+def test_parameter_count_matches_the_built_network(overrides) -> None:
+    from diffunet.resources import parameter_count, parameter_shapes
+
+    cfg = UNetConfig(**tiny_net(**overrides))
+    net = UNet(cfg)
+    assert parameter_count(cfg) == net.num_parameters()
+    assert parameter_shapes(cfg) == {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def test_parameter_count_of_a_huge_config_allocates_nothing() -> None:
+    from diffunet.resources import parameter_count
+
+    assert parameter_count(UNetConfig(base_channels=100_000, num_groups=4)) > 10 ** 13
+
+
+def test_sha256_is_the_whole_file_and_metadata_cannot_replace_it(tmp_path: Path) -> None:
+    import hashlib
+
+    path = _saved(tmp_path)
+    _rewrite_metadata(path, lambda m: m.update(sha256=json.dumps("0" * 64)))
+    assert load_model(path)[2]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_non_finite_weights_name_the_first_bad_tensor(tmp_path: Path) -> None:
+    from diffunet.checkpoint import load_model_file
+
+    net = _model()
+    names = list(net.state_dict())
+    with torch.no_grad():
+        net.state_dict()[names[4]].view(-1)[0] = float("nan")
+        net.state_dict()[names[2]].view(-1)[1] = float("inf")
+    path = tmp_path / "nan.safetensors"
+    save_model(path, net, NoiseSchedule())
+    with pytest.raises(ModelFileError, match=f"tensor {names[2]} holds 1 non-finite"):
+        load_model(path)
+    loaded = load_model_file(path, check_finite=False)
+    assert loaded.nonfinite == (names[2], 1, net.state_dict()[names[2]].numel())
+
+
+def test_metadata_is_checked_before_the_tensor_bytes_are_read(tmp_path: Path) -> None:
+    # read_metadata reads the header only; a header whose offsets run past the end is refused
+    # from the header alone.
+    path = _saved(tmp_path)
+    size = path.stat().st_size
+    assert read_metadata(path)["unet_config"]["base_channels"] == 16
+    with open(path, "r+b") as f:
+        f.truncate(size - 4)
+    with pytest.raises(ModelFileError, match="is truncated"):
+        read_metadata(path)
+
+
+def test_a_symlink_to_a_device_is_refused(tmp_path: Path) -> None:
+    link = tmp_path / "model.safetensors"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(ModelFileError, match="is not a regular file"):
+        load_model(link)
+
+
+def test_the_memory_check_uses_what_the_address_space_limit_leaves() -> None:
+    import resource
+
+    from diffunet.resources import available_bytes
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    assert available_bytes("cpu") > 0
+    if soft == resource.RLIM_INFINITY:
+        pid = os.fork()
+        if pid == 0:  # in a child: the limit cannot be raised back
+            code = 1
+            try:
+                used = int(next(line for line in open("/proc/self/status")
+                                if line.startswith("VmSize:")).split()[1]) * 1024
+                resource.setrlimit(resource.RLIMIT_AS, (used + (1 << 30), hard))
+                code = 0 if available_bytes("cpu") <= 1 << 30 else 1
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0

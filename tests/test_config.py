@@ -228,3 +228,40 @@ def test_sampling_rules_are_stated_once_and_name_what_the_caller_wrote() -> None
     with pytest.raises(ConfigError, match=r"^sample\.num_steps must be a positive integer"):
         SampleConfig(num_steps=0)
     check_sampling({}, sampler=None, eta=None)  # nothing given: nothing to check
+
+
+# Issue 14: seeds, non-finite floats and the preview size are one-line errors naming the key.
+
+
+@pytest.mark.parametrize("root", [RunConfig, SegRunConfig])
+@pytest.mark.parametrize("seed", ["-1", "4294967296", "18446744073709551616"])
+def test_seeds_outside_numpys_range_are_refused(root: type, seed: str) -> None:
+    with pytest.raises(ConfigError, match=r"^train\.seed: must be an integer with "
+                                          r"0 <= seed < 2\*\*32 .*got -?\d+$"):
+        load_config(None, [f"train.seed={seed}"], root=root)
+    assert load_config(None, ["train.seed=4294967295"], root=root).train.seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("item", ["train.lr=inf", "train.weight_decay=nan", "train.ema_decay=nan",
+                                  "train.adam_betas=[0.9, nan]", "train.grad_clip=inf",
+                                  "train.min_snr_gamma=inf", "unet.dropout=nan",
+                                  "schedule.beta_start=nan", "sample.eta=nan",
+                                  "sample.guidance_scale=-inf"])
+def test_every_float_must_be_finite(item: str) -> None:
+    key = item.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}: must be a finite number"):
+        load_config(None, [item])
+
+
+@pytest.mark.parametrize("item", ["train.lr=nan", "data.std=[1, inf, 1]", "data.mean=[nan]",
+                                  "data.val_fraction=nan", "train.dice_weight=inf"])
+def test_segmentation_floats_must_be_finite(item: str) -> None:
+    with pytest.raises(ConfigError, match=r"must be a finite number"):
+        load_config(None, [item], root=SegRunConfig)
+
+
+def test_preview_grids_are_capped() -> None:
+    assert load_config(None, ["sample.num_images=256"]).sample.num_images == 256
+    with pytest.raises(ConfigError, match=r"^sample\.num_images: must be in \[1, 256\] .*"
+                                          r"1000000000; draw more with diffunet sample"):
+        load_config(None, ["sample.num_images=1000000000"])

@@ -204,7 +204,7 @@ def test_folder_errors(tmp_path: Path) -> None:
         build(tmp_path / "empty")
     _write_text(tmp_path / "bad" / "a.png")
     (tmp_path / "bad" / "b.jpg").write_bytes(b"\x00" * 64)
-    with pytest.raises(DataError, match="none of the 2 image files"):
+    with pytest.raises(DataError, match="no readable image under .*: 2 file"):
         build(tmp_path / "bad")
 
 
@@ -529,3 +529,77 @@ def test_a_cache_that_cannot_be_allocated_is_one_line(tmp_path: Path,
                                         r"set data\.cache=false$"):
         build_dataset(DataConfig(channels=3, image_size=8, source="folder", path=str(tmp_path),
                                  cache=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile folders and images (issue 14; the command-line cases are in test_hostile_runs.py)
+
+
+def test_an_unlistable_sub_folder_is_skipped_and_counted(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from diffunet.data import scan_image_folder
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "locked").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "locked" / "b.png")
+    real = os.scandir
+
+    def scandir(path):  # what chmod 0 does to anyone but root
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    files, skipped, _ = scan_image_folder(tmp_path)
+    assert files == [Path("a.png")] and skipped == [str(tmp_path / "locked")]
+
+
+def test_links_are_followed_once_and_never_out_of_the_folder(tmp_path: Path) -> None:
+    from diffunet.data import scan_image_folder
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "x.png")
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "sub" / "b.png")
+    for name, target in (("up", ".."), ("self", "."), ("again", "sub"), ("out", str(outside))):
+        (root / name).symlink_to(target)
+    files, skipped, _ = scan_image_folder(root)
+    assert files == [Path("again/b.png")] and skipped == []  # "again" sorts first
+
+
+def test_images_over_the_pixel_limit_are_refused_from_the_header(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    from diffunet.data import scan_image_folder
+    from diffunet.errors import UsageError
+    from diffunet.images import open_image
+
+    Image.new("L", (100, 50)).save(tmp_path / "a.png")
+    Image.new("L", (10, 10)).save(tmp_path / "b.png")
+    monkeypatch.setenv("DIFFUNET_MAX_IMAGE_PIXELS", "4999")
+    with pytest.raises(DataError, match=r"100x50 = 5,000 pixels, more than the 4,999 .*"
+                                        r"DIFFUNET_MAX_IMAGE_PIXELS=5000$"):
+        open_image(tmp_path / "a.png", None)
+    files, skipped, _ = scan_image_folder(tmp_path)
+    assert files == [Path("b.png")] and skipped == [str(tmp_path / "a.png")]
+    monkeypatch.setenv("DIFFUNET_MAX_IMAGE_PIXELS", "5000")
+    assert open_image(tmp_path / "a.png", None).size == (100, 50)
+    monkeypatch.setenv("DIFFUNET_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(UsageError, match="DIFFUNET_MAX_IMAGE_PIXELS='lots' is not a positive"):
+        scan_image_folder(tmp_path)
+    # PIL's own bomb check (a warning above ~89M pixels) is replaced by ours, and put back
+    monkeypatch.setenv("DIFFUNET_MAX_IMAGE_PIXELS", "200000000")
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 1000
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert open_image(tmp_path / "a.png", None).size == (100, 50)
+    finally:
+        assert Image.MAX_IMAGE_PIXELS == 1000
+        Image.MAX_IMAGE_PIXELS = before

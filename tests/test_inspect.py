@@ -47,7 +47,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     seg = _tiny(time_conditioning=False, out_channels=3)
     save_model(paths["seg"], seg, None, extra={"segmentation": {
         "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3], "num_classes": 3,
-        "class_names": ["background", "a", "b"]}})
+        "class_names": ["background", "a", "b"], "image_size": 8, "channels": 3}})
     return paths
 
 
@@ -256,10 +256,21 @@ def test_non_empty_out_dir_refused_and_untouched(models: dict[str, Path], tmp_pa
     assert sorted(p.name for p in out_dir.iterdir()) == ["input.png", "notes.txt"]
     assert (out_dir / "input.png").read_bytes() == b"my own picture"
 
+    # --overwrite writes beside the user's files, but never over one of them
+    rc, out, err = _run(capsys, models["diff"], "--out-dir", out_dir, "--overwrite")
+    assert rc == 2 and "input.png" in err and "even if you pass --overwrite" in err
+    assert err.count("\n") == 1
+    assert (out_dir / "input.png").read_bytes() == b"my own picture"
+    (out_dir / "input.png").rename(tmp_path / "input.png")
     rc, out, err = _run(capsys, models["diff"], "--out-dir", out_dir, "--overwrite")
     assert rc == 0, err
     assert (out_dir / "notes.txt").read_text() == "keep me"
     assert (out_dir / "stats.json").is_file()
+    # a rerun (the folder is inspect's now) replaces its own files and keeps the user's
+    rc, out, err = _run(capsys, models["seg"], "--out-dir", out_dir)
+    assert rc == 0, err
+    assert (out_dir / "notes.txt").read_text() == "keep me"
+    assert not (out_dir / "noised.png").exists()
     with pytest.raises(FolderError, match="is a file"):
         inspect_model(models["diff"], out_dir / "notes.txt", device="cpu")
 
@@ -267,8 +278,11 @@ def test_non_empty_out_dir_refused_and_untouched(models: dict[str, Path], tmp_pa
 def test_rerun_replaces_previous_output(models: dict[str, Path], tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     inspect_model(models["diff"], out_dir, device="cpu")
-    (out_dir / "99_stale.block.png").write_bytes(b"old")  # e.g. from another model
+    (out_dir / "99_stale.block.png").write_bytes(b"mine")  # looks like inspect's, is not
     r = inspect_model(models["seg"], out_dir, device="cpu")  # no --overwrite needed
     names = sorted(p.name for p in out_dir.iterdir())
-    assert names == sorted(p.name for p in r.files)
+    assert names == sorted([p.name for p in r.files] + ["99_stale.block.png"])
     assert "noised.png" not in names and "prediction.png" in names
+    assert (out_dir / "99_stale.block.png").read_bytes() == b"mine"
+    doc = json.loads((out_dir / "stats.json").read_text())
+    assert doc["complete"] is True and sorted(doc["files"]) == sorted(p.name for p in r.files)

@@ -196,6 +196,9 @@ def test_an_interrupted_run_resumes_where_it_stopped(rgb_model, tmp_path, monkey
     assert manifest["complete"] is False and not (out / GRID).exists()
     # the first batch, handed to the background writer, is on disk in full
     assert sorted(p.name for p in out.glob("*.png")) == [image_name(i) for i in range(2)]
+    # the manifest, written first, already lists every file the run would have written
+    assert manifest["files"] == [image_name(i) for i in range(6)] + [GRID]
+    assert {p.name for p in out.iterdir()} - {MANIFEST} <= set(manifest["files"])
     calls = []
     monkeypatch.setattr(sampling, "sample", lambda *a, **k: calls.append(a[2].shape[0])
                         or sample(*a, **k))
@@ -484,3 +487,21 @@ def test_more_samples_than_one_folder_holds_are_refused():
 
     with pytest.raises(UsageError, match="--num-samples 10000001 is more than 10,000,000"):
         SampleOptions(num_samples=MAX_SAMPLES + 1)
+
+
+def test_a_folder_in_use_by_another_run_is_refused(rgb_model, tmp_path):
+    import os
+
+    from diffunet.runs import FolderLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = FolderLock(out)  # held as a second `diffunet sample` would hold it
+    try:
+        with pytest.raises(FolderError, match=f"in use by another diffunet run "
+                                              f"\\(process {os.getpid()}\\)"):
+            generate(rgb_model, out, opts(num_samples=1))
+    finally:
+        lock.close()
+    assert list(out.iterdir()) == []
+    generate(rgb_model, out, opts(num_samples=1))  # free again

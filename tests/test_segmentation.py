@@ -230,6 +230,8 @@ def test_segment_folder_binary_train_predict_stats(tmp_path: Path,
     assert m.shape == (24, 40) and set(np.unique(m)) <= {0, 1}
     assert Image.open(pred / "wide_overlay.png").size == (40, 24)
     assert Image.open(pred / "im00.png").mode == "P"
+    assert sorted(json.loads((pred / "masks.json").read_text())["files"]) == [
+        "im00.png", "im00_overlay.png", "wide.png", "wide_overlay.png"]
     # a camera photo stored sideways with an EXIF "rotate" tag is predicted upright, as the
     # training data is read
     exif = Image.Exif()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ from typing import Any, TypeVar
 
 from ..config import UNetConfig, load_config, to_toml
 from ..errors import ConfigError, UsageError
+from ..fileio import first_line, read_json, schema_problem
 
 C = TypeVar("C")
 
@@ -59,14 +59,40 @@ def add_run_arguments(p: argparse.ArgumentParser, *, resume_help: str,
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def dry_run(cfg: Any, net: UNetConfig, out_dir: Path, note: str = "") -> int:
-    """``--dry-run``: the resolved config as TOML, the network's size (``note`` after it) and
-    the run folder, on stdout; nothing is written."""
-    from ..unet import UNet
+def _data_folders(cfg: Any) -> list[tuple[str, str]]:
+    """``(config key, folder)`` of every image folder ``cfg`` trains on (none for built-in and
+    torchvision data): ``data.path``, or segmentation's ``data.images`` and ``data.masks``
+    (and their ``val_`` pair)."""
+    data = getattr(cfg, "data", None)
+    if getattr(data, "source", None) != "folder":
+        return []
+    keys = ("path", "images", "masks", "val_images", "val_masks")
+    return [(f"data.{k}", getattr(data, k)) for k in keys if getattr(data, k, None)]
 
-    n = UNet(net).num_parameters()
+
+def dry_run(cfg: Any, net: UNetConfig, out_dir: Path, note: str = "") -> int:
+    """``--dry-run``: check what a start would check before building anything (the network,
+    schedule and batch fit this machine's memory; each data folder exists and holds readable
+    images, from their headers), then print the resolved config as TOML, the network's size
+    (``note`` after it), the data folders and the run folder on stdout. Builds no network
+    (its parameters are counted on the meta device) and writes nothing."""
+    from ..data import image_folder
+    from ..runs import check_training_fits, cpu_requested, pick_device
+
+    schedule = getattr(cfg, "schedule", None)
+    batch = cfg.train.batch_size
+    device = pick_device("cpu" if cpu_requested() else None)
+    n = check_training_fits(net, getattr(schedule, "num_train_timesteps", None), batch, batch,
+                            net.in_channels, net.image_size, device)
+    found = []
+    for key, folder in _data_folders(cfg):
+        files, skipped, _ = image_folder(folder, key, net.image_size)
+        found.append(f"# {key}: {len(files):,} image(s) in {folder}"
+                     + (f", {len(skipped):,} skipped (e.g. {skipped[0]})" if skipped else ""))
     out(to_toml(cfg))
     out(f"# UNet parameters: {n:,} ({n / 1e6:.2f}M){note}")
+    for line in found:
+        out(line)
     out(f"# output folder: {out_dir}")
     return 0
 
@@ -99,10 +125,17 @@ def resolve_run_config(items: Sequence[str], out_dir: str | None, resume: bool, 
     run_dir = Path(out_dir) if out_dir else Path("runs") / stem
     base = None
     saved = run_dir / "config.json"
-    if resume and config_path is None and saved.is_file():
+    if resume and config_path is None and (saved.exists() or saved.is_symlink()):
+        # read within bounds (size, nesting, UTF-8, a regular file): it may have been damaged
         try:
-            base = json.loads(saved.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{saved} is damaged ({e}); give the run's CONFIG.toml and "
-                              "overrides along with --resume") from None
+            base = read_json(saved)
+            problem = schema_problem(base, {f"{section}?": dict for section in sections}
+                                     if isinstance(base, dict) else dict)
+            if problem is None:
+                problem = next((f"{k}: not a section" for k in base if k not in sections), None)
+        except (OSError, ValueError, RecursionError) as e:
+            problem = first_line(e)
+        if problem is not None:
+            raise ConfigError(f"{saved} is damaged ({problem}); give the run's CONFIG.toml "
+                              "and overrides along with --resume") from None
     return load_config(config_path, overrides, base=base, root=root), run_dir

@@ -5,8 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import out
+from .common import out, say
 
+REAL_KEYS = ("path", "parameters", "sha256", "format_version", "weights_finite",
+             "nonfinite_tensor", "metadata")
+"""The keys of ``info --json`` that the command itself fills in (what the file is); a file's
+own metadata keys of these names appear only under ``metadata``."""
+
+
+def _shown(value: object) -> str:
+    """A metadata value on one line of the table (a string as it is when it is printable)."""
+    text = value if isinstance(value, str) and value.isprintable() else json.dumps(value)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,26 +26,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_model
+    from ..checkpoint import load_model_file
 
-    net, schedule, meta = load_model(args.model)
-    n_params = sum(p.numel() for p in net.parameters())
+    loaded = load_model_file(args.model, check_finite=False)
+    meta = loaded.metadata
+    n_params = sum(p.numel() for p in loaded.net.parameters())
+    bad = loaded.nonfinite
+    finite_line = ("finite" if bad is None else
+                   f"NOT FINITE: tensor {bad[0]} holds {bad[1]:,} NaN/inf value(s) of "
+                   f"{bad[2]:,}; sampling it gives grey images, use an earlier model file")
+    if bad is not None:
+        say(f"diffunet info: warning: {args.model}: tensor {bad[0]} holds {bad[1]:,} "
+            f"non-finite value(s) (NaN or inf) of {bad[2]:,}; the weights are damaged, use "
+            "an earlier model file")
     if args.json:
-        out(json.dumps({"path": str(args.model), "parameters": n_params, **meta}, indent=2))
+        real = {"path": str(args.model), "parameters": n_params, "sha256": loaded.sha256,
+                "format_version": meta["format_version"], "weights_finite": bad is None,
+                "nonfinite_tensor": None if bad is None else bad[0], "metadata": meta}
+        own = {k: v for k, v in meta.items() if k not in REAL_KEYS}
+        out(json.dumps({**own, **real}, indent=2))
         return 0
     lines = [f"model file       {args.model}",
              f"format version   {meta['format_version']} (written by diffunet "
              f"{meta.get('diffunet_version', '?')})"]
     if "step" in meta:
-        lines.append(f"training step    {meta['step']}")
+        lines.append(f"training step    {_shown(meta['step'])}")
     if "epoch" in meta:
         metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
         dice, iou = metrics.get("val_mean_dice"), metrics.get("val_mean_iou")
-        lines.append(f"training epoch   {meta['epoch']}" + (
+        lines.append(f"training epoch   {_shown(meta['epoch'])}" + (
             f" (validation mean Dice {dice:.4f}, IoU {iou:.4f})"
             if isinstance(dice, (int, float)) and isinstance(iou, (int, float)) else ""))
     lines += [f"parameters       {n_params:,} ({n_params / 1e6:.2f}M)",
-              f"sha256           {meta['sha256']}"]
+              f"weights          {finite_line}",
+              f"sha256           {loaded.sha256}"]
     for section in ("unet_config", "schedule_config", "segmentation"):
         if section in meta:
             lines.append(f"[{section.removesuffix('_config')}]")

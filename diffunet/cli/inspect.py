@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="feature maps per block picture, the first N channels (default 64)")
     p.add_argument("--out-dir", help="output folder (default inspect/<model file name>)")
     p.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty --out-dir that holds other files")
+                   help="write into a --out-dir that holds other files (they are kept; "
+                        "a file its stats.json does not list is never written over)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.set_defaults(func=run)
 

@@ -62,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=d.device,
                    help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace samples from other settings in --out-dir")
+                   help="replace the samples (from other settings) that its manifest.json lists "
+                        "in --out-dir; other files there are kept, never written over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

@@ -41,13 +41,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "predict", help="write a label mask and an overlay for each image",
         description="Predict masks: <name>.png (palette PNG, pixel value = class index, at the "
                     "input's size) and <name>_overlay.png for every image given (folders are "
-                    "searched recursively).")
+                    "searched recursively), and masks.json listing them.")
     q.add_argument("model", metavar="MODEL.safetensors")
     q.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     q.add_argument("--out-dir", help="output folder (default masks/<model file name>)")
     q.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     q.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
-    q.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier predict (listed in masks.json) and "
+                        "write beside other files, which are kept and never written over")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_predict)
 

@@ -22,15 +22,15 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from ..data import flip_where, scan_image_folder, seed_for
+from ..data import flip_where, scan_image_folder, seed_for, skipped_note
 from ..config import SegRunConfig
 from ..errors import DataError
 from ..fileio import first_line
-from ..images import IGNORE_INDEX, IMAGE_EXTENSIONS, open_image, prepare_image
+from ..images import IGNORE_INDEX, IMAGE_EXTENSIONS, image_header, open_image, prepare_image
 
 __all__ = [
     "SegData",
@@ -251,7 +251,7 @@ _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the image b
 def _upright_size(path: Path) -> tuple[tuple[int, int], str]:
     """(width, height) after the EXIF rotation :func:`images.open_image` applies, and the mode;
     from the header only."""
-    with Image.open(path) as im:
+    with image_header(path) as im:
         w, h = im.size
         if im.getexif().get(0x0112, 1) in _SWAPPING_ORIENTATIONS:
             w, h = h, w
@@ -438,7 +438,7 @@ class PairedFolders(Dataset):
         """The full-size mask (H, W) as integers, checked; and whether it is a 0/255 binary
         mask (to be read as 0/1)."""
         try:
-            with Image.open(path) as m:
+            with image_header(path) as m:
                 m.load()
                 if m.getexif().get(0x0112, 1) != 1:  # rotate as images.open_image rotates images
                     m = ImageOps.exif_transpose(m)
@@ -586,8 +586,7 @@ class SegData:
 def _folder_notes(ds: Any, images: str, masks: str) -> list[str]:
     notes = []
     if getattr(ds, "skipped", None):
-        notes.append(f"skipped {len(ds.skipped)} unreadable file(s) in {images}, "
-                     f"e.g. {ds.skipped[0]}")
+        notes.append(skipped_note(ds.skipped, f"{images} and {masks}"))
     if getattr(ds, "unmatched_images", None):
         notes.append(f"{len(ds.unmatched_images)} image(s) in {images} have no mask of the same "
                      f"name in {masks} and are left out, e.g. {ds.unmatched_images[0]}")

@@ -2,7 +2,8 @@
 
 :func:`predict_masks` writes ``<name>.png`` (a palette PNG whose pixel values are the class
 indices, at the input's own size) and ``<name>_overlay.png`` (the image with the classes blended
-in) for every input; :func:`predict_image` is the one-image step at any size.
+in) for every input, and ``masks.json``, the list of them (:mod:`diffunet.outputs`);
+:func:`predict_image` is the one-image step at any size.
 """
 
 from __future__ import annotations
@@ -20,9 +21,16 @@ from ..checkpoint import load_model
 from ..errors import DataError, FolderError, ModelFileError, UsageError
 from ..fileio import atomic_save_image
 from ..images import IMAGE_EXTENSIONS, load_image_full, normalize, overlay, save_mask
+from ..outputs import check_unique_outputs, claim_folder
 from ..runs import pick_device
 
-__all__ = ["predict_image", "predict_masks"]
+__all__ = ["MANIFEST", "predict_image", "predict_masks"]
+
+MANIFEST = "masks.json"
+"""The manifest of a predict output folder: ``files`` lists every mask and overlay written there
+(before they are written; :mod:`diffunet.outputs`), ``model`` the last model file used."""
+MANIFEST_FORMAT = "diffunet.masks"
+MANIFEST_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,13 +52,10 @@ def _input_files(inputs: Sequence[str]) -> list[Path]:
             files.append(p)
         else:
             raise DataError(f"input not found: {p}; give image files or folders")
-    names = {}
-    for f in files:  # outputs are named by file stem, so two inputs must not share one
-        if f.stem in names and names[f.stem] != f:
-            raise DataError(f"{names[f.stem]} and {f} would both write {f.stem}.png; predict "
-                            "them into different --out-dir folders")
-        names[f.stem] = f
-    return files
+    unique: dict[Path, Path] = {}
+    for f in files:  # one image named twice (or as a file and in its folder) is predicted once
+        unique.setdefault(f.resolve(), f)
+    return list(unique.values())
 
 
 @torch.no_grad()
@@ -88,8 +93,11 @@ def predict_masks(model_path: str | os.PathLike, inputs: Sequence[str], out_dir:
     """Predict a label mask for every input image with a segmentation model file.
 
     Writes ``<stem>.png`` (palette PNG: pixel value = class index, at the input's size) and
-    ``<stem>_overlay.png`` per input into ``out_dir``; returns those pairs of paths.
-    Existing files of the same names are refused unless ``overwrite``.
+    ``<stem>_overlay.png`` per input into ``out_dir``, and ``masks.json`` listing them; returns
+    those pairs of paths. Outputs of an earlier predict there are replaced only with
+    ``overwrite``; a folder holding other files is refused unless ``overwrite`` (they are then
+    kept), an input or a file ``masks.json`` does not list is never written over, and two inputs
+    that would write the same name are refused before anything is written.
     """
     dev = pick_device(device)
     net, schedule, meta = load_model(model_path, device=dev)
@@ -109,20 +117,33 @@ def predict_masks(model_path: str | os.PathLike, inputs: Sequence[str], out_dir:
     files = _input_files(inputs)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise FolderError(f"--out-dir {out_dir} is a file; give a folder path")
+        raise FolderError(f"--out-dir {out_dir} is a file, not a folder; choose another --out-dir")
     targets = [(out_dir / f"{f.stem}.png", out_dir / f"{f.stem}_overlay.png") for f in files]
-    if not overwrite:
-        clash = [p for pair in targets for p in pair if p.exists()]
-        if clash:
-            raise FolderError(f"{clash[0]} exists ({len(clash)} output file(s) would be "
-                              "replaced); pass --overwrite or choose another --out-dir")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for i, (f, (mask_path, overlay_path)) in enumerate(zip(files, targets)):
-        image = load_image_full(f, channels).to(dev)
-        labels = predict_image(net, image, image_size, mean, std).cpu()
-        save_mask(labels, mask_path, K)
-        blended = overlay(image.cpu(), labels, K, alpha=alpha)
-        atomic_save_image(Image.fromarray(np.ascontiguousarray(blended)), overlay_path)
-        if progress is not None:
-            progress(i + 1, len(files))
+    # outputs are named by file stem: no two inputs may share a name, with either suffix
+    names = check_unique_outputs((p.name, str(f)) for f, pair in zip(files, targets)
+                                 for p in pair)
+    doc = {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "complete": False,
+           "model": {"path": str(Path(model_path).resolve()), "sha256": meta.get("sha256")}}
+    with claim_folder(out_dir, command="segment predict", manifest=MANIFEST,
+                      format=MANIFEST_FORMAT, format_version=MANIFEST_VERSION, planned=names,
+                      inputs=[*files, model_path], overwrite=overwrite, noun="masks") as folder:
+        if not overwrite:
+            clash = [n for n in names if n in folder.present]
+            if clash:
+                raise FolderError(f"{out_dir / clash[0]} exists ({len(clash)} output file(s) "
+                                  "of an earlier segment predict would be replaced); pass "
+                                  "--overwrite or choose another --out-dir")
+        folder.remove_leftovers()
+        # earlier outputs for other images stay listed (and in the folder)
+        listed = [n for n in folder.listed if n in folder.present] + names
+        folder.write_manifest(doc, listed)
+        for i, (f, (mask_path, overlay_path)) in enumerate(zip(files, targets)):
+            image = load_image_full(f, channels).to(dev)
+            labels = predict_image(net, image, image_size, mean, std).cpu()
+            save_mask(labels, mask_path, K)
+            blended = overlay(image.cpu(), labels, K, alpha=alpha)
+            atomic_save_image(Image.fromarray(np.ascontiguousarray(blended)), overlay_path)
+            if progress is not None:
+                progress(i + 1, len(files))
+        folder.write_manifest({**doc, "complete": True}, listed)
     return targets

@@ -219,7 +219,7 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *, resume: bool =
     t = cfg.train
     with Run(cfg, out_dir, resume=resume, command="segment train", batch_size=t.batch_size,
              mixed_precision=t.mixed_precision, state_keys=STATE_KEYS, static_graph=True,
-             image_shape=(cfg.unet.in_channels, cfg.unet.image_size),
+             image_shape=(cfg.unet.in_channels, cfg.unet.image_size), net=cfg.net_config,
              say=say, progress=progress) as run:
         saved, step, device = run.saved, run.start_step, run.device
         data = build_segmentation_data(cfg)

@@ -1,0 +1,323 @@
+"""Output folders: the one rule every command that writes files into a folder follows
+(``diffunet sample``, ``diffunet inspect``, ``diffunet segment predict``).
+
+A command knows exactly which files it wrote: a manifest of its own in the folder (a JSON object
+with ``format``, ``format_version`` and ``files``, the exact names it wrote or is about to write;
+never a name pattern). The manifest is written atomically *before* the files it lists, so a kill
+at any moment never leaves a file of the command's that no manifest lists. Then:
+
+- a folder holding anything its manifest does not list (a user's photos, notes, another tool's
+  files) is refused unless ``overwrite``; with ``overwrite`` the command writes beside those
+  files and keeps them. A folder whose manifest is this command's own is already the command's:
+  files the user put beside its output are kept there (never removed, never written over)
+  without asking again;
+- it never writes over an input (resolved paths: links, hard links and the output folder being
+  the input folder included), and never over a file its manifest does not list, not even with
+  ``overwrite`` (one line naming the file);
+- it removes only files its manifest lists (and its own interrupted-write temporaries,
+  ``.<listed name>.<pid>.<hex>.tmp``), by name inside the folder: ``unlink`` never follows a
+  link, so a planted link is removed and its target kept; a listed name with a ``/``, ``..`` or
+  an absolute path makes the manifest unreadable rather than a removal outside the folder;
+- planned output names are checked against each other before the first is written
+  (:func:`check_unique_outputs`);
+- a manifest that cannot be read (damaged, a FIFO or device, nested too deep, wrong types, a
+  newer format) is one line, and the folder is refused: a file diffunet cannot tell is its own
+  is not replaced;
+- the folder is locked (:class:`~diffunet.runs.FolderLock`) from the check to the end of the
+  command, so two commands never write into one folder at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import FolderError, UsageError
+from .fileio import atomic_write_bytes, first_line, read_json, schema_problem
+from .runs import FolderLock, lock_folder
+
+__all__ = ["MANIFEST_MAX_BYTES", "OutputFolder", "check_unique_outputs", "claim_folder",
+           "is_plain_file"]
+
+MANIFEST_MAX_BYTES = 16 << 20
+"""Largest manifest read by default (a sample manifest, which lists every image, allows more)."""
+
+# fileio's atomic writes: ".<name>.<pid>.<8 hex>.tmp" beside <name>
+_TMP_RE = re.compile(r"\.(.+)\.\d+\.[0-9a-f]{8}\.tmp")
+_CASE_FOLDING = sys.platform in ("darwin", "win32")  # file names there ignore case by default
+
+
+def is_plain_file(path: Path) -> bool:
+    """``path`` is a regular file itself (not a link to one, not a folder or FIFO)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _fold(name: str) -> str:
+    return name.casefold() if _CASE_FOLDING else name
+
+
+def check_unique_outputs(pairs: Iterable[tuple[str, str]]) -> list[str]:
+    """The output names of ``(name, what writes it)`` pairs, in order, after checking that no
+    two sources write the same name (also names that differ only in case where the file system
+    ignores case). Raises :class:`~diffunet.errors.UsageError` naming both sources."""
+    seen: dict[str, tuple[str, str]] = {}
+    names = []
+    for name, source in pairs:
+        key = _fold(name)
+        if key in seen and seen[key][1] != source:
+            raise UsageError(f"{seen[key][1]} and {source} would both write {name} in "
+                             "--out-dir; rename one of them, or write them into different "
+                             "--out-dir folders")
+        if key not in seen:
+            seen[key] = (name, source)
+            names.append(name)
+    return names
+
+
+def _name_problem(name: str) -> Optional[str]:
+    """Why ``name`` cannot be a file a command wrote into its folder, or None."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name or len(name) > 255:
+        return f"{name[:60]!r} is not a file name in the folder"
+    return None
+
+
+class OutputFolder:
+    """An output folder claimed by one command (:func:`claim_folder`): locked, checked, with
+    what its previous manifest says. Use it as a context manager (or call :meth:`close`)."""
+
+    def __init__(self, folder: Path, manifest: str, previous: Optional[dict[str, Any]],
+                 listed: list[str], present: set[str], leftovers: list[str],
+                 foreign: list[str], lock: Optional[FolderLock]) -> None:
+        self.folder = folder
+        self.manifest_path = folder / manifest
+        self.previous = previous
+        """The previous manifest (checked against the command's schema), or None."""
+        self.listed = listed
+        """Every name the previous manifest lists (present or not), in its order."""
+        self.present = present
+        """Listed names that are in the folder now (files or links, never folders)."""
+        self.leftovers = leftovers
+        """Temporary files of this command's interrupted writes."""
+        self.foreign = foreign
+        """Everything else in the folder: kept, never written over."""
+        self._lock = lock
+        self._dir_fd: Optional[int] = None
+        if os.unlink in os.supports_dir_fd:
+            self._dir_fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+    def remove(self, names: Iterable[str]) -> int:
+        """Unlink those of ``names`` that are this command's (present and listed, or
+        leftovers), by name inside the folder (a link is removed, never followed). Returns how
+        many were removed."""
+        names = list(names)
+        ours = self.present | set(self.leftovers)
+        removed = 0
+        for name in names:
+            if name not in ours:
+                continue
+            try:
+                if self._dir_fd is not None:
+                    os.unlink(name, dir_fd=self._dir_fd)
+                else:  # pragma: no cover - platforms without dir_fd
+                    os.unlink(self.folder / name)
+                removed += 1
+            except FileNotFoundError:
+                pass
+            self.present.discard(name)
+        gone = set(names)
+        self.leftovers = [n for n in self.leftovers if n not in gone]
+        return removed
+
+    def remove_leftovers(self) -> int:
+        """Remove the temporary files of this command's interrupted writes."""
+        return self.remove(list(self.leftovers))
+
+    def write_manifest(self, doc: dict[str, Any], files: Sequence[str]) -> None:
+        """Write ``doc`` with ``files`` (exact names, deduplicated in order) as the manifest,
+        atomically and durably. Call it before writing any file it newly lists."""
+        names = list(dict.fromkeys(files))
+        data = {**doc, "files": names}
+        atomic_write_bytes(self.manifest_path, (json.dumps(data, indent=2) + "\n").encode())
+        self.listed = names
+
+    def close(self) -> None:
+        """Release the folder (its lock)."""
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> "OutputFolder":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _read_manifest(path: Path, command: str, fmt: str, version: int, schema: dict[str, Any],
+                   legacy_files: Optional[Callable[[dict[str, Any]], list[str]]],
+                   max_bytes: int) -> tuple[dict[str, Any], list[str]]:
+    """The manifest at ``path`` and the names it lists; any problem is one FolderError."""
+    def refuse(reason: str) -> FolderError:
+        return FolderError(f"{path} is not a readable diffunet {command} manifest ({reason}); "
+                           "diffunet does not replace a file it cannot tell is its own: move it "
+                           "away, or choose another --out-dir")
+
+    try:
+        doc = read_json(path, max_bytes=max_bytes)
+    except (OSError, ValueError) as e:
+        raise refuse(first_line(e) if isinstance(e, OSError) else str(e)) from None
+    problem = schema_problem(doc, {"format": str, "format_version": int})
+    if problem:
+        raise refuse(problem)
+    if doc["format"] != fmt:
+        raise refuse(f"its format is {doc['format'][:40]!r}, not {fmt!r}")
+    if doc["format_version"] > version:
+        raise FolderError(f"{path} was written by a newer diffunet (format version "
+                          f"{doc['format_version']}, this one reads {version}); upgrade "
+                          "diffunet, or choose another --out-dir")
+    full = {**schema, "files" if legacy_files is None else "files?": [str]}
+    problem = schema_problem(doc, full)
+    if problem:
+        raise refuse(problem)
+    if "files" in doc:
+        names = doc["files"]
+    else:
+        assert legacy_files is not None
+        try:
+            names = legacy_files(doc)
+        except ValueError as e:
+            raise refuse(str(e)) from None
+    for i, name in enumerate(names):
+        problem = _name_problem(name)
+        if problem:
+            raise refuse(f"files[{i}]: {problem}")
+    return doc, names
+
+
+def claim_folder(out_dir: str | os.PathLike, *, command: str, manifest: str, format: str,
+                 planned: Sequence[str], inputs: Iterable[str | os.PathLike] = (),
+                 overwrite: bool = False, format_version: int = 1,
+                 schema: Optional[dict[str, Any]] = None,
+                 legacy_files: Optional[Callable[[dict[str, Any]], list[str]]] = None,
+                 noun: str = "files", max_bytes: int = MANIFEST_MAX_BYTES) -> OutputFolder:
+    """Create (if needed), lock and check ``out_dir`` for a command that will write the files
+    ``planned`` (names inside it, checked unique by the caller) and ``manifest``.
+
+    Refuses, each in one line (:class:`~diffunet.errors.FolderError`): a file or a dangling link
+    given as the folder, a folder in use by another diffunet process, a planned name that is one
+    of ``inputs`` (resolved: links and hard links too), a manifest that cannot be read (see
+    :func:`_read_manifest`; ``schema`` is the command's :func:`~diffunet.fileio.schema_problem`
+    schema for it, ``legacy_files`` lists the files of a manifest from before manifests listed
+    them, raising ``ValueError``), a planned name taken by a file the manifest does not list
+    (even with ``overwrite``), and, unless ``overwrite``, a folder without this command's
+    manifest that holds anything else. The caller decides what to remove (only the returned
+    folder's own files can be) and writes the new manifest before its files.
+    """
+    folder = Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise FolderError(f"--out-dir {folder} is a file, not a folder; choose another --out-dir")
+    if os.path.islink(folder) and not folder.exists():
+        raise FolderError(f"--out-dir {folder} is a link to a missing folder; create its "
+                          "target, or choose another --out-dir")
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = lock_folder(folder)
+    try:
+        return _check(folder, lock, command=command, manifest=manifest, fmt=format,
+                      planned=planned, inputs=inputs, overwrite=overwrite,
+                      version=format_version, schema=schema or {}, legacy_files=legacy_files,
+                      noun=noun, max_bytes=max_bytes)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+
+
+def _check(folder: Path, lock: Optional[FolderLock], *, command: str, manifest: str, fmt: str,
+           planned: Sequence[str], inputs: Iterable[str | os.PathLike], overwrite: bool,
+           version: int, schema: dict[str, Any],
+           legacy_files: Optional[Callable[[dict[str, Any]], list[str]]], noun: str,
+           max_bytes: int) -> OutputFolder:
+    entries = {e.name: e for e in os.scandir(folder)}
+    wanted = {_fold(n): n for n in (*planned, manifest)}
+    # 1. never over an input: any entry a planned name would replace that is an input's file
+    ids: dict[tuple[int, int], str] = {}
+    for item in inputs:
+        try:
+            st = os.stat(item)
+            ids[(st.st_dev, st.st_ino)] = str(item)
+        except OSError:
+            continue
+    if ids:
+        dev = os.stat(folder).st_dev
+        for name, entry in entries.items():
+            if _fold(name) not in wanted:
+                continue
+            try:
+                if entry.is_symlink():
+                    st = os.stat(entry.path)  # what the link names
+                    key = (st.st_dev, st.st_ino)
+                else:
+                    key = (dev, entry.inode())
+            except OSError:
+                continue
+            if key in ids:
+                raise FolderError(f"--out-dir {folder}: writing {name} there would replace the "
+                                  f"input {ids[key]}; choose another --out-dir")
+    # 2. the previous manifest, if any
+    previous, listed = None, []
+    if manifest in entries:
+        previous, listed = _read_manifest(folder / manifest, command, fmt, version, schema,
+                                          legacy_files, max_bytes)
+    listed_set = set(listed) - {manifest}
+    present, leftovers, foreign = set(), [], []
+    for name, entry in entries.items():
+        if name == manifest:
+            continue
+        m = _TMP_RE.fullmatch(name)
+        is_dir = entry.is_dir(follow_symlinks=False)
+        if name in listed_set and not is_dir:
+            present.add(name)
+        elif (m and m.group(1) in listed_set | {manifest} and not is_dir
+              and not entry.is_symlink()):
+            leftovers.append(name)
+        else:
+            foreign.append(name)
+    foreign.sort()
+    # 3. never over a file the manifest does not list, even with --overwrite
+    for name in foreign:
+        target = wanted.get(_fold(name))
+        if target is None:
+            continue
+        if target != name:  # differs in case: only a clash where the file system folds case
+            try:
+                if not os.path.samefile(folder / target, folder / name):
+                    continue
+            except OSError:
+                continue
+        if previous is None:
+            raise FolderError(f"{folder} already holds {noun} but no {manifest}, so diffunet "
+                              f"cannot tell they are its own (e.g. {name}, which this run would "
+                              "write); it never replaces them, even if you pass --overwrite: "
+                              "move them away, or choose another --out-dir")
+        raise FolderError(f"{folder / name} is not listed in {manifest}, so diffunet did not "
+                          "write it and never replaces it, even if you pass --overwrite: move "
+                          "it away, or choose another --out-dir")
+    # 4. a folder that is not this command's: only where the user says so
+    if foreign and previous is None and not overwrite:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise FolderError(f"--out-dir {folder} holds files diffunet did not write (e.g. "
+                          f"{foreign[0]}{more}); pass --overwrite to write beside them (they are "
+                          "kept), or choose another --out-dir")
+    return OutputFolder(folder, manifest, previous, listed, present, leftovers, foreign, lock)
