@@ -38,6 +38,7 @@ from .data import BuiltinShapes, FolderImages, TorchvisionImages, build_dataset
 from .diffusion import NoiseSchedule
 from .errors import DataError, MissingDependencyError, ModelFileError, UsageError
 from .fileio import atomic_writer, first_line
+from .images import image_header
 from .likelihood import LIKELIHOOD_VARIANCES, bits_per_dim
 
 __all__ = [
@@ -641,11 +642,9 @@ def generated_images(folder: str | os.PathLike, image_size: int | None = None
                      ) -> tuple[FolderImages, int]:
     """The generated images of ``diffunet eval fid`` as RGB at ``image_size`` (default: the
     shorter side of the first file in sorted order, ``000000.png`` of ``diffunet sample``)."""
-    from PIL import Image
-
     generated = FolderImages(folder, 1, 3)
     if image_size is None:
-        with Image.open(generated.files[0]) as im:
+        with image_header(generated.files[0]) as im:
             image_size = min(im.size)
     generated.image_size = image_size  # the folder was scanned before the size was known
     return generated, image_size

@@ -16,8 +16,8 @@ import torch
 from .config import UNetConfig
 from .unet import UNet
 
-__all__ = ["Cost", "parameter_count", "parameter_shapes", "schedule_bytes", "activation_bytes", "available_bytes",
-           "network_cost", "check_fits"]
+__all__ = ["Cost", "parameter_count", "parameter_shapes", "schedule_bytes", "activation_bytes",
+           "available_bytes", "network_cost", "check_fits"]
 
 _FLOAT32 = 4
 _SCHEDULE_TABLES = 16  # NoiseSchedule keeps about this many float64 tables of T + 1 entries

@@ -109,7 +109,8 @@ def check_training_fits(net: UNetConfig | None, timesteps: int | None, batch: in
     parameter count."""
     cost, n = training_cost(net, timesteps, batch, per_process, channels, side)
     what = (f"training a UNet of {n:,} parameters (weights, gradients and AdamW's two moments) "
-            if n else "training ") + f"on train.batch_size={batch} images of {channels}x{side}x{side}"
+            if n else "training ") + (f"on train.batch_size={batch} images of "
+                                      f"{channels}x{side}x{side}")
     fix = ("lower unet.base_channels, unet.channel_mults or unet.num_res_blocks, or "
            "train.batch_size (or unet.image_size)" if n else
            "lower train.batch_size (or unet.image_size)")

@@ -44,14 +44,14 @@ from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .checkpoint import load_diffusion_model
-from .config import SampleConfig, check_sampling, from_dict, to_dict
 from . import errors
+from .config import SampleConfig, check_sampling, from_dict, to_dict
 from .errors import ConfigError, DataError, FolderError, UsageError
-from .images import save_grid, save_image
+from .images import image_header, save_grid, save_image
 from .outputs import OutputFolder, claim_folder, is_plain_file
+from .resources import check_fits, network_cost
 from .runs import cpu_requested, pick_device, refuse_lone_processes
 from .samplers import make_timesteps, sample
 from .version import __version__
@@ -376,16 +376,21 @@ def _same_outcome(state: Any, error: Optional[BaseException]) -> None:
 def _load_png(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
     """A PNG written by this command back as a (C, H, W) float tensor in [-1, 1] (exact)."""
     c, h, w = shape
+    wrong = DataError(f"{path} is not a {w}x{h} {'grayscale' if c == 1 else 'RGB'} image as "
+                      "this model makes; delete it and rerun the same command to redraw it")
     try:
-        with Image.open(path) as img:
+        with image_header(path) as img:
+            if img.size != (w, h):  # checked before decoding: a planted file may be huge
+                raise wrong
             arr = np.asarray(img)
+    except DataError:
+        raise
     except Exception as e:  # PIL raises several types for damaged files
         raise DataError(f"cannot read {path} ({e}); delete it and rerun the same command to "
                         "draw it again") from None
     arr = arr[..., None] if arr.ndim == 2 else arr
     if arr.shape != (h, w, c) or arr.dtype != np.uint8:
-        raise DataError(f"{path} is not a {w}x{h} {'grayscale' if c == 1 else 'RGB'} image as "
-                        "this model makes; delete it and rerun the same command to redraw it")
+        raise wrong
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
@@ -456,6 +461,11 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         net.to(memory_format=torch.channels_last)
     if o.batch_size is not None:
         batch_size = o.batch_size
+        # A batch of images the device cannot hold must be one line, not an exhausted machine.
+        per_call = min(batch_size, n) * (2 if how.guidance_scale != 1.0 else 1)
+        check_fits(network_cost(net.config, T, per_call), device,
+                   f"--batch-size {batch_size} at {shape[1]}x{shape[2]}",
+                   "lower --batch-size", UsageError)
     elif device.type == "cuda":
         batch_size = _fill_batch(net, shape, device, autocast, how.guidance_scale != 1.0, cap=n)
     else:

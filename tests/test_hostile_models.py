@@ -325,6 +325,11 @@ CASES = [
     Case("image-size-40000", INFO, [M, "this model (one image at a time) needs", "of "
                                     "activations, more than the"],
          section("unet_config", image_size=40_000)),
+    Case("sample-batch-beyond-memory", ["sample", "{shared}/good.safetensors", "--batch-size",
+                                        "10000000", "--num-samples", "10000000", "--steps", "2",
+                                        "--out-dir", "{out}"],
+         ["--batch-size 10000000 at 8x8 needs", "of activations, more than the",
+          "lower --batch-size"]),
     Case("image-size-googol", INSPECT, [M, "of activations, more than the"],
          section("unet_config", image_size=10 ** 100)),
     Case("consistent-but-700m-parameters", SAMPLE, [M, "this model (one image at a time) needs",
