@@ -122,6 +122,14 @@ def raw_file(data: bytes) -> Callable[[Path, Path], None]:
     return build
 
 
+def big_image(side: int) -> Callable[[Path, Path], None]:
+    """A builder: ``big.png``, a black ``side`` x ``side`` RGB image (small on disk, large
+    decoded: 4 bytes x 3 channels x side**2 as float32)."""
+    def build(c: Path, shared: Path) -> None:
+        Image.new("RGB", (side, side)).save(c / "big.png")
+    return build
+
+
 def sparse(size: int, src: str | None = None) -> Callable[[Path, Path], None]:
     """A builder: a sparse file of ``size`` bytes (the shared ``src`` model file at its start)."""
     def build(c: Path, shared: Path) -> None:
@@ -363,6 +371,11 @@ CASES = [
          section("segmentation", "seg", std=[0.2, 0.0, 0.2])),
     Case("seg-mean-nan", PREDICT, [M, "mean [NaN, 0.5, 0.5] is not finite"],
          section("segmentation", "seg", mean=[float("nan"), 0.5, 0.5])),
+    # -- no check foresaw it: running out of memory is still one line (the CLI's last net)
+    Case("predict-runs-out-of-memory", ["segment", "predict", "{shared}/seg.safetensors",
+                                        "{c}/big.png", "--out-dir", "{out}"],
+         ["error: out of memory", "use smaller inputs"], big_image(5000),
+         memory=256 << 20),
     Case("seg-channels", PREDICT, [M, "channels 1 but the unet takes 3"],
          section("segmentation", "seg", channels=1)),
     Case("seg-image-size-40000", PREDICT, [M, "image_size 40000 but the unet's is 8"],

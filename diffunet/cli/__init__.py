@@ -12,6 +12,7 @@ exit code 2 without a traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -120,9 +121,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"diffunet {args.command}: error: {(e.strerror or str(e)).lower()}{where}; "
                   "check the path, free space and permissions", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:
+        # The last net for what no earlier check foresaw (e.g. a 100-megapixel image on a small
+        # machine): running out of memory is one line. Any other RuntimeError is a bug: raise.
+        text = str(e)
+        if not (isinstance(e, MemoryError) or _out_of_memory(text)):
+            raise
+        if is_main_process():
+            asked = re.search(r"allocate ([0-9]+) bytes", text)
+            size = f" (an allocation of {int(asked[1]) / 2**30:,.1f} GiB failed)" if asked else ""
+            print(f"diffunet {args.command}: error: out of memory{size}; use smaller inputs "
+                  "(images, --batch-size) or a machine with more memory", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"diffunet {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _out_of_memory(message: str) -> bool:
+    """Whether a RuntimeError's message is PyTorch's "no memory" (CPU or GPU allocator)."""
+    return ("can't allocate memory" in message or "CUDA out of memory" in message
+            or "out of memory" in message.lower())
 
 
 if __name__ == "__main__":
