@@ -374,7 +374,7 @@ CASES = [
     # -- no check foresaw it: running out of memory is still one line (the CLI's last net)
     Case("predict-runs-out-of-memory", ["segment", "predict", "{shared}/seg.safetensors",
                                         "{c}/big.png", "--out-dir", "{out}"],
-         ["error: out of memory", "use smaller inputs"], big_image(5000),
+         ["error: out of memory", "use smaller inputs"], big_image(5000), out_created=True,
          memory=256 << 20),
     Case("seg-channels", PREDICT, [M, "channels 1 but the unet takes 3"],
          section("segmentation", "seg", channels=1)),
