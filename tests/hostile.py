@@ -24,6 +24,8 @@ from pathlib import Path
 
 from processes import cpu_env
 
+# Reads a JSON list of jobs on stdin ({argv, cwd, stdout, stderr[, timeout][, memory]}), runs each
+# in a forked child exactly as ``python -m diffunet`` would, prints the exit codes as JSON.
 RUNNER = r"""
 import json, os, resource, signal, sys, traceback
 import accelerate, diffunet.cli, diffunet.training, diffunet.sampling  # the slow imports, once
@@ -41,9 +43,11 @@ for case in json.loads(sys.stdin.read()):
             os.chdir(case["cwd"])
             for fd, name in ((1, "stdout"), (2, "stderr")):
                 os.dup2(os.open(case[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-            cap = vm_size() + case["memory"]
-            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-            signal.alarm(case["timeout"])  # SIGALRM ends the child even inside a blocking read
+            if case.get("memory"):
+                cap = vm_size() + case["memory"]
+                resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+            if case.get("timeout"):  # SIGALRM ends the child even inside a blocking read
+                signal.alarm(case["timeout"])
             try:
                 code = diffunet.cli.main(case["argv"])
             except SystemExit as e:  # what the interpreter does with SystemExit

@@ -4,7 +4,7 @@ unpickled, and no path taken from a config or a model file leads a write out of 
 
 Every case runs the real command line in a process of its own. Starting Python and importing
 torch takes over a second per process on the 2-core CI machine, so the cases are forked from one
-interpreter that has imported diffunet once (:data:`RUNNER`): the child runs ``cli.main`` exactly
+interpreter that has imported diffunet once (:data:`hostile.RUNNER`): the child runs ``cli.main`` exactly
 as ``python -m diffunet`` does (an uncaught exception prints its traceback and exits 1), with its
 own stdout, stderr, exit code and file system effects. A few cases also go through the real
 ``python -m diffunet`` and the ``diffunet`` console script to show the two agree.
@@ -40,36 +40,8 @@ from diffunet.checkpoint import FORMAT_VERSION
 from diffunet.sampling import image_name
 from diffunet.state import state_name
 from helpers import tiny_run
+from hostile import RUNNER
 from processes import cpu_env
-
-RUNNER = r"""
-import json, os, sys, traceback
-import accelerate, diffunet.cli, diffunet.training, diffunet.sampling  # the slow imports, once
-results = []
-for case in json.loads(sys.stdin.read()):
-    sys.stdout.flush(); sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.chdir(case["cwd"])
-            for fd, name in ((1, "stdout"), (2, "stderr")):
-                os.dup2(os.open(case[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-            try:
-                code = diffunet.cli.main(case["argv"])
-            except SystemExit as e:  # what the interpreter does with SystemExit
-                if isinstance(e.code, str):
-                    print(e.code, file=sys.stderr)
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            except BaseException:  # what the interpreter does with an uncaught exception
-                traceback.print_exc()
-                code = 1
-        finally:
-            sys.stdout.flush(); sys.stderr.flush()
-            os._exit(code)
-    results.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-print(json.dumps(results))
-"""
 
 # A tiny valid run; each config case adds one problem to it.
 SMALLER = ("data.builtin_size=16", "train.batch_size=2", "train.max_steps=2",
