@@ -46,6 +46,7 @@ from .config import (SMALL_UNET, ScheduleConfig, UNetConfig, from_dict, load_con
                      to_dict)
 from .diffusion import NoiseSchedule
 from .errors import MissingDependencyError, UsageError
+from .interop import unet_to_diffusers
 from .nn import Upsample
 from .runs import pick_device
 from .samplers import sample
@@ -157,35 +158,11 @@ def diffusers_unet(cfg: UNetConfig) -> torch.nn.Module:
     except ImportError:
         raise MissingDependencyError("--compare-diffusers needs diffusers: pip install "
                                      "'diffunet[bench]'") from None
-    unsupported = []
-    if cfg.downsample != "conv":
-        unsupported.append(f"unet.downsample={cfg.downsample!r}")
-    if cfg.upsample != "nearest":
-        unsupported.append(f"unet.upsample={cfg.upsample!r}")
-    if cfg.num_classes is not None:
-        unsupported.append("unet.num_classes (DDIMPipeline has no labels)")
-    attn_chs = {cfg.base_channels * m for m, r in zip(cfg.channel_mults, cfg.resolutions)
-                if r in cfg.attn_resolutions} | {cfg.base_channels * cfg.channel_mults[-1]}
-    head_dims = {ch // cfg.heads_at(ch) for ch in attn_chs}
-    if cfg.head_channels is None and cfg.num_heads == 1:
-        head_dim = None  # diffusers: one head of all channels at every level
-    elif len(head_dims) == 1:
-        head_dim = head_dims.pop()
-    else:
-        unsupported.append("attention heads of different widths per level")
-    if unsupported:
-        raise UsageError(f"--compare-diffusers: UNet2DModel cannot express "
-                         f"{', '.join(unsupported)}")
-    attn = [r in cfg.attn_resolutions for r in cfg.resolutions]
-    return UNet2DModel(
-        sample_size=cfg.image_size, in_channels=cfg.in_channels,
-        out_channels=cfg.output_channels,
-        block_out_channels=tuple(cfg.base_channels * m for m in cfg.channel_mults),
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        layers_per_block=cfg.num_res_blocks, attention_head_dim=head_dim,
-        norm_num_groups=cfg.num_groups, dropout=cfg.dropout, flip_sin_to_cos=True,
-        freq_shift=0, resnet_time_scale_shift="scale_shift" if cfg.scale_shift_norm else "default")
+    try:
+        config = unet_to_diffusers(cfg)
+    except UsageError as e:
+        raise UsageError(f"--compare-diffusers: {e}") from None
+    return UNet2DModel(**config)
 
 
 def forward_flops(cfg: UNetConfig) -> tuple[float, float]:

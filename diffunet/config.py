@@ -123,10 +123,30 @@ class UNetConfig:
     time_conditioning: bool = True
     """False: no timestep input at all, ``net(x)`` (a plain UNet for segmentation and the like);
     ``out_channels`` is then e.g. the number of mask classes."""
+    # The published DDPM checkpoints (google/ddpm-cifar10-32 and its siblings, ported from DDPM's
+    # TensorFlow code) differ from the defaults in these four; diffunet.interop maps them.
+    norm_eps: float = 1e-5
+    """GroupNorm epsilon, every norm of the network (DDPM's TensorFlow code: 1e-6)."""
+    time_embed_order: Literal["cos_sin", "sin_cos"] = "cos_sin"
+    """Halves of the sinusoidal timestep embedding (DDPM's TensorFlow code: sin first)."""
+    time_embed_freq_shift: int = 0
+    """Frequencies 10000 ** (-i / (base_channels // 2 - shift)) (DDPM's TensorFlow code: 1)."""
+    downsample_padding: Literal["symmetric", "bottom_right"] = "symmetric"
+    """``downsample = "conv"``: pad 1 on every side, or only one row/column at the bottom/right
+    (TensorFlow's "SAME" padding, as in DDPM's TensorFlow code)."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "unet")
         p = "unet."
+        if not 0.0 < self.norm_eps < 1.0:
+            _fail(p + "norm_eps", f"must be in (0, 1), got {self.norm_eps}")
+        if not 0 <= self.time_embed_freq_shift < max(1, self.base_channels // 2):
+            _fail(p + "time_embed_freq_shift", f"must be in [0, base_channels // 2 = "
+                  f"{self.base_channels // 2}) (0 or 1 in practice), got "
+                  f"{self.time_embed_freq_shift}")
+        if self.downsample_padding != "symmetric" and self.downsample != "conv":
+            _fail(p + "downsample_padding", f"{self.downsample_padding!r} needs downsample = "
+                  f"'conv' (average pooling has no padding), got {self.downsample!r}")
         if not self.time_conditioning:
             if self.num_classes is not None:
                 _fail(p + "num_classes", "class conditioning enters through the time embedding; "
@@ -272,9 +292,11 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
                 pass
         _fail(key, f"expected {_type_name(tp)}, got {value!r}")
     if origin is tuple:
+        inner = get_args(tp)[0]
+        if inner is str and isinstance(value, str):  # train.trackers=tensorboard,wandb
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             _fail(key, f"expected a list, got {value!r}")
-        inner = get_args(tp)[0]
         return tuple(coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value))
     if tp is bool:
         if isinstance(value, bool):
@@ -389,6 +411,10 @@ def _check_image_shape(image_size: int | None, channels: int | None) -> None:
         _fail("data.channels", f"must be 1 (grayscale) or 3 (RGB), got {channels}")
 
 
+TRACKERS = ("tensorboard", "wandb")
+"""The experiment trackers ``train.trackers`` may name (the harness drives each itself)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, EMA, logging and checkpointing. ``batch_size`` is global (all processes).
@@ -426,7 +452,14 @@ class TrainConfig:
     max_nonfinite: int = free_on_resume(20)
     """Stop after this many consecutive steps with a non-finite loss."""
     trackers: tuple[str, ...] = free_on_resume(())
-    """Accelerate trackers to log to as well, e.g. ["tensorboard"] or ["wandb"]."""
+    """Experiment trackers to log to as well as ``log.jsonl``: ``tensorboard`` (event files in
+    ``RUN/tensorboard/``) and/or ``wandb`` (Weights & Biases; its files in ``RUN/wandb/``).
+    On the command line ``train.trackers=tensorboard,wandb`` (or ``[tensorboard]``)."""
+    tracker_project: str | None = free_on_resume(None)
+    """The W&B project the run logs to (unset: the run folder's name); give every run of one
+    study the same project to compare them on one page."""
+    run_name: str | None = free_on_resume(None)
+    """The run's name in the trackers (unset: the run folder's name)."""
     channels_last: bool = free_on_resume(False)
     """Store the weights channels-last, so a GPU's convolutions and the attention run on
     channels-last activations (on a CPU the UNet uses channels-last activations anyway).
@@ -464,8 +497,22 @@ class TrainConfig:
             _fail(p + "batch_size", f"{self.batch_size} is not divisible by grad_accum_steps "
                   f"{self.grad_accum_steps}")
         for t in self.trackers:
-            if t not in ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive"):
-                _fail(p + "trackers", f"unknown tracker {t!r}; use e.g. 'tensorboard' or 'wandb'")
+            if t not in TRACKERS:
+                close = difflib.get_close_matches(t, TRACKERS, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                _fail(p + "trackers", f"unknown tracker {t!r}; {hint}use tensorboard, wandb "
+                      "or both, e.g. train.trackers=tensorboard,wandb")
+        if len(set(self.trackers)) != len(self.trackers):
+            _fail(p + "trackers", f"names a tracker twice: {list(self.trackers)}")
+        for name in ("tracker_project", "run_name"):
+            value = getattr(self, name)
+            if value is not None and (not value.strip() or len(value) > 128
+                                      or not value.isprintable()):
+                _fail(p + name, f"must be 1 to 128 printable characters or unset, got {value!r}")
+        if self.tracker_project is not None and any(c in self.tracker_project
+                                                    for c in "/\\#?%:"):
+            _fail(p + "tracker_project", f"{self.tracker_project!r} may not hold any of "
+                  "/ \\ # ? % : (W&B project names cannot)")
 
 
 def check_sampling(names: dict[str, str], *, sampler: Any = None, num_steps: Any = None,
@@ -802,10 +849,13 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 def parse_value(text: str) -> Any:
     """A command-line value: TOML syntax (numbers, true/false, [lists], "strings"), else a
-    bare string, so ``data.path=/tmp/images`` needs no quotes."""
+    bare string, so ``data.path=/tmp/images`` needs no quotes; a list may hold bare words too
+    (``train.trackers=[tensorboard, wandb]``)."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
+        if text.startswith("[") and text.endswith("]") and "[" not in text[1:-1]:
+            return [parse_value(item.strip()) for item in text[1:-1].split(",") if item.strip()]
         return text
 
 

@@ -33,10 +33,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .checkpoint import read_tensor_file, write_tensor_file
-from .config import DataConfig, load_config
+from .config import DataConfig, load_config, parse_value, to_dict
 from .data import BuiltinShapes, FolderImages, TorchvisionImages, build_dataset
 from .diffusion import NoiseSchedule
-from .errors import DataError, MissingDependencyError, ModelFileError, UsageError
+from .errors import (ConfigError, DataError, MissingDependencyError, ModelFileError,
+                     UsageError)
 from .fileio import atomic_writer, first_line
 from .images import image_header
 from .likelihood import LIKELIHOOD_VARIANCES, bits_per_dim
@@ -53,6 +54,7 @@ __all__ = [
     "bpd_data_config",
     "dataset_bits_per_dim",
     "dataset_fingerprint",
+    "describe_data",
     "default_cache_dir",
     "extract_features",
     "fid_kid",
@@ -612,7 +614,8 @@ def split_data_items(items: Sequence[str]) -> tuple[str | None, list[str]]:
         if "=" in item:
             if not item.strip().startswith("data."):
                 raise UsageError(f"override {item!r}: diffunet eval takes only data.key=value "
-                                 "overrides (the data set to evaluate on)")
+                                 "overrides (the data set to evaluate on); the model file "
+                                 "fixes unet.* and schedule.*")
             overrides.append(item)
         elif config_path is None:
             config_path = item
@@ -622,20 +625,85 @@ def split_data_items(items: Sequence[str]) -> tuple[str | None, list[str]]:
     return config_path, overrides
 
 
-def bpd_data_config(meta: dict[str, Any], items: Sequence[str]) -> DataConfig:
+_SHAPE_KEYS = {"image_size": "image_size", "channels": "in_channels"}
+"""The data keys that must match the model (data key -> UNet key)."""
+
+
+def _run_folder(model_path: str | os.PathLike | None) -> Path | None:
+    """The run folder a model file sits in (``RUN/weights/model_*.safetensors`` with
+    ``RUN/config.json``), else None."""
+    if model_path is None:
+        return None
+    weights = Path(model_path).absolute().parent
+    run = weights.parent
+    return run if weights.name == "weights" and (run / "config.json").is_file() else None
+
+
+def _stored_path(data: dict[str, Any], model_path: str | os.PathLike | None) -> dict[str, Any]:
+    """``data`` with a relative stored ``path`` found again: training resolved it against the
+    folder it ran in, which is usually the run folder's parent's parent (``runs/NAME``), so the
+    run folder and its parents are tried, then the current folder. If none holds it, a
+    ConfigError names the places tried and the override that sets it."""
+    path = data.get("path")
+    if not isinstance(path, str) or Path(path).is_absolute() or data.get("source") not in (
+            "folder", "torchvision"):
+        return data
+    run = _run_folder(model_path)
+    places = ([run, *list(run.parents)[:3]] if run is not None else []) + [Path.cwd()]
+    places = list(dict.fromkeys(places))  # once each, in order
+    for place in places:
+        if (place / path).exists():
+            return {**data, "path": str(place / path)}
+    if data.get("source") == "torchvision":  # not there yet: downloaded into ./PATH as before
+        return data
+    tried = ", ".join(str(place / path) for place in places)
+    raise ConfigError(f"data.path: the model was trained on {path!r} (relative to where "
+                      f"training ran) and it is not at {tried}; give data.path=/path/to/images")
+
+
+def bpd_data_config(meta: dict[str, Any], items: Sequence[str],
+                    model_path: str | os.PathLike | None = None) -> DataConfig:
     """The data set ``diffunet eval bpd`` scores a model on: ``items`` (``[CONFIG.toml]
     [data.key=value ...]``) over the data section of the run config stored in the model file
-    (``meta``, from :func:`~diffunet.checkpoint.load_model`), else the built-in set, at the
-    model's image size and channels (a mismatch is a :class:`ConfigError`)."""
+    (``meta``, from :func:`~diffunet.checkpoint.load_model`), else the built-in set, always at
+    the model's image size and channels (a CONFIG's own ``[unet]`` is not used; a
+    ``data.image_size``/``data.channels`` override that differs is a :class:`ConfigError`).
+
+    A relative ``data.path`` stored in the model is looked for next to the run folder the file
+    at ``model_path`` sits in (see :func:`_stored_path`)."""
     unet = meta["unet_config"]
     config_path, overrides = split_data_items(items)
+    for item in overrides:
+        key, _, text = item.partition("=")
+        name = key.strip().removeprefix("data.")
+        if name in _SHAPE_KEYS and parse_value(text.strip()) not in (
+                unet[_SHAPE_KEYS[name]], "none"):
+            raise ConfigError(f"{key.strip()}: {text.strip()} does not match the model's "
+                              f"{_SHAPE_KEYS[name]} {unet[_SHAPE_KEYS[name]]}; leave it unset "
+                              "(eval bpd reads the data at the model's size and channels)")
+    if config_path is not None:  # only its [data]: the shape follows the model
+        data = to_dict(load_config(config_path).data)
+        data = {k: v for k, v in data.items() if k not in _SHAPE_KEYS}
+    else:
+        stored = meta.get("run_config")
+        data = stored.get("data") if isinstance(stored, dict) else None
+        data = dict(data) if isinstance(data, dict) else {}
+        overridden = {o.partition("=")[0].strip() for o in overrides}
+        if not overridden & {"data.path", "data.source"}:
+            data = _stored_path(data, model_path)
     # The model's own configs complete the RunConfig (so its checks compare the data with this
     # model); eval samples nothing, hence num_steps 1.
-    stored = meta.get("run_config")
-    data = stored.get("data") if isinstance(stored, dict) else None
     base = {"unet": unet, "schedule": meta["schedule_config"], "sample": {"num_steps": 1},
-            "data": data if isinstance(data, dict) else {}}
-    return load_config(config_path, overrides, base=base).data
+            "data": data}
+    return load_config(None, overrides, base=base).data
+
+
+def describe_data(cfg: DataConfig, dataset: Dataset) -> str:
+    """What a data set is, in a few words: its source, where it is read from, its size."""
+    what = {"folder": f"folder {cfg.path}",
+            "torchvision": f"torchvision {cfg.name} ({cfg.path or './data'})"}.get(
+        cfg.source, "built-in shapes")
+    return f"{what}, {len(dataset):,} images at {cfg.image_size}x{cfg.image_size}"
 
 
 def generated_images(folder: str | os.PathLike, image_size: int | None = None

@@ -29,18 +29,24 @@ __all__ = [
 
 
 def timestep_embedding(
-    t: torch.Tensor | int | float, dim: int, max_period: float = 10000.0
+    t: torch.Tensor | int | float, dim: int, max_period: float = 10000.0, *,
+    order: Literal["cos_sin", "sin_cos"] = "cos_sin", freq_shift: int = 0,
 ) -> torch.Tensor:
     """Sinusoidal embedding of timesteps (the Transformer position encoding; DDPM Sec. 3.3/App. B).
 
     Args:
         t: (B,) integer or float timesteps, or a scalar (python number or 0-d tensor).
         dim: embedding width. An odd ``dim`` gets one zero column at the end.
-        max_period: the longest wavelength; frequencies are ``max_period ** (-i / (dim // 2))``.
+        max_period: the longest wavelength; frequencies are
+            ``max_period ** (-i / (dim // 2 - freq_shift))``, i = 0 .. dim // 2 - 1.
+        order: ``"cos_sin"`` (improved-diffusion) or ``"sin_cos"`` (DDPM's TensorFlow code).
+        freq_shift: 0 (improved-diffusion) or 1 (DDPM's TensorFlow code, whose last frequency
+            is exactly ``1 / max_period``); diffusers' ``freq_shift``.
 
     Returns:
         (B, dim) float32 on ``t``'s device (a scalar gives (1, dim), which broadcasts).
-        Layout is ``[cos(t * f_0..f_{h-1}), sin(t * f_0..f_{h-1})]`` as in improved-diffusion.
+        Layout is ``[cos(t * f_0..f_{h-1}), sin(t * f_0..f_{h-1})]`` (``order="cos_sin"``) or
+        the two halves swapped.
     """
     # float32 even for int64 or half inputs: t * freq must not lose precision for t ~ 1000.
     t = torch.as_tensor(t).to(torch.float32)
@@ -50,11 +56,17 @@ def timestep_embedding(
         raise ValueError(f"timestep_embedding: t must be a scalar or shape (B,), "
                          f"got shape {tuple(t.shape)}")
     half = dim // 2
+    if order not in ("cos_sin", "sin_cos"):
+        raise ValueError(f"timestep_embedding: order must be 'cos_sin' or 'sin_cos', got {order!r}")
+    if not 0 <= freq_shift < half:
+        raise ValueError(f"timestep_embedding: freq_shift must be in [0, {half}), got {freq_shift}")
     freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+        / (half - freq_shift)
     )  # (half,)
     args = t[:, None] * freqs[None, :]  # (B, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
+    parts = [torch.cos(args), torch.sin(args)]
+    emb = torch.cat(parts if order == "cos_sin" else parts[::-1], dim=-1)  # (B, 2*half)
     if dim % 2:
         emb = F.pad(emb, (0, 1))  # (B, dim)
     return emb
@@ -138,6 +150,7 @@ class ResidualBlock(nn.Module):
         dropout: float = 0.0,
         num_groups: int = 32,
         scale_shift_norm: bool = False,
+        eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if emb_dim is None and scale_shift_norm:
@@ -145,13 +158,13 @@ class ResidualBlock(nn.Module):
         self.in_ch = in_ch
         self.out_ch = out_ch
         self.scale_shift_norm = scale_shift_norm
-        self.norm1 = nn.GroupNorm(num_groups, in_ch)
+        self.norm1 = nn.GroupNorm(num_groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         # SiLU is applied functionally before this Linear (the embedding MLP ends in a Linear).
         # No embedding (a time-less UNet): no projection, so no unused parameters.
         self.emb_proj = (None if emb_dim is None
                          else nn.Linear(emb_dim, 2 * out_ch if scale_shift_norm else out_ch))
-        self.norm2 = nn.GroupNorm(num_groups, out_ch)
+        self.norm2 = nn.GroupNorm(num_groups, out_ch, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         # A 1x1 conv only where the channel count changes; otherwise the skip is free.
@@ -190,14 +203,15 @@ class AttentionBlock(nn.Module):
     The output projection is zero-initialised, so the block starts as the identity.
     """
 
-    def __init__(self, channels: int, num_heads: int = 1, num_groups: int = 32) -> None:
+    def __init__(self, channels: int, num_heads: int = 1, num_groups: int = 32,
+                 eps: float = 1e-5) -> None:
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"AttentionBlock: {channels} channels are not divisible by "
                              f"{num_heads} heads")
         self.channels = channels
         self.num_heads = num_heads
-        self.norm = nn.GroupNorm(num_groups, channels)
+        self.norm = nn.GroupNorm(num_groups, channels, eps=eps)
         # Linear layers on (B, HW, C) tokens (same parameters as 1x1 convs). Token-major layout
         # makes each head's q/k/v have a contiguous last dim, which SDPA's fused kernels want.
         self.qkv = nn.Linear(channels, 3 * channels)
@@ -220,21 +234,31 @@ class AttentionBlock(nn.Module):
 class Downsample(nn.Module):
     """Halve the resolution: ``(B, C, H, W) -> (B, C, H/2, W/2)``.
 
-    ``kind="conv"``: 3x3 stride-2 conv, padding 1 (DDPM); ``kind="avgpool"``: 2x2 average pooling.
+    ``kind="conv"``: 3x3 stride-2 conv, padding 1 (``padding="symmetric"``) or one zero row and
+    column at the bottom and right only (``"bottom_right"``: TensorFlow's "SAME" padding, which
+    DDPM's original code had); ``kind="avgpool"``: 2x2 average pooling.
     """
 
-    def __init__(self, channels: int, kind: Literal["conv", "avgpool"] = "conv") -> None:
+    def __init__(self, channels: int, kind: Literal["conv", "avgpool"] = "conv",
+                 padding: Literal["symmetric", "bottom_right"] = "symmetric") -> None:
         super().__init__()
         if kind not in ("conv", "avgpool"):
             raise ValueError(f"Downsample: kind must be 'conv' or 'avgpool', got {kind!r}")
+        if padding not in ("symmetric", "bottom_right"):
+            raise ValueError(f"Downsample: padding must be 'symmetric' or 'bottom_right', "
+                             f"got {padding!r}")
         self.kind = kind
+        self.padding = padding
         self.conv: nn.Conv2d | None = None  # avgpool has no parameters
         if kind == "conv":
-            self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+            self.conv = nn.Conv2d(channels, channels, 3, stride=2,
+                                  padding=1 if padding == "symmetric" else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) -> (B, C, H/2, W/2)."""
         if self.conv is not None:
+            if self.padding == "bottom_right":
+                x = F.pad(x, (0, 1, 0, 1))
             return self.conv(x)
         return F.avg_pool2d(x, kernel_size=2, stride=2)
 

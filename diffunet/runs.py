@@ -3,7 +3,7 @@
 :class:`Run` owns, for ``diffunet train`` and ``diffunet segment train`` alike:
 
 - **Accelerate and the launch**: the :class:`accelerate.Accelerator` (mixed precision with a
-  one-line error where it cannot run, trackers), the "launched as N processes but Accelerate
+  one-line error where it cannot run), the "launched as N processes but Accelerate
   sees one" refusal, the ``accelerate launch --cpu`` note, the global batch's divisibility.
 - **The run folder**: a non-empty folder is refused without ``--resume``; one writer at a time
   (an OS lock on the folder held for the whole run, released by the kernel even after a
@@ -17,7 +17,8 @@
 - **Signals**: SIGINT/SIGTERM ask the loop to save and stop after the current step, every
   process agreeing on when (:meth:`Run.should_stop`).
 - **Progress and logs**: the tqdm bar, one-line messages that keep it intact, ``log.jsonl`` lines
-  and the trackers.
+  and the trackers (TensorBoard in ``RUN/tensorboard/``, W&B in ``RUN/wandb/``; a missing
+  package refused before anything starts).
 - **Write failures**: a full disk, a read-only folder, a file-size limit become one line naming
   the problem, the fix and the newest intact state (:func:`write_failed`).
 
@@ -32,8 +33,10 @@ import contextlib
 import copy
 import dataclasses
 import errno
+import importlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -48,12 +51,13 @@ from . import errors, resources
 from . import state as st
 from .config import UNetConfig, may_change_on_resume, to_dict
 from .data import seed_for
-from .errors import (ConfigError, DiffunetError, FolderError, ModelFileError, TrainingError,
-                     UsageError)
+from .errors import (ConfigError, DiffunetError, FolderError, MissingDependencyError,
+                     ModelFileError, TrainingError, UsageError)
 from .fileio import atomic_write_bytes, parse_json, read_regular_file
 
-__all__ = ["EMA", "FolderLock", "Run", "check_resume_compatible", "check_training_fits",
-           "cpu_requested", "lock_folder", "not_a_run_yet", "pick_device", "read_log",
+__all__ = ["EMA", "FolderLock", "Run", "TensorBoardTracker", "WANDB_ID_FILE", "WandbTracker",
+           "check_resume_compatible", "check_trackers", "check_training_fits", "cpu_requested",
+           "lock_folder", "not_a_run_yet", "pick_device", "read_log", "tracker_config",
            "refuse_lone_processes", "state_must_fit", "training_cost", "trim_log",
            "write_failed"]
 
@@ -422,6 +426,109 @@ def _rebuild(kind: str, message: str) -> Exception:
 
 
 # ---------------------------------------------------------------------------------------------
+# Experiment trackers: TensorBoard and W&B, driven here (not through Accelerate's trackers,
+# which put TensorBoard's files into RUN/NAME/, W&B's into the working directory and make every
+# run its own W&B project). Each is created on the main process only.
+
+
+WANDB_ID_FILE = "wandb_run_id.txt"
+"""The run folder's record of its W&B run id, so a resumed run continues the same W&B run."""
+
+
+def check_trackers(trackers: Sequence[str]) -> None:
+    """A one-line :class:`MissingDependencyError` naming what to install for a tracker whose
+    package is missing; the harness checks before anything starts (no folder, no Accelerate)."""
+    for name in trackers:
+        if name not in ("tensorboard", "wandb"):
+            raise UsageError(f"unknown tracker {name!r}; use tensorboard and/or wandb")
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise MissingDependencyError(
+                f'train.trackers: {name} is not installed; pip install "diffunet[{name}]" (or '
+                f"drop {name} from train.trackers)") from None
+
+
+def tracker_config(cfg: Any) -> dict[str, Any]:
+    """The run's config for a tracker's hyperparameter table: ``{"train.lr": 0.001, ...}``
+    (lists as JSON text, unset values as ``"none"``)."""
+    flat = {}
+    for section, table in to_dict(cfg).items():
+        for key, value in table.items():
+            flat[f"{section}.{key}"] = (value if isinstance(value, (bool, int, float, str))
+                                        else "none" if value is None else json.dumps(value))
+    return flat
+
+
+class TensorBoardTracker:
+    """Event files in ``folder`` (the run's ``tensorboard/``): the logged numbers as scalars,
+    the preview grids as images, the config as text."""
+
+    def __init__(self, folder: Path, config: dict[str, Any], start_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: TensorBoard hides what an interrupted run logged past the state this run
+        # resumes from, as log.jsonl is trimmed (everything, for a fresh start in the folder).
+        self.writer = SummaryWriter(str(folder), purge_step=start_step + 1)
+        text = "\n".join(f"    {k} = {v}" for k, v in config.items())  # markdown code block
+        self.writer.add_text("config", text, global_step=start_step)
+        self.writer.flush()
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, global_step=step)
+        self.writer.flush()
+
+    def log_image(self, name: str, image: Any, step: int) -> None:
+        """``image``: a uint8 (H, W, C) array."""
+        self.writer.add_image(name, image, global_step=step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self, failed: bool) -> None:
+        self.writer.close()
+
+
+class WandbTracker:
+    """A Weights & Biases run: its files in ``out_dir/wandb/`` (none in the working directory),
+    in ``project`` under ``name``; its id is kept in ``out_dir/wandb_run_id.txt`` so that a
+    resumed run (``resumed``) logs on into the same W&B run. ``WANDB_MODE=offline`` keeps it all
+    local (``wandb sync RUN/wandb/offline-run-*`` uploads it later)."""
+
+    def __init__(self, out_dir: Path, config: dict[str, Any], project: str, name: str,
+                 resumed: bool) -> None:
+        import wandb
+
+        id_path = out_dir / WANDB_ID_FILE
+        run_id = None
+        if resumed and id_path.is_file():
+            with contextlib.suppress(OSError, ValueError):
+                text = read_regular_file(id_path, 1024).decode("ascii").strip()
+                run_id = text if re.fullmatch(r"[a-z0-9]{1,64}", text) else None
+        if run_id is None:
+            run_id = secrets.token_hex(8)  # W&B ids: lower-case letters and digits
+            atomic_write_bytes(id_path, (run_id + "\n").encode())
+        try:
+            self.run = wandb.init(project=project, name=name, id=run_id, resume="allow",
+                                  dir=str(out_dir), config=config)
+        except Exception as e:  # no login, no network, a bad project: one line, not a trace
+            reason = " ".join(str(e).split())[:200]
+            raise TrainingError(f"W&B could not start ({type(e).__name__}: {reason}); run "
+                                "`wandb login`, or set WANDB_MODE=offline to keep the run's W&B "
+                                "files in the run folder and `wandb sync` them later") from None
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def log_image(self, name: str, image: Any, step: int) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Image(image, caption=f"step {step}")}, step=step)
+
+    def close(self, failed: bool) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+# ---------------------------------------------------------------------------------------------
 # The run
 
 
@@ -437,6 +544,9 @@ class Run:
     ends the trackers, restores the signal handlers and releases the lock.
 
     ``command`` names the command in messages (``"train"``, ``"segment train"``);
+    ``trackers`` (``tensorboard``, ``wandb``) get the logged numbers and the images of
+    :meth:`log_image`, under ``tracker_project`` and ``run_name`` (unset: the folder's name);
+    a tracker whose package is missing is refused first, before anything starts.
     ``batch_size`` must split into ``batch_divisor`` parts per process and, with images of
     ``image_shape`` (channels, side), the network ``net`` and a schedule of ``timesteps``,
     fit the device (:func:`check_training_fits`, before anything is built); ``state_keys`` are the
@@ -447,6 +557,7 @@ class Run:
     def __init__(self, cfg: Any, out_dir: str | Path, *, resume: bool, command: str,
                  mixed_precision: str, batch_size: int, image_shape: tuple[int, int],
                  batch_divisor: int = 1, trackers: Sequence[str] = (),
+                 tracker_project: str | None = None, run_name: str | None = None,
                  state_keys: dict[str, type] | None = None, net: UNetConfig | None = None,
                  timesteps: int | None = None,
                  static_graph: bool = False, say: Callable[[str], None] = lambda msg: None,
@@ -457,6 +568,11 @@ class Run:
         self.cfg, self.out_dir, self.command = cfg, Path(out_dir), command
         self._say, self._show_progress = say, progress
         self.trackers = tuple(trackers)
+        check_trackers(self.trackers)  # before the folder is claimed or Accelerate started
+        folder_name = self.out_dir.resolve().name or "diffunet"
+        self.tracker_project = tracker_project or folder_name
+        self.run_name = run_name or folder_name
+        self._trackers: list[Any] = []  # the started ones (main process)
         self.bar: Any = None
         self._lock: Any = None
         self._created = self._opened = False
@@ -470,7 +586,6 @@ class Run:
             ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True,
                                                 static_graph=static_graph)
             self.accelerator = Accelerator(mixed_precision=mixed_precision,
-                                           log_with=list(self.trackers) or None,
                                            project_dir=str(self.out_dir), kwargs_handlers=[ddp])
         except ValueError as e:
             raise ConfigError(f"train.mixed_precision={mixed_precision!r} cannot run here ({e}); "
@@ -674,12 +789,28 @@ class Run:
                 trim_log(self.out_dir / "log.jsonl", self.start_step)
             except OSError as e:
                 raise write_failed(e, "preparing the run folder", self.out_dir) from None
-            if self.trackers:
-                self.accelerator.init_trackers(self.out_dir.name, config={
-                    f"{s}.{k}": json.dumps(v) for s, sec in to_dict(self.cfg).items()
-                    for k, v in sec.items()})
+            self._start_trackers()
 
         self.collective(on_main)
+
+    def _start_trackers(self) -> None:
+        config = tracker_config(self.cfg)
+        for name in self.trackers:
+            try:
+                if name == "tensorboard":
+                    folder = self.out_dir / "tensorboard"
+                    folder.mkdir(exist_ok=True)
+                    self._trackers.append(TensorBoardTracker(folder, config, self.start_step))
+                    self.tell(f"tensorboard: event files in {folder} (view them with "
+                              f"`tensorboard --logdir {self.out_dir.parent}`)")
+                else:
+                    tracker = WandbTracker(self.out_dir, config, self.tracker_project,
+                                           self.run_name, resumed=self.resume_from is not None)
+                    self._trackers.append(tracker)
+                    self.tell(f"wandb: project {self.tracker_project}, run {self.run_name} (id "
+                              f"{tracker.run.id}), files in {self.out_dir / 'wandb'}")
+            except OSError as e:
+                raise write_failed(e, f"starting {name}", self.out_dir) from None
 
     # -- while the loop runs -------------------------------------------------------------------
 
@@ -703,10 +834,18 @@ class Run:
                 self.bar.close()
             if self._restore_signals is not None:
                 self._restore_signals()
-            if self.trackers:
-                self.accelerator.end_training()
+            self._close_trackers(failed=exc[0] is not None)
         finally:
             self._release()
+
+    def _close_trackers(self, failed: bool) -> None:
+        trackers, self._trackers = self._trackers, []
+        for tracker in trackers:
+            try:
+                tracker.close(failed)
+            except Exception:
+                if not failed:  # never hide the error the run stops for
+                    raise
 
     def progress(self, total: int) -> Any:
         """The tqdm bar of the run's steps (shown on the main process when asked for)."""
@@ -783,10 +922,33 @@ class Run:
                 raise write_failed(e, "writing log.jsonl", self.out_dir) from None
             if postfix and self.bar is not None:
                 self.bar.set_postfix(**postfix)
-            if self.trackers:
-                self.accelerator.log({k: v for k, v in record.items()
-                                      if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                                     step=record.get("step"))
+            step = record.get("step")
+            numbers = {k: v for k, v in record.items() if k != "step" and isinstance(
+                v, (int, float)) and not isinstance(v, bool)}
+            if isinstance(step, int) and numbers:
+                for tracker in self._trackers:
+                    tracker.log(numbers, step)
+
+        self.collective(on_main)
+
+    def log_image(self, name: str, image: str | Path | torch.Tensor, step: int) -> None:
+        """Send an image to the trackers (none: nothing to do), e.g. a preview grid: a PNG's
+        path, or a (C, H, W) tensor in [-1, 1] (C = 1 or 3). Called by every process."""
+        if not self.trackers:
+            return
+
+        def on_main() -> None:
+            import numpy as np
+
+            from .images import open_image, to_uint8
+
+            if isinstance(image, torch.Tensor):
+                arr = to_uint8(image).cpu().numpy()
+            else:
+                with open_image(image, None) as img:
+                    arr = np.asarray(img.convert("RGB"))
+            for tracker in self._trackers:
+                tracker.log_image(name, arr, step)
 
         self.collective(on_main)
 

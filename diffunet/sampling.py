@@ -35,6 +35,7 @@ them, then writes the grid and the final manifest.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -400,9 +401,11 @@ def _load_png(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
 
 def _draw_batch(denoiser: Any, schedule: Any, how: SampleConfig, idx: list[int], seed: int,
                 shape: tuple[int, int, int], labels: Optional[list[int]], device: torch.device,
-                autocast: Any, writer: _Writer, files: tuple[Path, ...]) -> None:
+                autocast: Any, writer: _Writer, files: tuple[Path, ...],
+                on_step: Optional[Callable[[int], None]] = None) -> None:
     """Draw images ``idx`` together and hand them to ``writer``. One CPU generator per image
-    gives its start noise and then its step noise (see the module doc)."""
+    gives its start noise and then its step noise (see the module doc). ``on_step(i)`` is
+    called after each sampling step i (it drives the progress bar)."""
     gens = [torch.Generator().manual_seed(seed + i) for i in idx]
     x_T = torch.stack([torch.randn(shape, generator=g) for g in gens])
     y = None if labels is None else torch.tensor([labels[i] for i in idx], device=device)
@@ -410,7 +413,8 @@ def _draw_batch(denoiser: Any, schedule: Any, how: SampleConfig, idx: list[int],
         images = sample(denoiser, schedule, x_T.to(device), sampler=how.sampler,
                         num_steps=how.num_steps, eta=how.eta, spacing=how.spacing,
                         class_labels=y, guidance_scale=how.guidance_scale,
-                        clip_x0=how.clip_x0, generator=gens)
+                        clip_x0=how.clip_x0, generator=gens,
+                        callback=None if on_step is None else lambda i, *_: on_step(i))
     writer.submit(images.float().cpu(), [files[i] for i in idx])
 
 
@@ -536,22 +540,27 @@ def _draw_all(state: Any, main: bool, out_dir: Path, manifest: dict[str, Any],
     if done_before:
         tell(f"resuming: {done_before} of {n} images are already in {out_dir}")
     mine = todo[state.process_index::state.num_processes]
-    bar = tqdm(total=n, initial=done_before, disable=not (progress and main), unit="img",
-               dynamic_ncols=True)
+    # The bar counts the main process's sampling steps (steps x its batches), so it moves and
+    # shows an ETA from the first batch on; the postfix counts the images of every process.
+    steps = how.num_steps
+    bar = tqdm(total=steps * math.ceil(len(mine) / batch_size),
+               disable=not (progress and main), unit="step", dynamic_ncols=True)
+    bar.set_postfix_str(f"{done_before}/{n} img")
     drawn: list[int] = []
     writer = _Writer()
     try:
         for start in range(0, len(mine), batch_size):
             idx = mine[start:start + batch_size]
             _draw_batch(denoiser, schedule, how, idx, o.seed, shape, labels, device, autocast,
-                        writer, files)
+                        writer, files, on_step=lambda i: bar.update(1))
             drawn.extend(idx)
-            # the bar is the main process's: it counts the batches all processes draw
-            bar.update(min(len(idx) * state.num_processes, n - bar.n))
+            done = min(n, done_before + len(drawn) * state.num_processes)
+            bar.set_postfix_str(f"{done}/{n} img", refresh=False)
     finally:
         writer.close()
     state.wait_for_everyone()
-    bar.update(n - bar.n)
+    bar.update(bar.total - bar.n)
+    bar.set_postfix_str(f"{n}/{n} img")
     bar.close()
 
     grid_path = out_dir / GRID if o.grid else None

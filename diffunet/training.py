@@ -213,8 +213,56 @@ def _preview_fn(cfg: RunConfig, ema: EMA, schedule: NoiseSchedule, run: Run
         name = f"{st.state_name(step)}.png"
         run.write(f"writing preview {name}",
                   lambda: draw_and_save(run.out_dir / "samples" / name))
+        run.log_image("preview", run.out_dir / "samples" / name, step)  # to the trackers
 
     return write
+
+
+def _describe_data(dataset: Any, source: str, where: str, images: str) -> str:
+    """The header's data line: ``source`` (and ``where`` it is read from), how many ``images``
+    (e.g. "16x16 RGB") and which classes (their names, the first few)."""
+    text = f"data: {source}" + (f" {where}" if where else "")
+    text += f", {len(dataset):,} images of {images}"
+    names = getattr(dataset, "class_names", None)
+    if names:
+        shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
+        text += f", {len(names)} classes ({shown})"
+    return text
+
+
+def describe_run(run: Run, precision: str, batch_size: int, grad_accum_steps: int,
+                 plan: str) -> list[str]:
+    """The header lines every training command shares: device, precision and processes; the
+    global and per-process batch, then ``plan`` (how long, how often it saves); the run folder
+    and the state it resumed from."""
+    world, per = run.world, batch_size // run.world
+    micro = (f" in {grad_accum_steps} micro-batches of {per // grad_accum_steps}"
+             if grad_accum_steps > 1 else "")
+    resumed = (f"resumed from {run.resume_from} at step {run.start_step}"
+               if run.resume_from is not None else "a fresh run")
+    return [f"device: {run.device}, precision {'fp32' if precision == 'no' else precision}, "
+            f"{world} process{'es' if world > 1 else ''}",
+            f"batch: {batch_size} global, {per} per process{micro}; {plan}",
+            f"out-dir: {run.out_dir}, {resumed}"]
+
+
+def _header(run: Run, cfg: RunConfig, dataset: Any, net: UNet) -> list[str]:
+    """What a run is about to do, in five lines before its first step."""
+    d, u, s, t = cfg.data, cfg.unet, cfg.schedule, cfg.train
+    where = (d.path or "") if d.source == "folder" else (
+        f"{d.name} ({d.path or './data'})" if d.source == "torchvision" else "shapes (generated)")
+    n = net.num_parameters()
+    kind = {1: "grayscale", 3: "RGB"}.get(u.in_channels, f"{u.in_channels}-channel")
+    unused = ("; the labels are unused: unet.num_classes is unset"
+              if getattr(dataset, "class_names", None) and u.num_classes is None else "")
+    return [_describe_data(dataset, d.source, where, f"{u.image_size}x{u.image_size} {kind}")
+            + unused,
+            f"model: UNet, {n:,} parameters ({n / 1e6:.2f}M; base_channels {u.base_channels}, "
+            f"channel_mults {tuple(u.channel_mults)}); {s.prediction_type} prediction, "
+            f"{s.beta_schedule} schedule, {s.num_train_timesteps} timesteps",
+            *describe_run(run, t.mixed_precision, t.batch_size, t.grad_accum_steps,
+                          f"steps {run.start_step} -> {t.max_steps}, preview every "
+                          f"{t.sample_every}, save every {t.save_every} and at the last step")]
 
 
 def _forever(loader: Any) -> Iterator[Any]:
@@ -233,6 +281,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     t = cfg.train
     with Run(cfg, out_dir, resume=resume, command="train", mixed_precision=t.mixed_precision,
              batch_size=t.batch_size, batch_divisor=t.grad_accum_steps, trackers=t.trackers,
+             tracker_project=t.tracker_project, run_name=t.run_name,
              image_shape=(cfg.unet.in_channels, cfg.unet.image_size), state_keys=STATE_KEYS,
              net=cfg.unet, timesteps=cfg.schedule.num_train_timesteps,
              static_graph=t.grad_accum_steps == 1 and not t.compile,
@@ -287,6 +336,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
 
         # --- the loop: no host sync between check points (log lines, saves, the non-finite
         # limit), so an accelerator is never kept waiting by the host -----------------------
+        if step < t.max_steps:
+            for line in _header(run, cfg, dataset, net):
+                run.tell(line)
         run.progress(t.max_steps)
         per_process = t.batch_size // run.world
         mine = slice(run.rank * per_process, (run.rank + 1) * per_process)
@@ -327,8 +379,10 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                 interval_loss.zero_()
                 interval_good.zero_()
                 interval_start = now
-            if step % t.sample_every == 0:
+            if step % t.sample_every == 0 or step == t.max_steps:
+                run.bar.set_description_str(f"preview at step {step}")  # sampling takes a while
                 preview(step)
+                run.bar.set_description_str("")
             if step % t.save_every == 0 or step == t.max_steps or stopping:
                 model_path, state_path = save(step)
             if stopping:

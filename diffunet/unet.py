@@ -87,10 +87,11 @@ class UNet(nn.Module):
 
         def res(cin: int, cout: int) -> ResidualBlock:
             return ResidualBlock(cin, cout, emb_dim, dropout=cfg.dropout, num_groups=cfg.num_groups,
-                                 scale_shift_norm=cfg.scale_shift_norm)
+                                 scale_shift_norm=cfg.scale_shift_norm, eps=cfg.norm_eps)
 
         def attn(ch: int) -> AttentionBlock:
-            return AttentionBlock(ch, num_heads=cfg.heads_at(ch), num_groups=cfg.num_groups)
+            return AttentionBlock(ch, num_heads=cfg.heads_at(ch), num_groups=cfg.num_groups,
+                                  eps=cfg.norm_eps)
 
         # Raw t never enters a Linear: sinusoids first, then this MLP (DDPM App. B).
         self.time_embed = None if emb_dim is None else nn.Sequential(
@@ -121,7 +122,7 @@ class UNet(nn.Module):
                 skip_chs.append(ch)
             downsample = None
             if level != last:
-                downsample = Downsample(ch, cfg.downsample)
+                downsample = Downsample(ch, cfg.downsample, cfg.downsample_padding)
                 skip_chs.append(ch)
             down.append(_DownLevel(blocks, attns, downsample))
         self.down = nn.ModuleList(down)
@@ -145,7 +146,7 @@ class UNet(nn.Module):
         assert not skip_chs, "every skip connection must be consumed"
         self.up = nn.ModuleList(reversed(up))
 
-        self.norm_out = nn.GroupNorm(cfg.num_groups, ch)
+        self.norm_out = nn.GroupNorm(cfg.num_groups, ch, eps=cfg.norm_eps)
         self.conv_out = zero_(nn.Conv2d(ch, cfg.output_channels, 3, padding=1))
 
     # -----------------------------------------------------------------------------------------
@@ -244,7 +245,9 @@ class UNet(nn.Module):
                                  "timesteps (a scalar or shape (B,))")
             t = self._timesteps(t, batch, x.device)
             # Sinusoids in float32 (exact for int t), then the MLP's own dtype (e.g. .half()).
-            emb = timestep_embedding(t, self.config.base_channels)
+            emb = timestep_embedding(t, self.config.base_channels,
+                                     order=self.config.time_embed_order,
+                                     freq_shift=self.config.time_embed_freq_shift)
             emb = self.time_embed(emb.to(self.time_embed[0].weight.dtype))  # (B, 4 base)
             if self.class_embed is not None:
                 emb = emb + self.class_embed(self._class_labels(class_labels, batch, x.device))

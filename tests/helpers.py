@@ -16,6 +16,11 @@ from typing import Any
 import torch
 
 
+RUN_HEADER = ("resuming from ", "data: ", "model: ", "device: ", "batch: ", "out-dir: ")
+"""How the lines a training run prints before its first step begin (its header, and the state it
+resumed from): a run that fails later has them on stderr above its one error line."""
+
+
 def tiny_net(image_size: int = 16, **overrides: Any) -> dict[str, Any]:
     """``UNetConfig`` keywords of the tiny network at ``image_size`` (its lower level, at half
     the size, has attention), with ``overrides`` applied."""

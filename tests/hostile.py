@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from helpers import RUN_HEADER
 from processes import cpu_env
 
 # Reads a JSON list of jobs on stdin ({argv, cwd, stdout, stderr[, timeout][, memory]}), runs each
@@ -158,8 +159,7 @@ def check(case: Case, result: Result) -> None:
     assert result.code != -14, f"{case.id}: still running after {case.timeout} s (a hang)"
     assert "Traceback" not in result.stderr, result.stderr
     assert result.code == case.code, result.stderr
-    lines = [ln for ln in result.stderr.strip().splitlines()
-             if not ln.startswith("resuming from ")]
+    lines = [ln for ln in result.stderr.strip().splitlines() if not ln.startswith(RUN_HEADER)]
     if case.code == 2:
         assert len(lines) == 1, result.stderr
         assert lines[0].startswith("diffunet "), lines[0]

@@ -4,9 +4,9 @@ unpickled, and no path taken from a config or a model file leads a write out of 
 
 Every case runs the real command line in a process of its own. Starting Python and importing
 torch takes over a second per process on the 2-core CI machine, so the cases are forked from one
-interpreter that has imported diffunet once (:data:`hostile.RUNNER`): the child runs ``cli.main`` exactly
-as ``python -m diffunet`` does (an uncaught exception prints its traceback and exits 1), with its
-own stdout, stderr, exit code and file system effects. A few cases also go through the real
+interpreter that has imported diffunet once (:data:`hostile.RUNNER`): the child runs
+``cli.main`` exactly as ``python -m diffunet`` does (an uncaught exception prints its traceback
+and exits 1), with its own stdout, stderr, exit code and file system effects. A few cases also go through the real
 ``python -m diffunet`` and the ``diffunet`` console script to show the two agree.
 
 The inputs (configs, image folders, damaged model files and run folders) are built once per
@@ -39,7 +39,7 @@ from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig
 from diffunet.checkpoint import FORMAT_VERSION
 from diffunet.sampling import image_name
 from diffunet.state import state_name
-from helpers import tiny_run
+from helpers import RUN_HEADER, tiny_run
 from hostile import RUNNER
 from processes import cpu_env
 
@@ -361,6 +361,14 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("cli-unknown-option", ["sample", "{d}/models/good.safetensors", "--frobnicate", "3",
                             "--out-dir", "{out}"],
      ["unrecognized arguments"]),
+    # diffusers' example-script flags: what diffunet takes instead
+    ("diffusers-out", ["train", *TINY, "--output_dir", "{out}"], ["mean --out-dir DIR for"]),
+    ("diffusers-n", ["sample", "{d}/models/good.safetensors", "--num_samples", "4"], ["ples N"]),
+    ("diffusers-batch", ["train", *TINY, "--train_batch_size=16"], ["train.batch_size=16 for"]),
+    ("diffusers-epochs", ["train", *TINY, "--num_epochs", "3"], ["max_steps=N for --num_epochs"]),
+    ("diffusers-res", ["train", *TINY, "--resolution", "64"], ["image_size=N for --resolution"]),
+    ("diffusers-data", ["train", *TINY, "--dataset_name=cifar10"], ["data.name=cifar10 for"]),
+    ("diffusers-fp", ["train", *TINY, "--mixed_precision", "bf16"], ["mixed_precision=P for"]),
     ("cli-class-label-unconditional", ["sample", "{d}/models/good.safetensors",
                                        "--class-label", "1", "--steps", "2", "--out-dir", "{out}"],
      ["--class-label was given but this model is unconditional", "drop --class-label"]),
@@ -536,8 +544,9 @@ def test_bad_input_is_one_line_exit_2(world: World, cid: str, argv: list[str],
                                       parts: list[str]) -> None:
     r = world.results[cid]
     command = argv[0]
-    # A resumed run names the state it found before it finds that state damaged.
-    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("resuming from ")]
+    # A resumed run names the state it found before it finds that state damaged, and a run
+    # that fails while training (an image it cannot decode) printed its header first.
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith(RUN_HEADER)]
     assert r.code == 2, r.stderr
     assert "Traceback" not in r.stderr
     assert len(lines) == 1, r.stderr

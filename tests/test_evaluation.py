@@ -547,3 +547,51 @@ def test_eval_fid_command(tmp_path, capsys, monkeypatch):
     with pytest.raises(DiffunetError, match="no reference set"):
         args = _parse(["eval", "fid", str(gen_dir)])
         args.func(args)
+
+
+def test_eval_bpd_finds_the_stored_data_from_anywhere_and_names_it(tmp_path, capsys,
+                                                                    monkeypatch):
+    from diffunet.config import load_config, to_dict
+
+    # trained in tmp/project as `diffunet train data.path=images --out-dir runs/r`
+    project = tmp_path / "project"
+    images = _write_images(project / "images", BuiltinShapes(3, image_size=8, channels=3)
+                           .render(range(3))[0])
+    (project / "runs" / "r" / "weights").mkdir(parents=True)
+    (project / "runs" / "r" / "config.json").write_text("{}")
+    cfg = load_config(None, ["data.source=folder", "data.path=images", "unet.image_size=8"])
+    model = project / "runs" / "r" / "weights" / "model_step0000002.safetensors"
+    save_model(model, _tiny_unet(), _schedule(20), extra={"run_config": to_dict(cfg)})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = tmp_path / "bpd.json"
+    args = _parse(["eval", "bpd", str(model), "--timesteps", "2", "--device", "cpu",
+                   "--json", str(out), "--no-progress"])
+    assert args.func(args) == 0
+    assert f"data: folder {images}, 3 images at 8x8" in capsys.readouterr().out
+    assert json.loads(out.read_text())["data"] == {"source": "folder", "path": str(images),
+                                                   "images": 3, "name": None}
+    # not found: one line naming where it looked and how to point at it
+    images.rename(project / "moved")
+    with pytest.raises(DiffunetError, match=r"data.path: the model was trained on 'images' .*"
+                                            rf"{elsewhere / 'images'}; give data.path="):
+        args.func(args)
+    args = _parse(["eval", "bpd", str(model), f"data.path={project / 'moved'}", "--timesteps",
+                   "2", "--no-progress"])
+    assert args.func(args) == 0
+    assert f"data: folder {project / 'moved'}, 3" in capsys.readouterr().out
+    # a CONFIG gives only its [data]: the 64x64 UNet of configs/folder.toml is not used
+    folder_toml = Path(__file__).parents[1] / "configs" / "folder.toml"
+    args = _parse(["eval", "bpd", str(model), str(folder_toml), f"data.path={project / 'moved'}",
+                   "data.num_workers=0", "--timesteps", "2", "--no-progress"])
+    assert args.func(args) == 0
+    assert "3 images at 8x8" in capsys.readouterr().out
+    # the model fixes the shape: a different one is refused in one line, unet.* before anything
+    with pytest.raises(DiffunetError, match="data.image_size: 16 does not match the model's "
+                                            "image_size 8; leave it unset"):
+        args = _parse(["eval", "bpd", str(model), "data.image_size=16"])
+        args.func(args)
+    with pytest.raises(DiffunetError, match="the model file fixes unet"):
+        args = _parse(["eval", "bpd", str(model), "unet.image_size=16"])
+        args.func(args)

@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 import diffunet
 from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig, cli
 from diffunet.sampling import GRID, MANIFEST, image_name
-from helpers import tiny_run
+from helpers import RUN_HEADER, tiny_run
 from processes import cpu_env, reset_accelerate_state
 
 # A tiny run: 8x8 images, two levels, attention at 4x4, dropout and flips (so the RNG state
@@ -515,7 +515,7 @@ def test_only_nonfinite_losses_stop_with_a_message(tmp_path: Path) -> None:
     r = _nan_run(out, "all", "train.max_steps=50", "train.max_nonfinite=3",
                  "train.save_every=100")
     assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith(RUN_HEADER)]
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert lines[0].startswith("diffunet train: error: the loss was non-finite for 3 steps in a "
                                "row (step 3); try a lower train.lr"), lines[0]

@@ -505,3 +505,51 @@ def test_a_folder_in_use_by_another_run_is_refused(rgb_model, tmp_path):
         lock.close()
     assert list(out.iterdir()) == []
     generate(rgb_model, out, opts(num_samples=1))  # free again
+
+
+def test_progress_bar_counts_sampling_steps(rgb_model, tmp_path, monkeypatch):
+    # The bar moves with every sampling step (steps x batches), not once per finished batch.
+    import tqdm.auto
+
+    bars = []
+
+    class Recorder(tqdm.auto.tqdm):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **{**kw, "disable": True})
+            self.kw = kw
+            self.updates, self.postfixes = [], []
+            bars.append(self)
+
+        def update(self, k=1):
+            self.updates.append(k)
+            self.n += k
+
+        def set_postfix_str(self, s="", refresh=True):
+            self.postfixes.append(s)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    generate(rgb_model, tmp_path / "out", opts(num_samples=6, batch_size=4, num_steps=3),
+             progress=True)
+    (bar,) = bars
+    assert bar.kw["total"] == 3 * 2 and bar.kw["unit"] == "step"  # 3 steps x 2 batches
+    assert bar.updates[:6] == [1] * 6 and bar.n == 6
+    assert bar.postfixes[0] == "0/6 img" and bar.postfixes[-1] == "6/6 img"
+    assert "4/6 img" in bar.postfixes
+
+
+def test_default_folder_is_named_after_the_run(tmp_path, monkeypatch):
+    from diffunet.cli.sample import default_out_dir
+
+    run = tmp_path / "runs" / "foo"
+    (run / "weights").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    model = run / "weights" / "model_step0001000.safetensors"
+    assert default_out_dir(model) == Path("samples/foo_step0001000")
+    monkeypatch.chdir(run)  # relative paths too
+    assert default_out_dir("weights/model_step0000040.safetensors") == Path(
+        "samples/foo_step0000040")
+    assert default_out_dir(tmp_path / "mine.safetensors") == Path("samples/mine")
+    # a weights/ folder that is not a run's keeps the file's own name
+    (tmp_path / "weights").mkdir()
+    assert default_out_dir(tmp_path / "weights" / "model_step0000001.safetensors") == Path(
+        "samples/model_step0000001")

@@ -588,3 +588,33 @@ def test_a_batch_the_machine_cannot_hold_is_refused_before_anything_is_written(
                                           r"needs .* GiB of activations, more than the"):
         train(_cfg("train.batch_size=1000000000000"), out, progress=False)
     assert not out.exists()
+
+
+def test_header_then_preview_and_model_file_at_the_last_step(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    said: list[str] = []
+    train(_cfg("train.max_steps=5", "train.sample_every=3", "train.save_every=4"), out,
+          progress=False, say=said.append)
+    header = said[:5]
+    assert header[0] == ("data: builtin shapes (generated), 64 images of 16x16 RGB, 4 classes "
+                         "(circle, square, triangle, cross); the labels are unused: "
+                         "unet.num_classes is unset")
+    assert re.fullmatch(r"model: UNet, [0-9,]+ parameters \(0\.\d\dM; base_channels 8, "
+                        r"channel_mults \(1, 2\)\); v prediction, cosine schedule, 1000 "
+                        r"timesteps", header[1]), header[1]
+    assert header[2] == "device: cpu, precision fp32, 1 process"
+    assert header[3] == ("batch: 4 global, 4 per process; steps 0 -> 5, preview every 3, save "
+                         "every 4 and at the last step")
+    assert header[4] == f"out-dir: {out}, a fresh run"
+    # 5 is no multiple of sample_every or save_every: the last step still gets both
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "step0000003.png", "step0000005.png"]
+    assert sorted(p.name for p in (out / "weights").iterdir()) == [
+        "model_step0000004.safetensors", "model_step0000005.safetensors"]
+
+    said.clear()
+    train(_cfg("train.max_steps=6", "train.sample_every=3", "train.save_every=4",
+               "train.grad_accum_steps=2"), out, resume=True, progress=False, say=said.append)
+    assert said[0] == f"resuming from {_state(out, 5)} (step 5)"
+    assert "batch: 4 global, 4 per process in 2 micro-batches of 2; steps 5 -> 6" in said[4]
+    assert said[5] == f"out-dir: {out}, resumed from {_state(out, 5)} at step 5"

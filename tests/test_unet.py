@@ -355,70 +355,18 @@ def test_config_errors_name_the_field(overrides, field):
 # Same function as diffusers' UNet2DModel (the google/ddpm-cifar10-32 architecture)
 
 
-def _to_diffusers_state(model: UNet) -> dict[str, torch.Tensor]:
-    """Our state dict under diffusers' UNet2DModel names (q/k/v split, up levels reversed)."""
-    n_levels = len(model.config.channel_mults)
-    out: dict[str, torch.Tensor] = {}
-
-    def res(src: str, dst: str) -> None:
-        for ours, theirs in [("norm1", "norm1"), ("conv1", "conv1"), ("emb_proj", "time_emb_proj"),
-                             ("norm2", "norm2"), ("conv2", "conv2"), ("skip", "conv_shortcut")]:
-            for p in ("weight", "bias"):
-                if f"{src}.{ours}.{p}" in sd:
-                    out[f"{dst}.{theirs}.{p}"] = sd[f"{src}.{ours}.{p}"]
-
-    def attn(src: str, dst: str) -> None:
-        for p in ("weight", "bias"):
-            out[f"{dst}.group_norm.{p}"] = sd[f"{src}.norm.{p}"]
-            for name, part in zip(("to_q", "to_k", "to_v"), sd[f"{src}.qkv.{p}"].chunk(3)):
-                out[f"{dst}.{name}.{p}"] = part
-            out[f"{dst}.to_out.0.{p}"] = sd[f"{src}.proj.{p}"]
-
-    sd = model.state_dict()
-    for p in ("weight", "bias"):
-        out[f"time_embedding.linear_1.{p}"] = sd[f"time_embed.0.{p}"]
-        out[f"time_embedding.linear_2.{p}"] = sd[f"time_embed.2.{p}"]
-        for a, b in [("conv_in", "conv_in"), ("norm_out", "conv_norm_out"),
-                     ("conv_out", "conv_out")]:
-            out[f"{b}.{p}"] = sd[f"{a}.{p}"]
-    for level, lvl in enumerate(model.down):
-        for i in range(len(lvl.res)):
-            res(f"down.{level}.res.{i}", f"down_blocks.{level}.resnets.{i}")
-        for i in range(len(lvl.attn)):
-            attn(f"down.{level}.attn.{i}", f"down_blocks.{level}.attentions.{i}")
-        if lvl.downsample is not None:
-            for p in ("weight", "bias"):
-                out[f"down_blocks.{level}.downsamplers.0.conv.{p}"] = \
-                    sd[f"down.{level}.downsample.conv.{p}"]
-    res("mid.res1", "mid_block.resnets.0")
-    attn("mid.attn", "mid_block.attentions.0")
-    res("mid.res2", "mid_block.resnets.1")
-    for level, lvl in enumerate(model.up):
-        j = n_levels - 1 - level
-        for i in range(len(lvl.res)):
-            res(f"up.{level}.res.{i}", f"up_blocks.{j}.resnets.{i}")
-        for i in range(len(lvl.attn)):
-            attn(f"up.{level}.attn.{i}", f"up_blocks.{j}.attentions.{i}")
-        if lvl.upsample is not None:
-            for p in ("weight", "bias"):
-                out[f"up_blocks.{j}.upsamplers.0.conv.{p}"] = sd[f"up.{level}.upsample.conv.{p}"]
-    return out
-
-
 def test_matches_diffusers_unet2dmodel():
     diffusers = pytest.importorskip("diffusers")
     cfg = tiny(channel_mults=(1, 2, 2), attn_resolutions=(8,), num_res_blocks=2)
     ours = perturbed(UNet(cfg)).eval()
-    theirs = diffusers.UNet2DModel(
-        sample_size=cfg.image_size, in_channels=3, out_channels=3,
-        block_out_channels=tuple(cfg.base_channels * m for m in cfg.channel_mults),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=cfg.num_res_blocks, attention_head_dim=None,
-        norm_num_groups=cfg.num_groups, flip_sin_to_cos=True, freq_shift=0,
-    ).eval()
+    # The mapping lives in diffunet.interop (tests/test_interop.py: sampling, both directions).
+    from diffunet.interop import state_to_diffusers, unet_to_diffusers
+
+    config = unet_to_diffusers(cfg)
+    assert config["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"]
+    theirs = diffusers.UNet2DModel(**config).eval()
     assert sum(p.numel() for p in theirs.parameters()) == ours.num_parameters()
-    theirs.load_state_dict(_to_diffusers_state(ours), strict=True)
+    theirs.load_state_dict(state_to_diffusers(ours.state_dict(), cfg), strict=True)
     x, t = inputs(cfg)
     with torch.no_grad():
         torch.testing.assert_close(ours(x, t), theirs(x, t).sample, rtol=1e-4, atol=1e-5)

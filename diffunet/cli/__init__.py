@@ -19,7 +19,7 @@ from types import ModuleType
 
 from ..errors import DiffunetError
 from ..version import __version__
-from .common import is_main_process, one_line_errors
+from .common import did_you_mean, is_main_process, one_line_errors
 
 __all__ = ["build_parser", "main"]
 
@@ -59,6 +59,21 @@ def _segment() -> ModuleType:
     return segment
 
 
+def _export() -> ModuleType:
+    from . import export
+    return export
+
+
+def _import() -> ModuleType:
+    from . import import_
+    return import_
+
+
+def _plot() -> ModuleType:
+    from . import plot
+    return plot
+
+
 COMMANDS: dict[str, tuple[str, Callable[[], ModuleType]]] = {
     "info": ("print a model file's configs, size and checksum", _info),
     "train": ("train a model (with no CONFIG: the built-in shapes data set on the CPU)", _train),
@@ -67,6 +82,10 @@ COMMANDS: dict[str, tuple[str, Callable[[], ModuleType]]] = {
     "bench": ("time a training step and DDIM sampling (optionally against diffusers)", _bench),
     "inspect": ("picture every block's feature maps for one input (and their stats)", _inspect),
     "segment": ("segmentation with the same UNet: train, predict masks, data stats", _segment),
+    "export": ("write a model file as a diffusers pipeline folder (DDIM/DDPMPipeline)",
+               _export),
+    "import": ("read a diffusers UNet2DModel folder into a model file", _import),
+    "plot": ("draw a run's log.jsonl: loss (raw, smoothed), learning rate, images/s", _plot),
 }
 """Each command: its one-line help (for ``diffunet --help``) and its module, imported only when
 the command is the one given."""
@@ -105,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = [e for e in extra if e.startswith("-")]
     if extra:  # reported by the sub-command's parser, so the message names the command
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}"
+                                        + did_you_mean(args.command, extra))
     try:
         return args.func(args)
     except DiffunetError as e:

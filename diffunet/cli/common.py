@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,46 @@ def say(msg: str) -> None:
 def out(text: str) -> None:
     """Print a command's result (tables, JSON) on stdout."""
     print(text)
+
+
+DIFFUSERS_FLAGS: dict[str, dict[str, str]] = {
+    "--output_dir": {"*": "--out-dir DIR"},
+    "--num_samples": {"sample": "--num-samples N", "*": "sample.num_images=N"},
+    "--train_batch_size": {"*": "train.batch_size=N"},
+    "--eval_batch_size": {"*": "--batch-size N"},
+    "--num_epochs": {"segment": "train.epochs=N", "*": "train.max_steps=N"},
+    "--max_train_steps": {"*": "train.max_steps=N"},
+    "--resolution": {"*": "unet.image_size=N"},
+    "--dataset_name": {"*": "data.source=torchvision data.name=NAME"},
+    "--train_data_dir": {"*": "data.source=folder data.path=DIR"},
+    "--mixed_precision": {"sample": "--precision P", "*": "train.mixed_precision=P"},
+    "--learning_rate": {"*": "train.lr=N"},
+    "--gradient_accumulation_steps": {"*": "train.grad_accum_steps=N"},
+    "--checkpointing_steps": {"*": "train.save_every=N"},
+    "--resume_from_checkpoint": {"*": "--resume"},
+    "--num_inference_steps": {"*": "--steps N"},
+}
+"""diffusers' example-script flags -> what diffunet takes instead, per command (``*``: any);
+the last upper-case word is the value's place."""
+
+
+def did_you_mean(command: str | None, unknown: Sequence[str]) -> str:
+    """``"; did you mean --out-dir DIR for --output_dir, train.batch_size=16 for
+    --train_batch_size?"`` for the diffusers-style flags among ``unknown`` (``--flag`` or
+    ``--flag=value``, whose value fills the hint) given to ``command``; "" when there are none
+    (diffunet counts optimizer steps, so ``--num_epochs`` becomes ``train.max_steps``)."""
+    hints = []
+    for arg in unknown:
+        flag, eq, value = arg.partition("=")
+        table = DIFFUSERS_FLAGS.get(flag)
+        if table is None:
+            continue
+        hint = table.get(command or "", table["*"])
+        place = re.search(r"[A-Z]+$", hint)
+        if eq and value and place:
+            hint = hint[:place.start()] + value
+        hints.append(f"{hint} for {flag}")
+    return f"; did you mean {', '.join(dict.fromkeys(hints))}?" if hints else ""
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> None:

@@ -100,13 +100,14 @@ def _bpd(args: argparse.Namespace) -> int:
 
     from ..checkpoint import load_diffusion_model
     from ..data import build_dataset
-    from ..evaluation import bpd_data_config, dataset_bits_per_dim
+    from ..evaluation import bpd_data_config, dataset_bits_per_dim, describe_data
     from ..runs import pick_device
 
     device = pick_device(args.device)
     net, schedule, meta = load_diffusion_model(args.model, device=device)
-    data_cfg = bpd_data_config(meta, args.items)
-    result = dataset_bits_per_dim(net, schedule, build_dataset(data_cfg),
+    data_cfg = bpd_data_config(meta, args.items, args.model)
+    dataset = build_dataset(data_cfg)
+    result = dataset_bits_per_dim(net, schedule, dataset,
                                   max_images=args.max_images, batch_size=args.batch_size,
                                   num_timesteps=args.timesteps, variance=args.variance,
                                   clip_x0=not args.no_clip, device=device,
@@ -124,8 +125,11 @@ def _bpd(args: argparse.Namespace) -> int:
         f"  KL L_1..L_T-1  {s['kl_bpd']:.4f}\n"
         f"  decoder L_0    {s['decoder_bpd']:.4f}\n"
         f"{steps}; fixed variance {s['variance']} ({var_text}); x0_hat "
-        f"{'clipped to [-1, 1]' if s['clip_x0'] else 'not clipped'}")
-    _write_json(args.json, {"model": str(args.model), **s})
+        f"{'clipped to [-1, 1]' if s['clip_x0'] else 'not clipped'}\n"
+        f"data: {describe_data(data_cfg, dataset)}")
+    _write_json(args.json, {"model": str(args.model), "data": {
+        "source": data_cfg.source, "path": data_cfg.path, "name": data_cfg.name,
+        "images": len(dataset)}, **s})
     return 0
 
 

@@ -49,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", type=float, metavar="W",
                    help="classifier-free guidance scale, needs --class-label (with labels: "
                         f"{model_or} {s.guidance_scale}, i.e. none)")
-    p.add_argument("--out-dir", help="output folder (default samples/<model file name>)")
+    p.add_argument("--out-dir", help="output folder (default: samples/<run>_<step> for a model "
+                                     "file in a run's weights/ folder, else samples/<file name>)")
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=d.grid,
                    help="write grid.png (default: yes)")
     p.add_argument("--precision", default=d.precision, metavar="|".join(PRECISIONS),
@@ -68,6 +69,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+def default_out_dir(model: str | Path) -> Path:
+    """``samples/<run>_<step>`` for a model file in a run folder's ``weights/`` (e.g.
+    ``runs/foo/weights/model_step0001000.safetensors`` -> ``samples/foo_step0001000``), so runs
+    do not share a folder; otherwise ``samples/<file stem>``."""
+    path = Path(model)
+    stem = path.stem
+    if path.parent.name == "weights" and (path.parent.parent / "config.json").is_file():
+        run_name = path.resolve().parent.parent.name
+        return Path("samples") / f"{run_name}_{stem.removeprefix('model_')}"
+    return Path("samples") / stem
+
+
 def run(args: argparse.Namespace) -> int:
     from ..sampling import SampleOptions, generate, parse_class_labels
 
@@ -78,6 +91,6 @@ def run(args: argparse.Namespace) -> int:
         compile=args.compile, channels_last=args.channels_last,
         sampler=args.sampler, num_steps=args.num_steps, eta=args.eta, spacing=args.spacing,
         guidance_scale=args.guidance_scale, clip_x0=args.clip_x0)
-    out_dir = Path(args.out_dir) if args.out_dir else Path("samples") / Path(args.model).stem
+    out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args.model)
     generate(args.model, out_dir, options, progress=not args.no_progress, say=say)
     return 0

@@ -41,6 +41,7 @@ from ..data import GlobalBatchSampler, make_dataloader
 from ..errors import ConfigError, DataError, TrainingError
 from ..images import IGNORE_INDEX, normalize
 from ..runs import EMA, Run, state_must_fit
+from ..training import describe_run
 from ..unet import UNet
 from .data import SegData, build_segmentation_data, class_pixel_counts, joint_flip
 from .losses import (confusion_matrix, dice_iou, init_output_bias_, mean_foreground,
@@ -206,6 +207,24 @@ def _train_step(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     return loss.detach()
 
 
+def _header(run: Run, cfg: SegRunConfig, data: SegData, net: UNet, steps_per_epoch: int
+            ) -> list[str]:
+    """What a run is about to do, in five lines before its first step."""
+    d, u, t = cfg.data, cfg.unet, cfg.train
+    where = (f"{d.images} + {d.masks}" if d.source == "folder" else "shapes with masks "
+             "(generated)")
+    kind = {1: "grayscale", 3: "RGB"}.get(u.in_channels, f"{u.in_channels}-channel")
+    n = net.num_parameters()
+    return [f"data: {d.source} {where}, {len(data.train):,} training / {len(data.val):,} "
+            f"validation pairs, {data.num_classes} classes ({', '.join(data.class_names)}), "
+            f"{u.image_size}x{u.image_size} {kind}",
+            f"model: UNet without timestep input, {n:,} parameters ({n / 1e6:.2f}M; "
+            f"base_channels {u.base_channels}, channel_mults {tuple(u.channel_mults)})",
+            *describe_run(run, t.mixed_precision, t.batch_size, 1,
+                          f"{t.epochs} epochs of {steps_per_epoch} steps (steps {run.start_step} "
+                          f"-> {steps_per_epoch * t.epochs}), scored and saved every epoch")]
+
+
 def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *, resume: bool = False,
                        say: Callable[[str], None] = lambda msg: None,
                        progress: bool = True) -> SegTrainResult:
@@ -250,10 +269,9 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *, resume: bool =
         model, optimizer = run.prepare(model, optimizer, t.seed)
         net = unwrap_model(model)
         run.open_folder(("weights", "state"))
-        run.tell(f"{len(data.train)} training / {len(data.val)} validation pairs, "
-                 f"{data.num_classes} classes "
-                 f"({', '.join(data.class_names)}); {steps_per_epoch} steps per epoch; "
-                 f"{net.num_parameters():,} parameters")
+        if step < total:
+            for line in _header(run, cfg, data, net, steps_per_epoch):
+                run.tell(line)
         meta = segmentation_metadata(cfg, data)
 
         def save_model_file(name: str, epoch: int, metrics: dict[str, Any]) -> Path:

@@ -1,0 +1,48 @@
+"""``diffunet import DIR OUT``: a diffusers UNet2DModel folder as a diffunet model file."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import out, say
+
+DESCRIPTION = ("Read a diffusers pipeline folder (unet/ and scheduler/) or a "
+               "UNet2DModel.save_pretrained folder, or a Hugging Face Hub model id such as "
+               "google/ddpm-cifar10-32 (its JSON and safetensors files only), into one "
+               "diffunet model file. Weights must be safetensors (a .bin is a pickle and "
+               "refused); a setting diffunet's UNet cannot express is refused, naming it.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", metavar="DIR|REPO",
+                   help="a local folder, else a Hub model id (owner/name)")
+    p.add_argument("--revision", help="with a Hub model id: the branch, tag or commit")
+    p.add_argument("model", metavar="OUT.safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..errors import UsageError
+    from ..interop import download_from_hub, import_diffusers, looks_like_repo_id
+
+    folder = Path(args.folder)
+    if not folder.exists() and looks_like_repo_id(args.folder):
+        if Path(args.model).exists() and not args.overwrite:  # before any download
+            raise UsageError(f"{args.model} exists; give a new file name or --overwrite")
+        say(f"diffunet import: no folder {args.folder} here; fetching it from the Hugging Face "
+            "Hub (JSON and safetensors files only)")
+        folder = download_from_hub(args.folder, revision=args.revision)
+    elif args.revision is not None:
+        raise UsageError("--revision is for a Hub model id; "
+                         f"{args.folder} is a local folder")
+    r = import_diffusers(folder, args.model, overwrite=args.overwrite, source=args.folder)
+    if r.scheduler is None:
+        say(f"diffunet import: {args.folder} has no scheduler/scheduler_config.json; using "
+            "DDPM's schedule (linear 1e-4..0.02, 1000 steps, epsilon)")
+    s = r.sample
+    out(f"wrote {r.out_file} (from {r.unet_folder}; sample with {s['sampler']}, spacing "
+        f"{s['spacing']}, clip_x0 {str(s['clip_x0']).lower()})")
+    return 0

@@ -1,0 +1,700 @@
+"""diffusers, both ways: diffunet's model file <-> a diffusers ``UNet2DModel`` pipeline folder.
+
+diffunet's :class:`~diffunet.unet.UNet` computes the same function as diffusers'
+``UNet2DModel`` with ``DownBlock2D``/``AttnDownBlock2D`` levels (the DDPM architecture); this
+module holds the mapping between the two, in both directions:
+
+- configs: :func:`unet_to_diffusers` / :func:`unet_from_diffusers` (``UNetConfig`` <->
+  ``UNet2DModel``'s config), :func:`scheduler_to_diffusers` / :func:`schedule_from_diffusers`
+  (``ScheduleConfig`` + the ``[sample]`` settings <-> a ``DDIMScheduler``/``DDPMScheduler``
+  config);
+- weights: :func:`state_to_diffusers` / :func:`state_from_diffusers` (q/k/v are one Linear
+  here, three in diffusers; diffusers numbers its up blocks from the lowest resolution);
+- folders: :func:`export_diffusers` writes ``model_index.json``, ``unet/config.json``,
+  ``unet/diffusion_pytorch_model.safetensors`` and ``scheduler/scheduler_config.json``, which
+  ``DDIMPipeline.from_pretrained`` and ``DDPMPipeline.from_pretrained`` load;
+  :func:`import_diffusers` reads such a folder (or a bare ``UNet2DModel.save_pretrained``
+  folder) into a diffunet model file.
+
+Schedules: diffunet's ``cosine`` is diffusers' ``squaredcos_cap_v2`` (the same formula:
+``alpha_bar(u) = cos((u + 0.008) / 1.008 * pi/2)^2``, ``beta_i = min(1 - alpha_bar((i+1)/T) /
+alpha_bar(i/T), 0.999)``); ``sigmoid`` exists only in ``DDPMScheduler``, so it is exported as
+``trained_betas``. diffusers keeps its tables in float32, diffunet in float64: the numbers agree
+to float32 rounding.
+
+What one side cannot express is refused in one line naming the field and its value
+(:class:`~diffunet.errors.UsageError` on export, :class:`~diffunet.errors.ModelFileError` on
+import). diffusers itself is not needed: everything here is JSON and safetensors. Nothing is
+ever unpickled; a folder with only ``diffusion_pytorch_model.bin`` is refused with a hint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from .checkpoint import load_model_file, read_tensor_file, save_model, write_tensor_file
+from .config import SampleConfig, ScheduleConfig, UNetConfig, from_dict, to_dict
+from .diffusion import NoiseSchedule, make_betas
+from .errors import (
+    ConfigError,
+    FolderError,
+    MissingDependencyError,
+    ModelFileError,
+    UsageError,
+)
+from .fileio import atomic_write_bytes, first_line, read_json, schema_problem
+from .resources import parameter_shapes
+from .unet import UNet
+
+__all__ = [
+    "HUB_FILES",
+    "UNET2D_DEFAULTS",
+    "ImportResult",
+    "download_from_hub",
+    "export_diffusers",
+    "import_diffusers",
+    "looks_like_repo_id",
+    "push_to_hub",
+    "schedule_from_diffusers",
+    "scheduler_to_diffusers",
+    "state_from_diffusers",
+    "state_to_diffusers",
+    "unet_from_diffusers",
+    "unet_to_diffusers",
+]
+
+DIFFUSERS_VERSION = "0.30.0"
+"""``_diffusers_version`` written into the exported configs when diffusers is not installed
+(the format of these files has not changed since well before it)."""
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+UNET2D_DEFAULTS: dict[str, Any] = {
+    "sample_size": None, "in_channels": 3, "out_channels": 3, "center_input_sample": False,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "freq_shift": 0,
+    "flip_sin_to_cos": True,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+    "mid_block_type": "UNetMidBlock2D",
+    "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [224, 448, 672, 896], "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "downsample_padding": 1, "downsample_type": "conv",
+    "upsample_type": "conv", "dropout": 0.0, "act_fn": "silu", "attention_head_dim": 8,
+    "norm_num_groups": 32, "attn_norm_num_groups": None, "norm_eps": 1e-5,
+    "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None,
+    "num_class_embeds": None, "num_train_timesteps": None,
+}
+"""``UNet2DModel.__init__``'s defaults (diffusers 0.2x-0.4x): what a key missing from a
+``config.json`` means."""
+
+_UNET2D_SCHEMA: dict[str, Any] = {
+    "sample_size": (int, list, type(None)), "in_channels": int, "out_channels": int,
+    "center_input_sample": bool, "time_embedding_type": str,
+    "time_embedding_dim": (int, type(None)), "freq_shift": (int, float), "flip_sin_to_cos": bool,
+    "down_block_types": [str], "mid_block_type": (str, type(None)), "up_block_types": [str],
+    "block_out_channels": [int], "layers_per_block": int,
+    "mid_block_scale_factor": (int, float), "downsample_padding": int, "downsample_type": str,
+    "upsample_type": str, "dropout": (int, float), "act_fn": str,
+    "attention_head_dim": (int, type(None)), "norm_num_groups": (int, type(None)),
+    "attn_norm_num_groups": (int, type(None)), "norm_eps": (int, float),
+    "resnet_time_scale_shift": str, "add_attention": bool, "class_embed_type": (str, type(None)),
+    "num_class_embeds": (int, type(None)),
+}
+
+_PREDICTION_TO = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample"}
+_PREDICTION_FROM = {v: k for k, v in _PREDICTION_TO.items()}
+_BETAS_TO = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+_BETAS_FROM = {v: k for k, v in _BETAS_TO.items()}
+_SCHEDULERS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim"}
+
+_SCHEDULER_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+    "trained_betas": None, "clip_sample": True, "set_alpha_to_one": True, "steps_offset": 0,
+    "prediction_type": "epsilon", "thresholding": False, "clip_sample_range": 1.0,
+    "timestep_spacing": "leading", "rescale_betas_zero_snr": False, "variance_type": "fixed_small",
+}
+"""``DDIMScheduler``/``DDPMScheduler`` defaults for the keys diffunet reads."""
+
+_SCHEDULER_SCHEMA: dict[str, Any] = {
+    "num_train_timesteps": int, "beta_start": float, "beta_end": float, "beta_schedule": str,
+    "trained_betas": (list, type(None)), "clip_sample": bool, "set_alpha_to_one": bool,
+    "steps_offset": int, "prediction_type": str, "thresholding": bool,
+    "clip_sample_range": float, "timestep_spacing": str, "rescale_betas_zero_snr": bool,
+    "variance_type": (str, type(None)),
+}
+
+
+def _diffusers_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffusers")
+    except PackageNotFoundError:
+        return DIFFUSERS_VERSION
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+def _attention_head_dim(cfg: UNetConfig) -> int | None:
+    """UNet2DModel's ``attention_head_dim`` (channels per head, one value for every level; None:
+    one head of all the channels), or a UsageError when the levels' head widths differ."""
+    if cfg.head_channels is None and cfg.num_heads == 1:
+        return None
+    attn_chs = {cfg.base_channels * m for m, r in zip(cfg.channel_mults, cfg.resolutions)
+                if r in cfg.attn_resolutions} | {cfg.base_channels * cfg.channel_mults[-1]}
+    widths = sorted({ch // cfg.heads_at(ch) for ch in attn_chs})
+    if len(widths) > 1:
+        field = "unet.head_channels" if cfg.head_channels is not None else "unet.num_heads"
+        value = cfg.head_channels if cfg.head_channels is not None else cfg.num_heads
+        raise UsageError(f"{field} = {value}: gives heads of {widths} channels at the attention "
+                         "levels; UNet2DModel has one attention_head_dim for all levels (set "
+                         "unet.head_channels instead)")
+    return widths[0]
+
+
+def unet_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
+    """The ``UNet2DModel`` config (``UNet2DModel(**it)``) computing the same function as
+    ``UNet(cfg)``; a field UNet2DModel cannot express is a :class:`UsageError` naming it."""
+    if not cfg.time_conditioning:
+        raise UsageError("unet.time_conditioning = false: UNet2DModel always takes a timestep")
+    if cfg.num_classes is not None:
+        raise UsageError(f"unet.num_classes = {cfg.num_classes}: diffunet's class-conditional "
+                         "UNet has a 'no label' row for guidance, and DDIMPipeline/DDPMPipeline "
+                         "pass no labels; export an unconditional model")
+    if cfg.downsample != "conv":
+        raise UsageError(f"unet.downsample = {cfg.downsample!r}: UNet2DModel's DownBlock2D "
+                         "always downsamples with a strided conv")
+    if cfg.upsample != "nearest":
+        raise UsageError(f"unet.upsample = {cfg.upsample!r}: UNet2DModel's UpBlock2D always "
+                         "upsamples nearest-neighbour + conv")
+    attn = [r in cfg.attn_resolutions for r in cfg.resolutions]
+    return {
+        "sample_size": cfg.image_size, "in_channels": cfg.in_channels,
+        "out_channels": cfg.output_channels, "center_input_sample": False,
+        "time_embedding_type": "positional", "time_embedding_dim": None,
+        "freq_shift": cfg.time_embed_freq_shift,
+        "flip_sin_to_cos": cfg.time_embed_order == "cos_sin",
+        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "mid_block_type": "UNetMidBlock2D",
+        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "block_out_channels": [cfg.base_channels * m for m in cfg.channel_mults],
+        "layers_per_block": cfg.num_res_blocks, "mid_block_scale_factor": 1,
+        "downsample_padding": 1 if cfg.downsample_padding == "symmetric" else 0,
+        "downsample_type": "conv", "upsample_type": "conv", "dropout": cfg.dropout,
+        "act_fn": "silu", "attention_head_dim": _attention_head_dim(cfg),
+        "norm_num_groups": cfg.num_groups,
+        # Explicit: with scale_shift and no attn_norm_num_groups the mid attention has no norm.
+        "attn_norm_num_groups": cfg.num_groups, "norm_eps": cfg.norm_eps,
+        "resnet_time_scale_shift": "scale_shift" if cfg.scale_shift_norm else "default",
+        "add_attention": True, "class_embed_type": None, "num_class_embeds": None,
+        "num_train_timesteps": None,
+    }
+
+
+def _known(where: str, key: str, value: Any, allowed: tuple[Any, ...], why: str = "") -> None:
+    if value not in allowed or isinstance(value, bool) is not isinstance(allowed[0], bool):
+        shown = ", ".join(json.dumps(a) for a in allowed)
+        raise ModelFileError(f"{where}: {key} = {json.dumps(value)}: diffunet's UNet cannot "
+                             f"express it (it takes {shown}){why}")
+
+
+def unet_from_diffusers(config: dict[str, Any], where: str = "unet/config.json") -> UNetConfig:
+    """The :class:`UNetConfig` of the diffunet UNet computing the same function as
+    ``UNet2DModel(**config)`` (keys diffusers ignores are ignored here too); a setting diffunet
+    cannot express is a :class:`ModelFileError` naming ``where``, the key and its value."""
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    name = config.get("_class_name", "UNet2DModel")
+    if name != "UNet2DModel":
+        raise ModelFileError(f"{where}: _class_name = {json.dumps(name)}: diffunet imports "
+                             "UNet2DModel only (the unconditional DDPM-style UNet)")
+    c = {**UNET2D_DEFAULTS, **{k: v for k, v in config.items() if k in UNET2D_DEFAULTS}}
+    problem = schema_problem(c, _UNET2D_SCHEMA)
+    if problem:
+        raise ModelFileError(f"{where}: {problem}")
+    size = c["sample_size"]
+    if isinstance(size, list):
+        if len(size) != 2 or size[0] != size[1] or not all(isinstance(s, int) for s in size):
+            raise ModelFileError(f"{where}: sample_size = {json.dumps(size)}: diffunet's UNet "
+                                 "takes square images (one integer)")
+        size = size[0]
+    if size is None:
+        raise ModelFileError(f"{where}: sample_size is unset; diffunet needs the image size")
+    _known(where, "center_input_sample", c["center_input_sample"], (False,))
+    _known(where, "time_embedding_type", c["time_embedding_type"], ("positional",))
+    _known(where, "mid_block_type", c["mid_block_type"], ("UNetMidBlock2D",))
+    _known(where, "mid_block_scale_factor", c["mid_block_scale_factor"], (1, 1.0))
+    _known(where, "downsample_padding", c["downsample_padding"], (1, 0))
+    _known(where, "downsample_type", c["downsample_type"], ("conv",))
+    _known(where, "upsample_type", c["upsample_type"], ("conv",))
+    _known(where, "act_fn", c["act_fn"], ("silu", "swish"))
+    _known(where, "resnet_time_scale_shift", c["resnet_time_scale_shift"],
+           ("default", "scale_shift"))
+    _known(where, "add_attention", c["add_attention"], (True,),
+           " (its middle block always has attention)")
+    _known(where, "class_embed_type", c["class_embed_type"], (None,))
+    if c["num_class_embeds"] is not None:
+        raise ModelFileError(f"{where}: num_class_embeds = {c['num_class_embeds']}: diffunet "
+                             "imports unconditional UNet2DModels only (its class-conditional UNet "
+                             "has an extra 'no label' row diffusers' has not)")
+    freq_shift = c["freq_shift"]
+    if freq_shift != int(freq_shift):
+        raise ModelFileError(f"{where}: freq_shift = {freq_shift}: diffunet takes an integer")
+    blocks = c["block_out_channels"]
+    if not blocks:
+        raise ModelFileError(f"{where}: block_out_channels is empty")
+    base = blocks[0]
+    if c["time_embedding_dim"] not in (None, 4 * base):
+        raise ModelFileError(f"{where}: time_embedding_dim = {c['time_embedding_dim']}: "
+                             f"diffunet's time embedding is 4 x block_out_channels[0] = {4 * base}")
+    if any(b % base for b in blocks):
+        raise ModelFileError(f"{where}: block_out_channels = {json.dumps(blocks)}: diffunet's "
+                             "levels are multiples of the first level's channels")
+    down, up = c["down_block_types"], c["up_block_types"]
+    for key, types, plain, with_attn in (("down_block_types", down, "DownBlock2D",
+                                          "AttnDownBlock2D"),
+                                         ("up_block_types", up, "UpBlock2D", "AttnUpBlock2D")):
+        if len(types) != len(blocks):
+            raise ModelFileError(f"{where}: {key} has {len(types)} entries, block_out_channels "
+                                 f"{len(blocks)}")
+        for i, t in enumerate(types):
+            _known(where, f"{key}[{i}]", t, (plain, with_attn))
+    attn = [t == "AttnDownBlock2D" for t in down]
+    if [t == "AttnUpBlock2D" for t in reversed(up)] != attn:
+        matching = ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)]
+        raise ModelFileError(f"{where}: up_block_types = {json.dumps(up)}: diffunet has "
+                             "attention at the same resolutions going down and up, i.e. "
+                             f"{json.dumps(matching)} for down_block_types = {json.dumps(down)}")
+    groups = c["norm_num_groups"]
+    if groups is None:
+        raise ModelFileError(f"{where}: norm_num_groups = null: diffunet needs one GroupNorm "
+                             "group count")
+    attn_groups = c["attn_norm_num_groups"]
+    if attn_groups is None and c["resnet_time_scale_shift"] != "default":
+        raise ModelFileError(f"{where}: attn_norm_num_groups = null with resnet_time_scale_shift "
+                             "= \"scale_shift\": the middle attention has no GroupNorm there; "
+                             "diffunet's always has one")
+    if attn_groups is not None and attn_groups != groups:
+        raise ModelFileError(f"{where}: attn_norm_num_groups = {attn_groups}: diffunet uses "
+                             f"norm_num_groups ({groups}) for every norm")
+    head_dim = c["attention_head_dim"]
+    resolutions = [size // 2**i for i in range(len(blocks))]
+    try:
+        return UNetConfig(
+            image_size=size, in_channels=c["in_channels"],
+            out_channels=None if c["out_channels"] == c["in_channels"] else c["out_channels"],
+            base_channels=base, channel_mults=tuple(b // base for b in blocks),
+            num_res_blocks=c["layers_per_block"],
+            attn_resolutions=tuple(r for r, a in zip(resolutions, attn) if a),
+            dropout=float(c["dropout"]), num_heads=1, head_channels=head_dim, num_groups=groups,
+            scale_shift_norm=c["resnet_time_scale_shift"] == "scale_shift",
+            norm_eps=float(c["norm_eps"]),
+            time_embed_order="cos_sin" if c["flip_sin_to_cos"] else "sin_cos",
+            time_embed_freq_shift=int(freq_shift),
+            downsample_padding="symmetric" if c["downsample_padding"] == 1 else "bottom_right")
+    except ConfigError as e:
+        raise ModelFileError(f"{where}: diffunet's UNet cannot express this UNet2DModel: "
+                             f"{e}") from None
+
+
+def scheduler_to_diffusers(schedule: ScheduleConfig, sample: SampleConfig | None = None
+                           ) -> dict[str, Any]:
+    """The diffusers scheduler config (with ``_class_name``) for ``schedule`` sampled as
+    ``sample`` says: ``DDPMScheduler`` for the ``ddpm`` sampler, else ``DDIMScheduler``;
+    ``clip_sample`` and ``timestep_spacing`` from ``sample`` (default :class:`SampleConfig`)."""
+    sample = sample if sample is not None else SampleConfig()
+    out: dict[str, Any] = {
+        "_class_name": "DDPMScheduler" if sample.sampler == "ddpm" else "DDIMScheduler",
+        "num_train_timesteps": schedule.num_train_timesteps,
+        "beta_start": schedule.beta_start, "beta_end": schedule.beta_end,
+        "beta_schedule": _BETAS_TO.get(schedule.beta_schedule, "linear"),
+        # sigmoid is DDPMScheduler-only; as the table itself both schedulers read it.
+        "trained_betas": (make_betas(schedule).tolist() if schedule.beta_schedule == "sigmoid"
+                          else None),
+        "prediction_type": _PREDICTION_TO[schedule.prediction_type],
+        "rescale_betas_zero_snr": schedule.rescale_zero_terminal_snr,
+        "clip_sample": sample.clip_x0, "clip_sample_range": 1.0, "thresholding": False,
+        "timestep_spacing": sample.spacing, "steps_offset": 0,
+    }
+    if sample.sampler == "ddpm":
+        out["variance_type"] = "fixed_small"
+    else:
+        out["set_alpha_to_one"] = True
+    return out
+
+
+def schedule_from_diffusers(config: dict[str, Any], where: str = "scheduler/scheduler_config.json"
+                            ) -> tuple[ScheduleConfig, dict[str, Any]]:
+    """(the :class:`ScheduleConfig`, the ``[sample]`` settings) a ``DDPMScheduler`` or
+    ``DDIMScheduler`` config describes; what diffunet cannot express is a
+    :class:`ModelFileError` naming ``where``, the key and its value."""
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    name = config.get("_class_name", "DDPMScheduler")
+    if name not in _SCHEDULERS:
+        raise ModelFileError(f"{where}: _class_name = {json.dumps(name)}: diffunet imports the "
+                             f"schedule of {' and '.join(_SCHEDULERS)} configs")
+    c = {**_SCHEDULER_DEFAULTS, **{k: v for k, v in config.items() if k in _SCHEDULER_DEFAULTS}}
+    problem = schema_problem(c, _SCHEDULER_SCHEMA) or (
+        c["trained_betas"] is not None
+        and schema_problem(c["trained_betas"], [float], "trained_betas"))
+    if problem:
+        raise ModelFileError(f"{where}: {problem}")
+    _known(where, "prediction_type", c["prediction_type"], tuple(_PREDICTION_FROM))
+    _known(where, "timestep_spacing", c["timestep_spacing"], ("leading", "trailing", "linspace"))
+    _known(where, "steps_offset", c["steps_offset"], (0,))
+    _known(where, "thresholding", c["thresholding"], (False,))
+    _known(where, "clip_sample_range", c["clip_sample_range"], (1, 1.0))
+    if name == "DDIMScheduler":
+        _known(where, "set_alpha_to_one", c["set_alpha_to_one"], (True,),
+               " (its last step always goes to alpha_bar = 1)")
+    else:
+        _known(where, "variance_type", c["variance_type"], ("fixed_small",))
+    fields = {"num_train_timesteps": c["num_train_timesteps"],
+              "beta_start": float(c["beta_start"]), "beta_end": float(c["beta_end"]),
+              "prediction_type": _PREDICTION_FROM[c["prediction_type"]],
+              "rescale_zero_terminal_snr": c["rescale_betas_zero_snr"]}
+    try:
+        if c["trained_betas"] is not None:
+            # The one table diffunet can take is its own sigmoid (how it exports that schedule).
+            sc = ScheduleConfig(**fields, beta_schedule="sigmoid")
+            table = torch.tensor(c["trained_betas"], dtype=torch.float64)
+            if table.shape != (sc.num_train_timesteps,) or not torch.allclose(
+                    table, make_betas(sc), rtol=0, atol=1e-7):
+                raise ModelFileError(f"{where}: trained_betas: a table of {table.numel()} betas "
+                                     "that is none of diffunet's schedules (linear, "
+                                     "scaled_linear, cosine, sigmoid)")
+        else:
+            if c["beta_schedule"] not in _BETAS_FROM and c["beta_schedule"] != "sigmoid":
+                _known(where, "beta_schedule", c["beta_schedule"], (*_BETAS_FROM, "sigmoid"))
+            sc = ScheduleConfig(**fields, beta_schedule=_BETAS_FROM.get(c["beta_schedule"],
+                                                                        "sigmoid"))
+    except ConfigError as e:
+        raise ModelFileError(f"{where}: diffunet cannot express this schedule: {e}") from None
+    sample = {"sampler": _SCHEDULERS[name], "spacing": c["timestep_spacing"],
+              "clip_x0": c["clip_sample"]}
+    return sc, sample
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+
+def _pairs(cfg: UNetConfig) -> list[tuple[str, str, str]]:
+    """(kind, diffunet prefix, diffusers prefix) of every module whose weights map: kind
+    ``plain`` (same tensors), ``res`` (a residual block) or ``attn`` (an attention block)."""
+    n = len(cfg.channel_mults)
+    attn = [r in cfg.attn_resolutions for r in cfg.resolutions]
+    out = [("plain", "time_embed.0", "time_embedding.linear_1"),
+           ("plain", "time_embed.2", "time_embedding.linear_2"),
+           ("plain", "conv_in", "conv_in"), ("plain", "norm_out", "conv_norm_out"),
+           ("plain", "conv_out", "conv_out")]
+    for level in range(n):
+        for i in range(cfg.num_res_blocks):
+            out.append(("res", f"down.{level}.res.{i}", f"down_blocks.{level}.resnets.{i}"))
+            if attn[level]:
+                out.append(("attn", f"down.{level}.attn.{i}",
+                            f"down_blocks.{level}.attentions.{i}"))
+        if level != n - 1:
+            out.append(("plain", f"down.{level}.downsample.conv",
+                        f"down_blocks.{level}.downsamplers.0.conv"))
+    out += [("res", "mid.res1", "mid_block.resnets.0"),
+            ("attn", "mid.attn", "mid_block.attentions.0"),
+            ("res", "mid.res2", "mid_block.resnets.1")]
+    for level in range(n):
+        j = n - 1 - level  # diffusers numbers its up blocks from the lowest resolution
+        for i in range(cfg.num_res_blocks + 1):
+            out.append(("res", f"up.{level}.res.{i}", f"up_blocks.{j}.resnets.{i}"))
+            if attn[level]:
+                out.append(("attn", f"up.{level}.attn.{i}", f"up_blocks.{j}.attentions.{i}"))
+        if level != 0:
+            out.append(("plain", f"up.{level}.upsample.conv",
+                        f"up_blocks.{j}.upsamplers.0.conv"))
+    return out
+
+
+_RES = (("norm1", "norm1"), ("conv1", "conv1"), ("emb_proj", "time_emb_proj"), ("norm2", "norm2"),
+        ("conv2", "conv2"), ("skip", "conv_shortcut"))
+_LEGACY_ATTN = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+"""Attention weight names of diffusers before 0.15 (the original DDPM checkpoints' files)."""
+
+
+def state_to_diffusers(state: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
+    """diffunet's UNet state dict -> ``UNet2DModel``'s (for ``unet_to_diffusers(cfg)``)."""
+    out: dict[str, torch.Tensor] = {}
+    for kind, ours, theirs in _pairs(cfg):
+        for p in ("weight", "bias"):
+            if kind == "plain":
+                out[f"{theirs}.{p}"] = state[f"{ours}.{p}"]
+            elif kind == "res":
+                for a, b in _RES:
+                    if f"{ours}.{a}.{p}" in state:
+                        out[f"{theirs}.{b}.{p}"] = state[f"{ours}.{a}.{p}"]
+            else:
+                out[f"{theirs}.group_norm.{p}"] = state[f"{ours}.norm.{p}"]
+                for name, part in zip(("to_q", "to_k", "to_v"), state[f"{ours}.qkv.{p}"].chunk(3)):
+                    out[f"{theirs}.{name}.{p}"] = part
+                out[f"{theirs}.to_out.0.{p}"] = state[f"{ours}.proj.{p}"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def state_from_diffusers(state: dict[str, torch.Tensor], cfg: UNetConfig,
+                         where: str = "unet weights") -> dict[str, torch.Tensor]:
+    """``UNet2DModel``'s state dict (today's or the pre-0.15 attention names) -> diffunet's for
+    ``UNet(cfg)``. A missing, extra or misshapen tensor is a :class:`ModelFileError`."""
+    taken: set[str] = set()
+
+    def get(name: str) -> torch.Tensor:
+        prefix, _, leaf = name.rpartition(".")
+        for cand in (name, *(f"{prefix.removesuffix(new)}{old}.{leaf}"
+                             for new, old in _LEGACY_ATTN.items() if prefix.endswith(new))):
+            if cand in state:
+                taken.add(cand)
+                return state[cand]
+        raise ModelFileError(f"{where}: tensor {name} is missing (the weights do not fit the "
+                             "UNet2DModel its config.json describes)")
+
+    out: dict[str, torch.Tensor] = {}
+    shapes = parameter_shapes(cfg)
+    for kind, ours, theirs in _pairs(cfg):
+        for p in ("weight", "bias"):
+            if kind == "plain":
+                out[f"{ours}.{p}"] = get(f"{theirs}.{p}")
+            elif kind == "res":
+                for a, b in _RES:
+                    if f"{ours}.{a}.{p}" in shapes:
+                        out[f"{ours}.{a}.{p}"] = get(f"{theirs}.{b}.{p}")
+            else:
+                out[f"{ours}.norm.{p}"] = get(f"{theirs}.group_norm.{p}")
+                qkv = [get(f"{theirs}.{n}.{p}") for n in ("to_q", "to_k", "to_v")]
+                if p == "weight":  # pre-0.15 files may hold 1x1 conv-shaped (C, C, 1, 1) weights
+                    qkv = [w.reshape(w.shape[0], -1) for w in qkv]
+                out[f"{ours}.qkv.{p}"] = torch.cat(qkv)
+                w = get(f"{theirs}.to_out.0.{p}")
+                out[f"{ours}.proj.{p}"] = w.reshape(w.shape[0], -1) if p == "weight" else w
+    extra = sorted(set(state) - taken)
+    if extra:
+        raise ModelFileError(f"{where}: tensor {extra[0]} has no place in the UNet2DModel its "
+                             f"config.json describes ({len(extra)} such tensor(s))")
+    for k, v in out.items():
+        if tuple(v.shape) != shapes[k]:
+            raise ModelFileError(f"{where}: a tensor mapped to {k} has shape {list(v.shape)}, "
+                                 f"the config.json needs {list(shapes[k])}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders
+
+
+def _json_bytes(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
+
+
+def _sample_settings(meta: dict[str, Any]) -> SampleConfig:
+    """The model file's ``[sample]`` settings (what ``diffunet train`` stored), else defaults."""
+    stored = meta.get("run_config")
+    stored = stored.get("sample") if isinstance(stored, dict) else None
+    if isinstance(stored, dict):
+        try:
+            return from_dict(SampleConfig, stored, "sample")
+        except ConfigError:
+            pass
+    return SampleConfig()
+
+
+def _output_folder(folder: Path, overwrite: bool) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise FolderError(f"{folder} is a file, not a folder; give a folder to write the "
+                          "diffusers pipeline into")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise FolderError(f"{folder} is not empty; give a new or empty folder, or --overwrite "
+                          "to write the pipeline files over what is there")
+
+
+def export_diffusers(model_file: str | os.PathLike, folder: str | os.PathLike, *,
+                     overwrite: bool = False) -> dict[str, Any]:
+    """Write the diffunet model file ``model_file`` as a diffusers pipeline folder.
+
+    ``folder`` gets ``model_index.json`` (a ``DDPMPipeline`` when the file's ``[sample]``
+    sampler is ``ddpm``, else a ``DDIMPipeline``), ``unet/config.json``,
+    ``unet/diffusion_pytorch_model.safetensors`` (float32 as stored) and
+    ``scheduler/scheduler_config.json`` (:func:`scheduler_to_diffusers`), each written
+    atomically. A non-empty ``folder`` is a :class:`FolderError` unless ``overwrite``. Returns
+    what was written: ``{"folder", "pipeline", "scheduler", "files"}``.
+    """
+    folder = Path(folder)
+    loaded = load_model_file(model_file)
+    if loaded.schedule is None:
+        raise ModelFileError(f"{model_file} has no noise schedule (a segmentation model?); only "
+                             "diffusion models export to a diffusers pipeline")
+    cfg = loaded.net.config
+    unet_config = unet_to_diffusers(cfg)  # refuses before anything is written
+    sample = _sample_settings(loaded.metadata)
+    scheduler = scheduler_to_diffusers(loaded.schedule.config, sample)
+    _output_folder(folder, overwrite)
+    version = _diffusers_version()
+    pipeline = "DDPMPipeline" if scheduler["_class_name"] == "DDPMScheduler" else "DDIMPipeline"
+    tensors = state_to_diffusers(loaded.net.state_dict(), cfg)
+    (folder / "unet").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler").mkdir(exist_ok=True)
+    write_tensor_file(folder / "unet" / WEIGHTS, tensors, {"format": "pt"})
+    atomic_write_bytes(folder / "unet" / "config.json", _json_bytes(
+        {"_class_name": "UNet2DModel", "_diffusers_version": version, **unet_config}))
+    atomic_write_bytes(folder / "scheduler" / "scheduler_config.json", _json_bytes(
+        {"_class_name": scheduler.pop("_class_name"), "_diffusers_version": version,
+         **scheduler}))
+    atomic_write_bytes(folder / "model_index.json", _json_bytes(
+        {"_class_name": pipeline, "_diffusers_version": version,
+         "scheduler": ["diffusers", "DDPMScheduler" if pipeline == "DDPMPipeline"
+                       else "DDIMScheduler"],
+         "unet": ["diffusers", "UNet2DModel"]}))
+    return {"folder": folder, "pipeline": pipeline,
+            "scheduler": "DDPMScheduler" if pipeline == "DDPMPipeline" else "DDIMScheduler",
+            "files": ["model_index.json", "unet/config.json", f"unet/{WEIGHTS}",
+                      "scheduler/scheduler_config.json"]}
+
+
+class ImportResult(NamedTuple):
+    """What :func:`import_diffusers` did."""
+
+    out_file: Path
+    unet_folder: Path
+    unet_config: UNetConfig
+    schedule_config: ScheduleConfig
+    sample: dict[str, Any]
+    """The ``[sample]`` settings stored in the model file."""
+    scheduler: Path | None
+    """The scheduler config read; None: the folder had none, DDPM's schedule was used."""
+
+
+def _read_config(path: Path) -> Any:
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"{path}: cannot be read as JSON ({e})") from None
+
+
+def import_diffusers(folder: str | os.PathLike, out_file: str | os.PathLike, *,
+                     overwrite: bool = False, source: str | None = None) -> ImportResult:
+    """Read a diffusers folder into the diffunet model file ``out_file``.
+
+    ``folder`` is a pipeline folder (``unet/`` and, optionally, ``scheduler/``, as
+    ``DDPMPipeline.save_pretrained`` writes it) or a bare ``UNet2DModel.save_pretrained``
+    folder (``config.json`` + ``diffusion_pytorch_model.safetensors``; the schedule is then
+    diffusers' and DDPM's default, linear 1e-4..0.02 over 1000 steps, epsilon). The weights must
+    be safetensors (a ``.bin`` is a pickle and refused). The scheduler's sampler, spacing and
+    clipping become the file's ``[sample]`` settings (``run_config.sample`` in its metadata, as
+    ``diffunet sample`` reads it). An existing ``out_file`` is a :class:`UsageError` unless
+    ``overwrite``. ``source`` (default: the folder's name, e.g. a Hub repo id) is recorded as
+    ``imported_from.diffusers`` in the file's metadata.
+    """
+    folder, out_file = Path(folder), Path(out_file)
+    if not folder.is_dir():
+        raise FolderError(f"{folder}: not a folder; give a diffusers pipeline or UNet2DModel "
+                          "folder (with model_index.json or config.json)")
+    unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+    if not (unet_dir / "config.json").is_file():
+        raise ModelFileError(f"{folder}: has neither unet/config.json nor config.json; not a "
+                             "diffusers pipeline or UNet2DModel folder")
+    if out_file.exists() and not overwrite:
+        raise UsageError(f"{out_file} exists; give a new file name or --overwrite")
+    cfg = unet_from_diffusers(_read_config(unet_dir / "config.json"),
+                              str(unet_dir / "config.json"))
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler = _read_config(sched_path) if unet_dir != folder and sched_path.is_file() else None
+    if scheduler is not None:
+        schedule_cfg, sample = schedule_from_diffusers(scheduler, str(sched_path))
+    else:
+        schedule_cfg, sample = ScheduleConfig(), {"sampler": "ddpm", "spacing": "leading",
+                                                  "clip_x0": True}
+    weights = unet_dir / WEIGHTS
+    if not weights.is_file():
+        pickles = sorted(p.name for p in unet_dir.glob("*.bin"))
+        hint = (f"it holds only {pickles[0]}, a pickle, which diffunet never loads; convert it "
+                "in a Python you trust: UNet2DModel.from_pretrained(DIR).save_pretrained(DIR, "
+                "safe_serialization=True)" if pickles else "no weights file there")
+        raise ModelFileError(f"{unet_dir}: {WEIGHTS} is missing; {hint}")
+    tensors, _ = read_tensor_file(weights)
+    state = state_from_diffusers(tensors, cfg, str(weights))
+    net = UNet(cfg)
+    net.load_state_dict(state, strict=True)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ModelFileError(f"{weights}: tensor {bad[0]} holds NaN or inf values")
+    sample_settings = to_dict(SampleConfig(**sample))
+    save_model(out_file, net, NoiseSchedule(schedule_cfg), extra={
+        "run_config": {"sample": sample_settings},
+        "imported_from": {"diffusers": source or os.path.basename(os.path.abspath(folder)),
+                          "scheduler": None if scheduler is None
+                          else scheduler.get("_class_name", "DDPMScheduler")}})
+    return ImportResult(out_file=out_file, unet_folder=unet_dir, unet_config=cfg,
+                        schedule_config=schedule_cfg, sample=sample_settings,
+                        scheduler=None if scheduler is None else sched_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hugging Face Hub (huggingface_hub, installed with diffusers)
+
+HUB_FILES = ["model_index.json", "config.json", WEIGHTS, "unet/config.json", f"unet/{WEIGHTS}",
+             "scheduler/scheduler_config.json"]
+"""The files :func:`download_from_hub` fetches: JSON configs and safetensors weights only (a
+pickled ``.bin`` is never downloaded)."""
+
+
+def looks_like_repo_id(text: str) -> bool:
+    """``owner/name`` as the Hub spells repository ids (one slash, no leading dot or slash)."""
+    owner, slash, name = str(text).partition("/")
+    ok = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+    return (bool(slash) and bool(owner) and bool(name) and set(owner + name) <= ok
+            and not owner.startswith(".") and not name.startswith("."))
+
+
+def _hub() -> Any:
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise MissingDependencyError("the Hugging Face Hub needs huggingface_hub: pip install "
+                                     "huggingface_hub (it comes with diffusers)") from None
+    return huggingface_hub
+
+
+def download_from_hub(repo_id: str, *, revision: str | None = None,
+                      cache_dir: str | os.PathLike | None = None,
+                      local_files_only: bool = False) -> Path:
+    """The local snapshot folder of the Hub model ``repo_id`` (:data:`HUB_FILES` only, into
+    huggingface_hub's cache); what :func:`import_diffusers` then reads. A repository that cannot
+    be fetched (offline, missing, gated) is one :class:`UsageError` line."""
+    hub = _hub()
+    try:
+        path = hub.snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES,
+                                     cache_dir=cache_dir, local_files_only=local_files_only)
+    except (OSError, ValueError) as e:  # huggingface_hub's errors (HfHubHTTPError is an OSError):
+        # network, missing repo or revision, gated, offline
+        raise UsageError(f"{repo_id}: no such local folder, and the Hugging Face Hub download "
+                         f"failed ({first_line(e)})") from None
+    return Path(path)
+
+
+def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None,
+                token: str | None = None) -> str:
+    """Upload the exported pipeline ``folder`` to the Hub model ``repo_id`` (created if need
+    be); returns the commit's URL. A failed upload is one :class:`UsageError` line."""
+    hub = _hub()
+    try:
+        api = hub.HfApi(token=token)
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                                 commit_message="diffunet export (DDIMPipeline / DDPMPipeline)",
+                                 allow_patterns=["model_index.json", "unet/*", "scheduler/*"])
+    except (OSError, ValueError) as e:  # huggingface_hub's errors: not logged in, no access,
+        # network
+        raise UsageError(f"--push-to-hub {repo_id}: the upload failed ({first_line(e)}); the "
+                         f"pipeline is in {folder}") from None
+    return str(getattr(info, "commit_url", info))
