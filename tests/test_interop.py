@@ -11,11 +11,18 @@ cannot express; the two commands' exit codes.
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from helpers import perturbed, tiny_net
+from processes import cpu_env
 
 import diffunet
 from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig
@@ -574,3 +581,50 @@ def test_export_push_to_hub(tmp_path, offline_hub, monkeypatch, capsys, cpu_acce
                  "--push-to-hub", "not a repo"]) == 2
     assert "not a Hub repository id" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def _readme_commands(section: str) -> list[str]:
+    """The shell commands of the first ```bash block under README heading ``section``, with
+    backslash continuations joined and comments dropped."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    body = readme.split(f"## {section}\n", 1)[1]
+    block = body.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    commands, current = [], ""
+    for line in block.splitlines():
+        line = line.rstrip()
+        if line.endswith("\\"):
+            current += line[:-1].rstrip() + " "
+            continue
+        line = (current + line).strip()
+        current = ""
+        if line and not line.startswith("#"):
+            # a trailing "# comment" outside quotes (the commands have no '#' of their own)
+            commands.append(line.split("   #")[0].strip())
+    return commands
+
+
+def test_the_readme_coming_from_diffusers_commands_run(tmp_path):
+    # Every command of the README's section, as written, on a tiny model at the path it names.
+    # The two that need the network (a Hub push, the published CIFAR-10 model) are exercised
+    # offline by test_export_push_to_hub and test_import_from_a_hub_repo_id; the sample line then
+    # samples the file imported from the local export instead.
+    commands = _readme_commands("Coming from diffusers")
+    assert [c.split()[:2] for c in commands] == [
+        ["diffunet", "export"], ["python", "-c"], ["diffunet", "export"], ["diffunet", "import"],
+        ["diffunet", "import"], ["diffunet", "sample"]]
+    (tmp_path / "runs/shapes/weights").mkdir(parents=True)
+    model_file(tmp_path / "runs/shapes/weights/model_step0002000.safetensors",
+               {"spacing": "trailing", "clip_x0": True})
+    for command in commands:
+        if "--push-to-hub" in command or "google/" in command:
+            continue
+        argv = shlex.split(command.replace("cifar10.safetensors", "back.safetensors"))
+        exe = [sys.executable, "-m", "diffunet"] if argv[0] == "diffunet" else [sys.executable]
+        r = subprocess.run([*exe, *argv[1:]], cwd=tmp_path, env=cpu_env(), capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, (command, r.stderr)
+    assert (tmp_path / "shapes-pipeline" / "model_index.json").is_file()
+    with Image.open(tmp_path / "x.png") as img:
+        assert img.size == (8, 8)
+    assert (tmp_path / "back.safetensors").is_file()
+    assert len(list((tmp_path / "samples" / "back").glob("0*.png"))) == 16
