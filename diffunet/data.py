@@ -43,6 +43,7 @@ __all__ = [
     "GlobalBatchSampler",
     "TORCHVISION_DATASETS",
     "build_dataset",
+    "class_folder_names",
     "flip_where",
     "image_folder",
     "make_dataloader",
@@ -339,6 +340,19 @@ def skipped_note(skipped: Sequence[str], where: str) -> str:
             f"e.g. {skipped[0]}")
 
 
+def class_folder_names(files: Sequence[Path], root: str | os.PathLike) -> list[str]:
+    """The classes of an image folder read with ``data.class_folders``: the first-level
+    sub-folders of ``root`` that hold one of ``files`` (the readable images, relative to
+    ``root``, as :func:`image_folder` lists them), sorted by name; label k is the k-th. An
+    image directly in ``root`` belongs to no class: a one-line :class:`DataError`."""
+    loose = [rel for rel in files if len(rel.parts) == 1]
+    if loose:
+        raise DataError(f"data.path: {len(loose)} image(s) directly in {root} (e.g. "
+                        f"{loose[0]}) belong to no class folder; move them into a "
+                        "sub-folder or set data.class_folders=false")
+    return sorted({rel.parts[0] for rel in files})
+
+
 class FolderImages(Dataset):
     """Every readable image under a folder (recursive, sorted by path), via :func:`prepare_image`.
 
@@ -362,12 +376,7 @@ class FolderImages(Dataset):
         self.class_names: list[str] | None = None
         self.labels: list[int] = [-1] * len(files)
         if class_folders:
-            loose = [rel for rel in files if len(rel.parts) == 1]
-            if loose:
-                raise DataError(f"data.path: {len(loose)} image(s) directly in {self.root} (e.g. "
-                                f"{loose[0]}) belong to no class folder; move them into a "
-                                "sub-folder or set data.class_folders=false")
-            self.class_names = sorted({rel.parts[0] for rel in files})
+            self.class_names = class_folder_names(files, self.root)
             index = {name: k for k, name in enumerate(self.class_names)}
             self.num_classes = len(self.class_names)
             self.labels = [index[rel.parts[0]] for rel in files]

@@ -34,9 +34,11 @@ them, then writes the grid and the final manifest.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -57,7 +59,8 @@ from .runs import cpu_requested, pick_device, refuse_lone_processes
 from .samplers import make_timesteps, sample
 from .version import __version__
 
-__all__ = ["SampleOptions", "SampleResult", "generate", "parse_class_labels", "image_name",
+__all__ = ["SampleOptions", "SampleResult", "generate", "parse_class_labels",
+           "resolve_class_labels", "class_rows", "image_name",
            "sample_settings", "MANIFEST", "GRID", "MAX_GRID_IMAGES", "MAX_SAMPLES", "PRECISIONS"]
 
 MANIFEST = "manifest.json"
@@ -70,7 +73,9 @@ PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 MANIFEST_FORMAT = "diffunet.samples"
 MANIFEST_VERSION = 1
 
-ClassLabels = Union[None, int, tuple[int, ...], Literal["all"]]
+ClassLabels = Union[None, int, str, tuple[Union[int, str], ...], Literal["all"]]
+"""None, a class index or name, a tuple of them, or ``"all"`` (names are the model file's
+``class_names``; :func:`generate` turns them into indices)."""
 
 
 def image_name(i: int) -> str:
@@ -79,18 +84,52 @@ def image_name(i: int) -> str:
 
 
 def parse_class_labels(text: str | None) -> ClassLabels:
-    """Parse ``--class-label``: ``"3"`` -> 3, ``"1,4,7"`` -> (1, 4, 7), ``"all"`` -> "all"."""
+    """Parse ``--class-label``: ``"3"`` -> 3, ``"1,4,7"`` -> (1, 4, 7), ``"all"`` -> "all",
+    ``"cat"`` -> "cat", ``"cat,2"`` -> ("cat", 2). A part that is an integer is a class index
+    (also where a class folder is named by a number); any other is a class name, looked up in
+    the model file when sampling (:func:`resolve_class_labels`)."""
     if text is None:
         return None
     text = text.strip()
     if text.lower() == "all":
         return "all"
-    try:
-        values = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise UsageError(f"--class-label: expected a class index, a comma-separated list such as "
-                         f"1,4,7, or 'all'; got {text!r}") from None
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise UsageError(f"--class-label: expected a class index or name, a comma-separated list "
+                         f"such as 1,4,7 or cat,dog, or 'all'; got {text!r}")
+    values = tuple(int(p) if re.fullmatch(r"[+-]?[0-9]+", p) else p for p in parts)
     return values[0] if len(values) == 1 else values
+
+
+def resolve_class_labels(spec: ClassLabels, class_names: Any) -> ClassLabels:
+    """``spec`` with every class name replaced by its index in ``class_names`` (a model file's
+    ``class_names`` metadata: label k is the k-th name); a single label becomes an int. An
+    unknown name is a one-line :class:`UsageError` with a did-you-mean and the names."""
+    if spec is None or spec == "all":
+        return spec
+    values = (spec,) if not isinstance(spec, tuple) else spec
+    if all(_is_int(v) for v in values):
+        return spec
+    names = (list(class_names) if isinstance(class_names, list)
+             and all(isinstance(n, str) for n in class_names) else None)
+    out: list[int] = []
+    for v in values:
+        if _is_int(v):
+            out.append(v)
+            continue
+        if not names:
+            raise UsageError(f"--class-label: expected a class index, got {v!r}: this model "
+                             "file has no class names (models trained on class folders have "
+                             "them)")
+        if v not in names:
+            close = difflib.get_close_matches(v, names, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            shown = ", ".join(names[:20]) + (f", ... ({len(names) - 20} more)"
+                                             if len(names) > 20 else "")
+            raise UsageError(f"--class-label: this model has no class {v!r}; {hint}its classes "
+                             f"are {shown} (or give an index 0 to {len(names) - 1})")
+        out.append(names.index(v))
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 def _is_int(value: Any) -> bool:
@@ -153,11 +192,14 @@ class SampleOptions:
             raise UsageError(f"--seed must be a non-negative integer below 2**63 - num_samples, "
                              f"got {self.seed!r}")
         labels = self.class_labels
-        ok = (labels is None or labels == "all" or _is_int(labels)
-              or (isinstance(labels, tuple) and labels and all(_is_int(v) for v in labels)))
+        def one(v: Any) -> bool:
+            return _is_int(v) or (isinstance(v, str) and bool(v))
+
+        ok = (labels is None or one(labels)
+              or (isinstance(labels, tuple) and labels and all(one(v) for v in labels)))
         if not ok:
-            raise UsageError(f"--class-label must be a class index, a list of them or 'all', "
-                             f"got {labels!r}")
+            raise UsageError(f"--class-label must be a class index or name, a list of them or "
+                             f"'all', got {labels!r}")
         if self.guidance_scale not in (None, 1.0) and labels is None:
             raise UsageError(f"--guidance-scale {self.guidance_scale} needs --class-label "
                              "(classifier-free guidance steers towards a class); give labels or "
@@ -283,6 +325,19 @@ def _image_labels(spec: ClassLabels, num_classes: Optional[int], n: int) -> Opti
             raise UsageError(f"class label {v} is out of range: this model has {num_classes} "
                              f"classes, 0 to {num_classes - 1}")
     return [values[i % len(values)] for i in range(n)]
+
+
+def class_rows(images: list[torch.Tensor], labels: list[int]) -> tuple[torch.Tensor, int]:
+    """Grid tiles (N, C, H, W) with one class per row and the row length: ``images`` (each
+    (C, H, W)) grouped by their ``labels``, classes in index order, each row in file order,
+    shorter rows filled with blank tiles (0.0, the grid's grey). ``--class-label all`` grids."""
+    rows: dict[int, list[torch.Tensor]] = {}
+    for image, k in zip(images, labels):
+        rows.setdefault(k, []).append(image)
+    width = max(len(row) for row in rows.values())
+    blank = torch.zeros_like(images[0])
+    tiles = [tile for k in sorted(rows) for tile in rows[k] + [blank] * (width - len(rows[k]))]
+    return torch.stack(tiles), width
 
 
 def _labels_spec(spec: ClassLabels) -> Any:
@@ -455,7 +510,9 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
                          f"timesteps; use 1 to {T}")
     timesteps = make_timesteps(T, how.num_steps, how.spacing).tolist()
     n = o.num_samples
-    labels = _image_labels(o.class_labels, net.config.num_classes, n)
+    spec = resolve_class_labels(o.class_labels, meta.get("class_names")) \
+        if net.config.num_classes is not None else o.class_labels
+    labels = _image_labels(spec, net.config.num_classes, n)
     shape = (net.config.in_channels, net.config.image_size, net.config.image_size)
     if shape[0] not in (1, 3):
         raise UsageError(f"this model makes {shape[0]}-channel images; diffunet sample writes "
@@ -488,7 +545,7 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         # Everything that decides the pixels; a rerun must match it to resume.
         "settings": {"sampler": how.sampler, "num_steps": how.num_steps, "eta": float(how.eta),
                      "spacing": how.spacing, "seed": o.seed,
-                     "class_labels": _labels_spec(o.class_labels),
+                     "class_labels": _labels_spec(spec),
                      "guidance_scale": float(how.guidance_scale), "precision": precision,
                      "clip_x0": how.clip_x0},
         "timesteps": timesteps,
@@ -572,7 +629,11 @@ def _draw_all(state: Any, main: bool, out_dir: Path, manifest: dict[str, Any],
                               f"{missing[0]}); rerun the same command to draw them")
         if grid_path is not None:
             shown = [_load_png(p, shape) for p in files[:MAX_GRID_IMAGES]]
-            save_grid(torch.stack(shown), grid_path)
+            if o.class_labels == "all" and labels is not None:
+                tiles, width = class_rows(shown, labels[:len(shown)])
+                save_grid(tiles, grid_path, nrow=width)
+            else:
+                save_grid(torch.stack(shown), grid_path)
         manifest["complete"] = True
         claim.write_manifest(manifest, claim.listed)
         tell(f"wrote {n - done_before} image(s) to {out_dir}"

@@ -18,9 +18,10 @@ What makes it exact:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from .runs import EMA, Run
 from .samplers import sample
 from .unet import UNet
 
-__all__ = ["EMA", "TrainResult", "lr_at", "train"]
+__all__ = ["EMA", "TrainResult", "fit_classes_to_data", "lr_at", "train"]
 
 STATE_KEYS: dict[str, type] = {"config": dict, "optimizer": dict, "nonfinite_total": int,
                                "nonfinite_streak": int}
@@ -80,6 +81,37 @@ def _dataset_notes(dataset: Any, cfg: RunConfig) -> list[str]:
                      f"smaller than data.image_size={cfg.data.image_size} and are upscaled (e.g. "
                      f"{dataset.upscaled[0]}), which blurs them; a smaller image_size avoids that")
     return notes
+
+
+def fit_classes_to_data(cfg: RunConfig, class_names: Sequence[str] | None) -> RunConfig:
+    """``cfg`` with ``unet.num_classes`` set from an image folder's class folders.
+
+    With ``data.source = 'folder'`` and ``data.class_folders = true``, ``class_names`` are the
+    class sub-folders (:func:`~diffunet.data.class_folder_names`): an unset ``unet.num_classes``
+    becomes their number (so config.json and every model file say it), and a set one that
+    differs is a one-line :class:`ConfigError`. Any other data: ``cfg`` unchanged (built-in and
+    torchvision labels need an explicit ``unet.num_classes``).
+    """
+    d, k = cfg.data, cfg.unet.num_classes
+    if d.source != "folder" or not d.class_folders or class_names is None:
+        return cfg
+    n = len(class_names)
+    if k is None:
+        return dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, num_classes=n))
+    if k != n:
+        shown = ", ".join(class_names[:8]) + (", ..." if n > 8 else "")
+        raise ConfigError(f"unet.num_classes is {k} but data.path {d.path} has {n} class "
+                          f"folders ({shown}) with data.class_folders=true; set "
+                          f"unet.num_classes={n} or leave it unset (it follows the folders)")
+    return cfg
+
+
+def _class_names(cfg: RunConfig, dataset: Any) -> list[str] | None:
+    """The names of a class-conditional model's labels 0..K-1, for its model files (None when
+    the model is unconditional or the data set names no classes that fit)."""
+    names = getattr(dataset, "class_names", None)
+    k = cfg.unet.num_classes
+    return list(names) if k is not None and names and len(names) == k else None
 
 
 def _check_labels(cfg: RunConfig, dataset: Any) -> None:
@@ -278,6 +310,12 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     process); ``progress`` shows a tqdm bar. Returns where the last model file and state went.
     Raises :class:`~diffunet.errors.DiffunetError` subclasses for bad input.
     """
+    dataset = None
+    if cfg.data.source == "folder" and cfg.data.class_folders:
+        # The class folders decide unet.num_classes, which the run folder's checks (resume,
+        # memory) and config.json need: read the folder before the run starts.
+        dataset = build_dataset(cfg.data)
+        cfg = fit_classes_to_data(cfg, dataset.class_names)
     t = cfg.train
     with Run(cfg, out_dir, resume=resume, command="train", mixed_precision=t.mixed_precision,
              batch_size=t.batch_size, batch_divisor=t.grad_accum_steps, trackers=t.trackers,
@@ -295,9 +333,11 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
 
         # --- data, model, EMA, optimizer, and the saved state when resuming ------------------
         run.seed_everything(t.seed)  # identical initial weights on every process
-        with run.accelerator.main_process_first():  # one process downloads, the others read
-            dataset = build_dataset(cfg.data)
+        if dataset is None:
+            with run.accelerator.main_process_first():  # one process downloads, the others read
+                dataset = build_dataset(cfg.data)
         _check_labels(cfg, dataset)
+        names = _class_names(cfg, dataset)
         schedule = NoiseSchedule(cfg.schedule)
         model = UNet(cfg.unet)
         if t.channels_last:  # before the EMA copy, so previews run channels-last too
@@ -331,7 +371,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                 optimizer=optimizer, trainer=counts, generators={"step_gen": step_gen},
                 keep_last=t.keep_last, before_commit=lambda: save_model(
                     model_path, ema.model, schedule,
-                    extra={"step": at, "run_config": to_dict(cfg)}))
+                    extra={"step": at, "run_config": to_dict(cfg),
+                           **({"class_names": names} if names else {})}))
             return model_path, state_path
 
         # --- the loop: no host sync between check points (log lines, saves, the non-finite

@@ -6,8 +6,9 @@ Every case runs the real command line in a process of its own. Starting Python a
 torch takes over a second per process on the 2-core CI machine, so the cases are forked from one
 interpreter that has imported diffunet once (:data:`hostile.RUNNER`): the child runs
 ``cli.main`` exactly as ``python -m diffunet`` does (an uncaught exception prints its traceback
-and exits 1), with its own stdout, stderr, exit code and file system effects. A few cases also go through the real
-``python -m diffunet`` and the ``diffunet`` console script to show the two agree.
+and exits 1), with its own stdout, stderr, exit code and file system effects. A few cases also
+go through the real ``python -m diffunet`` and the ``diffunet`` console script to show the two
+agree.
 
 The inputs (configs, image folders, damaged model files and run folders) are built once per
 module; phase 1 runs the few commands that must succeed to make run folders to damage, phase 2

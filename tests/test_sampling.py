@@ -553,3 +553,37 @@ def test_default_folder_is_named_after_the_run(tmp_path, monkeypatch):
     (tmp_path / "weights").mkdir()
     assert default_out_dir(tmp_path / "weights" / "model_step0000001.safetensors") == Path(
         "samples/model_step0000001")
+
+
+def test_class_names_and_all_grid_rows(tmp_path, capsys):
+    from diffunet.sampling import class_rows, parse_class_labels, resolve_class_labels
+
+    assert parse_class_labels("cat") == "cat" and parse_class_labels("cat, 2") == ("cat", 2)
+    assert parse_class_labels("ALL") == "all" and parse_class_labels("-1") == -1
+    names = ["cat", "dog", "fish"]
+    assert resolve_class_labels("dog", names) == 1
+    assert resolve_class_labels(("fish", 0), names) == (2, 0)
+    assert resolve_class_labels((1, 2), None) == (1, 2)
+    with pytest.raises(UsageError, match=r"no class 'Dog'; did you mean 'dog'\? its classes "
+                                         r"are cat, dog, fish \(or give an index 0 to 2\)$"):
+        resolve_class_labels("Dog", names)
+    with pytest.raises(UsageError, match="expected a class index, got 'dog': this model file "
+                                         "has no class names"):
+        resolve_class_labels("dog", None)
+    with pytest.raises(UsageError):
+        parse_class_labels("cat,,dog")
+    # --class-label all: one class per grid row, short rows filled with blank tiles
+    images = [torch.full((1, 2, 2), i / 8) for i in range(5)]
+    tiles, width = class_rows(images, [i % 2 for i in range(5)])
+    assert width == 3 and [float(t[0, 0, 0]) * 8 for t in tiles] == [0, 2, 4, 1, 3, 0]
+
+
+def test_all_labels_grid_has_a_row_per_class(cond_model, tmp_path, capsys):
+    out = tmp_path / "all"
+    code, err = run_cli([cond_model, "--out-dir", out, "--num-samples", 7, "--steps", 2,
+                         "--class-label", "all"], capsys)
+    assert code == 0, err
+    k = json.loads((out / MANIFEST).read_text())["unet_config"]["num_classes"]
+    grid = Image.open(out / GRID)
+    # 8x8 tiles with 2 px padding: k rows (one per class) of ceil(7 / k) tiles
+    assert grid.size == (2 + -(-7 // k) * 10, 2 + k * 10)

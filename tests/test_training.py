@@ -618,3 +618,66 @@ def test_header_then_preview_and_model_file_at_the_last_step(tmp_path: Path) -> 
     assert said[0] == f"resuming from {_state(out, 5)} (step 5)"
     assert "batch: 4 global, 4 per process in 2 micro-batches of 2; steps 5 -> 6" in said[4]
     assert said[5] == f"out-dir: {out}, resumed from {_state(out, 5)} at step 5"
+
+
+# ---------------------------------------------------------------------------------------------
+# 9b. Class folders: unet.num_classes and the class names follow the data.
+
+
+CLASSES = ["cat", "dog", "fish"]
+
+
+def _class_folder_run(tmp_path: Path) -> list[str]:
+    """Run arguments of a 2-step tiny run on 3 class folders of 3 8x8 PNGs each."""
+    data = tmp_path / "pets"
+    for k, name in enumerate(CLASSES):
+        (data / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (100 * k, 60 * i, 200)).save(data / name / f"{i}.png")
+    return tiny_run("data.source=folder", f"data.path={data}", "data.class_folders=true",
+                    "train.max_steps=2", image_size=8)
+
+
+def test_class_folders_set_num_classes_and_name_the_labels(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    args = _class_folder_run(tmp_path)
+    assert cli.main(["train", *args, "--dry-run", "--out-dir", str(tmp_path / "dry")]) == 0
+    dry = capsys.readouterr().out
+    assert "num_classes = 3" in dry and "# classes (unet.num_classes): 3 (cat, dog, fish)" in dry
+    out = tmp_path / "run"
+    result = train(load_config(None, args), out, progress=False)
+    net, _, meta = load_model(result.model_path)
+    assert net.config.num_classes == 3 and meta["class_names"] == CLASSES
+    assert json.loads((out / "config.json").read_text())["unet"]["num_classes"] == 3
+
+    assert cli.main(["info", str(result.model_path)]) == 0
+    assert "classes          3: 0 cat, 1 dog, 2 fish" in capsys.readouterr().out
+    assert cli.main(["info", str(result.model_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["class_names"] == CLASSES
+
+    def sample(*labels: str) -> int:
+        return cli.main(["sample", str(result.model_path), "--out-dir", str(tmp_path / "s"),
+                         "--num-samples", "3", "--steps", "2", "--no-progress",
+                         "--class-label", *labels])
+
+    assert sample("fish,cat") == 0
+    capsys.readouterr()
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["labels"] == [2, 0, 2] and manifest["settings"]["class_labels"] == [2, 0]
+    assert sample("dgo") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no class 'dgo'; did you mean 'dog'?" in err[0]
+    assert "cat, dog, fish" in err[0]
+
+
+def test_num_classes_that_differs_from_the_class_folders_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = _class_folder_run(tmp_path)
+    out = tmp_path / "run"
+    assert cli.main(["train", *args, "unet.num_classes=4", "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unet.num_classes is 4" in err[0] and "3 class folders" in err[0]
+    assert "data.class_folders=true" in err[0] and not out.exists()
+    # the same number is fine
+    cfg = training.fit_classes_to_data(load_config(None, [*args, "unet.num_classes=3"]), CLASSES)
+    assert cfg.unet.num_classes == 3

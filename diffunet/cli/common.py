@@ -117,19 +117,29 @@ def dry_run(cfg: Any, net: UNetConfig, out_dir: Path, note: str = "") -> int:
     images, from their headers), then print the resolved config as TOML, the network's size
     (``note`` after it), the data folders and the run folder on stdout. Builds no network
     (its parameters are counted on the meta device) and writes nothing."""
-    from ..data import image_folder
+    from ..config import RunConfig
+    from ..data import class_folder_names, image_folder
     from ..runs import check_training_fits, cpu_requested, pick_device
 
-    schedule = getattr(cfg, "schedule", None)
-    batch = cfg.train.batch_size
-    device = pick_device("cpu" if cpu_requested() else None)
-    n = check_training_fits(net, getattr(schedule, "num_train_timesteps", None), batch, batch,
-                            net.in_channels, net.image_size, device)
     found = []
     for key, folder in _data_folders(cfg):
         files, skipped, _ = image_folder(folder, key, net.image_size)
         found.append(f"# {key}: {len(files):,} image(s) in {folder}"
                      + (f", {len(skipped):,} skipped (e.g. {skipped[0]})" if skipped else ""))
+        if isinstance(cfg, RunConfig) and key == "data.path" and cfg.data.class_folders:
+            from ..training import fit_classes_to_data  # what train() derives, shown here
+
+            names = class_folder_names(files, folder)
+            cfg = fit_classes_to_data(cfg, names)
+            net = cfg.unet
+            shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)"
+                                            if len(names) > 8 else "")
+            found.append(f"# classes (unet.num_classes): {len(names)} ({shown})")
+    schedule = getattr(cfg, "schedule", None)
+    batch = cfg.train.batch_size
+    device = pick_device("cpu" if cpu_requested() else None)
+    n = check_training_fits(net, getattr(schedule, "num_train_timesteps", None), batch, batch,
+                            net.in_channels, net.image_size, device)
     out(to_toml(cfg))
     out(f"# UNet parameters: {n:,} ({n / 1e6:.2f}M){note}")
     for line in found:

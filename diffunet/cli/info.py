@@ -57,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"training epoch   {_shown(meta['epoch'])}" + (
             f" (validation mean Dice {dice:.4f}, IoU {iou:.4f})"
             if isinstance(dice, (int, float)) and isinstance(iou, (int, float)) else ""))
+    names = meta.get("class_names")
+    if isinstance(names, list) and names:
+        lines.append(f"classes          {len(names)}: " + ", ".join(
+            f"{k} {_shown(name)}" for k, name in enumerate(names)))
     lines += [f"parameters       {n_params:,} ({n_params / 1e6:.2f}M)",
               f"weights          {finite_line}",
               f"sha256           {loaded.sha256}"]

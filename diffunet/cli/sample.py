@@ -43,9 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"{'yes' if s.clip_x0 else 'no'})")
     p.add_argument("--seed", type=int, default=d.seed,
                    help=f"image i is drawn from seed + i (default {d.seed})")
-    p.add_argument("--class-label", metavar="K|K1,K2,...|all",
+    p.add_argument("--class-label", metavar="K|NAME|K1,NAME2,...|all",
                    help="class-conditional models: one label, a list cycled over the images, "
-                        "or all (image i gets class i mod num_classes)")
+                        "or all (image i gets class i mod num_classes; grid.png shows one class "
+                        "per row); a label is an index or a class name of the model file "
+                        "(diffunet info lists them)")
     p.add_argument("--guidance-scale", type=float, metavar="W",
                    help="classifier-free guidance scale, needs --class-label (with labels: "
                         f"{model_or} {s.guidance_scale}, i.e. none)")
