@@ -362,13 +362,28 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 class DataConfig:
     """Where training images come from and how they are prepared (values end in [-1, 1])."""
 
-    source: Literal["builtin", "folder", "torchvision"] = "builtin"
+    source: Literal["builtin", "folder", "torchvision", "hf"] = "builtin"
     """``builtin``: coloured shapes generated from a seed (no download); ``folder``: a folder of
-    images (recursive); ``torchvision``: a torchvision data set by ``name``."""
+    images (recursive); ``torchvision``: a torchvision data set by ``name``; ``hf``: a Hugging
+    Face ``datasets`` data set by ``name`` (needs the ``hf`` extra)."""
     path: str | None = free_on_resume(None)
-    """The image folder, or the torchvision download/cache root (default ``./data``)."""
+    """The image folder, or the torchvision download/cache root (default ``./data``), or the
+    Hugging Face datasets cache folder (default: theirs, ``~/.cache/huggingface/datasets``)."""
     name: str | None = None
-    """torchvision data set: cifar10, cifar100, mnist, fashion_mnist, celeba, stl10, ..."""
+    """torchvision data set: cifar10, cifar100, mnist, fashion_mnist, celeba, stl10, ...;
+    ``hf``: a Hub name ("cifar10", "user/name"), or a local folder written by
+    ``Dataset.save_to_disk`` or holding data files (images, parquet, ...)."""
+    split: str = "train"
+    """``hf`` only: the split to train on (e.g. "train", "train+test", "train[:1000]")."""
+    image_column: str | None = None
+    """``hf`` only: the column holding the images; unset: the first column of Image type, else
+    "image" or "img"."""
+    label_column: str | None = None
+    """``hf`` only: the column of integer class labels (for class-conditional models, with
+    ``unet.num_classes``); unset: no labels."""
+    streaming: bool = False
+    """``hf`` only: stream the data set instead of downloading it. Not supported yet (the batch
+    sampler needs the length, and exact resume needs items by index): a one-line error."""
     image_size: int | None = None
     """Side of the square training images; unset: the UNet's ``unet.image_size`` (in a
     :class:`RunConfig`; when set it must equal it)."""
@@ -387,8 +402,8 @@ class DataConfig:
     """DataLoader worker processes (0 loads in the training process); unset: 0 on a CPU, on a
     GPU up to 8 per process (the CPUs shared among the processes)."""
     cache: bool | None = free_on_resume(None)
-    """Keep ``folder`` and ``torchvision`` images decoded (as uint8, exactly the same items)
-    after their first read; unset: when they take at most 4 GiB."""
+    """Keep ``folder``, ``torchvision`` and ``hf`` images decoded (as uint8, exactly the same
+    items) after their first read; unset: when they take at most 4 GiB."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "data")
@@ -397,6 +412,13 @@ class DataConfig:
             _fail(p + "path", "is required with data.source = 'folder' (the image folder)")
         if self.source == "torchvision" and not self.name:
             _fail(p + "name", "is required with data.source = 'torchvision' (e.g. 'cifar10')")
+        if self.source == "hf" and not self.name:
+            _fail(p + "name", "is required with data.source = 'hf' (a Hub name like 'cifar10' "
+                  "or a local folder)")
+        if self.streaming:
+            _fail(p + "streaming", "is not supported yet: training needs the data set's length "
+                  "and items by index (for exact resume); download it (data.streaming=false) or "
+                  "save a part with Dataset.save_to_disk and point data.name at that folder")
         _check_image_shape(self.image_size, self.channels)
         if self.builtin_size < 1:
             _fail(p + "builtin_size", f"must be a positive integer, got {self.builtin_size}")

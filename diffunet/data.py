@@ -1,4 +1,5 @@
-"""Training images: the built-in shapes, an image folder, torchvision data sets; batching.
+"""Training images: the built-in shapes, an image folder, torchvision and Hugging Face data
+sets; batching.
 
 Every data set here yields ``(image, label)`` with ``image`` a float32 tensor (C, H, W) in
 [-1, 1] (C = ``DataConfig.channels``, H = W = ``DataConfig.image_size``) and ``label`` an int
@@ -31,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import DataConfig
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, MissingDependencyError
 from .fileio import first_line
 from .images import (IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS_VARIABLE, image_header, max_image_pixels,
                      open_image, prepare_image)
@@ -39,6 +40,7 @@ from .images import (IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS_VARIABLE, image_header, 
 __all__ = [
     "BuiltinShapes",
     "FolderImages",
+    "HFImages",
     "TorchvisionImages",
     "GlobalBatchSampler",
     "TORCHVISION_DATASETS",
@@ -520,6 +522,115 @@ def _build_torchvision(cfg: DataConfig) -> TorchvisionImages:
     return TorchvisionImages(base, cfg.image_size, cfg.channels, labelled)
 
 
+# ---------------------------------------------------------------------------------------------
+# Hugging Face datasets (the ``hf`` extra), by Hub name or local folder.
+
+
+def _hf_offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def _load_hf(cfg: DataConfig) -> Any:
+    """The ``datasets.Dataset`` of ``cfg.name`` and ``cfg.split`` (a one-line error otherwise)."""
+    try:
+        import datasets
+    except ImportError:
+        raise MissingDependencyError('data.source = "hf" needs the optional package datasets; '
+                                     'pip install "diffunet[hf]"') from None
+    name = str(cfg.name)
+    local = Path(name).expanduser()
+    cache_dir = os.path.expanduser(cfg.path) if cfg.path else None
+    if local.is_dir():
+        saved = any((local / f).is_file() for f in ("state.json", "dataset_dict.json"))
+        try:
+            if not saved:  # a folder of data files (images, parquet, csv, ...): a builder reads it
+                return datasets.load_dataset(str(local), split=cfg.split, cache_dir=cache_dir)
+            ds = datasets.load_from_disk(str(local))
+        except Exception as e:
+            raise DataError(f"data.name: cannot read the data set in {local} "
+                            f"({first_line(e)})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if cfg.split not in ds:
+                raise DataError(f"data.split: {local} has no split {cfg.split!r}; its splits: "
+                                f"{', '.join(ds)}")
+            ds = ds[cfg.split]
+        return ds
+    if name.startswith(("/", ".", "~")) or "\\" in name or local.exists():
+        # A path, not a Hub name ("user/name" never starts so): say so without asking the Hub.
+        raise DataError(f"data.name: {name} is not a folder; point data.name at a folder written "
+                        "by Dataset.save_to_disk or holding data files, or give a Hub name")
+    try:
+        return datasets.load_dataset(name, split=cfg.split, cache_dir=cache_dir)
+    except Exception as e:
+        how = ("HF_DATASETS_OFFLINE=1 is set, so only the local cache was tried"
+               if _hf_offline() else "nor could it be loaded from the Hub or the local cache")
+        raise DataError(f"data.name: {name!r} is not a local folder, {how} "
+                        f"({first_line(e)})") from None
+
+
+class HFImages(Dataset):
+    """A Hugging Face ``datasets.Dataset``'s images through :func:`prepare_image`, with labels.
+
+    ``image_column`` unset: the first column of Image type, else "image" or "img";
+    ``label_column`` unset: unlabelled (-1). A ClassLabel column gives ``class_names``; plain
+    integer labels are named "0" .. "K-1" (K = largest + 1).
+    """
+
+    def __init__(self, ds: Any, image_size: int, channels: int, image_column: str | None = None,
+                 label_column: str | None = None) -> None:
+        import datasets
+        features = ds.features
+        columns = list(features)
+        shown = ", ".join(columns) or "none"
+        if image_column is None:
+            found = [c for c in columns if isinstance(features[c], datasets.Image)]
+            found += [c for c in ("image", "img") if c in columns]
+            if not found:
+                raise DataError(f"data.image_column: no column of Image type, nor 'image' or "
+                                f"'img'; the columns: {shown}")
+            image_column = found[0]
+        for key, col in (("image_column", image_column), ("label_column", label_column)):
+            if col is not None and col not in columns:
+                raise DataError(f"data.{key}: no column {col!r}; the columns: {shown}")
+        self.image_column, self.label_column = image_column, label_column
+        self.image_size = image_size
+        self.channels = channels
+        self.skipped: list[str] = []
+        self.num_classes: int | None = None
+        self.class_names: list[str] | None = None
+        self.labels: list[int] | None = None
+        if label_column is not None:
+            feature = features[label_column]
+            labels = ds[label_column]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in labels):
+                raise DataError(f"data.label_column: {label_column!r} must hold class indices "
+                                f"(integers from 0), got {feature}")
+            self.labels = [int(v) for v in labels]
+            if isinstance(feature, datasets.ClassLabel):
+                self.class_names = [str(n) for n in feature.names]
+            else:
+                self.class_names = [str(k) for k in range(max(self.labels, default=-1) + 1)]
+            self.num_classes = len(self.class_names)
+        self.ds = ds.select_columns([image_column])  # decode only the images
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        from PIL import Image
+        img = self.ds[int(index)][self.image_column]
+        try:
+            if not isinstance(img, Image.Image):  # an array column: (H, W) or (H, W, C) values
+                import numpy as np
+                img = Image.fromarray(np.asarray(img))
+            image = prepare_image(img, self.image_size, self.channels)
+        except Exception as e:
+            raise DataError(f"data.image_column: item {index} of {self.image_column!r} is not "
+                            f"a readable image ({first_line(e)})") from None
+        return image, (self.labels[index] if self.labels is not None else -1)
+
+
 def build_dataset(cfg: DataConfig) -> Dataset:
     """The training data set ``cfg`` describes; items ``(image (C, S, S) in [-1, 1], label)``.
 
@@ -537,9 +648,12 @@ def build_dataset(cfg: DataConfig) -> Dataset:
         base: Dataset = FolderImages(cfg.path, cfg.image_size, cfg.channels, cfg.class_folders)
     elif cfg.source == "torchvision":
         base = _build_torchvision(cfg)
+    elif cfg.source == "hf":
+        base = HFImages(_load_hf(cfg), cfg.image_size, cfg.channels, cfg.image_column,
+                        cfg.label_column)
     else:  # pragma: no cover - DataConfig rejects it first
-        raise DataError(f"data.source: unknown source {cfg.source!r}; use builtin, folder or "
-                        "torchvision")
+        raise DataError(f"data.source: unknown source {cfg.source!r}; use builtin, folder, "
+                        "torchvision or hf")
     size = len(base) * cfg.channels * cfg.image_size ** 2  # bytes, as uint8
     if cfg.cache or (cfg.cache is None and size <= CACHE_AUTO_BYTES):
         return DecodedCache(base, cfg.image_size, cfg.channels)

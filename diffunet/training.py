@@ -281,8 +281,10 @@ def describe_run(run: Run, precision: str, batch_size: int, grad_accum_steps: in
 def _header(run: Run, cfg: RunConfig, dataset: Any, net: UNet) -> list[str]:
     """What a run is about to do, in five lines before its first step."""
     d, u, s, t = cfg.data, cfg.unet, cfg.schedule, cfg.train
-    where = (d.path or "") if d.source == "folder" else (
-        f"{d.name} ({d.path or './data'})" if d.source == "torchvision" else "shapes (generated)")
+    where = {"folder": d.path or "",
+             "torchvision": f"{d.name} ({d.path or './data'})",
+             "hf": f"{d.name} (Hugging Face datasets, split {d.split})",
+             }.get(d.source, "shapes (generated)")
     n = net.num_parameters()
     kind = {1: "grayscale", 3: "RGB"}.get(u.in_channels, f"{u.in_channels}-channel")
     unused = ("; the labels are unused: unet.num_classes is unset"

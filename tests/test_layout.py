@@ -50,6 +50,7 @@ HOMES: dict[str, set[str]] = {
     "tomllib": {"config"},
     "tomli": {"config"},
     "argparse": {"cli"},
+    "datasets": {"data"},  # Hugging Face datasets (data.source = "hf")
 }
 
 

@@ -43,7 +43,7 @@ DIFFUSERS_FLAGS: dict[str, dict[str, str]] = {
     "--num_epochs": {"segment": "train.epochs=N", "*": "train.max_steps=N"},
     "--max_train_steps": {"*": "train.max_steps=N"},
     "--resolution": {"*": "unet.image_size=N"},
-    "--dataset_name": {"*": "data.source=torchvision data.name=NAME"},
+    "--dataset_name": {"*": "data.source=hf data.name=NAME"},
     "--train_data_dir": {"*": "data.source=folder data.path=DIR"},
     "--mixed_precision": {"sample": "--precision P", "*": "train.mixed_precision=P"},
     "--learning_rate": {"*": "train.lr=N"},

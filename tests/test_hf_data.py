@@ -1,0 +1,133 @@
+"""``data.source = "hf"``: a Hugging Face ``datasets`` data set saved to disk in the test (a few
+8x8 images with labels), read by index like every other source, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+datasets = pytest.importorskip("datasets")
+
+from helpers import tiny_run
+
+from diffunet import cli
+from diffunet.config import DataConfig
+from diffunet.data import build_dataset
+from diffunet.errors import ConfigError, DataError, MissingDependencyError
+
+N = 6
+
+
+def _tiny_set(folder: Path) -> Path:
+    """Six 8x8 RGB images (one solid colour each, plus a pixel) with ClassLabel labels 0..2."""
+    from PIL import Image
+    images = []
+    for i in range(N):
+        img = Image.new("RGB", (8, 8), (40 * i, 255 - 40 * i, 17 * i))
+        img.putpixel((i, i), (255, 255, 255))
+        images.append(img)
+    features = datasets.Features({"img": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=["a", "b", "c"]),
+                                  "caption": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict({"img": images, "label": [i % 3 for i in range(N)],
+                                     "caption": [f"c{i}" for i in range(N)]}, features=features)
+    path = folder / "tiny"
+    ds.save_to_disk(str(path))
+    return path
+
+
+def _cfg(path: Path, **kw) -> DataConfig:
+    return DataConfig(**{"source": "hf", "name": str(path), "image_size": 8, "channels": 3, **kw})
+
+
+def test_items_shapes_labels_and_repeatable(tmp_path: Path) -> None:
+    path = _tiny_set(tmp_path)
+    for cache in (False, True):
+        ds = build_dataset(_cfg(path, label_column="label", cache=cache))
+        assert len(ds) == N and ds.num_classes == 3 and ds.class_names == ["a", "b", "c"]
+        for i in range(N):
+            x, y = ds[i]
+            assert x.shape == (3, 8, 8) and x.dtype == torch.float32 and y == i % 3
+            assert -1.0 <= x.min() and x.max() <= 1.0
+            x2, y2 = ds[i]
+            assert torch.equal(x, x2) and y2 == y
+        assert not torch.equal(ds[0][0], ds[1][0])
+    unlabelled = build_dataset(_cfg(path, channels=1))  # the Image column is found by its type
+    x, y = unlabelled[2]
+    assert x.shape == (1, 8, 8) and y == -1 and unlabelled.num_classes is None
+
+
+def test_two_step_training_run(tmp_path: Path, capsys, cpu_accelerate) -> None:
+    path = _tiny_set(tmp_path)
+    out = tmp_path / "run"
+    rc = cli.main(["train", *tiny_run("data.source=hf", f"data.name={path}",
+                                      "data.label_column=label", "unet.num_classes=3",
+                                      "train.max_steps=2", "train.save_every=2",
+                                      "train.sample_every=1000", image_size=8),
+                   "--out-dir", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert list((out / "weights").glob("*.safetensors"))
+    data = json.loads((out / "config.json").read_text())["data"]
+    assert data["source"] == "hf" and data["label_column"] == "label"
+
+
+def _one_line(excinfo: pytest.ExceptionInfo) -> str:
+    msg = str(excinfo.value)
+    assert msg and "\n" not in msg
+    return msg
+
+
+def test_unknown_column_lists_the_columns(tmp_path: Path) -> None:
+    path = _tiny_set(tmp_path)
+    with pytest.raises(DataError) as e:
+        build_dataset(_cfg(path, label_column="labels"))
+    msg = _one_line(e)
+    assert "data.label_column" in msg and "'labels'" in msg and "img, label, caption" in msg
+    with pytest.raises(DataError) as e:
+        build_dataset(_cfg(path, image_column="picture"))
+    assert "data.image_column" in _one_line(e)
+
+
+def test_missing_path_and_unknown_split(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as e:
+        build_dataset(_cfg(tmp_path / "nowhere"))
+    msg = _one_line(e)
+    assert "data.name" in msg and str(tmp_path / "nowhere") in msg
+    path = tmp_path / "dict"
+    datasets.DatasetDict({"train": datasets.load_from_disk(str(_tiny_set(tmp_path)))}
+                         ).save_to_disk(str(path))
+    assert len(build_dataset(_cfg(path))) == N
+    with pytest.raises(DataError) as e:
+        build_dataset(_cfg(path, split="test"))
+    assert "data.split" in _one_line(e) and "train" in str(e.value)
+
+
+def test_offline_hub_name_says_what_was_tried(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets, "load_dataset",  # no network in tests: the Hub says no
+                        lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline")))
+    with pytest.raises(DataError) as e:
+        build_dataset(_cfg("no-such-dataset-xyz"))
+    msg = _one_line(e)
+    assert "not a local folder" in msg and "HF_DATASETS_OFFLINE=1" in msg
+
+
+def test_package_missing_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _tiny_set(tmp_path)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` -> ImportError
+    with pytest.raises(MissingDependencyError) as e:
+        build_dataset(_cfg(path))
+    assert 'pip install "diffunet[hf]"' in _one_line(e)
+
+
+def test_config_checks() -> None:
+    with pytest.raises(ConfigError, match="data.name"):
+        DataConfig(source="hf")
+    with pytest.raises(ConfigError, match="data.streaming") as e:
+        DataConfig(source="hf", name="cifar10", streaming=True)
+    assert "\n" not in str(e.value)
