@@ -35,7 +35,6 @@ import json
 import math
 import os
 import re
-import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +47,8 @@ from .config import (ScheduleConfig, UNetConfig, from_dict, segmentation_output_
                      to_dict)
 from .diffusion import NoiseSchedule
 from .errors import ConfigError, ModelFileError
-from .fileio import atomic_write_bytes, first_line, parse_json, schema_problem
+from .fileio import (NotRegularFileError, atomic_write_bytes, first_line, open_regular_file,
+                     parse_json, schema_problem)
 from .resources import Cost, activation_bytes, check_fits, parameter_shapes, schedule_bytes
 from .unet import UNet
 from .version import __version__
@@ -152,36 +152,24 @@ class _Header(NamedTuple):
 
 @contextlib.contextmanager
 def _open(path: Path) -> Iterator[tuple[BinaryIO, int]]:
-    """``path`` opened for reading as the regular file it must be, and its size. Opened without
-    blocking and checked on the open descriptor (no window between a check and the open in
-    which the name could be swapped for a FIFO or a device)."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise ModelFileError(f"model file not found: {path}") from None
-    except IsADirectoryError:  # Windows; on POSIX a folder opens and fstat says so
-        raise ModelFileError(f"{path} is a folder; give the path of a .safetensors model "
-                             "file") from None
-    except OSError as e:
-        raise ModelFileError(f"{path} cannot be opened ({(e.strerror or str(e)).lower()}); "
-                             "check its permissions or give another model file") from None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise ModelFileError(f"{path} is a folder; give the path of a .safetensors model "
-                                 "file")
-        if not stat.S_ISREG(st.st_mode):  # reading a FIFO would wait forever, a device never end
+    """``path`` opened for reading as the regular file it must be, and its size
+    (:func:`~diffunet.fileio.open_regular_file`), with each refusal as its one-line
+    :class:`ModelFileError`."""
+    with contextlib.ExitStack() as stack:
+        try:
+            f, size = stack.enter_context(open_regular_file(path))
+        except FileNotFoundError:
+            raise ModelFileError(f"model file not found: {path}") from None
+        except (IsADirectoryError, NotRegularFileError) as e:  # IsADirectoryError: Windows
+            if isinstance(e, IsADirectoryError) or e.is_folder:
+                raise ModelFileError(f"{path} is a folder; give the path of a .safetensors "
+                                     "model file") from None
             raise ModelFileError(f"{path} is not a regular file (a FIFO, socket or device); "
-                                 "give the path of a .safetensors model file")
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        f = os.fdopen(fd, "rb", buffering=0)
-    except BaseException:
-        os.close(fd)
-        raise
-    with f:
-        yield f, st.st_size
+                                 "give the path of a .safetensors model file") from None
+        except OSError as e:
+            raise ModelFileError(f"{path} cannot be opened ({(e.strerror or str(e)).lower()}); "
+                                 "check its permissions or give another model file") from None
+        yield f, size
 
 
 def _read_exactly(f: BinaryIO, n: int) -> bytes:

@@ -28,7 +28,8 @@ from PIL import Image
 from .errors import DataError
 
 __all__ = ["atomic_save_image", "atomic_write_bytes", "atomic_writer", "first_line", "fsync_dir",
-           "MAX_JSON_DEPTH", "parse_json", "read_json", "read_regular_file", "schema_problem"]
+           "MAX_JSON_DEPTH", "NotRegularFileError", "open_regular_file", "parse_json", "read_json",
+           "read_regular_file", "schema_problem"]
 
 MAX_JSON_DEPTH = 32
 """Deepest nesting of ``[`` and ``{`` accepted in any JSON diffunet reads. Its own files nest
@@ -130,22 +131,50 @@ def parse_json(data: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
     return json.loads(raw.decode("utf-8"))
 
 
-def read_regular_file(path: str | os.PathLike, max_bytes: int) -> bytes:
-    """The bytes of ``path``, refusing what is not a regular file (a FIFO would block the read,
-    a device like /dev/zero never ends; symlinks are followed to what they name) and a file
-    larger than ``max_bytes``. Raises ``OSError`` or ``ValueError`` with a short reason."""
+class NotRegularFileError(ValueError):
+    """The path names a folder, FIFO, socket or device, not a regular file (``is_folder`` says
+    which of the two kinds)."""
+
+    def __init__(self, is_folder: bool) -> None:
+        super().__init__("not a regular file (a folder, FIFO, socket or device)")
+        self.is_folder = is_folder
+
+
+@contextlib.contextmanager
+def open_regular_file(path: str | os.PathLike) -> Iterator[tuple[BinaryIO, int]]:
+    """``path`` opened for binary reading, and its size, refusing what is not a regular file
+    (a FIFO would block the read, a device like /dev/zero never ends; symlinks are followed to
+    what they name) with :class:`NotRegularFileError`. Opened without blocking and checked on
+    the open descriptor, so there is no window between a check and the open in which the name
+    could be swapped for a FIFO. ``OSError`` from the open passes through."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ValueError("not a regular file (a folder, FIFO, socket or device)")
-        if st.st_size > max_bytes:
-            raise ValueError(f"{st.st_size:,} bytes, more than the {max_bytes:,} such a file "
-                             "can have")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(max_bytes + 1)
-    finally:
+            raise NotRegularFileError(stat.S_ISDIR(st.st_mode))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
         os.close(fd)
+        raise
+    with f:
+        yield f, st.st_size
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of ``path`` (:func:`open_regular_file`), refusing a file larger than
+    ``max_bytes``. Raises ``OSError`` or ``ValueError`` with a short reason."""
+    with open_regular_file(path) as (f, size):
+        if size > max_bytes:
+            raise ValueError(f"{size:,} bytes, more than the {max_bytes:,} such a file "
+                             "can have")
+        data = f.read(max_bytes + 1)  # unbuffered: one read returns at most what is there
+        while len(data) <= max_bytes:
+            more = f.read(max_bytes + 1 - len(data))
+            if not more:
+                break
+            data += more
     if len(data) > max_bytes:  # grew while being read
         raise ValueError(f"more than the {max_bytes:,} bytes such a file can have")
     return data
