@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import FolderError, MissingDependencyError
+from .errors import FolderError, MissingDependencyError, UsageError
 from .fileio import atomic_write_bytes
 from .runs import read_log
 
@@ -81,12 +81,16 @@ def _matplotlib() -> Any:
 
 
 def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
-             smoothing: float = 0.1) -> Path:
-    """Draw ``run_dir/log.jsonl`` into ``out`` (default ``run_dir/plot.png``), a PNG of
-    :data:`PLOT_SIZE`: loss (raw and EMA-smoothed with ``smoothing`` as alpha), learning rate
-    and images/s against the step. Returns the PNG's path."""
+             smoothing: float = 0.1, overwrite: bool = False) -> Path:
+    """Draw ``run_dir/log.jsonl`` into ``out`` (default ``run_dir/plot.png``, which each call
+    refreshes), a PNG of :data:`PLOT_SIZE`: loss (raw and EMA-smoothed with ``smoothing`` as
+    alpha), learning rate and images/s against the step. An ``out`` that exists (it may be
+    anyone's file) is refused unless ``overwrite``. Returns the PNG's path."""
     if not 0 < smoothing <= 1:
         raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
+    if out is not None and not overwrite and (Path(out).exists() or Path(out).is_symlink()):
+        raise UsageError(f"--out {out} exists; give a new file name, or --overwrite to "
+                         "replace it")
     curves = read_curves(run_dir)
     target = Path(out) if out is not None else Path(run_dir) / "plot.png"
     plt = _matplotlib()

@@ -192,6 +192,26 @@ def test_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     assert cli.main(["plot", str(run), "--out", str(other), "--smoothing", "0.5"]) == 0
     with Image.open(other) as img:
         assert img.size == PLOT_SIZE
+    assert cli.main(["plot", str(run)]) == 0  # its own RUN/plot.png is refreshed
+
+
+def test_plot_never_replaces_an_existing_out_file_unless_asked(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    _write_log(run)
+    mine = tmp_path / "holiday.png"
+    mine.write_bytes(b"someone's photo")
+    assert cli.main(["plot", str(run), "--out", str(mine)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"diffunet plot: error: --out {mine} exists; give a new file name, or "
+                   "--overwrite to replace it"]
+    assert mine.read_bytes() == b"someone's photo"
+    (tmp_path / "link.png").symlink_to(tmp_path / "gone.png")  # a dangling link counts too
+    assert cli.main(["plot", str(run), "--out", str(tmp_path / "link.png")]) == 2
+    assert cli.main(["plot", str(run), "--out", str(mine), "--overwrite"]) == 0
+    with Image.open(mine) as img:
+        assert img.format == "PNG"
 
 
 def test_ema_smooth() -> None:

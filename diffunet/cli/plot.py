@@ -14,6 +14,8 @@ DESCRIPTION = ("Draw a training run's log.jsonl into RUN/plot.png (or --out FILE
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN", help="the run folder (the --out-dir of train)")
     p.add_argument("--out", metavar="FILE", help="the PNG to write (default RUN/plot.png)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out FILE (RUN/plot.png is always refreshed)")
     p.add_argument("--smoothing", type=float, default=0.1, metavar="ALPHA",
                    help="weight of each new point in the loss EMA, in (0, 1] (default 0.1; "
                         "smaller is smoother)")
@@ -26,5 +28,6 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.smoothing <= 1:
         raise UsageError(f"--smoothing must be in (0, 1], got {args.smoothing}")
-    out(str(plot_run(args.run_dir, args.out, smoothing=args.smoothing)))
+    out(str(plot_run(args.run_dir, args.out, smoothing=args.smoothing,
+                       overwrite=args.overwrite)))
     return 0
