@@ -46,9 +46,9 @@ from safetensors.torch import save as save_safetensors_bytes
 from .config import (ScheduleConfig, UNetConfig, from_dict, segmentation_output_channels,
                      to_dict)
 from .diffusion import NoiseSchedule
-from .errors import ConfigError, ModelFileError
-from .fileio import (NotRegularFileError, atomic_write_bytes, first_line, open_regular_file,
-                     parse_json, schema_problem)
+from .errors import ConfigError, ModelFileError, NotRegularFileError
+from .fileio import (atomic_write_bytes, first_line, open_regular_file, parse_json,
+                     schema_problem)
 from .resources import Cost, activation_bytes, check_fits, parameter_shapes, schedule_bytes
 from .unet import UNet
 from .version import __version__

@@ -16,6 +16,8 @@ keeps working.
                             too new, or does not fit
 :class:`TrainingError`      training cannot go on (the loss stays non-finite, a write failed)
 :class:`MissingDependencyError`  an optional extra is not installed (says what to install)
+:class:`NotRegularFileError`     a folder, FIFO or device where a file must be (a ValueError;
+                                each reader words its own message)
 ==========================  ===================================================================
 """
 
@@ -25,7 +27,8 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = ["DiffunetError", "ConfigError", "UsageError", "FolderError", "DataError",
-           "ModelFileError", "TrainingError", "MissingDependencyError", "require"]
+           "ModelFileError", "TrainingError", "MissingDependencyError", "NotRegularFileError",
+           "require"]
 
 
 class DiffunetError(Exception):
@@ -62,6 +65,16 @@ class TrainingError(DiffunetError):
 
 class MissingDependencyError(DiffunetError, ImportError):
     """An optional dependency (an extra such as ``eval``) is not installed."""
+
+
+class NotRegularFileError(ValueError):
+    """A path names a folder, FIFO, socket or device where a regular file must be (raised by
+    :func:`diffunet.fileio.open_regular_file`; ``is_folder`` says which kind). Not a message for
+    the user by itself: each reader turns it into its own one-line error."""
+
+    def __init__(self, is_folder: bool) -> None:
+        super().__init__("not a regular file (a folder, FIFO, socket or device)")
+        self.is_folder = is_folder
 
 
 def require(ok: Any, error: type[Exception], message: Callable[[], str]) -> None:

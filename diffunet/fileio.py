@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 
 from PIL import Image
 
-from .errors import DataError
+from .errors import DataError, NotRegularFileError
 
 __all__ = ["atomic_save_image", "atomic_write_bytes", "atomic_writer", "first_line", "fsync_dir",
            "MAX_JSON_DEPTH", "NotRegularFileError", "open_regular_file", "parse_json", "read_json",
@@ -129,15 +129,6 @@ def parse_json(data: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
             elif tok in (b"]", b"}"):
                 depth -= 1
     return json.loads(raw.decode("utf-8"))
-
-
-class NotRegularFileError(ValueError):
-    """The path names a folder, FIFO, socket or device, not a regular file (``is_folder`` says
-    which of the two kinds)."""
-
-    def __init__(self, is_folder: bool) -> None:
-        super().__init__("not a regular file (a folder, FIFO, socket or device)")
-        self.is_folder = is_folder
 
 
 @contextlib.contextmanager
