@@ -7,13 +7,17 @@
 
 from __future__ import annotations
 
-from .checkpoint import load_model, save_model
+from .checkpoint import save_model
 from .config import (DataConfig, RunConfig, SampleConfig, ScheduleConfig, TrainConfig, UNetConfig,
                      load_config)
-from .diffusion import NoiseSchedule, diffusion_loss
+from .diffusion import NoiseSchedule, VPDenoiser, diffusion_loss
+from .edm import EDMDenoiser, EDMSchedule, edm_loss, make_schedule
 from .errors import (ConfigError, DataError, DiffunetError, FolderError, ModelFileError,
                      TrainingError, UsageError)
-from .samplers import ddim_step, ddpm_step, dpmpp_2m_step, make_timesteps, sample
+from .interop import load_model
+from .samplers import (ddim_step, ddpm_step, dpmpp_2m_step, make_sigmas, make_timesteps,
+                       network_calls, sample, sample_dpmpp_2m, sample_dpmpp_2m_sde,
+                       sample_euler, sample_euler_ancestral, sample_heun)
 from .unet import UNet
 from .version import __version__
 
@@ -21,6 +25,9 @@ __all__ = [
     "__version__",
     "UNet", "UNetConfig", "NoiseSchedule", "ScheduleConfig", "diffusion_loss",
     "make_timesteps", "ddpm_step", "ddim_step", "dpmpp_2m_step", "sample",
+    "EDMSchedule", "EDMDenoiser", "edm_loss", "make_schedule",
+    "VPDenoiser", "make_sigmas", "network_calls", "sample_euler", "sample_heun",
+    "sample_euler_ancestral", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
     "save_model", "load_model",
     "RunConfig", "DataConfig", "TrainConfig", "SampleConfig", "load_config",
     "DiffunetError", "ConfigError", "UsageError", "FolderError", "DataError", "ModelFileError",

@@ -10,7 +10,9 @@ tensors, and string metadata
 ``unet_config``        JSON of :class:`~diffunet.config.UNetConfig`
 ``schedule_config``    JSON of :class:`~diffunet.config.ScheduleConfig` (absent for a model with
                        no noise schedule, e.g. a segmentation UNet; ``load_model`` then returns
-                       ``None`` for the schedule)
+                       ``None`` for the schedule); its ``formulation`` ("vp" when absent, as in
+                       older files) says whether it loads as a ``NoiseSchedule`` or an
+                       ``EDMSchedule``
 anything else          JSON values given to ``save_model(..., extra=...)`` (e.g. ``step``)
 =====================  ==================================================================
 
@@ -45,7 +47,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from .config import (ScheduleConfig, UNetConfig, from_dict, segmentation_output_channels,
                      to_dict)
-from .diffusion import NoiseSchedule
+from .edm import Schedule, make_schedule
 from .errors import ConfigError, ModelFileError, NotRegularFileError
 from .fileio import (atomic_write_bytes, first_line, open_regular_file, parse_json,
                      schema_problem)
@@ -71,7 +73,7 @@ def unwrap_model(model: torch.nn.Module) -> UNet:
     return model
 
 
-def save_model(path: str | os.PathLike, model: torch.nn.Module, schedule: NoiseSchedule | None,
+def save_model(path: str | os.PathLike, model: torch.nn.Module, schedule: Schedule | None,
                *, extra: dict[str, Any] | None = None) -> None:
     """Write ``model``'s weights and configs to one self-describing ``.safetensors``.
 
@@ -502,7 +504,7 @@ class LoadedModel(NamedTuple):
     integer), its sha256, and the first tensor with non-finite values (None: all finite)."""
 
     net: UNet
-    schedule: NoiseSchedule | None
+    schedule: Schedule | None
     metadata: dict[str, Any]
     sha256: str
     nonfinite: tuple[str, int, int] | None
@@ -550,7 +552,7 @@ def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cp
         data_bytes = size - len(h.head)
         on_cpu = torch.device(device).type == "cpu"
         cost = Cost(n_params * 4 + (data_bytes if on_cpu else 0),
-                    schedule_bytes(sched_cfg.num_train_timesteps) if sched_cfg else 0,
+                    schedule_bytes(sched_cfg.table_timesteps or 0) if sched_cfg else 0,
                     activation_bytes(unet_cfg, 1))
         fix = "use a machine with more memory, or a smaller model"
         check_fits(cost, device, f"{path}: this model (one image at a time)", fix,
@@ -571,19 +573,21 @@ def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cp
     net.load_state_dict(ordered)
     del tensors, ordered
     net.to(device).eval()
-    schedule = NoiseSchedule(sched_cfg) if sched_cfg is not None else None
+    schedule = make_schedule(sched_cfg) if sched_cfg is not None else None
     return LoadedModel(net, schedule, meta, digest.hexdigest(), bad)
 
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-               ) -> tuple[UNet, NoiseSchedule | None, dict[str, Any]]:
+               ) -> tuple[UNet, Schedule | None, dict[str, Any]]:
     """Rebuild the UNet (in eval mode) and noise schedule stored in a model file.
 
     Returns ``(net, schedule, meta)`` where ``meta`` holds the file's other metadata
     (``format_version``, ``diffunet_version``, ``step`` if saved, ...) and ``sha256`` (the
     file's real checksum, whatever its metadata says); ``schedule`` is None for a file with no
-    noise schedule (a segmentation model). Never unpickles, never reads more than the header
-    before checking it (see :func:`load_model_file`); raises
+    noise schedule (a segmentation model), else a ``NoiseSchedule`` or, for a model trained
+    with ``schedule.formulation = "edm"``, an :class:`~diffunet.edm.EDMSchedule`. Never
+    unpickles, never reads more than the header before checking it (see
+    :func:`load_model_file`); raises
     :class:`~diffunet.errors.ModelFileError` with a one-line reason, also for weights that are
     not finite.
     """
@@ -592,7 +596,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
 
 
 def load_diffusion_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                         ) -> tuple[UNet, NoiseSchedule, dict[str, Any]]:
+                         ) -> tuple[UNet, Schedule, dict[str, Any]]:
     """:func:`load_model` for commands that need a diffusion model (sample, eval): a file with
     no noise schedule (a segmentation model) is a :class:`ModelFileError` saying what to use."""
     net, schedule, meta = load_model(path, device=device)

@@ -33,10 +33,21 @@ C = TypeVar("C")
 
 BetaSchedule = Literal["linear", "scaled_linear", "cosine", "sigmoid"]
 PredictionType = Literal["epsilon", "v", "x0"]
+Formulation = Literal["vp", "edm"]
+"""``ScheduleConfig.formulation``: DDPM's discrete variance-preserving process, or the EDM
+formulation of Karras et al. 2022 (continuous sigma, preconditioned network)."""
 
 
-SamplerName = Literal["ddpm", "ddim", "dpmpp-2m"]
-"""The step rules :func:`diffunet.samplers.sample` runs (``SAMPLERS`` there is this list)."""
+SamplerName = Literal["ddpm", "ddim", "dpmpp-2m", "euler", "heun", "euler-ancestral",
+                      "dpmpp-2m-sde"]
+"""The step rules :func:`diffunet.samplers.sample` runs (``SAMPLERS`` there is this list): the
+integer-timestep rules of VP models (DDPM, DDIM, DPM-Solver++(2M)) and the sigma-space family of
+Karras et al. 2022 (Euler, Heun = EDM Algorithm 2, Euler ancestral, DPM++ 2M SDE)."""
+SigmaGrid = Literal["karras", "exponential", "uniform"]
+"""The noise levels a sampler steps through (:func:`diffunet.samplers.make_sigmas`): Karras et
+al. 2022 eq. 5 (``rho``), log-uniform, or the training timesteps ``Spacing`` picks (VP only)."""
+ETA_SAMPLERS = ("ddim", "euler-ancestral", "dpmpp-2m-sde")
+"""The samplers with a step-noise ``eta`` (0 = deterministic)."""
 Spacing = Literal["leading", "trailing", "linspace"]
 """Which training timesteps a sampler visits (:func:`diffunet.samplers.make_timesteps`)."""
 
@@ -219,8 +230,19 @@ class UNetConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """The forward noising process q(x_t | x_0) and what the network is trained to predict."""
+    """The forward noising process and what the network is trained to predict.
 
+    ``formulation = "vp"`` (the default): the discrete process q(x_t | x_0) of DDPM, described
+    by the fields from ``num_train_timesteps`` to ``rescale_zero_terminal_snr``
+    (:class:`~diffunet.diffusion.NoiseSchedule`). ``formulation = "edm"``: Karras et al. 2022
+    ("Elucidating the Design Space of Diffusion-Based Generative Models"), x = x0 + sigma n with
+    a continuous sigma and the network preconditioned as their Table 1 says, described by the
+    fields from ``sigma_data`` on (:class:`~diffunet.edm.EDMSchedule`). Each formulation ignores
+    the other's fields: under ``edm`` the VP fields are unused (and need no reset), under ``vp``
+    an EDM field set away from its default is an error naming it.
+    """
+
+    formulation: Formulation = "vp"
     num_train_timesteps: int = 1000
     beta_schedule: BetaSchedule = "linear"
     beta_start: float = 0.0001
@@ -230,6 +252,17 @@ class ScheduleConfig:
     prediction_type: PredictionType = "epsilon"
     rescale_zero_terminal_snr: bool = False
     """Rescale betas so the last step is pure noise (Lin et al. 2023, Algorithm 1)."""
+    sigma_data: float = 0.5
+    """``edm``: the standard deviation of the data in the preconditioning (Table 1; 0.5 for
+    images in [-1, 1])."""
+    sigma_min: float = 0.002
+    """``edm``: the smallest noise level the samplers visit (Karras et al. Table 1)."""
+    sigma_max: float = 80.0
+    """``edm``: the largest noise level, where sampling starts from sigma_max-scaled noise."""
+    p_mean: float = -1.2
+    """``edm``: training noise levels are log-normal, ln(sigma) ~ N(p_mean, p_std^2) (sec. 5)."""
+    p_std: float = 1.2
+    """``edm``: the standard deviation of ln(sigma) while training."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "schedule")
@@ -242,6 +275,48 @@ class ScheduleConfig:
             _fail(p + "beta_end", f"must be in (0, 1), got {self.beta_end}")
         if self.beta_start > self.beta_end:
             _fail(p + "beta_start", f"{self.beta_start} is larger than beta_end {self.beta_end}")
+        if self.formulation == "vp":
+            for f in dataclasses.fields(self):
+                value = getattr(self, f.name)
+                if f.name in EDM_FIELDS and value != f.default:
+                    _fail(p + f.name, f"{value} is an EDM setting, unused with formulation "
+                          f"'vp'; set schedule.formulation=edm or leave it at its default "
+                          f"{f.default}")
+            return
+        for name in ("sigma_data", "sigma_min", "p_std"):
+            if not getattr(self, name) > 0:
+                _fail(p + name, f"must be positive, got {getattr(self, name)}")
+        if not self.sigma_max > self.sigma_min:
+            _fail(p + "sigma_max", f"{self.sigma_max} must be larger than sigma_min "
+                  f"{self.sigma_min}")
+
+    def used_fields(self) -> tuple[str, ...]:
+        """The fields that mean something under this formulation, ``formulation`` first (what
+        ``diffunet info`` shows; the others are stored but unused)."""
+        own = EDM_FIELDS if self.formulation == "edm" else VP_FIELDS
+        return ("formulation", *own)
+
+    def describe(self) -> str:
+        """The schedule in a few words, for the training header and ``diffunet info``."""
+        if self.formulation == "edm":
+            return (f"EDM formulation (Karras et al. 2022): sigma_data {self.sigma_data}, "
+                    f"sigma {self.sigma_min} to {self.sigma_max}, training ln(sigma) ~ "
+                    f"N({self.p_mean}, {self.p_std}^2)")
+        return (f"{self.prediction_type} prediction, {self.beta_schedule} schedule, "
+                f"{self.num_train_timesteps} timesteps")
+
+    @property
+    def table_timesteps(self) -> int | None:
+        """Entries of the float64 schedule tables (what memory checks count): T under ``vp``,
+        None under ``edm`` (a continuous sigma has no tables)."""
+        return self.num_train_timesteps if self.formulation == "vp" else None
+
+
+VP_FIELDS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
+             "rescale_zero_terminal_snr")
+"""The :class:`ScheduleConfig` fields of the discrete VP formulation."""
+EDM_FIELDS = ("sigma_data", "sigma_min", "sigma_max", "p_mean", "p_std")
+"""The :class:`ScheduleConfig` fields of the EDM formulation."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,8 +457,9 @@ class DataConfig:
     """``hf`` only: the column of integer class labels (for class-conditional models, with
     ``unet.num_classes``); unset: no labels."""
     streaming: bool = False
-    """``hf`` only: stream the data set instead of downloading it. Not supported yet (the batch
-    sampler needs the length, and exact resume needs items by index): a one-line error."""
+    """``hf`` only: stream the data set instead of downloading it (for ones that do not fit on
+    disk): shuffled through a buffer, epoch after epoch; resume skips what was already seen,
+    so it gives the batches of an uninterrupted run. Training only (eval reads by index)."""
     image_size: int | None = None
     """Side of the square training images; unset: the UNet's ``unet.image_size`` (in a
     :class:`RunConfig`; when set it must equal it)."""
@@ -415,10 +491,9 @@ class DataConfig:
         if self.source == "hf" and not self.name:
             _fail(p + "name", "is required with data.source = 'hf' (a Hub name like 'cifar10' "
                   "or a local folder)")
-        if self.streaming:
-            _fail(p + "streaming", "is not supported yet: training needs the data set's length "
-                  "and items by index (for exact resume); download it (data.streaming=false) or "
-                  "save a part with Dataset.save_to_disk and point data.name at that folder")
+        if self.streaming and self.source != "hf":
+            _fail(p + "streaming", f"is for data.source = 'hf' (Hugging Face datasets), not "
+                  f"{self.source!r}; remove it")
         _check_image_shape(self.image_size, self.channels)
         if self.builtin_size < 1:
             _fail(p + "builtin_size", f"must be a positive integer, got {self.builtin_size}")
@@ -558,15 +633,65 @@ def check_sampling(names: dict[str, str], *, sampler: Any = None, num_steps: Any
     if eta is not None:
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
             raise bad("eta", f"must be in [0, 1] (0: deterministic DDIM), got {eta!r}")
-        if eta != 0 and sampler is not None and sampler != "ddim":
-            raise bad("eta", f"only applies to {names['sampler']} ddim (got eta={eta} with "
-                      f"{sampler}); drop {names['eta']} or use {names['sampler']} ddim")
+        if eta != 0 and sampler is not None and sampler not in ETA_SAMPLERS:
+            raise bad("eta", f"only applies to {names['sampler']} ddim, euler-ancestral or "
+                      f"dpmpp-2m-sde (got eta={eta} with {sampler}); drop {names['eta']} or "
+                      f"use one of those samplers")
     if spacing is not None and spacing not in get_args(Spacing):
         raise error(f"unknown timestep spacing {spacing!r}; use {names['spacing']} with one of "
                     f"{', '.join(get_args(Spacing))}")
     if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(
             guidance_scale, (int, float)) or not math.isfinite(guidance_scale)):
         raise bad("guidance_scale", f"must be a finite number, got {guidance_scale!r}")
+
+
+ETA_ONE_SAMPLERS = ("euler-ancestral", "dpmpp-2m-sde")
+"""The samplers whose ``eta`` defaults to 1 (their ancestral noise); ``ddim``'s defaults to 0."""
+CHURN_SAMPLERS = ("heun",)
+"""The samplers that take EDM's S_churn, S_tmin, S_tmax and S_noise (Algorithm 2)."""
+
+
+def check_sampler_options(names: dict[str, str], *, sampler: Any = None, sigmas: Any = None,
+                          rho: Any = None, s_churn: Any = None, s_tmin: Any = None,
+                          s_tmax: Any = None, s_noise: Any = None,
+                          error: type[DiffunetError] = ConfigError) -> None:
+    """The rules for the sigma grid and EDM's stochasticity settings, for :class:`SampleConfig`
+    and the ``diffunet sample`` options, in one-line ``error``s naming the setting as ``names``
+    spells it (see :func:`check_sampling`); a None value was not given (for ``s_tmax``: no upper
+    limit) and is not checked."""
+    def bad(name: str, problem: str) -> DiffunetError:
+        return error(f"{names[name]} {problem}")
+
+    def number(value: Any) -> bool:
+        return (not isinstance(value, bool) and isinstance(value, (int, float))
+                and math.isfinite(value))
+
+    grids = get_args(SigmaGrid)
+    if sigmas is not None and sigmas not in grids:
+        close = difflib.get_close_matches(str(sigmas), grids, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise error(f"unknown sigma grid {sigmas!r}; {hint}use {names['sigmas']} with one of "
+                    f"{', '.join(grids)}")
+    if rho is not None:
+        if not number(rho) or not rho > 0:
+            raise bad("rho", f"must be a positive number (the karras grid's exponent; 7 is "
+                      f"Karras et al.'s choice), got {rho!r}")
+        if rho != 7.0 and sigmas is not None and sigmas != "karras":
+            raise bad("rho", f"only applies to {names['sigmas']} karras (got rho={rho} with "
+                      f"{sigmas}); drop {names['rho']} or use {names['sigmas']} karras")
+    for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax)):
+        if value is not None and (not number(value) or value < 0):
+            raise bad(name, f"must be a finite number >= 0, got {value!r}")
+    if s_noise is not None and (not number(s_noise) or not s_noise > 0):
+        raise bad("s_noise", f"must be a positive number (1 = no extra noise), got {s_noise!r}")
+    if s_tmin is not None and s_tmax is not None and s_tmin > s_tmax:
+        raise bad("s_tmin", f"{s_tmin} is larger than {names['s_tmax']} {s_tmax}")
+    if sampler is not None and sampler not in CHURN_SAMPLERS:
+        for name, value, default in (("s_churn", s_churn, 0.0), ("s_tmin", s_tmin, 0.0),
+                                     ("s_tmax", s_tmax, None), ("s_noise", s_noise, 1.0)):
+            if value is not None and value != default:
+                raise bad(name, f"only applies to {names['sampler']} heun (got {name}={value} "
+                          f"with {sampler}); drop {names[name]} or use {names['sampler']} heun")
 
 
 MAX_PREVIEW_IMAGES = 256
@@ -583,9 +708,27 @@ class SampleConfig:
 
     sampler: SamplerName = free_on_resume("ddim")
     num_steps: int = free_on_resume(25)
-    eta: float = free_on_resume(0.0)
-    """DDIM's noise: 0 deterministic ... 1 DDPM-like (``ddim`` only)."""
+    eta: float | None = free_on_resume(None)
+    """The step noise of the samplers that have one: 0 deterministic ... 1 ancestral (DDPM-like)
+    for ``ddim``, ``euler-ancestral`` and ``dpmpp-2m-sde``; unset: 0 for ``ddim``, 1 for the
+    other two (k-diffusion's and diffusers' choice; at 0 they are plain Euler and DPM++ 2M)."""
     spacing: Spacing = free_on_resume("trailing")
+    """Which training timesteps the ``uniform`` grid visits (VP models)."""
+    sigmas: SigmaGrid | None = free_on_resume(None)
+    """The noise levels the sampler steps through: ``karras`` (Karras et al. 2022, eq. 5, with
+    ``rho``), ``exponential`` (log-uniform) or ``uniform`` (the training timesteps ``spacing``
+    picks; VP models only); unset: ``uniform`` for ddpm/ddim/dpmpp-2m on a VP model (their
+    exact integer-timestep rules), ``karras`` otherwise (the other samplers, EDM models)."""
+    rho: float = free_on_resume(7.0)
+    """The ``karras`` grid's exponent (eq. 5; 7 is the paper's choice)."""
+    s_churn: float = free_on_resume(0.0)
+    """``heun`` only: EDM's stochasticity S_churn (Algorithm 2; 0 is the deterministic sampler)."""
+    s_tmin: float = free_on_resume(0.0)
+    """``heun``: noise is added only at noise levels sigma in [s_tmin, s_tmax] (S_tmin)."""
+    s_tmax: float | None = free_on_resume(None)
+    """``heun``: the top of that range (S_tmax); unset: no upper limit (infinity)."""
+    s_noise: float = free_on_resume(1.0)
+    """``heun``: the scale of the added noise (S_noise; EDM used 1.003 to 1.007 on ImageNet)."""
     guidance_scale: float = free_on_resume(1.0)
     """Classifier-free guidance scale for class-conditional models (1 = no guidance)."""
     clip_x0: bool = free_on_resume(True)
@@ -594,14 +737,38 @@ class SampleConfig:
     """Images in each preview grid (``diffunet sample`` has ``--num-samples`` instead)."""
 
     def __post_init__(self) -> None:
+        if self.s_tmax == math.inf:
+            _fail("sample.s_tmax", 'inf is the default: leave it unset (or "none") for no '
+                  "upper limit")
         _check_finite(self, "sample")
-        check_sampling({f.name: f"sample.{f.name}" for f in dataclasses.fields(self)},
-                       sampler=self.sampler, num_steps=self.num_steps, eta=self.eta,
+        names = {f.name: f"sample.{f.name}" for f in dataclasses.fields(self)}
+        check_sampling(names, sampler=self.sampler, num_steps=self.num_steps, eta=self.eta,
                        spacing=self.spacing, guidance_scale=self.guidance_scale)
+        check_sampler_options(names, sampler=self.sampler, sigmas=self.sigmas, rho=self.rho,
+                              s_churn=self.s_churn, s_tmin=self.s_tmin, s_tmax=self.s_tmax,
+                              s_noise=self.s_noise)
         if not 1 <= self.num_images <= MAX_PREVIEW_IMAGES:
             _fail("sample.num_images", f"must be in [1, {MAX_PREVIEW_IMAGES}] (a preview is "
                   f"one grid, sampled in one batch beside the training run), got "
                   f"{self.num_images}; draw more with diffunet sample --num-samples")
+
+    @property
+    def resolved_eta(self) -> float:
+        """``eta`` with unset filled in: 1 for ``euler-ancestral`` and ``dpmpp-2m-sde``, else 0."""
+        if self.eta is not None:
+            return float(self.eta)
+        return 1.0 if self.sampler in ETA_ONE_SAMPLERS else 0.0
+
+    def sample_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`diffunet.samplers.sample` these settings stand for
+        (unset ``eta`` and ``s_tmax`` resolved), the one translation previews and
+        ``diffunet sample`` share."""
+        return dict(sampler=self.sampler, num_steps=self.num_steps, eta=self.resolved_eta,
+                    spacing=self.spacing, sigmas=self.sigmas, rho=self.rho,
+                    s_churn=self.s_churn, s_tmin=self.s_tmin,
+                    s_tmax=math.inf if self.s_tmax is None else self.s_tmax,
+                    s_noise=self.s_noise, guidance_scale=self.guidance_scale,
+                    clip_x0=self.clip_x0)
 
 
 def _fit_data_to_unet(cfg: Any) -> None:
@@ -649,7 +816,8 @@ class RunConfig:
         if self.sample.guidance_scale != 1.0 and self.unet.num_classes is None:
             _fail("sample.guidance_scale", f"{self.sample.guidance_scale} needs a class-conditional "
                   "model; set unet.num_classes or leave guidance_scale at 1")
-        if self.sample.num_steps > self.schedule.num_train_timesteps:
+        if self.schedule.formulation == "vp" and \
+                self.sample.num_steps > self.schedule.num_train_timesteps:
             _fail("sample.num_steps", f"{self.sample.num_steps} is more than "
                   f"schedule.num_train_timesteps {self.schedule.num_train_timesteps}")
 
@@ -919,17 +1087,21 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
 
 def to_toml(cfg: Any) -> str:
     """The resolved config as TOML text that loads back to ``cfg``. An unset value is a comment
-    where unset is the default, else ``key = "none"`` (TOML has no null)."""
+    where unset is the default, else ``key = "none"`` (TOML has no null). A schedule field its
+    formulation does not use (:meth:`ScheduleConfig.used_fields`) says so in a comment."""
     lines = []
     defaults = to_dict(type(cfg)())
     for section, table in to_dict(cfg).items():
         lines.append(f"[{section}]")
+        part = getattr(cfg, section)
+        used = part.used_fields() if isinstance(part, ScheduleConfig) else tuple(table)
         for key, value in table.items():
             if value is None and defaults[section].get(key) is not None:
                 lines.append(f'{key} = "none"')
             elif value is None:
                 lines.append(f"# {key} is unset")
             else:  # JSON scalars and lists of them are valid TOML values
-                lines.append(f"{key} = {json.dumps(value)}")
+                note = "" if key in used else f"  # unused with formulation {part.formulation!r}"
+                lines.append(f"{key} = {json.dumps(value)}{note}")
         lines.append("")
     return "\n".join(lines)

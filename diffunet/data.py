@@ -21,6 +21,7 @@ the number of processes, and starting at step ``s`` reproduces an uninterrupted 
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
 import os
 import stat
@@ -41,6 +42,8 @@ __all__ = [
     "BuiltinShapes",
     "FolderImages",
     "HFImages",
+    "HFStream",
+    "hf_columns",
     "TorchvisionImages",
     "GlobalBatchSampler",
     "TORCHVISION_DATASETS",
@@ -532,7 +535,16 @@ def _hf_offline() -> bool:
 
 
 def _load_hf(cfg: DataConfig) -> Any:
-    """The ``datasets.Dataset`` of ``cfg.name`` and ``cfg.split`` (a one-line error otherwise)."""
+    """The ``datasets.Dataset`` of ``cfg.name`` and ``cfg.split`` (a one-line error otherwise);
+    with ``cfg.streaming`` an ``IterableDataset`` (a folder saved by ``save_to_disk`` is read
+    from disk and iterated as a stream, which is what the tests use)."""
+    ds = _open_hf(cfg)
+    if cfg.streaming and hasattr(ds, "to_iterable_dataset"):
+        ds = ds.to_iterable_dataset()
+    return ds
+
+
+def _open_hf(cfg: DataConfig) -> Any:
     try:
         import datasets
     except ImportError:
@@ -545,7 +557,8 @@ def _load_hf(cfg: DataConfig) -> Any:
         saved = any((local / f).is_file() for f in ("state.json", "dataset_dict.json"))
         try:
             if not saved:  # a folder of data files (images, parquet, csv, ...): a builder reads it
-                return datasets.load_dataset(str(local), split=cfg.split, cache_dir=cache_dir)
+                return datasets.load_dataset(str(local), split=cfg.split, cache_dir=cache_dir,
+                                             streaming=cfg.streaming)
             ds = datasets.load_from_disk(str(local))
         except Exception as e:
             raise DataError(f"data.name: cannot read the data set in {local} "
@@ -561,12 +574,33 @@ def _load_hf(cfg: DataConfig) -> Any:
         raise DataError(f"data.name: {name} is not a folder; point data.name at a folder written "
                         "by Dataset.save_to_disk or holding data files, or give a Hub name")
     try:
-        return datasets.load_dataset(name, split=cfg.split, cache_dir=cache_dir)
+        return datasets.load_dataset(name, split=cfg.split, cache_dir=cache_dir,
+                                     streaming=cfg.streaming)
     except Exception as e:
         how = ("HF_DATASETS_OFFLINE=1 is set, so only the local cache was tried"
                if _hf_offline() else "nor could it be loaded from the Hub or the local cache")
         raise DataError(f"data.name: {name!r} is not a local folder, {how} "
                         f"({first_line(e)})") from None
+
+
+def hf_columns(features: Any, image_column: str | None, label_column: str | None) -> str:
+    """The image column of a Hugging Face data set with ``features`` (``image_column``, else
+    the first column of Image type, else "image" or "img"), after checking that both columns
+    exist; a one-line :class:`DataError` listing the columns otherwise."""
+    import datasets
+    columns = list(features)
+    shown = ", ".join(columns) or "none"
+    if image_column is None:
+        found = [c for c in columns if isinstance(features[c], datasets.Image)]
+        found += [c for c in ("image", "img") if c in columns]
+        if not found:
+            raise DataError(f"data.image_column: no column of Image type, nor 'image' or "
+                            f"'img'; the columns: {shown}")
+        image_column = found[0]
+    for key, col in (("image_column", image_column), ("label_column", label_column)):
+        if col is not None and col not in columns:
+            raise DataError(f"data.{key}: no column {col!r}; the columns: {shown}")
+    return image_column
 
 
 class HFImages(Dataset):
@@ -581,18 +615,7 @@ class HFImages(Dataset):
                  label_column: str | None = None) -> None:
         import datasets
         features = ds.features
-        columns = list(features)
-        shown = ", ".join(columns) or "none"
-        if image_column is None:
-            found = [c for c in columns if isinstance(features[c], datasets.Image)]
-            found += [c for c in ("image", "img") if c in columns]
-            if not found:
-                raise DataError(f"data.image_column: no column of Image type, nor 'image' or "
-                                f"'img'; the columns: {shown}")
-            image_column = found[0]
-        for key, col in (("image_column", image_column), ("label_column", label_column)):
-            if col is not None and col not in columns:
-                raise DataError(f"data.{key}: no column {col!r}; the columns: {shown}")
+        image_column = hf_columns(features, image_column, label_column)
         self.image_column, self.label_column = image_column, label_column
         self.image_size = image_size
         self.channels = channels
@@ -631,6 +654,119 @@ class HFImages(Dataset):
         return image, (self.labels[index] if self.labels is not None else -1)
 
 
+class HFStream:
+    """A streamed Hugging Face data set (``data.streaming = true``) as an endless stream of
+    training batches, for data sets that do not fit on disk.
+
+    The order: epoch 0 of the stream shuffled (``IterableDataset.shuffle``: shard order plus a
+    buffer of ``shuffle_buffer`` examples) with a seed from ``(seed, 0)``, then epoch 1 with a
+    seed from ``(seed, 1)``, ... without a seam; global step ``s`` is examples ``[s*B, (s+1)*B)``
+    of that stream and process ``rank`` decodes its own contiguous ``B // world`` of them, as
+    :class:`GlobalBatchSampler` does for indexed data. Every process reads the whole stream
+    (images undecoded) and so sees the same global batches; resuming at step ``s`` skips the
+    first ``s*B`` examples without decoding them, which gives exactly the batches of an
+    uninterrupted run (the price: the skipped part is read again).
+
+    There is no length: ``len()`` is not defined. Labels: a ClassLabel column gives the class
+    names; plain integer labels need ``num_classes`` (the stream cannot be counted ahead).
+    """
+
+    def __init__(self, cfg: DataConfig, num_classes: int | None = None,
+                 shuffle_buffer: int = 1000) -> None:
+        import datasets
+        ds = _load_hf(cfg)
+        features = ds.features
+        if features is None:
+            raise DataError(f"data.streaming: the stream of {cfg.name} does not say its columns' "
+                            "types; stream a data set with features (parquet, Image columns) or "
+                            "set data.streaming=false")
+        self.image_column = hf_columns(features, cfg.image_column, cfg.label_column)
+        self.label_column = cfg.label_column
+        self.image_size, self.channels = int(cfg.image_size or 0), int(cfg.channels or 0)
+        self.shuffle_buffer = shuffle_buffer
+        self.skipped: list[str] = []
+        self.num_classes: int | None = None
+        self.class_names: list[str] | None = None
+        if self.label_column is not None:
+            feature = features[self.label_column]
+            if isinstance(feature, datasets.ClassLabel):
+                self.class_names = [str(n) for n in feature.names]
+            elif num_classes is not None:
+                self.class_names = [str(k) for k in range(num_classes)]
+            else:
+                raise DataError(f"data.label_column: {self.label_column!r} holds plain integers "
+                                f"({feature}) and a stream cannot be counted ahead; set "
+                                "unet.num_classes")
+            self.num_classes = len(self.class_names)
+        columns = [self.image_column] + ([self.label_column] if self.label_column else [])
+        ds = ds.select_columns(columns)
+        if isinstance(features[self.image_column], datasets.Image):
+            ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
+        self.ds = ds
+        self.name = f"{cfg.name} (split {cfg.split})"
+
+    def _image(self, value: Any, where: str) -> Tensor:
+        import io
+
+        from PIL import Image
+        try:
+            if isinstance(value, dict):  # an undecoded Image feature: its bytes, or a path
+                source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
+                with image_header(source) as img:
+                    img.load()
+                    return prepare_image(img, self.image_size, self.channels)
+            if not isinstance(value, Image.Image):  # an array column
+                import numpy as np
+                value = Image.fromarray(np.asarray(value))
+            return prepare_image(value, self.image_size, self.channels)
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"data.image_column: {where} of {self.image_column!r} is not a "
+                            f"readable image ({first_line(e)})") from None
+
+    def _label(self, value: Any, where: str) -> int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if not ok or not 0 <= value < (self.num_classes or 0):
+            raise DataError(f"data.label_column: {where} has label {value!r}, not a class index "
+                            f"in [0, {self.num_classes})")
+        return int(value)
+
+    def batches(self, global_batch_size: int, *, seed: int, start_step: int = 0, rank: int = 0,
+                world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+        """This process's ``(images (b, C, S, S), labels (b,))`` for each step from
+        ``start_step`` on, b = ``global_batch_size // world_size`` (labels -1 if unlabelled)."""
+        local = global_batch_size // world_size
+        skip = start_step * global_batch_size
+        pos = 0  # position in the endless stream
+        pending: list[dict[str, Any]] = []
+        for epoch in itertools.count():
+            stream = self.ds.shuffle(seed=seed_for(_TAG_EPOCH, seed, epoch) % 2**32,
+                                     buffer_size=self.shuffle_buffer)
+            seen = 0
+            for example in stream:
+                seen += 1
+                pos += 1
+                if pos <= skip:
+                    continue
+                pending.append(example)
+                if len(pending) < global_batch_size:
+                    continue
+                mine = pending[rank * local:(rank + 1) * local]
+                first = pos - global_batch_size + rank * local
+                images = torch.stack([self._image(ex[self.image_column],
+                                                  f"example {first + i} of the stream")
+                                      for i, ex in enumerate(mine)])
+                labels = torch.tensor(
+                    [self._label(ex[self.label_column], f"example {first + i} of the stream")
+                     if self.label_column else -1 for i, ex in enumerate(mine)],
+                    dtype=torch.int64)
+                pending = []
+                yield images, labels
+            if seen == 0:
+                raise DataError(f"data.name: the stream of {self.name} is empty")
+
+
 def build_dataset(cfg: DataConfig) -> Dataset:
     """The training data set ``cfg`` describes; items ``(image (C, S, S) in [-1, 1], label)``.
 
@@ -641,6 +777,10 @@ def build_dataset(cfg: DataConfig) -> Dataset:
         if getattr(cfg, name) is None:
             raise ConfigError(f"data.{name} is unset; a DataConfig on its own needs image_size "
                               "and channels (a RunConfig fills them in from its unet)")
+    if cfg.streaming:
+        raise DataError("data.streaming=true streams a data set for training only; this command "
+                        "reads it by index: set data.streaming=false (downloads it) or point "
+                        "data.name at a local copy")
     if cfg.source == "builtin":  # rendered in vectorised ops: faster than any cache
         return BuiltinShapes(cfg.builtin_size, cfg.image_size, cfg.channels, seed=0)
     if cfg.source == "folder":

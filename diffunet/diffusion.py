@@ -5,7 +5,9 @@
 (``epsilon``), velocity (``v``, Salimans & Ho 2022) or clean data (``x0``). Everything else, the
 step rules in :mod:`diffunet.samplers` and the bound in
 :mod:`diffunet.likelihood` included, goes through :meth:`NoiseSchedule.target`,
-:meth:`NoiseSchedule.split_output` and :meth:`NoiseSchedule.loss_weight`.
+:meth:`NoiseSchedule.split_output` and :meth:`NoiseSchedule.loss_weight`, or through the
+denoiser view of Karras et al. 2022 (:class:`VPDenoiser`, ``schedule.denoiser(model)``), which
+uses the same conversion at the alpha_bar of a noise level sigma.
 
 Notation (DDPM): ``beta_t`` the per-step noise variance, ``alpha_t = 1 - beta_t``, ``ab`` =
 ``alpha_bar_t = prod_{s<=t} alpha_s`` (``alphas_cumprod[t]``), so that
@@ -20,7 +22,7 @@ not the model.
 from __future__ import annotations
 
 import math
-from typing import Union, get_args
+from typing import Any, Callable, Literal, Optional, Union, get_args
 
 import torch
 from torch import Tensor
@@ -81,7 +83,8 @@ class NoiseSchedule:
 
     Tables (all plain CPU float64 tensors of shape (T,), ``T = config.num_train_timesteps``):
     ``betas``, ``alphas``, ``alphas_cumprod``, ``sqrt_alphas_cumprod``,
-    ``sqrt_one_minus_alphas_cumprod``, ``snr_table`` (alpha_bar / (1 - alpha_bar)).
+    ``sqrt_one_minus_alphas_cumprod``, ``snr_table`` (alpha_bar / (1 - alpha_bar)), ``sigmas``
+    (sqrt((1 - alpha_bar) / alpha_bar), the noise levels of the denoiser view).
 
     Every method that takes a tensor gathers at ``t`` and returns values on that tensor's device
     and dtype (house rule 7). ``t`` is a Python int or a 0-d integer tensor (one timestep for the
@@ -97,6 +100,10 @@ class NoiseSchedule:
 
     def __init__(self, config: ScheduleConfig | None = None) -> None:
         config = ScheduleConfig() if config is None else config
+        if config.formulation != "vp":  # the continuous-sigma one lives in diffunet.edm
+            raise ConfigError(f"schedule.formulation: NoiseSchedule is the discrete VP schedule, "
+                              f"got {config.formulation!r}; use diffunet.edm.EDMSchedule (or "
+                              "diffunet.edm.make_schedule, which builds either)")
         if config.prediction_type not in get_args(PredictionType):
             choices = ", ".join(repr(c) for c in get_args(PredictionType))
             raise ConfigError(f"schedule.prediction_type: {config.prediction_type!r} is not one "
@@ -121,12 +128,14 @@ class NoiseSchedule:
             "ab": ab,
             "sqrt_ab": ab.sqrt(),
             "sqrt_1m_ab": (1 - ab).sqrt(),
-            "recip_sqrt_ab": 1 / ab.sqrt(),  # inf where ab = 0 (zero terminal SNR)
-            "sqrt_recip_ab_m1": (1 / ab - 1).sqrt(),  # sqrt(1 - ab) / sqrt(ab)
-            "recip_sqrt_1m_ab": 1 / (1 - ab).sqrt(),  # inf at t = -1 (never divided there)
-            "sqrt_ab_over_sqrt_1m_ab": ab.sqrt() / (1 - ab).sqrt(),
             "snr": ab / (1 - ab),  # inf at t = -1
+            "sigma": ((1 - ab) / ab).sqrt(),  # 0 at t = -1; inf where ab = 0 (zero terminal SNR)
         }
+        # The noise levels of the denoiser view (Karras et al. 2022, sec. 2): sigma_t =
+        # sqrt((1 - ab_t) / ab_t), so that x_t / sqrt(ab_t) = x0 + sigma_t eps.
+        self.sigmas: Tensor = self._tables["sigma"][1:]
+        # Not a gather table (no t = -1 entry): ascending log-sigmas for sigma_to_timestep.
+        self._log_sigmas: Tensor = self.sigmas.log()
         self._memo: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
 
     # -----------------------------------------------------------------------------------------
@@ -161,22 +170,35 @@ class NoiseSchedule:
 
         With ``like=None``: float64 on CPU, shaped like ``t`` (0-d or (B,)).
         """
-        idx = self.table_index(t)
         if like is None:
+            idx = self.table_index(t)
             table = self._tables[name]
             out = table[idx.cpu() if isinstance(idx, Tensor) else idx]
             return out.clone() if out.ndim == 0 else out
-        key = (name, like.device, like.dtype)
-        table = self._memo.get(key)
-        if table is None:
-            table = self._tables[name].to(device=like.device, dtype=like.dtype)
-            self._memo[key] = table
+        return self._gather_as(name, t, like.device, like.dtype, like.ndim)
+
+    def _gather_as(self, name: str, t: Timesteps, device: torch.device, dtype: torch.dtype,
+                   ndim: int) -> Tensor:
+        """``table[t]`` on ``device`` in ``dtype``: 0-d for a scalar ``t``, else (B,) reshaped to
+        (B, 1, ..., 1) with ``ndim`` dimensions (when ``ndim`` > 1)."""
+        idx = self.table_index(t)
+        table = self._table(name, device, dtype)
         if isinstance(idx, int):
             return table[idx]  # 0-d: broadcasts against anything
-        out = table[idx.to(like.device)]
-        if out.ndim == 1 and like.ndim > 1:
-            out = out.reshape(-1, *([1] * (like.ndim - 1)))
+        out = table[idx.to(device)]
+        if out.ndim == 1 and ndim > 1:
+            out = out.reshape(-1, *([1] * (ndim - 1)))
         return out
+
+    def _table(self, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The gather table ``name`` (or ``log_sigmas``) cast to (device, dtype), memoised."""
+        key = (name, device, dtype)
+        table = self._memo.get(key)
+        if table is None:
+            src = self._log_sigmas if name == "log_sigmas" else self._tables[name]
+            table = src.to(device=device, dtype=dtype)
+            self._memo[key] = table
+        return table
 
     def alpha_bar(self, t: Timesteps, like: Tensor | None = None) -> Tensor:
         """alpha_bar_t = prod_{s<=t} (1 - beta_s); 1 at t = -1.
@@ -225,27 +247,83 @@ class NoiseSchedule:
         ``v``: x0 = sqrt(ab) x_t - sqrt(1-ab) v, eps = sqrt(1-ab) x_t + sqrt(ab) v (Salimans & Ho);
         ``x0``: eps = (x_t - sqrt(ab) x0) / sqrt(1-ab) (see :meth:`eps_from_x0`).
         Undefined where it divides by zero: ``epsilon`` at alpha_bar = 0 (zero terminal SNR).
+        The same conversion, at the alpha_bar of a noise level sigma, is the denoiser view
+        (:class:`VPDenoiser`).
         """
-        p = self.config.prediction_type
-        if p == "epsilon":
-            x0_hat = (self._gather("recip_sqrt_ab", t, xt) * xt
-                      - self._gather("sqrt_recip_ab_m1", t, xt) * out)
-            return x0_hat, out
-        if p == "v":
-            a = self._gather("sqrt_ab", t, xt)
-            s = self._gather("sqrt_1m_ab", t, xt)
-            return a * xt - s * out, s * xt + a * out
-        return out, self.eps_from_x0(xt, t, out)
+        a, s = self._coefficients(t, xt)
+        return _split(self.config.prediction_type, xt, out, a, s)
 
     def eps_from_x0(self, xt: Tensor, t: Timesteps, x0_hat: Tensor) -> Tensor:
         """The noise implied by x_t and an x0 estimate: (x_t - sqrt(ab) x0) / sqrt(1 - ab).
 
         Used by ``x0`` prediction and by DDIM after clipping x0_hat. The coefficients
-        1/sqrt(1-ab) and sqrt(ab)/sqrt(1-ab) come from float64 tables; at small t (1 - ab ~ 1e-4)
+        1/sqrt(1-ab) and sqrt(ab)/sqrt(1-ab) are formed in float64; at small t (1 - ab ~ 1e-4)
         the result still amplifies any error in x0_hat by ~1/sqrt(1-ab), which is inherent.
         """
-        return (self._gather("recip_sqrt_1m_ab", t, xt) * xt
-                - self._gather("sqrt_ab_over_sqrt_1m_ab", t, xt) * x0_hat)
+        a, s = self._coefficients(t, xt)
+        return _split("x0", xt, x0_hat, a, s)[1]
+
+    def _coefficients(self, t: Timesteps, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(sqrt(ab), sqrt(1 - ab)) at ``t`` in float64 (float32 on a device without float64)
+        on ``like``'s device, shaped to broadcast against ``like``."""
+        dtype = coefficient_dtype(like.device)
+        return (self._gather_as("sqrt_ab", t, like.device, dtype, like.ndim),
+                self._gather_as("sqrt_1m_ab", t, like.device, dtype, like.ndim))
+
+    # -----------------------------------------------------------------------------------------
+    # Noise levels: the denoiser view of Karras et al. 2022 (sec. 2, Table 1, "VP" column)
+
+    @property
+    def sigma_min(self) -> float:
+        """The smallest noise level the network was trained on, sigma at t = 0."""
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        """The largest, sigma at t = T-1; ``inf`` for a zero-terminal-SNR schedule (the sigma
+        grids then start from the largest finite entry of :attr:`sigmas`)."""
+        return float(self.sigmas[-1])
+
+    def timestep_to_sigma(self, t: Timesteps) -> Tensor:
+        """sigma_t = sqrt((1 - ab_t) / ab_t) at integer timesteps ``t`` (0 at t = -1), as a
+        float64 CPU tensor shaped like ``t`` (0-d or (B,))."""
+        return self._gather("sigma", t, None)
+
+    def sigma_to_timestep(self, sigma: Union[float, Tensor],
+                          mode: Literal["interpolate", "nearest"] = "interpolate") -> Tensor:
+        """The training timestep of noise level ``sigma`` (a float or a tensor of any shape).
+
+        ``interpolate``: linear in log-sigma between the two neighbouring table entries (as
+        k-diffusion's ``DiscreteSchedule.sigma_to_t`` and diffusers' Euler schedulers), clamped
+        to [0, T-1]; a float64 tensor (float32 on a device without float64). ``nearest``: the
+        table entry nearest in log-sigma, i.e. the interpolated value rounded (half to even);
+        int64. Same shape and device as ``sigma``. Under zero terminal SNR (sigma_{T-1} = inf)
+        every finite sigma above sigma_{T-2} maps to T-2 and only inf to T-1.
+        """
+        if mode not in ("interpolate", "nearest"):
+            raise UsageError(f"sigma_to_timestep: mode must be 'interpolate' or 'nearest', "
+                             f"got {mode!r}")
+        s = torch.as_tensor(sigma)
+        dtype = coefficient_dtype(s.device)
+        s = s.to(dtype)
+        T = self.config.num_train_timesteps
+        if T == 1:
+            t = torch.zeros_like(s)
+        else:
+            log_sigmas = self._table("log_sigmas", s.device, dtype)  # (T,) ascending
+            log_s = s.log()
+            low = (torch.searchsorted(log_sigmas, log_s.contiguous(), right=True) - 1)
+            low = low.clamp(0, T - 2)
+            lo, hi = log_sigmas[low], log_sigmas[low + 1]
+            w = ((log_s - lo) / (hi - lo)).clamp(0, 1)
+            w = torch.where(log_s == math.inf, torch.ones_like(w), w)  # inf / inf at sigma = inf
+            t = low.to(dtype) + w
+        return t.round().long() if mode == "nearest" else t
+
+    def denoiser(self, model: Callable[..., Tensor], **kwargs: Any) -> "VPDenoiser":
+        """The denoiser D(x; sigma) of ``model`` under this schedule (:class:`VPDenoiser`;
+        ``kwargs``: its ``timestep`` mode)."""
+        return VPDenoiser(model, self, **kwargs)
 
     def loss_weight(self, t: Timesteps, min_snr_gamma: float, like: Tensor | None = None) -> Tensor:
         """Min-SNR-gamma loss weight at ``t`` for this schedule's prediction type.
@@ -268,6 +346,88 @@ class NoiseSchedule:
 
     def __repr__(self) -> str:
         return f"NoiseSchedule({self.config!r})"
+
+
+def coefficient_dtype(device: torch.device) -> torch.dtype:
+    """The dtype schedule coefficients are formed in on ``device``: float64, or float32 where
+    the device has no float64 (Apple's MPS). Results are cast to the sample's dtype after."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def _split(prediction_type: str, xt: Tensor, out: Tensor, sqrt_ab: Tensor,
+           sqrt_1m_ab: Tensor) -> tuple[Tensor, Tensor]:
+    """The one eps/v/x0 conversion (house rule 2): the network output ``out`` at
+    x_t = sqrt_ab x0 + sqrt_1m_ab eps as ``(x0_hat, eps_hat)``, both shaped and typed like ``xt``.
+
+    ``sqrt_ab``, ``sqrt_1m_ab``: float64 (see :func:`coefficient_dtype`) tensors broadcasting
+    against ``xt``; the derived coefficients are formed at that precision and cast only then.
+    ``epsilon``: x0 = x_t / sqrt_ab - (sqrt_1m_ab / sqrt_ab) eps (DDPM eq. 15);
+    ``v``: x0 = sqrt_ab x_t - sqrt_1m_ab v, eps = sqrt_1m_ab x_t + sqrt_ab v (Salimans & Ho 2022);
+    ``x0``: eps = x_t / sqrt_1m_ab - (sqrt_ab / sqrt_1m_ab) x0.
+    """
+    a, s = sqrt_ab, sqrt_1m_ab
+
+    def c(coef: Tensor) -> Tensor:
+        return coef.to(xt.dtype)
+
+    if prediction_type == "epsilon":
+        return c(1 / a) * xt - c(s / a) * out, out
+    if prediction_type == "v":
+        return c(a) * xt - c(s) * out, c(s) * xt + c(a) * out
+    return out, c(1 / s) * xt - c(a / s) * out
+
+
+class VPDenoiser:
+    """The denoiser view of a network trained on a :class:`NoiseSchedule` (Karras et al. 2022,
+    sec. 2 and Table 1, "VP"): ``D(x, sigma, class_labels=None) -> x0_hat``.
+
+    x (B, C, H, W) is in "VE scaling", x = x0 + sigma n; sigma a (B,) tensor (or a 0-d one, or
+    a float, for the whole batch). With ab = 1 / (1 + sigma^2) (the exact alpha_bar of sigma),
+    the network sees x_t = sqrt(ab) x = x / sqrt(1 + sigma^2) and the training timestep of sigma
+    (:meth:`NoiseSchedule.sigma_to_timestep` with ``timestep`` = ``interpolate``: a float
+    timestep, linear in log-sigma between table entries; ``nearest``: the int64 table index),
+    and its output becomes x0_hat through the same conversion as
+    :meth:`NoiseSchedule.split_output` at that ab. Returns x0_hat (B, C, H, W) in x's dtype.
+
+    ``sigma_min``/``sigma_max``: the schedule's (``sigma_max`` = inf under zero terminal SNR).
+    The model is called as ``model(x_t, t)``, or ``model(x_t, t, class_labels=y)`` with labels.
+    """
+
+    def __init__(self, model: Callable[..., Tensor], schedule: NoiseSchedule, *,
+                 timestep: Literal["interpolate", "nearest"] = "interpolate") -> None:
+        if timestep not in ("interpolate", "nearest"):
+            raise UsageError(f"VPDenoiser: timestep must be 'interpolate' or 'nearest', got "
+                             f"{timestep!r}")
+        self.model = model
+        self.schedule = schedule
+        self.timestep = timestep
+        self.sigma_min: float = schedule.sigma_min
+        self.sigma_max: float = schedule.sigma_max
+
+    def __call__(self, x: Tensor, sigma: Union[float, Tensor],
+                 class_labels: Optional[Tensor] = None) -> Tensor:
+        dtype = coefficient_dtype(x.device)
+        s = torch.as_tensor(sigma).to(device=x.device, dtype=dtype)
+        if s.ndim == 0:
+            s = s.expand(x.shape[0])
+        if s.shape != (x.shape[0],):
+            raise ValueError(f"sigma must be a scalar or a ({x.shape[0]},) tensor, got shape "
+                             f"{tuple(s.shape)}")
+        t = self.schedule.sigma_to_timestep(s, self.timestep)
+        if t.is_floating_point():  # a float timestep: at least float32 (the net's time embedding)
+            t = t.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        sqrt_ab = (1 + s * s).rsqrt()  # ab = 1 / (1 + sigma^2)
+        # sqrt(1 - ab) = sigma sqrt(ab), written so that sigma = inf gives 1 rather than inf * 0
+        sqrt_1m_ab = torch.where(torch.isinf(s), torch.ones_like(s), s * sqrt_ab)
+        a, b = sqrt_ab.reshape(shape), sqrt_1m_ab.reshape(shape)
+        xt = x * a.to(x.dtype)
+        out = self.model(xt, t) if class_labels is None else \
+            self.model(xt, t, class_labels=class_labels)
+        return _split(self.schedule.config.prediction_type, xt, out, a, b)[0]
+
+    def __repr__(self) -> str:
+        return f"VPDenoiser({self.schedule!r}, timestep={self.timestep!r})"
 
 
 def diffusion_loss(schedule: NoiseSchedule, out: Tensor, x0: Tensor, noise: Tensor,

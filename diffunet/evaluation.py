@@ -10,6 +10,8 @@
 - The feature network is pluggable (:class:`FeatureNetwork`); :func:`load_inception` builds the
   standard FID Inception-v3 from the optional ``pytorch-fid`` package (``pip install
   "diffunet[eval]"``) and loads its weights from a local file or a once-downloaded cache.
+  :meth:`diffunet.judge.Judge.feature_network` is the offline one for models of the built-in
+  shapes (``--features builtin``); its identity (weights hash) keeps its cache entries apart.
 - :func:`bpd_data_config`, :func:`generated_images` and :func:`reference_images` resolve what
   ``diffunet eval bpd|fid`` evaluates on (:mod:`diffunet.cli.evaluate` parses and prints).
 
@@ -40,7 +42,7 @@ from .errors import (ConfigError, DataError, MissingDependencyError, ModelFileEr
                      UsageError)
 from .fileio import atomic_writer, first_line
 from .images import image_header
-from .likelihood import LIKELIHOOD_VARIANCES, bits_per_dim
+from .likelihood import LIKELIHOOD_VARIANCES, bits_per_dim, require_vp_bound
 
 __all__ = [
     "BPDResult",
@@ -143,6 +145,7 @@ def dataset_bits_per_dim(model: Callable[..., Tensor], schedule: NoiseSchedule, 
     device = torch.device(device) if device is not None else _default_device(model)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
+    require_vp_bound(schedule)
     T = schedule.num_train_timesteps
     exact = num_timesteps is None or num_timesteps >= T - 1
     evals = T if exact else num_timesteps + 1
@@ -639,22 +642,29 @@ def _run_folder(model_path: str | os.PathLike | None) -> Path | None:
     return run if weights.name == "weights" and (run / "config.json").is_file() else None
 
 
+_LOCAL_KEY = {"folder": "path", "torchvision": "path", "hf": "name"}
+"""The data key that may hold a path relative to where training ran, per source (for ``hf``,
+``data.name`` is a local data set folder or else a Hub name)."""
+
+
 def _stored_path(data: dict[str, Any], model_path: str | os.PathLike | None) -> dict[str, Any]:
-    """``data`` with a relative stored ``path`` found again: training resolved it against the
-    folder it ran in, which is usually the run folder's parent's parent (``runs/NAME``), so the
-    run folder and its parents are tried, then the current folder. If none holds it, a
-    ConfigError names the places tried and the override that sets it."""
-    path = data.get("path")
-    if not isinstance(path, str) or Path(path).is_absolute() or data.get("source") not in (
-            "folder", "torchvision"):
+    """``data`` with a relative stored ``path`` (``name`` for a local Hugging Face data set)
+    found again: training resolved it against the folder it ran in, which is usually the run
+    folder's parent's parent (``runs/NAME``), so the run folder and its parents are tried, then
+    the current folder. If none holds a ``folder`` path, a ConfigError names the places tried
+    and the override that sets it; a torchvision path not found is downloaded there as in
+    training, and an ``hf`` name not found is a Hub name."""
+    key = _LOCAL_KEY.get(str(data.get("source")))
+    path = data.get(key) if key else None
+    if not isinstance(path, str) or not path or Path(path).is_absolute():
         return data
     run = _run_folder(model_path)
     places = ([run, *list(run.parents)[:3]] if run is not None else []) + [Path.cwd()]
     places = list(dict.fromkeys(places))  # once each, in order
     for place in places:
         if (place / path).exists():
-            return {**data, "path": str(place / path)}
-    if data.get("source") == "torchvision":  # not there yet: downloaded into ./PATH as before
+            return {**data, key: str(place / path)}
+    if data.get("source") != "folder":  # torchvision: downloaded into ./PATH; hf: a Hub name
         return data
     tried = ", ".join(str(place / path) for place in places)
     raise ConfigError(f"data.path: the model was trained on {path!r} (relative to where "
@@ -689,7 +699,7 @@ def bpd_data_config(meta: dict[str, Any], items: Sequence[str],
         data = stored.get("data") if isinstance(stored, dict) else None
         data = dict(data) if isinstance(data, dict) else {}
         overridden = {o.partition("=")[0].strip() for o in overrides}
-        if not overridden & {"data.path", "data.source"}:
+        if not overridden & {"data.path", "data.name", "data.source"}:
             data = _stored_path(data, model_path)
     # The model's own configs complete the RunConfig (so its checks compare the data with this
     # model); eval samples nothing, hence num_steps 1.
@@ -701,7 +711,8 @@ def bpd_data_config(meta: dict[str, Any], items: Sequence[str],
 def describe_data(cfg: DataConfig, dataset: Dataset) -> str:
     """What a data set is, in a few words: its source, where it is read from, its size."""
     what = {"folder": f"folder {cfg.path}",
-            "torchvision": f"torchvision {cfg.name} ({cfg.path or './data'})"}.get(
+            "torchvision": f"torchvision {cfg.name} ({cfg.path or './data'})",
+            "hf": f"Hugging Face data set {cfg.name} (split {cfg.split})"}.get(
         cfg.source, "built-in shapes")
     return f"{what}, {len(dataset):,} images at {cfg.image_size}x{cfg.image_size}"
 

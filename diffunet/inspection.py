@@ -311,6 +311,9 @@ def inspect_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         if schedule is None:
             raise ModelFileError(f"{model_path}: the network needs a timestep but the file has "
                                  "no noise schedule; re-save it with diffunet.save_model")
+        if schedule.config.formulation != "vp":
+            raise UsageError(f"{model_path} is an EDM model (schedule.formulation = 'edm'): it "
+                             "has no training timesteps for --t; inspect takes VP models only")
         T = schedule.num_train_timesteps
         if t is None:
             t = T // 2

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from . import checkpoint
 from .checkpoint import load_model_file, read_tensor_file, save_model, write_tensor_file
 from .config import SampleConfig, ScheduleConfig, UNetConfig, from_dict, to_dict
 from .diffusion import NoiseSchedule, make_betas
@@ -58,6 +59,7 @@ __all__ = [
     "download_from_hub",
     "export_diffusers",
     "import_diffusers",
+    "load_model",
     "looks_like_repo_id",
     "push_to_hub",
     "schedule_from_diffusers",
@@ -534,6 +536,9 @@ def export_diffusers(model_file: str | os.PathLike, folder: str | os.PathLike, *
     if loaded.schedule is None:
         raise ModelFileError(f"{model_file} has no noise schedule (a segmentation model?); only "
                              "diffusion models export to a diffusers pipeline")
+    if loaded.schedule.config.formulation != "vp":
+        raise ModelFileError(f"{model_file} is an EDM model (schedule.formulation = 'edm'); "
+                             "diffusers' DDPM/DDIM pipelines take a discrete VP schedule only")
     cfg = loaded.net.config
     unet_config = unet_to_diffusers(cfg)  # refuses before anything is written
     sample = _sample_settings(loaded.metadata)
@@ -698,3 +703,38 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool | None
         raise UsageError(f"--push-to-hub {repo_id}: the upload failed ({first_line(e)}); the "
                          f"pipeline is in {folder}") from None
     return str(getattr(info, "commit_url", info))
+
+
+def load_model(source: str | os.PathLike, *, device: str | torch.device = "cpu",
+               revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+               local_files_only: bool = False) -> tuple[UNet, Any, dict[str, Any]]:
+    """``diffunet.load_model``: a diffunet model file, a diffusers folder, or a Hugging Face
+    Hub repo id (``google/ddpm-cifar10-32``), as ``(net, schedule, meta)``.
+
+    A model file is read by :func:`diffunet.checkpoint.load_model` (never unpickled). A
+    diffusers folder, or a Hub model (fetched by :func:`download_from_hub` into
+    huggingface_hub's cache, so ``HF_HUB_OFFLINE=1`` and a filled cache work without network),
+    is converted as ``diffunet import`` converts it, through a temporary model file, so the
+    result is exactly what loading the imported file gives; ``meta["imported_from"]`` names the
+    source. ``revision`` (a branch, tag or commit) is for Hub ids only."""
+    path = Path(source)
+    diffusers_folder = path.is_dir() and any(
+        (path / name).is_file() for name in ("model_index.json", "unet/config.json",
+                                             "config.json"))
+    if diffusers_folder or (not path.exists() and looks_like_repo_id(str(source))):
+        if diffusers_folder:
+            if revision is not None:
+                raise UsageError(f"revision= is for a Hub model id; {source} is a local folder")
+            folder = path
+        else:
+            folder = download_from_hub(str(source), revision=revision, cache_dir=cache_dir,
+                                       local_files_only=local_files_only)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="diffunet-import-") as tmp:
+            converted = Path(tmp) / "model.safetensors"
+            import_diffusers(folder, converted, source=str(source))
+            return checkpoint.load_model(converted, device=device)
+    if revision is not None:
+        raise UsageError(f"revision= is for a Hub model id; {source} is a local file")
+    return checkpoint.load_model(source, device=device)

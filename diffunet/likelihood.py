@@ -52,6 +52,19 @@ def _posterior_variance_table(schedule: NoiseSchedule) -> Tensor:
     return schedule.betas * (1 - ab_prev) / (1 - ab)
 
 
+def require_vp_bound(schedule: object) -> None:
+    """Refuse, with one :class:`UsageError` line, a schedule the bound here is not defined
+    for: bits/dim is implemented for the discrete VP bound (DDPM eq. 5) only, so an EDM model
+    (continuous sigma, :class:`~diffunet.edm.EDMSchedule`) has none."""
+    if isinstance(schedule, NoiseSchedule):
+        return
+    config = getattr(schedule, "config", None)
+    what = ("an EDM model (schedule.formulation = 'edm')"
+            if getattr(config, "formulation", None) == "edm" else type(schedule).__name__)
+    raise UsageError(f"bits/dim is implemented for the discrete VP bound only (DDPM eq. 5); "
+                     f"this is {what}, which has no discrete-time bound to evaluate")
+
+
 def _check_variance(variance: str) -> None:
     if variance not in LIKELIHOOD_VARIANCES:
         raise UsageError(f"unknown variance {variance!r}; choose one of "
@@ -247,6 +260,7 @@ def bits_per_dim(model: Callable[..., Tensor], schedule: NoiseSchedule, x0: Tens
     Returns:
         :class:`BitsPerDim`, on x0's device, in at least float32.
     """
+    require_vp_bound(schedule)
     T = schedule.num_train_timesteps
     B = x0.shape[0]
     if batch_size < 1:

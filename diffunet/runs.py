@@ -330,15 +330,25 @@ _RUN_SUBFOLDERS = ("samples", "weights", "state")
 def not_a_run_yet(folder: Path, root: type) -> bool:
     """Whether ``folder`` holds nothing but what a start that failed before its first state
     left: diffunet's own ``config.json`` (a JSON object of ``root``'s sections and keys), a
-    valid ``log.jsonl`` and empty ``samples/``, ``weights/``, ``state/`` folders. Such a folder
-    is not a run yet: a new start may use it as if it were empty. Anything else (a state, a
-    model file, a preview, any other file, a symlink) makes it a run, or someone else's."""
+    valid ``log.jsonl`` and empty ``samples/``, ``weights/``, ``state/`` folders, and the
+    trackers that config names: TensorBoard's ``tensorboard/`` holding only event files, W&B's
+    ``wandb/`` folder and ``wandb_run_id.txt``. Such a folder is not a run yet: a new start may
+    use it as if it were empty (new event files go beside the old; a fresh start takes a new W&B
+    run id). Anything else (a state, a model file, a preview, any other file, a symlink) makes it
+    a run, or someone else's."""
     from .config import field_types
 
     try:
         entries = {p.name: p for p in folder.iterdir()}
         if "config.json" not in entries:
             return False
+        data = parse_json(read_regular_file(folder / "config.json", 16 << 20))
+        if not isinstance(data, dict) or not data:
+            return False
+        train = data.get("train")
+        trackers = train.get("trackers") if isinstance(train, dict) else None
+        trackers = ({t for t in trackers if isinstance(t, str)} if isinstance(trackers, list)
+                    else set())
         for name, p in entries.items():
             info = os.lstat(p)
             if name in _RUN_SUBFOLDERS:
@@ -348,12 +358,21 @@ def not_a_run_yet(folder: Path, root: type) -> bool:
                 if not stat.S_ISREG(info.st_mode):
                     return False
                 read_log(p)
+            elif name == "tensorboard" and "tensorboard" in trackers:
+                if not stat.S_ISDIR(info.st_mode) or not all(
+                        e.name.startswith("events.out.tfevents.")
+                        and stat.S_ISREG(os.lstat(e).st_mode) for e in p.iterdir()):
+                    return False
+            elif name == "wandb" and "wandb" in trackers:
+                if not stat.S_ISDIR(info.st_mode):
+                    return False
+            elif name == WANDB_ID_FILE and "wandb" in trackers:
+                text = read_regular_file(p, 1024).decode("ascii", "replace").strip()
+                if not re.fullmatch(r"[a-z0-9]{1,64}", text):
+                    return False
             elif name != "config.json" or not stat.S_ISREG(info.st_mode):
                 return False
-        data = parse_json(read_regular_file(folder / "config.json", 16 << 20))
         sections = field_types(root)
-        if not isinstance(data, dict) or not data:
-            return False
         for section, table in data.items():
             if section not in sections or not isinstance(table, dict):
                 return False

@@ -20,6 +20,14 @@ ddim with eta > 0; :func:`~diffunet.samplers.sample` takes one generator per ima
 size and the number of processes therefore only decide which images are computed together,
 which can move results by float rounding inside the network, never by a different draw.
 
+Editing (``--init-image``, ``--mask``): image i also starts from init image ``i mod K`` (the K
+images of a folder in sorted order, or one file) noised to ``--strength``, and keeps its pixels
+where mask i is black (white = repaint: :data:`MASK_CONVENTION`). Inputs are read through the
+regular-file opener, must be the model's size and mode (nothing is resized), and are recorded
+in the manifest with their SHA-256 (``settings.init_images``/``settings.masks``: resuming with
+other inputs is refused) and registered as inputs of the folder (never written over). Each batch
+reads its inputs again and checks them against those hashes.
+
 Resume: a run locks the folder, then writes ``manifest.json`` (``complete: false``), then the
 images. Rerunning the same command skips images whose PNG exists; a folder with images from
 other settings is refused unless ``overwrite`` (which removes the files the old manifest lists
@@ -35,11 +43,13 @@ them, then writes the grid and the final manifest.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import io
 import json
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,23 +58,33 @@ from typing import Any, Literal, Optional, Union
 import numpy as np
 import torch
 
+from PIL import Image, ImageOps
+
 from .checkpoint import load_diffusion_model
 from . import errors
-from .config import SampleConfig, check_sampling, from_dict, to_dict
-from .errors import ConfigError, DataError, FolderError, UsageError
-from .images import image_header, save_grid, save_image
+from .config import (SampleConfig, check_sampler_options, check_sampling, from_dict,
+                     to_dict)
+from .data import SKIPPED_NOTE, scan_image_folder
+from .errors import (ConfigError, DataError, DiffunetError, FolderError, NotRegularFileError,
+                     UsageError)
+from .fileio import first_line, read_regular_file
+from .images import IMAGE_EXTENSIONS, image_header, save_grid, save_image
 from .outputs import OutputFolder, claim_folder, is_plain_file
 from .resources import check_fits, network_cost
 from .runs import cpu_requested, pick_device, refuse_lone_processes
-from .samplers import make_timesteps, sample
+from .samplers import (INTEGER_SAMPLERS, MULTISTEP_SAMPLERS, make_sigmas, make_timesteps,
+                       sample)
 from .version import __version__
 
-__all__ = ["SampleOptions", "SampleResult", "generate", "parse_class_labels",
-           "resolve_class_labels", "class_rows", "image_name",
-           "sample_settings", "MANIFEST", "GRID", "MAX_GRID_IMAGES", "MAX_SAMPLES", "PRECISIONS"]
+__all__ = ["SampleOptions", "SampleResult", "EditInputs", "generate", "load_edit_inputs",
+           "parse_class_labels", "resolve_class_labels", "class_rows", "image_name",
+           "sample_settings", "MANIFEST", "GRID", "MAX_GRID_IMAGES", "MAX_SAMPLES", "PRECISIONS",
+           "DEFAULT_NUM_SAMPLES", "MASK_CONVENTION", "IMG2IMG_STRENGTH"]
 
 MANIFEST = "manifest.json"
 GRID = "grid.png"
+DEFAULT_NUM_SAMPLES = 64
+"""Images drawn when ``--num-samples`` is not given (and no folder of init images sets it)."""
 MAX_SAMPLES = 10_000_000
 """Images one run draws into one folder at most (each is a file the run checks and lists)."""
 MAX_GRID_IMAGES = 1024
@@ -137,17 +157,32 @@ def _is_int(value: Any) -> bool:
 
 
 _FLAGS = {"sampler": "--sampler", "num_steps": "--steps", "eta": "--eta",
-          "spacing": "--spacing", "guidance_scale": "--guidance-scale"}
+          "spacing": "--spacing", "guidance_scale": "--guidance-scale", "sigmas": "--sigmas",
+          "rho": "--rho", "s_churn": "--s-churn", "s_tmin": "--s-tmin", "s_tmax": "--s-tmax",
+          "s_noise": "--s-noise"}
+_CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 
 
 @dataclass(frozen=True)
 class SampleOptions:
     """Settings of one ``diffunet sample`` run; the command line's defaults are these.
 
-    How to sample (``sampler``, ``num_steps``, ``eta``, ``spacing``, ``guidance_scale``,
-    ``clip_x0``): None takes the model file's own ``[sample]`` settings, the ones its preview
-    grids were drawn with (a file without them: :class:`~diffunet.config.SampleConfig`'s
-    defaults); see :func:`sample_settings`. ``class_labels``: None (unconditional; a
+    How to sample (``sampler``, ``num_steps``, ``eta``, ``spacing``, ``sigmas``, ``rho``,
+    ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``, ``guidance_scale``, ``clip_x0``): None
+    takes the model file's own ``[sample]`` settings, the ones its preview grids were drawn with
+    (a file without them: :class:`~diffunet.config.SampleConfig`'s defaults); see
+    :func:`sample_settings`. ``s_tmax`` may be ``math.inf`` (no upper limit).
+    ``num_samples``: None = :data:`DEFAULT_NUM_SAMPLES`, or one image per init image when
+    ``init_image`` is a folder.
+
+    Editing: ``init_image`` (a file, or a folder whose sorted images are inputs 0..K-1; output
+    image i uses input ``i % K``) starts each image from that image noised to ``strength``
+    (SDEdit; None = :data:`IMG2IMG_STRENGTH`, or 1 with a mask); ``mask`` (a file for every
+    init image, or a folder paired by file name) keeps the init image where the mask is black
+    and generates where it is white (:data:`MASK_CONVENTION`); ``resample`` > 1 repeats each
+    inpainting step that many times (RePaint; one-step samplers only).
+
+    ``class_labels``: None (unconditional; a
     class-conditional model then gets its "no label" class), one label for every image, a tuple
     cycled over the images (image i gets ``labels[i % len]``), or ``"all"`` (image i gets class
     ``i % num_classes``). ``device``: None = CUDA when available (each process its own GPU), else
@@ -158,7 +193,7 @@ class SampleOptions:
     ``channels_last``: run it on channels-last weights and activations.
     """
 
-    num_samples: int = 64
+    num_samples: Optional[int] = None
     batch_size: Optional[int] = None
     seed: int = 0
     class_labels: ClassLabels = None
@@ -172,25 +207,36 @@ class SampleOptions:
     num_steps: Optional[int] = None
     eta: Optional[float] = None
     spacing: Optional[str] = None
+    sigmas: Optional[str] = None
+    rho: Optional[float] = None
+    s_churn: Optional[float] = None
+    s_tmin: Optional[float] = None
+    s_tmax: Optional[float] = None
+    s_noise: Optional[float] = None
     guidance_scale: Optional[float] = None
     clip_x0: Optional[bool] = None
+    init_image: Optional[Union[str, os.PathLike]] = None
+    mask: Optional[Union[str, os.PathLike]] = None
+    strength: Optional[float] = None
+    resample: int = 1
 
     def __post_init__(self) -> None:
         for name, flag in (("num_samples", "--num-samples"), ("batch_size", "--batch-size")):
             value = getattr(self, name)
-            if (value is not None or name == "num_samples") and (not _is_int(value)
-                                                                 or value < 1):
+            if value is not None and (not _is_int(value) or value < 1):
                 raise UsageError(f"{flag} must be a positive integer, got {value!r}")
-        if self.num_samples > MAX_SAMPLES:
-            raise UsageError(f"--num-samples {self.num_samples} is more than {MAX_SAMPLES:,} "
-                             "images for one folder; draw them into several --out-dir folders "
-                             "(with --seed offsets)")
+        _check_count(self.num_samples or DEFAULT_NUM_SAMPLES)
         check_sampling(_FLAGS, sampler=self.sampler, num_steps=self.num_steps, eta=self.eta,
                        spacing=self.spacing, guidance_scale=self.guidance_scale,
                        error=UsageError)
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**63 - self.num_samples:
-            raise UsageError(f"--seed must be a non-negative integer below 2**63 - num_samples, "
-                             f"got {self.seed!r}")
+        s_tmax = self.s_tmax
+        if isinstance(s_tmax, float) and s_tmax == math.inf:
+            s_tmax = None  # no upper limit, as SampleConfig spells it
+        check_sampler_options(_FLAGS, sampler=self.sampler, sigmas=self.sigmas, rho=self.rho,
+                              s_churn=self.s_churn, s_tmin=self.s_tmin, s_tmax=s_tmax,
+                              s_noise=self.s_noise, error=UsageError)
+        _check_seed(self.seed, self.num_samples or DEFAULT_NUM_SAMPLES)
+        self._check_editing()
         labels = self.class_labels
         def one(v: Any) -> bool:
             return _is_int(v) or (isinstance(v, str) and bool(v))
@@ -208,13 +254,60 @@ class SampleOptions:
             raise UsageError(f"unknown precision {self.precision!r}; use --precision with one of "
                              f"{', '.join(PRECISIONS)}")
 
+    def _check_editing(self) -> None:
+        if self.init_image is None:
+            for name, flag in (("mask", "--mask"), ("strength", "--strength")):
+                if getattr(self, name) is not None:
+                    raise UsageError(f"{flag} needs --init-image (the image to edit); give "
+                                     f"--init-image PATH_OR_FOLDER or drop {flag}")
+        s = self.strength
+        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float))
+                              or not 0.0 < s <= 1.0):
+            raise UsageError(f"--strength must be in (0, 1] (how much of the noise schedule the "
+                             f"init image is noised through; 1 = all of it), got {s!r}")
+        r = self.resample
+        if not _is_int(r) or r < 1:
+            raise UsageError(f"--resample must be a positive integer (1 = no resampling), got "
+                             f"{r!r}")
+        if r > 1 and self.mask is None:
+            raise UsageError(f"--resample {r} repeats inpainting steps (RePaint); it needs "
+                             "--mask (and --init-image)")
+        _check_resample(r, self.sampler)
+
+    @property
+    def resolved_strength(self) -> float:
+        """``strength``, or its default: :data:`IMG2IMG_STRENGTH`, 1 with a mask."""
+        if self.strength is not None:
+            return float(self.strength)
+        return 1.0 if self.mask is not None else IMG2IMG_STRENGTH
+
+
+def _check_count(n: int) -> None:
+    if n > MAX_SAMPLES:
+        raise UsageError(f"--num-samples {n} is more than {MAX_SAMPLES:,} images for one folder; "
+                         "draw them into several --out-dir folders (with --seed offsets)")
+
+
+def _check_seed(seed: Any, n: int) -> None:
+    if not _is_int(seed) or not 0 <= seed < 2**63 - n:
+        raise UsageError(f"--seed must be a non-negative integer below 2**63 - num_samples, "
+                         f"got {seed!r}")
+
+
+def _check_resample(resample: int, sampler: Optional[str]) -> None:
+    if resample > 1 and sampler in MULTISTEP_SAMPLERS:
+        raise UsageError(f"--resample {resample} needs a one-step sampler (ddpm, ddim, euler, "
+                         f"euler-ancestral, heun); {sampler} builds each step on the ones before "
+                         "it (RePaint cannot repeat one alone)")
+
 
 def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfig:
     """How ``diffunet sample`` samples the model file whose metadata is ``meta``: the file's
     ``[sample]`` settings (written by ``diffunet train``: what its previews used; else
     :class:`~diffunet.config.SampleConfig`'s defaults) with the ones ``options`` gives in their
-    place. Without class labels the stored guidance scale does not apply; a sampler other than
-    ``ddim`` drops the stored DDIM ``eta``."""
+    place. Without class labels the stored guidance scale does not apply; another sampler than
+    the stored one drops the stored ``eta`` and S_churn settings (they were the other
+    sampler's), another grid than ``karras`` the stored ``rho``."""
     stored = meta.get("run_config")
     stored = stored.get("sample") if isinstance(stored, dict) else None
     try:
@@ -226,10 +319,19 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
         settings["guidance_scale"] = 1.0
     given = {k: getattr(options, k) for k in (*_FLAGS, "clip_x0")
              if getattr(options, k) is not None}
-    if given.get("sampler", "ddim") != "ddim" and "eta" not in given:
-        settings["eta"] = 0.0
+    if given.get("s_tmax") == math.inf:
+        given["s_tmax"] = None  # no upper limit
+    defaults = to_dict(SampleConfig())
+    if given.get("sampler", settings["sampler"]) != settings["sampler"]:
+        for key in ("eta", *_CHURN):
+            if key not in given:
+                settings[key] = defaults[key]
+    if given.get("sigmas", "karras") != "karras" and "rho" not in given:
+        settings["rho"] = defaults["rho"]
     settings.update(given)
     check_sampling(_FLAGS, sampler=settings["sampler"], eta=settings["eta"], error=UsageError)
+    check_sampler_options(_FLAGS, **{k: settings[k] for k in ("sampler", "sigmas", "rho",
+                                                              *_CHURN)}, error=UsageError)
     return SampleConfig(**settings)
 
 
@@ -347,6 +449,26 @@ def _labels_spec(spec: ClassLabels) -> Any:
     return [spec] if _is_int(spec) else list(spec)
 
 
+_SETTINGS_BEFORE = {"sigmas": "uniform", "rho": 7.0, "s_churn": 0.0, "s_tmin": 0.0,
+                    "s_tmax": None, "s_noise": 1.0, "init_images": None, "masks": None,
+                    "strength": None, "resample": 1}
+"""What a manifest written before these settings existed drew its images with (so such a
+folder still resumes)."""
+
+
+def _inputs_difference(key: str, was: Any, now: Any) -> str:
+    """One line for a change of the ``init_images``/``masks`` SHA-256 lists."""
+    what = "init image" if key == "init_images" else "mask"
+    if not isinstance(was, list) or not isinstance(now, list):
+        def count(v: Any) -> str:
+            return f"{len(v)} {what}(s)" if isinstance(v, list) else f"no {what}s"
+        return f"{count(was)} there, {count(now)} now"
+    if len(was) != len(now):
+        return f"{len(was)} {what}(s) there, {len(now)} now"
+    i = next(i for i, (a, b) in enumerate(zip(was, now)) if a != b)
+    return f"{what} {i} sha256 {str(was[i])[:12]}... there, {str(now[i])[:12]}... now"
+
+
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable differences between the identifying parts of two manifests."""
     diffs = []
@@ -356,9 +478,13 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                      f"{new['model']['sha256'][:12]}... now")
     old_settings = old.get("settings") or {}
     for key, value in new["settings"].items():
-        if old_settings.get(key, "<missing>") != value:
-            was = json.dumps(old_settings.get(key))
-            diffs.append(f"{key} {was} there, {json.dumps(value)} now")
+        was = old_settings.get(key, _SETTINGS_BEFORE.get(key, "<missing>"))
+        if was == value:
+            continue
+        if key in ("init_images", "masks"):
+            diffs.append(_inputs_difference(key, was, value))
+        else:
+            diffs.append(f"{key} {json.dumps(was)} there, {json.dumps(value)} now")
     return diffs
 
 
@@ -375,15 +501,15 @@ def _legacy_files(old: dict[str, Any]) -> list[str]:
     return [image_name(i) for i in range(n)] + [GRID]
 
 
-def _claim(out_dir: Path, manifest: dict[str, Any], model_path: str | os.PathLike,
+def _claim(out_dir: Path, manifest: dict[str, Any], inputs: list[str | os.PathLike], n: int,
            options: SampleOptions, tell: Callable[[str], None]) -> OutputFolder:
-    """Lock and check ``out_dir`` (:func:`~diffunet.outputs.claim_folder`), refuse samples from
+    """Lock and check ``out_dir`` (:func:`~diffunet.outputs.claim_folder`; ``inputs``, the
+    model file and any init images and masks, are never written over), refuse samples from
     other settings unless overwrite (which then removes this command's earlier files), and
     write the manifest listing every file this run may write. Main process only."""
-    n = options.num_samples
     planned = [image_name(i) for i in range(n)] + ([GRID] if options.grid else [])
     claim = claim_folder(out_dir, command="sample", manifest=MANIFEST, format=MANIFEST_FORMAT,
-                         format_version=MANIFEST_VERSION, planned=planned, inputs=[model_path],
+                         format_version=MANIFEST_VERSION, planned=planned, inputs=inputs,
                          overwrite=options.overwrite, schema=_MANIFEST_SCHEMA,
                          legacy_files=_legacy_files, noun="sample images",
                          max_bytes=_MANIFEST_MAX_BYTES)
@@ -451,32 +577,290 @@ def _load_png(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# Editing: init images (SDEdit) and masks (inpainting)
+
+MASK_CONVENTION = ("white (255) = repaint (generate), black (0) = keep the init image's pixel; "
+                   "grey is binarised at 128 (>= 128 repaints), as diffusers' inpainting does")
+"""How ``--mask`` files are read (diffusers' inpainting convention); the library's ``mask``
+is the other way round (1 = keep), so :meth:`EditInputs.batch` inverts it once."""
+MASK_THRESHOLD = 128
+IMG2IMG_STRENGTH = 0.8
+"""``--strength`` without ``--mask`` when not given (diffusers' img2img default); with a mask
+the default is 1 (the masked region is generated from pure noise, as diffusers' inpainting)."""
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+class _NamedBytes(io.BytesIO):
+    """A file's bytes in memory that print as the file's path (for the image reader's
+    messages)."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self._shown = name
+
+    def __str__(self) -> str:
+        return self._shown
+
+
+def _input_files(path: Path, flag: str) -> tuple[list[Path], list[Path], bool]:
+    """The image files ``flag`` names (``[path]`` for a file; a folder's images, recursive and
+    in sorted order, as a data folder is scanned), their paths relative to the folder (the
+    file name for a file), and whether ``path`` is a folder."""
+    if not path.exists():
+        raise UsageError(f"{flag} {path} does not exist; give an image file or a folder of "
+                         "images")
+    if not path.is_dir():
+        return [path], [Path(path.name)], False
+    files, skipped, _ = scan_image_folder(path)
+    if skipped:
+        raise DataError(f"{flag} {path}: cannot use {skipped[0]} ({SKIPPED_NOTE}); every image "
+                        "file in the folder is an input: fix it or move it out")
+    if not files:
+        raise DataError(f"{flag} {path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in "
+                        "that folder")
+    return [path / f for f in files], files, True
+
+
+def _read_input(path: Path, flag: str, size: int) -> bytes:
+    """The bytes of the input image ``path`` (a regular file, checked on the open descriptor:
+    a FIFO named x.png never blocks the command), at most what a ``size`` x ``size`` image
+    could take."""
+    try:
+        return read_regular_file(path, max(16 << 20, 64 * size * size))
+    except NotRegularFileError as e:
+        kind = "a folder" if e.is_folder else "not a regular file (a FIFO, socket or device)"
+        raise DataError(f"{flag} {path} is {kind}; give an image file") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{flag}: cannot read {path} ({first_line(e)})") from None
+
+
+def _decode_input(data: bytes, path: Path, flag: str, size: int) -> tuple[Image.Image, bool]:
+    """The image in ``data`` (read from ``path``), upright, after checking it is ``size`` x
+    ``size`` (from the header, before decoding); and whether it has transparency. Any problem
+    is a one-line :class:`DataError` naming the file."""
+    try:
+        with image_header(_NamedBytes(data, str(path))) as img:
+            w, h = img.size
+            orientation = img.getexif().get(0x0112, 1)
+            upright = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+            if upright != (size, size):
+                raise DataError(f"{flag} {path} is {upright[0]}x{upright[1]} pixels; this model "
+                                f"takes {size}x{size} images (diffunet does not resize inputs: "
+                                f"crop or resize it to {size}x{size} first)")
+            alpha = img.mode in _ALPHA_MODES or "transparency" in img.info
+            img.load()
+            return (ImageOps.exif_transpose(img) if orientation != 1 else img), alpha
+    except DiffunetError:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+        raise DataError(f"{flag}: cannot read image {path} ({first_line(e)}); give a "
+                        "png/jpg/webp/... file") from None
+
+
+def _grey_rgb(img: Image.Image) -> Optional[np.ndarray]:
+    """The one channel (H, W) of an RGB image whose three channels are equal, else None."""
+    arr = np.asarray(img)
+    if (arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all():
+        return np.ascontiguousarray(arr[..., 0])
+    return None
+
+
+def _init_pixels(img: Image.Image, alpha: bool, path: Path, channels: int) -> np.ndarray:
+    """An init image as uint8 (H, W, channels); a mode that is not the model's is refused."""
+    need = "RGB" if channels == 3 else "grayscale (mode L)"
+    if alpha:
+        raise DataError(f"--init-image {path} has transparency (mode {img.mode}); this model "
+                        f"takes {need} images: flatten it onto a background first")
+    if channels == 3 and img.mode in ("RGB", "P"):
+        return np.asarray(img.convert("RGB"))
+    if channels == 1:
+        if img.mode in ("L", "1"):
+            return np.asarray(img.convert("L"))[..., None]
+        grey = _grey_rgb(img) if img.mode == "RGB" else None
+        if grey is not None:
+            return grey[..., None]
+    raise DataError(f"--init-image {path} is a mode {img.mode} image; this model makes {need} "
+                    "images: convert it first")
+
+
+def _mask_pixels(img: Image.Image, alpha: bool, path: Path) -> np.ndarray:
+    """A mask as uint8 (H, W); only single-channel masks (or grey RGB) are accepted."""
+    grey = None
+    if not alpha and img.mode in ("L", "1"):
+        grey = np.asarray(img.convert("L"))
+    elif not alpha and img.mode == "RGB":
+        grey = _grey_rgb(img)
+    if grey is None:
+        found = "colours (its R, G and B differ)" if img.mode == "RGB" and not alpha \
+            else f"mode {img.mode}"
+        raise DataError(f"--mask {path} has {found}; a mask is single-channel (mode L or 1, or "
+                        f"RGB with equal channels): {MASK_CONVENTION.split(';')[0]}")
+    return grey
+
+
+@dataclass(frozen=True)
+class EditInputs:
+    """The init images (and masks) of an editing run (``--init-image``, ``--mask``), checked:
+    output image i is made from input ``i % count`` (see :meth:`batch`)."""
+
+    init_paths: tuple[Path, ...]
+    init_sha256: tuple[str, ...]
+    mask_paths: tuple[Path, ...]
+    """One per init image (a single ``--mask`` file repeated), or () without masks."""
+    mask_sha256: tuple[str, ...]
+    channels: int
+    size: int
+
+    @property
+    def count(self) -> int:
+        """The number of init images K."""
+        return len(self.init_paths)
+
+    def batch(self, idx: Sequence[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The init images (B, C, H, W) float32 in [-1, 1] and keep masks (B, 1, H, W), 1 where
+        the init image's pixel is kept and 0 where it is repainted (None without masks), for
+        output images ``idx``. Each file is read again and must still have the SHA-256 recorded
+        in the manifest (the inputs are never read one way and recorded another)."""
+        inits, keeps = [], []
+        cache: dict[tuple[str, int], np.ndarray] = {}
+        for i in idx:
+            k = i % self.count
+            if ("init", k) not in cache:
+                cache[("init", k)] = self._pixels("init", k)
+                if self.mask_paths:
+                    cache[("mask", k)] = self._pixels("mask", k)
+            inits.append(cache[("init", k)])
+            if self.mask_paths:
+                keeps.append(cache[("mask", k)])
+        x = torch.from_numpy(np.stack(inits)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        if not self.mask_paths:
+            return x, None
+        repaint = torch.from_numpy(np.stack(keeps) >= MASK_THRESHOLD)
+        return x, (~repaint).float().unsqueeze(1)
+
+    def _pixels(self, kind: str, k: int) -> np.ndarray:
+        path = (self.init_paths if kind == "init" else self.mask_paths)[k]
+        sha = (self.init_sha256 if kind == "init" else self.mask_sha256)[k]
+        flag = "--init-image" if kind == "init" else "--mask"
+        data = _read_input(path, flag, self.size)
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise DataError(f"{flag} {path} changed while this run was sampling; rerun the "
+                            "command (the images made from the old file are kept; --overwrite "
+                            "redraws them)")
+        img, alpha = _decode_input(data, path, flag, self.size)
+        return (_init_pixels(img, alpha, path, self.channels) if kind == "init"
+                else _mask_pixels(img, alpha, path))
+
+
+def load_edit_inputs(init_image: str | os.PathLike, mask: str | os.PathLike | None, *,
+                     channels: int, size: int) -> EditInputs:
+    """Find, read and check the ``--init-image`` file or folder and the ``--mask`` file or
+    folder for a model of ``channels`` x ``size`` x ``size`` images. A folder's images are taken
+    in sorted order (recursive, hidden names skipped, as a data folder); a mask folder pairs
+    with an init folder by relative path without the extension (``cat.jpg`` with ``cat.png``);
+    one mask file applies to every init image. Wrong sizes, modes, unpaired files and unreadable
+    files are one-line :class:`DataError`/:class:`UsageError` naming the file."""
+    init_files, init_rel, init_is_dir = _input_files(Path(init_image), "--init-image")
+    mask_files: list[Path] = []
+    if mask is not None:
+        found, rel, mask_is_dir = _input_files(Path(mask), "--mask")
+        if mask_is_dir and not init_is_dir:
+            raise UsageError(f"--mask {mask} is a folder but --init-image {init_image} is one "
+                             "file; give one mask file, or an init-image folder to pair with")
+        if not mask_is_dir:
+            mask_files = found * len(init_files)
+        else:
+            by_key: dict[str, Path] = {}
+            for path, r in zip(found, rel):
+                key = r.with_suffix("").as_posix()
+                if key in by_key:
+                    raise DataError(f"--mask {mask}: {by_key[key].name} and {path.name} are "
+                                    f"both the mask of {key}; keep one")
+                by_key[key] = path
+            for r in init_rel:
+                key = r.with_suffix("").as_posix()
+                if key not in by_key:
+                    raise DataError(f"--mask {mask} has no mask for the init image {r} (masks "
+                                    f"pair with init images by name: {key}.png)")
+                mask_files.append(by_key.pop(key))
+            if by_key:
+                extra = sorted(by_key)[0]
+                raise DataError(f"--mask {mask}: {by_key[extra].relative_to(mask)} has no init "
+                                f"image of the same name in {init_image}; masks pair with "
+                                "init images by name")
+    sha: dict[Path, str] = {}
+    for kind, files in (("init", init_files), ("mask", mask_files)):
+        flag = "--init-image" if kind == "init" else "--mask"
+        for path in dict.fromkeys(files):
+            data = _read_input(path, flag, size)
+            img, alpha = _decode_input(data, path, flag, size)
+            if kind == "init":
+                _init_pixels(img, alpha, path, channels)
+            else:
+                _mask_pixels(img, alpha, path)
+            sha[path] = hashlib.sha256(data).hexdigest()
+    return EditInputs(init_paths=tuple(init_files),
+                      init_sha256=tuple(sha[p] for p in init_files),
+                      mask_paths=tuple(mask_files),
+                      mask_sha256=tuple(sha[p] for p in mask_files),
+                      channels=channels, size=size)
+
+
+# ---------------------------------------------------------------------------------------------
 # The command
+
+
+@dataclass(frozen=True)
+class _Edit:
+    """An editing run's inputs and settings, as :func:`_draw_batch` needs them."""
+
+    inputs: EditInputs
+    strength: float
+    resample: int
 
 
 def _draw_batch(denoiser: Any, schedule: Any, how: SampleConfig, idx: list[int], seed: int,
                 shape: tuple[int, int, int], labels: Optional[list[int]], device: torch.device,
                 autocast: Any, writer: _Writer, files: tuple[Path, ...],
-                on_step: Optional[Callable[[int], None]] = None) -> None:
+                on_step: Optional[Callable[[int], None]] = None,
+                edit: Optional[_Edit] = None) -> None:
     """Draw images ``idx`` together and hand them to ``writer``. One CPU generator per image
-    gives its start noise and then its step noise (see the module doc). ``on_step(i)`` is
-    called after each sampling step i (it drives the progress bar)."""
+    gives its start noise and then its step noise (see the module doc); an editing run's image
+    i also starts from init image ``i % K`` (and its mask). ``on_step(i)`` is called after each
+    sampling step i (it drives the progress bar)."""
     gens = [torch.Generator().manual_seed(seed + i) for i in idx]
     x_T = torch.stack([torch.randn(shape, generator=g) for g in gens])
     y = None if labels is None else torch.tensor([labels[i] for i in idx], device=device)
+    kwargs = how.sample_kwargs()
+    if edit is not None:
+        init, keep = edit.inputs.batch(idx)
+        kwargs.update(init_image=init.to(device), strength=edit.strength,
+                      mask=None if keep is None else keep.to(device), resample=edit.resample)
     with autocast:
-        images = sample(denoiser, schedule, x_T.to(device), sampler=how.sampler,
-                        num_steps=how.num_steps, eta=how.eta, spacing=how.spacing,
-                        class_labels=y, guidance_scale=how.guidance_scale,
-                        clip_x0=how.clip_x0, generator=gens,
-                        callback=None if on_step is None else lambda i, *_: on_step(i))
+        images = sample(denoiser, schedule, x_T.to(device), class_labels=y, generator=gens,
+                        callback=None if on_step is None else lambda i, *_: on_step(i),
+                        **kwargs)
     writer.submit(images.float().cpu(), [files[i] for i in idx])
+
+
+def _is_vp(schedule: Any) -> bool:
+    """Whether ``schedule`` is a discrete VP schedule (a :class:`NoiseSchedule`), not EDM's."""
+    return getattr(getattr(schedule, "config", None), "formulation", "vp") == "vp"
+
+
+def _grid_name(how: SampleConfig, vp: bool) -> str:
+    """The sigma grid :func:`~diffunet.samplers.sample` uses for ``how`` (``sigmas`` unset:
+    uniform timesteps for ddpm/ddim/dpmpp-2m on a VP model, else karras)."""
+    if how.sigmas is not None:
+        return how.sigmas
+    return "uniform" if vp and how.sampler in INTEGER_SAMPLERS else "karras"
 
 
 def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
              options: SampleOptions = SampleOptions(), *, progress: bool = False,
              say: Optional[Callable[[str], None]] = None) -> SampleResult:
-    """Draw ``options.num_samples`` images from the model file into ``out_dir``.
+    """Draw ``options.num_samples`` images from the model file into ``out_dir`` (or edit the
+    ``options.init_image`` images: see :class:`SampleOptions`).
 
     Writes ``000000.png`` ..., ``grid.png`` (unless ``options.grid`` is False) and
     ``manifest.json``; skips images already on disk from the same settings (resume). Under
@@ -504,19 +888,51 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
 
     net, schedule, meta = load_diffusion_model(model_path)
     how = sample_settings(meta, o)
-    T = schedule.num_train_timesteps
-    if how.num_steps > T:
+    vp = _is_vp(schedule)
+    T = schedule.num_train_timesteps if vp else None
+    if T is not None and how.num_steps > T:
         raise UsageError(f"--steps {how.num_steps} is more than this model's {T} training "
                          f"timesteps; use 1 to {T}")
-    timesteps = make_timesteps(T, how.num_steps, how.spacing).tolist()
-    n = o.num_samples
-    spec = resolve_class_labels(o.class_labels, meta.get("class_names")) \
-        if net.config.num_classes is not None else o.class_labels
-    labels = _image_labels(spec, net.config.num_classes, n)
+    grid_name = _grid_name(how, vp)
+    if grid_name == "uniform" and not vp:
+        raise UsageError("--sigmas uniform picks training timesteps, which this EDM model does "
+                         "not have (its noise level is continuous); use --sigmas karras or "
+                         "exponential")
     shape = (net.config.in_channels, net.config.image_size, net.config.image_size)
     if shape[0] not in (1, 3):
         raise UsageError(f"this model makes {shape[0]}-channel images; diffunet sample writes "
                          "PNGs, which need 1 (grayscale) or 3 (RGB) channels")
+    edit: Optional[_Edit] = None
+    if o.init_image is not None:
+        _check_resample(o.resample, how.sampler)  # the sampler may be the model file's
+        strength = o.resolved_strength
+        if int(how.num_steps * strength) < 1:
+            raise UsageError(f"--strength {strength} with {how.num_steps} steps leaves no step "
+                             f"to run (int({how.num_steps} x {strength}) = 0); raise --strength "
+                             "or --steps")
+        edit = _Edit(load_edit_inputs(o.init_image, o.mask, channels=shape[0], size=shape[1]),
+                     strength, o.resample)
+        k, run = edit.inputs.count, int(how.num_steps * strength)
+        masks = "" if o.mask is None else (", inpainting (white = repaint, black = keep"
+                                            + (f", resample {o.resample})" if o.resample > 1
+                                               else ")"))
+        edit_note = (f"editing {k} init image{'s' if k > 1 else ''}: strength {strength}, the "
+                     f"last {run} of {how.num_steps} steps{masks}")
+    n = o.num_samples
+    if n is None:
+        folder = edit is not None and Path(o.init_image).is_dir()
+        n = edit.inputs.count if folder else DEFAULT_NUM_SAMPLES
+        _check_count(n)
+        _check_seed(o.seed, n)
+    if vp and grid_name == "uniform":
+        grid_record: dict[str, Any] = {
+            "timesteps": make_timesteps(T, how.num_steps, how.spacing).tolist()}
+    else:
+        grid_record = {"sigma_grid": make_sigmas(schedule, how.num_steps, grid_name,
+                                                 rho=how.rho, spacing=how.spacing).tolist()}
+    spec = resolve_class_labels(o.class_labels, meta.get("class_names")) \
+        if net.config.num_classes is not None else o.class_labels
+    labels = _image_labels(spec, net.config.num_classes, n)
     net.to(device)
     if o.channels_last:
         net.to(memory_format=torch.channels_last)
@@ -543,14 +959,24 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         "unet_config": to_dict(net.config),
         "schedule_config": to_dict(schedule.config),
         # Everything that decides the pixels; a rerun must match it to resume.
-        "settings": {"sampler": how.sampler, "num_steps": how.num_steps, "eta": float(how.eta),
-                     "spacing": how.spacing, "seed": o.seed,
+        "settings": {"sampler": how.sampler, "num_steps": how.num_steps,
+                     "eta": how.resolved_eta, "spacing": how.spacing, "sigmas": grid_name,
+                     "rho": float(how.rho), "s_churn": float(how.s_churn),
+                     "s_tmin": float(how.s_tmin),
+                     "s_tmax": None if how.s_tmax is None else float(how.s_tmax),
+                     "s_noise": float(how.s_noise), "seed": o.seed,
                      "class_labels": _labels_spec(spec),
                      "guidance_scale": float(how.guidance_scale), "precision": precision,
-                     "clip_x0": how.clip_x0},
-        "timesteps": timesteps,
+                     "clip_x0": how.clip_x0,
+                     "init_images": None if edit is None else list(edit.inputs.init_sha256),
+                     "masks": None if edit is None or not edit.inputs.mask_paths
+                     else list(edit.inputs.mask_sha256),
+                     "strength": None if edit is None else edit.strength,
+                     "resample": 1 if edit is None else edit.resample},
+        **grid_record,
         "num_samples": n,
         "image_seeds": "image i (file i as 6 digits + .png) is drawn from seed + i",
+        "edit": None if edit is None else _edit_record(edit, o, how.num_steps),
         "labels": labels,
         "grid": GRID if o.grid else None,
         "grid_images": min(n, MAX_GRID_IMAGES) if o.grid else 0,
@@ -565,23 +991,49 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     error: Optional[BaseException] = None
     if main:
         try:
-            claim = _claim(out_dir, manifest, model_path, o, tell)
+            inputs = [model_path] + ([] if edit is None else
+                                     [*edit.inputs.init_paths, *edit.inputs.mask_paths])
+            claim = _claim(out_dir, manifest, inputs, n, o, tell)
         except Exception as e:  # raised on every process by _same_outcome
             error = e
     _same_outcome(state, error)
+    if edit is not None:
+        tell(edit_note)  # once the folder is claimed: bad input stays a single line
     try:
         return _draw_all(state, main, out_dir, manifest, claim, n, o, how, denoiser, schedule,
-                         shape, labels, device, autocast, batch_size, progress, tell)
+                         shape, labels, device, autocast, batch_size, progress, tell, edit)
     finally:
         if claim is not None:
             claim.close()
+
+
+def _edit_record(edit: _Edit, o: SampleOptions, num_steps: int) -> dict[str, Any]:
+    """The manifest's account of an editing run: which file made which image (the SHA-256s
+    that must match to resume are in ``settings``)."""
+    e = edit.inputs
+    skipped = num_steps - int(num_steps * edit.strength)
+    return {
+        "init_image": str(Path(o.init_image).resolve()),
+        "mask": None if o.mask is None else str(Path(o.mask).resolve()),
+        "inputs": [{"init": str(p), "init_sha256": h,
+                    **({"mask": str(e.mask_paths[k]), "mask_sha256": e.mask_sha256[k]}
+                       if e.mask_paths else {})}
+                   for k, (p, h) in enumerate(zip(e.init_paths, e.init_sha256))],
+        "rule": f"image i starts from inputs[i mod {e.count}], noised with seed + i",
+        "mask_convention": MASK_CONVENTION,
+        "strength": edit.strength,
+        "steps_run": num_steps - skipped,
+        "steps_skipped": skipped,
+        "resample": edit.resample,
+    }
 
 
 def _draw_all(state: Any, main: bool, out_dir: Path, manifest: dict[str, Any],
               claim: Optional[OutputFolder], n: int, o: SampleOptions, how: SampleConfig,
               denoiser: Any, schedule: Any, shape: tuple[int, int, int],
               labels: Optional[list[int]], device: torch.device, autocast: Any,
-              batch_size: int, progress: bool, tell: Callable[[str], None]) -> SampleResult:
+              batch_size: int, progress: bool, tell: Callable[[str], None],
+              edit: Optional[_Edit] = None) -> SampleResult:
     """Draw the images not yet in the claimed folder, then the grid and the final manifest."""
     from tqdm.auto import tqdm
 
@@ -599,7 +1051,8 @@ def _draw_all(state: Any, main: bool, out_dir: Path, manifest: dict[str, Any],
     mine = todo[state.process_index::state.num_processes]
     # The bar counts the main process's sampling steps (steps x its batches), so it moves and
     # shows an ETA from the first batch on; the postfix counts the images of every process.
-    steps = how.num_steps
+    # an edit runs the last int(steps x strength) steps of the grid (diffusers' img2img rule)
+    steps = how.num_steps if edit is None else int(how.num_steps * edit.strength)
     bar = tqdm(total=steps * math.ceil(len(mine) / batch_size),
                disable=not (progress and main), unit="step", dynamic_ncols=True)
     bar.set_postfix_str(f"{done_before}/{n} img")
@@ -609,7 +1062,7 @@ def _draw_all(state: Any, main: bool, out_dir: Path, manifest: dict[str, Any],
         for start in range(0, len(mine), batch_size):
             idx = mine[start:start + batch_size]
             _draw_batch(denoiser, schedule, how, idx, o.seed, shape, labels, device, autocast,
-                        writer, files, on_step=lambda i: bar.update(1))
+                        writer, files, on_step=lambda i: bar.update(1), edit=edit)
             drawn.extend(idx)
             done = min(n, done_before + len(drawn) * state.num_processes)
             bar.set_postfix_str(f"{done}/{n} img", refresh=False)

@@ -4,10 +4,10 @@
 resume, the state protocol, signals, the log and progress); this module is the loop itself.
 What makes it exact:
 
-- Every random draw of a step (timesteps, noise, flips, label dropout) comes from one
-  ``torch.Generator`` seeded from ``train.seed``, drawn for the *global* batch on every process,
-  and sliced to this process's share. So a run gives the same batches whatever the number of
-  processes, and its state is one generator state.
+- Every random draw of a step (timesteps or EDM sigmas, noise, flips, label dropout) comes
+  from one ``torch.Generator`` seeded from ``train.seed``, drawn for the *global* batch on every
+  process, and sliced to this process's share. So a run gives the same batches whatever the
+  number of processes, and its state is one generator state.
 - The data order comes from :class:`~diffunet.data.GlobalBatchSampler`: resuming at step s starts
   the stream at step s without reading the skipped images.
 - The saved state holds everything that changes while training (weights, EMA, optimizer, grad
@@ -32,8 +32,10 @@ from torch import Tensor
 from . import state as st
 from .checkpoint import save_model, unwrap_model
 from .config import RunConfig, to_dict
-from .data import GlobalBatchSampler, build_dataset, flip_where, make_dataloader, skipped_note
-from .diffusion import NoiseSchedule, diffusion_loss
+from .data import (GlobalBatchSampler, HFStream, build_dataset, flip_where, make_dataloader,
+                   skipped_note)
+from .diffusion import NoiseSchedule, diffusion_loss  # NoiseSchedule: _preview_fn's hint
+from .edm import EDMSchedule, Schedule, edm_loss, make_schedule
 from .errors import ConfigError, TrainingError
 from .images import save_grid
 from .runs import EMA, Run
@@ -137,38 +139,60 @@ def _log(run: Run, cfg: RunConfig, step: int, loss_sum: Tensor, steps: int, seco
                      "img_s": rate})
 
 
-def _step_inputs(cfg: RunConfig, gen: torch.Generator, images: Tensor, labels: Tensor,
-                 mine: slice) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+def _step_inputs(cfg: RunConfig, schedule: Schedule, gen: torch.Generator, images: Tensor,
+                 labels: Tensor, mine: slice) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """A step's randomness, drawn on the generator's device for the GLOBAL batch B and sliced
     to this process's rows ``mine`` (so every process, and any number of them, sees the same
-    global batch): timesteps (b,), noise (b, C, H, W), flips, label dropout. ``images``
-    (b, C, H, W) and ``labels`` (b,) are on that device. Returns x0, noise, t, labels (None for
-    an unconditional model)."""
-    B, T, dev = cfg.train.batch_size, cfg.schedule.num_train_timesteps, gen.device
-    timesteps = torch.randint(0, T, (B,), generator=gen, device=dev)[mine]
+    global batch): the noise levels (b,), noise (b, C, H, W), flips, label dropout. ``images``
+    (b, C, H, W) and ``labels`` (b,) are on that device. Returns x0, noise, levels, labels
+    (None for an unconditional model).
+
+    The levels are integer timesteps uniform in [0, T) for the VP formulation and log-normal
+    sigmas (float32, :meth:`~diffunet.edm.EDMSchedule.sample_sigmas`) for EDM. The two
+    formulations differ in a training step only in this draw and in :func:`step_loss`; each is
+    one ``if`` in the function that owns it, so ``train()`` has no branch and both share the
+    generator (hence exact resume), noise, flips, labels and micro-batching. (A common method
+    pair on both schedule classes would add training-only methods to NoiseSchedule and spread
+    the one compiled objective over two classes, for the same two branches.)"""
+    B, dev = cfg.train.batch_size, gen.device
+    if isinstance(schedule, EDMSchedule):
+        levels = schedule.sample_sigmas(B, gen)[mine]
+    else:
+        levels = torch.randint(0, schedule.num_train_timesteps, (B,), generator=gen,
+                               device=dev)[mine]
     noise = torch.randn((B, *images.shape[1:]), generator=gen, device=dev)[mine]
     if cfg.data.random_flip:
         images = flip_where(images, (torch.rand(B, generator=gen, device=dev) < 0.5)[mine])
     k = cfg.unet.num_classes
     if k is None:
-        return images, noise, timesteps, None
+        return images, noise, levels, None
     drop = (torch.rand(B, generator=gen, device=dev) < cfg.train.label_dropout)[mine]
-    return images, noise, timesteps, torch.where(drop, torch.full_like(labels, k), labels)
+    return images, noise, levels, torch.where(drop, torch.full_like(labels, k), labels)
 
 
-def step_loss(model: Callable[..., Tensor], schedule: NoiseSchedule, x0: Tensor, noise: Tensor,
+def step_loss(model: Callable[..., Tensor], schedule: Schedule, x0: Tensor, noise: Tensor,
               t: Tensor, labels: Tensor | None, min_snr_gamma: float | None) -> Tensor:
-    """The training objective of a (micro-)batch, a 0-d tensor: noise ``x0`` (b, C, H, W) to
-    x_t with ``noise`` at timesteps ``t`` (b,), run the network, and average
-    :func:`~diffunet.diffusion.diffusion_loss`. This is what ``train.compile`` compiles (one
-    graph, forward and loss)."""
+    """The training objective of a (micro-)batch, a 0-d tensor: noise ``x0`` (b, C, H, W) with
+    ``noise`` at the levels ``t`` (b,), run the network, and average the per-sample loss. This
+    is what ``train.compile`` compiles (one graph, forward and loss).
+
+    VP: x_t at integer timesteps ``t``, :func:`~diffunet.diffusion.diffusion_loss` (with the
+    min-SNR weight when ``min_snr_gamma`` is set). EDM: x = x0 + sigma noise at sigmas ``t``,
+    the network as F(c_in x; c_noise) (Table 1) and :func:`~diffunet.edm.edm_loss`, which
+    carries EDM's own weight lambda(sigma); ``min_snr_gamma`` does not apply and is ignored
+    (the training header says so)."""
+    if isinstance(schedule, EDMSchedule):
+        _, _, c_in, c_noise = schedule.preconditioning(t, x0)
+        x = schedule.add_noise(x0, noise, t)
+        out = model((c_in * x).to(x0.dtype), c_noise, class_labels=labels)
+        return edm_loss(schedule, out.float(), x0, noise, t).mean()
     xt = schedule.add_noise(x0, noise, t)
     out = model(xt, t, class_labels=labels)
     return diffusion_loss(schedule, out.float(), x0, noise, t, min_snr_gamma=min_snr_gamma).mean()
 
 
 def _backward(run: Run, model: torch.nn.Module, loss_fn: Callable[..., Tensor],
-              schedule: NoiseSchedule, cfg: RunConfig, x0: Tensor, noise: Tensor, t: Tensor,
+              schedule: Schedule, cfg: RunConfig, x0: Tensor, noise: Tensor, t: Tensor,
               labels: Tensor | None) -> Tensor:
     """Forward and backward over the process's batch in ``grad_accum_steps`` micro-batches
     (gradients synchronised on the last one); returns the mean loss, a 0-d device tensor."""
@@ -234,11 +258,10 @@ def _preview_fn(cfg: RunConfig, ema: EMA, schedule: NoiseSchedule, run: Run
 
     def draw_and_save(path: Path) -> None:
         with run.accelerator.autocast():
-            images = sample(ema.model, schedule, x_T.to(run.device), sampler=s.sampler,
-                            num_steps=s.num_steps, eta=s.eta, spacing=s.spacing,
+            images = sample(ema.model, schedule, x_T.to(run.device),
                             class_labels=None if labels is None else labels.to(run.device),
-                            guidance_scale=s.guidance_scale, clip_x0=s.clip_x0,
-                            generator=torch.Generator().manual_seed(seed + 2))
+                            generator=torch.Generator().manual_seed(seed + 2),
+                            **s.sample_kwargs())
         save_grid(images.float().cpu(), path)
 
     def write(step: int) -> None:  # the main process samples; the others wait for it
@@ -254,7 +277,8 @@ def _describe_data(dataset: Any, source: str, where: str, images: str) -> str:
     """The header's data line: ``source`` (and ``where`` it is read from), how many ``images``
     (e.g. "16x16 RGB") and which classes (their names, the first few)."""
     text = f"data: {source}" + (f" {where}" if where else "")
-    text += f", {len(dataset):,} images of {images}"
+    text += (f", streamed, images of {images}" if isinstance(dataset, HFStream)
+             else f", {len(dataset):,} images of {images}")
     names = getattr(dataset, "class_names", None)
     if names:
         shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
@@ -292,8 +316,9 @@ def _header(run: Run, cfg: RunConfig, dataset: Any, net: UNet) -> list[str]:
     return [_describe_data(dataset, d.source, where, f"{u.image_size}x{u.image_size} {kind}")
             + unused,
             f"model: UNet, {n:,} parameters ({n / 1e6:.2f}M; base_channels {u.base_channels}, "
-            f"channel_mults {tuple(u.channel_mults)}); {s.prediction_type} prediction, "
-            f"{s.beta_schedule} schedule, {s.num_train_timesteps} timesteps",
+            f"channel_mults {tuple(u.channel_mults)}); {s.describe()}" + (
+                "; train.min_snr_gamma is unused (EDM's loss has its own weight)"
+                if s.formulation == "edm" and t.min_snr_gamma is not None else ""),
             *describe_run(run, t.mixed_precision, t.batch_size, t.grad_accum_steps,
                           f"steps {run.start_step} -> {t.max_steps}, preview every "
                           f"{t.sample_every}, save every {t.save_every} and at the last step")]
@@ -305,8 +330,12 @@ def _forever(loader: Any) -> Iterator[Any]:
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
-          say: Callable[[str], None] = lambda msg: None, progress: bool = True) -> TrainResult:
+          say: Callable[[str], None] = lambda msg: None, progress: bool = True,
+          config_source: str | None = None) -> TrainResult:
     """Train a UNet as ``cfg`` says, writing everything into ``out_dir``.
+
+    ``config_source``, if given, is the header's first line: where the settings came from (the
+    command line passes which CONFIG.toml and overrides).
 
     ``say`` receives one-line messages for people (the command line prints them on the main
     process); ``progress`` shows a tqdm bar. Returns where the last model file and state went.
@@ -323,7 +352,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
              batch_size=t.batch_size, batch_divisor=t.grad_accum_steps, trackers=t.trackers,
              tracker_project=t.tracker_project, run_name=t.run_name,
              image_shape=(cfg.unet.in_channels, cfg.unet.image_size), state_keys=STATE_KEYS,
-             net=cfg.unet, timesteps=cfg.schedule.num_train_timesteps,
+             net=cfg.unet, timesteps=cfg.schedule.table_timesteps,
              static_graph=t.grad_accum_steps == 1 and not t.compile,
              say=say, progress=progress) as run:
         step = run.start_step
@@ -337,10 +366,11 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         run.seed_everything(t.seed)  # identical initial weights on every process
         if dataset is None:
             with run.accelerator.main_process_first():  # one process downloads, the others read
-                dataset = build_dataset(cfg.data)
+                dataset = (HFStream(cfg.data, cfg.unet.num_classes) if cfg.data.streaming
+                           else build_dataset(cfg.data))
         _check_labels(cfg, dataset)
         names = _class_names(cfg, dataset)
-        schedule = NoiseSchedule(cfg.schedule)
+        schedule = make_schedule(cfg.schedule)
         model = UNet(cfg.unet)
         if t.channels_last:  # before the EMA copy, so previews run channels-last too
             model = model.to(memory_format=torch.channels_last)
@@ -360,10 +390,15 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         run.open_folder(("samples", "weights", "state"))
         for note in _dataset_notes(dataset, cfg):
             run.tell(note)
-        batches = _forever(make_dataloader(
-            dataset, GlobalBatchSampler(len(dataset), t.batch_size, seed=t.seed,
-                                        start_step=step, rank=run.rank, world_size=run.world),
-            run.workers(cfg.data.num_workers), pin_memory=run.device.type == "cuda"))
+        if isinstance(dataset, HFStream):
+            batches = dataset.batches(t.batch_size, seed=t.seed, start_step=step,
+                                      rank=run.rank, world_size=run.world)
+        else:
+            batches = _forever(make_dataloader(
+                dataset, GlobalBatchSampler(len(dataset), t.batch_size, seed=t.seed,
+                                            start_step=step, rank=run.rank,
+                                            world_size=run.world),
+                run.workers(cfg.data.num_workers), pin_memory=run.device.type == "cuda"))
         preview = _preview_fn(cfg, ema, schedule, run)
 
         def save(at: int) -> tuple[Path, Path]:
@@ -380,7 +415,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         # --- the loop: no host sync between check points (log lines, saves, the non-finite
         # limit), so an accelerator is never kept waiting by the host -----------------------
         if step < t.max_steps:
-            for line in _header(run, cfg, dataset, net):
+            for line in [*([config_source] if config_source else []),
+                         *_header(run, cfg, dataset, net)]:
                 run.tell(line)
         run.progress(t.max_steps)
         per_process = t.batch_size // run.world
@@ -393,11 +429,11 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         stopping = False
         while step < t.max_steps:
             images, labels = next(batches)
-            x0, noise, timesteps, labels = _step_inputs(
-                cfg, step_gen, images.to(run.device, non_blocking=True),
+            x0, noise, levels, labels = _step_inputs(
+                cfg, schedule, step_gen, images.to(run.device, non_blocking=True),
                 labels.to(run.device, non_blocking=True), mine)
             model.train()
-            loss = _backward(run, model, loss_fn, schedule, cfg, x0, noise, timesteps, labels)
+            loss = _backward(run, model, loss_fn, schedule, cfg, x0, noise, levels, labels)
             bad = _update(run, cfg, model, optimizer, ema, net, step, loss)
             nonfinite["nonfinite_total"] += bad
             nonfinite["nonfinite_streak"] = (nonfinite["nonfinite_streak"] + 1) * bad

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 
-RUN_HEADER = ("resuming from ", "data: ", "model: ", "device: ", "batch: ", "out-dir: ")
+RUN_HEADER = ("config: ", "resuming from ", "data: ", "model: ", "device: ", "batch: ",
+              "out-dir: ")
 """How the lines a training run prints before its first step begin (its header, and the state it
 resumed from): a run that fails later has them on stderr above its one error line."""
 

@@ -128,6 +128,90 @@ def test_package_missing_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_config_checks() -> None:
     with pytest.raises(ConfigError, match="data.name"):
         DataConfig(source="hf")
-    with pytest.raises(ConfigError, match="data.streaming") as e:
-        DataConfig(source="hf", name="cifar10", streaming=True)
+    with pytest.raises(ConfigError, match="data.streaming: is for data.source = 'hf'") as e:
+        DataConfig(source="folder", path="x", streaming=True)
     assert "\n" not in str(e.value)
+    DataConfig(source="hf", name="cifar10", streaming=True)
+
+
+# --- data.streaming = true --------------------------------------------------------------------
+
+
+def _stream(path: Path, **kw):
+    from diffunet.data import HFStream
+    return HFStream(_cfg(path, streaming=True, **kw), shuffle_buffer=4)
+
+
+def test_stream_batches_are_deterministic_seamless_and_split_across_processes(
+        tmp_path: Path) -> None:
+    path = _tiny_set(tmp_path)
+    stream = _stream(path, label_column="label")
+    assert stream.class_names == ["a", "b", "c"]
+    whole = stream.batches(4, seed=3)
+    first = [next(whole) for _ in range(6)]  # 24 examples: four epochs of 6, no seam
+    again = stream.batches(4, seed=3)
+    for images, labels in first:
+        x, y = next(again)
+        assert torch.equal(x, images) and torch.equal(y, labels)
+        assert images.shape == (4, 3, 8, 8) and set(labels.tolist()) <= {0, 1, 2}
+    labels_seen = torch.cat([y for _, y in first]).tolist()
+    for k in range(3):  # every epoch holds each image once: two of each class per epoch
+        assert labels_seen.count(k) == 8
+    # resuming at step 2 gives steps 2.. of the uninterrupted stream
+    resumed = stream.batches(4, seed=3, start_step=2)
+    for images, _ in first[2:]:
+        assert torch.equal(next(resumed)[0], images)
+    # two processes: rank r decodes the r-th half of each global batch
+    halves = [stream.batches(4, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    for images, _ in first:
+        assert torch.equal(torch.cat([next(h)[0] for h in halves]), images)
+    other = next(stream.batches(4, seed=4))[0]
+    assert not torch.equal(other, first[0][0])  # another seed, another order
+
+
+def test_streamed_training_resumes_like_an_uninterrupted_run(tmp_path: Path, capsys,
+                                                             cpu_accelerate) -> None:
+    path = _tiny_set(tmp_path)
+    args = tiny_run("data.source=hf", f"data.name={path}", "data.streaming=true",
+                    "train.sample_every=1000", "train.save_every=2", "train.log_every=1",
+                    image_size=8)
+
+    def train(out: Path, steps: int, *flags: str) -> dict[int, float]:
+        assert cli.main(["train", *args, f"train.max_steps={steps}", "--out-dir", str(out),
+                         "--no-progress", *flags]) == 0, capsys.readouterr().err
+        return {r["step"]: r["loss"] for r in map(json.loads,
+                                                  (out / "log.jsonl").read_text().splitlines())}
+
+    straight = train(tmp_path / "a", 4)
+    train(tmp_path / "b", 2)
+    assert "streamed, images of 8x8 RGB" in capsys.readouterr().err
+    resumed = train(tmp_path / "b", 4, "--resume")
+    assert resumed == straight
+
+
+def test_stream_errors_are_one_line(tmp_path: Path) -> None:
+    path = _tiny_set(tmp_path)
+    with pytest.raises(DataError, match="data.label_column: no column 'nope'") as e:
+        _stream(path, label_column="nope")
+    _one_line(e)
+    with pytest.raises(DataError, match="streams a data set for training only") as e:
+        build_dataset(_cfg(path, streaming=True))
+    _one_line(e)
+
+
+def test_eval_bpd_finds_a_relative_local_data_set_from_another_folder(
+        tmp_path: Path, capsys, cpu_accelerate, monkeypatch: pytest.MonkeyPatch) -> None:
+    _tiny_set(tmp_path)  # tmp_path/tiny, named relative to where training runs
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", *tiny_run("data.source=hf", "data.name=tiny", "train.max_steps=1",
+                                        "train.sample_every=1000", image_size=8),
+                     "--out-dir", "runs/r", "--no-progress"]) == 0
+    model = next((tmp_path / "runs" / "r" / "weights").glob("*.safetensors"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert cli.main(["eval", "bpd", str(model), "--max-images", "2", "--timesteps", "2",
+                     "--no-progress"]) == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert f"Hugging Face data set {tmp_path / 'tiny'} (split train)" in captured.out + captured.err

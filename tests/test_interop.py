@@ -549,6 +549,25 @@ def test_import_from_a_hub_repo_id(tmp_path, offline_hub, capsys, cpu_accelerate
     assert "Hugging Face Hub download failed" in err[-1] and "someone/nothing" in err[-1]
 
 
+def test_load_model_takes_a_hub_repo_id_or_a_diffusers_folder(tmp_path, offline_hub):
+    unet = tiny_diffusers("ddpm-checkpoint")
+    diffusers.DDPMPipeline(unet, diffusers.DDPMScheduler(num_train_timesteps=50)
+                           ).save_pretrained(tmp_path / "pipe")
+    hub_cache_put(offline_hub, "someone/tiny-ddpm", tmp_path / "pipe")
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([5])
+    for source in ("someone/tiny-ddpm", tmp_path / "pipe"):
+        net, schedule, meta = diffunet.load_model(source)
+        assert meta["imported_from"]["diffusers"] == str(source)
+        assert schedule.num_train_timesteps == 50
+        with torch.no_grad():
+            assert (net(x, t) - unet(x, t).sample).abs().max() < 1e-5
+    assert not list(tmp_path.glob("**/diffunet-import-*"))  # the temporary file is gone
+    with pytest.raises(UsageError, match="Hugging Face Hub download failed"):
+        diffunet.load_model("someone/nothing")
+    with pytest.raises(UsageError, match="revision= is for a Hub model id"):
+        diffunet.load_model(tmp_path / "pipe", revision="main")
+
+
 def test_export_push_to_hub(tmp_path, offline_hub, monkeypatch, capsys, cpu_accelerate):
     import huggingface_hub
 

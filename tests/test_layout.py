@@ -31,14 +31,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("segmentation",),
     ("training",),
     ("sampling",),
-    ("evaluation", "plots"),
+    ("evaluation", "judge", "plots"),  # judge: the shapes classifier; uses evaluation's FID
     ("bench", "inspection", "interop"),
     ("runs", "outputs"),
     ("state", "checkpoint"),
     ("data",),
     ("images",),
     ("samplers", "schedulers"),  # schedulers: the deprecated name of samplers
-    ("diffusion", "likelihood", "resources"),
+    ("diffusion", "edm", "likelihood", "resources"),
     ("unet", "nn"),
     ("config",),
     ("errors", "fileio", "version"),

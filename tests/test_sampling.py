@@ -332,12 +332,12 @@ def test_class_labels(cond_model, tmp_path, capsys):
 
 def test_bad_input_in_a_subprocess(rgb_model, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "diffunet", "sample", str(rgb_model),
-                           "--sampler", "euler", "--out-dir", str(tmp_path / "x")],
+                           "--sampler", "eulr", "--out-dir", str(tmp_path / "x")],
                           capture_output=True, text=True, env=clean_env(), timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "diffunet sample: error: unknown sampler 'euler'; use --sampler with one of ddpm, ddim, "
-        "dpmpp-2m"]
+        "diffunet sample: error: unknown sampler 'eulr'; use --sampler with one of ddpm, ddim, "
+        "dpmpp-2m, euler, heun, euler-ancestral, dpmpp-2m-sde"]
     assert proc.stdout == "" and not (tmp_path / "x").exists()
 
 
@@ -427,7 +427,7 @@ def test_sample_uses_the_model_files_own_sample_settings(rgb_model, tmp_path):
     eta_model = _with_run_config(rgb_model, tmp_path / "eta.safetensors", eta=0.5)
     meta = diffunet.load_model(eta_model)[2]
     assert sample_settings(meta, SampleOptions()).eta == 0.5
-    assert sample_settings(meta, SampleOptions(sampler="dpmpp-2m")).eta == 0.0
+    assert sample_settings(meta, SampleOptions(sampler="dpmpp-2m")).resolved_eta == 0.0
     # a file without a training run's settings samples with SampleConfig's defaults
     plain = sample_settings(diffunet.load_model(rgb_model)[2], SampleOptions())
     assert plain == SampleConfig()

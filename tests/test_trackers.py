@@ -249,3 +249,63 @@ def test_plot_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         plot_run(tmp_path / "run")
     with pytest.raises(FolderError):  # the log is checked first either way
         plot_run(tmp_path / "missing")
+
+
+def _failed_start(run: Path, trackers: list[str]) -> None:
+    """What a start with ``trackers`` that failed before its first state left behind."""
+    for sub in ("samples", "weights", "state"):
+        (run / sub).mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": {"trackers": trackers}}))
+    (run / "log.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    if "tensorboard" in trackers:
+        (run / "tensorboard").mkdir()
+        (run / "tensorboard" / "events.out.tfevents.1700000000.host.1.0").write_bytes(b"\0")
+    if "wandb" in trackers:
+        (run / "wandb" / "offline-run-x").mkdir(parents=True)
+        (run / "wandb_run_id.txt").write_text("0123abcd\n")
+
+
+@pytest.mark.parametrize("trackers", [["tensorboard"], ["wandb"], ["tensorboard", "wandb"]])
+def test_tracker_files_of_a_failed_start_do_not_block_a_plain_restart(
+        trackers: list[str], tmp_path: Path) -> None:
+    from diffunet.config import RunConfig
+    from diffunet.runs import not_a_run_yet
+
+    _failed_start(tmp_path / "run", trackers)
+    assert not_a_run_yet(tmp_path / "run", RunConfig)
+
+
+@pytest.mark.parametrize("change", ["user-file-in-tensorboard", "tracker-not-in-config",
+                                    "bad-wandb-id", "tensorboard-subfolder"])
+def test_tracker_leftovers_that_are_not_ours_still_make_it_a_run(change: str,
+                                                                 tmp_path: Path) -> None:
+    from diffunet.config import RunConfig
+    from diffunet.runs import not_a_run_yet
+
+    run = tmp_path / "run"
+    _failed_start(run, ["tensorboard", "wandb"])
+    if change == "user-file-in-tensorboard":
+        (run / "tensorboard" / "notes.txt").write_text("mine")
+    elif change == "tracker-not-in-config":
+        (run / "config.json").write_text(json.dumps({"train": {"trackers": ["wandb"]}}))
+    elif change == "bad-wandb-id":
+        (run / "wandb_run_id.txt").write_text("../../etc\n")
+    else:
+        (run / "tensorboard" / "events.out.tfevents.sub").mkdir()
+        (run / "tensorboard" / "events.out.tfevents.1700000000.host.1.0").unlink()
+    assert not not_a_run_yet(run, RunConfig)
+
+
+def test_plain_restart_after_a_failed_tensorboard_start_trains(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture
+                                                               ) -> None:
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    assert _train(out, "train.trackers=[tensorboard]", "train.max_steps=1") == 0
+    for sub in ("samples", "weights", "state"):  # as if it had failed before its first state
+        shutil.rmtree(out / sub)
+        (out / sub).mkdir()
+    capsys.readouterr()
+    assert _train(out, "train.trackers=[tensorboard]") == 0
+    assert "never saved a state" in capsys.readouterr().err
+    assert len(list((out / "tensorboard").iterdir())) == 2

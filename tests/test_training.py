@@ -681,3 +681,33 @@ def test_num_classes_that_differs_from_the_class_folders_is_one_line(
     # the same number is fine
     cfg = training.fit_classes_to_data(load_config(None, [*args, "unet.num_classes=3"]), CLASSES)
     assert cfg.unet.num_classes == 3
+
+
+def test_header_config_line_names_the_toml_the_overrides_or_the_defaults(tmp_path: Path
+                                                                         ) -> None:
+    from diffunet.cli.common import describe_config
+
+    run = tmp_path / "run"
+    assert describe_config(["configs/mnist.toml", "train.max_steps=500", "unet.dropout=0.1"],
+                           run, False) == ("config: configs/mnist.toml with train.max_steps=500 "
+                                           "unet.dropout=0.1")
+    assert describe_config([], run, False) == "config: the built-in defaults (no CONFIG.toml)"
+    assert describe_config(["train.max_steps=9"], run, True) == (
+        "config: the built-in defaults (no CONFIG.toml) with train.max_steps=9")
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    assert describe_config(["train.max_steps=9"], run, True) == (
+        f"config: {run / 'config.json'} (the run's own) with train.max_steps=9")
+
+
+def test_cli_train_prints_the_config_line_first(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    from diffunet import cli
+
+    toml = tmp_path / "tiny.toml"
+    toml.write_text("[train]\nmax_steps = 1\n")
+    assert cli.main(["train", str(toml), *tiny_run("train.max_steps=1"), "--out-dir",
+                     str(tmp_path / "run"), "--no-progress"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"config: {toml} with "), err[0]
+    assert err[1].startswith("data: ")

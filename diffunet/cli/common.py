@@ -138,7 +138,7 @@ def dry_run(cfg: Any, net: UNetConfig, out_dir: Path, note: str = "") -> int:
     schedule = getattr(cfg, "schedule", None)
     batch = cfg.train.batch_size
     device = pick_device("cpu" if cpu_requested() else None)
-    n = check_training_fits(net, getattr(schedule, "num_train_timesteps", None), batch, batch,
+    n = check_training_fits(net, getattr(schedule, "table_timesteps", None), batch, batch,
                             net.in_channels, net.image_size, device)
     out(to_toml(cfg))
     out(f"# UNet parameters: {n:,} ({n / 1e6:.2f}M){note}")
@@ -146,6 +146,23 @@ def dry_run(cfg: Any, net: UNetConfig, out_dir: Path, note: str = "") -> int:
         out(line)
     out(f"# output folder: {out_dir}")
     return 0
+
+
+def describe_config(items: Sequence[str], run_dir: Path, resume: bool) -> str:
+    """The header's first line: where a run's settings come from, e.g. ``config:
+    configs/mnist.toml with train.max_steps=500`` (or the built-in defaults, or, resuming without
+    a CONFIG, the run folder's own config.json)."""
+    path = next((item for item in items if "=" not in item), None)
+    overrides = [item for item in items if "=" in item]
+    if path is not None:
+        source = path
+    elif resume and (run_dir / "config.json").is_file():
+        source = f"{run_dir / 'config.json'} (the run's own)"
+    else:
+        source = "the built-in defaults (no CONFIG.toml)"
+    shown = " ".join(overrides[:8]) + (f" and {len(overrides) - 8} more overrides"
+                                       if len(overrides) > 8 else "")
+    return f"config: {source}" + (f" with {shown}" if overrides else "")
 
 
 def resolve_run_config(items: Sequence[str], out_dir: str | None, resume: bool, *,

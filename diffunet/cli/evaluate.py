@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,9 @@ from typing import Any
 from ..errors import UsageError
 from .common import out
 
-DESCRIPTION = ("Evaluate a model: `eval bpd` (negative log-likelihood bound) or `eval fid` (FID "
-               "and KID of a folder of generated images).")
+DESCRIPTION = ("Evaluate a model: `eval bpd` (negative log-likelihood bound), `eval fid` (FID "
+               "and KID of a folder of generated images), `eval nfe` (quality per network "
+               "call, every sampler) or `eval train-judge` (the built-in quality judge).")
 
 
 def _timesteps_arg(text: str) -> int | None:
@@ -27,9 +29,11 @@ def _timesteps_arg(text: str) -> int | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..judge import (ALL_GRIDS, ALL_SAMPLERS, DEFAULT_BUDGETS, NFE_IMAGES, REFERENCE_IMAGES,
+                         JudgeTraining)
     from ..likelihood import LIKELIHOOD_VARIANCES
 
-    sub = p.add_subparsers(dest="eval_command", metavar="{bpd,fid}")
+    sub = p.add_subparsers(dest="eval_command", metavar="{bpd,fid,nfe,train-judge}")
     sub.required = True
 
     def common(q: argparse.ArgumentParser, batch: int) -> None:
@@ -65,20 +69,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "fid", help="FID and KID of generated images against a reference set",
         description="FID and KID between a folder of generated images (e.g. `diffunet "
                     "sample`'s output) and a reference set, with the standard FID "
-                    "Inception-v3 (needs: pip install \"diffunet[eval]\"). Reference statistics "
-                    "are cached in $DIFFUNET_CACHE (default ~/.cache/diffunet).")
+                    "Inception-v3 (needs: pip install \"diffunet[eval]\"), or with the "
+                    "built-in quality judge (--features builtin: models of the built-in data, "
+                    "offline). Reference statistics are cached in $DIFFUNET_CACHE (default "
+                    "~/.cache/diffunet), per feature network.")
     q.add_argument("generated", metavar="GENERATED_FOLDER")
     q.add_argument("items", nargs="*", metavar="[CONFIG.toml] [data.key=value ...]",
                    help="the reference data set, when --reference is not a folder")
     q.add_argument("--reference", metavar="FOLDER|CONFIG.toml",
                    help="reference images: a folder, or a config whose [data] is the set")
+    q.add_argument("--features", choices=("inception", "builtin"), default="inception",
+                   help="inception: the standard FID Inception-v3 (default); builtin: the "
+                        "built-in quality judge, a classifier of the built-in shapes shipped "
+                        "with diffunet (32x32, no extra package, no download; without a "
+                        "reference it compares with the built-in data set and also prints "
+                        "the class histogram of the generated images)")
     q.add_argument("--feature-weights", metavar="PATH",
-                   help="local pytorch-fid weights file pt_inception-2015-12-05-6726825d.pth "
+                   help="--features builtin: a judge weights file from `diffunet eval "
+                        "train-judge` (default: the shipped one); inception: the "
+                        "local pytorch-fid weights file pt_inception-2015-12-05-6726825d.pth "
                         "(default: the cache, downloaded once from pytorch-fid's release)")
     q.add_argument("--image-size", type=int, metavar="S",
                    help="load both sets at SxS (default: the generated images' size)")
     q.add_argument("--max-reference", type=int, metavar="N",
-                   help="use the first N reference images only")
+                   help="use the first N reference images only (--features builtin "
+                        f"without a reference: default {REFERENCE_IMAGES})")
     q.add_argument("--kid-subset-size", type=int, default=1000, metavar="N",
                    help="KID subset size (default 1000, capped at the smaller set)")
     q.add_argument("--kid-subsets", type=int, default=100, metavar="N",
@@ -86,6 +101,71 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--no-cache", action="store_true",
                    help="neither read nor write cached reference statistics")
     common(q, 50)
+
+    q = sub.add_parser(
+        "nfe", help="quality per network call: every sampler and sigma grid, judged offline",
+        description="Sample --num-images images (image i from seed + i, as `diffunet sample`) "
+                    "for each sampler, sigma grid and network-evaluation budget (the most "
+                    "steps that fit it), judge them with the built-in judge (FID and KID "
+                    "against the built-in data, recognisable fraction, class entropy) and "
+                    "print a markdown table with the sampling time per image. For models of "
+                    "the built-in data at 32x32 RGB. A long benchmark: run it on a quiet "
+                    "machine.")
+    q.add_argument("model", metavar="MODEL.safetensors")
+    q.add_argument("--num-images", type=int, default=NFE_IMAGES, metavar="N",
+                   help=f"images per combination (default {NFE_IMAGES})")
+    q.add_argument("--nfe", type=_int_list, default=list(DEFAULT_BUDGETS), metavar="N,N,...",
+                   help="network-evaluation budgets (default "
+                        f"{','.join(map(str, DEFAULT_BUDGETS))})")
+    q.add_argument("--samplers", type=_word_list, default=list(ALL_SAMPLERS),
+                   metavar="NAME,...", help=f"default all: {','.join(ALL_SAMPLERS)}")
+    q.add_argument("--grids", type=_word_list, default=list(ALL_GRIDS), metavar="GRID,...",
+                   help=f"sigma grids (default {','.join(ALL_GRIDS)}; uniform is skipped for "
+                        "an EDM model)")
+    q.add_argument("--num-reference", type=int, default=REFERENCE_IMAGES, metavar="N",
+                   help=f"built-in reference images (seed 0) for FID/KID (default "
+                        f"{REFERENCE_IMAGES})")
+    q.add_argument("--judge-weights", metavar="PATH",
+                   help="a judge from `diffunet eval train-judge` (default: the shipped one)")
+    q.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
+                   help="clip x0_hat to [-1, 1] (default: the model file's [sample] setting)")
+    q.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write cached reference statistics")
+    common(q, 128)
+
+    q = sub.add_parser(
+        "train-judge", help="train the built-in quality judge (CPU, seconds)",
+        description="Train the quality judge behind `--features builtin` and `eval nfe` "
+                    "from fresh built-in images, deterministically, on the CPU, and write it "
+                    "as a self-describing .safetensors file (architecture, training settings, "
+                    "held-out accuracy, sha256). The shipped judge is diffunet/judge.safetensors "
+                    "with its sha256 in diffunet/judge.py (JUDGE_SHA256).")
+    q.add_argument("--out", required=True, metavar="PATH.safetensors", help="where to write it")
+    q.add_argument("--steps", type=int, metavar="N",
+                   help=f"training steps (default {JudgeTraining().steps})")
+    q.add_argument("--seed", type=int, metavar="S",
+                   help="seed of the initialisation and the outlier images (default "
+                        f"{JudgeTraining().seed})")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    q.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    q.set_defaults(func=run)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 5,10,25, got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 5,10,25, got {text!r}")
+    return values
+
+
+def _word_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected names separated by commas, got {text!r}")
+    return values
 
 
 def _write_json(path: str | None, result: dict[str, Any]) -> None:
@@ -101,10 +181,12 @@ def _bpd(args: argparse.Namespace) -> int:
     from ..checkpoint import load_diffusion_model
     from ..data import build_dataset
     from ..evaluation import bpd_data_config, dataset_bits_per_dim, describe_data
+    from ..likelihood import require_vp_bound
     from ..runs import pick_device
 
     device = pick_device(args.device)
     net, schedule, meta = load_diffusion_model(args.model, device=device)
+    require_vp_bound(schedule)  # before any data is read
     data_cfg = bpd_data_config(meta, args.items, args.model)
     dataset = build_dataset(data_cfg)
     result = dataset_bits_per_dim(net, schedule, dataset,
@@ -142,11 +224,25 @@ def _fid(args: argparse.Namespace) -> int:
 
     device = pick_device(args.device)
     generated, image_size = generated_images(args.generated, args.image_size)
-    reference = reference_images(args.reference, args.items, image_size)
-    network = load_inception(args.feature_weights, device=device)
+    judge, items, max_reference = None, args.items, args.max_reference
+    if args.features == "builtin":
+        from ..judge import REFERENCE_IMAGES, load_judge
+
+        judge = load_judge(args.feature_weights, device=device)
+        size = judge.config.image_size
+        if image_size != size:
+            raise UsageError(f"--features builtin: the judge reads {size}x{size} images and "
+                             f"these are {image_size}x{image_size}; give --image-size {size} "
+                             "to resize them, or use --features inception")
+        if args.reference is None and not items:  # the built-in data `diffunet train` uses
+            items = ["data.source=builtin"]
+            max_reference = max_reference or REFERENCE_IMAGES
+    reference = reference_images(args.reference, items, image_size)
+    network = (judge.feature_network() if judge is not None else
+               load_inception(args.feature_weights, device=device))
     result = fid_kid(generated, reference, network,
                      cache_dir=None if args.no_cache else default_cache_dir(),
-                     max_reference=args.max_reference, batch_size=args.batch_size,
+                     max_reference=max_reference, batch_size=args.batch_size,
                      device=device, kid_subset_size=args.kid_subset_size,
                      kid_num_subsets=args.kid_subsets,
                      generator=torch.Generator().manual_seed(args.seed),
@@ -160,13 +256,85 @@ def _fid(args: argparse.Namespace) -> int:
         f"reference, at {image_size}x{image_size}\n"
         f"reference stats  {where}"
         + (f": {result.reference_cache}" if result.reference_cache else ""))
+    extra: dict[str, Any] = {}
+    if judge is not None:
+        report = judge.class_report(generated)
+        out(f"features         built-in judge, {judge.config.feature_dim}-d (sha256 "
+            f"{judge.sha256[:16]}...)"
+            + ("; reference: the built-in data set (seed 0)" if items != args.items else "")
+            + "\n" + report.describe())
+        extra = {"features": "builtin", "judge": report.summary()}
     _write_json(args.json, {"generated": str(args.generated), "image_size": image_size,
-                            **result.summary()})
+                            **result.summary(), **extra})
+    return 0
+
+
+def _nfe(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from ..evaluation import default_cache_dir
+    from ..judge import ALL_SAMPLERS, format_nfe_table, load_judge, quality_per_nfe
+    from ..runs import pick_device
+    from .common import say
+
+    unknown = [name for name in args.samplers if name not in ALL_SAMPLERS]
+    if unknown:
+        raise UsageError(f"--samplers: unknown sampler {unknown[0]!r}; use some of "
+                         f"{','.join(ALL_SAMPLERS)}")
+    device = pick_device(args.device)
+    judge = load_judge(args.judge_weights, device=device)
+    result = quality_per_nfe(args.model, judge=judge, num_images=args.num_images,
+                             seed=args.seed, budgets=args.nfe, samplers=args.samplers,
+                             grids=args.grids, batch_size=args.batch_size, device=device,
+                             num_reference=args.num_reference,
+                             cache_dir=None if args.no_cache else default_cache_dir(),
+                             clip_x0=args.clip_x0,
+                             progress=None if args.no_progress else say)
+    command = " ".join(shlex.quote(a) for a in ([sys.executable] if sys.argv[0].endswith(".py")
+                                                  else []) + sys.argv)
+    out(format_nfe_table(result) + f"\ncommand: {command}; model sha256 {result.model_sha256}; "
+        f"judge sha256 {result.judge_sha256}")
+    _write_json(args.json, {"model": str(args.model), "model_sha256": result.model_sha256,
+                            "judge_sha256": result.judge_sha256, "command": command,
+                            "num_images": result.num_images, "seed": result.seed,
+                            "reference_fid": result.reference_fid,
+                            "rows": [dataclasses.asdict(r) for r in result.rows],
+                            "skipped": result.skipped, **result.options})
+    return 0
+
+
+def _train_judge(args: argparse.Namespace) -> int:
+    import time
+
+    from ..judge import JudgeTraining, save_judge, train_judge
+
+    path = Path(args.out)
+    if path.exists() and not args.overwrite:
+        raise UsageError(f"--out {path} exists; give --overwrite to replace it")
+    given = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+    training = dataclasses.replace(JudgeTraining(), **given)
+    t0 = time.perf_counter()
+    judge = train_judge(training=training)
+    seconds = time.perf_counter() - t0
+    sha = save_judge(judge, path)
+    h = judge.held_out
+    out(f"trained the judge in {seconds:.1f} s ({training.steps} steps of "
+        f"{training.batch_size} built-in images, seed {training.seed}): held-out accuracy "
+        f"{h['accuracy']:.2%}, recognisable {h['recognisable']:.1%} on {h['images']} images "
+        f"of seed {h['seed']}\n"
+        f"wrote {path} ({path.stat().st_size:,} bytes; sha256 of its weights and metadata "
+        f"{sha})\n"
+        f"to ship it: copy it to diffunet/judge.safetensors and set JUDGE_SHA256 = "
+        f"\"{sha}\" in diffunet/judge.py")
+    _write_json(args.json, {"out": str(path), "sha256": sha, "seconds": seconds,
+                            "held_out": h, "training": dataclasses.asdict(training)})
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
     """``diffunet eval bpd|fid``: a short table of results on stdout (and ``--json``)."""
-    if args.batch_size < 1:
+    if getattr(args, "batch_size", 1) < 1:
         raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    return _bpd(args) if args.eval_command == "bpd" else _fid(args)
+    commands = {"bpd": _bpd, "fid": _fid, "nfe": _nfe, "train-judge": _train_judge}
+    return commands[args.eval_command](args)

@@ -64,9 +64,18 @@ def run(args: argparse.Namespace) -> int:
     lines += [f"parameters       {n_params:,} ({n_params / 1e6:.2f}M)",
               f"weights          {finite_line}",
               f"sha256           {loaded.sha256}"]
+    schedule = loaded.schedule
+    if schedule is not None:
+        lines.append(f"schedule         {schedule.config.describe()}")
     for section in ("unet_config", "schedule_config", "segmentation"):
         if section in meta:
             lines.append(f"[{section.removesuffix('_config')}]")
-            lines += [f"  {key} = {json.dumps(value)}" for key, value in meta[section].items()]
+            table = meta[section]
+            if section == "schedule_config" and schedule is not None:
+                # Only the fields of its formulation (the other's are stored but unused); an
+                # older file without `formulation` is a VP one.
+                table = {key: getattr(schedule.config, key)
+                         for key in schedule.config.used_fields()}
+            lines += [f"  {key} = {json.dumps(value)}" for key, value in table.items()]
     out("\n".join(lines))
     return 0

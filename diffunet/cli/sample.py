@@ -11,33 +11,55 @@ DESCRIPTION = ("Draw images from a model file: 000000.png, ... (image i from see
                "whatever the batch size or number of processes), grid.png and manifest.json. "
                "Rerunning the same command resumes an interrupted run. Under `accelerate launch "
                "-m diffunet sample ...` the work is split across processes. How to sample "
-               "(sampler, steps, eta, spacing, guidance, clipping) defaults to the model file's "
-               "own [sample] settings, the ones its training previews used.")
+               "(sampler, steps, eta, sigma grid, spacing, guidance, clipping) defaults to the "
+               "model file's own [sample] settings, the ones its training previews used. "
+               "--init-image edits images instead (SDEdit), --mask inpaints (white = repaint, "
+               "black = keep).")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..config import SampleConfig
-    from ..sampling import PRECISIONS, SampleOptions
-    from ..samplers import SAMPLERS, SPACINGS
+    from typing import get_args
+
+    from ..config import SampleConfig, SigmaGrid
+    from ..sampling import DEFAULT_NUM_SAMPLES, IMG2IMG_STRENGTH, PRECISIONS, SampleOptions
+    from ..samplers import MULTISTEP_SAMPLERS, SAMPLERS, SPACINGS
 
     d, s = SampleOptions, SampleConfig  # the defaults live in the dataclasses (house rule 5)
     model_or = "default: the model's [sample] setting, else"
     p.add_argument("model", metavar="MODEL.safetensors")
     p.add_argument("--num-samples", type=int, default=d.num_samples, metavar="N",
-                   help=f"images to draw (default {d.num_samples})")
+                   help=f"images to draw (default {DEFAULT_NUM_SAMPLES}; with an --init-image "
+                        "folder, one per image in it)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, metavar="B",
                    help="images per forward pass, per process (default: 64 on a CPU; on a GPU "
                         "as many as its free memory holds)")
     p.add_argument("--sampler", metavar="|".join(SAMPLERS),
-                   help=f"step rule ({model_or} {s.sampler}); dpmpp-2m needs only 10-20 steps")
+                   help=f"step rule ({model_or} {s.sampler}); dpmpp-2m needs only 10-20 steps "
+                        "(docs/samplers.md compares them per network call)")
     p.add_argument("--steps", type=int, dest="num_steps", metavar="S",
                    help=f"sampling steps, 1 to the model's training timesteps ({model_or} "
                         f"{s.num_steps})")
     p.add_argument("--eta", type=float,
-                   help=f"DDIM noise: 0 deterministic ... 1 DDPM-like (ddim only; {model_or} "
-                        f"{s.eta})")
+                   help="step noise: 0 deterministic ... 1 ancestral (ddim, euler-ancestral, "
+                        f"dpmpp-2m-sde; {model_or} 0 for ddim, 1 for the other two)")
+    p.add_argument("--sigmas", metavar="|".join(get_args(SigmaGrid)),
+                   help=f"noise-level grid: karras (Karras et al. eq. 5, with --rho), "
+                        f"exponential, or uniform (the training timesteps --spacing picks; VP "
+                        f"models) ({model_or} uniform for ddpm/ddim/dpmpp-2m on VP models, "
+                        f"karras for the rest)")
+    p.add_argument("--rho", type=float,
+                   help=f"the karras grid's exponent ({model_or} {s.rho})")
     p.add_argument("--spacing", metavar="|".join(SPACINGS),
                    help=f"which training timesteps to visit ({model_or} {s.spacing})")
+    p.add_argument("--s-churn", type=float, dest="s_churn", metavar="S",
+                   help=f"heun: EDM's stochasticity S_churn, 0 = deterministic ({model_or} "
+                        f"{s.s_churn})")
+    p.add_argument("--s-tmin", type=float, dest="s_tmin", metavar="SIGMA",
+                   help=f"heun: add churn noise only at sigma >= this ({model_or} {s.s_tmin})")
+    p.add_argument("--s-tmax", type=float, dest="s_tmax", metavar="SIGMA",
+                   help=f"heun: ... and sigma <= this ({model_or} inf)")
+    p.add_argument("--s-noise", type=float, dest="s_noise", metavar="S",
+                   help=f"heun: scale of the churn noise ({model_or} {s.s_noise})")
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
                    help=f"clip each step's x0 estimate to [-1, 1] ({model_or} "
                         f"{'yes' if s.clip_x0 else 'no'})")
@@ -51,6 +73,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", type=float, metavar="W",
                    help="classifier-free guidance scale, needs --class-label (with labels: "
                         f"{model_or} {s.guidance_scale}, i.e. none)")
+    p.add_argument("--init-image", metavar="PATH_OR_FOLDER",
+                   help="edit instead of drawing from noise (SDEdit): each image starts from "
+                        "this image noised to --strength; a folder gives image i its i-th "
+                        "image in sorted order (cycled when there are more images to draw). "
+                        "Images must be the model's size and mode (RGB or grayscale); they are "
+                        "not resized")
+    p.add_argument("--strength", type=float, metavar="S",
+                   help=f"editing: how far the init image is noised, in (0, 1]; 1 = all the "
+                        f"way (little of it survives), small = close to it; runs the last "
+                        f"int(steps x S) steps (default {IMG2IMG_STRENGTH}, 1 with --mask)")
+    p.add_argument("--mask", metavar="MASK_OR_FOLDER",
+                   help="inpainting, with --init-image: white (255) = repaint, black (0) = keep "
+                        "the init image's pixel (diffusers' convention; grey is binarised at "
+                        "128). One file for every init image, or a folder paired with the "
+                        "init-image folder by file name; single-channel (L or 1) or grey RGB, "
+                        "the model's size")
+    p.add_argument("--resample", type=int, default=d.resample, metavar="R",
+                   help="inpainting: do each step R times, re-noising in between (RePaint; "
+                        f"default {d.resample}; not with {', '.join(MULTISTEP_SAMPLERS)})")
     p.add_argument("--out-dir", help="output folder (default: samples/<run>_<step> for a model "
                                      "file in a run's weights/ folder, else samples/<file name>)")
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=d.grid,
@@ -92,7 +133,11 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision, device=args.device, overwrite=args.overwrite,
         compile=args.compile, channels_last=args.channels_last,
         sampler=args.sampler, num_steps=args.num_steps, eta=args.eta, spacing=args.spacing,
-        guidance_scale=args.guidance_scale, clip_x0=args.clip_x0)
+        sigmas=args.sigmas, rho=args.rho, s_churn=args.s_churn, s_tmin=args.s_tmin,
+        s_tmax=args.s_tmax, s_noise=args.s_noise,
+        guidance_scale=args.guidance_scale, clip_x0=args.clip_x0,
+        init_image=args.init_image, mask=args.mask, strength=args.strength,
+        resample=args.resample)
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args.model)
     generate(args.model, out_dir, options, progress=not args.no_progress, say=say)
     return 0

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import SegRunConfig
-from .common import add_run_arguments, dry_run, out, resolve_run_config, say
+from .common import add_run_arguments, describe_config, dry_run, out, resolve_run_config, say
 
 DESCRIPTION = ("The UNet as a segmentation network (no timestep input): `segment train` (with "
                "no CONFIG: built-in shapes with their masks), `segment predict` (mask PNGs and "
@@ -72,7 +72,8 @@ def _train(args: argparse.Namespace) -> int:
     from ..segmentation.training import train_segmentation
 
     result = train_segmentation(cfg, out_dir, resume=args.resume, say=say,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress,
+                                config_source=describe_config(args.items, out_dir, args.resume))
     if result.best_path is not None:
         say(f"best model (epoch {result.best_epoch}, validation Dice "
             f"{result.best_dice:.3f}): {result.best_path}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import RunConfig
-from .common import add_run_arguments, dry_run, resolve_run_config, say
+from .common import add_run_arguments, describe_config, dry_run, resolve_run_config, say
 
 DESCRIPTION = ("Train a diffusion UNet. Settings come from CONFIG.toml (optional) and "
                "section.key=value overrides, e.g. train.max_steps=500 unet.dropout=0.1.")
@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
         return dry_run(cfg, cfg.unet, out_dir)
     from ..training import train
 
-    result = train(cfg, out_dir, resume=args.resume, say=say, progress=not args.no_progress)
+    result = train(cfg, out_dir, resume=args.resume, say=say, progress=not args.no_progress,
+                   config_source=describe_config(args.items, out_dir, args.resume))
     if result.model_path is not None:
         say(f"step {result.step}: model file {result.model_path}")
     if result.nonfinite_skipped:

@@ -227,8 +227,10 @@ def _header(run: Run, cfg: SegRunConfig, data: SegData, net: UNet, steps_per_epo
 
 def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *, resume: bool = False,
                        say: Callable[[str], None] = lambda msg: None,
-                       progress: bool = True) -> SegTrainResult:
-    """Train a segmentation UNet as ``cfg`` says, writing everything into ``out_dir``.
+                       progress: bool = True, config_source: str | None = None
+                       ) -> SegTrainResult:
+    """Train a segmentation UNet as ``cfg`` says, writing everything into ``out_dir``
+    (``config_source``: the header's first line, as :func:`diffunet.training.train`'s).
 
     ``say`` receives one-line messages for people (one per epoch with the validation Dice);
     ``progress`` shows a tqdm bar. Without ``resume`` a non-empty ``out_dir`` is refused; with
@@ -270,7 +272,8 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *, resume: bool =
         net = unwrap_model(model)
         run.open_folder(("weights", "state"))
         if step < total:
-            for line in _header(run, cfg, data, net, steps_per_epoch):
+            for line in [*([config_source] if config_source else []),
+                         *_header(run, cfg, data, net, steps_per_epoch)]:
                 run.tell(line)
         meta = segmentation_metadata(cfg, data)
 
