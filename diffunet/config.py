@@ -645,6 +645,9 @@ def check_sampling(names: dict[str, str], *, sampler: Any = None, num_steps: Any
         raise bad("guidance_scale", f"must be a finite number, got {guidance_scale!r}")
 
 
+UNIFORM_BY_DEFAULT = ("ddpm", "ddim")
+"""The samplers an unset ``sample.sigmas`` runs on their own uniform training timesteps (VP
+models); the others default to the karras grid."""
 ETA_ONE_SAMPLERS = ("euler-ancestral", "dpmpp-2m-sde")
 """The samplers whose ``eta`` defaults to 1 (their ancestral noise); ``ddim``'s defaults to 0."""
 CHURN_SAMPLERS = ("heun",)
@@ -706,7 +709,9 @@ class SampleConfig:
     while training and by ``diffunet sample`` (whose defaults are the ``[sample]`` table stored
     in the model file, else these). Every field may change on resume."""
 
-    sampler: SamplerName = free_on_resume("ddim")
+    sampler: SamplerName = free_on_resume("dpmpp-2m")
+    """The step rule; the default, DPM-Solver++(2M) on the karras grid, is the measured winner
+    at 25 network calls (docs/samplers.md, "Quality per network call")."""
     num_steps: int = free_on_resume(25)
     eta: float | None = free_on_resume(None)
     """The step noise of the samplers that have one: 0 deterministic ... 1 ancestral (DDPM-like)
@@ -717,8 +722,9 @@ class SampleConfig:
     sigmas: SigmaGrid | None = free_on_resume(None)
     """The noise levels the sampler steps through: ``karras`` (Karras et al. 2022, eq. 5, with
     ``rho``), ``exponential`` (log-uniform) or ``uniform`` (the training timesteps ``spacing``
-    picks; VP models only); unset: ``uniform`` for ddpm/ddim/dpmpp-2m on a VP model (their
-    exact integer-timestep rules), ``karras`` otherwise (the other samplers, EDM models)."""
+    picks; VP models only); unset: ``uniform`` for ddpm/ddim on a VP model (their exact
+    integer-timestep rules), ``karras`` otherwise (the other samplers, dpmpp-2m included, and
+    EDM models). (The library's ``sample(sigmas=None)`` keeps dpmpp-2m on uniform timesteps.)"""
     rho: float = free_on_resume(7.0)
     """The ``karras`` grid's exponent (eq. 5; 7 is the paper's choice)."""
     s_churn: float = free_on_resume(0.0)
@@ -763,8 +769,10 @@ class SampleConfig:
         """The keyword arguments of :func:`diffunet.samplers.sample` these settings stand for
         (unset ``eta`` and ``s_tmax`` resolved), the one translation previews and
         ``diffunet sample`` share."""
+        sigmas = (self.sigmas if self.sigmas is not None or self.sampler in UNIFORM_BY_DEFAULT
+                  else "karras")
         return dict(sampler=self.sampler, num_steps=self.num_steps, eta=self.resolved_eta,
-                    spacing=self.spacing, sigmas=self.sigmas, rho=self.rho,
+                    spacing=self.spacing, sigmas=sigmas, rho=self.rho,
                     s_churn=self.s_churn, s_tmin=self.s_tmin,
                     s_tmax=math.inf if self.s_tmax is None else self.s_tmax,
                     s_noise=self.s_noise, guidance_scale=self.guidance_scale,

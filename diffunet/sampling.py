@@ -62,8 +62,8 @@ from PIL import Image, ImageOps
 
 from .checkpoint import load_diffusion_model
 from . import errors
-from .config import (SampleConfig, check_sampler_options, check_sampling, from_dict,
-                     to_dict)
+from .config import (UNIFORM_BY_DEFAULT, SampleConfig, check_sampler_options, check_sampling,
+                     from_dict, to_dict)
 from .data import SKIPPED_NOTE, scan_image_folder
 from .errors import (ConfigError, DataError, DiffunetError, FolderError, NotRegularFileError,
                      UsageError)
@@ -72,7 +72,7 @@ from .images import IMAGE_EXTENSIONS, image_header, save_grid, save_image
 from .outputs import OutputFolder, claim_folder, is_plain_file
 from .resources import check_fits, network_cost
 from .runs import cpu_requested, pick_device, refuse_lone_processes
-from .samplers import (INTEGER_SAMPLERS, MULTISTEP_SAMPLERS, make_sigmas, make_timesteps,
+from .samplers import (MULTISTEP_SAMPLERS, make_sigmas, make_timesteps,
                        sample)
 from .version import __version__
 
@@ -323,7 +323,7 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
         given["s_tmax"] = None  # no upper limit
     defaults = to_dict(SampleConfig())
     if given.get("sampler", settings["sampler"]) != settings["sampler"]:
-        for key in ("eta", *_CHURN):
+        for key in ("eta", "sigmas", *_CHURN):  # the stored sampler's, not the new one's
             if key not in given:
                 settings[key] = defaults[key]
     if given.get("sigmas", "karras") != "karras" and "rho" not in given:
@@ -850,10 +850,10 @@ def _is_vp(schedule: Any) -> bool:
 
 def _grid_name(how: SampleConfig, vp: bool) -> str:
     """The sigma grid :func:`~diffunet.samplers.sample` uses for ``how`` (``sigmas`` unset:
-    uniform timesteps for ddpm/ddim/dpmpp-2m on a VP model, else karras)."""
+    uniform timesteps for ddpm/ddim on a VP model, else karras; see ``SampleConfig.sigmas``)."""
     if how.sigmas is not None:
         return how.sigmas
-    return "uniform" if vp and how.sampler in INTEGER_SAMPLERS else "karras"
+    return "uniform" if vp and how.sampler in UNIFORM_BY_DEFAULT else "karras"
 
 
 def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,

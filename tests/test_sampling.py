@@ -279,7 +279,11 @@ def test_each_sampler_through_the_cli(rgb_model, tmp_path, capsys, sampler, extr
     assert (s["sampler"], s["num_steps"], s["seed"], s["guidance_scale"]) == (sampler, 6, 4, 1.0)
     assert s["eta"] == (0.3 if sampler == "ddim" else 0.0) and s["spacing"] == "trailing"
     assert s["precision"] == ("bf16" if sampler == "dpmpp-2m" else "fp32")
-    assert m["timesteps"] == diffunet.make_timesteps(T, 6).tolist()
+    if sampler == "dpmpp-2m":  # the command's default grid for it: karras (6 levels and 0)
+        assert s["sigmas"] == "karras" and len(m["sigma_grid"]) == 7 and "timesteps" not in m
+    else:
+        assert s["sigmas"] == "uniform"
+        assert m["timesteps"] == diffunet.make_timesteps(T, 6).tolist()
     assert "seed + i" in m["image_seeds"] and m["labels"] is None
     assert m["diffunet_version"] == diffunet.__version__
 
@@ -294,8 +298,9 @@ def test_grayscale_model_writes_mode_l_and_defaults(gray_model, tmp_path, capsys
     assert Image.open(out / GRID).mode == "L"
     assert "3/3" in err  # the progress bar counts images
     m = json.loads((out / MANIFEST).read_text())
-    assert (m["settings"]["sampler"], m["settings"]["num_steps"], m["batch_size"]) == ("ddim", 2,
-                                                                                        64)
+    assert (m["settings"]["sampler"], m["settings"]["num_steps"], m["batch_size"]) == (
+        "dpmpp-2m", 2, 64)
+    assert m["settings"]["sigmas"] == "karras"  # the default sampler's default grid
     code, err = run_cli([gray_model, "--out-dir", tmp_path / "nogrid", "--num-samples", 2,
                          "--steps", 2, "--no-grid"], capsys)
     assert code == 0 and not (tmp_path / "nogrid" / GRID).exists()
@@ -424,7 +429,8 @@ def test_sample_uses_the_model_files_own_sample_settings(rgb_model, tmp_path):
     assert (how.sampler, how.num_steps, how.clip_x0) == ("ddpm", 5, False)
     # switching to ddim does not inherit a DDIM eta the model never had; a stored ddim eta is
     # dropped when another sampler is asked for
-    eta_model = _with_run_config(rgb_model, tmp_path / "eta.safetensors", eta=0.5)
+    eta_model = _with_run_config(rgb_model, tmp_path / "eta.safetensors", sampler="ddim",
+                                 eta=0.5)
     meta = diffunet.load_model(eta_model)[2]
     assert sample_settings(meta, SampleOptions()).eta == 0.5
     assert sample_settings(meta, SampleOptions(sampler="dpmpp-2m")).resolved_eta == 0.0
