@@ -525,6 +525,11 @@ REFERENCE_IMAGES = 10000
 """Built-in reference images (seed 0) of the judge's FID/KID by default."""
 
 
+MAX_NFE = 10_000
+"""The largest network-evaluation budget :func:`quality_per_nfe` takes (10x the usual 1,000
+training timesteps); a larger one is a one-line error rather than a benchmark that never ends."""
+
+
 def steps_for_budget(sampler: str, budget: int) -> int | None:
     """The most steps whose network evaluations (:func:`diffunet.samplers.network_calls`) fit
     in ``budget``; None when even one step does not."""
@@ -612,8 +617,8 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
     if batch_size < 1:
         raise UsageError(f"batch_size must be a positive integer, got {batch_size}")
     for b in budgets:
-        if int(b) < 1:
-            raise UsageError(f"network-evaluation budgets must be positive, got {b}")
+        if not 1 <= int(b) <= MAX_NFE:
+            raise UsageError(f"network-evaluation budgets must be in [1, {MAX_NFE}], got {b}")
     for g in grids:
         if g not in ALL_GRIDS:
             raise UsageError(f"unknown sigma grid {g!r}; use {', '.join(ALL_GRIDS)}")

@@ -774,6 +774,11 @@ def _resolve_null_label(model: Callable[..., Tensor], null_label: int | None) ->
                       "null_label=..., or use a model whose config.num_classes is set")
 
 
+MAX_RESAMPLE = 100
+"""The most RePaint repeats of a step: each multiplies the network calls (Lugmayr et al. 2022
+used 10); a larger count is a one-line error rather than a run that never ends."""
+
+
 def _check_editing(x_T: Tensor, init_image: Optional[Tensor], strength: float,
                    mask: Optional[Tensor], resample: int,
                    sampler: str) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -786,6 +791,9 @@ def _check_editing(x_T: Tensor, init_image: Optional[Tensor], strength: float,
     if isinstance(resample, bool) or not isinstance(resample, int) or resample < 1:
         raise UsageError(f"resample must be an integer >= 1 (1: no RePaint resampling), got "
                          f"{resample!r}")
+    if resample > MAX_RESAMPLE:
+        raise UsageError(f"resample={resample} is more than {MAX_RESAMPLE} repeats of each step "
+                         "(each one more network call per step; RePaint used 10)")
     if init_image is None:
         for name, given in (("strength", strength != 1.0), ("mask", mask is not None),
                             ("resample", resample != 1)):

@@ -72,7 +72,7 @@ from .images import IMAGE_EXTENSIONS, image_header, save_grid, save_image
 from .outputs import OutputFolder, claim_folder, is_plain_file
 from .resources import check_fits, network_cost
 from .runs import cpu_requested, pick_device, refuse_lone_processes
-from .samplers import (MULTISTEP_SAMPLERS, make_sigmas, make_timesteps,
+from .samplers import (MAX_RESAMPLE, MULTISTEP_SAMPLERS, make_sigmas, make_timesteps,
                        sample)
 from .version import __version__
 
@@ -269,6 +269,9 @@ class SampleOptions:
         if not _is_int(r) or r < 1:
             raise UsageError(f"--resample must be a positive integer (1 = no resampling), got "
                              f"{r!r}")
+        if r > MAX_RESAMPLE:
+            raise UsageError(f"--resample {r} is more than {MAX_RESAMPLE} repeats of each step "
+                             "(each one more network call per step; RePaint used 10)")
         if r > 1 and self.mask is None:
             raise UsageError(f"--resample {r} repeats inpainting steps (RePaint); it needs "
                              "--mask (and --init-image)")

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import diffunet
+from diffunet.errors import UsageError
 from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig
 from diffunet.cli import main
 from diffunet.config import SampleConfig, load_config, to_dict
@@ -343,3 +344,17 @@ def test_bad_editing_input_is_one_line(world, tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and message in err, (args, err)
         assert err.startswith("diffunet sample: error: ") and "Traceback" not in err
         assert not (d / "out").exists(), args
+
+
+def test_a_resample_count_that_would_never_end_is_one_line() -> None:
+    import torch
+
+    from diffunet.samplers import MAX_RESAMPLE
+    from diffunet.sampling import SampleOptions
+
+    with pytest.raises(UsageError, match=f"more than {MAX_RESAMPLE} repeats"):
+        SampleOptions(init_image="x.png", mask="m.png", resample=10**12)
+    x = torch.zeros(1, 1, 4, 4)
+    with pytest.raises(UsageError, match=f"resample={10**12} is more than {MAX_RESAMPLE}"):
+        diffunet.sample(lambda x, t: x, diffunet.NoiseSchedule(), x, init_image=x,
+                        mask=torch.ones_like(x), resample=10**12, sampler="ddpm", num_steps=2)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig, save_model
@@ -595,3 +596,23 @@ def test_eval_bpd_finds_the_stored_data_from_anywhere_and_names_it(tmp_path, cap
     with pytest.raises(DiffunetError, match="the model file fixes unet"):
         args = _parse(["eval", "bpd", str(model), "unet.image_size=16"])
         args.func(args)
+
+
+def test_json_never_replaces_a_users_file_but_updates_its_own(tmp_path: Path, capsys) -> None:
+    from diffunet import cli
+
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "notes"}\n')
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 20, 200)).save(folder / f"{i}.png")
+    args = ["eval", "fid", str(folder), "--features", "builtin", "--max-reference", "20",
+            "--kid-subset-size", "4", "--kid-subsets", "2", "--no-progress", "--json"]
+    assert cli.main([*args, str(mine)]) == 2
+    assert "is not a diffunet eval result" in capsys.readouterr().err
+    assert mine.read_text() == '{"my": "notes"}\n'
+    ours = tmp_path / "fid.json"
+    assert cli.main([*args, str(ours)]) == 0
+    assert json.loads(ours.read_text())["written_by"] == "diffunet eval"
+    assert cli.main([*args, str(ours)]) == 0  # its own earlier result may be replaced

@@ -331,3 +331,10 @@ def test_eval_nfe_command_prints_the_table_and_refuses_unknown_names(tmp_path, c
         args.func(args)
     with pytest.raises(SystemExit):
         _parse(["eval", "nfe", str(model), "--nfe", "0"])
+
+
+def test_a_budget_that_would_never_end_is_one_line(tmp_path, judge):
+    model = _tiny_model(tmp_path)
+    with pytest.raises(UsageError, match=r"budgets must be in \[1, 10000\], got 1000000000000"):
+        jd.quality_per_nfe(model, judge=judge, num_images=4, budgets=(10**12,),
+                           samplers=("ddim",), grids=("uniform",), num_reference=10)

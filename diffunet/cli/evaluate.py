@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -168,10 +169,32 @@ def _word_list(text: str) -> list[str]:
     return values
 
 
+_WRITTEN_BY = "diffunet eval"
+"""The ``written_by`` entry of every ``--json`` result: an existing file without it is the
+user's, and is never replaced."""
+
+
+def _check_json_target(path: str | None) -> None:
+    """Before any work: ``--json PATH`` may replace only an earlier ``diffunet eval`` result."""
+    if not path or not (os.path.exists(path) or os.path.islink(path)):
+        return
+    from ..fileio import read_json
+
+    try:
+        old = read_json(Path(path))
+        ours = isinstance(old, dict) and str(old.get("written_by", "")).startswith(_WRITTEN_BY)
+    except (OSError, ValueError, RecursionError):
+        ours = False
+    if not ours or os.path.islink(path):
+        raise UsageError(f"--json {path} exists and is not a diffunet eval result; give a new "
+                         "file name (it is left as it is)")
+
+
 def _write_json(path: str | None, result: dict[str, Any]) -> None:
     if path:
         from ..fileio import atomic_write_bytes
 
+        result = {"written_by": _WRITTEN_BY, **result}
         atomic_write_bytes(Path(path), (json.dumps(result, indent=2) + "\n").encode("utf-8"))
 
 
@@ -336,5 +359,6 @@ def run(args: argparse.Namespace) -> int:
     """``diffunet eval bpd|fid``: a short table of results on stdout (and ``--json``)."""
     if getattr(args, "batch_size", 1) < 1:
         raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    _check_json_target(getattr(args, "json", None))
     commands = {"bpd": _bpd, "fid": _fid, "nfe": _nfe, "train-judge": _train_judge}
     return commands[args.eval_command](args)
