@@ -44,6 +44,7 @@ __all__ = [
     "HFImages",
     "HFStream",
     "hf_columns",
+    "hf_image",
     "TorchvisionImages",
     "GlobalBatchSampler",
     "TORCHVISION_DATASETS",
@@ -641,17 +642,33 @@ class HFImages(Dataset):
         return len(self.ds)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        from PIL import Image
-        img = self.ds[int(index)][self.image_column]
-        try:
-            if not isinstance(img, Image.Image):  # an array column: (H, W) or (H, W, C) values
-                import numpy as np
-                img = Image.fromarray(np.asarray(img))
-            image = prepare_image(img, self.image_size, self.channels)
-        except Exception as e:
-            raise DataError(f"data.image_column: item {index} of {self.image_column!r} is not "
-                            f"a readable image ({first_line(e)})") from None
+        image = hf_image(self.ds[int(index)][self.image_column], self.image_size, self.channels,
+                         f"item {index} of {self.image_column!r}")
         return image, (self.labels[index] if self.labels is not None else -1)
+
+
+def hf_image(value: Any, image_size: int, channels: int, where: str) -> Tensor:
+    """One value of a Hugging Face image column through :func:`prepare_image`: a PIL image, an
+    array ((H, W) or (H, W, C) values), or an undecoded Image feature (``{"bytes", "path"}``,
+    opened within the pixel limit). Anything unreadable is a one-line :class:`DataError` naming
+    ``where`` (e.g. "item 3 of 'img'")."""
+    from PIL import Image
+    try:
+        if isinstance(value, dict):  # an undecoded Image feature: its bytes, or a path
+            import io
+            source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
+            with image_header(source) as img:
+                img.load()
+                return prepare_image(img, image_size, channels)
+        if not isinstance(value, Image.Image):  # an array column
+            import numpy as np
+            value = Image.fromarray(np.asarray(value))
+        return prepare_image(value, image_size, channels)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"data.image_column: {where} is not a readable image "
+                        f"({first_line(e)})") from None
 
 
 class HFStream:
@@ -705,26 +722,6 @@ class HFStream:
         self.ds = ds
         self.name = f"{cfg.name} (split {cfg.split})"
 
-    def _image(self, value: Any, where: str) -> Tensor:
-        import io
-
-        from PIL import Image
-        try:
-            if isinstance(value, dict):  # an undecoded Image feature: its bytes, or a path
-                source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
-                with image_header(source) as img:
-                    img.load()
-                    return prepare_image(img, self.image_size, self.channels)
-            if not isinstance(value, Image.Image):  # an array column
-                import numpy as np
-                value = Image.fromarray(np.asarray(value))
-            return prepare_image(value, self.image_size, self.channels)
-        except DataError:
-            raise
-        except Exception as e:
-            raise DataError(f"data.image_column: {where} of {self.image_column!r} is not a "
-                            f"readable image ({first_line(e)})") from None
-
     def _label(self, value: Any, where: str) -> int:
         ok = isinstance(value, int) and not isinstance(value, bool)
         if not ok or not 0 <= value < (self.num_classes or 0):
@@ -754,8 +751,9 @@ class HFStream:
                     continue
                 mine = pending[rank * local:(rank + 1) * local]
                 first = pos - global_batch_size + rank * local
-                images = torch.stack([self._image(ex[self.image_column],
-                                                  f"example {first + i} of the stream")
+                images = torch.stack([hf_image(ex[self.image_column], self.image_size,
+                                               self.channels, f"example {first + i} of the "
+                                               f"stream's {self.image_column!r}")
                                       for i, ex in enumerate(mine)])
                 labels = torch.tensor(
                     [self._label(ex[self.label_column], f"example {first + i} of the stream")

@@ -62,8 +62,8 @@ from PIL import Image, ImageOps
 
 from .checkpoint import load_diffusion_model
 from . import errors
-from .config import (UNIFORM_BY_DEFAULT, SampleConfig, check_sampler_options, check_sampling,
-                     from_dict, to_dict)
+from .config import (SampleConfig, check_sampler_options, check_sampling, from_dict,
+                     to_dict)
 from .data import SKIPPED_NOTE, scan_image_folder
 from .errors import (ConfigError, DataError, DiffunetError, FolderError, NotRegularFileError,
                      UsageError)
@@ -852,11 +852,13 @@ def _is_vp(schedule: Any) -> bool:
 
 
 def _grid_name(how: SampleConfig, vp: bool) -> str:
-    """The sigma grid :func:`~diffunet.samplers.sample` uses for ``how`` (``sigmas`` unset:
-    uniform timesteps for ddpm/ddim on a VP model, else karras; see ``SampleConfig.sigmas``)."""
-    if how.sigmas is not None:
-        return how.sigmas
-    return "uniform" if vp and how.sampler in UNIFORM_BY_DEFAULT else "karras"
+    """The sigma grid :func:`~diffunet.samplers.sample` uses for ``how``: the one
+    ``how.sample_kwargs()`` passes, or, where that leaves it to the library (ddpm/ddim with
+    ``sigmas`` unset), uniform timesteps on a VP model and karras on an EDM one."""
+    sigmas = how.sample_kwargs()["sigmas"]
+    if sigmas is not None:
+        return sigmas
+    return "uniform" if vp else "karras"
 
 
 def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
