@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--seed", type=int, default=0, help="seed for noise / subsets (0)")
         q.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda if "
                                         "available, else cpu)")
-        q.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+        q.add_argument("--json", metavar="PATH", help=JSON_HELP)
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
         q.set_defaults(func=run)
 
@@ -148,7 +148,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seed of the initialisation and the outlier images (default "
                         f"{JudgeTraining().seed})")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    q.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    q.add_argument("--json", metavar="PATH", help=JSON_HELP)
     q.set_defaults(func=run)
 
 
@@ -169,6 +169,8 @@ def _word_list(text: str) -> list[str]:
     return values
 
 
+JSON_HELP = ("also write the results as JSON (an existing PATH is replaced only if it is an "
+             "earlier diffunet eval result)")
 _WRITTEN_BY = "diffunet eval"
 """The ``written_by`` entry of every ``--json`` result: an existing file without it is the
 user's, and is never replaced."""
