@@ -598,15 +598,18 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
                     batch_size: int = 128, device: str | torch.device = "cpu",
                     num_reference: int = REFERENCE_IMAGES,
                     cache_dir: str | os.PathLike | None = None,
-                    clip_x0: bool | None = None,
+                    clip_x0: bool | None = None, sigma_min: float | None = None,
+                    sigma_max: float | None = None,
                     progress: Callable[[str], None] | None = None) -> NFEResult:
     """Sample ``num_images`` images (image i from seed + i, as ``diffunet sample``) from the
     model file for each sampler, sigma grid and network-evaluation budget, with the most steps
     that fit the budget, and judge them: FID and KID of the judge's features against
     ``num_reference`` built-in images (seed 0, the default training set; statistics cached in
     ``cache_dir``), the recognisable fraction and the class entropy; with the wall time per
-    image of the sampling. A uniform grid on an EDM model, a budget below a sampler's one step,
-    and a combination ``sample`` refuses are skipped, each with a note. ``progress(text)`` is
+    image of the sampling. ``sigma_min``/``sigma_max`` set the karras and exponential grids'
+    range (None: the model's). A uniform grid on an EDM model, a budget below a sampler's one
+    step, and a combination ``sample`` refuses (the uniform grid with a set range) are
+    skipped, each with a note. ``progress(text)`` is
     called before each combination."""
     from .checkpoint import load_diffusion_model
     from .diffusion import NoiseSchedule
@@ -635,6 +638,9 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
         stored = (meta.get("run_config") or {}).get("sample") or {}
         clip_x0 = stored.get("clip_x0")
         clip_x0 = clip_x0 if isinstance(clip_x0, bool) else SampleConfig().clip_x0
+    if sigma_min is not None or sigma_max is not None:  # a bad range: one line, before any work
+        from .samplers import make_sigmas
+        make_sigmas(schedule, 2, "karras", sigma_min=sigma_min, sigma_max=sigma_max)
     network = judge.feature_network()
     reference = BuiltinShapes(num_reference, size, 3, seed=0)
     ref, _, _ = reference_statistics(reference, network, cache_dir=cache_dir,
@@ -671,6 +677,7 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
                         with torch.no_grad():
                             out = sample(net, schedule, x_T.to(device), sampler=sampler,
                                          num_steps=steps, sigmas=grid, clip_x0=clip_x0,
+                                         sigma_min=sigma_min, sigma_max=sigma_max,
                                          class_labels=y, generator=gens)
                         out = out.float().cpu()  # waits for the device: part of the time
                         seconds += time.perf_counter() - t0
@@ -688,7 +695,8 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
     return NFEResult(rows=rows, skipped=skipped, num_images=num_images, seed=seed,
                      model_sha256=file_sha256(model_path), num_reference=ref.features.shape[0],
                      judge_sha256=judge.sha256, reference_fid=floor_fid,
-                     options={"clip_x0": clip_x0, "batch_size": batch_size,
+                     options={"clip_x0": clip_x0, "sigma_min": sigma_min,
+                              "sigma_max": sigma_max, "batch_size": batch_size,
                               "device": str(device)})
 
 
@@ -708,6 +716,11 @@ def format_nfe_table(result: NFEResult) -> str:
                  f"against {result.num_reference} built-in images (seed 0); "
                  f"{result.num_images} built-in images of seed 1 score FID "
                  f"{result.reference_fid:.2f} (the floor at this many images)")
+    ends = [f"{k} {result.options[k]:g}" for k in ("sigma_max", "sigma_min")
+            if result.options.get(k) is not None]
+    if ends:
+        lines.append(f"karras and exponential grids with {' and '.join(ends)} (the rest the "
+                     "model's)")
     for note in result.skipped:
         lines.append(f"skipped: {note}")
     return "\n".join(lines)

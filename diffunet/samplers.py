@@ -444,8 +444,51 @@ def _sigma_range(obj: Any) -> tuple[float, float]:
     return lo, hi
 
 
+def _grid_range(obj: Any, sigma_min: Optional[float], sigma_max: Optional[float]
+                ) -> tuple[float, float]:
+    """The karras/exponential grid's (lowest, highest) level: the model's range
+    (:func:`_sigma_range`) with ``sigma_min``/``sigma_max`` in its place where given."""
+    lo, hi = _sigma_range(obj)
+    for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value < math.inf):
+            raise UsageError(f"{name} must be a positive finite noise level, got {value!r}")
+    if _vp_schedule(obj) is not None:  # the denoiser clamps levels outside the table
+        for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
+            # a printed range end typed back in (1e-4 relative) counts as that end
+            if value is not None and not lo * (1 - 1e-4) <= value <= hi * (1 + 1e-4):
+                raise UsageError(f"{name} {value:g} is outside this model's noise levels "
+                                 f"[{lo:.6g}, {hi:.6g}] (sigma at t = 0 and the largest finite "
+                                 f"one); use a level in that range")
+        sigma_min = None if sigma_min is None else min(max(sigma_min, lo), hi)
+        sigma_max = None if sigma_max is None else min(max(sigma_max, lo), hi)
+    lo = lo if sigma_min is None else float(sigma_min)
+    hi = hi if sigma_max is None else float(sigma_max)
+    if not lo < hi:
+        raise UsageError(f"the grid needs sigma_min < sigma_max, got sigma_min={lo:g}, "
+                         f"sigma_max={hi:g}")
+    return lo, hi
+
+
+def check_sigma_range(schedule: Any, sigma_min: Optional[float], sigma_max: Optional[float],
+                      names: dict[str, str], error: type[Exception] = UsageError) -> None:
+    """Refuse a ``sigma_min``/``sigma_max`` that :func:`make_sigmas` would refuse for
+    ``schedule``, as one ``error`` that names them as ``names`` spells them (``--sigma-max``,
+    ``sample.sigma_max``): for callers that check settings before any work."""
+    if sigma_min is None and sigma_max is None:
+        return
+    try:
+        _grid_range(schedule, sigma_min, sigma_max)
+    except UsageError as e:
+        message = str(e)
+        for key in ("sigma_min", "sigma_max"):
+            message = message.replace(key, names[key])
+        raise error(message) from None
+
+
 def make_sigmas(denoiser_or_schedule: Any, num_steps: int, grid: SigmaGrid = "karras", *,
-                rho: float = 7.0, spacing: Spacing = "trailing") -> Tensor:
+                rho: float = 7.0, spacing: Spacing = "trailing",
+                sigma_min: Optional[float] = None, sigma_max: Optional[float] = None) -> Tensor:
     """The noise levels of an ``num_steps``-step sampler: a (num_steps + 1,) float64 CPU tensor,
     descending, last entry 0.
 
@@ -459,10 +502,20 @@ def make_sigmas(denoiser_or_schedule: Any, num_steps: int, grid: SigmaGrid = "ka
     denoiser, an EDM schedule). Where sigma_max = inf (a zero-terminal-SNR VP schedule) the grid
     starts from the largest finite sigma of the table instead (``uniform``: that value replaces
     the inf entry).
+
+    ``sigma_min``/``sigma_max`` (karras and exponential only): the grid's lowest and highest
+    level instead of the model's, as k-diffusion's ``get_sigmas_karras(n, sigma_min,
+    sigma_max)``. On a VP model they must lie within its table (the denoiser clamps levels
+    outside it to t = 0 or T-1); an EDM model's range is only its sampling default, so any
+    positive level goes.
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise UsageError(f"num_steps must be a positive integer, got {num_steps!r}")
     n, f64 = num_steps, torch.float64
+    if grid == "uniform" and (sigma_min is not None or sigma_max is not None):
+        raise UsageError("sigma_min/sigma_max set the karras and exponential grids' range; "
+                         "the uniform grid is the training timesteps' own levels (use sigmas "
+                         "'karras' or 'exponential', or drop sigma_min/sigma_max)")
     if grid == "uniform":
         vp = _vp_schedule(denoiser_or_schedule)
         if vp is None:
@@ -477,7 +530,7 @@ def make_sigmas(denoiser_or_schedule: Any, num_steps: int, grid: SigmaGrid = "ka
                              "are the same level here (zero terminal SNR: sigma_{T-1} = inf is "
                              "replaced by sigma_{T-2}); use fewer steps or sigmas 'karras'")
     elif grid in ("karras", "exponential"):
-        lo, hi = _sigma_range(denoiser_or_schedule)
+        lo, hi = _grid_range(denoiser_or_schedule, sigma_min, sigma_max)
         if grid == "karras":
             if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho < math.inf:
                 raise UsageError(f"rho must be a positive number (7 in Karras et al.), got {rho!r}")
@@ -838,6 +891,7 @@ def _keep(mask: Tensor, known: Tensor, x: Tensor) -> Tensor:
 def sample(model: Callable[..., Tensor], schedule: Any, x_T: Tensor, *,
            sampler: SamplerName = "ddim", num_steps: int = 50, eta: Optional[float] = None,
            spacing: Spacing = "trailing", sigmas: Optional[SigmaGrid] = None, rho: float = 7.0,
+           sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
            s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
            s_noise: float = 1.0, class_labels: Optional[Tensor] = None,
            guidance_scale: float = 1.0, null_label: Optional[int] = None,
@@ -855,7 +909,8 @@ def sample(model: Callable[..., Tensor], schedule: Any, x_T: Tensor, *,
       sampler on a ``karras``/``exponential`` grid, and every sampler on a model whose schedule
       is not a NoiseSchedule but has ``denoiser(model)``, ``sigma_min`` and ``sigma_max``, such
       as an EDM model): the sampler functions above on ``make_sigmas(schedule, num_steps,
-      sigmas, rho=rho, spacing=spacing)`` with the denoiser ``schedule.denoiser(model)``,
+      sigmas, rho=rho, spacing=spacing, sigma_min=sigma_min, sigma_max=sigma_max)`` with the
+      denoiser ``schedule.denoiser(model)``,
       starting from ``sigmas[0] * x_T``. There ddim runs as Euler ancestral with the same eta
       (eta 0 = Euler), ddpm as Euler ancestral with eta 1 and x0 clipping, dpmpp-2m as
       :func:`sample_dpmpp_2m`: their exact sigma-space equivalents.
@@ -874,6 +929,8 @@ def sample(model: Callable[..., Tensor], schedule: Any, x_T: Tensor, *,
         spacing: which training timesteps the integer path and the ``uniform`` grid visit.
         sigmas: the sigma grid (``karras``, ``exponential``, ``uniform``); None: ``uniform``
             for ddpm/ddim/dpmpp-2m on a VP schedule, ``karras`` otherwise. rho: karras' rho.
+        sigma_min, sigma_max: the karras/exponential grid's lowest and highest level (None:
+            the model's; see :func:`make_sigmas`).
         s_churn, s_tmin, s_tmax, s_noise: Heun's stochasticity (Karras et al. Algorithm 2).
         class_labels: (B,) int labels for a class-conditional model.
         guidance_scale: classifier-free guidance (Ho & Salimans 2022, eq. 6 with s = 1 + w):
@@ -928,6 +985,10 @@ def sample(model: Callable[..., Tensor], schedule: Any, x_T: Tensor, *,
                          f"and sigma_max (an EDM schedule), got {type(schedule).__name__}")
     grid = sigmas if sigmas is not None else (
         "uniform" if vp and sampler in INTEGER_SAMPLERS else "karras")
+    if grid == "uniform" and (sigma_min is not None or sigma_max is not None):
+        raise UsageError(f"sigma_min/sigma_max set the karras and exponential grids' range; "
+                         f"{sampler} runs on uniform training timesteps here (pass "
+                         f"sigmas='karras' or 'exponential', or drop sigma_min/sigma_max)")
     init, m = _check_editing(x_T, init_image, strength, mask, resample, sampler)
     guided = guidance_scale != 1.0
     if guided and class_labels is None:
@@ -956,6 +1017,7 @@ def sample(model: Callable[..., Tensor], schedule: Any, x_T: Tensor, *,
                                      resample=resample)
         return _sample_sigmas(model, schedule, x_T, sampler=sampler, num_steps=num_steps,
                               kept=kept, eta=eta, grid=grid, rho=rho, spacing=spacing,
+                              sigma_range=(sigma_min, sigma_max),
                               churn=(s_churn, s_tmin, s_tmax, s_noise), labels=labels,
                               guidance_scale=guidance_scale, clip_x0=clip_x0,
                               generator=generator, callback=callback, init=init, mask=m,
@@ -1021,12 +1083,14 @@ def _sample_timesteps(model: Callable[..., Tensor], schedule: NoiseSchedule, x_T
 
 def _sample_sigmas(model: Callable[..., Tensor], schedule: Any, x_T: Tensor, *, sampler: str,
                    num_steps: int, kept: int, eta: float, grid: str, rho: float,
-                   spacing: Spacing, churn: tuple[float, float, float, float],
+                   spacing: Spacing, sigma_range: tuple[Optional[float], Optional[float]],
+                   churn: tuple[float, float, float, float],
                    labels: Optional[Tensor], guidance_scale: float, clip_x0: Optional[bool],
                    generator: Optional[Generators], callback: Optional[StepCallback],
                    init: Optional[Tensor], mask: Optional[Tensor], resample: int) -> Tensor:
     """:func:`sample`'s sigma-space path (every sampler; any schedule with a denoiser)."""
-    levels = make_sigmas(schedule, num_steps, grid, rho=rho, spacing=spacing).tolist()
+    levels = make_sigmas(schedule, num_steps, grid, rho=rho, spacing=spacing,
+                         sigma_min=sigma_range[0], sigma_max=sigma_range[1]).tolist()
     levels = levels[num_steps - kept:]
     base = schedule.denoiser(model)
     clip = sampler == "ddpm" if clip_x0 is None else bool(clip_x0)

@@ -62,8 +62,8 @@ from PIL import Image, ImageOps
 
 from .checkpoint import load_diffusion_model
 from . import errors
-from .config import (SampleConfig, check_sampler_options, check_sampling, from_dict,
-                     to_dict)
+from .config import (UNIFORM_BY_DEFAULT, SampleConfig, check_sampler_options, check_sampling,
+                     from_dict, to_dict)
 from .data import SKIPPED_NOTE, scan_image_folder
 from .errors import (ConfigError, DataError, DiffunetError, FolderError, NotRegularFileError,
                      UsageError)
@@ -72,8 +72,8 @@ from .images import IMAGE_EXTENSIONS, image_header, save_grid, save_image
 from .outputs import OutputFolder, claim_folder, is_plain_file
 from .resources import check_fits, network_cost
 from .runs import cpu_requested, pick_device, refuse_lone_processes
-from .samplers import (MAX_RESAMPLE, MULTISTEP_SAMPLERS, make_sigmas, make_timesteps,
-                       sample)
+from .samplers import (MAX_RESAMPLE, MULTISTEP_SAMPLERS, check_sigma_range, make_sigmas,
+                       make_timesteps, sample)
 from .version import __version__
 
 __all__ = ["SampleOptions", "SampleResult", "EditInputs", "generate", "load_edit_inputs",
@@ -158,8 +158,10 @@ def _is_int(value: Any) -> bool:
 
 _FLAGS = {"sampler": "--sampler", "num_steps": "--steps", "eta": "--eta",
           "spacing": "--spacing", "guidance_scale": "--guidance-scale", "sigmas": "--sigmas",
-          "rho": "--rho", "s_churn": "--s-churn", "s_tmin": "--s-tmin", "s_tmax": "--s-tmax",
+          "rho": "--rho", "sigma_min": "--sigma-min", "sigma_max": "--sigma-max",
+          "s_churn": "--s-churn", "s_tmin": "--s-tmin", "s_tmax": "--s-tmax",
           "s_noise": "--s-noise"}
+_RANGE = ("sigma_min", "sigma_max")
 _CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 
 
@@ -168,9 +170,10 @@ class SampleOptions:
     """Settings of one ``diffunet sample`` run; the command line's defaults are these.
 
     How to sample (``sampler``, ``num_steps``, ``eta``, ``spacing``, ``sigmas``, ``rho``,
-    ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``, ``guidance_scale``, ``clip_x0``): None
-    takes the model file's own ``[sample]`` settings, the ones its preview grids were drawn with
-    (a file without them: :class:`~diffunet.config.SampleConfig`'s defaults); see
+    ``sigma_min``, ``sigma_max``, ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``,
+    ``guidance_scale``, ``clip_x0``): None takes the model file's own ``[sample]`` settings, the
+    ones its preview grids were drawn with (a file without them:
+    :class:`~diffunet.config.SampleConfig`'s defaults); see
     :func:`sample_settings`. ``s_tmax`` may be ``math.inf`` (no upper limit).
     ``num_samples``: None = :data:`DEFAULT_NUM_SAMPLES`, or one image per init image when
     ``init_image`` is a folder.
@@ -209,6 +212,8 @@ class SampleOptions:
     spacing: Optional[str] = None
     sigmas: Optional[str] = None
     rho: Optional[float] = None
+    sigma_min: Optional[float] = None
+    sigma_max: Optional[float] = None
     s_churn: Optional[float] = None
     s_tmin: Optional[float] = None
     s_tmax: Optional[float] = None
@@ -234,7 +239,8 @@ class SampleOptions:
             s_tmax = None  # no upper limit, as SampleConfig spells it
         check_sampler_options(_FLAGS, sampler=self.sampler, sigmas=self.sigmas, rho=self.rho,
                               s_churn=self.s_churn, s_tmin=self.s_tmin, s_tmax=s_tmax,
-                              s_noise=self.s_noise, error=UsageError)
+                              s_noise=self.s_noise, sigma_min=self.sigma_min,
+                              sigma_max=self.sigma_max, error=UsageError)
         _check_seed(self.seed, self.num_samples or DEFAULT_NUM_SAMPLES)
         self._check_editing()
         labels = self.class_labels
@@ -310,7 +316,8 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
     :class:`~diffunet.config.SampleConfig`'s defaults) with the ones ``options`` gives in their
     place. Without class labels the stored guidance scale does not apply; another sampler than
     the stored one drops the stored ``eta`` and S_churn settings (they were the other
-    sampler's), another grid than ``karras`` the stored ``rho``."""
+    sampler's), another grid than ``karras`` the stored ``rho``, a uniform grid the stored
+    ``sigma_min``/``sigma_max``."""
     stored = meta.get("run_config")
     stored = stored.get("sample") if isinstance(stored, dict) else None
     try:
@@ -332,9 +339,19 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
     if given.get("sigmas", "karras") != "karras" and "rho" not in given:
         settings["rho"] = defaults["rho"]
     settings.update(given)
+    uniform = settings["sigmas"] == "uniform" or (settings["sigmas"] is None and
+                                                  settings["sampler"] in UNIFORM_BY_DEFAULT)
+    for key in _RANGE:
+        if uniform and key in given:
+            raise UsageError(f"{_FLAGS[key]} only applies to the karras and exponential grids, "
+                             f"and {settings['sampler']} runs on uniform timesteps here; add "
+                             f"--sigmas karras (or exponential) or drop {_FLAGS[key]}")
+        if uniform:
+            settings[key] = None  # the stored range was for the stored grid
     check_sampling(_FLAGS, sampler=settings["sampler"], eta=settings["eta"], error=UsageError)
     check_sampler_options(_FLAGS, **{k: settings[k] for k in ("sampler", "sigmas", "rho",
-                                                              *_CHURN)}, error=UsageError)
+                                                              *_RANGE, *_CHURN)},
+                          error=UsageError)
     return SampleConfig(**settings)
 
 
@@ -452,7 +469,8 @@ def _labels_spec(spec: ClassLabels) -> Any:
     return [spec] if _is_int(spec) else list(spec)
 
 
-_SETTINGS_BEFORE = {"sigmas": "uniform", "rho": 7.0, "s_churn": 0.0, "s_tmin": 0.0,
+_SETTINGS_BEFORE = {"sigmas": "uniform", "rho": 7.0, "sigma_min": None, "sigma_max": None,
+                    "s_churn": 0.0, "s_tmin": 0.0,
                     "s_tmax": None, "s_noise": 1.0, "init_images": None, "masks": None,
                     "strength": None, "resample": 1}
 """What a manifest written before these settings existed drew its images with (so such a
@@ -903,6 +921,7 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         raise UsageError("--sigmas uniform picks training timesteps, which this EDM model does "
                          "not have (its noise level is continuous); use --sigmas karras or "
                          "exponential")
+    check_sigma_range(schedule, how.sigma_min, how.sigma_max, _FLAGS)
     shape = (net.config.in_channels, net.config.image_size, net.config.image_size)
     if shape[0] not in (1, 3):
         raise UsageError(f"this model makes {shape[0]}-channel images; diffunet sample writes "
@@ -934,7 +953,9 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
             "timesteps": make_timesteps(T, how.num_steps, how.spacing).tolist()}
     else:
         grid_record = {"sigma_grid": make_sigmas(schedule, how.num_steps, grid_name,
-                                                 rho=how.rho, spacing=how.spacing).tolist()}
+                                                 rho=how.rho, spacing=how.spacing,
+                                                 sigma_min=how.sigma_min,
+                                                 sigma_max=how.sigma_max).tolist()}
     spec = resolve_class_labels(o.class_labels, meta.get("class_names")) \
         if net.config.num_classes is not None else o.class_labels
     labels = _image_labels(spec, net.config.num_classes, n)
@@ -966,7 +987,10 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         # Everything that decides the pixels; a rerun must match it to resume.
         "settings": {"sampler": how.sampler, "num_steps": how.num_steps,
                      "eta": how.resolved_eta, "spacing": how.spacing, "sigmas": grid_name,
-                     "rho": float(how.rho), "s_churn": float(how.s_churn),
+                     "rho": float(how.rho),
+                     "sigma_min": None if how.sigma_min is None else float(how.sigma_min),
+                     "sigma_max": None if how.sigma_max is None else float(how.sigma_max),
+                     "s_churn": float(how.s_churn),
                      "s_tmin": float(how.s_tmin),
                      "s_tmax": None if how.s_tmax is None else float(how.s_tmax),
                      "s_noise": float(how.s_noise), "seed": o.seed,

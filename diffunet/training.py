@@ -39,7 +39,7 @@ from .edm import EDMSchedule, Schedule, edm_loss, make_schedule
 from .errors import ConfigError, TrainingError
 from .images import save_grid
 from .runs import EMA, Run
-from .samplers import sample
+from .samplers import check_sigma_range, sample
 from .unet import UNet
 
 __all__ = ["EMA", "TrainResult", "fit_classes_to_data", "lr_at", "train"]
@@ -371,6 +371,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         _check_labels(cfg, dataset)
         names = _class_names(cfg, dataset)
         schedule = make_schedule(cfg.schedule)
+        # a preview range the model does not have: refused now, not at the first preview
+        check_sigma_range(schedule, cfg.sample.sigma_min, cfg.sample.sigma_max,
+                          {k: f"sample.{k}" for k in ("sigma_min", "sigma_max")}, ConfigError)
         model = UNet(cfg.unet)
         if t.channels_last:  # before the EMA copy, so previews run channels-last too
             model = model.to(memory_format=torch.channels_last)

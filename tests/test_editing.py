@@ -222,6 +222,43 @@ def test_heun_on_karras_sigmas_through_the_cli(world, tmp_path, capsys):
     assert code == 2 and "rho 7.0 there, 5.0 now" in err
 
 
+def test_sigma_max_starts_the_grid_and_is_part_of_what_resumes(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [world.model, "--sigmas", "exponential", "--sigma-max", 1.25, "--steps", 3,
+            "--num-samples", 2, "--out-dir", out]
+    code, err = run_cli(args, capsys)
+    assert code == 0, err
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["settings"]["sigma_max"] == 1.25 and m["settings"]["sigma_min"] is None
+    assert m["sigma_grid"][0] == pytest.approx(1.25) and len(m["sigma_grid"]) == 4
+    code, err = run_cli([*args[:4], 1.0, *args[5:]], capsys)  # another start: other images
+    assert code == 2 and "sigma_max 1.25 there, 1.0 now" in err
+
+
+def test_stored_sigma_range_is_used_and_dropped_with_a_uniform_grid(world, tmp_path):
+    net, schedule, _ = diffunet.load_model(world.model)
+    stored = tmp_path / "stored.safetensors"
+    diffunet.save_model(stored, net, schedule, extra={"run_config": {"sample": {
+        **to_dict(SampleConfig()), "sigmas": "karras", "sigma_max": 20.0}}})
+    meta = diffunet.load_model(stored)[2]
+    assert sample_settings(meta, SampleOptions()).sigma_max == 20.0
+    assert sample_settings(meta, SampleOptions(sigmas="uniform")).sigma_max is None
+    assert sample_settings(meta, SampleOptions(sampler="ddim")).sigma_max is None
+    assert sample_settings(meta, SampleOptions(sigma_max=5.0)).sample_kwargs()["sigma_max"] == 5.0
+
+
+def test_a_preview_range_the_schedule_lacks_is_refused_before_training(tmp_path):
+    from helpers import tiny_run
+
+    from diffunet.training import train
+
+    cfg = load_config(None, tiny_run("sample.sigma_max=1e9", "train.max_steps=1"))
+    with pytest.raises(ConfigError, match=r"^sample\.sigma_max 1e\+09 is outside this model's "
+                                          r"noise levels") as e:
+        train(cfg, tmp_path / "run", progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "run" / "weights").exists()
+
+
 def test_sampler_settings_from_the_model_file_and_flags(world, tmp_path):
     net, schedule, _ = diffunet.load_model(world.model)
     stored = tmp_path / "stored.safetensors"
@@ -245,7 +282,8 @@ def test_previews_pass_the_sample_settings_through(monkeypatch, tmp_path):
     monkeypatch.setattr(training, "sample", lambda *a, **kw: seen.update(kw) or a[2])
     monkeypatch.setattr(training, "save_grid", lambda *a, **kw: None)
     cfg = load_config(None, ["sample.sampler=heun", "sample.sigmas=exponential",
-                             "sample.s_churn=5", "sample.s_noise=1.01", "sample.num_images=2"])
+                             "sample.s_churn=5", "sample.s_noise=1.01", "sample.num_images=2",
+                             "sample.sigma_max=50"])
     from contextlib import nullcontext
 
     run = SimpleNamespace(accelerator=SimpleNamespace(autocast=nullcontext),
@@ -256,6 +294,7 @@ def test_previews_pass_the_sample_settings_through(monkeypatch, tmp_path):
     assert (seen["sampler"], seen["sigmas"], seen["s_churn"], seen["s_noise"]) == (
         "heun", "exponential", 5.0, 1.01)
     assert seen["s_tmax"] == math.inf and seen["rho"] == 7.0
+    assert seen["sigma_max"] == 50.0 and seen["sigma_min"] is None
 
 
 def test_bad_sampler_settings_in_the_config_are_one_line():
@@ -267,7 +306,12 @@ def test_bad_sampler_settings_in_the_config_are_one_line():
              (["sample.s_churn=1"], r"^sample\.s_churn only applies to sample\.sampler heun"),
              (["sample.sigmas=uniform", "sample.rho=3"], r"^sample\.rho only applies to"),
              (["sample.s_tmax=inf"], r"^sample\.s_tmax: inf is the default: leave it unset"),
-             (["sample.sigmas=karas"], r"^sample\.sigmas: expected 'karras'")]
+             (["sample.sigmas=karas"], r"^sample\.sigmas: expected 'karras'"),
+             (["sample.sigma_max=-1"], r"^sample\.sigma_max must be a positive noise level"),
+             (["sample.sampler=ddim", "sample.sigma_max=80"],
+              r"^sample\.sigma_max: only applies to the karras and exponential grids and ddim"),
+             (["sample.sigmas=karras", "sample.sigma_min=2", "sample.sigma_max=1"],
+              r"^sample\.sigma_min 2\.0 must be below sample\.sigma_max 1\.0")]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message) as e:
             load_config(None, overrides)
@@ -337,6 +381,15 @@ def test_bad_editing_input_is_one_line(world, tmp_path, capsys):
         ([m, "--sampler", "heun", "--s-noise", 0], "--s-noise must be a positive number"),
         ([m, "--sampler", "heun", "--s-tmin", 5, "--s-tmax", 1],
          "--s-tmin 5.0 is larger than --s-tmax 1.0"),
+        ([m, "--sampler", "ddim", "--sigma-max", 10],
+         "--sigma-max only applies to the karras and exponential grids, and ddim runs on "
+         "uniform timesteps here; add --sigmas karras"),
+        ([m, "--sigmas", "uniform", "--sigma-min", 0.1],
+         "--sigma-min only applies to --sigmas karras or exponential"),
+        ([m, "--sigma-max", 0], "--sigma-max must be a positive noise level"),
+        ([m, "--sigma-max", "nan"], "--sigma-max must be a positive noise level"),
+        ([m, "--sigma-min", 5, "--sigma-max", 3], "--sigma-min 5.0 must be below --sigma-max 3.0"),
+        ([m, "--sigma-max", 1e9], "--sigma-max 1e+09 is outside this model's noise levels"),
     ]
     for args, message in cases:
         code, err = run_cli([*args, "--out-dir", d / "out"], capsys)

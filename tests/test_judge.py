@@ -338,3 +338,17 @@ def test_a_budget_that_would_never_end_is_one_line(tmp_path, judge):
     with pytest.raises(UsageError, match=r"budgets must be in \[1, 10000\], got 1000000000000"):
         jd.quality_per_nfe(model, judge=judge, num_images=4, budgets=(10**12,),
                            samplers=("ddim",), grids=("uniform",), num_reference=10)
+
+
+def test_quality_per_nfe_with_a_sigma_max_skips_the_uniform_grid_and_records_it(tmp_path, judge):
+    model = _tiny_model(tmp_path)
+    result = jd.quality_per_nfe(model, judge=judge, num_images=4, budgets=(2,),
+                                samplers=("ddim", "euler"), grids=("uniform", "karras"),
+                                num_reference=20, sigma_max=0.5)
+    assert [(r.sampler, r.grid) for r in result.rows] == [("ddim", "karras"), ("euler", "karras")]
+    assert any("uniform grid" in note and "sigma_min/sigma_max" in note
+               for note in result.skipped)
+    assert result.options["sigma_max"] == 0.5
+    assert "with sigma_max 0.5 (the rest the model's)" in jd.format_nfe_table(result)
+    with pytest.raises(UsageError, match="sigma_max 1e\\+06 is outside"):
+        jd.quality_per_nfe(model, judge=judge, num_images=4, budgets=(2,), sigma_max=1e6)

@@ -745,3 +745,55 @@ def test_sigma_path_on_cuda_with_cpu_generators_matches_cpu():
             return sample(fake_model, s, x_T.to(device), sampler=sampler, num_steps=6,
                           generator=[torch.Generator().manual_seed(b) for b in range(2)], **kw)
         torch.testing.assert_close(run("cuda").cpu(), run("cpu"), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid's range: sigma_min / sigma_max (k-diffusion's get_sigmas_karras(n, lo, hi))
+
+
+def test_sigma_max_and_sigma_min_set_the_karras_and_exponential_ends():
+    s = make(beta_schedule="cosine")
+    n, rho, lo, hi = 6, 7.0, 0.05, 80.0
+    i = torch.arange(n, dtype=F64)
+    eq5 = (hi ** (1 / rho) + i / (n - 1) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    torch.testing.assert_close(make_sigmas(s, n, sigma_min=lo, sigma_max=hi)[:-1], eq5,
+                               rtol=1e-13, atol=0)
+    expo = make_sigmas(s, n, "exponential", sigma_max=hi)
+    assert expo[0] == pytest.approx(hi, rel=1e-12)
+    assert expo[-2] == pytest.approx(s.sigma_min, rel=1e-12)
+    assert make_sigmas(s, n, sigma_min=lo)[0] == pytest.approx(s.sigma_max, rel=1e-12)
+    # a range end printed to 6 digits and typed back counts as that end
+    assert make_sigmas(s, n, sigma_max=float(f"{s.sigma_max:.6g}"))[0] == s.sigma_max
+    # an EDM-style model's range is only its sampling default: any positive level goes
+    assert make_sigmas(FakeEDMSchedule(), 4, sigma_max=500.0)[0] == pytest.approx(500.0, rel=1e-12)
+
+
+def test_sample_starts_from_the_given_sigma_max():
+    s = make("v", beta_schedule="cosine")
+    x_T = randn(*SHAPE, seed=11)
+    grid = make_sigmas(s, 6, "karras", sigma_max=80.0)
+    got = sample(fake_model, s, x_T, sampler="dpmpp-2m", num_steps=6, sigmas="karras",
+                 sigma_max=80.0)
+    torch.testing.assert_close(got, sample_dpmpp_2m(s.denoiser(fake_model), 80.0 * x_T, grid),
+                               rtol=0, atol=0)
+    assert not torch.equal(got, sample(fake_model, s, x_T, sampler="dpmpp-2m", num_steps=6,
+                                       sigmas="karras"))
+
+
+def test_a_bad_sigma_range_is_one_line():
+    s = make(beta_schedule="cosine")
+    x_T = randn(*SHAPE, seed=12)
+    cases = [(dict(sigma_max=1e6), r"sigma_max 1e\+06 is outside this model's noise levels"),
+             (dict(sigma_min=1e-9), r"sigma_min 1e-09 is outside"),
+             (dict(sigma_max=0.0), "sigma_max must be a positive finite noise level"),
+             (dict(sigma_max=math.nan), "sigma_max must be a positive finite"),
+             (dict(sigma_min=5.0, sigma_max=3.0), "needs sigma_min < sigma_max")]
+    for kw, message in cases:
+        with pytest.raises(UsageError, match=message) as e:
+            make_sigmas(s, 5, "karras", **kw)
+        assert "\n" not in str(e.value)
+    with pytest.raises(UsageError, match="the uniform grid is the training timesteps"):
+        make_sigmas(s, 5, "uniform", sigma_max=10.0)
+    # ddim with sigmas unset runs its uniform timesteps: a range there is refused, not ignored
+    with pytest.raises(UsageError, match="ddim runs on uniform training timesteps"):
+        sample(fake_model, s, x_T, sampler="ddim", num_steps=5, sigma_max=10.0)

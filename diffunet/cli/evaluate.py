@@ -130,6 +130,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a judge from `diffunet eval train-judge` (default: the shipped one)")
     q.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
                    help="clip x0_hat to [-1, 1] (default: the model file's [sample] setting)")
+    q.add_argument("--sigma-max", type=float, metavar="SIGMA",
+                   help="the karras and exponential grids' highest level (default: the "
+                        "model's); the uniform grid is then skipped")
+    q.add_argument("--sigma-min", type=float, metavar="SIGMA",
+                   help="the karras and exponential grids' lowest level (default: the model's)")
     q.add_argument("--no-cache", action="store_true",
                    help="neither read nor write cached reference statistics")
     common(q, 128)
@@ -314,7 +319,8 @@ def _nfe(args: argparse.Namespace) -> int:
                              grids=args.grids, batch_size=args.batch_size, device=device,
                              num_reference=args.num_reference,
                              cache_dir=None if args.no_cache else default_cache_dir(),
-                             clip_x0=args.clip_x0,
+                             clip_x0=args.clip_x0, sigma_min=args.sigma_min,
+                             sigma_max=args.sigma_max,
                              progress=None if args.no_progress else say)
     command = " ".join(shlex.quote(a) for a in ([sys.executable] if sys.argv[0].endswith(".py")
                                                   else []) + sys.argv)
