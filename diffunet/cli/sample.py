@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the karras grid's exponent ({model_or} {s.rho})")
     p.add_argument("--sigma-max", type=float, dest="sigma_max", metavar="SIGMA",
                    help=f"karras/exponential: the grid's highest noise level, where sampling "
-                        f"starts ({model_or} the model's largest; 80 helps at 5-10 steps on a "
+                        f"starts ({model_or} the model's largest; 160 helps at 5-10 steps on a "
                         f"cosine-schedule model)")
     p.add_argument("--sigma-min", type=float, dest="sigma_min", metavar="SIGMA",
                    help=f"karras/exponential: the grid's lowest noise level before the last "
