@@ -343,9 +343,10 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
                                                   settings["sampler"] in UNIFORM_BY_DEFAULT)
     for key in _RANGE:
         if uniform and key in given:
+            whose = "" if "sampler" in given else " (this model file's [sample] sampler)"
             raise UsageError(f"{_FLAGS[key]} only applies to the karras and exponential grids, "
-                             f"and {settings['sampler']} runs on uniform timesteps here; add "
-                             f"--sigmas karras (or exponential) or drop {_FLAGS[key]}")
+                             f"and {settings['sampler']}{whose} runs on uniform timesteps here; "
+                             f"add --sigmas karras (or exponential) or drop {_FLAGS[key]}")
         if uniform:
             settings[key] = None  # the stored range was for the stored grid
     check_sampling(_FLAGS, sampler=settings["sampler"], eta=settings["eta"], error=UsageError)

@@ -245,6 +245,12 @@ def test_stored_sigma_range_is_used_and_dropped_with_a_uniform_grid(world, tmp_p
     assert sample_settings(meta, SampleOptions(sigmas="uniform")).sigma_max is None
     assert sample_settings(meta, SampleOptions(sampler="ddim")).sigma_max is None
     assert sample_settings(meta, SampleOptions(sigma_max=5.0)).sample_kwargs()["sigma_max"] == 5.0
+    ddim = tmp_path / "ddim.safetensors"  # a file whose previews used ddim (uniform timesteps)
+    diffunet.save_model(ddim, net, schedule, extra={"run_config": {"sample": {
+        **to_dict(SampleConfig()), "sampler": "ddim"}}})
+    with pytest.raises(UsageError, match=r"--sigma-max only applies to the karras and exponential "
+                       r"grids, and ddim \(this model file's \[sample\] sampler\) runs on"):
+        sample_settings(diffunet.load_model(ddim)[2], SampleOptions(sigma_max=5.0))
 
 
 def test_a_preview_range_the_schedule_lacks_is_refused_before_training(tmp_path):
