@@ -648,6 +648,14 @@ def check_sampling(names: dict[str, str], *, sampler: Any = None, num_steps: Any
 UNIFORM_BY_DEFAULT = ("ddpm", "ddim")
 """The samplers an unset ``sample.sigmas`` runs on their own uniform training timesteps (VP
 models); the others default to the karras grid."""
+
+
+def runs_uniform(sampler: Any, sigmas: Any, vp: bool) -> bool:
+    """Whether ``[sample]`` settings with this ``sampler`` and ``sigmas`` step through uniform
+    training timesteps on a model that is (``vp``) or is not a discrete VP model: ``sigmas``
+    uniform, or unset for :data:`UNIFORM_BY_DEFAULT` on a VP model (an EDM model has no
+    timesteps: every sampler runs the karras grid there)."""
+    return sigmas == "uniform" or (sigmas is None and vp and sampler in UNIFORM_BY_DEFAULT)
 ETA_ONE_SAMPLERS = ("euler-ancestral", "dpmpp-2m-sde")
 """The samplers whose ``eta`` defaults to 1 (their ancestral noise); ``ddim``'s defaults to 0."""
 CHURN_SAMPLERS = ("heun",)
@@ -778,13 +786,6 @@ class SampleConfig:
                               s_churn=self.s_churn, s_tmin=self.s_tmin, s_tmax=self.s_tmax,
                               s_noise=self.s_noise, sigma_min=self.sigma_min,
                               sigma_max=self.sigma_max)
-        if self.sigmas is None and self.sampler in UNIFORM_BY_DEFAULT:
-            for name in ("sigma_min", "sigma_max"):
-                if getattr(self, name) is not None:
-                    _fail(f"sample.{name}", f"only applies to the karras and exponential grids "
-                          f"and {self.sampler} runs on its uniform timesteps unless "
-                          f"sample.sigmas is set; set sample.sigmas = \"karras\" or drop "
-                          f"sample.{name}")
         if not 1 <= self.num_images <= MAX_PREVIEW_IMAGES:
             _fail("sample.num_images", f"must be in [1, {MAX_PREVIEW_IMAGES}] (a preview is "
                   f"one grid, sampled in one batch beside the training run), got "
@@ -861,6 +862,14 @@ class RunConfig:
                 self.sample.num_steps > self.schedule.num_train_timesteps:
             _fail("sample.num_steps", f"{self.sample.num_steps} is more than "
                   f"schedule.num_train_timesteps {self.schedule.num_train_timesteps}")
+        s = self.sample  # which grid runs depends on the model: checked here, not in [sample]
+        if runs_uniform(s.sampler, s.sigmas, self.schedule.formulation == "vp"):
+            for name in ("sigma_min", "sigma_max"):
+                if getattr(s, name) is not None:
+                    _fail(f"sample.{name}", f"only applies to the karras and exponential grids "
+                          f"and {s.sampler} runs on its uniform timesteps unless "
+                          f"sample.sigmas is set; set sample.sigmas = \"karras\" or drop "
+                          f"sample.{name}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,8 +62,8 @@ from PIL import Image, ImageOps
 
 from .checkpoint import load_diffusion_model
 from . import errors
-from .config import (UNIFORM_BY_DEFAULT, SampleConfig, check_sampler_options, check_sampling,
-                     from_dict, to_dict)
+from .config import (SampleConfig, check_sampler_options, check_sampling, from_dict,
+                     runs_uniform, to_dict)
 from .data import SKIPPED_NOTE, scan_image_folder
 from .errors import (ConfigError, DataError, DiffunetError, FolderError, NotRegularFileError,
                      UsageError)
@@ -339,8 +339,9 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
     if given.get("sigmas", "karras") != "karras" and "rho" not in given:
         settings["rho"] = defaults["rho"]
     settings.update(given)
-    uniform = settings["sigmas"] == "uniform" or (settings["sigmas"] is None and
-                                                  settings["sampler"] in UNIFORM_BY_DEFAULT)
+    stored_schedule = meta.get("schedule_config")
+    vp = not (isinstance(stored_schedule, dict) and stored_schedule.get("formulation") == "edm")
+    uniform = runs_uniform(settings["sampler"], settings["sigmas"], vp)
     for key in _RANGE:
         if uniform and key in given:
             whose = "" if "sampler" in given else " (this model file's [sample] sampler)"
@@ -871,13 +872,12 @@ def _is_vp(schedule: Any) -> bool:
 
 
 def _grid_name(how: SampleConfig, vp: bool) -> str:
-    """The sigma grid :func:`~diffunet.samplers.sample` uses for ``how``: the one
-    ``how.sample_kwargs()`` passes, or, where that leaves it to the library (ddpm/ddim with
-    ``sigmas`` unset), uniform timesteps on a VP model and karras on an EDM one."""
-    sigmas = how.sample_kwargs()["sigmas"]
-    if sigmas is not None:
-        return sigmas
-    return "uniform" if vp else "karras"
+    """The sigma grid :func:`~diffunet.samplers.sample` uses for ``how`` on a VP (``vp``) or
+    EDM model (:func:`~diffunet.config.runs_uniform`; karras where ``sigmas`` is unset
+    otherwise)."""
+    if runs_uniform(how.sampler, how.sigmas, vp):
+        return "uniform"
+    return how.sigmas or "karras"
 
 
 def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,

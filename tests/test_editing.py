@@ -253,6 +253,27 @@ def test_stored_sigma_range_is_used_and_dropped_with_a_uniform_grid(world, tmp_p
         sample_settings(diffunet.load_model(ddim)[2], SampleOptions(sigma_max=5.0))
 
 
+def test_ddim_takes_a_sigma_range_on_an_edm_model_where_it_runs_the_karras_grid(world,
+                                                                                tmp_path, capsys):
+    from diffunet.edm import make_schedule
+
+    net = diffunet.load_model(world.model)[0]
+    edm = tmp_path / "edm.safetensors"
+    diffunet.save_model(edm, net, make_schedule(ScheduleConfig(formulation="edm")))
+    how = sample_settings(diffunet.load_model(edm)[2], SampleOptions(sampler="ddim",
+                                                                     sigma_max=40.0))
+    assert how.sigma_max == 40.0 and how.sample_kwargs()["sigma_max"] == 40.0
+    out = tmp_path / "out"
+    code, err = run_cli([edm, "--sampler", "ddim", "--sigma-max", 40, "--steps", 2,
+                         "--num-samples", 1, "--out-dir", out], capsys)
+    assert code == 0, err
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["settings"]["sigmas"] == "karras" and m["sigma_grid"][0] == pytest.approx(40.0)
+    cfg = load_config(None, ["schedule.formulation=edm", "sample.sampler=ddim",
+                             "sample.sigma_max=40"])
+    assert cfg.sample.sigma_max == 40.0
+
+
 def test_a_preview_range_the_schedule_lacks_is_refused_before_training(tmp_path):
     from helpers import tiny_run
 
