@@ -53,7 +53,7 @@ from .errors import ConfigError, DataError, ModelFileError, UsageError
 from .evaluation import (FeatureNetwork, FeatureStats, frechet_distance,
                          kernel_inception_distance, reference_statistics)
 from .fileio import first_line
-from .samplers import SAMPLERS, SIGMA_GRIDS, network_calls, sample
+from .samplers import SAMPLERS, SIGMA_GRIDS, check_sigma_range, network_calls, sample
 from .version import __version__
 
 __all__ = [
@@ -599,7 +599,7 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
                     num_reference: int = REFERENCE_IMAGES,
                     cache_dir: str | os.PathLike | None = None,
                     clip_x0: bool | None = None, sigma_min: float | None = None,
-                    sigma_max: float | None = None,
+                    sigma_max: float | None = None, names: dict[str, str] | None = None,
                     progress: Callable[[str], None] | None = None) -> NFEResult:
     """Sample ``num_images`` images (image i from seed + i, as ``diffunet sample``) from the
     model file for each sampler, sigma grid and network-evaluation budget, with the most steps
@@ -607,10 +607,11 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
     ``num_reference`` built-in images (seed 0, the default training set; statistics cached in
     ``cache_dir``), the recognisable fraction and the class entropy; with the wall time per
     image of the sampling. ``sigma_min``/``sigma_max`` set the karras and exponential grids'
-    range (None: the model's). A uniform grid on an EDM model, a budget below a sampler's one
-    step, and a combination ``sample`` refuses (the uniform grid with a set range) are
-    skipped, each with a note. ``progress(text)`` is
-    called before each combination."""
+    range (None: the model's; a bad one is a one-line error naming them as ``names`` spells
+    them, e.g. the command line's flags). A uniform grid on an EDM model, a budget below a
+    sampler's one step, and a combination ``sample`` refuses (the uniform grid with a set
+    range) are skipped, each with a note. ``progress(text)`` is called before each
+    combination."""
     from .checkpoint import load_diffusion_model
     from .diffusion import NoiseSchedule
 
@@ -638,9 +639,7 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
         stored = (meta.get("run_config") or {}).get("sample") or {}
         clip_x0 = stored.get("clip_x0")
         clip_x0 = clip_x0 if isinstance(clip_x0, bool) else SampleConfig().clip_x0
-    if sigma_min is not None or sigma_max is not None:  # a bad range: one line, before any work
-        from .samplers import make_sigmas
-        make_sigmas(schedule, 2, "karras", sigma_min=sigma_min, sigma_max=sigma_max)
+    check_sigma_range(schedule, sigma_min, sigma_max, names)  # one line, before any work
     network = judge.feature_network()
     reference = BuiltinShapes(num_reference, size, 3, seed=0)
     ref, _, _ = reference_statistics(reference, network, cache_dir=cache_dir,

@@ -444,46 +444,43 @@ def _sigma_range(obj: Any) -> tuple[float, float]:
     return lo, hi
 
 
-def _grid_range(obj: Any, sigma_min: Optional[float], sigma_max: Optional[float]
+def _grid_range(obj: Any, sigma_min: Optional[float], sigma_max: Optional[float],
+                names: Optional[dict[str, str]] = None, error: type[Exception] = UsageError
                 ) -> tuple[float, float]:
     """The karras/exponential grid's (lowest, highest) level: the model's range
-    (:func:`_sigma_range`) with ``sigma_min``/``sigma_max`` in its place where given."""
+    (:func:`_sigma_range`) with ``sigma_min``/``sigma_max`` in its place where given. A bad
+    range is one ``error`` naming the two as ``names`` spells them (default: as here)."""
+    n = names or {"sigma_min": "sigma_min", "sigma_max": "sigma_max"}
     lo, hi = _sigma_range(obj)
     for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not 0 < value < math.inf):
-            raise UsageError(f"{name} must be a positive finite noise level, got {value!r}")
+            raise error(f"{n[name]} must be a positive finite noise level, got {value!r}")
     if _vp_schedule(obj) is not None:  # the denoiser clamps levels outside the table
         for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
             # a printed range end typed back in (1e-4 relative) counts as that end
             if value is not None and not lo * (1 - 1e-4) <= value <= hi * (1 + 1e-4):
-                raise UsageError(f"{name} {value:g} is outside this model's noise levels "
-                                 f"[{lo:.6g}, {hi:.6g}] (sigma at t = 0 and the largest finite "
-                                 f"one); use a level in that range")
+                raise error(f"{n[name]} {value:g} is outside this model's noise levels "
+                            f"[{lo:.6g}, {hi:.6g}] (sigma at t = 0 and the largest finite "
+                            f"one); use a level in that range")
         sigma_min = None if sigma_min is None else min(max(sigma_min, lo), hi)
         sigma_max = None if sigma_max is None else min(max(sigma_max, lo), hi)
     lo = lo if sigma_min is None else float(sigma_min)
     hi = hi if sigma_max is None else float(sigma_max)
     if not lo < hi:
-        raise UsageError(f"the grid needs sigma_min < sigma_max, got sigma_min={lo:g}, "
-                         f"sigma_max={hi:g}")
+        raise error(f"the grid needs {n['sigma_min']} < {n['sigma_max']}, got "
+                    f"{n['sigma_min']}={lo:g}, {n['sigma_max']}={hi:g}")
     return lo, hi
 
 
 def check_sigma_range(schedule: Any, sigma_min: Optional[float], sigma_max: Optional[float],
-                      names: dict[str, str], error: type[Exception] = UsageError) -> None:
+                      names: Optional[dict[str, str]] = None,
+                      error: type[Exception] = UsageError) -> None:
     """Refuse a ``sigma_min``/``sigma_max`` that :func:`make_sigmas` would refuse for
     ``schedule``, as one ``error`` that names them as ``names`` spells them (``--sigma-max``,
-    ``sample.sigma_max``): for callers that check settings before any work."""
-    if sigma_min is None and sigma_max is None:
-        return
-    try:
-        _grid_range(schedule, sigma_min, sigma_max)
-    except UsageError as e:
-        message = str(e)
-        for key in ("sigma_min", "sigma_max"):
-            message = message.replace(key, names[key])
-        raise error(message) from None
+    ``sample.sigma_max``; default: as here): for callers that check settings before any work."""
+    if sigma_min is not None or sigma_max is not None:
+        _grid_range(schedule, sigma_min, sigma_max, names, error)
 
 
 def make_sigmas(denoiser_or_schedule: Any, num_steps: int, grid: SigmaGrid = "karras", *,

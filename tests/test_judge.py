@@ -326,6 +326,10 @@ def test_eval_nfe_command_prints_the_table_and_refuses_unknown_names(tmp_path, c
     text = capsys.readouterr().out
     assert "| euler | karras | 2 | 2 | 2 |" in text
     assert f"model sha256 {file_sha256(model)}" in text and "command: " in text
+    with pytest.raises(UsageError, match=r"^--sigma-max 1e\+06 is outside this model's noise"):
+        args = _parse(["eval", "nfe", str(model), "--sigma-max", "1e6", "--num-reference", "20",
+                       "--device", "cpu", "--no-progress"])
+        args.func(args)
     with pytest.raises(DiffunetError, match="unknown sampler 'bogus'"):
         args = _parse(["eval", "nfe", str(model), "--samplers", "ddim,bogus"])
         args.func(args)

@@ -321,6 +321,7 @@ def _nfe(args: argparse.Namespace) -> int:
                              cache_dir=None if args.no_cache else default_cache_dir(),
                              clip_x0=args.clip_x0, sigma_min=args.sigma_min,
                              sigma_max=args.sigma_max,
+                             names={"sigma_min": "--sigma-min", "sigma_max": "--sigma-max"},
                              progress=None if args.no_progress else say)
     command = " ".join(shlex.quote(a) for a in ([sys.executable] if sys.argv[0].endswith(".py")
                                                   else []) + sys.argv)
