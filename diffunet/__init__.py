@@ -10,10 +10,11 @@ from __future__ import annotations
 from .checkpoint import save_model
 from .config import (DataConfig, RunConfig, SampleConfig, ScheduleConfig, TrainConfig, UNetConfig,
                      load_config)
-from .diffusion import NoiseSchedule, VPDenoiser, diffusion_loss
-from .edm import EDMDenoiser, EDMSchedule, edm_loss, make_schedule
 from .errors import (ConfigError, DataError, DiffunetError, FolderError, ModelFileError,
                      TrainingError, UsageError)
+from .formulations import (FORMULATIONS, EDMDenoiser, EDMSchedule, FlowDenoiser, FlowSchedule,
+                           Formulation, NoiseSchedule, VPDenoiser, diffusion_loss, edm_loss,
+                           flow_loss, make_schedule)
 from .interop import load_model
 from .samplers import (ddim_step, ddpm_step, dpmpp_2m_step, make_sigmas, make_timesteps,
                        network_calls, sample, sample_dpmpp_2m, sample_dpmpp_2m_sde,
@@ -26,6 +27,7 @@ __all__ = [
     "UNet", "UNetConfig", "NoiseSchedule", "ScheduleConfig", "diffusion_loss",
     "make_timesteps", "ddpm_step", "ddim_step", "dpmpp_2m_step", "sample",
     "EDMSchedule", "EDMDenoiser", "edm_loss", "make_schedule",
+    "FlowSchedule", "FlowDenoiser", "flow_loss", "Formulation", "FORMULATIONS",
     "VPDenoiser", "make_sigmas", "network_calls", "sample_euler", "sample_heun",
     "sample_euler_ancestral", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
     "save_model", "load_model",

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from .config import (SMALL_UNET, ScheduleConfig, UNetConfig, from_dict, load_config, parse_value,
                      to_dict)
-from .diffusion import NoiseSchedule
+from .formulations.vp import NoiseSchedule
 from .errors import MissingDependencyError, UsageError
 from .interop import unet_to_diffusers
 from .nn import Upsample

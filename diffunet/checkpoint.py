@@ -8,11 +8,12 @@ tensors, and string metadata
 ``format_version``     ``"1"`` (files newer than :data:`FORMAT_VERSION` are refused)
 ``diffunet_version``   the version that wrote the file
 ``unet_config``        JSON of :class:`~diffunet.config.UNetConfig`
-``schedule_config``    JSON of :class:`~diffunet.config.ScheduleConfig` (absent for a model with
+``schedule_config``    JSON of :class:`~diffunet.config.ScheduleConfig`, the keys its formulation
+                       reads (older files hold every key; absent for a model with
                        no noise schedule, e.g. a segmentation UNet; ``load_model`` then returns
                        ``None`` for the schedule); its ``formulation`` ("vp" when absent, as in
-                       older files) says whether it loads as a ``NoiseSchedule`` or an
-                       ``EDMSchedule``
+                       older files) names the formulation it loads as
+                       (``diffunet.make_schedule``)
 anything else          JSON values given to ``save_model(..., extra=...)`` (e.g. ``step``)
 =====================  ==================================================================
 
@@ -47,10 +48,10 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from .config import (ScheduleConfig, UNetConfig, from_dict, segmentation_output_channels,
                      to_dict)
-from .edm import Schedule, make_schedule
 from .errors import ConfigError, ModelFileError, NotRegularFileError
 from .fileio import (atomic_write_bytes, first_line, open_regular_file, parse_json,
                      schema_problem)
+from .formulations import Formulation, make_schedule
 from .resources import Cost, activation_bytes, check_fits, parameter_shapes, schedule_bytes
 from .unet import UNet
 from .version import __version__
@@ -73,7 +74,7 @@ def unwrap_model(model: torch.nn.Module) -> UNet:
     return model
 
 
-def save_model(path: str | os.PathLike, model: torch.nn.Module, schedule: Schedule | None,
+def save_model(path: str | os.PathLike, model: torch.nn.Module, schedule: Formulation | None,
                *, extra: dict[str, Any] | None = None) -> None:
     """Write ``model``'s weights and configs to one self-describing ``.safetensors``.
 
@@ -90,7 +91,10 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, schedule: Schedu
         "unet_config": json.dumps(to_dict(net.config)),
     }
     if schedule is not None:
-        metadata["schedule_config"] = json.dumps(to_dict(schedule.config))
+        # its formulation's keys only: what it means, and what an older diffunet can read
+        stored = to_dict(schedule.config)
+        metadata["schedule_config"] = json.dumps(
+            {key: stored[key] for key in schedule.config.used_fields()})
     for key, value in (extra or {}).items():
         if key in _RESERVED:
             raise ValueError(f"extra metadata key {key!r} is reserved")
@@ -504,7 +508,7 @@ class LoadedModel(NamedTuple):
     integer), its sha256, and the first tensor with non-finite values (None: all finite)."""
 
     net: UNet
-    schedule: Schedule | None
+    schedule: Formulation | None
     metadata: dict[str, Any]
     sha256: str
     nonfinite: tuple[str, int, int] | None
@@ -578,14 +582,14 @@ def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cp
 
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-               ) -> tuple[UNet, Schedule | None, dict[str, Any]]:
+               ) -> tuple[UNet, Formulation | None, dict[str, Any]]:
     """Rebuild the UNet (in eval mode) and noise schedule stored in a model file.
 
     Returns ``(net, schedule, meta)`` where ``meta`` holds the file's other metadata
     (``format_version``, ``diffunet_version``, ``step`` if saved, ...) and ``sha256`` (the
     file's real checksum, whatever its metadata says); ``schedule`` is None for a file with no
-    noise schedule (a segmentation model), else a ``NoiseSchedule`` or, for a model trained
-    with ``schedule.formulation = "edm"``, an :class:`~diffunet.edm.EDMSchedule`. Never
+    noise schedule (a segmentation model), else the formulation its ``schedule.formulation``
+    names (a ``NoiseSchedule``, ``EDMSchedule`` or ``FlowSchedule``). Never
     unpickles, never reads more than the header before checking it (see
     :func:`load_model_file`); raises
     :class:`~diffunet.errors.ModelFileError` with a one-line reason, also for weights that are
@@ -596,7 +600,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
 
 
 def load_diffusion_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                         ) -> tuple[UNet, Schedule, dict[str, Any]]:
+                         ) -> tuple[UNet, Formulation, dict[str, Any]]:
     """:func:`load_model` for commands that need a diffusion model (sample, eval): a file with
     no noise schedule (a segmentation model) is a :class:`ModelFileError` saying what to use."""
     net, schedule, meta = load_model(path, device=device)

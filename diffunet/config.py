@@ -22,7 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+from .checks import check_finite as _check_finite
+from .checks import fail as _fail
 from .errors import ConfigError, DiffunetError
+from .formulations import ScheduleConfig, formulation_class
+from .samplers import (PREVIEW_GRIDS, SAMPLER_TABLE, SamplerName, SigmaGrid, Spacing,
+                       check_sampling, preview_grid)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -30,31 +35,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 C = TypeVar("C")
-
-BetaSchedule = Literal["linear", "scaled_linear", "cosine", "sigmoid"]
-PredictionType = Literal["epsilon", "v", "x0"]
-Formulation = Literal["vp", "edm"]
-"""``ScheduleConfig.formulation``: DDPM's discrete variance-preserving process, or the EDM
-formulation of Karras et al. 2022 (continuous sigma, preconditioned network)."""
-
-
-SamplerName = Literal["ddpm", "ddim", "dpmpp-2m", "euler", "heun", "euler-ancestral",
-                      "dpmpp-2m-sde"]
-"""The step rules :func:`diffunet.samplers.sample` runs (``SAMPLERS`` there is this list): the
-integer-timestep rules of VP models (DDPM, DDIM, DPM-Solver++(2M)) and the sigma-space family of
-Karras et al. 2022 (Euler, Heun = EDM Algorithm 2, Euler ancestral, DPM++ 2M SDE)."""
-SigmaGrid = Literal["karras", "exponential", "uniform"]
-"""The noise levels a sampler steps through (:func:`diffunet.samplers.make_sigmas`): Karras et
-al. 2022 eq. 5 (``rho``), log-uniform, or the training timesteps ``Spacing`` picks (VP only)."""
-ETA_SAMPLERS = ("ddim", "euler-ancestral", "dpmpp-2m-sde")
-"""The samplers with a step-noise ``eta`` (0 = deterministic)."""
-Spacing = Literal["leading", "trailing", "linspace"]
-"""Which training timesteps a sampler visits (:func:`diffunet.samplers.make_timesteps`)."""
-
-
-def _fail(key: str, problem: str) -> None:
-    raise ConfigError(f"{key}: {problem}")
-
 
 SEED_LIMIT = 2**32
 """Seeds are integers in [0, 2**32): what NumPy's seeding (and so Accelerate's ``set_seed``,
@@ -67,20 +47,6 @@ def check_seed(key: str, seed: Any, error: type[DiffunetError] = ConfigError) ->
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise error(f"{key}: must be an integer with 0 <= seed < 2**32 (what NumPy's seeding "
                     f"accepts), got {seed!r}")
-
-
-def _check_finite(cfg: Any, section: str) -> None:
-    """Every float of the config dataclass ``cfg`` (also inside a tuple) must be finite, unless
-    its field's metadata says ``allow_inf`` (then +-inf, never NaN): an ``inf`` learning rate
-    trains into NaN, a NaN passes every ``<`` range check unnoticed."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        items = value if isinstance(value, tuple) else (value,)
-        for x in items:
-            if isinstance(x, float) and not math.isfinite(x) and not (
-                    f.metadata.get("allow_inf") and not math.isnan(x)):
-                shown = list(value) if isinstance(value, tuple) else value
-                _fail(f"{section}.{f.name}", f"must be a finite number, got {shown}")
 
 
 def free_on_resume(default: Any) -> Any:
@@ -226,97 +192,6 @@ class UNetConfig:
             _fail("unet.num_heads", f"{channels} channels are not divisible by {self.num_heads} "
                   "heads; pick a divisor of every attention level's channels")
         return self.num_heads
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    """The forward noising process and what the network is trained to predict.
-
-    ``formulation = "vp"`` (the default): the discrete process q(x_t | x_0) of DDPM, described
-    by the fields from ``num_train_timesteps`` to ``rescale_zero_terminal_snr``
-    (:class:`~diffunet.diffusion.NoiseSchedule`). ``formulation = "edm"``: Karras et al. 2022
-    ("Elucidating the Design Space of Diffusion-Based Generative Models"), x = x0 + sigma n with
-    a continuous sigma and the network preconditioned as their Table 1 says, described by the
-    fields from ``sigma_data`` on (:class:`~diffunet.edm.EDMSchedule`). Each formulation ignores
-    the other's fields: under ``edm`` the VP fields are unused (and need no reset), under ``vp``
-    an EDM field set away from its default is an error naming it.
-    """
-
-    formulation: Formulation = "vp"
-    num_train_timesteps: int = 1000
-    beta_schedule: BetaSchedule = "linear"
-    beta_start: float = 0.0001
-    """First beta for ``linear``/``scaled_linear``/``sigmoid`` (DDPM: 1e-4)."""
-    beta_end: float = 0.02
-    """Last beta for ``linear``/``scaled_linear``/``sigmoid`` (DDPM: 0.02)."""
-    prediction_type: PredictionType = "epsilon"
-    rescale_zero_terminal_snr: bool = False
-    """Rescale betas so the last step is pure noise (Lin et al. 2023, Algorithm 1)."""
-    sigma_data: float = 0.5
-    """``edm``: the standard deviation of the data in the preconditioning (Table 1; 0.5 for
-    images in [-1, 1])."""
-    sigma_min: float = 0.002
-    """``edm``: the smallest noise level the samplers visit (Karras et al. Table 1)."""
-    sigma_max: float = 80.0
-    """``edm``: the largest noise level, where sampling starts from sigma_max-scaled noise."""
-    p_mean: float = -1.2
-    """``edm``: training noise levels are log-normal, ln(sigma) ~ N(p_mean, p_std^2) (sec. 5)."""
-    p_std: float = 1.2
-    """``edm``: the standard deviation of ln(sigma) while training."""
-
-    def __post_init__(self) -> None:
-        _check_finite(self, "schedule")
-        p = "schedule."
-        if self.num_train_timesteps < 2:
-            _fail(p + "num_train_timesteps", f"must be at least 2, got {self.num_train_timesteps}")
-        if not 0.0 < self.beta_start < 1.0:
-            _fail(p + "beta_start", f"must be in (0, 1), got {self.beta_start}")
-        if not 0.0 < self.beta_end < 1.0:
-            _fail(p + "beta_end", f"must be in (0, 1), got {self.beta_end}")
-        if self.beta_start > self.beta_end:
-            _fail(p + "beta_start", f"{self.beta_start} is larger than beta_end {self.beta_end}")
-        if self.formulation == "vp":
-            for f in dataclasses.fields(self):
-                value = getattr(self, f.name)
-                if f.name in EDM_FIELDS and value != f.default:
-                    _fail(p + f.name, f"{value} is an EDM setting, unused with formulation "
-                          f"'vp'; set schedule.formulation=edm or leave it at its default "
-                          f"{f.default}")
-            return
-        for name in ("sigma_data", "sigma_min", "p_std"):
-            if not getattr(self, name) > 0:
-                _fail(p + name, f"must be positive, got {getattr(self, name)}")
-        if not self.sigma_max > self.sigma_min:
-            _fail(p + "sigma_max", f"{self.sigma_max} must be larger than sigma_min "
-                  f"{self.sigma_min}")
-
-    def used_fields(self) -> tuple[str, ...]:
-        """The fields that mean something under this formulation, ``formulation`` first (what
-        ``diffunet info`` shows; the others are stored but unused)."""
-        own = EDM_FIELDS if self.formulation == "edm" else VP_FIELDS
-        return ("formulation", *own)
-
-    def describe(self) -> str:
-        """The schedule in a few words, for the training header and ``diffunet info``."""
-        if self.formulation == "edm":
-            return (f"EDM formulation (Karras et al. 2022): sigma_data {self.sigma_data}, "
-                    f"sigma {self.sigma_min} to {self.sigma_max}, training ln(sigma) ~ "
-                    f"N({self.p_mean}, {self.p_std}^2)")
-        return (f"{self.prediction_type} prediction, {self.beta_schedule} schedule, "
-                f"{self.num_train_timesteps} timesteps")
-
-    @property
-    def table_timesteps(self) -> int | None:
-        """Entries of the float64 schedule tables (what memory checks count): T under ``vp``,
-        None under ``edm`` (a continuous sigma has no tables)."""
-        return self.num_train_timesteps if self.formulation == "vp" else None
-
-
-VP_FIELDS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
-             "rescale_zero_terminal_snr")
-"""The :class:`ScheduleConfig` fields of the discrete VP formulation."""
-EDM_FIELDS = ("sigma_data", "sigma_min", "sigma_max", "p_mean", "p_std")
-"""The :class:`ScheduleConfig` fields of the EDM formulation."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -612,113 +487,6 @@ class TrainConfig:
                   "/ \\ # ? % : (W&B project names cannot)")
 
 
-def check_sampling(names: dict[str, str], *, sampler: Any = None, num_steps: Any = None,
-                   eta: Any = None, spacing: Any = None, guidance_scale: Any = None,
-                   error: type[DiffunetError] = ConfigError) -> None:
-    """The rules for sampling settings, stated once: for :class:`SampleConfig`, the
-    ``diffunet sample`` options and :func:`diffunet.samplers.sample`. ``names`` maps each
-    setting to how the caller spells it (``sample.eta``, ``--eta``, ``eta``), so the one-line
-    ``error`` (:class:`ConfigError` for config keys, :class:`UsageError` for options and
-    arguments) names what the user wrote; a None value was not given and is not checked."""
-    def bad(name: str, problem: str) -> DiffunetError:
-        return error(f"{names[name]} {problem}")
-
-    if sampler is not None and sampler not in get_args(SamplerName):
-        raise error(f"unknown sampler {sampler!r}; use {names['sampler']} with one of "
-                    f"{', '.join(get_args(SamplerName))}")
-    if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int)
-                                  or num_steps < 1):
-        raise bad("num_steps", f"must be a positive integer (at most the model's training "
-                  f"timesteps), got {num_steps!r}")
-    if eta is not None:
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
-            raise bad("eta", f"must be in [0, 1] (0: deterministic DDIM), got {eta!r}")
-        if eta != 0 and sampler is not None and sampler not in ETA_SAMPLERS:
-            raise bad("eta", f"only applies to {names['sampler']} ddim, euler-ancestral or "
-                      f"dpmpp-2m-sde (got eta={eta} with {sampler}); drop {names['eta']} or "
-                      f"use one of those samplers")
-    if spacing is not None and spacing not in get_args(Spacing):
-        raise error(f"unknown timestep spacing {spacing!r}; use {names['spacing']} with one of "
-                    f"{', '.join(get_args(Spacing))}")
-    if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(
-            guidance_scale, (int, float)) or not math.isfinite(guidance_scale)):
-        raise bad("guidance_scale", f"must be a finite number, got {guidance_scale!r}")
-
-
-UNIFORM_BY_DEFAULT = ("ddpm", "ddim")
-"""The samplers an unset ``sample.sigmas`` runs on their own uniform training timesteps (VP
-models); the others default to the karras grid."""
-
-
-def runs_uniform(sampler: Any, sigmas: Any, vp: bool) -> bool:
-    """Whether ``[sample]`` settings with this ``sampler`` and ``sigmas`` step through uniform
-    training timesteps on a model that is (``vp``) or is not a discrete VP model: ``sigmas``
-    uniform, or unset for :data:`UNIFORM_BY_DEFAULT` on a VP model (an EDM model has no
-    timesteps: every sampler runs the karras grid there)."""
-    return sigmas == "uniform" or (sigmas is None and vp and sampler in UNIFORM_BY_DEFAULT)
-ETA_ONE_SAMPLERS = ("euler-ancestral", "dpmpp-2m-sde")
-"""The samplers whose ``eta`` defaults to 1 (their ancestral noise); ``ddim``'s defaults to 0."""
-CHURN_SAMPLERS = ("heun",)
-"""The samplers that take EDM's S_churn, S_tmin, S_tmax and S_noise (Algorithm 2)."""
-
-
-def check_sampler_options(names: dict[str, str], *, sampler: Any = None, sigmas: Any = None,
-                          rho: Any = None, s_churn: Any = None, s_tmin: Any = None,
-                          s_tmax: Any = None, s_noise: Any = None, sigma_min: Any = None,
-                          sigma_max: Any = None,
-                          error: type[DiffunetError] = ConfigError) -> None:
-    """The rules for the sigma grid and EDM's stochasticity settings, for :class:`SampleConfig`
-    and the ``diffunet sample`` options, in one-line ``error``s naming the setting as ``names``
-    spells it (see :func:`check_sampling`); a None value was not given (for ``s_tmax``: no upper
-    limit) and is not checked."""
-    def bad(name: str, problem: str) -> DiffunetError:
-        return error(f"{names[name]} {problem}")
-
-    def number(value: Any) -> bool:
-        return (not isinstance(value, bool) and isinstance(value, (int, float))
-                and math.isfinite(value))
-
-    grids = get_args(SigmaGrid)
-    if sigmas is not None and sigmas not in grids:
-        close = difflib.get_close_matches(str(sigmas), grids, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise error(f"unknown sigma grid {sigmas!r}; {hint}use {names['sigmas']} with one of "
-                    f"{', '.join(grids)}")
-    if rho is not None:
-        if not number(rho) or not rho > 0:
-            raise bad("rho", f"must be a positive number (the karras grid's exponent; 7 is "
-                      f"Karras et al.'s choice), got {rho!r}")
-        if rho != 7.0 and sigmas is not None and sigmas != "karras":
-            raise bad("rho", f"only applies to {names['sigmas']} karras (got rho={rho} with "
-                      f"{sigmas}); drop {names['rho']} or use {names['sigmas']} karras")
-    for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
-        if value is None:
-            continue
-        if not number(value) or not value > 0:
-            raise bad(name, f"must be a positive noise level (the karras/exponential grid's "
-                      f"{'lowest' if name == 'sigma_min' else 'highest'}), got {value!r}")
-        if sigmas == "uniform":
-            raise bad(name, f"only applies to {names['sigmas']} karras or exponential (the "
-                      f"uniform grid is the training timesteps' own levels); drop "
-                      f"{names[name]} or use {names['sigmas']} karras")
-    if sigma_min is not None and sigma_max is not None and number(sigma_min) and \
-            number(sigma_max) and not sigma_min < sigma_max:
-        raise bad("sigma_min", f"{sigma_min} must be below {names['sigma_max']} {sigma_max}")
-    for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax)):
-        if value is not None and (not number(value) or value < 0):
-            raise bad(name, f"must be a finite number >= 0, got {value!r}")
-    if s_noise is not None and (not number(s_noise) or not s_noise > 0):
-        raise bad("s_noise", f"must be a positive number (1 = no extra noise), got {s_noise!r}")
-    if s_tmin is not None and s_tmax is not None and s_tmin > s_tmax:
-        raise bad("s_tmin", f"{s_tmin} is larger than {names['s_tmax']} {s_tmax}")
-    if sampler is not None and sampler not in CHURN_SAMPLERS:
-        for name, value, default in (("s_churn", s_churn, 0.0), ("s_tmin", s_tmin, 0.0),
-                                     ("s_tmax", s_tmax, None), ("s_noise", s_noise, 1.0)):
-            if value is not None and value != default:
-                raise bad(name, f"only applies to {names['sampler']} heun (got {name}={value} "
-                          f"with {sampler}); drop {names[name]} or use {names['sampler']} heun")
-
-
 MAX_PREVIEW_IMAGES = 256
 """The most images a preview grid may hold: a 16x16 grid is as much as one can look at, and
 the preview is sampled in one batch on the training device, next to the model, its optimizer
@@ -744,10 +512,13 @@ class SampleConfig:
     """Which training timesteps the ``uniform`` grid visits (VP models)."""
     sigmas: SigmaGrid | None = free_on_resume(None)
     """The noise levels the sampler steps through: ``karras`` (Karras et al. 2022, eq. 5, with
-    ``rho``), ``exponential`` (log-uniform) or ``uniform`` (the training timesteps ``spacing``
-    picks; VP models only); unset: ``uniform`` for ddpm/ddim on a VP model (their exact
-    integer-timestep rules), ``karras`` otherwise (the other samplers, dpmpp-2m included, and
-    EDM models). (The library's ``sample(sigmas=None)`` keeps dpmpp-2m on uniform timesteps.)"""
+    ``rho``), ``exponential`` (log-uniform) or ``uniform`` (the model's own grid: a VP model's
+    training timesteps ``spacing`` picks, a flow model's shifted t as diffusers' flow
+    schedulers space it; EDM has none); unset: :func:`~diffunet.samplers.default_grid` (the
+    uniform grid for the samplers the model runs natively there: ddpm and ddim on VP, every
+    sampler on flow; karras otherwise), except DPM++ 2M, which runs the karras grid here
+    (:data:`~diffunet.samplers.PREVIEW_GRIDS`: the one place these settings and the library's
+    ``sample()`` differ)."""
     rho: float = free_on_resume(7.0)
     """The ``karras`` grid's exponent (eq. 5; 7 is the paper's choice)."""
     sigma_min: float | None = free_on_resume(None)
@@ -781,11 +552,10 @@ class SampleConfig:
         _check_finite(self, "sample")
         names = {f.name: f"sample.{f.name}" for f in dataclasses.fields(self)}
         check_sampling(names, sampler=self.sampler, num_steps=self.num_steps, eta=self.eta,
-                       spacing=self.spacing, guidance_scale=self.guidance_scale)
-        check_sampler_options(names, sampler=self.sampler, sigmas=self.sigmas, rho=self.rho,
-                              s_churn=self.s_churn, s_tmin=self.s_tmin, s_tmax=self.s_tmax,
-                              s_noise=self.s_noise, sigma_min=self.sigma_min,
-                              sigma_max=self.sigma_max)
+                       spacing=self.spacing, guidance_scale=self.guidance_scale,
+                       sigmas=self.sigmas, rho=self.rho, s_churn=self.s_churn,
+                       s_tmin=self.s_tmin, s_tmax=self.s_tmax, s_noise=self.s_noise,
+                       sigma_min=self.sigma_min, sigma_max=self.sigma_max)
         if not 1 <= self.num_images <= MAX_PREVIEW_IMAGES:
             _fail("sample.num_images", f"must be in [1, {MAX_PREVIEW_IMAGES}] (a preview is "
                   f"one grid, sampled in one batch beside the training run), got "
@@ -793,17 +563,25 @@ class SampleConfig:
 
     @property
     def resolved_eta(self) -> float:
-        """``eta`` with unset filled in: 1 for ``euler-ancestral`` and ``dpmpp-2m-sde``, else 0."""
+        """``eta`` with unset filled in from the sampler table: 1 for ``euler-ancestral`` and
+        ``dpmpp-2m-sde``, 0 for ``ddim`` (and 0 for the samplers without one)."""
         if self.eta is not None:
             return float(self.eta)
-        return 1.0 if self.sampler in ETA_ONE_SAMPLERS else 0.0
+        return float(SAMPLER_TABLE[self.sampler].eta or 0.0)
+
+    def grid_for(self, formulation: Any) -> str:
+        """The grid these settings run on a model of ``formulation`` (a formulation or its
+        class): ``sigmas``, else :data:`~diffunet.samplers.PREVIEW_GRIDS`, else
+        :func:`~diffunet.samplers.default_grid`."""
+        return preview_grid(formulation, self.sampler, self.sigmas)
 
     def sample_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`diffunet.samplers.sample` these settings stand for
-        (unset ``eta`` and ``s_tmax`` resolved), the one translation previews and
-        ``diffunet sample`` share."""
-        sigmas = (self.sigmas if self.sigmas is not None or self.sampler in UNIFORM_BY_DEFAULT
-                  else "karras")
+        (unset ``eta`` and ``s_tmax`` resolved; an unset ``sigmas`` stays unset, for
+        :func:`~diffunet.samplers.default_grid` to resolve, except where
+        :data:`~diffunet.samplers.PREVIEW_GRIDS` says otherwise), the one translation previews
+        and ``diffunet sample`` share."""
+        sigmas = self.sigmas or PREVIEW_GRIDS.get(self.sampler)
         return dict(sampler=self.sampler, num_steps=self.num_steps, eta=self.resolved_eta,
                     spacing=self.spacing, sigmas=sigmas, rho=self.rho,
                     sigma_min=self.sigma_min, sigma_max=self.sigma_max,
@@ -858,12 +636,16 @@ class RunConfig:
         if self.sample.guidance_scale != 1.0 and self.unet.num_classes is None:
             _fail("sample.guidance_scale", f"{self.sample.guidance_scale} needs a class-conditional "
                   "model; set unet.num_classes or leave guidance_scale at 1")
-        if self.schedule.formulation == "vp" and \
-                self.sample.num_steps > self.schedule.num_train_timesteps:
+        form = formulation_class(self.schedule.formulation)
+        if form.discrete_timesteps and self.sample.num_steps > self.schedule.num_train_timesteps:
             _fail("sample.num_steps", f"{self.sample.num_steps} is more than "
                   f"schedule.num_train_timesteps {self.schedule.num_train_timesteps}")
         s = self.sample  # which grid runs depends on the model: checked here, not in [sample]
-        if runs_uniform(s.sampler, s.sigmas, self.schedule.formulation == "vp"):
+        grid = s.grid_for(form)
+        if grid == "uniform" and not form.uniform_grid:
+            _fail("sample.sigmas", f"uniform picks the model's own levels, which {form.article} "
+                  f"{form.title} model does not have; use karras or exponential")
+        if grid == "uniform":
             for name in ("sigma_min", "sigma_max"):
                 if getattr(s, name) is not None:
                     _fail(f"sample.{name}", f"only applies to the karras and exponential grids "

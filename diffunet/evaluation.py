@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .checkpoint import read_tensor_file, write_tensor_file
 from .config import DataConfig, load_config, parse_value, to_dict
 from .data import BuiltinShapes, FolderImages, TorchvisionImages, build_dataset
-from .diffusion import NoiseSchedule
+from .formulations.vp import NoiseSchedule
 from .errors import (ConfigError, DataError, MissingDependencyError, ModelFileError,
                      UsageError)
 from .fileio import atomic_writer, first_line

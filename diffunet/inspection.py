@@ -6,7 +6,8 @@ block's three, ``norm_out``, ``conv_out``), and writes into ``--out-dir``:
 
 =====================  ==========================================================================
 ``input.png``          the input image (x0, in the model's size and channels)
-``noised.png``         diffusion models: x_t = add_noise(x0, noise, t), noise from ``--seed``
+``noised.png``         diffusion models: what the network sees at timestep t (VP x_t; flow
+                       x_t at t / T), noise from ``--seed``
 ``prediction.png``     segmentation models: the predicted mask, one colour per class
 ``NN_<block>.png``     the block's feature maps (NN = execution index), one tile per channel,
                        each channel min-max scaled on its own; magenta marks NaN/inf pixels
@@ -311,10 +312,11 @@ def inspect_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         if schedule is None:
             raise ModelFileError(f"{model_path}: the network needs a timestep but the file has "
                                  "no noise schedule; re-save it with diffunet.save_model")
-        if schedule.config.formulation != "vp":
-            raise UsageError(f"{model_path} is an EDM model (schedule.formulation = 'edm'): it "
-                             "has no training timesteps for --t; inspect takes VP models only")
-        T = schedule.num_train_timesteps
+        if not schedule.timestep_inputs:
+            raise UsageError(f"{model_path} is {schedule.article} {schedule.title} model "
+                             f"(schedule.formulation = '{schedule.name}'): it has no training "
+                             "timesteps for --t; inspect takes VP and flow-matching models")
+        T = schedule.config.num_train_timesteps
         if t is None:
             t = T // 2
         if not 0 <= t < T:
@@ -346,14 +348,15 @@ def inspect_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         assert schedule is not None and t is not None
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn(x0.shape, generator=gen)  # drawn on the CPU: same on every device
-        xt = schedule.add_noise(x0, noise, t)
-        info.update(t=t, num_train_timesteps=schedule.num_train_timesteps, seed=seed,
+        # what the network sees at timestep t: VP x_t and t; flow x_t at t / T and t itself
+        xt, time_in = schedule.network_input(x0, noise, schedule.level_of_timestep(t))
+        info.update(t=t, num_train_timesteps=schedule.config.num_train_timesteps, seed=seed,
                     class_label=class_label)
         labels = None
         if cfg.num_classes is not None:
             labels = torch.tensor([cfg.num_classes if class_label is None else class_label],
                                   device=dev)
-        acts = capture_activations(net, xt.to(dev), torch.tensor([t], device=dev), labels)
+        acts = capture_activations(net, xt.to(dev), time_in.to(dev), labels)
         pictures.append(("noised.png", xt[0]))
     else:
         seg = meta.get("segmentation")

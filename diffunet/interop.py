@@ -6,15 +6,19 @@ module holds the mapping between the two, in both directions:
 
 - configs: :func:`unet_to_diffusers` / :func:`unet_from_diffusers` (``UNetConfig`` <->
   ``UNet2DModel``'s config), :func:`scheduler_to_diffusers` / :func:`schedule_from_diffusers`
-  (``ScheduleConfig`` + the ``[sample]`` settings <-> a ``DDIMScheduler``/``DDPMScheduler``
-  config);
+  (``ScheduleConfig`` + the ``[sample]`` settings <-> a scheduler config: the
+  ``DDIMScheduler``/``DDPMScheduler`` of a VP model, the ``FlowMatchEulerDiscreteScheduler``
+  of a flow-matching one; which family a model exports to is its formulation's
+  ``diffusers_scheduler``);
 - weights: :func:`state_to_diffusers` / :func:`state_from_diffusers` (q/k/v are one Linear
   here, three in diffusers; diffusers numbers its up blocks from the lowest resolution);
 - folders: :func:`export_diffusers` writes ``model_index.json``, ``unet/config.json``,
   ``unet/diffusion_pytorch_model.safetensors`` and ``scheduler/scheduler_config.json``, which
   ``DDIMPipeline.from_pretrained`` and ``DDPMPipeline.from_pretrained`` load;
   :func:`import_diffusers` reads such a folder (or a bare ``UNet2DModel.save_pretrained``
-  folder) into a diffunet model file.
+  folder) into a diffunet model file. A flow-matching model exports ``unet/`` and
+  ``scheduler/`` only: diffusers has no unconditional flow pipeline class, so it is sampled with
+  the short loop the README shows (``UNet2DModel`` + ``FlowMatchEulerDiscreteScheduler``).
 
 Schedules: diffunet's ``cosine`` is diffusers' ``squaredcos_cap_v2`` (the same formula:
 ``alpha_bar(u) = cos((u + 0.008) / 1.008 * pi/2)^2``, ``beta_i = min(1 - alpha_bar((i+1)/T) /
@@ -40,7 +44,9 @@ import torch
 from . import checkpoint
 from .checkpoint import load_model_file, read_tensor_file, save_model, write_tensor_file
 from .config import SampleConfig, ScheduleConfig, UNetConfig, from_dict, to_dict
-from .diffusion import NoiseSchedule, make_betas
+from .formulations import formulation_class
+from .formulations import make_schedule
+from .formulations.vp import make_betas
 from .errors import (
     ConfigError,
     FolderError,
@@ -112,6 +118,21 @@ _PREDICTION_FROM = {v: k for k, v in _PREDICTION_TO.items()}
 _BETAS_TO = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 _BETAS_FROM = {v: k for k, v in _BETAS_TO.items()}
 _SCHEDULERS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim"}
+_FLOW_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler": "euler",
+                    "FlowMatchHeunDiscreteScheduler": "heun"}
+_FLOW_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False,
+    "invert_sigmas": False, "shift_terminal": None, "use_karras_sigmas": False,
+    "use_exponential_sigmas": False, "use_beta_sigmas": False, "stochastic_sampling": False,
+}
+"""``FlowMatchEulerDiscreteScheduler`` defaults for the keys diffunet reads (the Heun one has
+only the first two)."""
+_FLOW_SCHEMA: dict[str, Any] = {
+    "num_train_timesteps": int, "shift": (int, float), "use_dynamic_shifting": bool,
+    "invert_sigmas": bool, "shift_terminal": (int, float, type(None)),
+    "use_karras_sigmas": bool, "use_exponential_sigmas": bool, "use_beta_sigmas": bool,
+    "stochastic_sampling": bool,
+}
 
 _SCHEDULER_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
@@ -199,10 +220,11 @@ def unet_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
     }
 
 
-def _known(where: str, key: str, value: Any, allowed: tuple[Any, ...], why: str = "") -> None:
+def _known(where: str, key: str, value: Any, allowed: tuple[Any, ...], why: str = "",
+           who: str = "diffunet's UNet") -> None:
     if value not in allowed or isinstance(value, bool) is not isinstance(allowed[0], bool):
         shown = ", ".join(json.dumps(a) for a in allowed)
-        raise ModelFileError(f"{where}: {key} = {json.dumps(value)}: diffunet's UNet cannot "
+        raise ModelFileError(f"{where}: {key} = {json.dumps(value)}: {who} cannot "
                              f"express it (it takes {shown}){why}")
 
 
@@ -308,8 +330,18 @@ def unet_from_diffusers(config: dict[str, Any], where: str = "unet/config.json")
 def scheduler_to_diffusers(schedule: ScheduleConfig, sample: SampleConfig | None = None
                            ) -> dict[str, Any]:
     """The diffusers scheduler config (with ``_class_name``) for ``schedule`` sampled as
-    ``sample`` says: ``DDPMScheduler`` for the ``ddpm`` sampler, else ``DDIMScheduler``;
-    ``clip_sample`` and ``timestep_spacing`` from ``sample`` (default :class:`SampleConfig`)."""
+    ``sample`` says. A VP model: ``DDPMScheduler`` for the ``ddpm`` sampler, else
+    ``DDIMScheduler``, ``clip_sample`` and ``timestep_spacing`` from ``sample`` (default
+    :class:`SampleConfig`). A flow-matching model: ``FlowMatchEulerDiscreteScheduler`` with its
+    ``num_train_timesteps`` and ``shift`` (its grid is the flow model's uniform grid; it never
+    clips). A formulation diffusers has no scheduler for is a :class:`UsageError`."""
+    family = formulation_class(schedule.formulation).diffusers_scheduler
+    if family == "FlowMatchEulerDiscreteScheduler":
+        return {"_class_name": family, **_FLOW_DEFAULTS,
+                "num_train_timesteps": schedule.num_train_timesteps, "shift": schedule.shift}
+    if family is None:
+        raise UsageError(f"schedule.formulation = {schedule.formulation!r}: diffusers has no "
+                         "scheduler for it")
     sample = sample if sample is not None else SampleConfig()
     out: dict[str, Any] = {
         "_class_name": "DDPMScheduler" if sample.sampler == "ddpm" else "DDIMScheduler",
@@ -339,9 +371,12 @@ def schedule_from_diffusers(config: dict[str, Any], where: str = "scheduler/sche
     if not isinstance(config, dict):
         raise ModelFileError(f"{where}: expected a JSON object, got {type(config).__name__}")
     name = config.get("_class_name", "DDPMScheduler")
+    if name in _FLOW_SCHEDULERS:
+        return _flow_schedule_from_diffusers(config, name, where)
     if name not in _SCHEDULERS:
         raise ModelFileError(f"{where}: _class_name = {json.dumps(name)}: diffunet imports the "
-                             f"schedule of {' and '.join(_SCHEDULERS)} configs")
+                             f"schedule of {', '.join([*_SCHEDULERS, *_FLOW_SCHEDULERS])} "
+                             "configs")
     c = {**_SCHEDULER_DEFAULTS, **{k: v for k, v in config.items() if k in _SCHEDULER_DEFAULTS}}
     problem = schema_problem(c, _SCHEDULER_SCHEMA) or (
         c["trained_betas"] is not None
@@ -382,6 +417,29 @@ def schedule_from_diffusers(config: dict[str, Any], where: str = "scheduler/sche
     sample = {"sampler": _SCHEDULERS[name], "spacing": c["timestep_spacing"],
               "clip_x0": c["clip_sample"]}
     return sc, sample
+
+
+def _flow_schedule_from_diffusers(config: dict[str, Any], name: str, where: str
+                                  ) -> tuple[ScheduleConfig, dict[str, Any]]:
+    """:func:`schedule_from_diffusers` for a ``FlowMatchEulerDiscreteScheduler`` or
+    ``FlowMatchHeunDiscreteScheduler`` config: a flow-matching schedule with its
+    ``num_train_timesteps`` and ``shift``, sampled with Euler (Heun) on the uniform grid,
+    unclipped, as diffusers samples it. The static-shift grid is all diffunet's flow grid is."""
+    c = {**_FLOW_DEFAULTS, **{k: v for k, v in config.items() if k in _FLOW_DEFAULTS}}
+    problem = schema_problem(c, _FLOW_SCHEMA)
+    if problem:
+        raise ModelFileError(f"{where}: {problem}")
+    for key in ("use_dynamic_shifting", "invert_sigmas", "use_karras_sigmas",
+                "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling"):
+        _known(where, key, c[key], (False,), " (its flow grid is the static-shift one)",
+               who="diffunet's flow sampling")
+    _known(where, "shift_terminal", c["shift_terminal"], (None,), who="diffunet's flow sampling")
+    try:
+        sc = ScheduleConfig(formulation="flow", num_train_timesteps=c["num_train_timesteps"],
+                            shift=float(c["shift"]))
+    except ConfigError as e:
+        raise ModelFileError(f"{where}: diffunet cannot express this schedule: {e}") from None
+    return sc, {"sampler": _FLOW_SCHEDULERS[name], "sigmas": "uniform", "clip_x0": False}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,28 +582,36 @@ def export_diffusers(model_file: str | os.PathLike, folder: str | os.PathLike, *
                      overwrite: bool = False) -> dict[str, Any]:
     """Write the diffunet model file ``model_file`` as a diffusers pipeline folder.
 
-    ``folder`` gets ``model_index.json`` (a ``DDPMPipeline`` when the file's ``[sample]``
-    sampler is ``ddpm``, else a ``DDIMPipeline``), ``unet/config.json``,
+    ``folder`` gets ``model_index.json`` (a VP model: a ``DDPMPipeline`` when the file's
+    ``[sample]`` sampler is ``ddpm``, else a ``DDIMPipeline``; a flow-matching model has no
+    pipeline class in diffusers and gets none), ``unet/config.json``,
     ``unet/diffusion_pytorch_model.safetensors`` (float32 as stored) and
     ``scheduler/scheduler_config.json`` (:func:`scheduler_to_diffusers`), each written
-    atomically. A non-empty ``folder`` is a :class:`FolderError` unless ``overwrite``. Returns
-    what was written: ``{"folder", "pipeline", "scheduler", "files"}``.
+    atomically. A model whose formulation diffusers has no scheduler for (EDM) is refused. A
+    non-empty ``folder`` is a :class:`FolderError` unless ``overwrite``. Returns what was
+    written: ``{"folder", "pipeline" (None for a flow model), "scheduler", "files"}``.
     """
     folder = Path(folder)
     loaded = load_model_file(model_file)
     if loaded.schedule is None:
         raise ModelFileError(f"{model_file} has no noise schedule (a segmentation model?); only "
                              "diffusion models export to a diffusers pipeline")
-    if loaded.schedule.config.formulation != "vp":
-        raise ModelFileError(f"{model_file} is an EDM model (schedule.formulation = 'edm'); "
-                             "diffusers' DDPM/DDIM pipelines take a discrete VP schedule only")
+    schedule = loaded.schedule
+    if schedule.diffusers_scheduler is None:
+        raise ModelFileError(f"{model_file} is {schedule.article} {schedule.title} model "
+                             f"(schedule.formulation = '{schedule.name}'); diffusers has no "
+                             "scheduler for it (VP models export as DDPM/DDIM pipelines, "
+                             "flow-matching ones with FlowMatchEulerDiscreteScheduler)")
     cfg = loaded.net.config
     unet_config = unet_to_diffusers(cfg)  # refuses before anything is written
     sample = _sample_settings(loaded.metadata)
-    scheduler = scheduler_to_diffusers(loaded.schedule.config, sample)
+    scheduler = scheduler_to_diffusers(schedule.config, sample)
     _output_folder(folder, overwrite)
     version = _diffusers_version()
-    pipeline = "DDPMPipeline" if scheduler["_class_name"] == "DDPMScheduler" else "DDIMPipeline"
+    scheduler_name = scheduler.pop("_class_name")
+    # diffusers has pipelines for DDPM/DDIM; a flow model is its components (README's loop)
+    pipeline = {"DDPMScheduler": "DDPMPipeline", "DDIMScheduler": "DDIMPipeline"}.get(
+        scheduler_name)
     tensors = state_to_diffusers(loaded.net.state_dict(), cfg)
     (folder / "unet").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler").mkdir(exist_ok=True)
@@ -553,17 +619,14 @@ def export_diffusers(model_file: str | os.PathLike, folder: str | os.PathLike, *
     atomic_write_bytes(folder / "unet" / "config.json", _json_bytes(
         {"_class_name": "UNet2DModel", "_diffusers_version": version, **unet_config}))
     atomic_write_bytes(folder / "scheduler" / "scheduler_config.json", _json_bytes(
-        {"_class_name": scheduler.pop("_class_name"), "_diffusers_version": version,
-         **scheduler}))
-    atomic_write_bytes(folder / "model_index.json", _json_bytes(
-        {"_class_name": pipeline, "_diffusers_version": version,
-         "scheduler": ["diffusers", "DDPMScheduler" if pipeline == "DDPMPipeline"
-                       else "DDIMScheduler"],
-         "unet": ["diffusers", "UNet2DModel"]}))
-    return {"folder": folder, "pipeline": pipeline,
-            "scheduler": "DDPMScheduler" if pipeline == "DDPMPipeline" else "DDIMScheduler",
-            "files": ["model_index.json", "unet/config.json", f"unet/{WEIGHTS}",
-                      "scheduler/scheduler_config.json"]}
+        {"_class_name": scheduler_name, "_diffusers_version": version, **scheduler}))
+    files = ["unet/config.json", f"unet/{WEIGHTS}", "scheduler/scheduler_config.json"]
+    if pipeline is not None:
+        atomic_write_bytes(folder / "model_index.json", _json_bytes(
+            {"_class_name": pipeline, "_diffusers_version": version,
+             "scheduler": ["diffusers", scheduler_name], "unet": ["diffusers", "UNet2DModel"]}))
+        files.insert(0, "model_index.json")
+    return {"folder": folder, "pipeline": pipeline, "scheduler": scheduler_name, "files": files}
 
 
 class ImportResult(NamedTuple):
@@ -634,7 +697,7 @@ def import_diffusers(folder: str | os.PathLike, out_file: str | os.PathLike, *,
     if bad:
         raise ModelFileError(f"{weights}: tensor {bad[0]} holds NaN or inf values")
     sample_settings = to_dict(SampleConfig(**sample))
-    save_model(out_file, net, NoiseSchedule(schedule_cfg), extra={
+    save_model(out_file, net, make_schedule(schedule_cfg), extra={
         "run_config": {"sample": sample_settings},
         "imported_from": {"diffusers": source or os.path.basename(os.path.abspath(folder)),
                           "scheduler": None if scheduler is None

@@ -613,7 +613,6 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
     range) are skipped, each with a note. ``progress(text)`` is called before each
     combination."""
     from .checkpoint import load_diffusion_model
-    from .diffusion import NoiseSchedule
 
     if num_images < 2:
         raise UsageError(f"num_images must be at least 2 (FID needs a covariance), got "
@@ -648,15 +647,14 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
     floor_fid = _scores(judge, *judge.judge_dataset(floor, device=device), ref)[0]
     num_classes = getattr(cfg, "num_classes", None)
     labels = (torch.arange(num_images) % num_classes) if isinstance(num_classes, int) else None
-    vp = isinstance(schedule, NoiseSchedule)
     rows: list[NFERow] = []
     skipped: list[str] = []
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     for sampler in samplers:
         for grid in grids:
-            if grid == "uniform" and not vp:
-                skipped.append(f"{sampler} on the uniform grid: the model is EDM (no "
-                               "training timesteps to space uniformly)")
+            if grid == "uniform" and not schedule.uniform_grid:
+                skipped.append(f"{sampler} on the uniform grid: the model is {schedule.title} "
+                               "(no training timesteps to space uniformly)")
                 continue
             for budget in budgets:
                 steps = steps_for_budget(sampler, int(budget))

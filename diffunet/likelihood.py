@@ -1,6 +1,6 @@
 """The variational bound on the negative log-likelihood, in bits per dimension (DDPM sec. 3.3).
 
-Built on :class:`~diffunet.diffusion.NoiseSchedule` (its tables and ``split_output``), like the
+Built on :class:`~diffunet.formulations.vp.NoiseSchedule` (its tables and ``split_output``), like the
 step rules; :func:`bits_per_dim` is the one function here that calls the network.
 """
 
@@ -13,7 +13,8 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
-from .diffusion import NoiseSchedule, Timesteps
+from .formulations import Formulation
+from .formulations.vp import NoiseSchedule, Timesteps
 from .errors import UsageError
 
 # ---------------------------------------------------------------------------------------------
@@ -54,13 +55,14 @@ def _posterior_variance_table(schedule: NoiseSchedule) -> Tensor:
 
 def require_vp_bound(schedule: object) -> None:
     """Refuse, with one :class:`UsageError` line, a schedule the bound here is not defined
-    for: bits/dim is implemented for the discrete VP bound (DDPM eq. 5) only, so an EDM model
-    (continuous sigma, :class:`~diffunet.edm.EDMSchedule`) has none."""
-    if isinstance(schedule, NoiseSchedule):
+    for: bits/dim is implemented for the discrete VP bound (DDPM eq. 5) only, which a
+    formulation says it has (``variational_bound``); an EDM or flow-matching model (a
+    continuous level) has none."""
+    if isinstance(schedule, Formulation) and schedule.variational_bound:
         return
-    config = getattr(schedule, "config", None)
-    what = ("an EDM model (schedule.formulation = 'edm')"
-            if getattr(config, "formulation", None) == "edm" else type(schedule).__name__)
+    what = (f"{schedule.article} {schedule.title} model (schedule.formulation = "
+            f"'{schedule.name}')" if isinstance(schedule, Formulation)
+            else type(schedule).__name__)
     raise UsageError(f"bits/dim is implemented for the discrete VP bound only (DDPM eq. 5); "
                      f"this is {what}, which has no discrete-time bound to evaluate")
 

@@ -62,8 +62,7 @@ from PIL import Image, ImageOps
 
 from .checkpoint import load_diffusion_model
 from . import errors
-from .config import (SampleConfig, check_sampler_options, check_sampling, from_dict,
-                     runs_uniform, to_dict)
+from .config import SampleConfig, ScheduleConfig, from_dict, to_dict
 from .data import SKIPPED_NOTE, scan_image_folder
 from .errors import (ConfigError, DataError, DiffunetError, FolderError, NotRegularFileError,
                      UsageError)
@@ -72,8 +71,9 @@ from .images import IMAGE_EXTENSIONS, image_header, save_grid, save_image
 from .outputs import OutputFolder, claim_folder, is_plain_file
 from .resources import check_fits, network_cost
 from .runs import cpu_requested, pick_device, refuse_lone_processes
-from .samplers import (MAX_RESAMPLE, MULTISTEP_SAMPLERS, check_sigma_range, make_sigmas,
-                       make_timesteps, sample)
+from .formulations import Formulation, StepOptions, formulation_class
+from .samplers import (MAX_RESAMPLE, MULTISTEP_SAMPLERS, check_sampling, check_sigma_range,
+                       make_sigmas, preview_grid, sample)
 from .version import __version__
 
 __all__ = ["SampleOptions", "SampleResult", "EditInputs", "generate", "load_edit_inputs",
@@ -233,14 +233,9 @@ class SampleOptions:
         _check_count(self.num_samples or DEFAULT_NUM_SAMPLES)
         check_sampling(_FLAGS, sampler=self.sampler, num_steps=self.num_steps, eta=self.eta,
                        spacing=self.spacing, guidance_scale=self.guidance_scale,
-                       error=UsageError)
-        s_tmax = self.s_tmax
-        if isinstance(s_tmax, float) and s_tmax == math.inf:
-            s_tmax = None  # no upper limit, as SampleConfig spells it
-        check_sampler_options(_FLAGS, sampler=self.sampler, sigmas=self.sigmas, rho=self.rho,
-                              s_churn=self.s_churn, s_tmin=self.s_tmin, s_tmax=s_tmax,
-                              s_noise=self.s_noise, sigma_min=self.sigma_min,
-                              sigma_max=self.sigma_max, error=UsageError)
+                       sigmas=self.sigmas, rho=self.rho, s_churn=self.s_churn,
+                       s_tmin=self.s_tmin, s_tmax=self.s_tmax, s_noise=self.s_noise,
+                       sigma_min=self.sigma_min, sigma_max=self.sigma_max, error=UsageError)
         _check_seed(self.seed, self.num_samples or DEFAULT_NUM_SAMPLES)
         self._check_editing()
         labels = self.class_labels
@@ -339,9 +334,8 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
     if given.get("sigmas", "karras") != "karras" and "rho" not in given:
         settings["rho"] = defaults["rho"]
     settings.update(given)
-    stored_schedule = meta.get("schedule_config")
-    vp = not (isinstance(stored_schedule, dict) and stored_schedule.get("formulation") == "edm")
-    uniform = runs_uniform(settings["sampler"], settings["sigmas"], vp)
+    uniform = preview_grid(_stored_formulation(meta), settings["sampler"],
+                           settings["sigmas"]) == "uniform"
     for key in _RANGE:
         if uniform and key in given:
             whose = "" if "sampler" in given else " (this model file's [sample] sampler)"
@@ -350,11 +344,21 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
                              f"add --sigmas karras (or exponential) or drop {_FLAGS[key]}")
         if uniform:
             settings[key] = None  # the stored range was for the stored grid
-    check_sampling(_FLAGS, sampler=settings["sampler"], eta=settings["eta"], error=UsageError)
-    check_sampler_options(_FLAGS, **{k: settings[k] for k in ("sampler", "sigmas", "rho",
-                                                              *_RANGE, *_CHURN)},
-                          error=UsageError)
+    check_sampling(_FLAGS, **{k: settings[k] for k in ("sampler", "eta", "sigmas", "rho",
+                                                       *_RANGE, *_CHURN)}, error=UsageError)
     return SampleConfig(**settings)
+
+
+def _stored_formulation(meta: dict[str, Any]) -> type[Formulation]:
+    """The formulation class of the model file whose metadata is ``meta`` (a file without a
+    readable schedule config is taken as the default, VP, as older files are)."""
+    stored = meta.get("schedule_config")
+    try:
+        cfg = from_dict(ScheduleConfig, stored, "schedule") if isinstance(stored, dict) \
+            else ScheduleConfig()
+    except ConfigError:
+        cfg = ScheduleConfig()
+    return formulation_class(cfg.formulation)
 
 
 @dataclass(frozen=True)
@@ -842,7 +846,7 @@ class _Edit:
     resample: int
 
 
-def _draw_batch(denoiser: Any, schedule: Any, how: SampleConfig, idx: list[int], seed: int,
+def _draw_batch(network: Any, schedule: Any, how: SampleConfig, idx: list[int], seed: int,
                 shape: tuple[int, int, int], labels: Optional[list[int]], device: torch.device,
                 autocast: Any, writer: _Writer, files: tuple[Path, ...],
                 on_step: Optional[Callable[[int], None]] = None,
@@ -860,24 +864,10 @@ def _draw_batch(denoiser: Any, schedule: Any, how: SampleConfig, idx: list[int],
         kwargs.update(init_image=init.to(device), strength=edit.strength,
                       mask=None if keep is None else keep.to(device), resample=edit.resample)
     with autocast:
-        images = sample(denoiser, schedule, x_T.to(device), class_labels=y, generator=gens,
+        images = sample(network, schedule, x_T.to(device), class_labels=y, generator=gens,
                         callback=None if on_step is None else lambda i, *_: on_step(i),
                         **kwargs)
     writer.submit(images.float().cpu(), [files[i] for i in idx])
-
-
-def _is_vp(schedule: Any) -> bool:
-    """Whether ``schedule`` is a discrete VP schedule (a :class:`NoiseSchedule`), not EDM's."""
-    return getattr(getattr(schedule, "config", None), "formulation", "vp") == "vp"
-
-
-def _grid_name(how: SampleConfig, vp: bool) -> str:
-    """The sigma grid :func:`~diffunet.samplers.sample` uses for ``how`` on a VP (``vp``) or
-    EDM model (:func:`~diffunet.config.runs_uniform`; karras where ``sigmas`` is unset
-    otherwise)."""
-    if runs_uniform(how.sampler, how.sigmas, vp):
-        return "uniform"
-    return how.sigmas or "karras"
 
 
 def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
@@ -912,16 +902,15 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
 
     net, schedule, meta = load_diffusion_model(model_path)
     how = sample_settings(meta, o)
-    vp = _is_vp(schedule)
-    T = schedule.num_train_timesteps if vp else None
-    if T is not None and how.num_steps > T:
+    T = schedule.config.num_train_timesteps
+    if schedule.discrete_timesteps and how.num_steps > T:
         raise UsageError(f"--steps {how.num_steps} is more than this model's {T} training "
                          f"timesteps; use 1 to {T}")
-    grid_name = _grid_name(how, vp)
-    if grid_name == "uniform" and not vp:
-        raise UsageError("--sigmas uniform picks training timesteps, which this EDM model does "
-                         "not have (its noise level is continuous); use --sigmas karras or "
-                         "exponential")
+    grid_name = how.grid_for(schedule)
+    if grid_name == "uniform" and not schedule.uniform_grid:
+        raise UsageError(f"--sigmas uniform picks training timesteps, which this "
+                         f"{schedule.title} model does not have (its noise level is "
+                         "continuous); use --sigmas karras or exponential")
     check_sigma_range(schedule, how.sigma_min, how.sigma_max, _FLAGS)
     shape = (net.config.in_channels, net.config.image_size, net.config.image_size)
     if shape[0] not in (1, 3):
@@ -949,9 +938,10 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         n = edit.inputs.count if folder else DEFAULT_NUM_SAMPLES
         _check_count(n)
         _check_seed(o.seed, n)
-    if vp and grid_name == "uniform":
-        grid_record: dict[str, Any] = {
-            "timesteps": make_timesteps(T, how.num_steps, how.spacing).tolist()}
+    native = schedule.native_levels(StepOptions(how.sampler, how.num_steps, spacing=how.spacing,
+                                                s_churn=how.s_churn), grid_name)
+    if native is not None:  # the formulation's own path and levels (VP: its timesteps)
+        grid_record: dict[str, Any] = {native[0]: native[1]}
     else:
         grid_record = {"sigma_grid": make_sigmas(schedule, how.num_steps, grid_name,
                                                  rho=how.rho, spacing=how.spacing,
@@ -967,14 +957,14 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         batch_size = o.batch_size
         # A batch of images the device cannot hold must be one line, not an exhausted machine.
         per_call = min(batch_size, n) * (2 if how.guidance_scale != 1.0 else 1)
-        check_fits(network_cost(net.config, T, per_call), device,
+        check_fits(network_cost(net.config, schedule.config.table_timesteps, per_call), device,
                    f"--batch-size {batch_size} at {shape[1]}x{shape[2]}",
                    "lower --batch-size", UsageError)
     elif device.type == "cuda":
         batch_size = _fill_batch(net, shape, device, autocast, how.guidance_scale != 1.0, cap=n)
     else:
         batch_size = 64
-    denoiser = torch.compile(net, dynamic=False) if o.compile else net
+    network = torch.compile(net, dynamic=False) if o.compile else net
 
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
@@ -1030,7 +1020,7 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     if edit is not None:
         tell(edit_note)  # once the folder is claimed: bad input stays a single line
     try:
-        return _draw_all(state, main, out_dir, manifest, claim, n, o, how, denoiser, schedule,
+        return _draw_all(state, main, out_dir, manifest, claim, n, o, how, network, schedule,
                          shape, labels, device, autocast, batch_size, progress, tell, edit)
     finally:
         if claim is not None:
@@ -1060,7 +1050,7 @@ def _edit_record(edit: _Edit, o: SampleOptions, num_steps: int) -> dict[str, Any
 
 def _draw_all(state: Any, main: bool, out_dir: Path, manifest: dict[str, Any],
               claim: Optional[OutputFolder], n: int, o: SampleOptions, how: SampleConfig,
-              denoiser: Any, schedule: Any, shape: tuple[int, int, int],
+              network: Any, schedule: Any, shape: tuple[int, int, int],
               labels: Optional[list[int]], device: torch.device, autocast: Any,
               batch_size: int, progress: bool, tell: Callable[[str], None],
               edit: Optional[_Edit] = None) -> SampleResult:
@@ -1091,7 +1081,7 @@ def _draw_all(state: Any, main: bool, out_dir: Path, manifest: dict[str, Any],
     try:
         for start in range(0, len(mine), batch_size):
             idx = mine[start:start + batch_size]
-            _draw_batch(denoiser, schedule, how, idx, o.seed, shape, labels, device, autocast,
+            _draw_batch(network, schedule, how, idx, o.seed, shape, labels, device, autocast,
                         writer, files, on_step=lambda i: bar.update(1), edit=edit)
             drawn.extend(idx)
             done = min(n, done_before + len(drawn) * state.num_processes)

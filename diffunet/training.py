@@ -4,7 +4,7 @@
 resume, the state protocol, signals, the log and progress); this module is the loop itself.
 What makes it exact:
 
-- Every random draw of a step (timesteps or EDM sigmas, noise, flips, label dropout) comes
+- Every random draw of a step (the formulation's levels, noise, flips, label dropout) comes
   from one ``torch.Generator`` seeded from ``train.seed``, drawn for the *global* batch on every
   process, and sliced to this process's share. So a run gives the same batches whatever the
   number of processes, and its state is one generator state.
@@ -34,9 +34,8 @@ from .checkpoint import save_model, unwrap_model
 from .config import RunConfig, to_dict
 from .data import (GlobalBatchSampler, HFStream, build_dataset, flip_where, make_dataloader,
                    skipped_note)
-from .diffusion import NoiseSchedule, diffusion_loss  # NoiseSchedule: _preview_fn's hint
-from .edm import EDMSchedule, Schedule, edm_loss, make_schedule
 from .errors import ConfigError, TrainingError
+from .formulations import Formulation, make_schedule
 from .images import save_grid
 from .runs import EMA, Run
 from .samplers import check_sigma_range, sample
@@ -139,7 +138,7 @@ def _log(run: Run, cfg: RunConfig, step: int, loss_sum: Tensor, steps: int, seco
                      "img_s": rate})
 
 
-def _step_inputs(cfg: RunConfig, schedule: Schedule, gen: torch.Generator, images: Tensor,
+def _step_inputs(cfg: RunConfig, schedule: Formulation, gen: torch.Generator, images: Tensor,
                  labels: Tensor, mine: slice) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """A step's randomness, drawn on the generator's device for the GLOBAL batch B and sliced
     to this process's rows ``mine`` (so every process, and any number of them, sees the same
@@ -147,19 +146,14 @@ def _step_inputs(cfg: RunConfig, schedule: Schedule, gen: torch.Generator, image
     (b, C, H, W) and ``labels`` (b,) are on that device. Returns x0, noise, levels, labels
     (None for an unconditional model).
 
-    The levels are integer timesteps uniform in [0, T) for the VP formulation and log-normal
-    sigmas (float32, :meth:`~diffunet.edm.EDMSchedule.sample_sigmas`) for EDM. The two
-    formulations differ in a training step only in this draw and in :func:`step_loss`; each is
-    one ``if`` in the function that owns it, so ``train()`` has no branch and both share the
-    generator (hence exact resume), noise, flips, labels and micro-batching. (A common method
-    pair on both schedule classes would add training-only methods to NoiseSchedule and spread
-    the one compiled objective over two classes, for the same two branches.)"""
+    The levels are the formulation's own draw
+    (:meth:`~diffunet.formulations.base.Formulation.sample_levels`: VP's integer timesteps,
+    EDM's log-normal sigmas, flow's shifted t); the formulations differ in a training step only
+    there and in the objective (:func:`step_loss`), so ``train()`` has no branch and every
+    formulation shares the generator (hence exact resume), noise, flips, labels and
+    micro-batching."""
     B, dev = cfg.train.batch_size, gen.device
-    if isinstance(schedule, EDMSchedule):
-        levels = schedule.sample_sigmas(B, gen)[mine]
-    else:
-        levels = torch.randint(0, schedule.num_train_timesteps, (B,), generator=gen,
-                               device=dev)[mine]
+    levels = schedule.sample_levels(B, gen)[mine]
     noise = torch.randn((B, *images.shape[1:]), generator=gen, device=dev)[mine]
     if cfg.data.random_flip:
         images = flip_where(images, (torch.rand(B, generator=gen, device=dev) < 0.5)[mine])
@@ -170,29 +164,20 @@ def _step_inputs(cfg: RunConfig, schedule: Schedule, gen: torch.Generator, image
     return images, noise, levels, torch.where(drop, torch.full_like(labels, k), labels)
 
 
-def step_loss(model: Callable[..., Tensor], schedule: Schedule, x0: Tensor, noise: Tensor,
+def step_loss(model: Callable[..., Tensor], schedule: Formulation, x0: Tensor, noise: Tensor,
               t: Tensor, labels: Tensor | None, min_snr_gamma: float | None) -> Tensor:
-    """The training objective of a (micro-)batch, a 0-d tensor: noise ``x0`` (b, C, H, W) with
-    ``noise`` at the levels ``t`` (b,), run the network, and average the per-sample loss. This
-    is what ``train.compile`` compiles (one graph, forward and loss).
-
-    VP: x_t at integer timesteps ``t``, :func:`~diffunet.diffusion.diffusion_loss` (with the
-    min-SNR weight when ``min_snr_gamma`` is set). EDM: x = x0 + sigma noise at sigmas ``t``,
-    the network as F(c_in x; c_noise) (Table 1) and :func:`~diffunet.edm.edm_loss`, which
-    carries EDM's own weight lambda(sigma); ``min_snr_gamma`` does not apply and is ignored
-    (the training header says so)."""
-    if isinstance(schedule, EDMSchedule):
-        _, _, c_in, c_noise = schedule.preconditioning(t, x0)
-        x = schedule.add_noise(x0, noise, t)
-        out = model((c_in * x).to(x0.dtype), c_noise, class_labels=labels)
-        return edm_loss(schedule, out.float(), x0, noise, t).mean()
-    xt = schedule.add_noise(x0, noise, t)
-    out = model(xt, t, class_labels=labels)
-    return diffusion_loss(schedule, out.float(), x0, noise, t, min_snr_gamma=min_snr_gamma).mean()
+    """The training objective of a (micro-)batch, a 0-d tensor: the mean of the formulation's
+    per-image loss (:meth:`~diffunet.formulations.base.Formulation.loss`: noising ``x0``
+    (b, C, H, W) with ``noise`` to the levels ``t`` (b,), the network call and the weighted
+    loss). This is what ``train.compile`` compiles (one graph, forward and loss).
+    ``min_snr_gamma`` applies where the formulation takes it (VP); the training header says when
+    it does not."""
+    return schedule.loss(model, x0, noise, t, class_labels=labels,
+                         min_snr_gamma=min_snr_gamma).mean()
 
 
 def _backward(run: Run, model: torch.nn.Module, loss_fn: Callable[..., Tensor],
-              schedule: Schedule, cfg: RunConfig, x0: Tensor, noise: Tensor, t: Tensor,
+              schedule: Formulation, cfg: RunConfig, x0: Tensor, noise: Tensor, t: Tensor,
               labels: Tensor | None) -> Tensor:
     """Forward and backward over the process's batch in ``grad_accum_steps`` micro-batches
     (gradients synchronised on the last one); returns the mean loss, a 0-d device tensor."""
@@ -247,7 +232,7 @@ def _update(run: Run, cfg: RunConfig, model: torch.nn.Module, optimizer: Any, em
     return bad
 
 
-def _preview_fn(cfg: RunConfig, ema: EMA, schedule: NoiseSchedule, run: Run
+def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run
                 ) -> Callable[[int], None]:
     """The preview grid writer: the EMA model sampled with ``cfg.sample`` from the same noise
     (and labels) every time, so the grids are comparable."""
@@ -302,7 +287,8 @@ def describe_run(run: Run, precision: str, batch_size: int, grad_accum_steps: in
             f"out-dir: {run.out_dir}, {resumed}"]
 
 
-def _header(run: Run, cfg: RunConfig, dataset: Any, net: UNet) -> list[str]:
+def _header(run: Run, cfg: RunConfig, dataset: Any, net: UNet, schedule: Formulation
+            ) -> list[str]:
     """What a run is about to do, in five lines before its first step."""
     d, u, s, t = cfg.data, cfg.unet, cfg.schedule, cfg.train
     where = {"folder": d.path or "",
@@ -317,8 +303,8 @@ def _header(run: Run, cfg: RunConfig, dataset: Any, net: UNet) -> list[str]:
             + unused,
             f"model: UNet, {n:,} parameters ({n / 1e6:.2f}M; base_channels {u.base_channels}, "
             f"channel_mults {tuple(u.channel_mults)}); {s.describe()}" + (
-                "; train.min_snr_gamma is unused (EDM's loss has its own weight)"
-                if s.formulation == "edm" and t.min_snr_gamma is not None else ""),
+                f"; train.min_snr_gamma is unused ({schedule.own_weighting})"
+                if not schedule.min_snr_weighting and t.min_snr_gamma is not None else ""),
             *describe_run(run, t.mixed_precision, t.batch_size, t.grad_accum_steps,
                           f"steps {run.start_step} -> {t.max_steps}, preview every "
                           f"{t.sample_every}, save every {t.save_every} and at the last step")]
@@ -419,7 +405,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         # limit), so an accelerator is never kept waiting by the host -----------------------
         if step < t.max_steps:
             for line in [*([config_source] if config_source else []),
-                         *_header(run, cfg, dataset, net)]:
+                         *_header(run, cfg, dataset, net, schedule)]:
                 run.tell(line)
         run.progress(t.max_steps)
         per_process = t.batch_size // run.world

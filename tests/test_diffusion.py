@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffunet.config import ScheduleConfig
-from diffunet.diffusion import NoiseSchedule, diffusion_loss
+from diffunet.formulations.vp import NoiseSchedule, diffusion_loss
 from diffunet.errors import ConfigError, UsageError
 
 PREDICTION_TYPES = ("epsilon", "v", "x0")

@@ -255,7 +255,7 @@ def test_stored_sigma_range_is_used_and_dropped_with_a_uniform_grid(world, tmp_p
 
 def test_ddim_takes_a_sigma_range_on_an_edm_model_where_it_runs_the_karras_grid(world,
                                                                                 tmp_path, capsys):
-    from diffunet.edm import make_schedule
+    from diffunet.formulations import make_schedule
 
     net = diffunet.load_model(world.model)[0]
     edm = tmp_path / "edm.safetensors"

@@ -476,13 +476,13 @@ def test_a_failed_write_in_a_real_process(tmp_path: Path, fault: str) -> None:
 NAN_DRIVER = r"""
 import os, sys
 from diffunet import cli, training
-real, calls, spec = training.diffusion_loss, [], os.environ["NAN_AT"]
+real, calls, spec = training.step_loss, [], os.environ["NAN_AT"]
 def loss(*args, **kwargs):
     calls.append(1)
     value = real(*args, **kwargs)
     bad = spec == "all" or str(len(calls)) in spec.split(",")
     return value * float("nan") if bad else value
-training.diffusion_loss = loss
+training.step_loss = loss
 raise SystemExit(cli.main(sys.argv[1:]))
 """
 

@@ -28,7 +28,7 @@ import diffunet
 from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig
 from diffunet.cli import main
 from diffunet.config import from_dict, to_dict
-from diffunet.diffusion import make_betas
+from diffunet.formulations.vp import make_betas
 from diffunet.errors import ConfigError, FolderError, ModelFileError, UsageError
 from diffunet.interop import (
     export_diffusers,

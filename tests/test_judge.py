@@ -24,7 +24,7 @@ from diffunet.evaluation import (FeatureNetwork, dataset_fingerprint, fid_kid,
 from diffunet.images import save_image
 from diffunet.judge import (JUDGE_FILE, JUDGE_SHA256, JudgeTraining, class_report, file_sha256,
                             load_judge, steps_for_budget, train_judge)
-from diffunet.edm import make_schedule
+from diffunet.formulations import make_schedule
 from helpers import perturbed, tiny_net
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions on busy cores (conftest)

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from diffunet.config import ScheduleConfig
-from diffunet.diffusion import NoiseSchedule, VPDenoiser
+from diffunet.formulations import Formulation
+from diffunet.formulations.vp import NoiseSchedule, VPDenoiser
 from diffunet.errors import UsageError
 from diffunet.samplers import (SAMPLERS, make_sigmas, make_timesteps, network_calls, sample,
                                sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_euler,
@@ -225,14 +226,29 @@ def test_make_sigmas_matches_diffusers_grids(diffusers, spacing):
                                        rtol=1e-7, atol=0)
 
 
-class FakeEDMSchedule:
-    """A schedule without integer timesteps (as diffunet.edm.EDMSchedule): denoiser(model),
-    sigma_min, sigma_max. Its denoiser D(x; sigma) = c_skip x + c_out model(c_in x, sigma)."""
+class FakeEDMSchedule(Formulation):
+    """A formulation without integer timesteps or a uniform grid, defined here and never
+    registered (as EDM's): the samplers need only the contract's denoiser and grid range. Its
+    denoiser D(x; sigma) = c_skip x + c_out model(c_in x, sigma)."""
 
+    name, title, config_fields = "fake-edm", "fake EDM", ()
     sigma_min, sigma_max, sigma_data = 0.002, 80.0, 0.5
 
     def __init__(self) -> None:
+        self.config = None
         self.seen: list[torch.Tensor] = []
+
+    @classmethod
+    def describe(cls, config):
+        return "a fake EDM"
+
+    def sample_levels(self, n, generator):
+        raise NotImplementedError("sampling only")
+
+    add_noise = network_input = loss = ideal_output = sample_levels
+
+    def grid_range(self):
+        return self.sigma_min, self.sigma_max
 
     def denoiser(self, model):
         sd = self.sigma_data
@@ -248,7 +264,7 @@ class FakeEDMSchedule:
 
 def test_make_sigmas_errors():
     s = make()
-    with pytest.raises(UsageError, match="uniform.*VP model"):
+    with pytest.raises(UsageError, match="uniform.*fake EDM model does not have"):
         make_sigmas(FakeEDMSchedule(), 10, "uniform")
     with pytest.raises(UsageError, match="unknown sigma grid 'polyexp'"):
         make_sigmas(s, 10, "polyexp")
@@ -256,7 +272,7 @@ def test_make_sigmas_errors():
         make_sigmas(s, 10, rho=0.0)
     with pytest.raises(UsageError, match="num_steps"):
         make_sigmas(s, 0)
-    with pytest.raises(UsageError, match="sigma_min"):
+    with pytest.raises(UsageError, match="expected a schedule"):
         make_sigmas(object(), 10)
     g = make_sigmas(FakeEDMSchedule(), 4)
     assert float(g[0]) == pytest.approx(80.0) and float(g[-2]) == pytest.approx(0.002)
@@ -488,7 +504,7 @@ def test_a_schedule_without_timesteps_goes_down_the_sigma_path():
             torch.testing.assert_close(torch.stack([v[0] for v in edm.seen]), grid[:-1])
     with pytest.raises(UsageError, match="uniform"):
         sample(fake_model, edm, x_T, sampler="ddim", sigmas="uniform", num_steps=5)
-    with pytest.raises(UsageError, match="NoiseSchedule or have denoiser"):
+    with pytest.raises(UsageError, match="schedule must be a formulation"):
         sample(fake_model, object(), x_T)
 
 

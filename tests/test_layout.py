@@ -1,9 +1,14 @@
-"""The design's layout, enforced: who may import whom, one home per heavy dependency, no private
-names across modules, printing and argument parsing only in the command line, lazy commands, and
-the README's library example running as written.
+"""docs/design.md's layout and house rules, enforced: who may import whom, one home per heavy
+dependency, no private names across modules, printing and argument parsing only in the command
+line, lazy commands, one home per formulation (nothing outside ``diffunet/formulations/`` asks
+which formulation a model is; no formulation module imports another's), and the README's library
+example running as written.
 
 The import graph is read from the source (every ``import`` statement, at module level or inside
 a function), so a lazy import counts like any other.
+
+``python tests/test_layout.py [PACKAGE_DIR]`` prints the formulation decisions the rule counts
+in a package (default: this one), e.g. in an older checkout of diffunet.
 """
 
 from __future__ import annotations
@@ -37,11 +42,13 @@ LAYERS: list[tuple[str, ...]] = [
     ("state", "checkpoint"),
     ("data",),
     ("images",),
-    ("samplers", "schedulers"),  # schedulers: the deprecated name of samplers
-    ("diffusion", "edm", "likelihood", "resources"),
+    ("likelihood", "resources"),
     ("unet", "nn"),
-    ("config",),
-    ("errors", "fileio", "version"),
+    ("config",),  # asks the samplers and the formulations for their rules
+    # schedulers, diffusion, edm: the deprecated names of samplers and formulations' modules
+    ("samplers", "schedulers", "diffusion", "edm"),
+    ("formulations",),
+    ("errors", "fileio", "version", "randomness", "checks"),
 ]
 # The one module (or package) that may import each heavy dependency.
 HOMES: dict[str, set[str]] = {
@@ -265,3 +272,101 @@ def test_scripts_are_three_line_shims() -> None:
         assert len(lines) <= 4, script.name  # docstring + up to three lines
         assert "from diffunet.cli import main" in lines, script.name
     assert os.access(ROOT / "scripts" / "train.py", os.R_OK)
+
+
+# ---------------------------------------------------------------------------------------------
+# One home per formulation (docs/design.md, house rule 2 and "The formulation contract")
+
+FORMULATION_NAMES = ("vp", "edm", "flow")
+FORMULATION_CLASSES = ("NoiseSchedule", "EDMSchedule", "FlowSchedule", "VPDenoiser",
+                       "EDMDenoiser", "FlowDenoiser", "TimestepPath", "FlowPath")
+
+
+def _names_a_formulation(node: ast.AST) -> bool:
+    """A string naming a formulation, a collection of them, or a ``.formulation`` attribute."""
+    if isinstance(node, ast.Constant):
+        return node.value in FORMULATION_NAMES
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return any(_names_a_formulation(e) for e in node.elts)
+    return isinstance(node, ast.Attribute) and node.attr == "formulation"
+
+
+def formulation_decisions(package: Path) -> list[str]:
+    """Where a module outside ``formulations/`` decides which formulation it has: a comparison
+    with a formulation's name (or of a ``.formulation`` attribute), a dict keyed by the names,
+    an ``isinstance`` (or ``issubclass``/``type(...) is``) check against a formulation's class,
+    a ``getattr``/``hasattr`` of ``formulation``. (The deprecated shims only re-export.)"""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package).as_posix()
+        if rel.startswith("formulations/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            where = f"{rel}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Compare) and any(
+                    _names_a_formulation(n) for n in (node.left, *node.comparators)):
+                found.append(f"{where} compares a formulation name")
+            elif isinstance(node, ast.Dict) and any(
+                    k is not None and _names_a_formulation(k) for k in node.keys):
+                found.append(f"{where} keys a dict by formulation names")
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                args = node.args
+                if node.func.id in ("isinstance", "issubclass") and len(args) == 2 and any(
+                        isinstance(n, ast.Name) and n.id in FORMULATION_CLASSES
+                        for n in ast.walk(args[1])):
+                    found.append(f"{where} checks a formulation's class")
+                elif node.func.id in ("getattr", "hasattr") and len(args) >= 2 and \
+                        isinstance(args[1], ast.Constant) and args[1].value == "formulation":
+                    found.append(f"{where} looks up a formulation attribute")
+    return found
+
+
+def test_nothing_outside_formulations_asks_which_formulation_it_has() -> None:
+    assert formulation_decisions(PACKAGE) == []
+    # The check has teeth: each idiom it looks for, in a module outside formulations/.
+    probe = PACKAGE.parent / "tests" / "_probe_pkg"
+    try:
+        probe.mkdir(exist_ok=True)
+        (probe / "m.py").write_text(
+            "a = cfg.formulation == 'edm'\nb = name in ('vp', 'flow')\n"
+            "c = isinstance(s, NoiseSchedule)\nd = {'vp': 1}\n"
+            "e = getattr(c, 'formulation', 'vp')\nf = s.name != other\n")
+        assert len(formulation_decisions(probe)) == 5
+    finally:
+        for p in probe.glob("*"):
+            p.unlink()
+        probe.rmdir()
+
+
+def test_no_formulation_module_imports_another_formulations_module() -> None:
+    own = {name: f"diffunet.formulations.{name}" for name in FORMULATION_NAMES}
+    crossings = []
+    for importer, target, name, line in _edges():
+        a = next((f for f, m in own.items() if importer == m), None)
+        b = next((f for f, m in own.items() if target == m or target.startswith(m + ".")), None)
+        if a is not None and b is not None and a != b:
+            crossings.append(f"{importer}:{line} imports {target}")
+    assert crossings == []
+    assert set(FORMULATION_NAMES) == set(diffunet.FORMULATIONS)
+
+
+@pytest.mark.parametrize("old, new, names", [
+    ("diffunet.diffusion", "diffunet.formulations.vp", ("NoiseSchedule", "diffusion_loss")),
+    ("diffunet.edm", "diffunet.formulations", ("EDMSchedule", "make_schedule")),
+])
+def test_the_deprecated_formulation_modules_warn_and_give_the_same_objects(
+        old: str, new: str, names: tuple[str, ...]) -> None:
+    import importlib
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match="diffunet.formulations"):
+        module = importlib.import_module(old)
+    target = importlib.import_module(new)
+    assert all(getattr(module, n) is getattr(target, n) for n in names)
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else PACKAGE
+    lines = formulation_decisions(target)
+    print("\n".join(lines))
+    print(f"{len(lines)} formulation decision(s) outside formulations/ in {target}")

@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffunet.bench import BenchOptions, benchmark, forward_flops, format_table, resolve_unet
 from diffunet.config import ScheduleConfig, UNetConfig, load_config
-from diffunet.diffusion import NoiseSchedule
+from diffunet.formulations.vp import NoiseSchedule
 from diffunet.errors import ConfigError, UsageError
 from diffunet.nn import AttentionBlock, ResidualBlock, Upsample, _math_attention, attention
 from diffunet.unet import UNet

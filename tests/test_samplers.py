@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from diffunet.config import ScheduleConfig
-from diffunet.diffusion import NoiseSchedule
+from diffunet.formulations.vp import NoiseSchedule
 from diffunet.errors import UsageError
 from diffunet.samplers import (SAMPLERS, ddim_step, ddpm_step, dpmpp_2m_step, make_timesteps,
                                  sample)
@@ -748,7 +748,9 @@ def test_sample_dpmpp_is_the_step_rule_chained():
     s = make("v")
     model = Recorder()
     x_T = randn(*SHAPE, seed=0)
-    result = sample(model, s, x_T, sampler="dpmpp-2m", num_steps=6, eta=0.5)  # eta ignored
+    with pytest.raises(UsageError, match=r"^eta only applies to sampler ddim, euler-ancestral"):
+        sample(model, s, x_T, sampler="dpmpp-2m", num_steps=6, eta=0.5)  # one rule, as config
+    result = sample(model, s, x_T, sampler="dpmpp-2m", num_steps=6)
     assert "dpmpp-2m" in SAMPLERS and len(model.calls) == 6
     ts = make_timesteps(1000, 6).tolist()
     x, prev, prev_t = x_T, None, None

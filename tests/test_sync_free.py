@@ -49,7 +49,7 @@ def test_a_nonfinite_step_is_skipped_on_the_device(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     # The skip of a NaN step happens without a host read, and still leaves weights, EMA and
     # optimizer exactly as they were (tests/test_training.py checks the states).
-    real = training.diffusion_loss
+    real = training.step_loss
     calls = []
 
     def second_is_nan(*args, **kwargs):
@@ -57,7 +57,7 @@ def test_a_nonfinite_step_is_skipped_on_the_device(tmp_path: Path,
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 2 else loss
 
-    monkeypatch.setattr(training, "diffusion_loss", second_is_nan)
+    monkeypatch.setattr(training, "step_loss", second_is_nan)
     where = _run_counted(tmp_path)
     assert where.between({4, 8, 10}) == {}
     log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()

@@ -439,14 +439,14 @@ def test_signal_saves_and_resume_continues(tmp_path: Path, capsys: pytest.Captur
 
 def test_nonfinite_steps_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = training.diffusion_loss
+    real = training.step_loss  # the objective train() runs (every formulation's)
 
     def flaky(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 2 else loss  # the second step
 
-    monkeypatch.setattr(training, "diffusion_loss", flaky)
+    monkeypatch.setattr(training, "step_loss", flaky)
     out = tmp_path / "run"
     result = train(_cfg("train.max_steps=4", "train.save_every=1", "train.keep_last=10",
                         "train.log_every=1"), out, progress=False)
@@ -464,11 +464,13 @@ def test_only_nonfinite_losses_stop_with_advice(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def nan_loss(schedule, out, *args, **kwargs):
-        calls.append(1)
-        return out.mean(dim=(1, 2, 3)) * float("nan")
+    real = training.step_loss
 
-    monkeypatch.setattr(training, "diffusion_loss", nan_loss)
+    def nan_loss(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs) * float("nan")
+
+    monkeypatch.setattr(training, "step_loss", nan_loss)
     with pytest.raises(TrainingError) as info:
         train(_cfg("train.max_steps=50", "train.max_nonfinite=3"), tmp_path / "run",
               progress=False)

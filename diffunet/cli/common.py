@@ -135,10 +135,11 @@ def dry_run(cfg: Any, net: UNetConfig, out_dir: Path, note: str = "") -> int:
             shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)"
                                             if len(names) > 8 else "")
             found.append(f"# classes (unet.num_classes): {len(names)} ({shown})")
-    schedule = getattr(cfg, "schedule", None)
+    # a diffusion run's schedule tables (a segmentation run has no schedule)
+    tables = cfg.schedule.table_timesteps if isinstance(cfg, RunConfig) else None
     batch = cfg.train.batch_size
     device = pick_device("cpu" if cpu_requested() else None)
-    n = check_training_fits(net, getattr(schedule, "table_timesteps", None), batch, batch,
+    n = check_training_fits(net, tables, batch, batch,
                             net.in_channels, net.image_size, device)
     out(to_toml(cfg))
     out(f"# UNet parameters: {n:,} ({n / 1e6:.2f}M){note}")

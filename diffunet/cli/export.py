@@ -10,7 +10,9 @@ DESCRIPTION = ("Write a diffunet model file as a diffusers pipeline folder (mode
                "unet/, scheduler/) that DDIMPipeline.from_pretrained(DIR) and "
                "DDPMPipeline.from_pretrained(DIR) load. The scheduler is DDPMScheduler when the "
                "file's [sample] sampler is ddpm, else DDIMScheduler, with its spacing and "
-               "clipping.")
+               "clipping. A flow-matching model writes unet/ and a "
+               "FlowMatchEulerDiscreteScheduler in scheduler/ (diffusers has no pipeline class "
+               "for it; the README shows the loop).")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--push-to-hub {args.push_to_hub!r}: not a Hub repository id "
                          "(owner/name)")
     r = export_diffusers(args.model, args.folder, overwrite=args.overwrite)
-    out(f"wrote {r['folder']} ({r['pipeline']}, {r['scheduler']}): {', '.join(r['files'])}")
+    what = r["pipeline"] or "UNet2DModel + scheduler, no pipeline class"
+    out(f"wrote {r['folder']} ({what}, {r['scheduler']}): {', '.join(r['files'])}")
     if args.push_to_hub is not None:
         url = push_to_hub(r["folder"], args.push_to_hub, private=args.private or None)
         out(f"pushed to {args.push_to_hub}: {url}")

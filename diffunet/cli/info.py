@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
             lines.append(f"[{section.removesuffix('_config')}]")
             table = meta[section]
             if section == "schedule_config" and schedule is not None:
-                # Only the fields of its formulation (the other's are stored but unused); an
-                # older file without `formulation` is a VP one.
+                # Only the fields of its formulation (an older file stores every formulation's
+                # fields; one without `formulation` is a VP one).
                 table = {key: getattr(schedule.config, key)
                          for key in schedule.config.used_fields()}
             lines += [f"  {key} = {json.dumps(value)}" for key, value in table.items()]

@@ -20,9 +20,9 @@ DESCRIPTION = ("Draw images from a model file: 000000.png, ... (image i from see
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from typing import get_args
 
-    from ..config import SampleConfig, SigmaGrid
+    from ..config import SampleConfig
     from ..sampling import DEFAULT_NUM_SAMPLES, IMG2IMG_STRENGTH, PRECISIONS, SampleOptions
-    from ..samplers import MULTISTEP_SAMPLERS, SAMPLERS, SPACINGS
+    from ..samplers import MULTISTEP_SAMPLERS, SAMPLERS, SPACINGS, SigmaGrid
 
     d, s = SampleOptions, SampleConfig  # the defaults live in the dataclasses (house rule 5)
     model_or = "default: the model's [sample] setting, else"
@@ -44,9 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"dpmpp-2m-sde; {model_or} 0 for ddim, 1 for the other two)")
     p.add_argument("--sigmas", metavar="|".join(get_args(SigmaGrid)),
                    help=f"noise-level grid: karras (Karras et al. eq. 5, with --rho), "
-                        f"exponential, or uniform (the training timesteps --spacing picks; VP "
-                        f"models) ({model_or} uniform for ddpm/ddim/dpmpp-2m on VP models, "
-                        f"karras for the rest)")
+                        f"exponential, or uniform (the model's own: a VP model's training "
+                        f"timesteps --spacing picks, a flow model's shifted t as diffusers "
+                        f"spaces it) ({model_or} uniform for the samplers the model runs "
+                        f"natively there, ddpm/ddim on VP and all but dpmpp-2m on flow, karras "
+                        f"for the rest; docs/samplers.md, \"Which grid runs\")")
     p.add_argument("--rho", type=float,
                    help=f"the karras grid's exponent ({model_or} {s.rho})")
     p.add_argument("--sigma-max", type=float, dest="sigma_max", metavar="SIGMA",
@@ -57,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"karras/exponential: the grid's lowest noise level before the last "
                         f"step to 0 ({model_or} the model's smallest)")
     p.add_argument("--spacing", metavar="|".join(SPACINGS),
-                   help=f"which training timesteps to visit ({model_or} {s.spacing})")
+                   help=f"which training timesteps a VP model's uniform grid visits "
+                        f"({model_or} {s.spacing})")
     p.add_argument("--s-churn", type=float, dest="s_churn", metavar="S",
                    help=f"heun: EDM's stochasticity S_churn, 0 = deterministic ({model_or} "
                         f"{s.s_churn})")
