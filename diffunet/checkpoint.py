@@ -10,7 +10,7 @@ tensors, and string metadata
 ``unet_config``        JSON of :class:`~diffunet.config.UNetConfig`
 ``schedule_config``    JSON of :class:`~diffunet.config.ScheduleConfig`, the keys its formulation
                        reads (older files hold every key; absent for a model with
-                       no noise schedule, e.g. a segmentation UNet; ``load_model`` then returns
+                       no noise schedule, e.g. a segmentation UNet; ``read_model`` then returns
                        ``None`` for the schedule); its ``formulation`` ("vp" when absent, as in
                        older files) names the formulation it loads as
                        (``diffunet.make_schedule``)
@@ -516,7 +516,7 @@ class LoadedModel(NamedTuple):
 
 def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                     check_finite: bool = True) -> LoadedModel:
-    """:func:`load_model` with the file's metadata kept apart from what the loader found.
+    """:func:`read_model` with the file's metadata kept apart from what the loader found.
 
     Everything is checked before anything large is allocated: the header (schema, offsets,
     bounds), the metadata (JSON nesting, schema, segmentation metadata against the network),
@@ -581,9 +581,10 @@ def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cp
     return LoadedModel(net, schedule, meta, digest.hexdigest(), bad)
 
 
-def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+def read_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                ) -> tuple[UNet, Formulation | None, dict[str, Any]]:
-    """Rebuild the UNet (in eval mode) and noise schedule stored in a model file.
+    """Rebuild the UNet (in eval mode) and noise schedule stored in a model file: the model-file
+    reader (``diffunet.load_model`` takes any source: this, a diffusers folder or a Hub id).
 
     Returns ``(net, schedule, meta)`` where ``meta`` holds the file's other metadata
     (``format_version``, ``diffunet_version``, ``step`` if saved, ...) and ``sha256`` (the
@@ -601,9 +602,9 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
 
 def load_diffusion_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                          ) -> tuple[UNet, Formulation, dict[str, Any]]:
-    """:func:`load_model` for commands that need a diffusion model (sample, eval): a file with
+    """:func:`read_model` for commands that need a diffusion model (sample, eval): a file with
     no noise schedule (a segmentation model) is a :class:`ModelFileError` saying what to use."""
-    net, schedule, meta = load_model(path, device=device)
+    net, schedule, meta = read_model(path, device=device)
     if schedule is None:
         raise ModelFileError(f"{path} is not a diffusion model (it has no noise schedule; a "
                              "segmentation model?); use `diffunet segment predict` with it")

@@ -675,7 +675,7 @@ def bpd_data_config(meta: dict[str, Any], items: Sequence[str],
                     model_path: str | os.PathLike | None = None) -> DataConfig:
     """The data set ``diffunet eval bpd`` scores a model on: ``items`` (``[CONFIG.toml]
     [data.key=value ...]``) over the data section of the run config stored in the model file
-    (``meta``, from :func:`~diffunet.checkpoint.load_model`), else the built-in set, always at
+    (``meta``, from :func:`~diffunet.checkpoint.read_model`), else the built-in set, always at
     the model's image size and channels (a CONFIG's own ``[unet]`` is not used; a
     ``data.image_size``/``data.channels`` override that differs is a :class:`ConfigError`).
 

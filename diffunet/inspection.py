@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_model
+from .checkpoint import read_model
 from .data import BuiltinShapes
 from .errors import FolderError, ModelFileError, UsageError
 from .fileio import atomic_save_image, atomic_write_bytes
@@ -302,7 +302,7 @@ def inspect_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     if max_channels < 1:
         raise UsageError(f"--max-channels must be a positive integer, got {max_channels}")
     dev = device if isinstance(device, torch.device) else pick_device(device)
-    net, schedule, meta = load_model(model_path, device=dev)
+    net, schedule, meta = read_model(model_path, device=dev)
     cfg = net.config
     out_dir = Path(out_dir)
     info: dict[str, Any] = {"model": str(model_path), "sha256": meta.get("sha256")}

@@ -774,7 +774,7 @@ def load_model(source: str | os.PathLike, *, device: str | torch.device = "cpu",
     """``diffunet.load_model``: a diffunet model file, a diffusers folder, or a Hugging Face
     Hub repo id (``google/ddpm-cifar10-32``), as ``(net, schedule, meta)``.
 
-    A model file is read by :func:`diffunet.checkpoint.load_model` (never unpickled). A
+    A model file is read by :func:`diffunet.checkpoint.read_model` (never unpickled). A
     diffusers folder, or a Hub model (fetched by :func:`download_from_hub` into
     huggingface_hub's cache, so ``HF_HUB_OFFLINE=1`` and a filled cache work without network),
     is converted as ``diffunet import`` converts it, through a temporary model file, so the
@@ -797,7 +797,7 @@ def load_model(source: str | os.PathLike, *, device: str | torch.device = "cpu",
         with tempfile.TemporaryDirectory(prefix="diffunet-import-") as tmp:
             converted = Path(tmp) / "model.safetensors"
             import_diffusers(folder, converted, source=str(source))
-            return checkpoint.load_model(converted, device=device)
+            return checkpoint.read_model(converted, device=device)
     if revision is not None:
         raise UsageError(f"revision= is for a Hub model id; {source} is a local file")
-    return checkpoint.load_model(source, device=device)
+    return checkpoint.read_model(source, device=device)

@@ -43,13 +43,11 @@ them, then writes the grid and the final manifest.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import io
 import json
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,20 +56,16 @@ from typing import Any, Literal, Optional, Union
 import numpy as np
 import torch
 
-from PIL import Image, ImageOps
-
-from .checkpoint import load_diffusion_model
 from . import errors
+from .checkpoint import load_diffusion_model
 from .config import SampleConfig, ScheduleConfig, from_dict, to_dict
-from .data import SKIPPED_NOTE, scan_image_folder
-from .errors import (ConfigError, DataError, DiffunetError, FolderError, NotRegularFileError,
-                     UsageError)
-from .fileio import first_line, read_regular_file
-from .images import IMAGE_EXTENSIONS, image_header, save_grid, save_image
+from .editing import IMG2IMG_STRENGTH, MASK_CONVENTION, EditInputs, load_edit_inputs
+from .errors import ConfigError, DataError, FolderError, UsageError
+from .formulations import Formulation, StepOptions, formulation_class
+from .images import image_header, save_grid, save_image
 from .outputs import OutputFolder, claim_folder, is_plain_file
 from .resources import check_fits, network_cost
 from .runs import cpu_requested, pick_device, refuse_lone_processes
-from .formulations import Formulation, StepOptions, formulation_class
 from .samplers import (MAX_RESAMPLE, MULTISTEP_SAMPLERS, check_sampling, check_sigma_range,
                        make_sigmas, preview_grid, sample)
 from .version import __version__
@@ -604,236 +598,6 @@ def _load_png(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Editing: init images (SDEdit) and masks (inpainting)
-
-MASK_CONVENTION = ("white (255) = repaint (generate), black (0) = keep the init image's pixel; "
-                   "grey is binarised at 128 (>= 128 repaints), as diffusers' inpainting does")
-"""How ``--mask`` files are read (diffusers' inpainting convention); the library's ``mask``
-is the other way round (1 = keep), so :meth:`EditInputs.batch` inverts it once."""
-MASK_THRESHOLD = 128
-IMG2IMG_STRENGTH = 0.8
-"""``--strength`` without ``--mask`` when not given (diffusers' img2img default); with a mask
-the default is 1 (the masked region is generated from pure noise, as diffusers' inpainting)."""
-_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
-
-
-class _NamedBytes(io.BytesIO):
-    """A file's bytes in memory that print as the file's path (for the image reader's
-    messages)."""
-
-    def __init__(self, data: bytes, name: str) -> None:
-        super().__init__(data)
-        self._shown = name
-
-    def __str__(self) -> str:
-        return self._shown
-
-
-def _input_files(path: Path, flag: str) -> tuple[list[Path], list[Path], bool]:
-    """The image files ``flag`` names (``[path]`` for a file; a folder's images, recursive and
-    in sorted order, as a data folder is scanned), their paths relative to the folder (the
-    file name for a file), and whether ``path`` is a folder."""
-    if not path.exists():
-        raise UsageError(f"{flag} {path} does not exist; give an image file or a folder of "
-                         "images")
-    if not path.is_dir():
-        return [path], [Path(path.name)], False
-    files, skipped, _ = scan_image_folder(path)
-    if skipped:
-        raise DataError(f"{flag} {path}: cannot use {skipped[0]} ({SKIPPED_NOTE}); every image "
-                        "file in the folder is an input: fix it or move it out")
-    if not files:
-        raise DataError(f"{flag} {path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in "
-                        "that folder")
-    return [path / f for f in files], files, True
-
-
-def _read_input(path: Path, flag: str, size: int) -> bytes:
-    """The bytes of the input image ``path`` (a regular file, checked on the open descriptor:
-    a FIFO named x.png never blocks the command), at most what a ``size`` x ``size`` image
-    could take."""
-    try:
-        return read_regular_file(path, max(16 << 20, 64 * size * size))
-    except NotRegularFileError as e:
-        kind = "a folder" if e.is_folder else "not a regular file (a FIFO, socket or device)"
-        raise DataError(f"{flag} {path} is {kind}; give an image file") from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"{flag}: cannot read {path} ({first_line(e)})") from None
-
-
-def _decode_input(data: bytes, path: Path, flag: str, size: int) -> tuple[Image.Image, bool]:
-    """The image in ``data`` (read from ``path``), upright, after checking it is ``size`` x
-    ``size`` (from the header, before decoding); and whether it has transparency. Any problem
-    is a one-line :class:`DataError` naming the file."""
-    try:
-        with image_header(_NamedBytes(data, str(path))) as img:
-            w, h = img.size
-            orientation = img.getexif().get(0x0112, 1)
-            upright = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-            if upright != (size, size):
-                raise DataError(f"{flag} {path} is {upright[0]}x{upright[1]} pixels; this model "
-                                f"takes {size}x{size} images (diffunet does not resize inputs: "
-                                f"crop or resize it to {size}x{size} first)")
-            alpha = img.mode in _ALPHA_MODES or "transparency" in img.info
-            img.load()
-            return (ImageOps.exif_transpose(img) if orientation != 1 else img), alpha
-    except DiffunetError:
-        raise
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-        raise DataError(f"{flag}: cannot read image {path} ({first_line(e)}); give a "
-                        "png/jpg/webp/... file") from None
-
-
-def _grey_rgb(img: Image.Image) -> Optional[np.ndarray]:
-    """The one channel (H, W) of an RGB image whose three channels are equal, else None."""
-    arr = np.asarray(img)
-    if (arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all():
-        return np.ascontiguousarray(arr[..., 0])
-    return None
-
-
-def _init_pixels(img: Image.Image, alpha: bool, path: Path, channels: int) -> np.ndarray:
-    """An init image as uint8 (H, W, channels); a mode that is not the model's is refused."""
-    need = "RGB" if channels == 3 else "grayscale (mode L)"
-    if alpha:
-        raise DataError(f"--init-image {path} has transparency (mode {img.mode}); this model "
-                        f"takes {need} images: flatten it onto a background first")
-    if channels == 3 and img.mode in ("RGB", "P"):
-        return np.asarray(img.convert("RGB"))
-    if channels == 1:
-        if img.mode in ("L", "1"):
-            return np.asarray(img.convert("L"))[..., None]
-        grey = _grey_rgb(img) if img.mode == "RGB" else None
-        if grey is not None:
-            return grey[..., None]
-    raise DataError(f"--init-image {path} is a mode {img.mode} image; this model makes {need} "
-                    "images: convert it first")
-
-
-def _mask_pixels(img: Image.Image, alpha: bool, path: Path) -> np.ndarray:
-    """A mask as uint8 (H, W); only single-channel masks (or grey RGB) are accepted."""
-    grey = None
-    if not alpha and img.mode in ("L", "1"):
-        grey = np.asarray(img.convert("L"))
-    elif not alpha and img.mode == "RGB":
-        grey = _grey_rgb(img)
-    if grey is None:
-        found = "colours (its R, G and B differ)" if img.mode == "RGB" and not alpha \
-            else f"mode {img.mode}"
-        raise DataError(f"--mask {path} has {found}; a mask is single-channel (mode L or 1, or "
-                        f"RGB with equal channels): {MASK_CONVENTION.split(';')[0]}")
-    return grey
-
-
-@dataclass(frozen=True)
-class EditInputs:
-    """The init images (and masks) of an editing run (``--init-image``, ``--mask``), checked:
-    output image i is made from input ``i % count`` (see :meth:`batch`)."""
-
-    init_paths: tuple[Path, ...]
-    init_sha256: tuple[str, ...]
-    mask_paths: tuple[Path, ...]
-    """One per init image (a single ``--mask`` file repeated), or () without masks."""
-    mask_sha256: tuple[str, ...]
-    channels: int
-    size: int
-
-    @property
-    def count(self) -> int:
-        """The number of init images K."""
-        return len(self.init_paths)
-
-    def batch(self, idx: Sequence[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The init images (B, C, H, W) float32 in [-1, 1] and keep masks (B, 1, H, W), 1 where
-        the init image's pixel is kept and 0 where it is repainted (None without masks), for
-        output images ``idx``. Each file is read again and must still have the SHA-256 recorded
-        in the manifest (the inputs are never read one way and recorded another)."""
-        inits, keeps = [], []
-        cache: dict[tuple[str, int], np.ndarray] = {}
-        for i in idx:
-            k = i % self.count
-            if ("init", k) not in cache:
-                cache[("init", k)] = self._pixels("init", k)
-                if self.mask_paths:
-                    cache[("mask", k)] = self._pixels("mask", k)
-            inits.append(cache[("init", k)])
-            if self.mask_paths:
-                keeps.append(cache[("mask", k)])
-        x = torch.from_numpy(np.stack(inits)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        if not self.mask_paths:
-            return x, None
-        repaint = torch.from_numpy(np.stack(keeps) >= MASK_THRESHOLD)
-        return x, (~repaint).float().unsqueeze(1)
-
-    def _pixels(self, kind: str, k: int) -> np.ndarray:
-        path = (self.init_paths if kind == "init" else self.mask_paths)[k]
-        sha = (self.init_sha256 if kind == "init" else self.mask_sha256)[k]
-        flag = "--init-image" if kind == "init" else "--mask"
-        data = _read_input(path, flag, self.size)
-        if hashlib.sha256(data).hexdigest() != sha:
-            raise DataError(f"{flag} {path} changed while this run was sampling; rerun the "
-                            "command (the images made from the old file are kept; --overwrite "
-                            "redraws them)")
-        img, alpha = _decode_input(data, path, flag, self.size)
-        return (_init_pixels(img, alpha, path, self.channels) if kind == "init"
-                else _mask_pixels(img, alpha, path))
-
-
-def load_edit_inputs(init_image: str | os.PathLike, mask: str | os.PathLike | None, *,
-                     channels: int, size: int) -> EditInputs:
-    """Find, read and check the ``--init-image`` file or folder and the ``--mask`` file or
-    folder for a model of ``channels`` x ``size`` x ``size`` images. A folder's images are taken
-    in sorted order (recursive, hidden names skipped, as a data folder); a mask folder pairs
-    with an init folder by relative path without the extension (``cat.jpg`` with ``cat.png``);
-    one mask file applies to every init image. Wrong sizes, modes, unpaired files and unreadable
-    files are one-line :class:`DataError`/:class:`UsageError` naming the file."""
-    init_files, init_rel, init_is_dir = _input_files(Path(init_image), "--init-image")
-    mask_files: list[Path] = []
-    if mask is not None:
-        found, rel, mask_is_dir = _input_files(Path(mask), "--mask")
-        if mask_is_dir and not init_is_dir:
-            raise UsageError(f"--mask {mask} is a folder but --init-image {init_image} is one "
-                             "file; give one mask file, or an init-image folder to pair with")
-        if not mask_is_dir:
-            mask_files = found * len(init_files)
-        else:
-            by_key: dict[str, Path] = {}
-            for path, r in zip(found, rel):
-                key = r.with_suffix("").as_posix()
-                if key in by_key:
-                    raise DataError(f"--mask {mask}: {by_key[key].name} and {path.name} are "
-                                    f"both the mask of {key}; keep one")
-                by_key[key] = path
-            for r in init_rel:
-                key = r.with_suffix("").as_posix()
-                if key not in by_key:
-                    raise DataError(f"--mask {mask} has no mask for the init image {r} (masks "
-                                    f"pair with init images by name: {key}.png)")
-                mask_files.append(by_key.pop(key))
-            if by_key:
-                extra = sorted(by_key)[0]
-                raise DataError(f"--mask {mask}: {by_key[extra].relative_to(mask)} has no init "
-                                f"image of the same name in {init_image}; masks pair with "
-                                "init images by name")
-    sha: dict[Path, str] = {}
-    for kind, files in (("init", init_files), ("mask", mask_files)):
-        flag = "--init-image" if kind == "init" else "--mask"
-        for path in dict.fromkeys(files):
-            data = _read_input(path, flag, size)
-            img, alpha = _decode_input(data, path, flag, size)
-            if kind == "init":
-                _init_pixels(img, alpha, path, channels)
-            else:
-                _mask_pixels(img, alpha, path)
-            sha[path] = hashlib.sha256(data).hexdigest()
-    return EditInputs(init_paths=tuple(init_files),
-                      init_sha256=tuple(sha[p] for p in init_files),
-                      mask_paths=tuple(mask_files),
-                      mask_sha256=tuple(sha[p] for p in mask_files),
-                      channels=channels, size=size)
-
-
-# ---------------------------------------------------------------------------------------------
 # The command
 
 
@@ -868,6 +632,28 @@ def _draw_batch(network: Any, schedule: Any, how: SampleConfig, idx: list[int], 
                         callback=None if on_step is None else lambda i, *_: on_step(i),
                         **kwargs)
     writer.submit(images.float().cpu(), [files[i] for i in idx])
+
+
+def _edit_settings(o: SampleOptions, how: SampleConfig, shape: tuple[int, int, int]
+                   ) -> tuple[Optional[_Edit], str]:
+    """An editing run's checked inputs and settings (None without ``--init-image``) and the line
+    that says what it will do."""
+    if o.init_image is None:
+        return None, ""
+    _check_resample(o.resample, how.sampler)  # the sampler may be the model file's
+    strength = o.resolved_strength
+    if int(how.num_steps * strength) < 1:
+        raise UsageError(f"--strength {strength} with {how.num_steps} steps leaves no step "
+                         f"to run (int({how.num_steps} x {strength}) = 0); raise --strength "
+                         "or --steps")
+    edit = _Edit(load_edit_inputs(o.init_image, o.mask, channels=shape[0], size=shape[1]),
+                 strength, o.resample)
+    k, run = edit.inputs.count, int(how.num_steps * strength)
+    masks = "" if o.mask is None else (", inpainting (white = repaint, black = keep"
+                                        + (f", resample {o.resample})" if o.resample > 1
+                                           else ")"))
+    return edit, (f"editing {k} init image{'s' if k > 1 else ''}: strength {strength}, the "
+                  f"last {run} of {how.num_steps} steps{masks}")
 
 
 def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
@@ -916,22 +702,7 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     if shape[0] not in (1, 3):
         raise UsageError(f"this model makes {shape[0]}-channel images; diffunet sample writes "
                          "PNGs, which need 1 (grayscale) or 3 (RGB) channels")
-    edit: Optional[_Edit] = None
-    if o.init_image is not None:
-        _check_resample(o.resample, how.sampler)  # the sampler may be the model file's
-        strength = o.resolved_strength
-        if int(how.num_steps * strength) < 1:
-            raise UsageError(f"--strength {strength} with {how.num_steps} steps leaves no step "
-                             f"to run (int({how.num_steps} x {strength}) = 0); raise --strength "
-                             "or --steps")
-        edit = _Edit(load_edit_inputs(o.init_image, o.mask, channels=shape[0], size=shape[1]),
-                     strength, o.resample)
-        k, run = edit.inputs.count, int(how.num_steps * strength)
-        masks = "" if o.mask is None else (", inpainting (white = repaint, black = keep"
-                                            + (f", resample {o.resample})" if o.resample > 1
-                                               else ")"))
-        edit_note = (f"editing {k} init image{'s' if k > 1 else ''}: strength {strength}, the "
-                     f"last {run} of {how.num_steps} steps{masks}")
+    edit, edit_note = _edit_settings(o, how, shape)
     n = o.num_samples
     if n is None:
         folder = edit is not None and Path(o.init_image).is_dir()

@@ -568,6 +568,29 @@ def test_export_runs_in_the_diffusers_flow_loop_and_imports_back(diffusers, tmp_
     assert (stored["sampler"], stored["sigmas"], stored["clip_x0"]) == ("euler", "uniform", False)
 
 
+def test_the_readme_diffusers_flow_loop_runs_and_gives_diffunets_images(
+        diffusers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
+    # The README's loop ("Coming from diffusers"), as written, on a tiny exported flow model.
+    import re
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Coming from diffusers\n", 1)[1].split("\n## ", 1)[0]
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S)
+                if "FlowMatchEulerDiscreteScheduler" in b]
+    net, schedule = _flow_model_file(tmp_path / "m.safetensors")
+    export_diffusers(tmp_path / "m.safetensors", tmp_path / "flow-export")
+    monkeypatch.chdir(tmp_path)
+    env: dict[str, Any] = {}
+    exec(compile(block, "README.md", "exec"), env)  # noqa: S102 - our own README
+    images = env["images"]
+    assert images.shape == (4, 3, 8, 8) and 0 <= float(images.min()) <= float(images.max()) <= 1
+    x_T = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = diffunet.sample(net, schedule, x_T, sampler="euler", sigmas="uniform",
+                               num_steps=25, clip_x0=False)
+    torch.testing.assert_close((ours.clamp(-1, 1) + 1) / 2, images, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("key", ["use_dynamic_shifting", "use_karras_sigmas"])
 def test_a_flow_scheduler_config_diffunet_cannot_sample_is_refused_naming_the_key(
         tmp_path: Path, key: str) -> None:

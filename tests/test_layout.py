@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("gpu_check",),  # runs the trainer and the bench: above both
     ("segmentation",),
     ("training",),
-    ("sampling",),
+    ("sampling", "editing"),  # editing: sampling's init images and masks
     ("evaluation", "judge", "plots"),  # judge: the shapes classifier; uses evaluation's FID
     ("bench", "inspection", "interop"),
     ("runs", "outputs"),

@@ -43,7 +43,7 @@ from ..errors import ConfigError, UsageError
 from ..randomness import Generators
 
 __all__ = ["Formulation", "Denoiser", "SamplingPath", "StepOptions", "ScheduleSettings", "Model",
-           "Spacing", "coefficient_dtype", "per_image", "clip_estimate", "dynamic_threshold",
+           "Spacing", "coefficient_dtype", "per_image", "batch_sigmas", "clip_estimate", "dynamic_threshold",
            "check_eta"]
 
 ScheduleSettings = Any
@@ -78,6 +78,18 @@ def per_image(value: Union[Tensor, float], like: Tensor, dtype: Optional[torch.d
         raise UsageError(f"sigma must be a scalar or a (B,) tensor with B = {like.shape[0]}, "
                          f"got shape {tuple(s.shape)}")
     return s.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def batch_sigmas(sigma: Union[float, Tensor], x: Tensor) -> Tensor:
+    """A denoiser's noise level ``sigma`` (a float, 0-d or (B,)) as a (B,) tensor on x's device
+    in the coefficient dtype (:func:`coefficient_dtype`), x (B, ...)."""
+    s = torch.as_tensor(sigma).to(device=x.device, dtype=coefficient_dtype(x.device))
+    if s.ndim == 0:
+        s = s.expand(x.shape[0])
+    if s.shape != (x.shape[0],):
+        raise ValueError(f"sigma must be a scalar or a ({x.shape[0]},) tensor, got shape "
+                         f"{tuple(s.shape)}")
+    return s
 
 
 def check_eta(eta: Any) -> None:

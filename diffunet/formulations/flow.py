@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from ..randomness import Generators, gaussian
-from .base import (Denoiser, Formulation, Model, SamplingPath, StepOptions, clip_estimate,
-                   coefficient_dtype, per_image)
+from .base import (Denoiser, Formulation, Model, SamplingPath, StepOptions, batch_sigmas,
+                   clip_estimate, per_image)
 from .settings import ScheduleConfig
 
 __all__ = ["FlowSchedule", "FlowDenoiser", "FlowPath", "flow_grid", "flow_loss", "shift_time",
@@ -232,13 +232,8 @@ class FlowDenoiser(Denoiser):
 
     def __call__(self, x: Tensor, sigma: Union[float, Tensor],
                  class_labels: Optional[Tensor] = None) -> Tensor:
-        dtype = coefficient_dtype(x.device)
-        s = torch.as_tensor(sigma).to(device=x.device, dtype=dtype)
-        if s.ndim == 0:
-            s = s.expand(x.shape[0])
-        if s.shape != (x.shape[0],):
-            raise ValueError(f"sigma must be a scalar or a ({x.shape[0]},) tensor, got shape "
-                             f"{tuple(s.shape)}")
+        s = batch_sigmas(sigma, x)
+        dtype = s.dtype
         t = s / (1 + s)
         tt = t.reshape(-1, *([1] * (x.ndim - 1)))
         x_t = (x * (1 - tt).to(x.dtype))

@@ -29,7 +29,7 @@ from torch import Tensor
 from ..errors import ConfigError, UsageError, require
 from ..randomness import Generators, check_randomness, gaussian
 from .base import (Denoiser, Formulation, Model, SamplingPath, Spacing, StepOptions,
-                   check_eta, clip_estimate, coefficient_dtype)
+                   check_eta, clip_estimate, coefficient_dtype, batch_sigmas)
 from .settings import BetaSchedule, PredictionType, ScheduleConfig
 
 __all__ = ["NoiseSchedule", "VPDenoiser", "Timesteps", "TimestepPath", "INTEGER_SAMPLERS",
@@ -514,13 +514,7 @@ class VPDenoiser(Denoiser):
 
     def __call__(self, x: Tensor, sigma: Union[float, Tensor],
                  class_labels: Optional[Tensor] = None) -> Tensor:
-        dtype = coefficient_dtype(x.device)
-        s = torch.as_tensor(sigma).to(device=x.device, dtype=dtype)
-        if s.ndim == 0:
-            s = s.expand(x.shape[0])
-        if s.shape != (x.shape[0],):
-            raise ValueError(f"sigma must be a scalar or a ({x.shape[0]},) tensor, got shape "
-                             f"{tuple(s.shape)}")
+        s = batch_sigmas(sigma, x)
         t = self.schedule.sigma_to_timestep(s, self.timestep)
         if t.is_floating_point():  # a float timestep: at least float32 (the net's time embedding)
             t = t.to(torch.float64 if x.dtype == torch.float64 else torch.float32)

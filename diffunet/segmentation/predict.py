@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..checkpoint import load_model
+from ..checkpoint import read_model
 from ..errors import DataError, FolderError, ModelFileError, UsageError
 from ..fileio import atomic_save_image
 from ..images import IMAGE_EXTENSIONS, load_image_full, normalize, overlay, save_mask
@@ -100,7 +100,7 @@ def predict_masks(model_path: str | os.PathLike, inputs: Sequence[str], out_dir:
     that would write the same name are refused before anything is written.
     """
     dev = pick_device(device)
-    net, schedule, meta = load_model(model_path, device=dev)
+    net, schedule, meta = read_model(model_path, device=dev)
     seg = meta.get("segmentation")
     if net.config.time_conditioning or not isinstance(seg, dict):
         raise ModelFileError(f"{model_path} is not a segmentation model (it was not written by "
