@@ -1,9 +1,15 @@
 """Configuration: one frozen, typed dataclass per component, each validating itself.
 
-Defaults live only here. ``from_dict`` builds a config from plain data (a TOML table, a model
-file's JSON metadata) and turns an unknown key or a wrong type into a one-line
-:class:`~diffunet.errors.ConfigError` that names the key (with a "did you mean" where one is
-close). ``to_dict`` is its inverse, used for the JSON written into model files and run folders.
+Defaults live only here and in the ``[schedule]`` section, :class:`ScheduleConfig`, which lives
+beside the formulations that read it (:mod:`diffunet.formulations.settings`; re-exported here).
+Rules that belong to a formulation or a sampler are asked of them: which keys a formulation
+reads and how they relate (its class), which grid a sampler runs
+(:func:`~diffunet.samplers.default_grid`) and every sampling setting's rule
+(:func:`~diffunet.samplers.check_sampling`). ``from_dict`` builds a config from plain data (a
+TOML table, a model file's JSON metadata) and turns an unknown key or a wrong type into a
+one-line :class:`~diffunet.errors.ConfigError` that names the key (with a "did you mean" where
+one is close). ``to_dict`` is its inverse, used for the JSON written into model files and run
+folders.
 """
 
 from __future__ import annotations

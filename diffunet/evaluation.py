@@ -126,7 +126,7 @@ def dataset_bits_per_dim(model: Callable[..., Tensor], schedule: NoiseSchedule, 
                          clip_x0: bool = True, device: str | torch.device | None = None,
                          generator: torch.Generator | None = None, num_workers: int = 0,
                          progress: bool = False) -> BPDResult:
-    """Bits/dim (:func:`diffunet.diffusion.bits_per_dim`) of the first ``max_images`` images of
+    """Bits/dim (:func:`diffunet.likelihood.bits_per_dim`) of the first ``max_images`` images of
     ``dataset`` (items ``(image (C, H, W) in [-1, 1], label)``), in data set order.
 
     ``batch_size`` is the number of network inputs per call; each image needs T (or

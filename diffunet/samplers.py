@@ -32,12 +32,14 @@ from torch import Tensor
 from .errors import ConfigError, DiffunetError, UsageError
 from .formulations.base import (Formulation, SamplingPath, Spacing, StepOptions,
                                 coefficient_dtype)
+# VP's own step rules and respacing, re-exported where they lived before (their home and their
+# only user is formulations/vp.py: nothing here calls them)
 from .formulations.vp import (VARIANCES, ddim_step, ddpm_step, dpmpp_2m_step,  # noqa: F401
                               make_timesteps)
 from .randomness import Generators, check_generator_count, fresh_generator, gaussian
 
 __all__ = ["SAMPLERS", "SAMPLER_TABLE", "SamplerSpec", "SPACINGS", "VARIANCES", "SIGMA_GRIDS",
-           "MULTISTEP_SAMPLERS", "ETA_SAMPLERS", "ETA_ONE_SAMPLERS", "CHURN_SAMPLERS",
+           "MULTISTEP_SAMPLERS", "ONE_STEP_SAMPLERS", "ETA_SAMPLERS", "ETA_ONE_SAMPLERS", "CHURN_SAMPLERS",
            "SamplerName", "SigmaGrid", "Spacing", "Generators", "StepCallback", "SigmaCallback",
            "Denoiser", "MAX_RESAMPLE", "PREVIEW_GRIDS", "check_sampling", "check_sigma_range",
            "default_grid", "preview_grid", "ddim_step", "ddpm_step", "dpmpp_2m_step", "make_timesteps",
@@ -270,6 +272,8 @@ ETA_ONE_SAMPLERS: tuple[str, ...] = tuple(n for n, s in SAMPLER_TABLE.items() if
 CHURN_SAMPLERS: tuple[str, ...] = tuple(n for n, s in SAMPLER_TABLE.items() if s.churn)
 MULTISTEP_SAMPLERS: tuple[str, ...] = tuple(n for n, s in SAMPLER_TABLE.items() if s.multistep)
 """The rules that carry the previous step's estimate (no RePaint resampling with them)."""
+ONE_STEP_SAMPLERS: tuple[str, ...] = tuple(n for n in SAMPLERS if n not in MULTISTEP_SAMPLERS)
+"""The others: RePaint can repeat any of their steps alone."""
 
 PREVIEW_GRIDS: dict[str, str] = {"dpmpp-2m": "karras"}
 """Where :class:`~diffunet.config.SampleConfig` (previews, ``diffunet sample``) departs from
@@ -732,8 +736,8 @@ def _check_editing(x_T: Tensor, init_image: Optional[Tensor], strength: float,
     if resample > 1 and mask is None:
         raise UsageError("resample > 1 is RePaint's inpainting: it needs mask=")
     if resample > 1 and sampler in MULTISTEP_SAMPLERS:
-        raise UsageError(f"resample={resample} needs a one-step sampler (ddpm, ddim, euler, "
-                         f"euler-ancestral, heun), not the multistep {sampler}")
+        raise UsageError(f"resample={resample} needs a one-step sampler "
+                         f"({', '.join(ONE_STEP_SAMPLERS)}), not the multistep {sampler}")
     if mask is None:
         return init, None
     B, C, H, W = x_T.shape

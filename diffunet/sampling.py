@@ -66,8 +66,8 @@ from .images import image_header, save_grid, save_image
 from .outputs import OutputFolder, claim_folder, is_plain_file
 from .resources import check_fits, network_cost
 from .runs import cpu_requested, pick_device, refuse_lone_processes
-from .samplers import (MAX_RESAMPLE, MULTISTEP_SAMPLERS, check_sampling, check_sigma_range,
-                       make_sigmas, preview_grid, sample)
+from .samplers import (MAX_RESAMPLE, MULTISTEP_SAMPLERS, ONE_STEP_SAMPLERS, check_sampling,
+                       check_sigma_range, make_sigmas, preview_grid, sample)
 from .version import __version__
 
 __all__ = ["SampleOptions", "SampleResult", "EditInputs", "generate", "load_edit_inputs",
@@ -294,9 +294,9 @@ def _check_seed(seed: Any, n: int) -> None:
 
 def _check_resample(resample: int, sampler: Optional[str]) -> None:
     if resample > 1 and sampler in MULTISTEP_SAMPLERS:
-        raise UsageError(f"--resample {resample} needs a one-step sampler (ddpm, ddim, euler, "
-                         f"euler-ancestral, heun); {sampler} builds each step on the ones before "
-                         "it (RePaint cannot repeat one alone)")
+        raise UsageError(f"--resample {resample} needs a one-step sampler "
+                         f"({', '.join(ONE_STEP_SAMPLERS)}); {sampler} builds each step on the "
+                         "ones before it (RePaint cannot repeat one alone)")
 
 
 def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfig:

@@ -315,6 +315,17 @@ def test_quality_per_nfe_skips_what_cannot_run_and_refuses_other_models(tmp_path
         jd.quality_per_nfe(edm, judge=judge, grids=("linear",))
 
 
+def test_quality_per_nfe_runs_a_flow_model_on_its_uniform_grid_too(tmp_path, judge):
+    # a flow model has a uniform grid (diffusers' shifted t): nothing is skipped
+    flow = _tiny_model(tmp_path, formulation="flow")
+    result = jd.quality_per_nfe(flow, judge=judge, num_images=4, budgets=(3,),
+                                samplers=("euler", "dpmpp-2m"), grids=("uniform", "karras"),
+                                num_reference=20)
+    assert {(r.sampler, r.grid) for r in result.rows} == {
+        (s, g) for s in ("euler", "dpmpp-2m") for g in ("uniform", "karras")}
+    assert result.skipped == [] and all(math.isfinite(r.fid) for r in result.rows)
+
+
 def test_eval_nfe_command_prints_the_table_and_refuses_unknown_names(tmp_path, capsys,
                                                                      monkeypatch):
     monkeypatch.setenv("DIFFUNET_CACHE", str(tmp_path / "cache"))

@@ -1,9 +1,11 @@
-"""The VP formulation: the discrete forward process of DDPM (Ho et al. 2020) and the training loss.
+"""The VP formulation: the discrete forward process of DDPM (Ho et al. 2020), the training loss,
+and sampling on the training timesteps (respacing and the DDPM, DDIM and DPM-Solver++(2M) step
+rules, its native path).
 
 :class:`NoiseSchedule` holds the float64 tables of a discrete-time diffusion and is the one place
 that knows what the network predicts: noise (``epsilon``), velocity (``v``, Salimans & Ho 2022)
-or clean data (``x0``). Everything else, the step rules in :mod:`diffunet.formulations.vp_steps`
-and the bound in :mod:`diffunet.likelihood` included, goes through :meth:`NoiseSchedule.target`,
+or clean data (``x0``). Everything else, the step rules below and the bound in
+:mod:`diffunet.likelihood` included, goes through :meth:`NoiseSchedule.target`,
 :meth:`NoiseSchedule.split_output` and :meth:`NoiseSchedule.loss_weight`, or through the
 denoiser view of Karras et al. 2022 (:class:`VPDenoiser`, ``schedule.denoiser(model)``), which
 uses the same conversion at the alpha_bar of a noise level sigma.
