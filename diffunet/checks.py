@@ -10,7 +10,21 @@ from typing import Any, NoReturn
 
 from .errors import ConfigError
 
-__all__ = ["fail", "check_finite"]
+__all__ = ["fail", "check_finite", "shown", "INT_LIMIT"]
+
+INT_LIMIT = 10**60
+"""No setting is an integer this large or larger (in absolute value): nothing diffunet holds
+comes near (PyTorch and NumPy hold 64-bit integers; each setting's own check says its range),
+and Python cannot even print an integer of more than 4,300 digits in decimal, which a TOML hex
+literal can make."""
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for a message, except an integer too long to print (a TOML hex literal
+    can make one of any size): then how long it is."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= INT_LIMIT:
+        return f"an integer of about {int(abs(value).bit_length() * 0.30103) + 1:,} digits"
+    return repr(value)
 
 
 def fail(key: str, problem: str) -> NoReturn:

@@ -28,9 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+from .checks import INT_LIMIT, shown
 from .checks import check_finite as _check_finite
 from .checks import fail as _fail
 from .errors import ConfigError, DiffunetError
+from .fileio import first_line, read_regular_file
 from .formulations import ScheduleConfig, formulation_class
 from .samplers import (PREVIEW_GRIDS, SAMPLER_TABLE, SamplerName, SigmaGrid, Spacing,
                        check_sampling, preview_grid)
@@ -52,7 +54,7 @@ def check_seed(key: str, seed: Any, error: type[DiffunetError] = ConfigError) ->
     """Refuse a seed outside [0, 2**32) (:data:`SEED_LIMIT`) with one line naming ``key``."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise error(f"{key}: must be an integer with 0 <= seed < 2**32 (what NumPy's seeding "
-                    f"accepts), got {seed!r}")
+                    f"accepts), got {shown(seed)}")
 
 
 def free_on_resume(default: Any) -> Any:
@@ -231,7 +233,7 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             return value
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        _fail(key, f"{value!r} is not one of {', '.join(repr(c) for c in choices)}{hint}")
+        _fail(key, f"{shown(value)} is not one of {', '.join(repr(c) for c in choices)}{hint}")
     if origin in (typing.Union, types.UnionType):
         args = get_args(tp)
         if value is None and type(None) in args:
@@ -246,29 +248,33 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
                 return coerce(key, value, a)
             except ConfigError:
                 pass
-        _fail(key, f"expected {_type_name(tp)}, got {value!r}")
+        _fail(key, f"expected {_type_name(tp)}, got {shown(value)}")
     if origin is tuple:
         inner = get_args(tp)[0]
         if inner is str and isinstance(value, str):  # train.trackers=tensorboard,wandb
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            _fail(key, f"expected a list, got {value!r}")
+            _fail(key, f"expected a list, got {shown(value)}")
         return tuple(coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value))
     if tp is bool:
         if isinstance(value, bool):
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -INT_LIMIT < value < INT_LIMIT:
+                _fail(key, f"{shown(value)} is out of range for any integer setting")
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, int) and not -INT_LIMIT < value < INT_LIMIT:
+                _fail(key, f"{shown(value)} is out of range for a number setting")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
             return value
     else:  # pragma: no cover - a field type this module does not know yet
         raise TypeError(f"unsupported config field type {tp!r} for {key}")
-    _fail(key, f"expected {_type_name(tp)}, got {value!r}")
+    _fail(key, f"expected {_type_name(tp)}, got {shown(value)}")
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -376,10 +382,17 @@ class DataConfig:
             _fail(p + "streaming", f"is for data.source = 'hf' (Hugging Face datasets), not "
                   f"{self.source!r}; remove it")
         _check_image_shape(self.image_size, self.channels)
-        if self.builtin_size < 1:
-            _fail(p + "builtin_size", f"must be a positive integer, got {self.builtin_size}")
+        if not 1 <= self.builtin_size <= MAX_BUILTIN_SIZE:
+            _fail(p + "builtin_size", f"must be a positive integer of at most "
+                  f"{MAX_BUILTIN_SIZE:,} (each epoch's order is held in memory, 8 bytes an "
+                  f"image), got {self.builtin_size}")
         if self.num_workers is not None and self.num_workers < 0:
             _fail(p + "num_workers", f"must be 0 or more or unset, got {self.num_workers}")
+
+
+MAX_BUILTIN_SIZE = 10_000_000
+"""The most images the built-in data set generates per epoch (its shuffled order is an int64
+tensor of that length: 80 MB here; CIFAR-10 has 50,000)."""
 
 
 def _check_image_shape(image_size: int | None, channels: int | None) -> None:
@@ -887,6 +900,17 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def _value_problem(e: BaseException) -> str:
+    """Why a value could not be read, in a few words."""
+    if "integer string conversion" in str(e):
+        return "a number of more than 4,300 digits; no setting is that large"
+    return first_line(e)
+
+
+MAX_CONFIG_BYTES = 4 << 20
+"""The largest CONFIG.toml read: a config is a few kilobytes; a larger file is not one."""
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
                 *, base: dict[str, Any] | None = None, root: type[C] = RunConfig) -> C:
     """Read a TOML config (or start from ``base``, else the defaults) and apply
@@ -901,12 +925,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        try:  # read as a stranger's file: a regular file (a FIFO never blocks), size bounded
+            text = read_regular_file(p, MAX_CONFIG_BYTES).decode("utf-8")
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: TOML syntax error: {e}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{p}: not a UTF-8 text file; give a .toml config") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: nested too deep to be a config (arrays or tables within "
+                              "each other hundreds of levels deep)") from None
+        except (OSError, ValueError) as e:  # too large, not a regular file, a number of
+            # thousands of digits (Python's integer-string limit)
+            raise ConfigError(f"{p}: cannot be read as a config ({_value_problem(e)})"
+                              ) from None
     for item in overrides:
         key, sep, text = item.partition("=")
         section, dot, name = key.strip().partition(".")
@@ -919,7 +951,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         table = data.setdefault(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{section}: expected a table of keys, got {table!r}")
-        table[name] = parse_value(text.strip())
+        try:
+            table[name] = parse_value(text.strip())
+        except RecursionError:
+            raise ConfigError(f"{key.strip()}: the value is nested too deep to be a "
+                              "setting") from None
+        except ValueError as e:  # a number of thousands of digits (the integer-string limit)
+            raise ConfigError(f"{key.strip()}: cannot read the value ({_value_problem(e)})"
+                              ) from None
     return config_from_dict(root, data)
 
 

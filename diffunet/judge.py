@@ -526,6 +526,10 @@ REFERENCE_IMAGES = 10000
 
 
 MAX_NFE = 10_000
+MAX_NFE_IMAGES = 100_000
+"""The most images ``eval nfe`` draws per cell (FID is usually taken on 10,000 to 50,000)."""
+MAX_REFERENCE_IMAGES = 1_000_000
+"""The most built-in reference images ``eval nfe`` computes statistics of."""
 """The largest network-evaluation budget :func:`quality_per_nfe` takes (10x the usual 1,000
 training timesteps); a larger one is a one-line error rather than a benchmark that never ends."""
 
@@ -617,6 +621,10 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
     if num_images < 2:
         raise UsageError(f"num_images must be at least 2 (FID needs a covariance), got "
                          f"{num_images}")
+    for name, value, most in (("num_images", num_images, MAX_NFE_IMAGES),
+                              ("num_reference", num_reference, MAX_REFERENCE_IMAGES)):
+        if value > most:  # each is drawn and judged: more is a run that never ends
+            raise UsageError(f"{name} {value} is more than {most:,} images; use fewer")
     if batch_size < 1:
         raise UsageError(f"batch_size must be a positive integer, got {batch_size}")
     for b in budgets:

@@ -41,7 +41,7 @@ from .randomness import Generators, check_generator_count, fresh_generator, gaus
 __all__ = ["SAMPLERS", "SAMPLER_TABLE", "SamplerSpec", "SPACINGS", "VARIANCES", "SIGMA_GRIDS",
            "MULTISTEP_SAMPLERS", "ONE_STEP_SAMPLERS", "ETA_SAMPLERS", "ETA_ONE_SAMPLERS", "CHURN_SAMPLERS",
            "SamplerName", "SigmaGrid", "Spacing", "Generators", "StepCallback", "SigmaCallback",
-           "Denoiser", "MAX_RESAMPLE", "PREVIEW_GRIDS", "check_sampling", "check_sigma_range",
+           "Denoiser", "MAX_RESAMPLE", "MAX_STEPS", "PREVIEW_GRIDS", "check_sampling", "check_sigma_range",
            "default_grid", "preview_grid", "ddim_step", "ddpm_step", "dpmpp_2m_step", "make_timesteps",
            "make_sigmas", "network_calls", "sample_euler", "sample_heun",
            "sample_euler_ancestral", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample"]
@@ -237,7 +237,10 @@ class SamplerSpec:
     """Network calls per step; the last step, to sigma = 0, always makes one."""
     eta: Optional[float] = None
     """The default of its step noise ``eta`` (0 deterministic ... 1 ancestral); None: it takes
-    no eta."""
+    no eta setting."""
+    fixed_eta: Optional[float] = None
+    """A sampler without an eta setting: the step noise its rule always has (ddpm: 1, the
+    ancestral step; euler and dpmpp-2m: 0), what its rule reads as ``StepOptions.eta``."""
     churn: bool = False
     """Takes EDM's S_churn, S_tmin, S_tmax and S_noise (Algorithm 2)."""
     multistep: bool = False
@@ -248,15 +251,15 @@ class SamplerSpec:
 
 SAMPLER_TABLE: dict[str, SamplerSpec] = {s.name: s for s in (
     # ancestral DDPM (Ho et al. 2020): in sigma space Euler ancestral with eta 1 and clipping
-    SamplerSpec("ddpm", lambda o: _ancestral(1.0), clips=True),
+    SamplerSpec("ddpm", lambda o: _ancestral(o.eta), fixed_eta=1.0, clips=True),
     # DDIM (Song et al. 2021, eq. 12): Euler ancestral with the same eta (eta 0 = Euler)
     SamplerSpec("ddim", lambda o: _ancestral(o.eta), eta=0.0),
-    # DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2)
-    SamplerSpec("dpmpp-2m", lambda o: _multistep(0.0), multistep=True),
-    # Euler on the probability-flow ODE (Karras et al. 2022, eq. 3)
-    SamplerSpec("euler", lambda o: _ancestral(0.0)),
+    # DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): the SDE form with eta 0
+    SamplerSpec("dpmpp-2m", lambda o: _multistep(o.eta), fixed_eta=0.0, multistep=True),
+    # Euler on the probability-flow ODE (Karras et al. 2022, eq. 3): Euler ancestral, eta 0
+    SamplerSpec("euler", lambda o: _ancestral(o.eta), fixed_eta=0.0),
     # Heun, EDM Algorithm 2; two calls per step but the last
-    SamplerSpec("heun", _heun, calls_per_step=2, churn=True),
+    SamplerSpec("heun", _heun, calls_per_step=2, churn=True, fixed_eta=0.0),
     # Euler down to sigma_down, fresh noise up to sigma_next (k-diffusion)
     SamplerSpec("euler-ancestral", lambda o: _ancestral(o.eta), eta=1.0),
     # SDE-DPM-Solver++(2M), midpoint form
@@ -314,6 +317,11 @@ def network_calls(sampler: SamplerName, num_steps: int) -> int:
 # The one option checker
 
 
+MAX_STEPS = 100_000
+"""The most sampling steps of any sampler on any model (a VP model's T caps it lower): each is
+a network call, and the grid is held in memory; more is a run that never ends."""
+
+
 def _number(value: Any) -> bool:
     return (not isinstance(value, bool) and isinstance(value, (int, float))
             and math.isfinite(value))
@@ -342,6 +350,9 @@ def check_sampling(names: dict[str, str], *, sampler: Any = None, num_steps: Any
                                   or num_steps < 1):
         raise bad("num_steps", f"must be a positive integer (at most the model's training "
                   f"timesteps), got {num_steps!r}")
+    if num_steps is not None and num_steps > MAX_STEPS:
+        raise bad("num_steps", f"{num_steps} is more than {MAX_STEPS:,} steps (each is a "
+                  "network call over the batch); use fewer")
     if eta is not None:
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
             raise bad("eta", f"must be in [0, 1] (0: deterministic DDIM), got {eta!r}")
@@ -414,6 +425,9 @@ def _grid_range(formulation: Formulation, sigma_min: Optional[float],
     ``names`` spells them (default: as here)."""
     n = names or {"sigma_min": "sigma_min", "sigma_max": "sigma_max"}
     lo, hi = formulation.grid_range()
+    if not 0 < lo < hi < math.inf:  # the contract: a formulation's range is finite
+        raise UsageError(f"the noise levels must satisfy 0 < sigma_min < sigma_max < inf, got "
+                         f"sigma_min={lo}, sigma_max={hi}")
     for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not 0 < value < math.inf):
@@ -877,10 +891,9 @@ def sample(model: Callable[..., Tensor], schedule: Formulation, x_T: Tensor, *,
                    s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
                    guidance_scale=guidance_scale, error=UsageError)
     spec = SAMPLER_TABLE[sampler]
-    options = StepOptions(sampler, num_steps,
-                          eta=float(spec.eta if eta is None else eta) if spec.eta is not None
-                          else 0.0,
-                          spacing=spacing, clip_x0=spec.clips if clip_x0 is None else bool(clip_x0),
+    step_noise = spec.fixed_eta if spec.eta is None else (spec.eta if eta is None else eta)
+    options = StepOptions(sampler, num_steps, eta=float(step_noise or 0.0), spacing=spacing,
+                          clip_x0=spec.clips if clip_x0 is None else bool(clip_x0),
                           s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
     init, m = _check_editing(x_T, init_image, strength, mask, resample, sampler)
     guided = guidance_scale != 1.0
@@ -890,7 +903,7 @@ def sample(model: Callable[..., Tensor], schedule: Formulation, x_T: Tensor, *,
                           "guidance_scale=1 for an unconditional model")
     labels = None if class_labels is None else class_labels.to(x_T.device, torch.long)
     check_generator_count(generator, x_T.shape[0])
-    stochastic = sampler == "ddpm" or options.eta > 0 or s_churn > 0 or m is not None
+    stochastic = options.eta > 0 or s_churn > 0 or m is not None
     if generator is None and stochastic:
         generator = fresh_generator(x_T.device)
     kept = num_steps if init is None else int(num_steps * strength)

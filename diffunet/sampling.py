@@ -111,6 +111,9 @@ def parse_class_labels(text: str | None) -> ClassLabels:
     if not all(parts):
         raise UsageError(f"--class-label: expected a class index or name, a comma-separated list "
                          f"such as 1,4,7 or cat,dog, or 'all'; got {text!r}")
+    for p in parts:  # an index of thousands of digits is no class (and int() refuses it)
+        if re.fullmatch(r"[+-]?[0-9]+", p) and len(p.lstrip("+-")) > 18:
+            raise UsageError(f"--class-label: {p[:12]}... ({len(p)} digits) is no class index")
     values = tuple(int(p) if re.fullmatch(r"[+-]?[0-9]+", p) else p for p in parts)
     return values[0] if len(values) == 1 else values
 

@@ -55,6 +55,8 @@ def _shared(shared: Path) -> None:
     diffunet.save_model(shared / "seg.safetensors", seg_net, None,
                         extra={"segmentation": SEG, "epoch": 1, "metrics": {}})
     Image.new("RGB", (8, 8), (90, 120, 200)).save(shared / "img.png")
+    diffunet.save_model(shared / "edm.safetensors", UNet(UNetConfig(**TINY)),
+                        diffunet.make_schedule(ScheduleConfig(formulation="edm")))
 
 
 def _split(data: bytes) -> tuple[dict, bytes]:
@@ -402,6 +404,24 @@ CASES = [
                                                                      src="seg")),
     Case("nan-weight-info", INFO, [M, "warning", "non-finite value(s)"],
          poisoned((1, float("nan"))), code=0),
+    # -- round two (issue 23): sizes and numbers no run can have, before any work
+    Case("edm-a-billion-steps", ["sample", "{shared}/edm.safetensors", "--steps", "1000000000",
+                                 "--num-samples", "1", "--out-dir", "{out}"],
+         ["--steps 1000000000 is more than 100,000 steps"]),
+    Case("class-label-of-5000-digits", ["sample", "{shared}/good.safetensors", "--class-label",
+                                        "9" * 5000, "--out-dir", "{out}"],
+         ["--class-label", "(5000 digits) is no class index"]),
+    *[Case(f"{label}-seed-{name}", [*cmd, "--seed", seed],
+           ["argument --seed", "is not a seed (an integer from 0 to 2**63 - 1)"])
+      for name, seed in (("25-digits", "1" * 25), ("negative", "-1"))
+      for label, cmd in (("inspect", ["inspect", "{shared}/good.safetensors", "--out-dir",
+                                      "{out}"]),
+                         ("eval-bpd", ["eval", "bpd", "{shared}/good.safetensors"]),
+                         ("eval-fid", ["eval", "fid", "{c}"]))],
+    *[Case(f"eval-nfe-a-trillion-{what}", ["eval", "nfe", "{shared}/good.safetensors",
+                                          f"--num-{what}", "1000000000000"],
+           [f"num_{what}", "is more than", "use fewer"])
+      for what in ("images", "reference")],
     # -- the file's metadata may not stand in for what the file is
     Case("info-json-planted-path", ["info", "--json", M_], [],
          edit(lambda h: h["__metadata__"].update(

@@ -75,6 +75,19 @@ def did_you_mean(command: str | None, unknown: Sequence[str]) -> str:
     return f"; did you mean {', '.join(dict.fromkeys(hints))}?" if hints else ""
 
 
+SEED_HELP = "an integer from 0 to 2**63 - 1"
+
+
+def seed_arg(text: str) -> int:
+    """``--seed``: an integer in [0, 2**63) (what torch's generators take; a longer one is an
+    argparse error, one line, not a traceback from inside torch)."""
+    value = text.strip()
+    if not re.fullmatch(r"[0-9]{1,19}", value) or int(value) >= 2**63:
+        raise argparse.ArgumentTypeError(f"{text[:24]!r}{'...' if len(text) > 24 else ''} is "
+                                         f"not a seed ({SEED_HELP})")
+    return int(value)
+
+
 def one_line_errors(parser: argparse.ArgumentParser) -> None:
     """Make ``parser`` and every sub-command parser below it report bad arguments as one line
     (no usage dump), exit code 2."""

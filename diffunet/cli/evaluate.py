@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from .common import out
+from .common import out, seed_arg
 
 DESCRIPTION = ("Evaluate a model: `eval bpd` (negative log-likelihood bound), `eval fid` (FID "
                "and KID of a folder of generated images), `eval nfe` (quality per network "
@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     def common(q: argparse.ArgumentParser, batch: int) -> None:
         q.add_argument("--batch-size", type=int, default=batch, metavar="B",
                        help=f"network inputs per forward pass (default {batch})")
-        q.add_argument("--seed", type=int, default=0, help="seed for noise / subsets (0)")
+        q.add_argument("--seed", type=seed_arg, default=0, help="seed for noise / subsets (0)")
         q.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda if "
                                         "available, else cpu)")
         q.add_argument("--json", metavar="PATH", help=JSON_HELP)
@@ -149,7 +149,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--out", required=True, metavar="PATH.safetensors", help="where to write it")
     q.add_argument("--steps", type=int, metavar="N",
                    help=f"training steps (default {JudgeTraining().steps})")
-    q.add_argument("--seed", type=int, metavar="S",
+    q.add_argument("--seed", type=seed_arg, metavar="S",
                    help="seed of the initialisation and the outlier images (default "
                         f"{JudgeTraining().seed})")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out file")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import out
+from .common import out, seed_arg
 
 DESCRIPTION = ("Run one input through a model with a hook on every block and write input.png, "
                "noised.png (diffusion) or prediction.png (segmentation), one NN_<block>.png of "
@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="input image file (default: an image of the built-in shapes)")
     p.add_argument("--t", type=int, metavar="T",
                    help="diffusion models: the timestep, in [0, T) (default T // 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise in x_t (default 0)")
+    p.add_argument("--seed", type=seed_arg, default=0,
+                   help="seed of the noise in x_t (default 0)")
     p.add_argument("--class-label", type=int, metavar="K",
                    help="class-conditional models: the label (default: no label)")
     p.add_argument("--max-channels", type=int, default=64, metavar="N",

@@ -24,8 +24,9 @@ imports another formulation's module.
 
 Levels: each formulation trains and samples on its own level variable (VP: integer timesteps
 t in [0, T); EDM: sigma; flow: t in [0, 1]). The sigma of the denoiser view is the common
-currency: ``x / s(sigma)`` is what the network sees for the "VE" variable x = x0 + sigma n,
-with s(sigma) = sqrt(1 + sigma^2) for VP, 1 + sigma for flow and EDM's c_in for EDM.
+currency: for the "VE" variable x = x0 + sigma n the network sees c(sigma) x, with
+c = 1 / sqrt(1 + sigma^2) for VP (x_t), 1 / (1 + sigma) for flow (x_t) and Table 1's
+c_in = 1 / sqrt(sigma^2 + sigma_data^2) for EDM.
 """
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ class StepOptions:
     num_steps: int
     """The full grid's steps (an edit runs only the last ones)."""
     eta: float = 0.0
+    """The step noise of the sampler's rule: its eta setting, or the noise its rule always has
+    (ddpm 1, the ancestral step; euler and dpmpp-2m 0)."""
     spacing: str = "trailing"
     clip_x0: bool = False
     s_churn: float = 0.0

@@ -124,6 +124,9 @@ class FlowSchedule(Formulation):
                  f"are t = 1/T and (T-1)/T), got {config.num_train_timesteps}")
         if not config.shift > 0:
             fail("shift", f"must be positive (1 = no shift; SD3 uses 3), got {config.shift}")
+        if not math.isfinite(config.shift * config.num_train_timesteps):
+            fail("shift", f"{config.shift} x num_train_timesteps overflows: the grid's largest "
+                 "noise level, shift (T - 1), must be a finite number")
         if not config.logit_std > 0:
             fail("logit_std", f"must be positive, got {config.logit_std}")
         if not -1.0 <= config.mode_scale <= MODE_SCALE_MAX:
@@ -266,8 +269,6 @@ class FlowPath(SamplingPath):
         ts = (list(levels) if levels is not None
               else flow_grid(options.num_steps, schedule.num_train_timesteps, schedule.shift))
         self.levels = ts + [0.0] if ts[-1] != 0 else ts
-        # euler, ddim, ddpm and euler-ancestral are the ancestral step with their eta
-        self._eta = {"euler": 0.0, "ddpm": 1.0}.get(options.sampler, options.eta)
         self._prev: Optional[tuple[Tensor, float]] = None  # the multistep rules' (x0_hat, h)
 
     # -- the state ---------------------------------------------------------------------------
@@ -311,8 +312,8 @@ class FlowPath(SamplingPath):
             return x + (tn - t) * (0.5 * d + 0.5 * d_next), x0
         # alpha_t = 1 - t, sigma_t = t; h = lambda' - lambda (inf from t = 1)
         h = _lam(tn) - _lam(t)
+        eta = self.options.eta  # the rule's step noise (euler, dpmpp-2m: 0; ddpm: 1)
         if sampler in ("dpmpp-2m", "dpmpp-2m-sde"):
-            eta = 0.0 if sampler == "dpmpp-2m" else self.options.eta
             # DPM-Solver++(2M), Lu et al. 2022 Algorithm 2 (midpoint form), and its SDE form:
             # x' = (t'/t) e^{-eta h} x + (1-t')(1 - e^{-(1+eta) h}) (x0 + (h / 2 h_prev)(x0 - x0_prev))
             #      + t' sqrt(1 - e^{-2 eta h}) z
@@ -329,7 +330,7 @@ class FlowPath(SamplingPath):
             return x_next, x0
         # DDIM's step (Song et al. 2021, eq. 12 and 16) in flow scaling: eta 0 is Euler
         # (FlowMatchEulerDiscreteScheduler), eta 1 the DDPM posterior step.
-        c = self._eta * tn * math.sqrt(-math.expm1(-2 * h))
+        c = eta * tn * math.sqrt(-math.expm1(-2 * h))
         eps = (x - (1 - t) * x0) / t
         x_next = (1 - tn) * x0 + math.sqrt(max(tn * tn - c * c, 0.0)) * eps
         if c > 0:
