@@ -31,8 +31,10 @@ import contextlib
 import dataclasses
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,13 +50,14 @@ from .formulations.vp import NoiseSchedule
 from .errors import MissingDependencyError, UsageError
 from .interop import unet_to_diffusers
 from .nn import Upsample
+from .output_files import OutputFile, claim_file, starts_with
 from .runs import pick_device
 from .samplers import sample
 from .unet import UNet
 from .version import __version__
 
-__all__ = ["BenchOptions", "PRESETS", "benchmark", "forward_flops", "format_table",
-           "resolve_unet"]
+__all__ = ["BenchOptions", "PRESETS", "TRACE_MARK", "benchmark", "claim_traces", "forward_flops",
+           "format_table", "resolve_unet"]
 
 PRESETS: dict[str, Callable[[], UNetConfig]] = {
     "ddpm-cifar10": UNetConfig,  # UNetConfig's defaults: 35.7M parameters, 12.4 GFLOP/image
@@ -261,10 +264,39 @@ def _cpu_peak_growth_bytes(fn: Callable[[], Any]) -> int:
     return peak
 
 
-def _profile(fn: Callable[[], Any], device: torch.device, trace: str,
+TRACE_MARK = b'{"written_by": "diffunet bench --profile"'
+"""How every Chrome trace of ``--profile`` begins (a first entry the trace viewers ignore): an
+existing ``PREFIX.train.json`` that does not is the user's, and is never replaced."""
+
+
+def claim_traces(opts: BenchOptions, claims: contextlib.ExitStack) -> dict[str, OutputFile]:
+    """Claim ``{profile}.{what}.json`` for each measured ``what`` (the output-file rule,
+    diffunet/output_files.py), closed with ``claims``; {} without ``opts.profile``."""
+    if not opts.profile:
+        return {}
+    return {what: claims.enter_context(claim_file(
+        f"{opts.profile}.{what}.json", flag="--profile", example="trace", ours=starts_with(
+            TRACE_MARK), noun="a diffunet bench trace", fix="give another --profile PREFIX"))
+        for what in opts.what}
+
+
+def _copy_marked(src: Any, dst: Any) -> None:
+    """Copy a Chrome trace (a JSON object) with :data:`TRACE_MARK` as its first entry, streamed."""
+    head = src.read(1 << 16)
+    body = head.lstrip()
+    if body[:1] != b"{":  # not an object: copied as it is
+        dst.write(head)
+    else:
+        rest = body[1:]
+        dst.write(TRACE_MARK + (b"" if rest.lstrip()[:1] == b"}" else b", ") + rest)
+    shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def _profile(fn: Callable[[], Any], device: torch.device, trace: OutputFile,
              top: int = 15) -> list[dict[str, Any]]:
-    """Run ``fn`` once under ``torch.profiler``; write a Chrome trace and return the ``top``
-    operators by self time on the device (CUDA time on a GPU, CPU time on a CPU)."""
+    """Run ``fn`` once under ``torch.profiler``; write a Chrome trace to the claimed ``trace``
+    and return the ``top`` operators by self time on the device (CUDA time on a GPU, CPU time
+    on a CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
@@ -273,7 +305,13 @@ def _profile(fn: Callable[[], Any], device: torch.device, trace: str,
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    prof.export_chrome_trace(trace)
+    # torch writes a trace only by path: into a private folder of its own, then copied (marked)
+    # through the claimed file
+    with tempfile.TemporaryDirectory(prefix="diffunet-trace-") as tmp:
+        raw = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(raw)
+        with open(raw, "rb") as src, trace.open() as dst:
+            _copy_marked(src, dst)
     events = prof.key_averages()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     total = sum(getattr(e, key) for e in events) or 1.0
@@ -397,13 +435,23 @@ def _make_subject(name: str, cfg: UNetConfig, opts: BenchOptions, device: torch.
     return subject
 
 
-def benchmark(opts: BenchOptions, say: Callable[[str], None] = lambda msg: None
-              ) -> dict[str, Any]:
+def benchmark(opts: BenchOptions, say: Callable[[str], None] = lambda msg: None, *,
+              traces: dict[str, OutputFile] | None = None) -> dict[str, Any]:
     """Run the benchmark ``opts`` describes; returns the results as JSON-ready data.
 
-    ``say`` receives progress lines. Raises :class:`~diffunet.errors.DiffunetError` subclasses
-    for bad input (an unknown device, a config diffusers cannot express, diffusers missing).
+    ``say`` receives progress lines. ``traces``: the claimed trace files of ``opts.profile``
+    (:func:`claim_traces`; claimed here, before any work, when not given). Raises
+    :class:`~diffunet.errors.DiffunetError` subclasses for bad input (an unknown device, a
+    config diffusers cannot express, diffusers missing, a trace path that is taken).
     """
+    with contextlib.ExitStack() as claims:
+        if traces is None:
+            traces = claim_traces(opts, claims)
+        return _benchmark(opts, say, traces)
+
+
+def _benchmark(opts: BenchOptions, say: Callable[[str], None],
+               traces: dict[str, OutputFile]) -> dict[str, Any]:
     device = pick_device(opts.device)
     gpu = device.type == "cuda"
     if opts.threads is not None:
@@ -466,9 +514,9 @@ def benchmark(opts: BenchOptions, say: Callable[[str], None] = lambda msg: None
         ours = subjects[0]
         for what in opts.what:
             say(f"{what}: profiling diffunet")
-            trace = f"{opts.profile}.{what}.json"
-            profiles[what] = {"trace": trace, "top_ops": _profile(getattr(ours, what), device,
-                                                                  trace)}
+            trace = traces[what]
+            profiles[what] = {"trace": str(trace.path),
+                              "top_ops": _profile(getattr(ours, what), device, trace)}
 
     ratios = {}
     if opts.compare_diffusers:

@@ -76,12 +76,21 @@ def unwrap_model(model: torch.nn.Module) -> UNet:
 
 def save_model(path: str | os.PathLike, model: torch.nn.Module, schedule: Formulation | None,
                *, extra: dict[str, Any] | None = None) -> None:
-    """Write ``model``'s weights and configs to one self-describing ``.safetensors``.
+    """Write ``model``'s weights and configs to one self-describing ``.safetensors``
+    (:func:`model_file_bytes`) at ``path``, atomically. A command writing to a path a user
+    gave claims it first and writes :func:`model_file_bytes` through the claim
+    (:mod:`diffunet.output_files`)."""
+    atomic_write_bytes(path, model_file_bytes(model, schedule, extra=extra))
+
+
+def model_file_bytes(model: torch.nn.Module, schedule: Formulation | None, *,
+                     extra: dict[str, Any] | None = None) -> bytes:
+    """The bytes of the model file of ``model`` and ``schedule``.
 
     ``model`` may be wrapped (``torch.compile``, DDP); the bare UNet's state dict is stored, on
     the CPU, in the dtype the weights have. ``schedule`` is None for a network that is not a
     diffusion model (e.g. a segmentation UNet). ``extra`` adds JSON-serialisable metadata (for
-    example ``{"step": 1000}``). The write is atomic.
+    example ``{"step": 1000}``).
     """
     net = unwrap_model(model)
     metadata = {
@@ -100,7 +109,7 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, schedule: Formul
             raise ValueError(f"extra metadata key {key!r} is reserved")
         metadata[key] = json.dumps(value)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    atomic_write_bytes(path, save_safetensors_bytes(tensors, metadata=metadata))
+    return save_safetensors_bytes(tensors, metadata=metadata)
 
 
 def _looks_pickled(data: bytes) -> bool:
@@ -615,8 +624,13 @@ def write_tensor_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                       metadata: dict[str, str]) -> None:
     """Write any tensors with string metadata as one safetensors file, atomically (for files
     that are not models, e.g. cached FID reference statistics)."""
+    atomic_write_bytes(path, tensor_file_bytes(tensors, metadata))
+
+
+def tensor_file_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The bytes of a safetensors file of ``tensors`` (on the CPU) and string ``metadata``."""
     data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, save_safetensors_bytes(data, metadata=metadata))
+    return save_safetensors_bytes(data, metadata=metadata)
 
 
 def read_tensor_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

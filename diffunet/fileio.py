@@ -2,9 +2,11 @@
 atomic writes), and reading the JSON that diffunet wrote, or that a stranger planted, within
 bounds (:func:`read_json`, :func:`parse_json`, :func:`schema_problem`).
 
-Every file diffunet writes (model files, configs, logs rewritten on resume, sample PNGs, mask
-PNGs, manifests, inspection output, downloads) goes through :func:`atomic_writer` (or
-:func:`atomic_write_bytes`, built on it): the bytes go to
+Every file diffunet writes inside a folder it owns (run folders: model files, configs, logs
+rewritten on resume; output folders: sample PNGs, mask PNGs, manifests, inspection output; the
+cache: downloads) goes through :func:`atomic_writer` (or :func:`atomic_write_bytes`, built on
+it); a single output file a user names (``--json``, ``--out``, ``import``'s OUT, ...) goes
+through :mod:`diffunet.output_files`, which claims it first. Here the bytes go to
 ``.<name>.<pid>.<random>.tmp`` in the same folder, which is then renamed over the target
 (``os.replace`` is atomic on POSIX and Windows). Cleanup code elsewhere recognises leftovers of
 interrupted writes by that ``.<name>.*.tmp`` pattern.

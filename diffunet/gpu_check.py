@@ -41,7 +41,7 @@ import torch
 from .bench import PRESETS, BenchOptions, benchmark
 from .config import RunConfig, load_config
 from .errors import FolderError
-from .fileio import atomic_write_bytes
+from .output_files import claim_file
 from .runs import cpu_requested, pick_device
 from .unet import UNet
 
@@ -212,6 +212,18 @@ def gpu_check(out_dir: str | Path, *, device: str | None = None, quick: bool = F
                           "check writes gpu_check.json, gpu_check.md, train/, samples/ and "
                           "sync_run/ there)")
     out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as claims:  # the result files, claimed before the work
+        files = {name: claims.enter_context(claim_file(out / name, flag="--gpu-check",
+                                                      example=name))
+                 for name in ("gpu_check.json", "gpu_check.md")}
+        result = _check(out, device, quick, say)
+        files["gpu_check.json"].write_bytes((json.dumps(result, indent=2) + "\n").encode())
+        files["gpu_check.md"].write_bytes((markdown(result) + "\n").encode())
+    return result
+
+
+def _check(out: Path, device: str | None, quick: bool, say: Callable[[str], None]
+           ) -> dict[str, Any]:
     dev = pick_device(device)
     unet = PRESETS["tiny"]() if quick else PRESETS["ddpm-cifar10"]()
     size = dict(batch_size=4, sample_batch_size=8, sample_steps=2, repeats=2, warmup=1) \
@@ -307,8 +319,6 @@ def gpu_check(out_dir: str | Path, *, device: str | None = None, quick: bool = F
                                 "images_per_s": n / seconds if r.returncode == 0 else None,
                                 "bench_images_per_s_at_50_steps": bench_sample,
                                 "error": r.stderr[-500:] if r.returncode else None}
-    atomic_write_bytes(out / "gpu_check.json", (json.dumps(result, indent=2) + "\n").encode())
-    atomic_write_bytes(out / "gpu_check.md", (markdown(result) + "\n").encode())
     return result
 
 

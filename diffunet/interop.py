@@ -34,15 +34,17 @@ ever unpickled; a folder with only ``diffusion_pytorch_model.bin`` is refused wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 from . import checkpoint
-from .checkpoint import load_model_file, read_tensor_file, save_model, write_tensor_file
+from .checkpoint import load_model_file, model_file_bytes, read_tensor_file, tensor_file_bytes
 from .config import SampleConfig, ScheduleConfig, UNetConfig, from_dict, to_dict
 from .formulations import formulation_class
 from .formulations import make_schedule
@@ -54,7 +56,9 @@ from .errors import (
     ModelFileError,
     UsageError,
 )
-from .fileio import atomic_write_bytes, first_line, read_json, schema_problem
+from .fileio import first_line, read_json, schema_problem
+from .output_files import (OpenFolder, OutputFile, claim_file, open_folder, open_subfolder,
+                           remove_stale_temporaries)
 from .resources import parameter_shapes
 from .unet import UNet
 
@@ -67,6 +71,7 @@ __all__ = [
     "import_diffusers",
     "load_model",
     "looks_like_repo_id",
+    "pipeline_inputs",
     "push_to_hub",
     "schedule_from_diffusers",
     "scheduler_to_diffusers",
@@ -569,13 +574,51 @@ def _sample_settings(meta: dict[str, Any]) -> SampleConfig:
     return SampleConfig()
 
 
-def _output_folder(folder: Path, overwrite: bool) -> None:
+PIPELINE_FILES: dict[str, tuple[str, ...]] = {
+    "": ("model_index.json",), "unet": ("config.json", WEIGHTS),
+    "scheduler": ("scheduler_config.json",)}
+"""The files :func:`export_diffusers` writes, by sub-folder of the pipeline folder."""
+
+_NOT_A_LINK = "remove it, or choose another DIR"
+
+
+def _pipeline_folder(folder: Path, overwrite: bool, stack: contextlib.ExitStack
+                     ) -> dict[str, OpenFolder]:
+    """Open (and make) the pipeline folder and its ``unet/`` and ``scheduler/``, each once and
+    never through a link, after the checks: a file, a link to a missing folder, ``unet`` or
+    ``scheduler`` that is a link or a file (even with ``overwrite``), and, unless ``overwrite``,
+    a folder holding anything but empty sub-folders and export's own stale temporary files
+    (an interrupted export's leftovers, removed here). Closed with ``stack``."""
     if folder.exists() and not folder.is_dir():
         raise FolderError(f"{folder} is a file, not a folder; give a folder to write the "
                           "diffusers pipeline into")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+    if os.path.islink(folder) and not folder.exists():
+        raise FolderError(f"{folder} is a link to a missing folder; create its target, or "
+                          "choose another DIR")
+    root = stack.enter_context(open_folder(folder, label=str(folder), create=True))
+    for sub in ("unet", "scheduler"):
+        st = root.lstat(sub)
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            raise FolderError(f"{folder / sub} is a symbolic link; diffunet never writes "
+                              f"through a link it did not create: {_NOT_A_LINK}")
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            raise FolderError(f"{folder / sub} is not a folder; {_NOT_A_LINK}")
+    folders = {"": root}
+    remove_stale_temporaries(root, PIPELINE_FILES[""], legacy=True)
+    busy = [name for name in root.names() if name not in ("unet", "scheduler")]
+    for sub in ("unet", "scheduler"):
+        if root.lstat(sub) is not None:
+            folders[sub] = stack.enter_context(open_subfolder(root, sub, fix=_NOT_A_LINK,
+                                                              create=False))
+            remove_stale_temporaries(folders[sub], PIPELINE_FILES[sub], legacy=True)
+            busy += [f"{sub}/{name}" for name in folders[sub].names()]
+    if busy and not overwrite:
         raise FolderError(f"{folder} is not empty; give a new or empty folder, or --overwrite "
                           "to write the pipeline files over what is there")
+    for sub in ("unet", "scheduler"):
+        if sub not in folders:
+            folders[sub] = stack.enter_context(open_subfolder(root, sub, fix=_NOT_A_LINK))
+    return folders
 
 
 def export_diffusers(model_file: str | os.PathLike, folder: str | os.PathLike, *,
@@ -588,8 +631,12 @@ def export_diffusers(model_file: str | os.PathLike, folder: str | os.PathLike, *
     ``unet/diffusion_pytorch_model.safetensors`` (float32 as stored) and
     ``scheduler/scheduler_config.json`` (:func:`scheduler_to_diffusers`), each written
     atomically. A model whose formulation diffusers has no scheduler for (EDM) is refused. A
-    non-empty ``folder`` is a :class:`FolderError` unless ``overwrite``. Returns what was
-    written: ``{"folder", "pipeline" (None for a flow model), "scheduler", "files"}``.
+    non-empty ``folder`` is a :class:`FolderError` unless ``overwrite`` (an interrupted
+    export's temporary files do not count: they are removed); ``unet/`` or ``scheduler/`` that
+    is a link is refused even with it, and so is a link, folder or FIFO under a file's name
+    (each file is written through diffunet/output_files.py, relative to its folder opened once,
+    never through a link). Returns what was written: ``{"folder", "pipeline" (None for a flow
+    model), "scheduler", "files"}``.
     """
     folder = Path(folder)
     loaded = load_model_file(model_file)
@@ -606,26 +653,34 @@ def export_diffusers(model_file: str | os.PathLike, folder: str | os.PathLike, *
     unet_config = unet_to_diffusers(cfg)  # refuses before anything is written
     sample = _sample_settings(loaded.metadata)
     scheduler = scheduler_to_diffusers(schedule.config, sample)
-    _output_folder(folder, overwrite)
     version = _diffusers_version()
     scheduler_name = scheduler.pop("_class_name")
     # diffusers has pipelines for DDPM/DDIM; a flow model is its components (README's loop)
     pipeline = {"DDPMScheduler": "DDPMPipeline", "DDIMScheduler": "DDIMPipeline"}.get(
         scheduler_name)
-    tensors = state_to_diffusers(loaded.net.state_dict(), cfg)
-    (folder / "unet").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler").mkdir(exist_ok=True)
-    write_tensor_file(folder / "unet" / WEIGHTS, tensors, {"format": "pt"})
-    atomic_write_bytes(folder / "unet" / "config.json", _json_bytes(
-        {"_class_name": "UNet2DModel", "_diffusers_version": version, **unet_config}))
-    atomic_write_bytes(folder / "scheduler" / "scheduler_config.json", _json_bytes(
-        {"_class_name": scheduler_name, "_diffusers_version": version, **scheduler}))
     files = ["unet/config.json", f"unet/{WEIGHTS}", "scheduler/scheduler_config.json"]
     if pipeline is not None:
-        atomic_write_bytes(folder / "model_index.json", _json_bytes(
-            {"_class_name": pipeline, "_diffusers_version": version,
-             "scheduler": ["diffusers", scheduler_name], "unet": ["diffusers", "UNet2DModel"]}))
         files.insert(0, "model_index.json")
+    with contextlib.ExitStack() as stack:
+        folders = _pipeline_folder(folder, overwrite, stack)
+        # every file claimed before the first is written (diffunet/output_files.py): a link,
+        # a folder or a FIFO under a pipeline name is refused, even with --overwrite
+        out = {rel: stack.enter_context(claim_file(
+            folder / rel, folder=folders[os.path.dirname(rel)], example=os.path.basename(rel),
+            overwrite=True if overwrite else False, fix="choose another DIR, or pass "
+            "--overwrite")) for rel in files}
+        tensors = state_to_diffusers(loaded.net.state_dict(), cfg)
+        out[f"unet/{WEIGHTS}"].write_bytes(tensor_file_bytes(tensors, {"format": "pt"}))
+        del tensors
+        out["unet/config.json"].write_bytes(_json_bytes(
+            {"_class_name": "UNet2DModel", "_diffusers_version": version, **unet_config}))
+        out["scheduler/scheduler_config.json"].write_bytes(_json_bytes(
+            {"_class_name": scheduler_name, "_diffusers_version": version, **scheduler}))
+        if pipeline is not None:
+            out["model_index.json"].write_bytes(_json_bytes(
+                {"_class_name": pipeline, "_diffusers_version": version,
+                 "scheduler": ["diffusers", scheduler_name],
+                 "unet": ["diffusers", "UNet2DModel"]}))
     return {"folder": folder, "pipeline": pipeline, "scheduler": scheduler_name, "files": files}
 
 
@@ -649,7 +704,15 @@ def _read_config(path: Path) -> Any:
         raise ModelFileError(f"{path}: cannot be read as JSON ({e})") from None
 
 
-def import_diffusers(folder: str | os.PathLike, out_file: str | os.PathLike, *,
+def pipeline_inputs(folder: str | os.PathLike) -> list[Path]:
+    """The files :func:`import_diffusers` may read from ``folder`` (never its output)."""
+    folder = Path(folder)
+    return [folder / rel for rel in ("config.json", WEIGHTS, "unet/config.json",
+                                     f"unet/{WEIGHTS}", "scheduler/scheduler_config.json",
+                                     "model_index.json")]
+
+
+def import_diffusers(folder: str | os.PathLike, out_file: str | os.PathLike | OutputFile, *,
                      overwrite: bool = False, source: str | None = None) -> ImportResult:
     """Read a diffusers folder into the diffunet model file ``out_file``.
 
@@ -659,11 +722,13 @@ def import_diffusers(folder: str | os.PathLike, out_file: str | os.PathLike, *,
     diffusers' and DDPM's default, linear 1e-4..0.02 over 1000 steps, epsilon). The weights must
     be safetensors (a ``.bin`` is a pickle and refused). The scheduler's sampler, spacing and
     clipping become the file's ``[sample]`` settings (``run_config.sample`` in its metadata, as
-    ``diffunet sample`` reads it). An existing ``out_file`` is a :class:`UsageError` unless
-    ``overwrite``. ``source`` (default: the folder's name, e.g. a Hub repo id) is recorded as
+    ``diffunet sample`` reads it). ``out_file`` is claimed (diffunet/output_files.py) before
+    the weights are read, or comes claimed (``diffunet import`` claims it before a download):
+    an existing ``out_file`` is a :class:`UsageError` unless ``overwrite``, and a link, a
+    folder, a FIFO or one of the folder's own files always. ``source`` (default: the folder's name, e.g. a Hub repo id) is recorded as
     ``imported_from.diffusers`` in the file's metadata.
     """
-    folder, out_file = Path(folder), Path(out_file)
+    folder = Path(folder)
     if not folder.is_dir():
         raise FolderError(f"{folder}: not a folder; give a diffusers pipeline or UNet2DModel "
                           "folder (with model_index.json or config.json)")
@@ -671,8 +736,16 @@ def import_diffusers(folder: str | os.PathLike, out_file: str | os.PathLike, *,
     if not (unet_dir / "config.json").is_file():
         raise ModelFileError(f"{folder}: has neither unet/config.json nor config.json; not a "
                              "diffusers pipeline or UNet2DModel folder")
-    if out_file.exists() and not overwrite:
-        raise UsageError(f"{out_file} exists; give a new file name or --overwrite")
+    with contextlib.ExitStack() as stack:
+        if not isinstance(out_file, OutputFile):
+            out_file = stack.enter_context(claim_file(
+                out_file, example="model.safetensors", overwrite=overwrite,
+                inputs=pipeline_inputs(folder)))
+        return _import(folder, unet_dir, out_file, source)
+
+
+def _import(folder: Path, unet_dir: Path, out_file: OutputFile, source: str | None
+            ) -> ImportResult:
     cfg = unet_from_diffusers(_read_config(unet_dir / "config.json"),
                               str(unet_dir / "config.json"))
     sched_path = folder / "scheduler" / "scheduler_config.json"
@@ -697,12 +770,12 @@ def import_diffusers(folder: str | os.PathLike, out_file: str | os.PathLike, *,
     if bad:
         raise ModelFileError(f"{weights}: tensor {bad[0]} holds NaN or inf values")
     sample_settings = to_dict(SampleConfig(**sample))
-    save_model(out_file, net, make_schedule(schedule_cfg), extra={
+    out_file.write_bytes(model_file_bytes(net, make_schedule(schedule_cfg), extra={
         "run_config": {"sample": sample_settings},
         "imported_from": {"diffusers": source or os.path.basename(os.path.abspath(folder)),
                           "scheduler": None if scheduler is None
-                          else scheduler.get("_class_name", "DDPMScheduler")}})
-    return ImportResult(out_file=out_file, unet_folder=unet_dir, unet_config=cfg,
+                          else scheduler.get("_class_name", "DDPMScheduler")}}))
+    return ImportResult(out_file=out_file.path, unet_folder=unet_dir, unet_config=cfg,
                         schedule_config=schedule_cfg, sample=sample_settings,
                         scheduler=None if scheduler is None else sched_path)
 

@@ -46,13 +46,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .checkpoint import first_nonfinite, read_tensor_file, write_tensor_file
+from .checkpoint import first_nonfinite, read_tensor_file, tensor_file_bytes
 from .config import SampleConfig, from_dict, to_dict
 from .data import BuiltinShapes
 from .errors import ConfigError, DataError, ModelFileError, UsageError
 from .evaluation import (FeatureNetwork, FeatureStats, frechet_distance,
                          kernel_inception_distance, reference_statistics)
 from .fileio import first_line
+from .output_files import OutputFile, claim_file
 from .samplers import SAMPLERS, SIGMA_GRIDS, check_sigma_range, network_calls, sample
 from .version import __version__
 
@@ -442,15 +443,22 @@ def _digest(metadata: dict[str, str], tensors: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_judge(judge: Judge, path: str | os.PathLike) -> str:
+def save_judge(judge: Judge, path: str | os.PathLike | OutputFile) -> str:
     """Write ``judge`` as a self-describing safetensors file (atomically); returns the SHA-256
     of its tensors and metadata, recorded in it (the value :data:`JUDGE_SHA256` holds for the
-    shipped file)."""
+    shipped file). ``path`` is a claimed output file (``eval train-judge --out``), or a path,
+    claimed here as a replaceable file (:func:`~diffunet.output_files.claim_file`: never a
+    link, a folder or a FIFO)."""
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
                for k, v in judge.net.state_dict().items()}
     meta = _metadata(judge, judge.held_out)
     meta[_HASH_KEY] = _digest(meta, tensors)
-    write_tensor_file(path, tensors, meta)
+    data = tensor_file_bytes(tensors, meta)
+    if isinstance(path, OutputFile):
+        path.write_bytes(data)
+    else:
+        with claim_file(path, example="judge.safetensors", overwrite=True) as out:
+            out.write_bytes(data)
     return meta[_HASH_KEY]
 
 

@@ -11,16 +11,21 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from .errors import FolderError, MissingDependencyError, UsageError
-from .fileio import atomic_write_bytes
+from .errors import FolderError, MissingDependencyError
+from .output_files import claim_file
 from .runs import read_log
+from .version import __version__
 
-__all__ = ["PLOT_SIZE", "ema_smooth", "plot_run", "read_curves"]
+__all__ = ["PLOT_SIZE", "SOFTWARE", "ema_smooth", "is_own_plot", "plot_run", "read_curves"]
 
 PLOT_SIZE = (1200, 1000)
 """Width and height of the PNG, in pixels."""
+
+SOFTWARE = "diffunet plot"
+"""How the PNG's ``Software`` text begins: ``RUN/plot.png`` is refreshed only when it does
+(:func:`is_own_plot`)."""
 
 _KEYS = ("loss", "lr", "images_per_s")
 
@@ -48,9 +53,7 @@ def read_curves(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float |
     :class:`FolderError`."""
     folder = Path(run_dir)
     log = folder / "log.jsonl"
-    if not folder.is_dir():
-        raise FolderError(f"{folder} is not a folder; give a run folder (the --out-dir of "
-                          "`diffunet train`)")
+    _check_run_folder(folder)
     records = read_log(log)
     if records is None:
         raise FolderError(f"{log} not found; give a run folder of `diffunet train` (it writes "
@@ -68,6 +71,39 @@ def read_curves(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float |
     return curves
 
 
+def _check_run_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise FolderError(f"{folder} is not a folder; give a run folder (the --out-dir of "
+                          "`diffunet train`)")
+
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def is_own_plot(f: BinaryIO, size: int) -> bool:
+    """Whether the open file ``f`` is a PNG that ``diffunet plot`` drew: its ``Software`` text
+    begins with :data:`SOFTWARE`, or (drawn before that text was written) it is matplotlib's, at
+    :data:`PLOT_SIZE`. Reads the chunks before the pixel data only (at most 64 KiB)."""
+    head = f.read(1 << 16)
+    if not head.startswith(_PNG):
+        return False
+    pos, dims, software = len(_PNG), None, None
+    while pos + 8 <= len(head):
+        length = int.from_bytes(head[pos:pos + 4], "big")
+        kind, data = head[pos + 4:pos + 8], head[pos + 8:pos + 8 + length]
+        if kind == b"IHDR" and len(data) >= 8:
+            dims = (int.from_bytes(data[:4], "big"), int.from_bytes(data[4:8], "big"))
+        elif kind == b"tEXt" and data.partition(b"\0")[0] == b"Software":
+            software = data.partition(b"\0")[2]
+        elif kind in (b"IDAT", b"IEND"):
+            break
+        pos += 12 + length
+    if software is None:
+        return False
+    return software.startswith(SOFTWARE.encode()) or (
+        software.startswith(b"Matplotlib") and dims == PLOT_SIZE)
+
+
 def _matplotlib() -> Any:
     try:
         import matplotlib
@@ -83,16 +119,33 @@ def _matplotlib() -> Any:
 def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
              smoothing: float = 0.1, overwrite: bool = False) -> Path:
     """Draw ``run_dir/log.jsonl`` into ``out`` (default ``run_dir/plot.png``, which each call
-    refreshes), a PNG of :data:`PLOT_SIZE`: loss (raw and EMA-smoothed with ``smoothing`` as
-    alpha), learning rate and images/s against the step. An ``out`` that exists (it may be
-    anyone's file) is refused unless ``overwrite``. Returns the PNG's path."""
+    refreshes when it is one this function drew, :func:`is_own_plot`), a PNG of
+    :data:`PLOT_SIZE`: loss (raw and EMA-smoothed with ``smoothing`` as alpha), learning rate
+    and images/s against the step. The PNG is claimed before the log is read
+    (diffunet/output_files.py): an ``out`` that exists (it may be anyone's file) is refused
+    unless ``overwrite``, a link or a folder always, and so is the log itself. Returns the
+    PNG's path."""
     if not 0 < smoothing <= 1:
         raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
-    if out is not None and not overwrite and (Path(out).exists() or Path(out).is_symlink()):
-        raise UsageError(f"--out {out} exists; give a new file name, or --overwrite to "
-                         "replace it")
-    curves = read_curves(run_dir)
-    target = Path(out) if out is not None else Path(run_dir) / "plot.png"
+    folder = Path(run_dir)
+    inputs = [folder / "log.jsonl"]
+    if out is not None:
+        claim = claim_file(out, flag="--out", example="plot.png", overwrite=overwrite,
+                           inputs=inputs)
+    else:
+        _check_run_folder(folder)  # named as the run folder, before its plot.png is claimed
+        claim = claim_file(folder / "plot.png", example="plot.png", ours=is_own_plot,
+                           noun="a diffunet plot", overwrite=overwrite, inputs=inputs,
+                           fix="give --out FILE, or --overwrite to replace it")
+    with claim:
+        png = _draw(read_curves(run_dir), run_dir, smoothing)
+        claim.write_bytes(png)
+    return claim.path
+
+
+def _draw(curves: dict[str, list[tuple[int, float | None]]], run_dir: str | os.PathLike,
+          smoothing: float) -> bytes:
+    """The PNG of ``curves``, marked as diffunet's (:data:`SOFTWARE`)."""
     plt = _matplotlib()
 
     dpi = 100
@@ -125,8 +178,8 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
             ax.grid(True, alpha=0.3)
         fig.tight_layout()
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=dpi)
+        fig.savefig(buf, format="png", dpi=dpi,
+                    metadata={"Software": f"{SOFTWARE} {__version__} (matplotlib)"})
     finally:
         plt.close(fig)
-    atomic_write_bytes(target, buf.getvalue())
-    return target
+    return buf.getvalue()

@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sampling", "editing"),  # editing: sampling's init images and masks
     ("evaluation", "judge", "plots"),  # judge: the shapes classifier; uses evaluation's FID
     ("bench", "inspection", "interop"),
-    ("runs", "outputs"),
+    ("runs", "outputs", "output_files"),  # output folders; single output files
     ("state", "checkpoint"),
     ("data",),
     ("images",),

@@ -4,6 +4,7 @@ diffusers), and how much memory a training step takes."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -50,9 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the device's bf16 peak for MFU (default: known GPUs by name)")
     p.add_argument("--profile", metavar="PREFIX",
                    help="also profile one diffunet train step / sampling pass: top operators "
-                        "in the table, Chrome traces to PREFIX.train.json, PREFIX.sample.json")
+                        "in the table, Chrome traces to PREFIX.train.json, PREFIX.sample.json "
+                        "(an existing one is replaced only if diffunet bench wrote it)")
     p.add_argument("--json", default="bench.json", metavar="PATH",
-                   help="write the results here too (default bench.json; '' for none)")
+                   help="write the results here too (default bench.json; '' for none); an "
+                        "existing PATH is replaced only if it is an earlier diffunet bench "
+                        "result")
     p.add_argument("--gpu-check", metavar="DIR",
                    help="run the whole GPU check instead (training step in fp32/bf16/"
                         "channels-last/compile and DDIM-50 vs diffusers, host syncs, attention "
@@ -64,9 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Progress on stderr, the table on stdout, the JSON to ``--json``."""
-    from ..bench import BenchOptions, benchmark, format_table, resolve_unet
-    from ..fileio import atomic_write_bytes
+    """Progress on stderr, the table on stdout, the JSON to ``--json``. Every output file is
+    claimed (diffunet/output_files.py) before the benchmark runs."""
+    from ..bench import BenchOptions, benchmark, claim_traces, format_table, resolve_unet
+    from ..output_files import check_distinct, claim_file, written_by
 
     if args.gpu_check:
         from ..gpu_check import gpu_check, markdown
@@ -84,9 +89,34 @@ def run(args: argparse.Namespace) -> int:
         what=(args.only,) if args.only else ("train", "sample"),
         compare_diffusers=args.compare_diffusers, diffusers_eager=args.diffusers_eager,
         memory=not args.no_memory, peak_tflops=args.peak_tflops, profile=args.profile)
-    result = benchmark(opts, say=say)
-    out(format_table(result))
-    if args.json:
-        atomic_write_bytes(Path(args.json), (json.dumps(result, indent=2) + "\n").encode())
-        out(f"wrote {args.json}")
+    with contextlib.ExitStack() as claims:  # a benchmark that fails leaves no temporary file
+        json_out = None
+        if args.json:  # '' is documented as "none"
+            json_out = claims.enter_context(claim_file(
+                args.json, flag="--json", example="bench.json", ours=written_by(
+                    WRITTEN_BY, legacy=is_old_bench_result), noun="a diffunet bench result",
+                fix="give another --json PATH, or --json '' for none"))
+        traces = claim_traces(opts, claims)
+        check_distinct(json_out, *traces.values())
+        result = benchmark(opts, say=say, traces=traces)
+        out(format_table(result))
+        if json_out is not None:
+            json_out.write_bytes((json.dumps({"written_by": WRITTEN_BY, **result}, indent=2)
+                                  + "\n").encode())
+            out(f"wrote {args.json}")
     return 0
+
+
+WRITTEN_BY = "diffunet bench"
+"""The ``written_by`` entry of ``--json``: an existing file without it (and not a result of an
+older diffunet bench, :func:`is_old_bench_result`) is the user's, and is never replaced."""
+
+
+def is_old_bench_result(doc: object) -> bool:
+    """A ``--json`` result of a diffunet bench from before the ``written_by`` entry: its exact
+    top-level shape (a version, the network config, the FLOPs and a list of result rows)."""
+    return (isinstance(doc, dict) and isinstance(doc.get("diffunet_version"), str)
+            and isinstance(doc.get("unet"), dict) and isinstance(doc.get("flops"), dict)
+            and isinstance(doc.get("results"), list)
+            and all(isinstance(r, dict) and "model" in r and "what" in r
+                    for r in doc["results"]))

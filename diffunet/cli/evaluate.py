@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
-import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
 from .common import out, seed_arg
+
+if TYPE_CHECKING:
+    from ..output_files import OutputFile
 
 DESCRIPTION = ("Evaluate a model: `eval bpd` (negative log-likelihood bound), `eval fid` (FID "
                "and KID of a folder of generated images), `eval nfe` (quality per network "
@@ -181,28 +184,21 @@ _WRITTEN_BY = "diffunet eval"
 user's, and is never replaced."""
 
 
-def _check_json_target(path: str | None) -> None:
-    """Before any work: ``--json PATH`` may replace only an earlier ``diffunet eval`` result."""
-    if not path or not (os.path.exists(path) or os.path.islink(path)):
-        return
-    from ..fileio import read_json
+def _claim_json(path: str | None) -> OutputFile | None:
+    """Before any work: ``--json PATH`` (the output-file rule, diffunet/output_files.py), which
+    may replace only an earlier ``diffunet eval`` result."""
+    if path is None:
+        return None
+    from ..output_files import claim_file, written_by
 
-    try:
-        old = read_json(Path(path))
-        ours = isinstance(old, dict) and str(old.get("written_by", "")).startswith(_WRITTEN_BY)
-    except (OSError, ValueError, RecursionError):
-        ours = False
-    if not ours or os.path.islink(path):
-        raise UsageError(f"--json {path} exists and is not a diffunet eval result; give a new "
-                         "file name (it is left as it is)")
+    return claim_file(path, flag="--json", example="result.json", ours=written_by(_WRITTEN_BY),
+                      noun="a diffunet eval result")
 
 
-def _write_json(path: str | None, result: dict[str, Any]) -> None:
-    if path:
-        from ..fileio import atomic_write_bytes
-
+def _write_json(out: OutputFile | None, result: dict[str, Any]) -> None:
+    if out is not None:
         result = {"written_by": _WRITTEN_BY, **result}
-        atomic_write_bytes(Path(path), (json.dumps(result, indent=2) + "\n").encode("utf-8"))
+        out.write_bytes((json.dumps(result, indent=2) + "\n").encode("utf-8"))
 
 
 def _bpd(args: argparse.Namespace) -> int:
@@ -239,7 +235,7 @@ def _bpd(args: argparse.Namespace) -> int:
         f"{steps}; fixed variance {s['variance']} ({var_text}); x0_hat "
         f"{'clipped to [-1, 1]' if s['clip_x0'] else 'not clipped'}\n"
         f"data: {describe_data(data_cfg, dataset)}")
-    _write_json(args.json, {"model": str(args.model), "data": {
+    _write_json(args.json_out, {"model": str(args.model), "data": {
         "source": data_cfg.source, "path": data_cfg.path, "name": data_cfg.name,
         "images": len(dataset)}, **s})
     return 0
@@ -294,7 +290,7 @@ def _fid(args: argparse.Namespace) -> int:
             + ("; reference: the built-in data set (seed 0)" if items != args.items else "")
             + "\n" + report.describe())
         extra = {"features": "builtin", "judge": report.summary()}
-    _write_json(args.json, {"generated": str(args.generated), "image_size": image_size,
+    _write_json(args.json_out, {"generated": str(args.generated), "image_size": image_size,
                             **result.summary(), **extra})
     return 0
 
@@ -327,7 +323,7 @@ def _nfe(args: argparse.Namespace) -> int:
                                                   else []) + sys.argv)
     out(format_nfe_table(result) + f"\ncommand: {command}; model sha256 {result.model_sha256}; "
         f"judge sha256 {result.judge_sha256}")
-    _write_json(args.json, {"model": str(args.model), "model_sha256": result.model_sha256,
+    _write_json(args.json_out, {"model": str(args.model), "model_sha256": result.model_sha256,
                             "judge_sha256": result.judge_sha256, "command": command,
                             "num_images": result.num_images, "seed": result.seed,
                             "reference_fid": result.reference_fid,
@@ -342,14 +338,12 @@ def _train_judge(args: argparse.Namespace) -> int:
     from ..judge import JudgeTraining, save_judge, train_judge
 
     path = Path(args.out)
-    if path.exists() and not args.overwrite:
-        raise UsageError(f"--out {path} exists; give --overwrite to replace it")
     given = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
     training = dataclasses.replace(JudgeTraining(), **given)
     t0 = time.perf_counter()
     judge = train_judge(training=training)
     seconds = time.perf_counter() - t0
-    sha = save_judge(judge, path)
+    sha = save_judge(judge, args.out_file)
     h = judge.held_out
     out(f"trained the judge in {seconds:.1f} s ({training.steps} steps of "
         f"{training.batch_size} built-in images, seed {training.seed}): held-out accuracy "
@@ -359,7 +353,7 @@ def _train_judge(args: argparse.Namespace) -> int:
         f"{sha})\n"
         f"to ship it: copy it to diffunet/judge.safetensors and set JUDGE_SHA256 = "
         f"\"{sha}\" in diffunet/judge.py")
-    _write_json(args.json, {"out": str(path), "sha256": sha, "seconds": seconds,
+    _write_json(args.json_out, {"out": str(path), "sha256": sha, "seconds": seconds,
                             "held_out": h, "training": dataclasses.asdict(training)})
     return 0
 
@@ -368,6 +362,15 @@ def run(args: argparse.Namespace) -> int:
     """``diffunet eval bpd|fid``: a short table of results on stdout (and ``--json``)."""
     if getattr(args, "batch_size", 1) < 1:
         raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    _check_json_target(getattr(args, "json", None))
+    from ..output_files import check_distinct, claim_file
+
     commands = {"bpd": _bpd, "fid": _fid, "nfe": _nfe, "train-judge": _train_judge}
-    return commands[args.eval_command](args)
+    with contextlib.ExitStack() as claims:  # a command that fails leaves no temporary file
+        args.json_out = _claim_json(getattr(args, "json", None))
+        if args.json_out is not None:
+            claims.enter_context(args.json_out)
+        if args.eval_command == "train-judge":  # --out too, before the training
+            args.out_file = claims.enter_context(claim_file(
+                args.out, flag="--out", example="judge.safetensors", overwrite=args.overwrite))
+            check_distinct(args.out_file, args.json_out)
+        return commands[args.eval_command](args)

@@ -26,19 +26,22 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..errors import UsageError
-    from ..interop import download_from_hub, import_diffusers, looks_like_repo_id
+    from ..interop import download_from_hub, import_diffusers, looks_like_repo_id, pipeline_inputs
+    from ..output_files import claim_file
 
     folder = Path(args.folder)
-    if not folder.exists() and looks_like_repo_id(args.folder):
-        if Path(args.model).exists() and not args.overwrite:  # before any download
-            raise UsageError(f"{args.model} exists; give a new file name or --overwrite")
-        say(f"diffunet import: no folder {args.folder} here; fetching it from the Hugging Face "
-            "Hub (JSON and safetensors files only)")
-        folder = download_from_hub(args.folder, revision=args.revision)
-    elif args.revision is not None:
+    from_hub = not folder.exists() and looks_like_repo_id(args.folder)
+    if args.revision is not None and not from_hub:
         raise UsageError("--revision is for a Hub model id; "
                          f"{args.folder} is a local folder")
-    r = import_diffusers(folder, args.model, overwrite=args.overwrite, source=args.folder)
+    # OUT is claimed before any download or read (diffunet/output_files.py)
+    with claim_file(args.model, flag="OUT", example="model.safetensors",
+                    overwrite=args.overwrite, inputs=pipeline_inputs(folder)) as claim:
+        if from_hub:
+            say(f"diffunet import: no folder {args.folder} here; fetching it from the Hugging "
+                "Face Hub (JSON and safetensors files only)")
+            folder = download_from_hub(args.folder, revision=args.revision)
+        r = import_diffusers(folder, claim, source=args.folder)
     if r.scheduler is None:
         say(f"diffunet import: {args.folder} has no scheduler/scheduler_config.json; using "
             "DDPM's schedule (linear 1e-4..0.02, 1000 steps, epsilon)")

@@ -15,7 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN", help="the run folder (the --out-dir of train)")
     p.add_argument("--out", metavar="FILE", help="the PNG to write (default RUN/plot.png)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out FILE (RUN/plot.png is always refreshed)")
+                   help="replace an existing --out FILE, or a RUN/plot.png that diffunet did "
+                        "not draw (its own RUN/plot.png is always refreshed)")
     p.add_argument("--smoothing", type=float, default=0.1, metavar="ALPHA",
                    help="weight of each new point in the loss EMA, in (0, 1] (default 0.1; "
                         "smaller is smoother)")
