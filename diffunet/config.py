@@ -33,7 +33,7 @@ from .checks import check_finite as _check_finite
 from .checks import fail as _fail
 from .errors import ConfigError, DiffunetError
 from .fileio import first_line, read_regular_file
-from .formulations import ScheduleConfig, formulation_class
+from .formulations import FORMULATIONS, ScheduleConfig, formulation_class
 from .samplers import (PREVIEW_GRIDS, SAMPLER_TABLE, SamplerName, SigmaGrid, Spacing,
                        check_sampling, preview_grid)
 
@@ -639,10 +639,14 @@ class RunConfig:
     """Everything one training run needs; written to ``config.json`` in the run folder."""
 
     unet: UNetConfig = SMALL_UNET
-    # v-prediction on the cosine schedule: the x0 estimate stays bounded at the noisiest steps,
-    # so short (previews') DDIM runs give clean shapes after minutes of CPU training, where
-    # eps on the linear schedule gives coloured blobs (README, "How long").
-    schedule: ScheduleConfig = ScheduleConfig(beta_schedule="cosine", prediction_type="v")
+    # Flow matching with logit-normal time draws: at the default budget it beat VP's
+    # v-prediction on the cosine schedule with min-SNR-5 (the recipe before it) with each one's
+    # best sampler at 10 and 25 network calls on both seed sets (docs/samplers.md, "Flow matching
+    # vs the default recipe"). VP's keys keep that earlier recipe, so
+    # `schedule.formulation=vp` trains it (v on the cosine schedule: the x0 estimate stays
+    # bounded at the noisiest steps, where eps on the linear schedule gives coloured blobs).
+    schedule: ScheduleConfig = ScheduleConfig(formulation="flow", beta_schedule="cosine",
+                                              prediction_type="v")
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
@@ -878,14 +882,47 @@ def config_from_dict(root: type[C], data: dict[str, Any]) -> C:
         if not isinstance(table, dict):
             raise ConfigError(f"{section}: expected a table of keys, got {table!r}")
         base = to_dict(defaults[section])
+        given = {k: v for k, v in table.items() if base.get(k, v) != v}
         base.update(table)
         parts[section] = from_dict(sections[section], base, section)
+        if isinstance(parts[section], ScheduleConfig):
+            _check_schedule_keys(parts[section], given)
     return root(**parts)
 
 
+def _check_schedule_keys(schedule: ScheduleConfig, given: dict[str, Any]) -> None:
+    """Refuse a ``[schedule]`` key the config sets away from the run's default that the
+    resolved formulation does not read: ``ScheduleConfig`` lets VP's keys pass under another
+    formulation (the default run sets them), which would silently drop, say,
+    ``schedule.prediction_type = "epsilon"`` written for a VP run without naming the
+    formulation."""
+    used = schedule.used_fields()
+    for key, value in given.items():
+        if key in used:
+            continue
+        owner = next((cls for cls in FORMULATIONS.values() if key in cls.config_fields), None)
+        if owner is not None:
+            _fail("schedule." + key, f"{value} is {owner.article} {owner.title} setting, unused "
+                  f"with formulation {schedule.formulation!r}; set "
+                  f"schedule.formulation={owner.name} or drop it")
+
+
+def stored_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A config diffunet stored (a run folder's ``config.json``), made ready to build: such a
+    file states every key its version had, so a ``[schedule]`` without ``formulation`` was
+    written before formulations existed and is ``ScheduleConfig``'s own default (VP), like a
+    model file's ``schedule_config``, not the run default (flow). ``data`` is changed in place
+    and returned."""
+    table = data.get("schedule")
+    if isinstance(table, dict) and "formulation" not in table:
+        table["formulation"] = ScheduleConfig().formulation
+    return data
+
+
 def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Build a :class:`RunConfig` from nested plain data; missing keys keep their defaults."""
-    return config_from_dict(RunConfig, data)
+    """Build a :class:`RunConfig` from a stored config (a run folder's ``config.json``, see
+    :func:`stored_config`); missing keys keep their defaults."""
+    return config_from_dict(RunConfig, stored_config(copy.deepcopy(data)))
 
 
 def parse_value(text: str) -> Any:

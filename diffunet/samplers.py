@@ -817,6 +817,11 @@ def sample(model: Callable[..., Tensor], schedule: Formulation, x_T: Tensor, *,
            strength: float = 1.0, mask: Optional[Tensor] = None, resample: int = 1) -> Tensor:
     """Run the reverse process from ``x_T`` (B, C, H, W) and return the sample x0 (B, C, H, W).
 
+    The defaults are DDIM's (50 steps, no clipping but ddpm's), kept for code written against
+    this function; previews and ``diffunet sample`` use ``SampleConfig``'s (DPM++ 2M, 25 steps,
+    clipped, the karras grid: :data:`PREVIEW_GRIDS`, the one documented difference in how an
+    unset grid resolves).
+
     The grid is ``sigmas``, or where unset the formulation's ``uniform`` grid for the samplers it
     runs natively there and ``karras`` for the others (:func:`default_grid`). On that grid the
     formulation's native path runs where it has one for ``sampler``

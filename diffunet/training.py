@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import state as st
 from .checkpoint import save_model, unwrap_model
-from .config import RunConfig, to_dict
+from .config import RunConfig, TrainConfig, to_dict
 from .data import (GlobalBatchSampler, HFStream, build_dataset, flip_where, make_dataloader,
                    skipped_note)
 from .errors import ConfigError, TrainingError
@@ -287,6 +287,11 @@ def describe_run(run: Run, precision: str, batch_size: int, grad_accum_steps: in
             f"out-dir: {run.out_dir}, {resumed}"]
 
 
+_DEFAULT_MIN_SNR = TrainConfig().min_snr_gamma
+"""min-SNR-gamma of the default run, a VP setting: the header notes it unused only when set to
+another value (the default flow run leaves it at this)."""
+
+
 def _header(run: Run, cfg: RunConfig, dataset: Any, net: UNet, schedule: Formulation
             ) -> list[str]:
     """What a run is about to do, in five lines before its first step."""
@@ -304,7 +309,8 @@ def _header(run: Run, cfg: RunConfig, dataset: Any, net: UNet, schedule: Formula
             f"model: UNet, {n:,} parameters ({n / 1e6:.2f}M; base_channels {u.base_channels}, "
             f"channel_mults {tuple(u.channel_mults)}); {s.describe()}" + (
                 f"; train.min_snr_gamma is unused ({schedule.own_weighting})"
-                if not schedule.min_snr_weighting and t.min_snr_gamma is not None else ""),
+                if not schedule.min_snr_weighting and t.min_snr_gamma not in (
+                    None, _DEFAULT_MIN_SNR) else ""),
             *describe_run(run, t.mixed_precision, t.batch_size, t.grad_accum_steps,
                           f"steps {run.start_step} -> {t.max_steps}, preview every "
                           f"{t.sample_every}, save every {t.save_every} and at the last step")]

@@ -88,7 +88,8 @@ def test_overrides_apply_on_top_of_a_file(tmp_path: Path) -> None:
     (["unet.channel_mults=[]"], "unet.channel_mults", "at least one level"),
     (["unet.dropout=1.5"], "unet.dropout", "[0, 1)"),
     (["train.batch_size=10", "train.grad_accum_steps=3"], "train.batch_size", "divisible"),
-    (["sample.num_steps=5000"], "sample.num_steps", "num_train_timesteps"),
+    (["schedule.formulation=vp", "sample.num_steps=5000"], "sample.num_steps",
+     "num_train_timesteps"),
     (["train.trackers=['tensorbord']"], "train.trackers", "unknown tracker"),
 ])
 def test_config_errors_name_the_key(overrides: list[str], key: str, words: str) -> None:

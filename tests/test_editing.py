@@ -279,7 +279,8 @@ def test_a_preview_range_the_schedule_lacks_is_refused_before_training(tmp_path)
 
     from diffunet.training import train
 
-    cfg = load_config(None, tiny_run("sample.sigma_max=1e9", "train.max_steps=1"))
+    cfg = load_config(None, tiny_run("schedule.formulation=vp", "sample.sigma_max=1e9",
+                                     "train.max_steps=1"))
     with pytest.raises(ConfigError, match=r"^sample\.sigma_max 1e\+09 is outside this model's "
                                           r"noise levels") as e:
         train(cfg, tmp_path / "run", progress=False)

@@ -453,10 +453,37 @@ def test_bad_flow_values_are_one_line_errors_naming_the_key(override, key, words
 ])
 def test_a_flow_field_under_vp_is_a_one_line_error_naming_it(override, key):
     with pytest.raises(ConfigError) as info:
-        load_config(None, [override])
+        load_config(None, ["schedule.formulation=vp", override])
     msg = str(info.value)
     assert msg.startswith(f"{key}: ") and "\n" not in msg
     assert "schedule.formulation=flow" in msg
+
+
+@pytest.mark.parametrize("override, key", [
+    ("schedule.prediction_type=epsilon", "schedule.prediction_type"),
+    ("schedule.beta_schedule=linear", "schedule.beta_schedule"),
+    ("schedule.rescale_zero_terminal_snr=true", "schedule.rescale_zero_terminal_snr"),
+])
+def test_a_vp_field_set_without_the_formulation_is_refused_under_the_flow_default(override, key):
+    """The default run is flow: a VP key set away from the run's value, the formulation not
+    named, would be unused; it is a one-line error saying to name VP (with it, it loads)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    msg = str(info.value)
+    assert msg.startswith(f"{key}: ") and "\n" not in msg
+    assert "unused with formulation 'flow'" in msg and "schedule.formulation=vp" in msg
+    assert load_config(None, ["schedule.formulation=vp", override]).schedule.formulation == "vp"
+
+
+def test_the_default_run_is_flow_and_vp_is_the_earlier_recipe():
+    """``diffunet train`` with no schedule settings trains flow with logit-normal t; naming VP
+    gives the earlier default (v on the cosine schedule), and a VP key stated at the run's own
+    value (as configs/default.toml does) is accepted under flow."""
+    cfg = load_config(None, [])
+    assert (cfg.schedule.formulation, cfg.schedule.time_density) == ("flow", "logit_normal")
+    vp = load_config(None, ["schedule.formulation=vp"]).schedule
+    assert (vp.prediction_type, vp.beta_schedule) == ("v", "cosine")
+    assert load_config(None, ["schedule.beta_schedule=cosine"]).schedule.formulation == "flow"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,11 +494,13 @@ def test_flow_training_run_loads_samples_and_describes_itself(
         tmp_path: Path, cpu_accelerate: None, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     args = [*tiny_run(image_size=8), "schedule.formulation=flow", "train.max_steps=3",
-            "train.sample_every=3", "train.save_every=3", "train.log_every=1"]
+            "train.sample_every=3", "train.save_every=3", "train.log_every=1",
+            "train.min_snr_gamma=3"]
     said: list[str] = []
     train(load_config(None, args), out, progress=False, say=said.append)
     header = said[1]
     assert "flow matching (rectified flow)" in header
+    # set away from the default, min-SNR (a VP weighting) is named as unused
     assert "train.min_snr_gamma is unused" in header
     assert "timesteps" not in header and "cosine" not in header
     losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()

@@ -203,7 +203,8 @@ def test_eval_bpd_finds_a_relative_local_data_set_from_another_folder(
         tmp_path: Path, capsys, cpu_accelerate, monkeypatch: pytest.MonkeyPatch) -> None:
     _tiny_set(tmp_path)  # tmp_path/tiny, named relative to where training runs
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["train", *tiny_run("data.source=hf", "data.name=tiny", "train.max_steps=1",
+    assert cli.main(["train", *tiny_run("schedule.formulation=vp", "data.source=hf",
+                                        "data.name=tiny", "train.max_steps=1",
                                         "train.sample_every=1000", image_size=8),
                      "--out-dir", "runs/r", "--no-progress"]) == 0
     model = next((tmp_path / "runs" / "r" / "weights").glob("*.safetensors"))

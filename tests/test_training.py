@@ -125,7 +125,10 @@ def test_cli_run_folder(tmp_path: Path) -> None:
         net, schedule, meta = load_model(out / "weights" / f"model_step{s:07d}.safetensors")
         assert meta["step"] == s
         assert meta["run_config"] == to_dict(cfg)
-        assert net.config == cfg.unet and schedule.config == cfg.schedule
+        # the file states the keys its formulation reads (the others take their defaults)
+        used = cfg.schedule.used_fields()
+        assert net.config == cfg.unet and schedule.config.used_fields() == used
+        assert all(getattr(schedule.config, k) == getattr(cfg.schedule, k) for k in used)
     # The inference file holds the EMA weights.
     _assert_identical(out / "weights" / "model_step0000006.safetensors",
                       _state(out, 6) / "ema.safetensors")
@@ -602,8 +605,9 @@ def test_header_then_preview_and_model_file_at_the_last_step(tmp_path: Path) -> 
                          "(circle, square, triangle, cross); the labels are unused: "
                          "unet.num_classes is unset")
     assert re.fullmatch(r"model: UNet, [0-9,]+ parameters \(0\.\d\dM; base_channels 8, "
-                        r"channel_mults \(1, 2\)\); v prediction, cosine schedule, 1000 "
-                        r"timesteps", header[1]), header[1]
+                        r"channel_mults \(1, 2\)\); flow matching \(rectified flow\): "
+                        r"velocity prediction, logit-normal t \(0\.0, 1\.0\), shift 1\.0",
+                        header[1]), header[1]
     assert header[2] == "device: cpu, precision fp32, 1 process"
     assert header[3] == ("batch: 4 global, 4 per process; steps 0 -> 5, preview every 3, save "
                          "every 4 and at the last step")

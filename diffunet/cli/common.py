@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..config import UNetConfig, load_config, to_toml
+from ..config import UNetConfig, load_config, stored_config, to_toml
 from ..errors import ConfigError, UsageError
 from ..fileio import first_line, read_json, schema_problem
 
@@ -220,4 +220,5 @@ def resolve_run_config(items: Sequence[str], out_dir: str | None, resume: bool, 
         if problem is not None:
             raise ConfigError(f"{saved} is damaged ({problem}); give the run's CONFIG.toml "
                               "and overrides along with --resume") from None
+        stored_config(base)  # one from before formulations existed resumes as VP
     return load_config(config_path, overrides, base=base, root=root), run_dir
