@@ -10,12 +10,24 @@ names against each other first, reads any manifest within bounds (one line for a
 and locks the folder while it runs. Each case is data (tests/hostile.py); a case that succeeds
 lists what it may change, and everything else under its folder (the photos, the victim files)
 must be byte-for-byte as before.
+
+Single output files (diffunet/output_files.py): ``bench --json`` (default ``bench.json`` in the
+working folder) and ``--profile``, ``eval ... --json``, ``eval train-judge --out``, ``plot``
+(``--out`` or ``RUN/plot.png``), ``import DIR OUT`` and ``export``'s pipeline files are claimed
+before any work: an empty path, ``.``/``..``, a trailing separator, a folder, a missing parent
+folder, a link (dangling, to a user's file, to the command's own file), a FIFO, an input of the
+command and an existing file the command did not write (unless ``--overwrite``) are each one
+line, exit 2, nothing changed; the command's own earlier output (recognised by its content) is
+replaced; stale temporary files of an interrupted write are removed, live ones and look-alikes
+kept; ``export`` never writes through a linked ``unet/`` or ``scheduler/``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -290,6 +302,287 @@ CASES = [
 ]
 
 
+# ---------------------------------------------------------------------------------------------
+# Single output files: builders
+
+DEAD = 999_999_999  # a process number no system hands out (pid_max is at most 2**22)
+LIVE = 1  # init: always running
+BENCH = ["bench", "--config", "tiny", "--repeats", "1", "--warmup", "0", "--batch-size", "2",
+         "--sample-batch-size", "2", "--sample-steps", "1", "--threads", "1", "--no-memory",
+         "--only", "train", "--device", "cpu"]
+FID = ["eval", "fid", "{c}/gen", "--features", "builtin", "--no-progress", "--device", "cpu"]
+JUDGE = ["eval", "train-judge", "--steps", "1"]
+EXPORT = ["export", "{shared}/model.safetensors"]
+IMPORT = ["import", "{shared}/pipe"]
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+NOT_OURS_FILE = "exists and is not"
+A_LINK = "is a symbolic link; diffunet never writes through a link"
+NAMES_A_FOLDER = "names a folder, not a file"
+
+
+def files(contents: dict[str, str]):
+    """Files under the case folder, by relative path, with text contents."""
+    def build(c: Path, shared: Path) -> None:
+        for rel, text in contents.items():
+            path = c / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    return build
+
+
+def folder(rel: str):
+    def build(c: Path, shared: Path) -> None:
+        (c / rel).mkdir(parents=True, exist_ok=True)
+    return build
+
+
+def fifo_at(rel: str):
+    def build(c: Path, shared: Path) -> None:
+        (c / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(c / rel)
+    return build
+
+
+BENCH_RESULT = json.dumps({"written_by": "diffunet bench", "diffunet_version": "0", "unet": {},
+                           "flops": {}, "results": []})
+OLD_BENCH_RESULT = json.dumps({"diffunet_version": "0.1", "unet": {"base_channels": 16},
+                               "flops": {"nominal": 1.0}, "results": [
+                                   {"model": "diffunet", "what": "train"}]})
+EVAL_RESULT = json.dumps({"written_by": "diffunet eval", "fid": 1.0})
+
+
+def temporary(rel: str, pid: int = DEAD, legacy: bool = False, as_link_to: str = "",
+              tag: str = "0123abcd"):
+    """A temporary file of an interrupted write of ``rel`` by process ``pid``: this writer's
+    ``.diffunet-<name>.<pid>.<hex>.tmp`` or (``legacy``) fileio's ``.<name>.<pid>.<hex>.tmp``;
+    ``as_link_to``: a link with that name instead (``{c}`` expands)."""
+    def build(c: Path, shared: Path) -> None:
+        target = c / rel
+        name = (f".{target.name}.{pid}.{tag}.tmp" if legacy
+                else f".diffunet-{target.name}.{pid}.{tag}.tmp")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if as_link_to:
+            (target.parent / name).symlink_to(as_link_to.replace("{c}", str(c)))
+        else:
+            (target.parent / name).write_bytes(b"half of a file")
+    return build
+
+
+def run_log(rel: str = "run"):
+    """A run folder with a short log.jsonl."""
+    def build(c: Path, shared: Path) -> None:
+        (c / rel).mkdir(parents=True, exist_ok=True)
+        (c / rel / "log.jsonl").write_text("".join(
+            json.dumps({"step": 10 * i, "loss": 1.0 / i, "lr": 1e-3, "images_per_s": 100.0})
+            + "\n" for i in range(1, 6)))
+    return build
+
+
+def drawn_plot(rel: str = "run", legacy: bool = False):
+    """``rel/plot.png`` as ``diffunet plot`` draws it now, or (``legacy``) as it drew it before
+    it marked its PNGs (matplotlib's own Software text, at PLOT_SIZE)."""
+    def build(c: Path, shared: Path) -> None:
+        from diffunet.plots import PLOT_SIZE, plot_run
+
+        if not legacy:
+            plot_run(c / rel)
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+
+        fig = plt.figure(figsize=(PLOT_SIZE[0] / 100, PLOT_SIZE[1] / 100), dpi=100)
+        fig.savefig(c / rel / "plot.png", format="png", dpi=100)
+        plt.close(fig)
+    return build
+
+
+def exported(rel: str = "pipe"):
+    """A complete pipeline folder (a copy of the shared export)."""
+    def build(c: Path, shared: Path) -> None:
+        shutil.copytree(shared / "pipe", c / rel)
+    return build
+
+
+def interrupted_export(rel: str = "pipe"):
+    """What an export killed while writing its weights left: ``unet/`` holding only fileio's
+    temporary file of the weights, an empty ``scheduler/``."""
+    return both(folder(f"{rel}/scheduler"), temporary(
+        f"{rel}/unet/diffusion_pytorch_model.safetensors", legacy=True))
+
+
+PIPE = ["pipe/model_index.json", "pipe/unet/config.json",
+        "pipe/unet/diffusion_pytorch_model.safetensors", "pipe/scheduler/scheduler_config.json"]
+
+FILE_CASES = [
+    # -- bench --json (default bench.json in the working folder) and --profile ------------------
+    Case("bench-default-json-over-a-users-bench-json", BENCH,
+         ["--json bench.json exists and is not a diffunet bench result", "--json '' for none"],
+         build=files({"bench.json": '{"my": "numbers"}\n'})),
+    Case("bench-json-dot", [*BENCH, "--json", "."], ["--json . " + NAMES_A_FOLDER]),
+    Case("bench-json-dotdot", [*BENCH, "--json", ".."], ["--json .. " + NAMES_A_FOLDER]),
+    Case("bench-json-trailing-separator", [*BENCH, "--json", "{c}/d/"], [NAMES_A_FOLDER],
+         build=folder("d")),
+    Case("bench-json-an-existing-folder", [*BENCH, "--json", "{c}/d"],
+         ["d is a folder; give a file path such as", "d/bench.json"], build=folder("d")),
+    Case("bench-json-in-a-missing-folder", [*BENCH, "--json", "{c}/nope/b.json"],
+         ["the folder", "nope does not exist"]),
+    Case("bench-json-under-a-file", [*BENCH, "--json", "{c}/victim.png/b.json"],
+         ["victim.png is not a folder"], build=victim),
+    Case("bench-json-a-fifo", [*BENCH, "--json", "{c}/b.json"], ["is a FIFO, not a regular file"],
+         build=fifo_at("b.json"), timeout=30),
+    Case("bench-json-a-dangling-link", [*BENCH, "--json", "{c}/b.json"], [A_LINK],
+         build=link("b.json", "{c}/nowhere.json")),
+    Case("bench-json-a-link-to-a-users-file", [*BENCH, "--json", "{c}/b.json"], [A_LINK],
+         build=both(victim, link("b.json", "{c}/victim.png"))),
+    Case("bench-json-a-link-to-its-own-result", [*BENCH, "--json", "{c}/b.json"], [A_LINK],
+         build=both(files({"old.json": BENCH_RESULT}), link("b.json", "{c}/old.json"))),
+    Case("bench-json-replaces-its-own-result", BENCH, code=0,
+         build=files({"bench.json": BENCH_RESULT}), may_change=["bench.json"]),
+    Case("bench-json-replaces-an-older-diffunet-bench-result", BENCH, code=0,
+         build=files({"bench.json": OLD_BENCH_RESULT}), may_change=["bench.json"]),
+    Case("bench-json-removes-its-stale-temporary-keeps-live-ones", BENCH, code=0,
+         build=both(temporary("bench.json"), temporary("bench.json", pid=LIVE),
+                    temporary("bench.json", as_link_to="{c}/victim.png", tag="0badf00d"),
+                    victim),
+         may_change=["bench.json", f".diffunet-bench.json.{DEAD}.0123abcd.tmp"]),
+    Case("bench-json-and-a-users-temporary-look-alike", BENCH, code=0,
+         build=files({".diffunet-notes.txt.999999999.0123abcd.tmp": "mine",
+                        f".bench.json.{DEAD}.0123abcd.tmp": "fileio's, not this writer's"}),
+         may_change=["bench.json"]),
+    Case("bench-profile-over-a-users-trace", [*BENCH, "--json", "", "--profile", "{c}/p"],
+         ["--profile", "p.train.json exists and is not a diffunet bench trace",
+          "give another --profile PREFIX"], build=files({"p.train.json": '{"traceEvents": []}'})),
+    Case("bench-profile-trace-a-link", [*BENCH, "--json", "", "--profile", "{c}/p"], [A_LINK],
+         build=both(victim, link("p.train.json", "{c}/victim.png"))),
+    Case("bench-json-is-a-profile-trace", [*BENCH, "--json", "{c}/p.train.json",
+                                           "--profile", "{c}/p"], ["name the same file"]),
+    # -- eval --json, eval train-judge --out ----------------------------------------------------
+    Case("eval-json-empty", [*FID, "--json", ""], ["--json is empty; give a file path"]),
+    Case("eval-json-dot", [*FID, "--json", "."], ["--json . " + NAMES_A_FOLDER]),
+    Case("eval-json-a-users-notes", [*FID, "--json", "{c}/notes.json"],
+         ["is not a diffunet eval result; give a new file name (it is left as it is)"],
+         build=files({"notes.json": '{"my": "notes"}'})),
+    Case("eval-json-a-link-to-its-own-result", [*FID, "--json", "{c}/r.json"], [A_LINK],
+         build=both(files({"old.json": EVAL_RESULT}), link("r.json", "{c}/old.json"))),
+    Case("eval-json-a-fifo", [*FID, "--json", "{c}/r.json"], ["a FIFO"],
+         build=fifo_at("r.json"), timeout=30),
+    Case("eval-bpd-json-in-a-missing-folder",
+         ["eval", "bpd", "{shared}/model.safetensors", "--json", "{c}/no/r.json"],
+         ["no does not exist"]),
+    Case("eval-nfe-json-a-folder", ["eval", "nfe", "{shared}/model.safetensors", "--json",
+                                    "{c}/d"], ["is a folder"], build=folder("d")),
+    Case("train-judge-out-dot", [*JUDGE, "--out", "."], ["--out . " + NAMES_A_FOLDER]),
+    Case("train-judge-out-a-users-file", [*JUDGE, "--out", "{c}/victim.png"],
+         ["--out", "victim.png exists; give a new file name, or --overwrite to replace it"],
+         build=victim),
+    Case("train-judge-overwrite-a-link", [*JUDGE, "--out", "{c}/j.safetensors", "--overwrite"],
+         [A_LINK], build=both(victim, link("j.safetensors", "{c}/victim.png"))),
+    Case("train-judge-overwrite-a-folder", [*JUDGE, "--out", "{c}/d", "--overwrite"],
+         ["is a folder"], build=folder("d")),
+    Case("train-judge-out-and-json-one-file", [*JUDGE, "--out", "{c}/j", "--json", "{c}/j"],
+         ["--out", "and --json", "name the same file"]),
+    # -- plot ------------------------------------------------------------------------------------
+    Case("plot-out-empty", ["plot", "{c}/run", "--out", ""], ["--out is empty"],
+         build=run_log()),
+    Case("plot-out-dot", ["plot", "{c}/run", "--out", "."], ["--out . " + NAMES_A_FOLDER],
+         build=run_log()),
+    Case("plot-default-over-a-users-plot-png", ["plot", "{c}/run"],
+         ["run/plot.png exists and is not a diffunet plot", "give --out FILE, or --overwrite"],
+         build=both(run_log(), photos_in("run", "plot.png"))),
+    Case("plot-default-plot-png-a-link", ["plot", "{c}/run", "--overwrite"], [A_LINK],
+         build=both(run_log(), victim, link("run/plot.png", "{c}/victim.png"))),
+    Case("plot-default-plot-png-a-folder", ["plot", "{c}/run"], ["plot.png is a folder"],
+         build=both(run_log(), folder("run/plot.png"))),
+    Case("plot-out-the-log-itself", ["plot", "{c}/run", "--out", "{c}/run/log.jsonl",
+                                     "--overwrite"], ["is the input", "even with --overwrite"],
+         build=run_log()),
+    Case("plot-out-a-hard-link-to-the-log", ["plot", "{c}/run", "--out", "{c}/l.png",
+                                             "--overwrite"], ["is the input"],
+         build=both(run_log(), hard_link("l.png", "run/log.jsonl"))),
+    Case("plot-out-a-link-to-a-users-file", ["plot", "{c}/run", "--out", "{c}/p.png",
+                                             "--overwrite"], [A_LINK],
+         build=both(run_log(), victim, link("p.png", "{c}/victim.png"))),
+    Case("plot-out-a-fifo", ["plot", "{c}/run", "--out", "{c}/p.png", "--overwrite"],
+         ["a FIFO"], build=both(run_log(), fifo_at("p.png")), timeout=30),
+    Case("plot-out-in-a-missing-folder", ["plot", "{c}/run", "--out", "{c}/no/p.png"],
+         ["no does not exist"], build=run_log()),
+    # -- import DIR OUT --------------------------------------------------------------------------
+    Case("import-out-dot", [*IMPORT, "."], ["OUT . " + NAMES_A_FOLDER]),
+    Case("import-out-dotdot-with-overwrite", [*IMPORT, "..", "--overwrite"],
+         ["OUT .. " + NAMES_A_FOLDER]),
+    Case("import-out-a-users-file", [*IMPORT, "{c}/victim.png"],
+         ["exists; give a new file name, or --overwrite to replace it"], build=victim),
+    Case("import-out-a-link-with-overwrite", [*IMPORT, "{c}/m.safetensors", "--overwrite"],
+         [A_LINK], build=both(victim, link("m.safetensors", "{c}/victim.png"))),
+    Case("import-out-a-dangling-link", [*IMPORT, "{c}/m.safetensors"], [A_LINK],
+         build=link("m.safetensors", "{c}/nowhere")),
+    Case("import-out-a-fifo-with-overwrite", [*IMPORT, "{c}/m.safetensors", "--overwrite"],
+         ["a FIFO"], build=fifo_at("m.safetensors"), timeout=30),
+    Case("import-out-its-own-input-with-overwrite",
+         ["import", "{c}/pipe", "{c}/pipe/unet/diffusion_pytorch_model.safetensors",
+          "--overwrite"], ["is the input", "diffusion_pytorch_model.safetensors"],
+         build=exported()),
+    Case("import-out-in-a-missing-folder", [*IMPORT, "{c}/no/m.safetensors"],
+         ["no does not exist"]),
+    Case("import-overwrite-replaces-a-file", [*IMPORT, "{c}/m.safetensors", "--overwrite"],
+         code=0, build=files({"m.safetensors": "an older model"}),
+         may_change=["m.safetensors"]),
+    # -- export MODEL DIR ------------------------------------------------------------------------
+    Case("export-overwrite-unet-a-link-to-a-users-folder",
+         [*EXPORT, "{c}/pipe", "--overwrite"], ["pipe/unet", A_LINK],
+         build=both(files({"mine/config.json": "{}", "pipe/keep.txt": "x"}),
+                    link("pipe/unet", "{c}/mine"))),
+    Case("export-scheduler-a-link-to-a-users-empty-folder", [*EXPORT, "{c}/pipe"],
+         ["pipe/scheduler", A_LINK],
+         build=both(folder("mine"), link("pipe/scheduler", "{c}/mine"))),
+    Case("export-overwrite-unet-a-file", [*EXPORT, "{c}/pipe", "--overwrite"],
+         ["pipe/unet is not a folder"], build=files({"pipe/unet": "a file"})),
+    Case("export-overwrite-model-index-a-link", [*EXPORT, "{c}/pipe", "--overwrite"],
+         ["model_index.json", A_LINK],
+         build=both(exported(), victim, link("pipe/model_index.json", "{c}/victim.png"))),
+    Case("export-overwrite-unet-config-a-fifo", [*EXPORT, "{c}/pipe", "--overwrite"],
+         ["unet/config.json exists and is a FIFO"],
+         build=both(folder("pipe/scheduler"), fifo_at("pipe/unet/config.json")), timeout=30),
+    Case("export-rerun-after-an-interrupted-export", [*EXPORT, "{c}/pipe"], code=0,
+         build=interrupted_export(), may_change=["pipe"]),
+    Case("export-overwrite-rerun-after-an-interrupted-export", [*EXPORT, "{c}/pipe",
+                                                                "--overwrite"], code=0,
+         build=interrupted_export(), may_change=["pipe"]),
+    Case("export-overwrite-removes-its-leftovers", [*EXPORT, "{c}/pipe", "--overwrite"], code=0,
+         build=both(exported(), temporary("pipe/unet/config.json"),
+                    temporary("pipe/model_index.json", legacy=True)),
+         may_change=PIPE + [f"pipe/unet/.diffunet-config.json.{DEAD}.0123abcd.tmp",
+                            f"pipe/.model_index.json.{DEAD}.0123abcd.tmp"]),
+    Case("export-keeps-a-live-writers-temporary", [*EXPORT, "{c}/pipe"], ["is not empty"],
+         build=temporary("pipe/unet/config.json", pid=LIVE)),
+    Case("export-a-users-look-alike-is-not-a-leftover", [*EXPORT, "{c}/pipe"], ["is not empty"],
+         build=temporary("pipe/unet/notes.txt", legacy=True)),
+    Case("export-overwrite-keeps-a-planted-leftover-link", [*EXPORT, "{c}/pipe", "--overwrite"],
+         code=0, build=both(victim, temporary("pipe/unet/config.json",
+                                              as_link_to="{c}/victim.png")),
+         may_change=PIPE + ["pipe/scheduler"]),
+]
+if HAS_MATPLOTLIB:
+    FILE_CASES += [
+        Case("plot-default-refreshes-its-own-plot-png", ["plot", "{c}/run"], code=0,
+             build=both(run_log(), drawn_plot()), may_change=["run/plot.png"]),
+        Case("plot-default-refreshes-an-older-diffunet-plot-png", ["plot", "{c}/run"], code=0,
+             build=both(run_log(), drawn_plot(legacy=True)), may_change=["run/plot.png"]),
+        Case("plot-out-never-replaces-its-own-earlier-png-unasked",
+             ["plot", "{c}/run", "--out", "{c}/run/plot.png"],
+             ["--out", "exists; give a new file name, or --overwrite"],
+             build=both(run_log(), drawn_plot())),
+    ]
+if os.geteuid() != 0:  # root writes in a read-only folder: test_unwritable_folder covers it
+    FILE_CASES += [
+        Case("bench-json-in-a-read-only-folder", [*BENCH, "--json", "{c}/ro/b.json"],
+             ["cannot write in", "permission denied"],
+             build=lambda c, shared: ((c / "ro").mkdir(), (c / "ro").chmod(0o555))),
+    ]
+CASES += FILE_CASES
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile_outputs")
@@ -302,6 +595,9 @@ def results(tmp_path_factory):
     diffunet.save_model(shared / "seg.safetensors", seg, None, extra={"segmentation": {
         "num_classes": 2, "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 8,
         "channels": 3}})
+    from diffunet.interop import export_diffusers
+
+    export_diffusers(shared / "model.safetensors", shared / "pipe")
     (shared / "locked").mkdir()
     lock = FolderLock(shared / "locked")  # another diffunet run, as far as the cases can tell
     try:
@@ -368,3 +664,103 @@ def test_the_lock_is_released_when_the_command_ends(tmp_path) -> None:
     assert main(["sample", str(shared_model), "--num-samples", "1", "--steps", "2",
                  "--out-dir", str(out), "--no-progress", "--device", "cpu"]) == 0
     FolderLock(out).close()  # free again: the command let go of it
+
+
+# ---------------------------------------------------------------------------------------------
+# Single output files: what the cases left
+
+
+def test_no_temporary_file_of_a_claim_is_left_behind(results) -> None:
+    # refused or done, a command removes its own temporary file; only planted ones remain
+    for case in FILE_CASES:
+        r = results[1][case.id]
+        left = {k for k in r.after if ".diffunet-" in k} - set(r.before)
+        assert left == set(), (case.id, left)
+
+
+def test_stale_temporaries_are_removed_live_ones_and_look_alikes_kept(results) -> None:
+    cases = results[0]
+    c = cases / "bench-json-removes-its-stale-temporary-keeps-live-ones"
+    assert not (c / f".diffunet-bench.json.{DEAD}.0123abcd.tmp").exists()
+    assert (c / f".diffunet-bench.json.{LIVE}.0123abcd.tmp").read_bytes() == b"half of a file"
+    assert (c / f".diffunet-bench.json.{DEAD}.0badf00d.tmp").is_symlink()  # never followed
+    assert (c / "victim.png").read_bytes() == b"someone else's file"
+
+
+def test_export_removes_its_own_leftovers_and_keeps_planted_links(results) -> None:
+    # what an interrupted export left in unet/ is removed by the rerun, plain or --overwrite
+    cases = results[0]
+    for cid in ("export-rerun-after-an-interrupted-export",
+                "export-overwrite-rerun-after-an-interrupted-export"):
+        pipe = cases / cid / "pipe"
+        assert sorted(p.name for p in (pipe / "unet").iterdir()) == [
+            "config.json", "diffusion_pytorch_model.safetensors"], cid
+    pipe = cases / "export-overwrite-removes-its-leftovers" / "pipe"
+    assert not [p for p in pipe.rglob("*.tmp")]
+    pipe = cases / "export-overwrite-keeps-a-planted-leftover-link" / "pipe"
+    assert (pipe / "unet" / f".diffunet-config.json.{DEAD}.0123abcd.tmp").is_symlink()
+    assert json.loads((pipe / "unet" / "config.json").read_text())["_class_name"] == "UNet2DModel"
+
+
+def test_its_own_earlier_output_was_replaced_with_a_marked_one(results) -> None:
+    cases = results[0]
+    for cid in ("bench-json-replaces-its-own-result",
+                "bench-json-replaces-an-older-diffunet-bench-result",
+                "bench-json-removes-its-stale-temporary-keeps-live-ones"):
+        doc = json.loads((cases / cid / "bench.json").read_text())
+        assert doc["written_by"] == "diffunet bench" and doc["results"], cid
+    m = cases / "import-overwrite-replaces-a-file" / "m.safetensors"
+    assert diffunet.load_model(m)[0].config.image_size == TINY["image_size"]
+    if HAS_MATPLOTLIB:
+        from diffunet.plots import is_own_plot
+
+        for cid in ("plot-default-refreshes-its-own-plot-png",
+                    "plot-default-refreshes-an-older-diffunet-plot-png"):
+            png = cases / cid / "run" / "plot.png"
+            with open(png, "rb") as f:
+                head = f.read(4096)
+            assert b"diffunet plot" in head, cid
+
+
+def test_a_folder_it_cannot_write_in_is_one_line(tmp_path, monkeypatch, capsys) -> None:
+    # root writes in a chmod 555 folder, so the refusal of the temporary file is simulated
+    from diffunet import output_files
+    from diffunet.cli import main
+
+    real_open = output_files.OpenFolder.open
+
+    def read_only(self, name, flags, mode=0o666):
+        if flags & os.O_CREAT:
+            raise OSError(30, "Read-only file system", name)
+        return real_open(self, name, flags, mode)
+
+    monkeypatch.setattr(output_files.OpenFolder, "open", read_only)
+    monkeypatch.chdir(tmp_path)
+    assert main([*BENCH, "--json", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write in" in err and "read-only file system" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path) -> None:
+    from diffunet.output_files import claim_file
+
+    (tmp_path / "r.json").write_text("old")
+    with pytest.raises(RuntimeError):
+        with claim_file(tmp_path / "r.json", overwrite=True) as out, out.open() as f:
+            f.write(b"half")
+            raise RuntimeError("the disk filled up")
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    assert (tmp_path / "r.json").read_text() == "old"
+
+
+def test_a_file_that_appears_while_it_runs_is_kept(tmp_path) -> None:
+    from diffunet.errors import UsageError
+    from diffunet.output_files import claim_file
+
+    with claim_file(tmp_path / "r.json", flag="--json") as out:
+        (tmp_path / "r.json").write_text("the user's, written meanwhile")
+        with pytest.raises(UsageError, match="appeared while diffunet ran"):
+            out.write_bytes(b"{}")
+    assert (tmp_path / "r.json").read_text() == "the user's, written meanwhile"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]

@@ -626,22 +626,27 @@ def test_the_readme_coming_from_diffusers_commands_run(tmp_path):
     # Every command of the README's section, as written, on a tiny model at the path it names.
     # The two that need the network (a Hub push, the published CIFAR-10 model) are exercised
     # offline by test_export_push_to_hub and test_import_from_a_hub_repo_id; the sample line then
-    # samples the file imported from the local export instead.
+    # samples the file imported from the local export instead. The train line runs as --dry-run
+    # (its config is checked); a tiny VP model file stands in for the weights it would write.
     commands = _readme_commands("Coming from diffusers")
     assert [c.split()[:2] for c in commands] == [
-        ["diffunet", "export"], ["python", "-c"], ["diffunet", "export"], ["diffunet", "import"],
-        ["diffunet", "import"], ["diffunet", "sample"]]
-    (tmp_path / "runs/shapes/weights").mkdir(parents=True)
-    model_file(tmp_path / "runs/shapes/weights/model_step0002000.safetensors",
-               {"spacing": "trailing", "clip_x0": True})
+        ["diffunet", "train"], ["diffunet", "export"], ["python", "-c"], ["diffunet", "export"],
+        ["diffunet", "import"], ["diffunet", "import"], ["diffunet", "sample"]]
     for command in commands:
         if "--push-to-hub" in command or "google/" in command:
             continue
+        if command.startswith("diffunet train"):
+            command += " --dry-run"
         argv = shlex.split(command.replace("cifar10.safetensors", "back.safetensors"))
         exe = [sys.executable, "-m", "diffunet"] if argv[0] == "diffunet" else [sys.executable]
         r = subprocess.run([*exe, *argv[1:]], cwd=tmp_path, env=cpu_env(), capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 0, (command, r.stderr)
+        if argv[1] == "train":
+            assert 'formulation = "vp"' in r.stdout, r.stdout  # what the export below needs
+            (tmp_path / "runs/shapes/weights").mkdir(parents=True)
+            model_file(tmp_path / "runs/shapes/weights/model_step0002000.safetensors",
+                       {"spacing": "trailing", "clip_x0": True})
     assert (tmp_path / "shapes-pipeline" / "model_index.json").is_file()
     with Image.open(tmp_path / "x.png") as img:
         assert img.size == (8, 8)
