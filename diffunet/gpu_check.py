@@ -41,7 +41,7 @@ import torch
 from .bench import PRESETS, BenchOptions, benchmark
 from .config import RunConfig, load_config
 from .errors import FolderError
-from .output_files import claim_file
+from .output_files import claim_file, open_folder
 from .runs import cpu_requested, pick_device
 from .unet import UNet
 
@@ -211,14 +211,14 @@ def gpu_check(out_dir: str | Path, *, device: str | None = None, quick: bool = F
         raise FolderError(f"--gpu-check {out} is not an empty folder; give a new one (the "
                           "check writes gpu_check.json, gpu_check.md, train/, samples/ and "
                           "sync_run/ there)")
-    out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as claims:  # the result files, claimed before the work
+        folder = claims.enter_context(open_folder(out, label=f"--gpu-check {out}", create=True))
         files = {name: claims.enter_context(claim_file(out / name, flag="--gpu-check",
-                                                      example=name))
+                                                      example=name, folder=folder))
                  for name in ("gpu_check.json", "gpu_check.md")}
         result = _check(out, device, quick, say)
-        files["gpu_check.json"].write_bytes((json.dumps(result, indent=2) + "\n").encode())
-        files["gpu_check.md"].write_bytes((markdown(result) + "\n").encode())
+        files["gpu_check.json"].write((json.dumps(result, indent=2) + "\n").encode())
+        files["gpu_check.md"].write((markdown(result) + "\n").encode())
     return result
 
 

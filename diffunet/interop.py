@@ -670,14 +670,14 @@ def export_diffusers(model_file: str | os.PathLike, folder: str | os.PathLike, *
             overwrite=True if overwrite else False, fix="choose another DIR, or pass "
             "--overwrite")) for rel in files}
         tensors = state_to_diffusers(loaded.net.state_dict(), cfg)
-        out[f"unet/{WEIGHTS}"].write_bytes(tensor_file_bytes(tensors, {"format": "pt"}))
+        out[f"unet/{WEIGHTS}"].write(tensor_file_bytes(tensors, {"format": "pt"}))
         del tensors
-        out["unet/config.json"].write_bytes(_json_bytes(
+        out["unet/config.json"].write(_json_bytes(
             {"_class_name": "UNet2DModel", "_diffusers_version": version, **unet_config}))
-        out["scheduler/scheduler_config.json"].write_bytes(_json_bytes(
+        out["scheduler/scheduler_config.json"].write(_json_bytes(
             {"_class_name": scheduler_name, "_diffusers_version": version, **scheduler}))
         if pipeline is not None:
-            out["model_index.json"].write_bytes(_json_bytes(
+            out["model_index.json"].write(_json_bytes(
                 {"_class_name": pipeline, "_diffusers_version": version,
                  "scheduler": ["diffusers", scheduler_name],
                  "unet": ["diffusers", "UNet2DModel"]}))
@@ -770,7 +770,7 @@ def _import(folder: Path, unet_dir: Path, out_file: OutputFile, source: str | No
     if bad:
         raise ModelFileError(f"{weights}: tensor {bad[0]} holds NaN or inf values")
     sample_settings = to_dict(SampleConfig(**sample))
-    out_file.write_bytes(model_file_bytes(net, make_schedule(schedule_cfg), extra={
+    out_file.write(model_file_bytes(net, make_schedule(schedule_cfg), extra={
         "run_config": {"sample": sample_settings},
         "imported_from": {"diffusers": source or os.path.basename(os.path.abspath(folder)),
                           "scheduler": None if scheduler is None

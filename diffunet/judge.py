@@ -455,10 +455,10 @@ def save_judge(judge: Judge, path: str | os.PathLike | OutputFile) -> str:
     meta[_HASH_KEY] = _digest(meta, tensors)
     data = tensor_file_bytes(tensors, meta)
     if isinstance(path, OutputFile):
-        path.write_bytes(data)
+        path.write(data)
     else:
         with claim_file(path, example="judge.safetensors", overwrite=True) as out:
-            out.write_bytes(data)
+            out.write(data)
     return meta[_HASH_KEY]
 
 

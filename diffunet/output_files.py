@@ -24,7 +24,7 @@ rename) works relative to that descriptor, so a folder swapped for a link meanwh
 followed. It removes the stale temporary files of earlier interrupted writes of the same name
 (:func:`remove_stale_temporaries`) and creates the new one, ``.diffunet-<name>.<pid>.<hex>.tmp``
 (``O_CREAT | O_EXCL | O_NOFOLLOW``, under an ``flock`` while it lives), so a read-only or full
-folder is found before the work too. :meth:`OutputFile.write_bytes` (or :meth:`OutputFile.open`)
+folder is found before the work too. :meth:`OutputFile.write` (or :meth:`OutputFile.open`)
 fills it, flushes it to disk (fsync) and puts it in place: a new file by a hard link that fails
 if anything appeared under the name meanwhile, an earlier file by a rename over it after checking
 it is still the claimed file; then the folder is flushed. A failure, an interrupt, or a claim
@@ -33,8 +33,9 @@ name removes it (its lock is free and its process gone; a temporary whose writer
 kept). Where the platform has no ``dir_fd`` or ``flock`` (Windows) names are joined to the
 folder's path and stale temporaries are kept.
 
-``tests/test_layout.py`` checks that no command writes a file any other way (an AST scan with
-an explicit allow-list for the files written inside claimed output and run folders).
+``tests/test_layout.py`` checks that no command writes a file any other way: an AST scan of the
+package for every way to write a file, each accepted only where its ``WRITERS`` table names
+the module and the kind, with the reason (this module, output folders, the run folder, caches).
 """
 
 from __future__ import annotations
@@ -358,7 +359,7 @@ def _kind(mode: int) -> str:
 
 
 class OutputFile:
-    """An output file claimed by :func:`claim_file`: write it once with :meth:`write_bytes` or
+    """An output file claimed by :func:`claim_file`: write it once with :meth:`write` or
     :meth:`open`; use it as a context manager (or call :meth:`close`) so that a command that
     fails before writing leaves nothing behind."""
 
@@ -380,8 +381,10 @@ class OutputFile:
         """(device, inode) of its folder and its name: two claims of one file are equal."""
         return (*self._folder.identity(), self._name)
 
-    def write_bytes(self, data: bytes) -> None:
-        """Write ``data`` as the file (atomically and durably, see the module doc)."""
+    def write(self, data: bytes) -> None:
+        """Write ``data`` as the file (atomically and durably, see the module doc). (Not named
+        ``write_bytes``: tests/test_layout.py takes that for ``Path.write_bytes``, a write by
+        path.)"""
         with self.open() as f:
             f.write(data)
 

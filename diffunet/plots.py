@@ -139,7 +139,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
                            fix="give --out FILE, or --overwrite to replace it")
     with claim:
         png = _draw(read_curves(run_dir), run_dir, smoothing)
-        claim.write_bytes(png)
+        claim.write(png)
     return claim.path
 
 

@@ -761,6 +761,6 @@ def test_a_file_that_appears_while_it_runs_is_kept(tmp_path) -> None:
     with claim_file(tmp_path / "r.json", flag="--json") as out:
         (tmp_path / "r.json").write_text("the user's, written meanwhile")
         with pytest.raises(UsageError, match="appeared while diffunet ran"):
-            out.write_bytes(b"{}")
+            out.write(b"{}")
     assert (tmp_path / "r.json").read_text() == "the user's, written meanwhile"
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]

@@ -1,7 +1,8 @@
 """docs/design.md's layout and house rules, enforced: who may import whom, one home per heavy
 dependency, no private names across modules, printing and argument parsing only in the command
 line, lazy commands, one home per formulation (nothing outside ``diffunet/formulations/`` asks
-which formulation a model is; no formulation module imports another's), and the README's library
+which formulation a model is; no formulation module imports another's), one output rule (no
+module writes a file but as ``WRITERS`` allows, with its reason), and the README's library
 example running as written.
 
 The import graph is read from the source (every ``import`` statement, at module level or inside
@@ -380,6 +381,385 @@ def test_the_deprecated_formulation_modules_warn_and_give_the_same_objects(
         module = importlib.import_module(old)
     target = importlib.import_module(new)
     assert all(getattr(module, n) is getattr(target, n) for n in names)
+
+
+# ---------------------------------------------------------------------------------------------
+# One output rule (issue 23): a command writes its files through diffunet/output_files.py
+# (single files, and the files export writes into a pipeline folder) or diffunet/outputs.py
+# (output folders), or inside the run folder the harness holds. The scan finds every way
+# Python and the libraries diffunet uses create, fill, replace, link or remove a file, and every
+# call from a command module (a layer above ``state``) of a low-level path writer (a top-level
+# function of ``state`` or a layer below it that writes, directly or through another); each is
+# accepted only where WRITERS lists the module and the kind, with the reason.
+
+WRITERS: dict[str, dict[str, str]] = {
+    # -- the rule itself ------------------------------------------------------------------------
+    "output_files": {
+        "os.open O_CREAT/O_WRONLY": "the rule: OpenFolder.open, at the folder's descriptor",
+        ".open O_CREAT/O_WRONLY": "the rule: each temporary is created O_EXCL|O_NOFOLLOW at the "
+                                  "claimed folder's descriptor",
+        "os.fdopen 'w'": "the rule: fills the temporary it created",
+        "os.unlink": "the rule: OpenFolder.unlink, at the folder's descriptor",
+        ".unlink": "the rule: removes its own temporaries (stale ones only when their writer is "
+                   "gone and their lock free)",
+        "os.link": "the rule: a new file appears by a hard link that fails if the name was "
+                   "taken meanwhile",
+        "os.replace": "the rule: its own earlier file is replaced by a rename at the folder's "
+                      "descriptor, after checking it is still the claimed file",
+        "os.mkdir": "the rule: a sub-folder is made at its parent's descriptor, then opened "
+                    "without following a link",
+        ".mkdir": "open_folder(create=True): the folder the user named (bench --gpu-check DIR), "
+                  "made before it is opened and checked",
+    },
+    "outputs": {
+        "os.unlink": "output folders: removes only the files its manifest lists (a link "
+                     "unlinked, never followed), at the folder's descriptor",
+        ".mkdir": "output folders: --out-dir as the user named it, made before it is locked "
+                  "and checked",
+        "uses fileio.atomic_write_bytes": "the manifest, by path inside the locked folder "
+                                           "(to move to the folder's descriptor)",
+    },
+    # -- low-level writers: each writes where its caller says, and the callers are checked ------
+    "fileio": {
+        "open 'w'": "atomic_writer: a new temporary ('x': never over anything) beside the path "
+                    "the caller checked",
+        "os.replace": "atomic_writer: the temporary renamed over the caller's path",
+        ".unlink": "atomic_writer: its own temporary, after a failure",
+        ".mkdir": "atomic_save_image: the image's folder, inside an output the caller holds",
+    },
+    "state": {
+        ".mkdir": "begin_state: state/.tmp-stepN/ inside the locked run folder",
+        ".unlink": "the harness's own leftovers and pruned states (a link unlinked, never "
+                   "followed)",
+        "shutil.rmtree": "the harness's own state/.tmp-* folders and pruned states",
+        "os.rename": "a state folder committed or discarded by an atomic rename",
+        ".write_text": "trainer.json inside state/.tmp-stepN/, the folder it just made",
+        "save_file": "the tensors of a state inside state/.tmp-stepN/",
+    },
+    "data": {
+        "download=": "torchvision fetches a named data set into data.path when data.download "
+                     "asks (its own files, checked by torchvision)",
+    },
+    # -- commands: caches, temporary folders, the run folder ------------------------------------
+    "bench": {
+        "tempfile.TemporaryDirectory": "torch writes a profiler trace only by path: into a "
+                                       "private temporary folder, then copied through the "
+                                       "claimed --profile file",
+        "prof.export_chrome_trace": "into that private temporary folder",
+    },
+    "interop": {
+        "hub.snapshot_download": "import of a Hub model id: Hugging Face's own cache, JSON "
+                                 "and safetensors files only",
+        "tempfile.TemporaryDirectory": "load_model of a diffusers folder converts it in a "
+                                       "private temporary folder",
+    },
+    "evaluation": {
+        ".mkdir": "the feature and weights cache (~/.cache/diffunet or --cache-dir)",
+        "uses fileio.atomic_writer": "the Inception weights downloaded into that cache, "
+                                      "atomically",
+        "uses checkpoint.write_tensor_file": "reference features cached under a name of "
+                                              "their fingerprint in that cache",
+        "download=": "load_inception's download flag: fetches the weights into that cache",
+    },
+    "runs": {
+        ".mkdir": "the run folder (before its lock) and its sub-folders",
+        ".touch": "a .shared-<random> marker, to check that every node sees the run folder",
+        ".unlink": "that marker, after the check",
+        ".rmdir": "a run folder this run created and never wrote to, if still empty",
+        "open 'w'": "log.jsonl appended inside the locked run folder",
+        "uses fileio.atomic_write_bytes": "config.json, the trimmed log.jsonl and the W&B id "
+                                           "inside the locked run folder",
+        "uses state.clear_leftovers": "the harness's own leftovers in the run folder",
+        "uses state.begin_state": "state/.tmp-stepN/ inside the locked run folder",
+        "uses state.save_tensors": "a state's tensors inside state/.tmp-stepN/",
+        "uses state.write_json": "a state's trainer.json inside state/.tmp-stepN/",
+        "uses state.commit_state": "a state renamed into place inside the run folder",
+        "SummaryWriter": "TensorBoard event files in the run folder's tensorboard/",
+        "wandb.init": "W&B's files in the run folder's wandb/ (dir=)",
+    },
+    "training": {
+        "uses images.save_grid": "samples/stepN.png inside the locked run folder",
+        "uses checkpoint.save_model": "weights/model_stepN.safetensors inside the locked run "
+                                       "folder",
+    },
+    "segmentation.training": {
+        "uses checkpoint.save_model": "weights/model_stepN.safetensors inside the locked run "
+                                       "folder",
+    },
+    # -- output folders written by path (to move to the folder's descriptor) --------------------
+    "sampling": {
+        "uses images.save_grid": "grid.png inside the locked output folder",
+        "uses images.save_image": "sample images inside the locked output folder",
+    },
+    "inspection": {
+        "uses images.save_image": "input.png and noised.png inside the locked output folder",
+        "uses fileio.atomic_save_image": "feature maps inside the locked output folder",
+        "uses fileio.atomic_write_bytes": "stats.txt inside the locked output folder",
+    },
+    "segmentation.predict": {
+        "uses images.save_mask": "masks inside the locked output folder",
+        "uses fileio.atomic_save_image": "overlays inside the locked output folder",
+    },
+}
+"""module (dotted, inside the package) -> {kind: why it may write that way}. A kind is a
+primitive (``open 'w'``, ``os.replace``, ``.mkdir``, ``.save``, ...: a method by its name,
+whatever the receiver) or ``uses M.f``
+for a low-level path writer ``f`` of module ``M``. An entry nothing uses fails a test too."""
+
+_READ_FLAGS = {"O_RDONLY", "O_DIRECTORY", "O_NONBLOCK", "O_NOFOLLOW", "O_CLOEXEC", "O_NOCTTY",
+               "O_BINARY", "O_NOINHERIT", "O_NOATIME", "O_PATH", "_DIRECTORY", "_NONBLOCK",
+               "_NOFOLLOW", "_CLOEXEC", "os", "getattr"}
+_OS_WRITES = {"replace", "rename", "renames", "link", "symlink", "mkdir", "makedirs", "remove",
+              "unlink", "rmdir", "removedirs", "truncate", "mkfifo", "mknod", "chmod", "chown",
+              "lchown"}
+_SHUTIL_WRITES = {"copy", "copy2", "copyfile", "copytree", "move", "rmtree", "copymode",
+                  "copystat", "make_archive", "unpack_archive"}
+_PATH_WRITES = {"write_text", "write_bytes", "touch", "mkdir", "symlink_to", "hardlink_to",
+                "link_to", "unlink", "rmdir"}
+_TEMPFILES = {"NamedTemporaryFile", "TemporaryFile", "mkstemp", "mkdtemp", "TemporaryDirectory"}
+_LIBRARY_WRITERS = {"save_file", "save_pretrained", "export_chrome_trace", "export_stacks",
+                    "to_json_file", "SummaryWriter", "snapshot_download", "hf_hub_download",
+                    "urlretrieve", "FileHandler", "tofile", "savetxt", "savez",
+                    "savez_compressed"}
+
+
+def _mode_writes(node: ast.AST | None) -> bool:
+    """Whether an ``open`` mode may write (absent: it reads; not a literal: it may)."""
+    if node is None:
+        return False
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return any(c in node.value for c in "wax+")
+    return True
+
+
+def _flags_write(node: ast.AST | None) -> bool:
+    """Whether ``os.open``-style flags may write: anything but known read-only flags may."""
+    if node is None:
+        return False
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return _mode_writes(node)  # tarfile.open(name, "w") and the like
+    names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+    names |= {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+    names |= {n.value for n in ast.walk(node) if isinstance(n, ast.Constant)
+              and isinstance(n.value, str)}
+    return bool(names - _READ_FLAGS)
+
+
+def _arg(call: ast.Call, index: int, keyword: str) -> ast.AST | None:
+    if len(call.args) > index:
+        return call.args[index]
+    return next((k.value for k in call.keywords if k.arg == keyword), None)
+
+
+def _in_memory(tree: ast.AST) -> set[str]:
+    """Names a module binds to an in-memory buffer (``buf = io.BytesIO()``): an image or a
+    figure saved into one is no file."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+            f = node.value.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+            if name in ("BytesIO", "StringIO"):
+                found |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return found
+
+
+def _primitive(call: ast.Call, buffers: set[str]) -> str | None:
+    """The kind of file write ``call`` is (see :data:`WRITERS`), or None."""
+    f = call.func
+    if isinstance(f, ast.Name):
+        name, owner = f.id, None
+    elif isinstance(f, ast.Attribute):
+        name, owner = f.attr, (f.value.id if isinstance(f.value, ast.Name) else "")
+    else:
+        return None
+    if name in ("open", "FileIO") and owner in (None, "io", "builtins"):
+        target = _arg(call, 0, "file")
+        if isinstance(target, ast.Attribute) and target.attr == "devnull":
+            return None  # os.devnull is no file
+        return "open 'w'" if _mode_writes(_arg(call, 1, "mode")) else None
+    if name == "open" and owner == "os":
+        return "os.open O_CREAT/O_WRONLY" if _flags_write(_arg(call, 1, "flags")) else None
+    if name == "fdopen":
+        return "os.fdopen 'w'" if _mode_writes(_arg(call, 1, "mode")) else None
+    if name == "open":  # a method: OpenFolder.open(name, flags), Path.open(mode), Image.open
+        if len(call.args) >= 2:
+            return ".open O_CREAT/O_WRONLY" if _flags_write(call.args[1]) else None
+        mode = call.args[0] if call.args else _arg(call, 99, "mode")
+        if isinstance(mode, ast.Constant) and isinstance(mode.value, str):
+            return ".open 'w'" if _mode_writes(mode) else None
+        return None  # Image.open(path); OutputFile.open() (the rule's own writer)
+    if owner == "os" and name in _OS_WRITES:
+        return f"os.{name}"
+    if owner == "shutil" and name in _SHUTIL_WRITES:
+        return f"shutil.{name}"
+    if owner is None and name in _SHUTIL_WRITES - {"copy", "move"}:  # from shutil import ...
+        return f"shutil.{name}"
+    if owner == "torch" and name == "save":
+        return "torch.save"
+    if owner in ("np", "numpy") and name == "save":
+        return "numpy.save"
+    if owner is not None and name in _PATH_WRITES:  # Path's methods (any receiver's)
+        return f".{name}"
+    if owner is not None and name in ("rename", "replace") and owner != "dataclasses" \
+            and len(call.args) == 1 and not call.keywords:
+        return f".{name}"  # Path.rename/replace; str.replace takes two arguments
+    if owner is not None and name in ("save", "savefig"):
+        target = _arg(call, 0, "fp" if name == "save" else "fname")
+        if isinstance(target, ast.Name) and target.id in buffers:
+            return None
+        return f".{name}"
+    if name in _TEMPFILES:
+        return f"tempfile.{name}"
+    if name in _LIBRARY_WRITERS or (owner == "wandb" and name == "init"):
+        return f"{owner + '.' if owner else ''}{name}"
+    download = next((k.value for k in call.keywords if k.arg == "download"), None)
+    if download is not None and not (isinstance(download, ast.Constant)
+                                     and not download.value):
+        return "download="  # torchvision and the like fetch into a folder
+    return None
+
+
+def _aliases(module: str, tree: ast.AST, is_package: bool) -> dict[str, str]:
+    """Local name -> dotted target of every ``from ... import`` in a module (relative imports
+    resolved)."""
+    here = module.split(".") if is_package else module.split(".")[:-1]
+    out = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[:len(here) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for a in node.names:
+                out[a.asname or a.name] = f"{target}.{a.name}"
+    return out
+
+
+def file_writes(package: Path, extra: dict[str, str] | None = None
+                ) -> list[tuple[str, int, str]]:
+    """(module inside ``package``, line, kind) of every file write in it: each primitive, and
+    each call from a module above ``state`` of a low-level path writer. ``extra``: more
+    modules (dotted name inside the package -> source), as if they were there."""
+    root = package.name
+    sources = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = list(path.relative_to(package).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        sources[".".join(parts[:-1] if is_package else parts)] = (
+            path.read_text(encoding="utf-8"), is_package)
+    for name, text in (extra or {}).items():
+        sources[name] = (text, False)
+    trees = {m: ast.parse(text) for m, (text, _) in sources.items()}
+    aliases = {m: _aliases(f"{root}.{m}" if m else root, trees[m], sources[m][1])
+               for m in trees}
+    low = _layer("state")  # state and the layers below it: helpers, not commands
+
+    def is_low(m: str) -> bool:
+        return bool(m) and _layer(m.split(".")[0]) >= low
+
+    def resolve(name: str) -> str:
+        for _ in range(5):  # follow re-exports
+            mod, _, attr = name.rpartition(".")
+            target = aliases.get(mod[len(root) + 1:] if mod != root else "", {}).get(attr)
+            if target is None or target == name:
+                break
+            name = target
+        return name
+
+    def uses(m: str, node: ast.AST) -> list[tuple[int, str]]:
+        """Each package function ``node`` calls or hands on (``pool.submit(save_image, ...)``),
+        resolved."""
+        found = []
+        for n in ast.walk(node):
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load):
+                target = aliases[m].get(n.id, f"{root}.{m}.{n.id}")
+            elif isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) \
+                    and n.value.id in aliases[m]:
+                target = f"{aliases[m][n.value.id]}.{n.attr}"
+            else:
+                continue
+            found.append((n.lineno, resolve(target)))
+        return found
+
+    direct = {}
+    for m, tree in trees.items():
+        buffers = _in_memory(tree)
+        direct[m] = [(n.lineno, kind) for n in ast.walk(tree) if isinstance(n, ast.Call)
+                     and (kind := _primitive(n, buffers)) is not None]
+    functions = {f"{root}.{m}.{node.name}": (m, node) for m, tree in trees.items() if is_low(m)
+                 for node in tree.body
+                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    writers = {f for f, (m, node) in functions.items()
+               if any(line in range(node.lineno, node.end_lineno + 1) for line, _ in direct[m])}
+    used = {f: {t for _, t in uses(m, node)} for f, (m, node) in functions.items()}
+    while True:  # the closure: a low-level function that uses a path writer is one
+        more = {f for f in functions if f not in writers and used[f] & writers}
+        if not more:
+            break
+        writers |= more
+    found = []
+    for m, tree in trees.items():
+        found += [(m, line, kind) for line, kind in direct[m]]
+        if not is_low(m):
+            found += [(m, line, f"uses {t[len(root) + 1:]}") for line, t in uses(m, tree)
+                      if t in writers]
+    return sorted(set(found))
+
+
+def stray_writes(package: Path, extra: dict[str, str] | None = None) -> list[str]:
+    """The file writes :data:`WRITERS` does not allow, one line each."""
+    return [f"{m}:{line} {kind}: write through diffunet.output_files (claim_file, open_folder) "
+            "or diffunet.outputs (OutputFolder), or add the module and kind to WRITERS with "
+            "the reason it is safe"
+            for m, line, kind in file_writes(package, extra) if kind not in WRITERS.get(m, {})]
+
+
+def test_every_file_a_command_writes_goes_through_the_output_rule() -> None:
+    assert stray_writes(PACKAGE) == []
+
+
+def test_the_output_rule_scan_has_teeth() -> None:
+    # each idiom, in a command module that is not there
+    probe = {
+        "cli.probe": "from pathlib import Path\nPath('x').write_text('y')\n",
+        "cli.probe2": (
+            "import os, shutil, torch, tempfile\nfrom PIL import Image\n"
+            "from ..images import save_grid\nfrom .. import checkpoint\n"
+            "open(p, 'wb')\nopen(p, mode)\nos.open(p, os.O_WRONLY | os.O_CREAT)\n"
+            "os.open(p, flags)\np.open('a')\nfolder.open(n, os.O_CREAT)\nos.replace(a, b)\n"
+            "p.rename(q)\nshutil.copyfile(a, b)\ntorch.save(x, p)\nimg.save(p)\n"
+            "save_grid(x, p)\ncheckpoint.save_model(p, net, s)\np.unlink()\n"
+            "tempfile.mkstemp()\nds(root, download=True)\nsave_file(t, p)\n"
+            "from ..images import save_image\npool.submit(save_image, x, p)\n"),
+        "cli.probe3": (  # reads, buffers and string methods are no writes
+            "import io, os, dataclasses\nopen(p)\nopen(p, 'rb')\nopen(os.devnull, 'w')\n"
+            "os.open(p, os.O_RDONLY | getattr(os, 'O_DIRECTORY', 0))\n"
+            "s.replace('a', 'b')\ndataclasses.replace(c)\nbuf = io.BytesIO()\n"
+            "img.save(buf, format='PNG')\nImage.open(p)\nclaim.open()\nf.write(b'x')\n"),
+    }
+    found = {}
+    for m, line, kind in file_writes(PACKAGE, probe):
+        found.setdefault(m, []).append((line, kind))
+    assert found["cli.probe"] == [(2, ".write_text")]
+    assert [kind for _, kind in found["cli.probe2"]] == [
+        "open 'w'", "open 'w'", "os.open O_CREAT/O_WRONLY", "os.open O_CREAT/O_WRONLY",
+        ".open 'w'", ".open O_CREAT/O_WRONLY", "os.replace", ".rename", "shutil.copyfile",
+        "torch.save", ".save", "uses images.save_grid", "uses checkpoint.save_model",
+        ".unlink", "tempfile.mkstemp", "download=", "save_file", "uses images.save_image"]
+    assert "cli.probe3" not in found
+    stray = [s for s in stray_writes(PACKAGE, probe) if s.startswith("cli.probe")]
+    assert len(stray) == 1 + len(found["cli.probe2"]) and stray[0].startswith(
+        "cli.probe:2 .write_text: write through diffunet.output_files")
+
+
+def test_every_allowed_writer_is_used_and_says_why() -> None:
+    used = {(m, kind) for m, _, kind in file_writes(PACKAGE)}
+    for m, kinds in WRITERS.items():
+        for kind, why in kinds.items():
+            assert (m, kind) in used, f"WRITERS[{m!r}][{kind!r}] is not used: remove it"
+            assert len(why.split()) >= 4, f"WRITERS[{m!r}][{kind!r}]: say why it is safe"
 
 
 if __name__ == "__main__":

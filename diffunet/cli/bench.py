@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         result = benchmark(opts, say=say, traces=traces)
         out(format_table(result))
         if json_out is not None:
-            json_out.write_bytes((json.dumps({"written_by": WRITTEN_BY, **result}, indent=2)
+            json_out.write((json.dumps({"written_by": WRITTEN_BY, **result}, indent=2)
                                   + "\n").encode())
             out(f"wrote {args.json}")
     return 0

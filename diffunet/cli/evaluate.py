@@ -198,7 +198,7 @@ def _claim_json(path: str | None) -> OutputFile | None:
 def _write_json(out: OutputFile | None, result: dict[str, Any]) -> None:
     if out is not None:
         result = {"written_by": _WRITTEN_BY, **result}
-        out.write_bytes((json.dumps(result, indent=2) + "\n").encode("utf-8"))
+        out.write((json.dumps(result, indent=2) + "\n").encode("utf-8"))
 
 
 def _bpd(args: argparse.Namespace) -> int:
