@@ -72,9 +72,11 @@ class NotRegularFileError(ValueError):
     :func:`diffunet.fileio.open_regular_file`; ``is_folder`` says which kind). Not a message for
     the user by itself: each reader turns it into its own one-line error."""
 
-    def __init__(self, is_folder: bool) -> None:
-        super().__init__("not a regular file (a folder, FIFO, socket or device)")
+    def __init__(self, is_folder: bool, is_link: bool = False) -> None:
+        super().__init__("not a regular file (a symbolic link, which is not followed there)"
+                         if is_link else "not a regular file (a folder, FIFO, socket or device)")
         self.is_folder = is_folder
+        self.is_link = is_link
 
 
 def require(ok: Any, error: type[Exception], message: Callable[[], str]) -> None:

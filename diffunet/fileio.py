@@ -2,11 +2,12 @@
 atomic writes), and reading the JSON that diffunet wrote, or that a stranger planted, within
 bounds (:func:`read_json`, :func:`parse_json`, :func:`schema_problem`).
 
-Every file diffunet writes inside a folder it owns (run folders: model files, configs, logs
-rewritten on resume; output folders: sample PNGs, mask PNGs, manifests, inspection output; the
-cache: downloads) goes through :func:`atomic_writer` (or :func:`atomic_write_bytes`, built on
-it); a single output file a user names (``--json``, ``--out``, ``import``'s OUT, ...) goes
-through :mod:`diffunet.output_files`, which claims it first. Here the bytes go to
+Every file diffunet writes by path inside a folder it owns (run folders: model files, configs,
+logs rewritten on resume; the cache: downloads) goes through :func:`atomic_writer` (or
+:func:`atomic_write_bytes`, built on it); a single output file a user names (``--json``,
+``--out``, ``import``'s OUT, ...) goes through :mod:`diffunet.output_files`, which claims it
+first, and an output folder's files (sample PNGs, masks, manifests, inspection output) through
+:mod:`diffunet.outputs`, relative to the folder's descriptor. Here the bytes go to
 ``.<name>.<pid>.<random>.tmp`` in the same folder, which is then renamed over the target
 (``os.replace`` is atomic on POSIX and Windows). Cleanup code elsewhere recognises leftovers of
 interrupted writes by that ``.<name>.*.tmp`` pattern.
@@ -15,6 +16,7 @@ interrupted writes by that ``.<name>.*.tmp`` pattern.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -29,7 +31,8 @@ from PIL import Image
 
 from .errors import DataError, NotRegularFileError
 
-__all__ = ["atomic_save_image", "atomic_write_bytes", "atomic_writer", "first_line", "fsync_dir",
+__all__ = ["atomic_save_image", "atomic_write_bytes", "atomic_writer", "encode_image",
+           "first_line", "fsync_dir",
            "MAX_JSON_DEPTH", "NotRegularFileError", "open_regular_file", "parse_json", "read_json",
            "read_regular_file", "schema_problem"]
 
@@ -96,17 +99,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = 
         f.write(data)
 
 
-def atomic_save_image(img: Image.Image, path: str | os.PathLike) -> None:
-    """Save a PIL image atomically (not fsynced), in the format its extension names; creates
-    the folder. An unknown extension is a :class:`~diffunet.errors.DataError`."""
+def encode_image(img: Image.Image, path: str | os.PathLike) -> bytes:
+    """A PIL image's file bytes in the format ``path``'s extension names (only the name is
+    used). An unknown extension is a :class:`~diffunet.errors.DataError`."""
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"cannot write {path}: unknown image extension {path.suffix!r}; use .png")
     buf = io.BytesIO()
-    img.save(buf, format=fmt)  # encoded first, so a failed encode leaves nothing behind
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buf.getvalue(), durable=False)
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def atomic_save_image(img: Image.Image, path: str | os.PathLike) -> None:
+    """Save a PIL image atomically (not fsynced), in the format its extension names; creates
+    the folder. An unknown extension is a :class:`~diffunet.errors.DataError`."""
+    data = encode_image(img, path)  # encoded first, so a failed encode leaves nothing behind
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data, durable=False)
 
 
 _JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
@@ -134,13 +144,24 @@ def parse_json(data: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
 
 
 @contextlib.contextmanager
-def open_regular_file(path: str | os.PathLike) -> Iterator[tuple[BinaryIO, int]]:
+def open_regular_file(path: str | os.PathLike, *, dir_fd: int | None = None,
+                      follow_symlinks: bool = True) -> Iterator[tuple[BinaryIO, int]]:
     """``path`` opened for binary reading, and its size, refusing what is not a regular file
     (a FIFO would block the read, a device like /dev/zero never ends; symlinks are followed to
-    what they name) with :class:`NotRegularFileError`. Opened without blocking and checked on
-    the open descriptor, so there is no window between a check and the open in which the name
-    could be swapped for a FIFO. ``OSError`` from the open passes through."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    what they name, unless ``follow_symlinks`` is False: then a link is refused too) with
+    :class:`NotRegularFileError`. Opened without blocking and checked on the open descriptor,
+    so there is no window between a check and the open in which the name could be swapped for
+    a FIFO. ``dir_fd``: ``path`` is a name inside that open folder. ``OSError`` from the open
+    passes through."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, **({} if dir_fd is None else {"dir_fd": dir_fd}))
+    except OSError as e:
+        if e.errno == errno.ELOOP and not follow_symlinks:
+            raise NotRegularFileError(False, is_link=True) from None
+        raise
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -155,10 +176,12 @@ def open_regular_file(path: str | os.PathLike) -> Iterator[tuple[BinaryIO, int]]
         yield f, st.st_size
 
 
-def read_regular_file(path: str | os.PathLike, max_bytes: int) -> bytes:
-    """The bytes of ``path`` (:func:`open_regular_file`), refusing a file larger than
-    ``max_bytes``. Raises ``OSError`` or ``ValueError`` with a short reason."""
-    with open_regular_file(path) as (f, size):
+def read_regular_file(path: str | os.PathLike, max_bytes: int, *, dir_fd: int | None = None,
+                      follow_symlinks: bool = True) -> bytes:
+    """The bytes of ``path`` (:func:`open_regular_file`, with its ``dir_fd`` and
+    ``follow_symlinks``), refusing a file larger than ``max_bytes``. Raises ``OSError`` or
+    ``ValueError`` with a short reason."""
+    with open_regular_file(path, dir_fd=dir_fd, follow_symlinks=follow_symlinks) as (f, size):
         if size > max_bytes:
             raise ValueError(f"{size:,} bytes, more than the {max_bytes:,} such a file "
                              "can have")
@@ -173,10 +196,13 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int) -> bytes:
     return data
 
 
-def read_json(path: str | os.PathLike, max_bytes: int = 16 << 20) -> Any:
-    """Parse the JSON file ``path`` within bounds (:func:`read_regular_file`,
-    :func:`parse_json`). Raises ``OSError`` or ``ValueError`` with a short reason."""
-    return parse_json(read_regular_file(path, max_bytes))
+def read_json(path: str | os.PathLike, max_bytes: int = 16 << 20, *, dir_fd: int | None = None,
+              follow_symlinks: bool = True) -> Any:
+    """Parse the JSON file ``path`` within bounds (:func:`read_regular_file`, with its
+    ``dir_fd`` and ``follow_symlinks``, and :func:`parse_json`). Raises ``OSError`` or
+    ``ValueError`` with a short reason."""
+    return parse_json(read_regular_file(path, max_bytes, dir_fd=dir_fd,
+                                        follow_symlinks=follow_symlinks))
 
 
 def schema_problem(value: Any, schema: Any, where: str = "") -> str | None:

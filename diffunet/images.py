@@ -15,7 +15,7 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import numpy as np
 import torch
@@ -27,9 +27,10 @@ from .fileio import atomic_save_image, first_line
 
 __all__ = [
     "IGNORE_INDEX", "IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS_VARIABLE", "class_palette",
-    "image_header", "load_image", "load_image_full", "make_grid_image", "max_image_pixels",
+    "image_header", "load_image", "load_image_full", "make_grid_image", "mask_image",
+    "max_image_pixels",
     "normalize", "open_image", "overlay", "pil_from_hwc", "predict_labels",
-    "prepare_image", "save_grid", "save_image", "save_mask", "to_uint8",
+    "prepare_image", "save_grid", "save_image", "save_mask", "tensor_image", "to_uint8",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -63,17 +64,18 @@ def max_image_pixels() -> int:
 
 
 @contextlib.contextmanager
-def image_header(path: str | os.PathLike) -> Iterator[Image.Image]:
+def image_header(path: str | os.PathLike, file: BinaryIO | None = None) -> Iterator[Image.Image]:
     """``Image.open(path)`` (the header only; pixels are decoded by ``load()``) with
     diffunet's size limit in place of PIL's decompression-bomb check (a multi-line warning
     above ~90 megapixels, an error above ~180 that no setting of ours could raise): an image
     larger than :func:`max_image_pixels` is a one-line :class:`DataError` naming the setting,
-    raised before a single pixel is decoded."""
+    raised before a single pixel is decoded. ``file``: the image already open (``path`` then
+    only names it in messages)."""
     limit = max_image_pixels()
     saved = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # PIL checks in Image.open; this module checks instead
     try:
-        img = Image.open(path)
+        img = Image.open(path if file is None else file)
     finally:
         Image.MAX_IMAGE_PIXELS = saved
     with img:
@@ -220,11 +222,18 @@ def pil_from_hwc(arr: np.ndarray) -> Image.Image:
     raise ValueError(f"images need 1 or 3 channels, got {arr.shape[-1]}")
 
 
+def tensor_image(image: Tensor) -> Image.Image:
+    """One image (C, H, W) in [-1, 1] as a PIL image: grayscale for C=1, RGB for C=3."""
+    if image.ndim != 3:
+        raise ValueError(f"an image is (C, H, W), got shape {tuple(image.shape)}")
+    return pil_from_hwc(to_uint8(image).cpu().numpy())
+
+
 def save_image(image: Tensor, path: str | os.PathLike) -> None:
     """Save one image (C, H, W) in [-1, 1]: grayscale for C=1, RGB for C=3 (atomic write)."""
     if image.ndim != 3:
         raise ValueError(f"save_image takes one image (C, H, W), got shape {tuple(image.shape)}")
-    atomic_save_image(pil_from_hwc(to_uint8(image).cpu().numpy()), path)
+    atomic_save_image(tensor_image(image), path)
 
 
 def make_grid_image(images: Tensor, nrow: int | None = None, padding: int = 2,
@@ -313,10 +322,16 @@ def save_mask(mask: Tensor | np.ndarray, path: str | os.PathLike, num_classes: i
     if Path(path).suffix.lower() != ".png":
         raise DataError(f"cannot write mask {path}: masks are saved as .png (lossless, with a "
                         "palette); change the extension")
+    atomic_save_image(mask_image(mask, num_classes), path)
+
+
+def mask_image(mask: Tensor | np.ndarray, num_classes: int) -> Image.Image:
+    """A mask (H, W) of labels 0..K-1 (and 255) as a palette image whose indices are the labels
+    (:func:`save_mask`; write it as a PNG)."""
     arr = _as_label_array(mask, num_classes).astype(np.uint8)
     img = Image.frombytes("P", (arr.shape[1], arr.shape[0]), np.ascontiguousarray(arr).tobytes())
     img.putpalette([v for colour in class_palette(256) for v in colour])
-    atomic_save_image(img, path)
+    return img
 
 
 def overlay(image: Tensor, mask: Tensor, num_classes: int, alpha: float = 0.5) -> Tensor:

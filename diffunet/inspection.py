@@ -40,10 +40,10 @@ from torch import Tensor, nn
 from .checkpoint import read_model
 from .data import BuiltinShapes
 from .errors import FolderError, ModelFileError, UsageError
-from .fileio import atomic_save_image, atomic_write_bytes
 from .outputs import claim_folder
 from .runs import pick_device
-from .images import class_palette, load_image, normalize, pil_from_hwc, predict_labels, save_image
+from .images import (class_palette, load_image, normalize, pil_from_hwc, predict_labels,
+                     tensor_image)
 
 __all__ = [
     "InspectResult",
@@ -397,14 +397,11 @@ def inspect_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         # a previous run's output that this one does not rewrite (e.g. another model's blocks)
         folder.remove([n for n in folder.listed if n not in names])
         folder.remove_leftovers()
-        for name, pic in pictures:
-            path = out_dir / name
-            if isinstance(pic, Tensor):
-                save_image(pic, path)
-            else:
-                atomic_save_image(pil_from_hwc(pic), path)
+        for name, pic in pictures:  # relative to the folder's descriptor, never via a link
+            folder.save_image(name, tensor_image(pic) if isinstance(pic, Tensor)
+                              else pil_from_hwc(pic))
         text = "\n".join(f"# {k}: {v}" for k, v in info.items()) + "\n" + format_stats_table(stats)
-        atomic_write_bytes(out_dir / "stats.txt", (text + "\n").encode())
+        folder.write_file("stats.txt", (text + "\n").encode(), durable=True)
         folder.write_manifest({**doc, "complete": True}, names)
     files = [out_dir / name for name in names]
     return InspectResult(out_dir=out_dir, files=files, kind=kind, input=info, blocks=stats)

@@ -52,11 +52,11 @@ from pathlib import Path
 from typing import Any, BinaryIO, Optional
 
 from .errors import FolderError, UsageError
-from .fileio import parse_json
+from .fileio import open_regular_file, parse_json, read_json
 
 __all__ = ["OpenFolder", "OutputFile", "Recognizer", "TMP_PREFIX", "check_distinct",
-           "claim_file", "open_folder", "open_subfolder", "remove_stale_temporaries",
-           "starts_with", "written_by"]
+           "claim_file", "is_temporary_of", "open_folder", "open_subfolder",
+           "remove_stale_temporaries", "starts_with", "temporary_name", "written_by"]
 
 TMP_PREFIX = ".diffunet-"
 """How every temporary file of this writer's names begins (``.diffunet-<name>.<pid>.<8 hex>.tmp``);
@@ -115,9 +115,49 @@ class OpenFolder:
         except FileNotFoundError:
             return None
 
+    def stat(self, name: str) -> os.stat_result:
+        """``name``'s status, following a link (what it names); ``OSError`` if none."""
+        where, kw = self._at(name)
+        return os.stat(where, **kw)
+
     def unlink(self, name: str) -> None:
         where, kw = self._at(name)
         os.unlink(where, **kw)
+
+    def open_regular(self, name: str) -> contextlib.AbstractContextManager[tuple[BinaryIO, int]]:
+        """``name`` opened for reading, and its size, never through a link and never blocking
+        (:func:`~diffunet.fileio.open_regular_file`: a link, folder, FIFO or device is a
+        :class:`~diffunet.errors.NotRegularFileError`)."""
+        where, kw = self._at(name)
+        return open_regular_file(where, follow_symlinks=False, **kw)
+
+    def read_json(self, name: str, max_bytes: int) -> Any:
+        """The JSON document ``name`` within bounds (:func:`~diffunet.fileio.read_json`), never
+        through a link. Raises ``OSError`` or ``ValueError`` with a short reason."""
+        where, kw = self._at(name)
+        return read_json(where, max_bytes, follow_symlinks=False, **kw)
+
+    def write_file(self, name: str, data: bytes, *, durable: bool = True) -> None:
+        """Put ``data`` in place as ``name``, atomically: a new temporary file beside it
+        (``O_EXCL | O_NOFOLLOW``: never anything that was there) renamed over the name, so a
+        file or a link there is replaced itself, never followed. ``durable``: flush the file
+        and the folder to disk. The caller has checked that ``name`` is its own to replace
+        (:mod:`diffunet.outputs`: a name its manifest lists)."""
+        tmp = temporary_name(name)
+        fd = self.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            self.replace(tmp, name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.unlink(tmp)
+            raise
+        if durable:
+            self.fsync()
 
     def link(self, src: str, dst: str) -> None:
         """Hard-link ``src`` as ``dst``; ``FileExistsError`` if ``dst`` exists (never replaces)."""
@@ -134,6 +174,10 @@ class OpenFolder:
         """The names in the folder now."""
         return [e.name for e in os.scandir(self._fd if _AT and self._fd is not None
                                            else self.path)]
+
+    def fileno(self) -> Optional[int]:
+        """The folder's descriptor (None where the platform has no ``dir_fd``)."""
+        return self._fd
 
     def identity(self) -> tuple[int, int]:
         """(device, inode) of the folder itself."""
@@ -235,6 +279,23 @@ def _stem(name: str) -> str:
         return name
     return os.fsdecode(raw[:_STEM_MAX - 13]).rstrip("\udcff") + "~" + \
         hashlib.sha256(raw).hexdigest()[:12]
+
+
+def temporary_name(name: str) -> str:
+    """A new temporary file's name for a write of ``name``: ``.diffunet-<name>.<pid>.<8 hex>.tmp``
+    (long names shortened)."""
+    return f"{TMP_PREFIX}{_stem(name)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+def is_temporary_of(entry: str, names: Iterable[str]) -> bool:
+    """Whether ``entry`` is named as a temporary file of a write of one of ``names`` (this
+    writer's ``.diffunet-<name>.<pid>.<hex>.tmp``, or fileio's ``.<name>.<pid>.<hex>.tmp``)."""
+    names = set(names)
+    m = _TMP_RE.fullmatch(entry)
+    if m is not None and m["stem"] in {_stem(n) for n in names}:
+        return True
+    m = _LEGACY_TMP_RE.fullmatch(entry)
+    return m is not None and m["name"] in names
 
 
 def _alive(pid: int) -> bool:
@@ -539,7 +600,7 @@ def _claim(path: Path, label: str, folder: OpenFolder, owns: bool, name: str, *,
         else:
             raise UsageError(_exists_message(label, noun, fix, overwrite))
     remove_stale_temporaries(folder, [name])
-    tmp = f"{TMP_PREFIX}{_stem(name)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = temporary_name(name)
     try:
         fd = folder.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW)
     except OSError as e:

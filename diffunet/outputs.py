@@ -15,50 +15,49 @@ at any moment never leaves a file of the command's that no manifest lists. Then:
   the input folder included), and never over a file its manifest does not list, not even with
   ``overwrite`` (one line naming the file);
 - it removes only files its manifest lists (and its own interrupted-write temporaries,
-  ``.<listed name>.<pid>.<hex>.tmp``), by name inside the folder: ``unlink`` never follows a
-  link, so a planted link is removed and its target kept; a listed name with a ``/``, ``..`` or
-  an absolute path makes the manifest unreadable rather than a removal outside the folder;
+  ``.diffunet-<listed name>.<pid>.<hex>.tmp``, or ``.<listed name>.<pid>.<hex>.tmp`` of older
+  versions), by name inside the folder: ``unlink`` never follows a link, so a planted link is
+  removed and its target kept; a listed name with a ``/``, ``..`` or an absolute path makes the
+  manifest unreadable rather than a removal outside the folder;
 - planned output names are checked against each other before the first is written
   (:func:`check_unique_outputs`);
 - a manifest that cannot be read (damaged, a FIFO or device, nested too deep, wrong types, a
   newer format) is one line, and the folder is refused: a file diffunet cannot tell is its own
   is not replaced;
 - the folder is locked (:class:`~diffunet.runs.FolderLock`) from the check to the end of the
-  command, so two commands never write into one folder at once.
+  command, so two commands never write into one folder at once;
+- the folder is opened once (:func:`~diffunet.output_files.open_folder`; a link given as
+  ``--out-dir`` is followed there, and only there): the lock, the checks, the manifest and every
+  file the command writes, reads back or removes work relative to that descriptor
+  (:class:`FolderWriter`), never through a link, so a folder swapped for a link to another
+  folder while the command runs is never written through.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import re
 import stat
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Optional
+
+from PIL import Image
 
 from .errors import FolderError, UsageError
-from .fileio import atomic_write_bytes, first_line, read_json, schema_problem
+from .fileio import encode_image, first_line, schema_problem
+from .output_files import OpenFolder, is_temporary_of, open_folder
 from .runs import FolderLock, lock_folder
 
-__all__ = ["MANIFEST_MAX_BYTES", "OutputFolder", "check_unique_outputs", "claim_folder",
-           "is_plain_file"]
+__all__ = ["MANIFEST_MAX_BYTES", "FolderWriter", "OutputFolder", "check_unique_outputs",
+           "claim_folder", "join_folder"]
 
 MANIFEST_MAX_BYTES = 16 << 20
 """Largest manifest read by default (a sample manifest, which lists every image, allows more)."""
 
-# fileio's atomic writes: ".<name>.<pid>.<8 hex>.tmp" beside <name>
-_TMP_RE = re.compile(r"\.(.+)\.\d+\.[0-9a-f]{8}\.tmp")
 _CASE_FOLDING = sys.platform in ("darwin", "win32")  # file names there ignore case by default
-
-
-def is_plain_file(path: Path) -> bool:
-    """``path`` is a regular file itself (not a link to one, not a folder or FIFO)."""
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
 
 
 def _fold(name: str) -> str:
@@ -90,19 +89,71 @@ def _name_problem(name: str) -> Optional[str]:
     return None
 
 
-class OutputFolder:
+class FolderWriter:
+    """The files of an output folder opened once (:class:`~diffunet.output_files.OpenFolder`):
+    every file is written, read back, checked and removed relative to the folder's descriptor,
+    never through a link, so a folder renamed, or swapped for a link to another folder, while
+    the command runs is never followed. It writes only the names it was given (``names``: what
+    the manifest lists). One per process (:func:`join_folder` for the processes that did not
+    claim the folder)."""
+
+    def __init__(self, folder: OpenFolder, names: Iterable[str]) -> None:
+        self.folder = folder.path
+        """The folder as given (for messages)."""
+        self._dir = folder
+        self._names = set(names)
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        """(device, inode) of the folder opened."""
+        return self._dir.identity()
+
+    def is_plain_file(self, name: str) -> bool:
+        """``name`` is a regular file itself (not a link, folder or FIFO)."""
+        st = self._dir.lstat(name)
+        return st is not None and stat.S_ISREG(st.st_mode)
+
+    def write_file(self, name: str, data: bytes, *, durable: bool = False) -> None:
+        """Write ``data`` as ``name`` (atomically; ``durable``: flushed to disk, which one
+        fsync per sample image would make slow; a rerun redraws what a power cut lost)."""
+        if name not in self._names:
+            raise ValueError(f"{name} is not a file this command listed in its manifest")
+        self._dir.write_file(name, data, durable=durable)
+
+    def save_image(self, name: str, image: Image.Image) -> None:
+        """Write a PIL image as ``name``, in the format its extension names (encoded first, so
+        a failed encode leaves nothing behind)."""
+        self.write_file(name, encode_image(image, name))
+
+    def open_file(self, name: str) -> contextlib.AbstractContextManager[tuple[BinaryIO, int]]:
+        """``name`` opened for reading and its size, never through a link, never blocking."""
+        return self._dir.open_regular(name)
+
+    def close(self) -> None:
+        """Let go of the folder."""
+        self._dir.close()
+
+    def __enter__(self) -> "FolderWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class OutputFolder(FolderWriter):
     """An output folder claimed by one command (:func:`claim_folder`): locked, checked, with
     what its previous manifest says. Use it as a context manager (or call :meth:`close`)."""
 
-    def __init__(self, folder: Path, manifest: str, previous: Optional[dict[str, Any]],
+    def __init__(self, folder: OpenFolder, manifest: str, previous: Optional[dict[str, Any]],
                  listed: list[str], present: set[str], leftovers: list[str],
                  foreign: list[str], lock: Optional[FolderLock]) -> None:
-        self.folder = folder
-        self.manifest_path = folder / manifest
+        super().__init__(folder, listed)
+        self.manifest = manifest
+        self.manifest_path = folder.path / manifest
         self.previous = previous
         """The previous manifest (checked against the command's schema), or None."""
         self.listed = listed
-        """Every name the previous manifest lists (present or not), in its order."""
+        """Every name the manifest lists (present or not), in its order."""
         self.present = present
         """Listed names that are in the folder now (files or links, never folders)."""
         self.leftovers = leftovers
@@ -110,9 +161,6 @@ class OutputFolder:
         self.foreign = foreign
         """Everything else in the folder: kept, never written over."""
         self._lock = lock
-        self._dir_fd: Optional[int] = None
-        if os.unlink in os.supports_dir_fd:
-            self._dir_fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
 
     def remove(self, names: Iterable[str]) -> int:
         """Unlink those of ``names`` that are this command's (present and listed, or
@@ -125,10 +173,7 @@ class OutputFolder:
             if name not in ours:
                 continue
             try:
-                if self._dir_fd is not None:
-                    os.unlink(name, dir_fd=self._dir_fd)
-                else:  # pragma: no cover - platforms without dir_fd
-                    os.unlink(self.folder / name)
+                self._dir.unlink(name)
                 removed += 1
             except FileNotFoundError:
                 pass
@@ -143,17 +188,17 @@ class OutputFolder:
 
     def write_manifest(self, doc: dict[str, Any], files: Sequence[str]) -> None:
         """Write ``doc`` with ``files`` (exact names, deduplicated in order) as the manifest,
-        atomically and durably. Call it before writing any file it newly lists."""
+        atomically and durably. Call it before writing any file it newly lists: from then on
+        those are the names :meth:`write_file` writes."""
         names = list(dict.fromkeys(files))
         data = {**doc, "files": names}
-        atomic_write_bytes(self.manifest_path, (json.dumps(data, indent=2) + "\n").encode())
+        self._dir.write_file(self.manifest, (json.dumps(data, indent=2) + "\n").encode())
         self.listed = names
+        self._names = set(names)
 
     def close(self) -> None:
         """Release the folder (its lock)."""
-        if self._dir_fd is not None:
-            os.close(self._dir_fd)
-            self._dir_fd = None
+        super().close()
         if self._lock is not None:
             self._lock.close()
             self._lock = None
@@ -161,21 +206,37 @@ class OutputFolder:
     def __enter__(self) -> "OutputFolder":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+
+def join_folder(out_dir: str | os.PathLike, identity: tuple[int, int],
+                names: Iterable[str]) -> FolderWriter:
+    """Open, in a process that did not claim it, the output folder another process of the same
+    command claimed (:func:`claim_folder`; ``identity``: that folder's), to write ``names``
+    there. A path that names another folder here (another file system on another node, or a
+    folder swapped meanwhile) is one :class:`~diffunet.errors.FolderError`."""
+    folder = open_folder(out_dir, label="--out-dir")
+    if folder.identity() != tuple(identity):
+        folder.close()
+        raise FolderError(f"--out-dir {out_dir} is not the folder the main process claimed "
+                          "(another file system on this node, or it was moved or replaced "
+                          "meanwhile); give an --out-dir every process sees as one folder")
+    return FolderWriter(folder, names)
 
 
-def _read_manifest(path: Path, command: str, fmt: str, version: int, schema: dict[str, Any],
+def _read_manifest(folder: OpenFolder, name: str, command: str, fmt: str, version: int,
+                   schema: dict[str, Any],
                    legacy_files: Optional[Callable[[dict[str, Any]], list[str]]],
                    max_bytes: int) -> tuple[dict[str, Any], list[str]]:
-    """The manifest at ``path`` and the names it lists; any problem is one FolderError."""
+    """The manifest ``name`` in ``folder`` (never read through a link) and the names it lists;
+    any problem is one FolderError."""
+    path = folder.path / name
+
     def refuse(reason: str) -> FolderError:
         return FolderError(f"{path} is not a readable diffunet {command} manifest ({reason}); "
                            "diffunet does not replace a file it cannot tell is its own: move it "
                            "away, or choose another --out-dir")
 
     try:
-        doc = read_json(path, max_bytes=max_bytes)
+        doc = folder.read_json(name, max_bytes)
     except (OSError, ValueError) as e:
         raise refuse(first_line(e) if isinstance(e, OSError) else str(e)) from None
     problem = schema_problem(doc, {"format": str, "format_version": int})
@@ -231,25 +292,31 @@ def claim_folder(out_dir: str | os.PathLike, *, command: str, manifest: str, for
     if os.path.islink(folder) and not folder.exists():
         raise FolderError(f"--out-dir {folder} is a link to a missing folder; create its "
                           "target, or choose another --out-dir")
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = lock_folder(folder)
+    # opened once (a link the user gave as --out-dir is followed here, and only here): the
+    # lock, the checks and every later write are relative to this descriptor
+    opened = open_folder(folder, label="--out-dir", create=True)
+    lock = None
     try:
-        return _check(folder, lock, command=command, manifest=manifest, fmt=format,
+        lock = lock_folder(folder, opened.fileno())
+        return _check(opened, lock, command=command, manifest=manifest, fmt=format,
                       planned=planned, inputs=inputs, overwrite=overwrite,
                       version=format_version, schema=schema or {}, legacy_files=legacy_files,
                       noun=noun, max_bytes=max_bytes)
     except BaseException:
         if lock is not None:
             lock.close()
+        opened.close()
         raise
 
 
-def _check(folder: Path, lock: Optional[FolderLock], *, command: str, manifest: str, fmt: str,
-           planned: Sequence[str], inputs: Iterable[str | os.PathLike], overwrite: bool,
-           version: int, schema: dict[str, Any],
+def _check(opened: OpenFolder, lock: Optional[FolderLock], *, command: str, manifest: str,
+           fmt: str, planned: Sequence[str], inputs: Iterable[str | os.PathLike],
+           overwrite: bool, version: int, schema: dict[str, Any],
            legacy_files: Optional[Callable[[dict[str, Any]], list[str]]], noun: str,
            max_bytes: int) -> OutputFolder:
-    entries = {e.name: e for e in os.scandir(folder)}
+    folder = opened.path
+    entries = {name: opened.lstat(name) for name in opened.names()}
+    entries = {name: st for name, st in entries.items() if st is not None}
     wanted = {_fold(n): n for n in (*planned, manifest)}
     # 1. never over an input: any entry a planned name would replace that is an input's file
     ids: dict[tuple[int, int], str] = {}
@@ -260,16 +327,12 @@ def _check(folder: Path, lock: Optional[FolderLock], *, command: str, manifest: 
         except OSError:
             continue
     if ids:
-        dev = os.stat(folder).st_dev
         for name, entry in entries.items():
             if _fold(name) not in wanted:
                 continue
             try:
-                if entry.is_symlink():
-                    st = os.stat(entry.path)  # what the link names
-                    key = (st.st_dev, st.st_ino)
-                else:
-                    key = (dev, entry.inode())
+                st = opened.stat(name) if stat.S_ISLNK(entry.st_mode) else entry  # a link: what
+                key = (st.st_dev, st.st_ino)                                      # it names
             except OSError:
                 continue
             if key in ids:
@@ -278,19 +341,18 @@ def _check(folder: Path, lock: Optional[FolderLock], *, command: str, manifest: 
     # 2. the previous manifest, if any
     previous, listed = None, []
     if manifest in entries:
-        previous, listed = _read_manifest(folder / manifest, command, fmt, version, schema,
+        previous, listed = _read_manifest(opened, manifest, command, fmt, version, schema,
                                           legacy_files, max_bytes)
     listed_set = set(listed) - {manifest}
     present, leftovers, foreign = set(), [], []
     for name, entry in entries.items():
         if name == manifest:
             continue
-        m = _TMP_RE.fullmatch(name)
-        is_dir = entry.is_dir(follow_symlinks=False)
+        is_dir = stat.S_ISDIR(entry.st_mode)
         if name in listed_set and not is_dir:
             present.add(name)
-        elif (m and m.group(1) in listed_set | {manifest} and not is_dir
-              and not entry.is_symlink()):
+        elif (is_temporary_of(name, listed_set | {manifest})
+              and stat.S_ISREG(entry.st_mode)):
             leftovers.append(name)
         else:
             foreign.append(name)
@@ -302,7 +364,8 @@ def _check(folder: Path, lock: Optional[FolderLock], *, command: str, manifest: 
             continue
         if target != name:  # differs in case: only a clash where the file system folds case
             try:
-                if not os.path.samefile(folder / target, folder / name):
+                a, b = opened.stat(target), opened.stat(name)
+                if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
                     continue
             except OSError:
                 continue
@@ -320,4 +383,4 @@ def _check(folder: Path, lock: Optional[FolderLock], *, command: str, manifest: 
         raise FolderError(f"--out-dir {folder} holds files diffunet did not write (e.g. "
                           f"{foreign[0]}{more}); pass --overwrite to write beside them (they are "
                           "kept), or choose another --out-dir")
-    return OutputFolder(folder, manifest, previous, listed, present, leftovers, foreign, lock)
+    return OutputFolder(opened, manifest, previous, listed, present, leftovers, foreign, lock)

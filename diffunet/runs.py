@@ -389,17 +389,21 @@ class FolderLock:
     it): held while the run lasts, released by :meth:`close` or, whatever happens, by the kernel
     when the process ends, so a SIGKILL never leaves a stale lock."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, dir_fd: int | None = None) -> None:
         import fcntl
 
         self.folder = folder
-        self._fd: int | None = os.open(folder, os.O_RDONLY)
+        # dir_fd: the folder already open (the lock is then on that very folder, whatever its
+        # path names now); a descriptor of its own, so closing it releases the lock
+        self._fd: int | None = (os.open(folder, os.O_RDONLY) if dir_fd is None
+                                else os.open(".", os.O_RDONLY, dir_fd=dir_fd))
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            inode = os.fstat(self._fd).st_ino
             os.close(self._fd)
             self._fd = None
-            holder = _lock_holder(folder)
+            holder = _lock_holder(inode)
             raise FolderError(f"{folder} is in use by another diffunet run (process "
                               f"{holder}); wait for it to finish or stop it, or choose another "
                               "--out-dir") from None
@@ -410,10 +414,10 @@ class FolderLock:
             self._fd = None
 
 
-def _lock_holder(folder: Path) -> str:
-    """The PID holding a flock on ``folder``, from Linux's /proc/locks; else "unknown"."""
+def _lock_holder(inode: int) -> str:
+    """The PID holding a flock on the folder ``inode``, from Linux's /proc/locks; else
+    "unknown"."""
     try:
-        inode = os.stat(folder).st_ino
         with open("/proc/locks", encoding="ascii") as f:
             for line in f:  # "1: FLOCK  ADVISORY  WRITE 6285 00:2f:1234 0 EOF"
                 fields = line.split()
@@ -425,15 +429,15 @@ def _lock_holder(folder: Path) -> str:
     return "unknown"
 
 
-def lock_folder(folder: Path) -> FolderLock | None:
-    """Take ``folder``'s run lock (:class:`FolderLock`); another holder is a
-    :class:`FolderError` naming its process. Where the OS has no ``flock`` (Windows) nothing is
-    locked and None is returned."""
+def lock_folder(folder: Path, dir_fd: int | None = None) -> FolderLock | None:
+    """Take ``folder``'s run lock (:class:`FolderLock`; ``dir_fd``: the folder already open);
+    another holder is a :class:`FolderError` naming its process. Where the OS has no ``flock``
+    (Windows) nothing is locked and None is returned."""
     try:
         import fcntl  # noqa: F401
     except ImportError:  # pragma: no cover - Windows
         return None
-    return FolderLock(folder)
+    return FolderLock(folder, dir_fd)
 
 
 def _rebuild(kind: str, message: str) -> Exception:

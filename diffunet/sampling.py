@@ -62,8 +62,8 @@ from .config import SampleConfig, ScheduleConfig, from_dict, to_dict
 from .editing import IMG2IMG_STRENGTH, MASK_CONVENTION, EditInputs, load_edit_inputs
 from .errors import ConfigError, DataError, FolderError, UsageError
 from .formulations import Formulation, StepOptions, formulation_class
-from .images import image_header, save_grid, save_image
-from .outputs import OutputFolder, claim_folder, is_plain_file
+from .images import image_header, make_grid_image, tensor_image
+from .outputs import FolderWriter, OutputFolder, claim_folder, join_folder
 from .resources import check_fits, network_cost
 from .runs import cpu_requested, pick_device, refuse_lone_processes
 from .samplers import (MAX_RESAMPLE, MULTISTEP_SAMPLERS, ONE_STEP_SAMPLERS, check_sampling,
@@ -397,21 +397,26 @@ def _fill_batch(net: torch.nn.Module, shape: tuple[int, int, int], device: torch
     return max(1, min(cap, 4096, 2 ** (fits.bit_length() - 1)))
 
 
+def _save(folder: FolderWriter, name: str, image: torch.Tensor) -> None:
+    folder.save_image(name, tensor_image(image))
+
+
 class _Writer:
     """PNG encoding and writing off the critical path: a few threads (zlib releases the GIL)
-    write the images of one batch while the device draws the next. At most two batches wait;
-    a failed write is raised at the next batch or at :meth:`close`."""
+    write the images of one batch into ``folder`` while the device draws the next. At most two
+    batches wait; a failed write is raised at the next batch or at :meth:`close`."""
 
-    def __init__(self) -> None:
+    def __init__(self, folder: FolderWriter) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
+        self._folder = folder
         self._pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
         self._pending: list[Any] = []
 
-    def submit(self, images: torch.Tensor, paths: list[Path]) -> None:
-        """Write ``images`` (B, C, H, W) in [-1, 1] on the CPU to ``paths``."""
-        self._pending.append([self._pool.submit(save_image, im, p)
-                              for im, p in zip(images, paths)])
+    def submit(self, images: torch.Tensor, names: list[str]) -> None:
+        """Write ``images`` (B, C, H, W) in [-1, 1] on the CPU as ``names`` in the folder."""
+        self._pending.append([self._pool.submit(_save, self._folder, name, im)
+                              for im, name in zip(images, names)])
         while len(self._pending) > 2:
             for future in self._pending.pop(0):
                 future.result()
@@ -579,13 +584,15 @@ def _same_outcome(state: Any, error: Optional[BaseException]) -> None:
             raise RuntimeError(f"the main process failed: {report[0]}: {report[1]}")
 
 
-def _load_png(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
-    """A PNG written by this command back as a (C, H, W) float tensor in [-1, 1] (exact)."""
+def _load_png(folder: FolderWriter, name: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A PNG written by this command into ``folder`` back as a (C, H, W) float tensor in
+    [-1, 1] (exact), read relative to the folder's descriptor (never through a link)."""
     c, h, w = shape
+    path = folder.folder / name
     wrong = DataError(f"{path} is not a {w}x{h} {'grayscale' if c == 1 else 'RGB'} image as "
                       "this model makes; delete it and rerun the same command to redraw it")
     try:
-        with image_header(path) as img:
+        with folder.open_file(name) as (f, _), image_header(path, f) as img:
             if img.size != (w, h):  # checked before decoding: a planted file may be huge
                 raise wrong
             arr = np.asarray(img)
@@ -615,8 +622,7 @@ class _Edit:
 
 def _draw_batch(network: Any, schedule: Any, how: SampleConfig, idx: list[int], seed: int,
                 shape: tuple[int, int, int], labels: Optional[list[int]], device: torch.device,
-                autocast: Any, writer: _Writer, files: tuple[Path, ...],
-                on_step: Optional[Callable[[int], None]] = None,
+                autocast: Any, writer: _Writer, on_step: Optional[Callable[[int], None]] = None,
                 edit: Optional[_Edit] = None) -> None:
     """Draw images ``idx`` together and hand them to ``writer``. One CPU generator per image
     gives its start noise and then its step noise (see the module doc); an editing run's image
@@ -634,7 +640,7 @@ def _draw_batch(network: Any, schedule: Any, how: SampleConfig, idx: list[int], 
         images = sample(network, schedule, x_T.to(device), class_labels=y, generator=gens,
                         callback=None if on_step is None else lambda i, *_: on_step(i),
                         **kwargs)
-    writer.submit(images.float().cpu(), [files[i] for i in idx])
+    writer.submit(images.float().cpu(), [image_name(i) for i in idx])
 
 
 def _edit_settings(o: SampleOptions, how: SampleConfig, shape: tuple[int, int, int]
@@ -791,14 +797,48 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         except Exception as e:  # raised on every process by _same_outcome
             error = e
     _same_outcome(state, error)
-    if edit is not None:
-        tell(edit_note)  # once the folder is claimed: bad input stays a single line
+    folder = None
     try:
-        return _draw_all(state, main, out_dir, manifest, claim, n, o, how, network, schedule,
-                         shape, labels, device, autocast, batch_size, progress, tell, edit)
+        folder = _folder_on_every_process(state, claim, out_dir, n, o.grid)
+        if edit is not None:
+            tell(edit_note)  # once the folder is claimed: bad input stays a single line
+        return _draw_all(state, main, out_dir, manifest, claim, folder, n, o, how, network,
+                         schedule, shape, labels, device, autocast, batch_size, progress, tell,
+                         edit)
     finally:
+        if folder is not None and folder is not claim:
+            folder.close()
         if claim is not None:
             claim.close()
+
+
+def _folder_on_every_process(state: Any, claim: Optional[OutputFolder], out_dir: Path, n: int,
+                             grid: bool) -> FolderWriter:
+    """The claimed output folder as each process writes into it: the main process's claim; the
+    others open ``out_dir`` themselves and check it is the very folder the main process claimed
+    (:func:`~diffunet.outputs.join_folder`). A process that cannot is an error on every one."""
+    if state.num_processes == 1:
+        assert claim is not None
+        return claim
+    from accelerate.utils import gather_object
+
+    identity = gather_object([claim.identity if claim is not None else None])[0]
+    folder: Optional[FolderWriter] = claim
+    error: Optional[BaseException] = None
+    if claim is None:
+        try:
+            folder = join_folder(out_dir, identity, [image_name(i) for i in range(n)]
+                                 + ([GRID] if grid else []))
+        except Exception as e:  # raised on every process by _same_outcome
+            error = e
+    try:
+        _same_outcome(state, error)
+    except BaseException:
+        if folder is not None and folder is not claim:
+            folder.close()
+        raise
+    assert folder is not None
+    return folder
 
 
 def _edit_record(edit: _Edit, o: SampleOptions, num_steps: int) -> dict[str, Any]:
@@ -823,19 +863,21 @@ def _edit_record(edit: _Edit, o: SampleOptions, num_steps: int) -> dict[str, Any
 
 
 def _draw_all(state: Any, main: bool, out_dir: Path, manifest: dict[str, Any],
-              claim: Optional[OutputFolder], n: int, o: SampleOptions, how: SampleConfig,
+              claim: Optional[OutputFolder], folder: FolderWriter, n: int, o: SampleOptions,
+              how: SampleConfig,
               network: Any, schedule: Any, shape: tuple[int, int, int],
               labels: Optional[list[int]], device: torch.device, autocast: Any,
               batch_size: int, progress: bool, tell: Callable[[str], None],
               edit: Optional[_Edit] = None) -> SampleResult:
-    """Draw the images not yet in the claimed folder, then the grid and the final manifest."""
+    """Draw the images not yet in the claimed folder, then the grid and the final manifest
+    (the main process's ``claim``), every file through this process's ``folder``."""
     from tqdm.auto import tqdm
 
     manifest_path = out_dir / MANIFEST
     state.wait_for_everyone()
-    files = tuple(out_dir / image_name(i) for i in range(n))
+    names = [image_name(i) for i in range(n)]
     # a planted link under an image's name is redrawn (the write replaces the link itself)
-    todo = [i for i in range(n) if not is_plain_file(files[i])]
+    todo = [i for i in range(n) if not folder.is_plain_file(names[i])]
     done_before = n - len(todo)
     # Every process has its to-do list before any of them writes an image: otherwise a fast
     # one's new files would shorten a slow one's list and the round-robin deal would differ.
@@ -851,12 +893,12 @@ def _draw_all(state: Any, main: bool, out_dir: Path, manifest: dict[str, Any],
                disable=not (progress and main), unit="step", dynamic_ncols=True)
     bar.set_postfix_str(f"{done_before}/{n} img")
     drawn: list[int] = []
-    writer = _Writer()
+    writer = _Writer(folder)
     try:
         for start in range(0, len(mine), batch_size):
             idx = mine[start:start + batch_size]
             _draw_batch(network, schedule, how, idx, o.seed, shape, labels, device, autocast,
-                        writer, files, on_step=lambda i: bar.update(1), edit=edit)
+                        writer, on_step=lambda i: bar.update(1), edit=edit)
             drawn.extend(idx)
             done = min(n, done_before + len(drawn) * state.num_processes)
             bar.set_postfix_str(f"{done}/{n} img", refresh=False)
@@ -870,17 +912,17 @@ def _draw_all(state: Any, main: bool, out_dir: Path, manifest: dict[str, Any],
     grid_path = out_dir / GRID if o.grid else None
     if main:
         assert claim is not None
-        missing = [p.name for p in files if not p.exists()]
+        missing = [name for name in names if not folder.is_plain_file(name)]
         if missing:
             raise FolderError(f"{len(missing)} image(s) are missing from {out_dir} (e.g. "
                               f"{missing[0]}); rerun the same command to draw them")
         if grid_path is not None:
-            shown = [_load_png(p, shape) for p in files[:MAX_GRID_IMAGES]]
+            shown = [_load_png(folder, name, shape) for name in names[:MAX_GRID_IMAGES]]
             if o.class_labels == "all" and labels is not None:
                 tiles, width = class_rows(shown, labels[:len(shown)])
-                save_grid(tiles, grid_path, nrow=width)
+                folder.save_image(GRID, make_grid_image(tiles, nrow=width))
             else:
-                save_grid(torch.stack(shown), grid_path)
+                folder.save_image(GRID, make_grid_image(torch.stack(shown)))
         manifest["complete"] = True
         claim.write_manifest(manifest, claim.listed)
         tell(f"wrote {n - done_before} image(s) to {out_dir}"
@@ -889,4 +931,5 @@ def _draw_all(state: Any, main: bool, out_dir: Path, manifest: dict[str, Any],
     state.wait_for_everyone()
     return SampleResult(out_dir=out_dir, num_samples=n, drawn=tuple(drawn),
                         already_done=done_before, grid_path=grid_path,
-                        manifest_path=manifest_path, files=files)
+                        manifest_path=manifest_path,
+                        files=tuple(out_dir / name for name in names))

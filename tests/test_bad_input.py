@@ -408,7 +408,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
      ["--out-dir", "is a file; give a folder path"]),
     ("cli-sample-out-dir-under-a-file", ["sample", "{d}/models/good.safetensors", "--steps", "2",
                                         "--out-dir", "{d}/images/a_file.png/samples"],
-     ["not a directory:", "a_file.png/samples; check the path, free space and permissions"]),
+     ["--out-dir: cannot create the folder", "a_file.png/samples (not a directory)"]),
     ("cli-train-out-dir-under-a-file", ["train", *TINY, "--out-dir", "{d}/images/a_file.png/run"],
      ["not a directory:", "a_file.png/run"]),
     ("cli-sample-other-settings", ["sample", "{d}/models/good.safetensors", "--num-samples", "2",

@@ -37,7 +37,7 @@ from PIL import Image
 import diffunet
 from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig
 from diffunet.runs import FolderLock
-from hostile import Case, check, run_cases
+from hostile import Case, check, run_cases, tree
 
 TINY = dict(image_size=8, base_channels=8, channel_mults=(1,), num_res_blocks=1,
             attn_resolutions=(), dropout=0.0, num_groups=4)
@@ -719,7 +719,9 @@ def test_its_own_earlier_output_was_replaced_with_a_marked_one(results) -> None:
             png = cases / cid / "run" / "plot.png"
             with open(png, "rb") as f:
                 head = f.read(4096)
-            assert b"diffunet plot" in head, cid
+            assert b"diffunet plot" in head, cid  # redrawn now (marked), not the old one kept
+            with open(png, "rb") as f:
+                assert is_own_plot(f, png.stat().st_size), cid
 
 
 def test_a_folder_it_cannot_write_in_is_one_line(tmp_path, monkeypatch, capsys) -> None:
@@ -764,3 +766,141 @@ def test_a_file_that_appears_while_it_runs_is_kept(tmp_path) -> None:
             out.write(b"{}")
     assert (tmp_path / "r.json").read_text() == "the user's, written meanwhile"
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folders swapped for a link to another folder while the command runs: every file is
+# written relative to the descriptor the command opened (diffunet/outputs.py), so the other
+# folder (here a user's, holding a file under an output's name) is never written through.
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("swap_models")
+    torch.manual_seed(0)
+    diffunet.save_model(folder / "model.safetensors", UNet(UNetConfig(**TINY)),
+                        NoiseSchedule(ScheduleConfig(num_train_timesteps=10)))
+    seg = UNet(UNetConfig(**TINY, time_conditioning=False, out_channels=1))
+    diffunet.save_model(folder / "seg.safetensors", seg, None, extra={"segmentation": {
+        "num_classes": 2, "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 8,
+        "channels": 3}})
+    return folder
+
+
+def _users_folder(tmp_path: Path, *names: str) -> Path:
+    """A folder of the user's holding files under the names a command writes."""
+    victim = tmp_path / "users"
+    victim.mkdir()
+    for name in names:
+        if name.endswith(".png"):
+            _png(victim / name, 7)
+        else:
+            (victim / name).write_text(f"the user's {name}\n")
+    return victim
+
+
+def _swap(out: Path, victim: Path) -> None:
+    """What a hostile neighbour does mid-run: the output folder moved away, a link to the
+    user's folder put in its place."""
+    out.rename(out.with_name("moved"))
+    out.symlink_to(victim)
+
+
+def test_sample_never_writes_through_an_out_dir_swapped_for_a_link(models, tmp_path,
+                                                                  monkeypatch) -> None:
+    import diffunet.sampling as sampling
+    from diffunet.sampling import SampleOptions, generate
+
+    victim = _users_folder(tmp_path, "000004.png", "grid.png", "manifest.json")
+    before = tree(victim)
+    out = tmp_path / "out"
+    real, batches = sampling._draw_batch, []
+
+    def swap_after_the_first_batch(*args, **kwargs):
+        real(*args, **kwargs)
+        if not batches:
+            _swap(out, victim)
+        batches.append(1)
+
+    monkeypatch.setattr(sampling, "_draw_batch", swap_after_the_first_batch)
+    generate(models / "model.safetensors", out,
+             SampleOptions(num_samples=6, batch_size=2, num_steps=2, device="cpu"))
+    assert len(batches) == 3
+    assert tree(victim) == before  # the user's 000004.png, grid.png, manifest.json untouched
+    moved = tmp_path / "moved"  # every file went into the folder the command claimed
+    assert sorted(p.name for p in moved.iterdir()) == [
+        "000000.png", "000001.png", "000002.png", "000003.png", "000004.png", "000005.png",
+        "grid.png", "manifest.json"]
+    assert json.loads((moved / "manifest.json").read_text())["complete"] is True
+
+
+def test_inspect_never_writes_through_an_out_dir_swapped_for_a_link(models, tmp_path,
+                                                                   monkeypatch) -> None:
+    import diffunet.inspection as inspection
+
+    victim = _users_folder(tmp_path, "input.png", "stats.json", "00_conv_in.png")
+    (victim / "stats.txt").write_text("the user's notes\n")
+    before = tree(victim)
+    out = tmp_path / "out"
+    real = inspection.claim_folder
+
+    def swap_once_claimed(*args, **kwargs):
+        claim = real(*args, **kwargs)
+        _swap(out, victim)
+        return claim
+
+    monkeypatch.setattr(inspection, "claim_folder", swap_once_claimed)
+    inspection.inspect_model(models / "model.safetensors", out, device="cpu")
+    assert tree(victim) == before
+    moved = tmp_path / "moved"
+    doc = json.loads((moved / "stats.json").read_text())
+    assert doc["complete"] is True and set(doc["files"]) == {p.name for p in moved.iterdir()}
+
+
+def test_segment_predict_never_writes_through_an_out_dir_swapped_for_a_link(
+        models, tmp_path, monkeypatch) -> None:
+    import diffunet.segmentation.predict as predict
+
+    _png(tmp_path / "in" / "a.png", 30)
+    _png(tmp_path / "in" / "b.png", 60)
+    victim = _users_folder(tmp_path, "b.png", "b_overlay.png", "masks.json")
+    before = tree(victim)
+    out = tmp_path / "out"
+    real, done = predict.predict_image, []
+
+    def swap_after_the_first_image(*args, **kwargs):
+        if len(done) == 1:
+            _swap(out, victim)
+        done.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "predict_image", swap_after_the_first_image)
+    predict.predict_masks(models / "seg.safetensors", [str(tmp_path / "in")], out,
+                          device="cpu")
+    assert len(done) == 2
+    assert tree(victim) == before
+    assert sorted(p.name for p in (tmp_path / "moved").iterdir()) == [
+        "a.png", "a_overlay.png", "b.png", "b_overlay.png", "masks.json"]
+
+
+def test_another_process_joins_only_the_folder_the_main_process_claimed(tmp_path) -> None:
+    # under accelerate launch the other processes open --out-dir themselves: a path that names
+    # another folder by then is one line, never a write there
+    from diffunet.errors import FolderError
+    from diffunet.outputs import claim_folder, join_folder
+
+    out = tmp_path / "out"
+    with claim_folder(out, command="sample", manifest="manifest.json", format="diffunet.x",
+                      planned=["a.png"]) as claim:
+        claim.write_manifest({"format": "diffunet.x", "format_version": 1}, ["a.png"])
+        with join_folder(out, claim.identity, ["a.png"]) as same:
+            same.write_file("a.png", b"drawn by process 1")
+        with pytest.raises(ValueError, match="not a file this command listed"):
+            claim.write_file("b.png", b"x")
+        victim = _users_folder(tmp_path, "a.png")
+        _swap(out, victim)
+        with pytest.raises(FolderError, match="is not the folder the main process claimed"):
+            join_folder(out, claim.identity, ["a.png"])
+        claim.write_file("a.png", b"drawn by process 0")
+    assert (tmp_path / "moved" / "a.png").read_bytes() == b"drawn by process 0"
+    assert (victim / "a.png").read_bytes() != b"drawn by process 0"

@@ -412,12 +412,8 @@ WRITERS: dict[str, dict[str, str]] = {
                   "made before it is opened and checked",
     },
     "outputs": {
-        "os.unlink": "output folders: removes only the files its manifest lists (a link "
-                     "unlinked, never followed), at the folder's descriptor",
-        ".mkdir": "output folders: --out-dir as the user named it, made before it is locked "
-                  "and checked",
-        "uses fileio.atomic_write_bytes": "the manifest, by path inside the locked folder "
-                                           "(to move to the folder's descriptor)",
+        ".unlink": "output folders: removes only the files its manifest lists (a link "
+                   "unlinked, never followed), at the folder's descriptor",
     },
     # -- low-level writers: each writes where its caller says, and the callers are checked ------
     "fileio": {
@@ -486,20 +482,6 @@ WRITERS: dict[str, dict[str, str]] = {
         "uses checkpoint.save_model": "weights/model_stepN.safetensors inside the locked run "
                                        "folder",
     },
-    # -- output folders written by path (to move to the folder's descriptor) --------------------
-    "sampling": {
-        "uses images.save_grid": "grid.png inside the locked output folder",
-        "uses images.save_image": "sample images inside the locked output folder",
-    },
-    "inspection": {
-        "uses images.save_image": "input.png and noised.png inside the locked output folder",
-        "uses fileio.atomic_save_image": "feature maps inside the locked output folder",
-        "uses fileio.atomic_write_bytes": "stats.txt inside the locked output folder",
-    },
-    "segmentation.predict": {
-        "uses images.save_mask": "masks inside the locked output folder",
-        "uses fileio.atomic_save_image": "overlays inside the locked output folder",
-    },
 }
 """module (dotted, inside the package) -> {kind: why it may write that way}. A kind is a
 primitive (``open 'w'``, ``os.replace``, ``.mkdir``, ``.save``, ...: a method by its name,
@@ -532,8 +514,11 @@ def _mode_writes(node: ast.AST | None) -> bool:
     return True
 
 
-def _flags_write(node: ast.AST | None) -> bool:
-    """Whether ``os.open``-style flags may write: anything but known read-only flags may."""
+def _flags_write(node: ast.AST | None, values: dict[str, list[ast.AST]],
+                 seen: frozenset[str] = frozenset()) -> bool:
+    """Whether ``os.open``-style flags may write: anything but known read-only flags may. A
+    variable (``flags = os.O_RDONLY | ...``) stands for every value the module assigns it
+    (``values``); one it never assigns may write."""
     if node is None:
         return False
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
@@ -542,7 +527,28 @@ def _flags_write(node: ast.AST | None) -> bool:
     names |= {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
     names |= {n.value for n in ast.walk(node) if isinstance(n, ast.Constant)
               and isinstance(n.value, str)}
-    return bool(names - _READ_FLAGS)
+    for name in names - _READ_FLAGS:
+        if name in seen or not values.get(name) or any(
+                _flags_write(v, values, seen | {name}) for v in values[name]):
+            return True
+    return False
+
+
+def _assigned(tree: ast.AST) -> dict[str, list[ast.AST]]:
+    """Every value a module assigns to each plain name (``x = v``, ``x |= v``, ``x: T = v``);
+    a condition's test names are no values (``x if follow else y`` counts x and y)."""
+    found: dict[str, list[ast.AST]] = {}
+    for node in ast.walk(tree):
+        targets, value = [], None
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)) and node.value is not None:
+            targets, value = [node.target], node.value
+        for t in targets:
+            if isinstance(t, ast.Name):
+                found.setdefault(t.id, []).extend(
+                    [value.body, value.orelse] if isinstance(value, ast.IfExp) else [value])
+    return found
 
 
 def _arg(call: ast.Call, index: int, keyword: str) -> ast.AST | None:
@@ -564,8 +570,10 @@ def _in_memory(tree: ast.AST) -> set[str]:
     return found
 
 
-def _primitive(call: ast.Call, buffers: set[str]) -> str | None:
-    """The kind of file write ``call`` is (see :data:`WRITERS`), or None."""
+def _primitive(call: ast.Call, buffers: set[str], values: dict[str, list[ast.AST]]
+               ) -> str | None:
+    """The kind of file write ``call`` is (see :data:`WRITERS`), or None (``buffers``: the
+    module's in-memory buffers; ``values``: what it assigns to each name)."""
     f = call.func
     if isinstance(f, ast.Name):
         name, owner = f.id, None
@@ -579,12 +587,13 @@ def _primitive(call: ast.Call, buffers: set[str]) -> str | None:
             return None  # os.devnull is no file
         return "open 'w'" if _mode_writes(_arg(call, 1, "mode")) else None
     if name == "open" and owner == "os":
-        return "os.open O_CREAT/O_WRONLY" if _flags_write(_arg(call, 1, "flags")) else None
+        return ("os.open O_CREAT/O_WRONLY" if _flags_write(_arg(call, 1, "flags"), values)
+                else None)
     if name == "fdopen":
         return "os.fdopen 'w'" if _mode_writes(_arg(call, 1, "mode")) else None
     if name == "open":  # a method: OpenFolder.open(name, flags), Path.open(mode), Image.open
         if len(call.args) >= 2:
-            return ".open O_CREAT/O_WRONLY" if _flags_write(call.args[1]) else None
+            return ".open O_CREAT/O_WRONLY" if _flags_write(call.args[1], values) else None
         mode = call.args[0] if call.args else _arg(call, 99, "mode")
         if isinstance(mode, ast.Constant) and isinstance(mode.value, str):
             return ".open 'w'" if _mode_writes(mode) else None
@@ -685,9 +694,9 @@ def file_writes(package: Path, extra: dict[str, str] | None = None
 
     direct = {}
     for m, tree in trees.items():
-        buffers = _in_memory(tree)
+        buffers, values = _in_memory(tree), _assigned(tree)
         direct[m] = [(n.lineno, kind) for n in ast.walk(tree) if isinstance(n, ast.Call)
-                     and (kind := _primitive(n, buffers)) is not None]
+                     and (kind := _primitive(n, buffers, values)) is not None]
     functions = {f"{root}.{m}.{node.name}": (m, node) for m, tree in trees.items() if is_low(m)
                  for node in tree.body
                  if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}

@@ -211,10 +211,10 @@ def test_an_interrupted_run_resumes_where_it_stopped(rgb_model, tmp_path, monkey
 def test_a_failed_png_write_in_the_background_stops_the_run(rgb_model, tmp_path, monkeypatch):
     import diffunet.sampling as sampling
 
-    def full_disk(image, path):
-        raise OSError(28, "No space left on device", str(path))
+    def full_disk(folder, name, image):
+        raise OSError(28, "No space left on device", name)
 
-    monkeypatch.setattr(sampling, "save_image", full_disk)
+    monkeypatch.setattr(sampling, "_save", full_disk)
     with pytest.raises(OSError, match="No space"):
         generate(rgb_model, tmp_path / "out", opts(batch_size=2))
     assert not (tmp_path / "out" / GRID).exists()

@@ -19,8 +19,7 @@ from PIL import Image
 
 from ..checkpoint import read_model
 from ..errors import DataError, FolderError, ModelFileError, UsageError
-from ..fileio import atomic_save_image
-from ..images import IMAGE_EXTENSIONS, load_image_full, normalize, overlay, save_mask
+from ..images import IMAGE_EXTENSIONS, load_image_full, mask_image, normalize, overlay
 from ..outputs import check_unique_outputs, claim_folder
 from ..runs import pick_device
 
@@ -140,9 +139,10 @@ def predict_masks(model_path: str | os.PathLike, inputs: Sequence[str], out_dir:
         for i, (f, (mask_path, overlay_path)) in enumerate(zip(files, targets)):
             image = load_image_full(f, channels).to(dev)
             labels = predict_image(net, image, image_size, mean, std).cpu()
-            save_mask(labels, mask_path, K)
+            # relative to the folder's descriptor, never through a link
+            folder.save_image(mask_path.name, mask_image(labels, K))
             blended = overlay(image.cpu(), labels, K, alpha=alpha)
-            atomic_save_image(Image.fromarray(np.ascontiguousarray(blended)), overlay_path)
+            folder.save_image(overlay_path.name, Image.fromarray(np.ascontiguousarray(blended)))
             if progress is not None:
                 progress(i + 1, len(files))
         folder.write_manifest({**doc, "complete": True}, listed)
