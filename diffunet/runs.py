@@ -54,6 +54,8 @@ from .data import seed_for
 from .errors import (ConfigError, DiffunetError, FolderError, MissingDependencyError,
                      ModelFileError, TrainingError, UsageError)
 from .fileio import atomic_write_bytes, parse_json, read_regular_file
+from .output_files import OpenFolder, open_subfolder
+from .output_files import open_folder as open_output_folder
 
 __all__ = ["EMA", "FolderLock", "Run", "TensorBoardTracker", "WANDB_ID_FILE", "WandbTracker",
            "check_resume_compatible", "check_trackers", "check_training_fits", "cpu_requested",
@@ -62,6 +64,9 @@ __all__ = ["EMA", "FolderLock", "Run", "TensorBoardTracker", "WANDB_ID_FILE", "W
            "write_failed"]
 
 R = TypeVar("R")
+RUN_SUBFOLDERS = ("samples", "weights", "state", "tensorboard", "wandb")
+"""The run folder's sub-folders diffunet writes into: each is opened once, without following a
+link, and a link under any of these names is refused before the run starts."""
 _TAG_DROPOUT = 3  # keeps the per-process RNG seeds apart from data.py's streams (tags 1, 2)
 
 
@@ -190,6 +195,9 @@ _READ_ONLY = {errno.EROFS: "read-only file system", errno.EACCES: "permission de
               errno.EPERM: "permission denied"}
 
 
+_LINK_FIX = "remove the link (its target is kept), or choose another --out-dir"
+
+
 def write_failed(e: OSError, doing: str, out_dir: Path) -> TrainingError:
     """One line for a write that failed: the problem, the fix, and the newest state, which the
     atomic writes left intact."""
@@ -259,15 +267,20 @@ def read_log(log_path: Path) -> list[tuple[int, str]] | None:
     return records
 
 
-def trim_log(log_path: Path, step: int) -> None:
+def trim_log(log_path: Path, step: int, folder: OpenFolder | None = None) -> None:
     """Drop the ``log.jsonl`` lines past ``step`` (those of the work a resumed run redoes, and a
     torn last line), so the log ends as an uninterrupted run's would; checked by
-    :func:`read_log` first. ``step`` 0 (no state) leaves an empty log."""
+    :func:`read_log` first. ``step`` 0 (no state) leaves an empty log. ``folder``: the run
+    folder, open (the log is then rewritten relative to its descriptor)."""
     records = read_log(log_path)
     if records is None:
         return
     kept = [line for at, line in records if at <= step] if step > 0 else []
-    atomic_write_bytes(log_path, "".join(ln + "\n" for ln in kept).encode("utf-8"))
+    data = "".join(ln + "\n" for ln in kept).encode("utf-8")
+    if folder is not None:
+        folder.write_file(log_path.name, data)
+    else:
+        atomic_write_bytes(log_path, data)
 
 
 def check_resume_compatible(saved: dict[str, Any], cfg: Any) -> None:
@@ -598,6 +611,8 @@ class Run:
         self._trackers: list[Any] = []  # the started ones (main process)
         self.bar: Any = None
         self._lock: Any = None
+        self._folder: OpenFolder | None = None  # the run folder, opened once (main process)
+        self._subfolders: dict[str, OpenFolder] = {}
         self._created = self._opened = False
         self._stop: dict[str, str] = {}
         self._restore_signals: Callable[[], None] | None = None
@@ -661,21 +676,29 @@ class Run:
                       f"launch --multi_gpu --num_processes N -m diffunet {self.command} ...")
 
     def _claim_folder(self, resume: bool) -> Path | None:
-        """Main process: check the folder, take its lock, find the state to resume from."""
+        """Main process: open the folder once, check it, take its lock, find the state to
+        resume from."""
         out = self.out_dir
         if out.exists() and not out.is_dir():
             raise FolderError(f"--out-dir {out} is a file; give a folder path")
-        if not resume and out.is_dir() and any(out.iterdir()):
+        self._created = not out.exists()
+        # opened once (a link given as --out-dir is followed here, and only here): the lock,
+        # the sub-folders and the files written into them are relative to this descriptor
+        self._folder = open_output_folder(out, label="--out-dir", create=True)
+        for sub in RUN_SUBFOLDERS:  # before anything is read from them or written
+            found = self._folder.lstat(sub)
+            if found is not None and stat.S_ISLNK(found.st_mode):
+                raise FolderError(f"{out / sub} is a symbolic link; diffunet never writes "
+                                  f"through a link it did not create: {_LINK_FIX}")
+        if not resume and not self._created and self._folder.names():
             if not not_a_run_yet(out, type(self.cfg)):
                 raise FolderError(f"--out-dir {out} is not empty; pass --resume to continue "
                                   "that run, or choose another --out-dir")
             self.tell(f"note: {out} holds only the config.json (and log) of a run that never "
                       "saved a state; starting afresh in it")
-        if resume and out.is_dir():
+        if resume and not self._created:
             read_log(out / "log.jsonl")  # a damaged log is refused before anything is written
-        self._created = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
-        self._lock = lock_folder(out)
+        self._lock = lock_folder(out, self._folder.fileno())
         return st.newest_state(out / "state") if resume else None
 
     def _check_shared_folder(self) -> None:
@@ -703,14 +726,20 @@ class Run:
                 marker.unlink(missing_ok=True)
 
     def _release(self) -> None:
-        """Release the lock; a folder this run created and never wrote to goes again (bad input
-        leaves nothing behind)."""
+        """Release the lock and the folder; a folder this run created and never wrote to goes
+        again (bad input leaves nothing behind)."""
         if self._created and self.main and not self._opened:
             with contextlib.suppress(OSError):
                 self.out_dir.rmdir()  # only if still empty
+        for folder in self._subfolders.values():
+            folder.close()
+        self._subfolders = {}
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+        if self._folder is not None:
+            self._folder.close()
+            self._folder = None
 
     def seed_everything(self, seed: int) -> None:
         """Seed Python, NumPy and torch (every device) the same on every process."""
@@ -797,19 +826,22 @@ class Run:
         return model, optimizer
 
     def open_folder(self, subdirs: Sequence[str]) -> None:
-        """Make the run folder's sub-folders, remove what interrupted writes left, write the
-        resolved ``config.json``, trim ``log.jsonl`` for a resumed run, start the trackers."""
+        """Make and open the run folder's sub-folders (each once, never through a link: see
+        :data:`RUN_SUBFOLDERS`), remove what interrupted writes left, write the resolved
+        ``config.json``, trim ``log.jsonl`` for a resumed run, start the trackers."""
         def on_main() -> None:
             self._opened = True
+            assert self._folder is not None
             try:
                 for sub in subdirs:
-                    (self.out_dir / sub).mkdir(parents=True, exist_ok=True)
+                    if sub not in self._subfolders:
+                        self._subfolders[sub] = open_subfolder(self._folder, sub, fix=_LINK_FIX)
                 st.clear_leftovers(self.out_dir)  # temporary files of writes a crash cut short
-                atomic_write_bytes(self.out_dir / "config.json",
-                                   (json.dumps(to_dict(self.cfg), indent=2) + "\n").encode())
+                self._folder.write_file("config.json", (json.dumps(
+                    to_dict(self.cfg), indent=2) + "\n").encode())
                 # resumed: the lines past the state's step go (all of them without a state, as
                 # in a folder that is not a run yet)
-                trim_log(self.out_dir / "log.jsonl", self.start_step)
+                trim_log(self.out_dir / "log.jsonl", self.start_step, self._folder)
             except OSError as e:
                 raise write_failed(e, "preparing the run folder", self.out_dir) from None
             self._start_trackers()
@@ -821,8 +853,10 @@ class Run:
         for name in self.trackers:
             try:
                 if name == "tensorboard":
+                    assert self._folder is not None
+                    # made and checked here (never a link); TensorBoard writes by path
+                    open_subfolder(self._folder, "tensorboard", fix=_LINK_FIX).close()
                     folder = self.out_dir / "tensorboard"
-                    folder.mkdir(exist_ok=True)
                     self._trackers.append(TensorBoardTracker(folder, config, self.start_step))
                     self.tell(f"tensorboard: event files in {folder} (view them with "
                               f"`tensorboard --logdir {self.out_dir.parent}`)")
@@ -938,8 +972,11 @@ class Run:
         """Append ``record`` to ``log.jsonl`` (main process), show ``postfix`` on the bar and
         send the numbers to the trackers. Called by every process."""
         def on_main() -> None:
-            try:
-                with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as f:
+            assert self._folder is not None
+            try:  # appended relative to the run folder's descriptor, never through a link
+                fd = self._folder.open("log.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                                       | getattr(os, "O_NOFOLLOW", 0))
+                with os.fdopen(fd, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
             except OSError as e:
                 raise write_failed(e, "writing log.jsonl", self.out_dir) from None
@@ -954,19 +991,23 @@ class Run:
 
         self.collective(on_main)
 
-    def log_image(self, name: str, image: str | Path | torch.Tensor, step: int) -> None:
-        """Send an image to the trackers (none: nothing to do), e.g. a preview grid: a PNG's
-        path, or a (C, H, W) tensor in [-1, 1] (C = 1 or 3). Called by every process."""
+    def log_image(self, name: str, image: Any, step: int) -> None:
+        """Send an image to the trackers (none: nothing to do), e.g. a preview grid: a PIL
+        image, a PNG's path, or a (C, H, W) tensor in [-1, 1] (C = 1 or 3); what the main
+        process gives is sent. Called by every process."""
         if not self.trackers:
             return
 
         def on_main() -> None:
             import numpy as np
+            from PIL import Image
 
             from .images import open_image, to_uint8
 
             if isinstance(image, torch.Tensor):
                 arr = to_uint8(image).cpu().numpy()
+            elif isinstance(image, Image.Image):
+                arr = np.asarray(image.convert("RGB"))
             else:
                 with open_image(image, None) as img:
                     arr = np.asarray(img.convert("RGB"))
@@ -974,6 +1015,34 @@ class Run:
                 tracker.log_image(name, arr, step)
 
         self.collective(on_main)
+
+    def _check_still_opened(self, sub: str) -> None:
+        """Main process: refuse in one line if ``--out-dir/sub`` no longer names the sub-folder
+        :meth:`open_folder` opened (a link or another folder swapped in meanwhile): the state
+        protocol writes there by path."""
+        opened = self._subfolders.get(sub)
+        if opened is None:
+            return
+        path = self.out_dir / sub
+        try:
+            now = os.lstat(path)
+            same = not stat.S_ISLNK(now.st_mode) and (now.st_dev, now.st_ino) == \
+                opened.identity()
+        except OSError:
+            same = False
+        if not same:
+            raise FolderError(f"{path} is no longer the folder this run opened (a link or "
+                              "another folder was put there while it ran); diffunet never "
+                              f"writes through it: put the run's {sub}/ back, then --resume")
+
+    def write_file(self, subfolder: str, name: str, data: bytes, *,
+                   durable: bool = True) -> Path:
+        """Write ``data`` as ``name`` in the run's ``subfolder`` (one of those
+        :meth:`open_folder` opened), atomically and relative to that folder's descriptor, never
+        through a link; returns its path (for messages). Main process, inside :meth:`write`.
+        ``durable``: flushed to disk (a preview grid need not be)."""
+        self._subfolders[subfolder].write_file(name, data, durable=durable)
+        return self.out_dir / subfolder / name
 
     def write(self, doing: str, fn: Callable[[], R]) -> R:
         """Run a main-process write ``fn`` (a preview, a model file); a failed write is the
@@ -1003,6 +1072,7 @@ class Run:
         """
         name = st.state_name(step)
         root, tmp = self.out_dir / "state", self.out_dir / "state" / f".tmp-{name}"
+        self.collective(lambda: self._check_still_opened("state"))
 
         def failed(e: OSError) -> TrainingError:
             st.clear_leftovers(self.out_dir)

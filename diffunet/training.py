@@ -30,13 +30,14 @@ import torch
 from torch import Tensor
 
 from . import state as st
-from .checkpoint import save_model, unwrap_model
+from .checkpoint import model_file_bytes, unwrap_model
 from .config import RunConfig, TrainConfig, to_dict
 from .data import (GlobalBatchSampler, HFStream, build_dataset, flip_where, make_dataloader,
                    skipped_note)
 from .errors import ConfigError, TrainingError
 from .formulations import Formulation, make_schedule
-from .images import save_grid
+from .fileio import encode_image
+from .images import make_grid_image
 from .runs import EMA, Run
 from .samplers import check_sigma_range, sample
 from .unet import UNet
@@ -241,19 +242,23 @@ def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run
     x_T = torch.randn((s.num_images, C, H, H), generator=torch.Generator().manual_seed(seed + 1))
     labels = torch.arange(s.num_images) % k if k is not None else None
 
-    def draw_and_save(path: Path) -> None:
+    drawn: dict[str, Any] = {}  # the newest grid (main process), for the trackers
+
+    def draw_and_save(name: str) -> None:
         with run.accelerator.autocast():
             images = sample(ema.model, schedule, x_T.to(run.device),
                             class_labels=None if labels is None else labels.to(run.device),
                             generator=torch.Generator().manual_seed(seed + 2),
                             **s.sample_kwargs())
-        save_grid(images.float().cpu(), path)
+        drawn["grid"] = make_grid_image(images.float().cpu())
+        # into the run's samples/, relative to its descriptor (never through a link); a
+        # preview need not survive a power cut
+        run.write_file("samples", name, encode_image(drawn["grid"], name), durable=False)
 
     def write(step: int) -> None:  # the main process samples; the others wait for it
         name = f"{st.state_name(step)}.png"
-        run.write(f"writing preview {name}",
-                  lambda: draw_and_save(run.out_dir / "samples" / name))
-        run.log_image("preview", run.out_dir / "samples" / name, step)  # to the trackers
+        run.write(f"writing preview {name}", lambda: draw_and_save(name))
+        run.log_image("preview", drawn.pop("grid", None), step)  # to the trackers (main)
 
     return write
 
@@ -401,10 +406,11 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
             state_path = run.save_state(
                 at, tensors={"model": net.state_dict(), "ema": ema.model.state_dict()},
                 optimizer=optimizer, trainer=counts, generators={"step_gen": step_gen},
-                keep_last=t.keep_last, before_commit=lambda: save_model(
-                    model_path, ema.model, schedule,
-                    extra={"step": at, "run_config": to_dict(cfg),
-                           **({"class_names": names} if names else {})}))
+                keep_last=t.keep_last, before_commit=lambda: run.write_file(
+                    "weights", model_path.name, model_file_bytes(
+                        ema.model, schedule, extra={"step": at, "run_config": to_dict(cfg),
+                                                    **({"class_names": names} if names
+                                                       else {})})))
             return model_path, state_path
 
         # --- the loop: no host sync between check points (log lines, saves, the non-finite

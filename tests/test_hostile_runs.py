@@ -173,6 +173,31 @@ def locked(c: Path, shared: Path) -> None:
     os.chmod(c / "images" / "locked", 0)
 
 
+def linked(sub: str, fresh: bool = False) -> Callable[[Path, Path], None]:
+    """The run folder's ``sub`` a link to a folder of the user's (``mine/``, holding a file
+    under a name the run would write): the shared run copied (``fresh``: what a failed start
+    left) with ``sub`` moved to ``mine`` and linked back."""
+    def build(c: Path, shared: Path) -> None:
+        if fresh:
+            failed_start()(c, shared)
+            run = c / "run"
+        else:
+            run = copy_run(c, shared)
+        mine = c / "mine"
+        if (run / sub).is_dir():
+            (run / sub).rename(mine)
+        else:
+            mine.mkdir()
+        for name in ("model_step0000003.safetensors", "step0000003.png", "step0000003"):
+            (mine / name).write_text("the user's\n")
+        (run / sub).symlink_to("../mine")
+    return build
+
+
+LINKED = ("is a symbolic link; diffunet never writes through a link it did not create",
+          "remove the link (its target is kept), or choose another --out-dir")
+
+
 def log_of(*steps: int) -> Callable[[Path], None]:
     """An ``after`` check: the run's log holds exactly these steps."""
     def after(c: Path) -> None:
@@ -259,6 +284,13 @@ ROWS: list[Row] = [
     Row(Case("log-torn-last-line-is-trimmed", RESUME3, ("diffunet sample",),
              in_run("log.jsonl", change=lambda p: p.write_text(p.read_text() + '{"step": 3, "lo')),
              code=0, may_change=("run",)), after=log_of(2, 3)),
+    # --- round two (issue 23): the run folder's sub-folders are never written through a link -
+    *[Row(Case(f"resume-with-{sub}-a-link-to-a-users-folder", RESUME3,
+               (f"run/{sub} {LINKED[0]}", LINKED[1]), linked(sub)))
+      for sub in ("weights", "samples", "state", "tensorboard")],
+    Row(Case("fresh-start-with-weights-a-link-to-a-users-folder",
+             ["train", *TINY, "--out-dir", "{c}/run", "--no-progress"],
+             ("run/weights", LINKED[0]), linked("weights", fresh=True))),
     # --- runs that never saved a state -------------------------------------------------------
     Row(Case("killed-before-first-state-resume-trims-log", RESUME, ("diffunet sample",),
              failed_start(log='{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n'), code=0,
@@ -403,3 +435,75 @@ def test_hostile_run_input(results: dict[str, Result], cid: str,
         assert part in result.stdout, (part, result.stdout)
     if row.after is not None:
         row.after(tmp_path_factory.getbasetemp() / "cases0" / "c" / cid)
+
+
+def test_run_subfolders_swapped_for_links_mid_run_are_never_written_through(
+        tmp_path: Path, capsys: pytest.CaptureFixture, cpu_accelerate: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # samples/ and weights/ are opened once: a neighbour who swaps them for links to a user's
+    # folders after the first save gets nothing written there (the run writes on into the
+    # folders it opened, wherever they now are)
+    from diffunet import cli
+    from diffunet.runs import Run
+
+    out, mine = tmp_path / "run", tmp_path / "mine"
+    for sub in ("samples", "weights"):
+        (mine / sub).mkdir(parents=True)
+        for name in ("step0000004.png", "model_step0000004.safetensors"):
+            (mine / sub / name).write_text("the user's\n")
+    real, saves = Run.save_state, []
+
+    def swap_after_the_first_save(self, *args, **kwargs):
+        path = real(self, *args, **kwargs)
+        if not saves:
+            for sub in ("samples", "weights"):
+                (out / sub).rename(tmp_path / f"moved-{sub}")
+                (out / sub).symlink_to(mine / sub)
+        saves.append(path)
+        return path
+
+    monkeypatch.setattr(Run, "save_state", swap_after_the_first_save)
+    args = [a.replace("train.max_steps=2", "train.max_steps=4") for a in TINY]
+    assert cli.main(["train", *args, "train.sample_every=2", "--out-dir", str(out),
+                     "--no-progress"]) == 0, capsys.readouterr().err
+    assert len(saves) == 2
+    for sub in ("samples", "weights"):
+        assert {p.name: p.read_bytes() for p in (mine / sub).iterdir()} == {
+            "step0000004.png": b"the user's\n", "model_step0000004.safetensors": b"the user's\n"}
+    assert sorted(p.name for p in (tmp_path / "moved-weights").iterdir()) == [
+        "model_step0000002.safetensors", "model_step0000004.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "moved-samples").iterdir()) == [
+        "step0000002.png", "step0000004.png"]
+
+
+def test_a_state_folder_swapped_for_a_link_mid_run_stops_the_next_save(
+        tmp_path: Path, capsys: pytest.CaptureFixture, cpu_accelerate: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # state/ is written by path (every process writes its part): the save checks first that it
+    # is still the folder the run opened, and stops in one line when it is not
+    from diffunet import cli
+    from diffunet.runs import Run
+
+    out, mine = tmp_path / "run", tmp_path / "mine"
+    (mine / "step0000004").mkdir(parents=True)
+    (mine / "step0000004" / "notes.txt").write_text("the user's\n")
+    real, saves = Run.save_state, []
+
+    def swap_after_the_first_save(self, *args, **kwargs):
+        path = real(self, *args, **kwargs)
+        if not saves:
+            (out / "state").rename(tmp_path / "moved-state")
+            (out / "state").symlink_to(mine)
+        saves.append(path)
+        return path
+
+    monkeypatch.setattr(Run, "save_state", swap_after_the_first_save)
+    args = [a.replace("train.max_steps=2", "train.max_steps=4") for a in TINY]
+    assert cli.main(["train", *args, "--out-dir", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("state is no longer the folder this run opened (a link or another "
+                            "folder was put there while it ran); diffunet never writes through "
+                            "it: put the run's state/ back, then --resume"), err
+    assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*")) == [
+        "step0000004", "step0000004/notes.txt"]
+    assert (tmp_path / "moved-state" / "step0000002" / "trainer.json").is_file()

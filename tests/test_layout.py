@@ -458,29 +458,22 @@ WRITERS: dict[str, dict[str, str]] = {
         "download=": "load_inception's download flag: fetches the weights into that cache",
     },
     "runs": {
-        ".mkdir": "the run folder (before its lock) and its sub-folders",
         ".touch": "a .shared-<random> marker, to check that every node sees the run folder",
         ".unlink": "that marker, after the check",
         ".rmdir": "a run folder this run created and never wrote to, if still empty",
-        "open 'w'": "log.jsonl appended inside the locked run folder",
-        "uses fileio.atomic_write_bytes": "config.json, the trimmed log.jsonl and the W&B id "
-                                           "inside the locked run folder",
+        ".open O_CREAT/O_WRONLY": "log.jsonl appended (O_APPEND|O_NOFOLLOW) at the run "
+                                  "folder's descriptor",
+        "os.fdopen 'w'": "the log.jsonl just opened there",
+        "uses fileio.atomic_write_bytes": "the W&B id file inside the locked run folder, and "
+                                           "trim_log called without the open folder",
         "uses state.clear_leftovers": "the harness's own leftovers in the run folder",
         "uses state.begin_state": "state/.tmp-stepN/ inside the locked run folder",
         "uses state.save_tensors": "a state's tensors inside state/.tmp-stepN/",
         "uses state.write_json": "a state's trainer.json inside state/.tmp-stepN/",
         "uses state.commit_state": "a state renamed into place inside the run folder",
-        "SummaryWriter": "TensorBoard event files in the run folder's tensorboard/",
+        "SummaryWriter": "TensorBoard event files in the run folder's tensorboard/ (opened "
+                         "first without following a link: TensorBoard writes by path)",
         "wandb.init": "W&B's files in the run folder's wandb/ (dir=)",
-    },
-    "training": {
-        "uses images.save_grid": "samples/stepN.png inside the locked run folder",
-        "uses checkpoint.save_model": "weights/model_stepN.safetensors inside the locked run "
-                                       "folder",
-    },
-    "segmentation.training": {
-        "uses checkpoint.save_model": "weights/model_stepN.safetensors inside the locked run "
-                                       "folder",
     },
 }
 """module (dotted, inside the package) -> {kind: why it may write that way}. A kind is a

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ..checkpoint import save_model, unwrap_model
+from ..checkpoint import model_file_bytes, unwrap_model
 from ..config import SegRunConfig, to_dict
 from ..data import GlobalBatchSampler, make_dataloader
 from ..errors import ConfigError, DataError, TrainingError
@@ -278,12 +278,11 @@ def train_segmentation(cfg: SegRunConfig, out_dir: str | Path, *, resume: bool =
         meta = segmentation_metadata(cfg, data)
 
         def save_model_file(name: str, epoch: int, metrics: dict[str, Any]) -> Path:
-            path = run.out_dir / "weights" / name
-            run.write(f"saving {name}", lambda: save_model(
-                path, ema.model if ema is not None else net, None, extra={
-                    "segmentation": meta, "epoch": epoch, "metrics": metrics,
-                    "run_config": to_dict(cfg)}))
-            return path
+            # into the run's weights/, relative to its descriptor (never through a link)
+            return run.write(f"saving {name}", lambda: run.write_file("weights", name,
+                             model_file_bytes(ema.model if ema is not None else net, None, extra={
+                                 "segmentation": meta, "epoch": epoch, "metrics": metrics,
+                                 "run_config": to_dict(cfg)})))
 
         # --- the loop: global steps; an epoch ends every steps_per_epoch ---------------------
         best = saved.get("best", {})
