@@ -308,7 +308,6 @@ def test_previews_pass_the_sample_settings_through(monkeypatch, tmp_path):
 
     seen = {}
     monkeypatch.setattr(training, "sample", lambda *a, **kw: seen.update(kw) or a[2])
-    monkeypatch.setattr(training, "save_grid", lambda *a, **kw: None)
     cfg = load_config(None, ["sample.sampler=heun", "sample.sigmas=exponential",
                              "sample.s_churn=5", "sample.s_noise=1.01", "sample.num_images=2",
                              "sample.sigma_max=50"])
@@ -316,13 +315,16 @@ def test_previews_pass_the_sample_settings_through(monkeypatch, tmp_path):
 
     run = SimpleNamespace(accelerator=SimpleNamespace(autocast=nullcontext),
                           device=torch.device("cpu"), out_dir=tmp_path, log_image=lambda *a: None,
-                          write=lambda what, fn: fn())
+                          write=lambda what, fn: fn(),
+                          write_file=lambda sub, name, data, durable: seen.update(
+                              written=(sub, name, data[:8])))
     ema = SimpleNamespace(model=None)
     training._preview_fn(cfg, ema, None, run)(1)
     assert (seen["sampler"], seen["sigmas"], seen["s_churn"], seen["s_noise"]) == (
         "heun", "exponential", 5.0, 1.01)
     assert seen["s_tmax"] == math.inf and seen["rho"] == 7.0
     assert seen["sigma_max"] == 50.0 and seen["sigma_min"] is None
+    assert seen["written"] == ("samples", "step0000001.png", b"\x89PNG\r\n\x1a\n")
 
 
 def test_bad_sampler_settings_in_the_config_are_one_line():
