@@ -399,9 +399,10 @@ def _parse(path: Path, h: _Header) -> dict[str, Any]:
         except (json.JSONDecodeError, UnicodeError):
             raise ModelFileError(f"{path}: metadata {_q(key)} is not valid JSON; the file is "
                                  "damaged, re-save or re-download it") from None
-        except ValueError as e:  # nested too deep
-            raise ModelFileError(f"{path}: metadata {_q(key)} is refused ({e}; diffunet writes "
-                                 "at most 4); the file is damaged or not diffunet's") from None
+        except ValueError as e:  # nested too deep (diffunet writes at most 4), or an integer
+            # of thousands of digits
+            raise ModelFileError(f"{path}: metadata {_q(key)} is refused ({e}); the file is "
+                                 "damaged or not diffunet's") from None
     for key in ("unet_config", "schedule_config"):
         if key == "schedule_config" and key not in meta:
             continue  # a model with no noise schedule (e.g. segmentation)
