@@ -367,17 +367,24 @@ CASES = [
                                            "wrong shape", "its config implies "
                                            "156,000,112,000,003 parameters but it holds 10,883"],
          section("unet_config", base_channels=1_000_000)),
-    Case("base-channels-a-trillion", SAMPLE, [M, "its config implies at least "
-                                              "9,000,000,000,000,000,000,000,000 parameters"],
+    Case("base-channels-a-trillion", SAMPLE, [M, "its config implies "
+                                              "156,000,000,000,112,000,000,000,003 parameters "
+                                              "but it holds 10,883"],
          section("unet_config", base_channels=10 ** 12)),
-    Case("res-blocks-a-million", INFO, [M, "its config implies at least 4,000,002 tensors"],
+    Case("res-blocks-a-million", INFO, [M, "its config implies 22,000,048 tensors but it holds "
+                                        "70"],
          section("unet_config", num_res_blocks=10 ** 6)),
     Case("timesteps-a-billion", SAMPLE, [M, "this model (one image at a time) needs",
-                                         "GiB of schedule tables",
+                                         "GiB of schedule tables (schedule.num_train_timesteps "
+                                         "= 1000000000)",
                                          "use a machine with more memory"],
          section("schedule_config", num_train_timesteps=10 ** 9)),
+    # counted exactly, not built: the bound before (2 tensors a block) let 17 blocks through
+    # for a file of 70 tensors (and 600,000 for a header of a million, built for minutes)
+    Case("res-blocks-past-the-file", INFO, [M, "its config implies 422 tensors but it holds 70"],
+         section("unet_config", num_res_blocks=17)),
     Case("image-size-40000", INFO, [M, "this model (one image at a time) needs", "of "
-                                    "activations, more than the"],
+                                    "activations (unet.image_size = 40000), more than the"],
          section("unet_config", image_size=40_000)),
     Case("sample-batch-beyond-memory", ["sample", "{shared}/good.safetensors", "--batch-size",
                                         "10000000", "--num-samples", "10000000", "--steps", "2",
@@ -386,10 +393,12 @@ CASES = [
           "lower --batch-size"]),
     Case("image-size-googol", INSPECT, [M, "unet.image_size", "about 101 digits", "out of range"],
          section("unet_config", image_size=10 ** 100)),
-    Case("image-size-billion", INSPECT, [M, "of activations, more than the"],
+    Case("image-size-billion", INSPECT, [M, "of activations (unet.image_size = 1073741824), "
+                                         "more than the"],
          section("unet_config", image_size=2 ** 30)),
     Case("consistent-but-700m-parameters", SAMPLE, [M, "this model (one image at a time) needs",
-                                                    "GiB of weights", "more than the"],
+                                                    "GiB of weights (unet.base_channels = 2048",
+                                                    "more than the"],
          consistent_but_huge),
     Case("unet-config-wrong-type", SAMPLE, [M, "its stored config is invalid", "unet.image_size"],
          section("unet_config", image_size="8")),
