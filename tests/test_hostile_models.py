@@ -12,6 +12,12 @@ metadata value were tracebacks, an integer ``format_version`` was safetensors' o
 ``base_channels = 1000000`` tried to allocate terabytes, ``num_train_timesteps = 10**9`` 8 GB, a
 6 GB file was read whole (MemoryError), ``info --json`` printed the file's own ``path`` and
 ``parameters``, and a NaN weight was sampled into grey images.
+
+Round two (issue 23) adds diffusers folders for ``import`` (before: ``layers_per_block =
+10**6`` grew for minutes, ``block_out_channels = [10**12]``, NaN/Infinity ``freq_shift`` and
+float8 weights were tracebacks, ``num_train_timesteps = 10**9`` allocated 7.5 GiB, and
+``sample_size = 10**30`` wrote a file ``info`` refused) and a stored config counted exactly
+rather than built.
 """
 
 from __future__ import annotations
