@@ -281,7 +281,8 @@ ROWS: list[Row] = [
     Row(Case("log-torn-last-line-is-trimmed", RESUME3, ("diffunet sample",),
              in_run("log.jsonl", change=lambda p: p.write_text(p.read_text() + '{"step": 3, "lo')),
              code=0, may_change=("run",)), after=log_of(2, 3)),
-    # issue 23: the log is streamed (it took 10-40x its size), lines and steps bounded
+    # issue 23: the log is streamed (it took 10-40x its size), lines and steps bounded; a
+    # resume with a tiny log needs 256-384 MiB of address space here, reading 20 MB whole >512
     Row(Case("log-of-20-megabytes-resumes-capped", RESUME3, ("diffunet sample",), big_log(20),
              code=0, may_change=("run",), memory=512 << 20, timeout=60),
         after=big_log_trimmed),
