@@ -34,6 +34,7 @@ import copy
 import dataclasses
 import errno
 import importlib
+import io
 import json
 import os
 import re
@@ -43,7 +44,7 @@ import socket
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -53,13 +54,14 @@ from .config import UNetConfig, may_change_on_resume, to_dict
 from .data import seed_for
 from .errors import (ConfigError, DiffunetError, FolderError, MissingDependencyError,
                      ModelFileError, TrainingError, UsageError)
-from .fileio import atomic_write_bytes, parse_json, read_regular_file
+from .fileio import (atomic_write_bytes, atomic_writer, open_regular_file, parse_json,
+                     read_regular_file)
 
-__all__ = ["EMA", "FolderLock", "Run", "TensorBoardTracker", "WANDB_ID_FILE", "WandbTracker",
-           "check_resume_compatible", "check_trackers", "check_training_fits", "cpu_requested",
-           "lock_folder", "not_a_run_yet", "pick_device", "read_log", "tracker_config",
-           "refuse_lone_processes", "state_must_fit", "training_cost", "trim_log",
-           "write_failed"]
+__all__ = ["EMA", "FolderLock", "LogRecord", "Run", "TensorBoardTracker", "WANDB_ID_FILE",
+           "WandbTracker", "check_log", "check_resume_compatible", "check_trackers",
+           "check_training_fits", "cpu_requested", "lock_folder", "not_a_run_yet", "pick_device",
+           "read_log", "tracker_config", "refuse_lone_processes", "state_must_fit",
+           "training_cost", "trim_log", "write_failed"]
 
 R = TypeVar("R")
 _TAG_DROPOUT = 3  # keeps the per-process RNG seeds apart from data.py's streams (tags 1, 2)
@@ -209,65 +211,110 @@ def write_failed(e: OSError, doing: str, out_dir: Path) -> TrainingError:
 
 
 _MAX_LOG_BYTES = 1 << 30  # a log line is ~200 bytes: millions of lines fit
+_MAX_LOG_LINE = 1 << 20  # bytes of one line: diffunet writes a few hundred
+_MAX_STEP = 2**63  # a step is a 64-bit integer wherever it goes (trackers, tensors, plots)
 
 
-def _log_problem(line: str) -> str | None:
-    """What is wrong with one ``log.jsonl`` line (None: a JSON object with an int step)."""
+class LogRecord(NamedTuple):
+    """One line of ``log.jsonl``: its 1-based line ``number``, its ``step``, the JSON object
+    and the line's bytes (without the newline)."""
+
+    number: int
+    step: int
+    record: dict[str, Any]
+    line: bytes
+
+
+def _parse_log_line(line: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """One ``log.jsonl`` line as (its JSON object, None), or (None, what is wrong with it):
+    not UTF-8, not JSON, not an object, no integer step in [0, 2**63)."""
     try:
         record = parse_json(line)
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
     except (ValueError, RecursionError) as e:
-        return str(e).split("\n")[0][:120] or "not JSON"
+        return None, str(e).split("\n")[0][:120] or "not JSON"
     if not isinstance(record, dict):
-        return "not a JSON object"
+        return None, "not a JSON object"
     step = record.get("step")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        return "no non-negative integer step"
-    return None
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < _MAX_STEP:
+        return None, "no non-negative integer step (below 2**63)"
+    return record, None
 
 
-def read_log(log_path: Path) -> list[tuple[int, str]] | None:
-    """The ``(step, line)`` records of ``log.jsonl`` (None if there is none), read within
-    bounds and checked: every line must be a JSON object with a non-negative integer
-    ``step``, except a last line cut short by a crash (no newline after it), which is
-    dropped. Anything else (not a regular file, too large, not UTF-8, a line that is not such
-    an object) is a one-line :class:`FolderError` naming the file, the line and the fix."""
+def read_log(log_path: Path) -> Iterator[LogRecord] | None:
+    """The records of ``log.jsonl`` (None if there is none), one :class:`LogRecord` at a time,
+    read line by line within bounds and checked, so that memory is one line's whatever the
+    log's size (a log may hold millions of lines; reading it whole took 10-40 times its size).
+
+    Every line must be a JSON object with a non-negative integer ``step``, except a last line
+    cut short by a crash (no newline after it), which is dropped, and blank lines. Anything
+    else (not a regular file, over 1 GiB, a line over 1 MiB or not UTF-8, a line that is not
+    such an object) is a one-line :class:`FolderError` naming the file, the line and the fix,
+    raised when the iteration reaches it."""
+    if not (log_path.exists() or log_path.is_symlink()):
+        return None
+    return _log_records(log_path)
+
+
+def _log_records(log_path: Path) -> Iterator[LogRecord]:
     def damaged(problem: str) -> FolderError:
         return FolderError(f"{log_path} is damaged ({problem}); move it away or delete it (it "
                            "is only the run's log; the training state is apart), then run again")
 
-    if not (log_path.exists() or log_path.is_symlink()):
-        return None
-    try:
-        raw = read_regular_file(log_path, _MAX_LOG_BYTES)
-    except (OSError, ValueError) as e:
-        raise damaged(" ".join(str(e).split())[:160]) from None
-    lines = raw.split(b"\n")
-    torn = lines.pop()  # after the last newline: b"" unless a write was cut short
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    with contextlib.ExitStack() as stack:
         try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            raise damaged(f"line {number} is not UTF-8 text") from None
-        problem = _log_problem(text)
-        if problem is not None:
-            raise damaged(f"line {number}: {problem}")
-        records.append((parse_json(text)["step"], text))
-    del torn  # a torn last line: dropped
-    return records
+            raw, size = stack.enter_context(open_regular_file(log_path))
+        except (OSError, ValueError) as e:
+            raise damaged(" ".join(str(e).split())[:160]) from None
+        if size > _MAX_LOG_BYTES:
+            raise damaged(f"{size:,} bytes, more than the {_MAX_LOG_BYTES:,} such a file can "
+                          "have")
+        f = io.BufferedReader(raw, 1 << 16)
+        number = read = 0
+        while True:
+            try:
+                line = f.readline(_MAX_LOG_LINE + 1)
+            except OSError as e:
+                raise damaged(" ".join(str(e).split())[:160]) from None
+            if not line:
+                return
+            number += 1
+            read += len(line)
+            if read > _MAX_LOG_BYTES:
+                raise damaged(f"more than the {_MAX_LOG_BYTES:,} bytes such a file can have")
+            if not line.endswith(b"\n"):
+                if len(line) > _MAX_LOG_LINE:
+                    raise damaged(f"line {number} is longer than {_MAX_LOG_LINE:,} bytes")
+                return  # a torn last line (no newline after it): dropped
+            line = line[:-1]
+            if not line.strip():
+                continue
+            record, problem = _parse_log_line(line)
+            if record is None:
+                raise damaged(f"line {number} is {problem}" if problem == "not UTF-8 text"
+                              else f"line {number}: {problem}")
+            yield LogRecord(number, record["step"], record, line)
+
+
+def check_log(log_path: Path) -> None:
+    """Read ``log.jsonl`` through (:func:`read_log`): a damaged log is a :class:`FolderError`."""
+    for _ in read_log(log_path) or ():
+        pass
 
 
 def trim_log(log_path: Path, step: int) -> None:
     """Drop the ``log.jsonl`` lines past ``step`` (those of the work a resumed run redoes, and a
     torn last line), so the log ends as an uninterrupted run's would; checked by
-    :func:`read_log` first. ``step`` 0 (no state) leaves an empty log."""
+    :func:`read_log` as it is copied, one line at a time. ``step`` 0 (no state) leaves an
+    empty log."""
     records = read_log(log_path)
     if records is None:
         return
-    kept = [line for at, line in records if at <= step] if step > 0 else []
-    atomic_write_bytes(log_path, "".join(ln + "\n" for ln in kept).encode("utf-8"))
+    with atomic_writer(log_path) as out:  # a damaged line leaves the old log as it was
+        for r in records:
+            if step > 0 and r.step <= step:
+                out.write(r.line + b"\n")
 
 
 def check_resume_compatible(saved: dict[str, Any], cfg: Any) -> None:
@@ -357,7 +404,7 @@ def not_a_run_yet(folder: Path, root: type) -> bool:
             elif name == "log.jsonl":
                 if not stat.S_ISREG(info.st_mode):
                     return False
-                read_log(p)
+                check_log(p)
             elif name == "tensorboard" and "tensorboard" in trackers:
                 if not stat.S_ISDIR(info.st_mode) or not all(
                         e.name.startswith("events.out.tfevents.")
@@ -668,7 +715,7 @@ class Run:
             self.tell(f"note: {out} holds only the config.json (and log) of a run that never "
                       "saved a state; starting afresh in it")
         if resume and out.is_dir():
-            read_log(out / "log.jsonl")  # a damaged log is refused before anything is written
+            check_log(out / "log.jsonl")  # a damaged log is refused before anything is written
         self._created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         self._lock = lock_folder(out)

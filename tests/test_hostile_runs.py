@@ -173,6 +173,28 @@ def locked(c: Path, shared: Path) -> None:
     os.chmod(c / "images" / "locked", 0)
 
 
+def big_log(megabytes: int) -> Callable[[Path, Path], None]:
+    """Copy the shared run, then give it a log of about ``megabytes`` MB: lines of steps 1 and
+    2 (kept on resume), and one of step 3 (past the state: trimmed)."""
+    def build(c: Path, shared: Path) -> None:
+        run = copy_run(c, shared)
+        text = "".join(f'{{"step": {1 + i % 2}, "loss": 0.{i:06d}, "lr": 0.0001, '
+                       f'"images_per_s": 123.25, "nonfinite_skipped": 0}}\n'
+                       for i in range(megabytes * 1_000_000 // 100))
+        (run / "log.jsonl").write_text(text + '{"step": 3, "loss": 0.5}\n')
+    return build
+
+
+def big_log_trimmed(c: Path) -> None:
+    """After :func:`big_log`'s resume to step 3: every line of steps 1 and 2 is kept, the stale
+    one of step 3 is gone and the resumed run's own step 3 is there."""
+    steps = [0, 0, 0, 0]
+    with open(c / "run" / "log.jsonl", "rb") as f:
+        for ln in f:
+            steps[json.loads(ln)["step"]] += 1
+    assert steps == [0, 100_000, 100_000, 1], steps
+
+
 def log_of(*steps: int) -> Callable[[Path], None]:
     """An ``after`` check: the run's log holds exactly these steps."""
     def after(c: Path) -> None:
@@ -259,6 +281,22 @@ ROWS: list[Row] = [
     Row(Case("log-torn-last-line-is-trimmed", RESUME3, ("diffunet sample",),
              in_run("log.jsonl", change=lambda p: p.write_text(p.read_text() + '{"step": 3, "lo')),
              code=0, may_change=("run",)), after=log_of(2, 3)),
+    # issue 23: the log is streamed (it took 10-40x its size), lines and steps bounded; a
+    # resume with a tiny log needs 256-384 MiB of address space here, reading 20 MB whole >512
+    Row(Case("log-of-20-megabytes-resumes-capped", RESUME3, ("diffunet sample",), big_log(20),
+             code=0, may_change=("run",), memory=512 << 20, timeout=60),
+        after=big_log_trimmed),
+    Row(Case("log-integer-of-5000-digits", RESUME, ("log.jsonl is damaged", "line 1",
+                                                    "an integer of more than 4,300 digits"),
+             in_run("log.jsonl", '{"step": 1, "loss": ' + "9" * 5000 + "}\n"))),
+    Row(Case("log-step-past-2-to-the-63", RESUME, ("log.jsonl is damaged", "integer step"),
+             in_run("log.jsonl", f'{{"step": 1}}\n{{"step": {2**63}}}\n'))),
+    Row(Case("log-line-of-two-megabytes", RESUME, ("log.jsonl is damaged",
+                                                   "line 1 is longer than 1,048,576 bytes"),
+             in_run("log.jsonl", '{"step": 1, "x": "' + "x" * (2 << 20) + '"}\n'))),
+    Row(Case("log-over-a-gibibyte", RESUME, ("log.jsonl is damaged", "more than the "
+                                                                     "1,073,741,824"),
+             in_run("log.jsonl", change=lambda p: os.truncate(p, (1 << 30) + 1)))),
     # --- runs that never saved a state -------------------------------------------------------
     Row(Case("killed-before-first-state-resume-trims-log", RESUME, ("diffunet sample",),
              failed_start(log='{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n'), code=0,
