@@ -33,7 +33,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import DataConfig
-from .errors import ConfigError, DataError, MissingDependencyError, NotRegularFileError
+from . import errors
+from .errors import (ConfigError, DataError, DiffunetError, MissingDependencyError,
+                     NotRegularFileError)
 from .fileio import first_line
 from .images import (IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS_VARIABLE, check_pixels, image_header,
                      max_image_pixels, open_image, prepare_image)
@@ -49,6 +51,7 @@ __all__ = [
     "MAX_CLASSES",
     "TorchvisionImages",
     "GlobalBatchSampler",
+    "Loader",
     "TORCHVISION_DATASETS",
     "build_dataset",
     "class_folder_names",
@@ -1059,14 +1062,84 @@ def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+class _Failure:
+    """A batch that a worker process could not load: the :class:`DiffunetError`'s type name and
+    its one-line message (torch would raise it again in the main process with the worker's whole
+    traceback inside the message)."""
+
+    def __init__(self, error: DiffunetError) -> None:
+        self.kind, self.message = type(error).__name__, str(error)
+
+    def raise_again(self) -> None:
+        cls = getattr(errors, self.kind, None)
+        if not (isinstance(cls, type) and issubclass(cls, DiffunetError)):
+            cls = DataError
+        raise cls(self.message)
+
+
+class _Reporting(Dataset):
+    """``base`` for a worker process: a batch whose loading raises a :class:`DiffunetError`
+    (an unreadable file, a hostile item) comes back as a :class:`_Failure`."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.base[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> Any:
+        try:
+            many = getattr(self.base, "__getitems__", None)  # what torch's fetcher would use
+            return many(indices) if many else [self.base[i] for i in indices]
+        except DiffunetError as e:
+            return _Failure(e)
+
+
+class _Collate:
+    """``collate`` for batches that loaded; a :class:`_Failure` passes through (a class, not a
+    lambda: a loader that spawns its workers pickles it)."""
+
+    def __init__(self, collate: Callable[[Any], Any]) -> None:
+        self.collate = collate
+
+    def __call__(self, batch: Any) -> Any:
+        return batch if isinstance(batch, _Failure) else self.collate(batch)
+
+
+class Loader(DataLoader):
+    """A ``DataLoader`` whose worker processes report a :class:`DiffunetError` as its one-line
+    self: the same error raised in the main process, not torch's "Caught DataError in
+    DataLoader worker process 0" with the worker's traceback inside the message. Every loader
+    of user data is one of these (a damaged image is one line with or without workers)."""
+
+    def __init__(self, dataset: Dataset, *args: Any, num_workers: int = 0,
+                 collate_fn: Callable[[Any], Any] | None = None, **kwargs: Any) -> None:
+        if num_workers > 0:
+            from torch.utils.data import default_collate
+            dataset = _Reporting(dataset)
+            collate_fn = _Collate(collate_fn or default_collate)
+        super().__init__(dataset, *args, num_workers=num_workers, collate_fn=collate_fn,
+                         **kwargs)
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        for batch in super().__iter__():
+            if isinstance(batch, _Failure):
+                batch.raise_again()
+            yield batch
+
+
 def make_dataloader(dataset: Dataset, batch_sampler: Sampler[list[int]], num_workers: int = 0,
                     pin_memory: bool = False) -> DataLoader:
-    """A DataLoader yielding ``(images (b, C, S, S), labels (b,) int64)`` per sampler batch.
+    """A :class:`Loader` yielding ``(images (b, C, S, S), labels (b,) int64)`` per sampler
+    batch.
 
     Workers persist across the (endless) iteration and keep 4 batches each in flight.
     """
     workers = num_workers > 0
-    return DataLoader(
+    return Loader(
         dataset,
         batch_sampler=batch_sampler,
         num_workers=num_workers,

@@ -32,11 +32,11 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from .checkpoint import read_tensor_file, write_tensor_file
 from .config import DataConfig, load_config, parse_value, to_dict
-from .data import BuiltinShapes, FolderImages, TorchvisionImages, build_dataset
+from .data import BuiltinShapes, FolderImages, Loader, TorchvisionImages, build_dataset
 from .formulations.vp import NoiseSchedule
 from .errors import (ConfigError, DataError, MissingDependencyError, ModelFileError,
                      UsageError)
@@ -151,7 +151,7 @@ def dataset_bits_per_dim(model: Callable[..., Tensor], schedule: NoiseSchedule, 
     evals = T if exact else num_timesteps + 1
     per_step = max(1, batch_size // evals)
     num_classes = getattr(getattr(model, "config", None), "num_classes", None)
-    loader = DataLoader(Subset(dataset, range(n)), batch_size=per_step, shuffle=False,
+    loader = Loader(Subset(dataset, range(n)), batch_size=per_step, shuffle=False,
                         num_workers=num_workers)
     parts: dict[str, list[Tensor]] = {"bpd": [], "prior": [], "decoder": [], "kl": []}
     with tqdm(total=n, unit="img", desc="bits/dim", disable=not progress) as bar:
@@ -365,7 +365,7 @@ def extract_features(network: FeatureNetwork, dataset: Dataset, *, batch_size: i
     from tqdm.auto import tqdm
 
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
-    loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, shuffle=False,
+    loader = Loader(Subset(dataset, range(n)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers)
     out = []
     with torch.no_grad(), tqdm(total=n, unit="img", desc=desc, disable=not progress) as bar:

@@ -454,9 +454,13 @@ WANDB_ID_FILE = "wandb_run_id.txt"
 """The run folder's record of its W&B run id, so a resumed run continues the same W&B run."""
 
 
-def check_trackers(trackers: Sequence[str]) -> None:
+def check_trackers(trackers: Sequence[str], out_dir: str | os.PathLike | None = None,
+                   names: Sequence[str] = ()) -> None:
     """A one-line :class:`MissingDependencyError` naming what to install for a tracker whose
-    package is missing; the harness checks before anything starts (no folder, no Accelerate)."""
+    package is missing; the harness checks before anything starts (no folder, no Accelerate).
+    With ``out_dir`` (and the project and run ``names`` a tracker gets), a run folder whose path
+    is not UTF-8 (a name of bytes like ``run\xff``) is a one-line :class:`FolderError`: the
+    trackers store paths and names as UTF-8 and would fail with a traceback after the start."""
     for name in trackers:
         if name not in ("tensorboard", "wandb"):
             raise UsageError(f"unknown tracker {name!r}; use tensorboard and/or wandb")
@@ -466,6 +470,17 @@ def check_trackers(trackers: Sequence[str]) -> None:
             raise MissingDependencyError(
                 f'train.trackers: {name} is not installed; pip install "diffunet[{name}]" (or '
                 f"drop {name} from train.trackers)") from None
+    if not trackers or out_dir is None:
+        return
+    for text in (os.fspath(out_dir), *names):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(os.fspath(out_dir)).decode("utf-8", "backslashreplace")
+            raise FolderError(f"--out-dir {shown}: its name is not UTF-8, and "
+                              f"train.trackers=[{', '.join(trackers)}] store paths and run "
+                              "names as UTF-8; choose an --out-dir whose name is UTF-8 (or drop "
+                              "train.trackers)") from None
 
 
 def tracker_config(cfg: Any) -> dict[str, Any]:
@@ -587,10 +602,11 @@ class Run:
         self.cfg, self.out_dir, self.command = cfg, Path(out_dir), command
         self._say, self._show_progress = say, progress
         self.trackers = tuple(trackers)
-        check_trackers(self.trackers)  # before the folder is claimed or Accelerate started
         folder_name = self.out_dir.resolve().name or "diffunet"
         self.tracker_project = tracker_project or folder_name
         self.run_name = run_name or folder_name
+        # before the folder is claimed or Accelerate started
+        check_trackers(self.trackers, self.out_dir, (self.tracker_project, self.run_name))
         self._trackers: list[Any] = []  # the started ones (main process)
         self.bar: Any = None
         self._lock: Any = None
