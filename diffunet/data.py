@@ -25,6 +25,7 @@ import io
 import itertools
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -553,6 +554,31 @@ def _load_hf(cfg: DataConfig) -> Any:
     return ds
 
 
+def _irregular_file(root: Path) -> str | None:
+    """The first entry under ``root`` (a local Hugging Face data set) that is neither a folder
+    nor a regular file, also through a link: a FIFO, socket or device. ``datasets`` opens its
+    files (arrow, parquet, state.json, ...) with a plain ``open()``, which blocks on a FIFO
+    forever. Iterative; linked folders are not entered (nothing outside ``root`` is walked)."""
+    todo = [root]
+    while todo:
+        try:
+            with os.scandir(todo.pop()) as it:
+                entries = list(it)
+        except OSError:  # unlistable: datasets says so itself
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(Path(entry.path))
+                    continue
+                mode = os.stat(entry.path).st_mode  # what a link names
+            except OSError:  # dangling link, no permission: datasets says so itself
+                continue
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                return entry.path
+    return None
+
+
 def _open_hf(cfg: DataConfig) -> Any:
     try:
         import datasets
@@ -563,6 +589,11 @@ def _open_hf(cfg: DataConfig) -> Any:
     local = Path(name).expanduser()
     cache_dir = os.path.expanduser(cfg.path) if cfg.path else None
     if local.is_dir():
+        bad = _irregular_file(local)
+        if bad is not None:
+            raise DataError(f"data.name: {bad} in the data set folder {local} is not a regular "
+                            "file (a FIFO, socket or device), which datasets would block or "
+                            "never end reading; remove it or point data.name at a clean copy")
         saved = any((local / f).is_file() for f in ("state.json", "dataset_dict.json"))
         try:
             if not saved:  # a folder of data files (images, parquet, csv, ...): a builder reads it

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -40,7 +41,7 @@ from .data import BuiltinShapes, FolderImages, Loader, TorchvisionImages, build_
 from .formulations.vp import NoiseSchedule
 from .errors import (ConfigError, DataError, MissingDependencyError, ModelFileError,
                      UsageError)
-from .fileio import atomic_writer, first_line
+from .fileio import atomic_writer, first_line, open_regular_file
 from .images import image_header
 from .likelihood import LIKELIHOOD_VARIANCES, bits_per_dim, require_vp_bound
 
@@ -271,7 +272,7 @@ def _download(url: str, path: Path, timeout: float = 30.0) -> None:
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular_file(path) as (f, _):  # a FIFO swapped in is refused, never read
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -317,7 +318,8 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     try:
         if path.suffix == ".safetensors":
             return read_tensor_file(path)[0]
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with open_regular_file(path) as (f, _):  # not blocking on a FIFO
+            state = torch.load(io.BufferedReader(f), map_location="cpu", weights_only=True)
     except Exception as e:
         raise ModelFileError(f"cannot read the FID Inception weights {path} ({first_line(e)}); "
                              f"delete it and download {INCEPTION_WEIGHTS_URL} again") from None

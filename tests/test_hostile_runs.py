@@ -224,6 +224,21 @@ def hf_paths_become_fifos(c: Path, shared: Path) -> None:
         fifo(name)
 
 
+def hf_file_swapped(pattern: str, how: str) -> Callable[[Path, Path], None]:
+    """A saved data set whose file ``pattern`` becomes a FIFO (``how="fifo"``) or a link to
+    /dev/zero: datasets would block (or never end) reading it."""
+    def build(c: Path, shared: Path) -> None:
+        hf_saved(lambda: {"img": [{"bytes": png_bytes(), "path": None}] * 2},
+                 hf_image_feature)(c, shared)
+        target = next((c / "hf").glob(pattern))
+        if how == "fifo":
+            fifo(target)
+        else:
+            target.unlink()
+            target.symlink_to("/dev/zero")
+    return build
+
+
 def hf_image_feature() -> object:
     import datasets
     return datasets.Features({"img": datasets.Image()})
@@ -279,6 +294,12 @@ def hf_rows() -> list[Row]:
             rows.append(Row(Case(f"hf-{mode}-item-a-{kind}", [*argv, "data.image_column=img"],
                                  ("data.image_column", where, "not an image"),
                                  hf_saved(lambda values=values: {"img": values}), **HF_CASE)))
+    for mode, argv in (("indexed", HF), ("streamed", STREAMED)):
+        for pattern, how in (("*.arrow", "fifo"), ("state.json", "fifo"), ("*.arrow", "zero")):
+            rows.append(Row(Case(f"hf-{mode}-{pattern.strip('*.')}-{how}", argv,
+                                 ("data.name", pattern.strip("*"), "not a regular file",
+                                  "in the data set folder"),
+                                 hf_file_swapped(pattern, how), timeout=30, **HF_CASE)))
     labelled = hf_saved(lambda: {"img": [{"bytes": png_bytes(), "path": None}] * 2,
                                  "label": [0, 4_000_000_000]}, hf_labelled_feature)
     rows += [

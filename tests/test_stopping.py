@@ -9,11 +9,13 @@ command here). The in-process cases check the handler's rules with a short grace
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -137,9 +139,13 @@ def test_a_command_without_a_run_stops_at_once(tmp_path: Path, sig: int) -> None
 
 
 @pytest.fixture
-def short_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+def short_grace(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(stopping, "GRACE_S", 0.5)
     monkeypatch.setattr(stopping, "HARD_S", 60.0)
+    yield
+    # a raised stop arms an exit timer for the interpreter's exit: not for this test run's
+    atexit.unregister(stopping._exit_timer)
+    stopping._forced.clear()
 
 
 def _blocking_read() -> None:
