@@ -458,9 +458,10 @@ def check_trackers(trackers: Sequence[str], out_dir: str | os.PathLike | None = 
                    names: Sequence[str] = ()) -> None:
     """A one-line :class:`MissingDependencyError` naming what to install for a tracker whose
     package is missing; the harness checks before anything starts (no folder, no Accelerate).
-    With ``out_dir`` (and the project and run ``names`` a tracker gets), a run folder whose path
-    is not UTF-8 (a name of bytes like ``run\xff``) is a one-line :class:`FolderError`: the
-    trackers store paths and names as UTF-8 and would fail with a traceback after the start."""
+    With ``out_dir`` (and the project and run ``names`` a tracker gets, by default the folder's
+    name), a run folder whose path is not UTF-8 (a name of bytes like ``run\\xff``) is a
+    one-line :class:`FolderError`: the trackers store paths and names as UTF-8 and would fail
+    with a traceback after the start."""
     for name in trackers:
         if name not in ("tensorboard", "wandb"):
             raise UsageError(f"unknown tracker {name!r}; use tensorboard and/or wandb")
@@ -477,9 +478,9 @@ def check_trackers(trackers: Sequence[str], out_dir: str | os.PathLike | None = 
             text.encode("utf-8")
         except UnicodeEncodeError:
             shown = os.fsencode(os.fspath(out_dir)).decode("utf-8", "backslashreplace")
-            raise FolderError(f"--out-dir {shown}: its name is not UTF-8, and "
+            raise FolderError(f"--out-dir {shown}: its path is not UTF-8, and "
                               f"train.trackers=[{', '.join(trackers)}] store paths and run "
-                              "names as UTF-8; choose an --out-dir whose name is UTF-8 (or drop "
+                              "names as UTF-8; choose an --out-dir whose path is UTF-8 (or drop "
                               "train.trackers)") from None
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import select
 import signal
 import threading
 import time
@@ -71,8 +72,14 @@ class Stopper:
         self._closed = False
         self._pid = os.getpid()
         self._main = threading.main_thread().ident
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        # The watchdog waits on a pipe: a write to it is all a signal handler may do safely (an
+        # Event or a thread started in a handler could deadlock on a lock the interrupted main
+        # thread holds).
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self._thread = threading.Thread(target=self._watch, name="diffunet-stop", daemon=True)
+        self._thread.start()
 
     # -- the handler (runs in the main thread, between two bytecodes) ---------------------------
 
@@ -96,7 +103,7 @@ class Stopper:
             self._exit_now(signum, "a further signal while stopping")
         if self._graceful and self.requested is None:
             self.requested, self._signum, self._since = name, signum, time.monotonic()
-            self._start()
+            self._poke()
             return
         self._raise(signum, "" if self.requested is None
                     else "a second signal while the run was finishing its step")
@@ -109,7 +116,7 @@ class Stopper:
         _forced.append((signum, self.label))
         if len(_forced) == 1:
             atexit.register(_exit_timer, self.hard)
-        self._start()
+        self._poke()
         raise Stopped(signal.Signals(signum).name, signum, why)
 
     # -- what a run tells it ------------------------------------------------------------------
@@ -118,7 +125,7 @@ class Stopper:
         """The loop has seen the request and is saving and stopping: no deadline any more."""
         if self.requested is not None:
             self._acknowledged = True
-            self._wake.set()
+            self._poke()
 
     def progress(self) -> None:
         """The loop finished a step without being able to agree on stopping yet (several
@@ -135,20 +142,17 @@ class Stopper:
         finally:
             self._critical -= 1
             self._busy_until = time.monotonic()
-            self._wake.set()
+            self._poke()
 
     # -- the watchdog thread ------------------------------------------------------------------
 
-    def _start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._watch, name="diffunet-stop",
-                                            daemon=True)
-            self._thread.start()
-        self._wake.set()
+    def _poke(self) -> None:
+        """Wake the watchdog to look at the state again (safe in a signal handler)."""
+        with contextlib.suppress(OSError):  # full: it is awake anyway
+            os.write(self._wake_w, b"\0")
 
     def _watch(self) -> None:
         while not self._closed:
-            self._wake.clear()  # before reading the state: a change after this wakes the wait
             now, left = time.monotonic(), None
             if self._kicked is not None:
                 left = self._kicked + self.hard - now
@@ -166,7 +170,10 @@ class Stopper:
                         with contextlib.suppress(OSError, ValueError):
                             signal.pthread_kill(self._main, self._signum)
                         continue
-            self._wake.wait(left)
+            # a change after the state was read has written to the pipe: no wake-up is lost
+            select.select([self._wake_r], [], [], None if left is None else max(left, 0.0))
+            with contextlib.suppress(OSError):
+                os.read(self._wake_r, 4096)
 
     def _exit_now(self, signum: int, why: str) -> None:
         name = signal.Signals(signum).name if signum else "a signal"
@@ -175,8 +182,13 @@ class Stopper:
         os._exit(128 + signum)
 
     def close(self) -> None:
+        """End the watchdog (after the handlers are restored: nothing pokes it any more)."""
         self._closed = True
-        self._wake.set()
+        self._poke()
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
 
 def _exit_timer(hard: float) -> None:
@@ -216,6 +228,7 @@ def handling_signals(label: str = "diffunet") -> Iterator[Stopper | None]:
     except ValueError:  # not the main interpreter: leave signals alone
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        stopper.close()
         yield None
         return
     _active = stopper
@@ -223,9 +236,9 @@ def handling_signals(label: str = "diffunet") -> Iterator[Stopper | None]:
         yield stopper
     finally:
         _active = None
-        stopper.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        stopper.close()
 
 
 @contextlib.contextmanager
@@ -245,4 +258,4 @@ def graceful() -> Iterator[Stopper | None]:
             stopper._graceful -= 1
             if stopper._acknowledged:
                 stopper.requested, stopper._acknowledged = None, False
-                stopper._wake.set()
+                stopper._poke()
