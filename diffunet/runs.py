@@ -15,7 +15,8 @@
 - **The state protocol**: every process writes its RNG file, the main process the rest, the
   folder is committed by one rename (:mod:`diffunet.state`); loading puts it all back.
 - **Signals**: SIGINT/SIGTERM ask the loop to save and stop after the current step, every
-  process agreeing on when (:meth:`Run.should_stop`).
+  process agreeing on when (:meth:`Run.should_stop`); a second signal, or a step that does not
+  end within seconds (blocked), stops the run there and then (:mod:`diffunet.stopping`).
 - **Progress and logs**: the tqdm bar, one-line messages that keep it intact, ``log.jsonl`` lines
   and the trackers (TensorBoard in ``RUN/tensorboard/``, W&B in ``RUN/wandb/``; a missing
   package refused before anything starts).
@@ -39,7 +40,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import socket
 import stat
 from collections.abc import Callable, Iterator, Sequence
@@ -48,12 +48,12 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from . import errors, resources
+from . import errors, resources, stopping
 from . import state as st
 from .config import UNetConfig, may_change_on_resume, to_dict
 from .data import seed_for
 from .errors import (ConfigError, DiffunetError, FolderError, MissingDependencyError,
-                     ModelFileError, TrainingError, UsageError)
+                     ModelFileError, Stopped, TrainingError, UsageError)
 from .fileio import (atomic_write_bytes, atomic_writer, open_regular_file, parse_json,
                      read_regular_file)
 
@@ -501,9 +501,14 @@ WANDB_ID_FILE = "wandb_run_id.txt"
 """The run folder's record of its W&B run id, so a resumed run continues the same W&B run."""
 
 
-def check_trackers(trackers: Sequence[str]) -> None:
+def check_trackers(trackers: Sequence[str], out_dir: str | os.PathLike | None = None,
+                   names: Sequence[str] = ()) -> None:
     """A one-line :class:`MissingDependencyError` naming what to install for a tracker whose
-    package is missing; the harness checks before anything starts (no folder, no Accelerate)."""
+    package is missing; the harness checks before anything starts (no folder, no Accelerate).
+    With ``out_dir`` (and the project and run ``names`` a tracker gets, by default the folder's
+    name), a run folder whose path is not UTF-8 (a name of bytes like ``run\\xff``) is a
+    one-line :class:`FolderError`: the trackers store paths and names as UTF-8 and would fail
+    with a traceback after the start."""
     for name in trackers:
         if name not in ("tensorboard", "wandb"):
             raise UsageError(f"unknown tracker {name!r}; use tensorboard and/or wandb")
@@ -513,6 +518,17 @@ def check_trackers(trackers: Sequence[str]) -> None:
             raise MissingDependencyError(
                 f'train.trackers: {name} is not installed; pip install "diffunet[{name}]" (or '
                 f"drop {name} from train.trackers)") from None
+    if not trackers or out_dir is None:
+        return
+    for text in (os.fspath(out_dir), *names):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(os.fspath(out_dir)).decode("utf-8", "backslashreplace")
+            raise FolderError(f"--out-dir {shown}: its path is not UTF-8, and "
+                              f"train.trackers=[{', '.join(trackers)}] store paths and run "
+                              "names as UTF-8; choose an --out-dir whose path is UTF-8 (or drop "
+                              "train.trackers)") from None
 
 
 def tracker_config(cfg: Any) -> dict[str, Any]:
@@ -634,16 +650,18 @@ class Run:
         self.cfg, self.out_dir, self.command = cfg, Path(out_dir), command
         self._say, self._show_progress = say, progress
         self.trackers = tuple(trackers)
-        check_trackers(self.trackers)  # before the folder is claimed or Accelerate started
         folder_name = self.out_dir.resolve().name or "diffunet"
         self.tracker_project = tracker_project or folder_name
         self.run_name = run_name or folder_name
+        # before the folder is claimed or Accelerate started
+        check_trackers(self.trackers, self.out_dir, (self.tracker_project, self.run_name))
         self._trackers: list[Any] = []  # the started ones (main process)
         self.bar: Any = None
         self._lock: Any = None
         self._created = self._opened = False
-        self._stop: dict[str, str] = {}
-        self._restore_signals: Callable[[], None] | None = None
+        self._stopper: stopping.Stopper | None = None
+        self._signals = contextlib.ExitStack()
+        self._last_state: Path | None = None  # the newest state this run saved
         self._rank_rng: dict[str, torch.Tensor] = {}
         try:
             # DDP: gradients written straight into the all-reduce buckets (no copy, less
@@ -881,28 +899,26 @@ class Run:
     # -- while the loop runs -------------------------------------------------------------------
 
     def __enter__(self) -> Run:
-        previous = {}
-
-        def handler(signum: int, frame: Any) -> None:
-            self._stop["signal"] = signal.Signals(signum).name
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        self._restore_signals = lambda: [signal.signal(s, h) for s, h in previous.items()]
+        # A first SIGINT/SIGTERM asks the loop to stop after its step (should_stop); a second,
+        # or a step that does not get there within seconds, raises Stopped (diffunet.stopping).
+        self._stopper = self._signals.enter_context(stopping.graceful())
         return self
 
     def __exit__(self, *exc: Any) -> None:
         try:
             if self.bar is not None:
                 self.bar.close()
-            if self._restore_signals is not None:
-                self._restore_signals()
+            self._signals.close()
             self._close_trackers(failed=exc[0] is not None)
         finally:
             self._release()
+        if isinstance(exc[1], Stopped) and not exc[1].kept:
+            # the one line says what the run kept (the lock is released by now)
+            e, state = exc[1], self._last_state or self.resume_from
+            kept = (f"nothing was saved after {state} (--resume continues from it)"
+                    if state is not None else "no state was saved yet (the same command "
+                    "starts the run again)")
+            raise Stopped(e.signal, e.signum, e.why, kept) from None
 
     def _close_trackers(self, failed: bool) -> None:
         trackers, self._trackers = self._trackers, []
@@ -936,19 +952,27 @@ class Run:
     @property
     def stop_signal(self) -> str | None:
         """The name of the signal that asked this process to stop (None: not asked)."""
-        return self._stop.get("signal")
+        return self._stopper.requested if self._stopper is not None else None
 
     def should_stop(self, check_point: bool) -> bool:
         """Whether the loop stops after this step because of SIGINT/SIGTERM, the same answer on
         every process. One process answers at once from its host flag; several agree (one small
         all-reduce, a host sync) only at the loop's ``check_point`` steps, so the steps between
-        never wait for the host."""
+        never wait for the host. A True answer tells the signal handler the stop is under way
+        (else a step that has not got here within seconds of the signal is stopped where it
+        is, :mod:`diffunet.stopping`)."""
         if self.world == 1:
-            return self.stop_signal is not None
-        if not check_point:
+            stop = self.stop_signal is not None
+        elif not check_point:
+            if self._stopper is not None:
+                self._stopper.progress()  # alive: the next check point will answer
             return False
-        flag = torch.tensor(float(self.stop_signal is not None), device=self.device)
-        return bool(self.accelerator.reduce(flag, "sum") > 0)
+        else:
+            flag = torch.tensor(float(self.stop_signal is not None), device=self.device)
+            stop = bool(self.accelerator.reduce(flag, "sum") > 0)
+        if stop and self._stopper is not None:
+            self._stopper.acknowledge()
+        return stop
 
     def collective(self, fn: Callable[[], R], *, main_only: bool = True) -> R:
         """Run ``fn`` on the main process (or, with ``main_only=False``, on every process) and
@@ -1087,6 +1111,16 @@ class Run:
             except OSError as e:
                 raise failed(e) from None
 
-        self.collective(begin)
-        self.collective(write_files, main_only=False)
-        return self.collective(commit)
+        # a first signal waits for the save (bounded by the disk); a second cuts it short, and
+        # the half-written folder goes as every interrupted write's does
+        with self._stopper.critical() if self._stopper is not None else contextlib.nullcontext():
+            try:
+                self.collective(begin)
+                self.collective(write_files, main_only=False)
+                self._last_state = self.collective(commit)
+            except Stopped:
+                if self.main:
+                    with contextlib.suppress(OSError):
+                        st.clear_leftovers(self.out_dir)
+                raise
+        return self._last_state

@@ -34,7 +34,7 @@ from .checkpoint import save_model, unwrap_model
 from .config import RunConfig, TrainConfig, to_dict
 from .data import (GlobalBatchSampler, HFStream, build_dataset, flip_where, make_dataloader,
                    skipped_note)
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, StopRequested, TrainingError
 from .formulations import Formulation, make_schedule
 from .images import save_grid
 from .runs import EMA, Run
@@ -241,19 +241,27 @@ def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run
     x_T = torch.randn((s.num_images, C, H, H), generator=torch.Generator().manual_seed(seed + 1))
     labels = torch.arange(s.num_images) % k if k is not None else None
 
-    def draw_and_save(path: Path) -> None:
-        with run.accelerator.autocast():
-            images = sample(ema.model, schedule, x_T.to(run.device),
-                            class_labels=None if labels is None else labels.to(run.device),
-                            generator=torch.Generator().manual_seed(seed + 2),
-                            **s.sample_kwargs())
+    def cut(*_: Any) -> None:
+        if run.stop_signal is not None:
+            raise StopRequested  # a preview can take minutes
+
+    def draw_and_save(path: Path) -> bool:
+        try:
+            with run.accelerator.autocast():
+                images = sample(ema.model, schedule, x_T.to(run.device),
+                                class_labels=None if labels is None else labels.to(run.device),
+                                generator=torch.Generator().manual_seed(seed + 2),
+                                callback=cut, **s.sample_kwargs())
+        except StopRequested:  # a signal asked the run to stop: no grid, the loop saves next
+            return False
         save_grid(images.float().cpu(), path)
+        return True
 
     def write(step: int) -> None:  # the main process samples; the others wait for it
         name = f"{st.state_name(step)}.png"
-        run.write(f"writing preview {name}",
-                  lambda: draw_and_save(run.out_dir / "samples" / name))
-        run.log_image("preview", run.out_dir / "samples" / name, step)  # to the trackers
+        if run.write(f"writing preview {name}",
+                     lambda: draw_and_save(run.out_dir / "samples" / name)):
+            run.log_image("preview", run.out_dir / "samples" / name, step)  # to the trackers
 
     return write
 
@@ -453,7 +461,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                 interval_loss.zero_()
                 interval_good.zero_()
                 interval_start = now
-            if step % t.sample_every == 0 or step == t.max_steps:
+            if (step % t.sample_every == 0 or step == t.max_steps) and not stopping:
                 run.bar.set_description_str(f"preview at step {step}")  # sampling takes a while
                 preview(step)
                 run.bar.set_description_str("")
