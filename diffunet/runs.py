@@ -961,6 +961,8 @@ class Run:
         never wait for the host. A True answer tells the signal handler the stop is under way
         (else a step that has not got here within seconds of the signal is stopped where it
         is, :mod:`diffunet.stopping`)."""
+        if self._stopper is not None:
+            self._stopper.step_done()
         if self.world == 1:
             stop = self.stop_signal is not None
         elif not check_point:

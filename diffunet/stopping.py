@@ -27,6 +27,7 @@ Python does by default (SIGINT raises KeyboardInterrupt, SIGTERM ends it).
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import os
 import select
@@ -38,10 +39,18 @@ from typing import Any
 
 from .errors import Stopped
 
-__all__ = ["GRACE_S", "HARD_S", "Stopper", "active", "graceful", "handling_signals"]
+__all__ = ["GRACE_S", "HARD_S", "MAX_GRACE_S", "STEP_FACTOR", "Stopper", "active", "graceful",
+           "handling_signals"]
 
 GRACE_S = 5.0
-"""Seconds a training run has, after the first signal, to reach the end of its step."""
+"""Seconds a training run has, after the first signal, to reach the end of its step (at least:
+a run whose steps are slow gets :data:`STEP_FACTOR` of its typical step, up to
+:data:`MAX_GRACE_S`, so a 20-second step on a CPU still ends in a saved state)."""
+STEP_FACTOR = 3.0
+"""The grace in typical steps (the median of the last :data:`_RECENT` intervals between steps)."""
+MAX_GRACE_S = 120.0
+"""The longest grace, however slow the steps: a stop still comes within two minutes."""
+_RECENT = 9
 HARD_S = 10.0
 """Seconds after :class:`~diffunet.errors.Stopped` is raised before the process exits outright."""
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -66,6 +75,8 @@ class Stopper:
         self._critical = 0  # saves in progress
         self._graceful = 0  # runs entered
         self._acknowledged = False
+        self._last_step: float | None = None  # when the loop last finished a step
+        self._steps: collections.deque[float] = collections.deque(maxlen=_RECENT)
         self._deliveries = 0  # signals the watchdog sent that the handler has not seen yet
         self._raised = False
         self._kicked: float | None = None  # when the stop was raised (or sent to be)
@@ -98,7 +109,7 @@ class Stopper:
             if self._raised:
                 return
             self._raise(self._signum, f"the run did not finish its step within "
-                        f"{self.grace:g} s: a step, a preview or a data read is blocked")
+                        f"{self.grace_now():.3g} s: a step, a preview or a data read is blocked")
         if self._raised:
             self._exit_now(signum, "a further signal while stopping")
         if self._graceful and self.requested is None:
@@ -126,6 +137,21 @@ class Stopper:
         if self.requested is not None:
             self._acknowledged = True
             self._poke()
+
+    def step_done(self) -> None:
+        """The loop finished a step: its interval sets how long a first signal may wait."""
+        now = time.monotonic()
+        if self._last_step is not None:
+            self._steps.append(now - self._last_step)
+        self._last_step = now
+
+    def grace_now(self) -> float:
+        """Seconds a first signal waits for the end of the step: :data:`GRACE_S`, or
+        :data:`STEP_FACTOR` typical steps when longer, at most :data:`MAX_GRACE_S` (a median,
+        so the odd preview or save between steps does not stretch it)."""
+        steps = sorted(self._steps)  # a copy: the main thread may append meanwhile
+        typical = steps[len(steps) // 2] if steps else 0.0
+        return max(self.grace, min(STEP_FACTOR * typical, MAX_GRACE_S))
 
     def progress(self) -> None:
         """The loop finished a step without being able to agree on stopping yet (several
@@ -163,7 +189,7 @@ class Stopper:
                 if self._critical:
                     left = None  # the save's end wakes this
                 else:
-                    left = max(self._since, self._busy_until) + self.grace - now
+                    left = max(self._since, self._busy_until) + self.grace_now() - now
                     if left <= 0:  # raise it in the main thread (its blocked call returns EINTR)
                         self._kicked = now
                         self._deliveries += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -194,6 +195,43 @@ def test_a_blocked_run_is_stopped_after_the_grace(short_grace: None) -> None:
         assert 0.4 <= time.monotonic() - start < 5
     assert e.value.signum == signal.SIGTERM
     assert "did not finish its step" in str(e.value)
+
+
+def test_slow_steps_stretch_the_grace_to_a_few_steps_within_the_cap(short_grace: None,
+                                                                   monkeypatch) -> None:
+    """A run whose steps take longer than the grace gets STEP_FACTOR typical steps (a slow CPU
+    step still ends in a saved state), the median so one long preview does not count, and never
+    more than MAX_GRACE_S."""
+    with stopping.graceful() as stopper:
+        assert stopper is not None
+        assert stopper.grace_now() == 0.5  # no steps yet
+        clock = [100.0]
+        monkeypatch.setattr(stopping.time, "monotonic", lambda: clock[0])
+        for dt in (0.0, 2.0, 2.0, 2.0, 60.0, 2.0):  # a 60 s preview among 2 s steps
+            clock[0] += dt
+            stopper.step_done()
+        assert stopper.grace_now() == pytest.approx(stopping.STEP_FACTOR * 2.0)
+        for _ in range(9):  # steps of 100 s: capped
+            clock[0] += 100.0
+            stopper.step_done()
+        assert stopper.grace_now() == stopping.MAX_GRACE_S
+    monkeypatch.undo()
+
+
+def test_a_slow_run_is_stopped_after_its_stretched_grace(short_grace: None) -> None:
+    with stopping.graceful() as stopper:
+        assert stopper is not None
+        for _ in range(3):  # steps of 0.4 s: the grace becomes 1.2 s, not 0.5
+            stopper.step_done()
+            time.sleep(0.4)
+        stopper.step_done()
+        signal.raise_signal(signal.SIGTERM)
+        start = time.monotonic()
+        with pytest.raises(Stopped) as e:
+            _blocking_read()
+        waited = time.monotonic() - start
+    grace = float(re.search(r"within ([0-9.]+) s", str(e.value))[1])
+    assert 1.2 <= grace < 3 and grace - 0.1 <= waited < grace + 3, (grace, waited)
 
 
 def test_without_a_run_the_first_signal_raises(short_grace: None) -> None:
