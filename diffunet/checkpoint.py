@@ -52,7 +52,8 @@ from .errors import ConfigError, ModelFileError, NotRegularFileError
 from .fileio import (atomic_write_bytes, first_line, open_regular_file, parse_json,
                      schema_problem)
 from .formulations import Formulation, make_schedule
-from .resources import Cost, activation_bytes, check_fits, parameter_shapes, schedule_bytes
+from .resources import (Cost, activation_bytes, check_fits, network_size, parameter_shapes,
+                        schedule_bytes, weight_bytes)
 from .unet import UNet
 from .version import __version__
 
@@ -408,9 +409,10 @@ def _parse(path: Path, h: _Header) -> dict[str, Any]:
         except (json.JSONDecodeError, UnicodeError):
             raise ModelFileError(f"{path}: metadata {_q(key)} is not valid JSON; the file is "
                                  "damaged, re-save or re-download it") from None
-        except ValueError as e:  # nested too deep
-            raise ModelFileError(f"{path}: metadata {_q(key)} is refused ({e}; diffunet writes "
-                                 "at most 4); the file is damaged or not diffunet's") from None
+        except ValueError as e:  # nested too deep (diffunet writes at most 4), or an integer
+            # of thousands of digits
+            raise ModelFileError(f"{path}: metadata {_q(key)} is refused ({e}); the file is "
+                                 "damaged or not diffunet's") from None
     for key in ("unet_config", "schedule_config"):
         if key == "schedule_config" and key not in meta:
             continue  # a model with no noise schedule (e.g. segmentation)
@@ -481,20 +483,17 @@ def _fit_problem(h: _Header, shapes: dict[str, tuple[int, ...]]) -> str | None:
 
 
 def _too_big_to_build(h: _Header, cfg: UNetConfig) -> str | None:
-    """A config whose network surely has more tensors than the file holds, or more weights
-    than torch can count, found without building it (a million residual blocks would take
-    minutes to build even on the meta device; a trillion channels would overflow torch's
-    element counts)."""
-    levels = len(cfg.channel_mults)
-    min_tensors = 2 * levels * (2 * cfg.num_res_blocks + 1)  # a weight and a bias per block
-    widest = cfg.base_channels * max(cfg.channel_mults)
-    min_weights = 9 * widest * widest  # one 3x3 convolution at the widest level
+    """A config whose network has more tensors than the file holds, or more weights than torch
+    can count, found without building it (:func:`~diffunet.resources.network_size`: a million
+    residual blocks would take minutes to build even on the meta device; a trillion channels
+    would overflow torch's element counts). What is left to build has at most as many tensors
+    as the file's header, which was read whole already."""
+    size = network_size(cfg)
     held = sum(math.prod(shape) for _, _, shape, _, _ in h.tensors)
-    if min_tensors > len(h.tensors):
-        return (f"its config implies at least {min_tensors:,} tensors but it holds "
-                f"{len(h.tensors):,}")
-    if min_weights >= 1 << 62:  # past torch's int64 element counts: not even countable
-        return f"its config implies at least {min_weights:,} parameters but it holds {held:,}"
+    if size.tensors > len(h.tensors):
+        return f"its config implies {size.tensors:,} tensors but it holds {len(h.tensors):,}"
+    if size.parameters >= 1 << 62:  # past torch's int64 element counts: not even countable
+        return f"its config implies {size.parameters:,} parameters but it holds {held:,}"
     return None
 
 
@@ -561,15 +560,20 @@ def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cp
         if fit:
             raise ModelFileError(f"{path}: the weights do not fit the stored unet config: "
                                  f"{fit}")
-        n_params = sum(math.prod(s) for s in shapes.values())
         data_bytes = size - len(h.head)
         on_cpu = torch.device(device).type == "cpu"
-        cost = Cost(n_params * 4 + (data_bytes if on_cpu else 0),
+        cost = Cost(weight_bytes(network_size(unet_cfg)) + (data_bytes if on_cpu else 0),
                     schedule_bytes(sched_cfg.table_timesteps or 0) if sched_cfg else 0,
                     activation_bytes(unet_cfg, 1))
         fix = "use a machine with more memory, or a smaller model"
+        fields = {"parameters": f"unet.base_channels = {unet_cfg.base_channels}, "
+                                f"unet.channel_mults = {list(unet_cfg.channel_mults)}, "
+                                f"unet.num_res_blocks = {unet_cfg.num_res_blocks}",
+                  "activations": f"unet.image_size = {unet_cfg.image_size}"}
+        if sched_cfg is not None:
+            fields["schedule"] = f"schedule.num_train_timesteps = {sched_cfg.num_train_timesteps}"
         check_fits(cost, device, f"{path}: this model (one image at a time)", fix,
-                   ModelFileError)
+                   ModelFileError, fields)
         if not on_cpu:
             check_fits(Cost(data_bytes, 0, 0), "cpu", f"{path}: reading its weights", fix,
                        ModelFileError)

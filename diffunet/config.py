@@ -153,6 +153,10 @@ class UNetConfig:
             _fail(p + "channel_mults", f"entries must be positive, got {list(self.channel_mults)}")
         if not 0.0 <= self.dropout < 1.0:
             _fail(p + "dropout", f"must be in [0, 1), got {self.dropout}")
+        if len(self.channel_mults) > self.image_size.bit_length():  # 2**(levels-1) > image
+            _fail(p + "channel_mults", f"{len(self.channel_mults):,} levels halve an image of "
+                  f"{shown(self.image_size)} pixels below one pixel (at most "
+                  f"{self.image_size.bit_length()} levels)")
         factor = 2 ** (len(self.channel_mults) - 1)
         if self.image_size % factor:
             _fail(p + "image_size", f"{self.image_size} is not divisible by {factor} "

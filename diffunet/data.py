@@ -21,6 +21,7 @@ the number of processes, and starting at step ``s`` reproduces an uninterrupted 
 from __future__ import annotations
 
 import difflib
+import io
 import itertools
 import math
 import os
@@ -33,10 +34,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import DataConfig
-from .errors import ConfigError, DataError, MissingDependencyError
+from . import errors
+from .errors import (ConfigError, DataError, DiffunetError, MissingDependencyError,
+                     NotRegularFileError)
 from .fileio import first_line
-from .images import (IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS_VARIABLE, image_header, max_image_pixels,
-                     open_image, prepare_image)
+from .images import (IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS_VARIABLE, check_pixels, image_header,
+                     max_image_pixels, open_image, prepare_image)
 
 __all__ = [
     "BuiltinShapes",
@@ -45,8 +48,11 @@ __all__ = [
     "HFStream",
     "hf_columns",
     "hf_image",
+    "hf_name",
+    "MAX_CLASSES",
     "TorchvisionImages",
     "GlobalBatchSampler",
+    "Loader",
     "TORCHVISION_DATASETS",
     "build_dataset",
     "class_folder_names",
@@ -295,13 +301,12 @@ def scan_image_folder(root: Path, image_size: int = 0) -> tuple[list[Path], list
         try:
             # Header only (format, size): cheap. A file whose pixel data is damaged still
             # passes; FolderImages.__getitem__ reports it. A FIFO or device named like an
-            # image is skipped unopened: reading one would block or never end.
-            ok = stat.S_ISREG(os.stat(path).st_mode)
-            if ok:
-                with image_header(path) as im:
-                    size = im.size
-                    ok = size[0] > 0 and size[1] > 0
-        except Exception:  # not an image, truncated header, larger than the pixel limit, ...
+            # image is refused on the open descriptor, never read (image_header): reading one
+            # would block or never end.
+            with image_header(path) as im:
+                size = im.size
+                ok = size[0] > 0 and size[1] > 0
+        except Exception:  # not an image, not a regular file, over the pixel limit, ...
             ok = False
         if ok:
             readable.append(rel)
@@ -395,6 +400,10 @@ class FolderImages(Dataset):
         try:
             img = open_image(path, self.image_size)
             image = prepare_image(img, self.image_size, self.channels)
+        except NotRegularFileError:  # swapped for a FIFO or device since the scan: never read
+            raise DataError(f"{path} is no longer a regular file (a FIFO, socket, device or "
+                            "folder now; it was an image when the folder was scanned); put the "
+                            "image back or remove the name, then rerun") from None
         except Exception as e:
             raise DataError(f"cannot decode {path} ({first_line(e)}); delete or repair the file "
                             "(only headers are checked when the folder is scanned)") from None
@@ -545,6 +554,31 @@ def _load_hf(cfg: DataConfig) -> Any:
     return ds
 
 
+def _irregular_file(root: Path) -> str | None:
+    """The first entry under ``root`` (a local Hugging Face data set) that is neither a folder
+    nor a regular file, also through a link: a FIFO, socket or device. ``datasets`` opens its
+    files (arrow, parquet, state.json, ...) with a plain ``open()``, which blocks on a FIFO
+    forever. Iterative; linked folders are not entered (nothing outside ``root`` is walked)."""
+    todo = [root]
+    while todo:
+        try:
+            with os.scandir(todo.pop()) as it:
+                entries = list(it)
+        except OSError:  # unlistable: datasets says so itself
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(Path(entry.path))
+                    continue
+                mode = os.stat(entry.path).st_mode  # what a link names
+            except OSError:  # dangling link, no permission: datasets says so itself
+                continue
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                return entry.path
+    return None
+
+
 def _open_hf(cfg: DataConfig) -> Any:
     try:
         import datasets
@@ -555,6 +589,11 @@ def _open_hf(cfg: DataConfig) -> Any:
     local = Path(name).expanduser()
     cache_dir = os.path.expanduser(cfg.path) if cfg.path else None
     if local.is_dir():
+        bad = _irregular_file(local)
+        if bad is not None:
+            raise DataError(f"data.name: {bad} in the data set folder {local} is not a regular "
+                            "file (a FIFO, socket or device), which datasets would block or "
+                            "never end reading; remove it or point data.name at a clean copy")
         saved = any((local / f).is_file() for f in ("state.json", "dataset_dict.json"))
         try:
             if not saved:  # a folder of data files (images, parquet, csv, ...): a builder reads it
@@ -584,6 +623,11 @@ def _open_hf(cfg: DataConfig) -> Any:
                         f"({first_line(e)})") from None
 
 
+def hf_name(cfg: DataConfig) -> str:
+    """How messages name the Hugging Face data set of ``cfg``."""
+    return f"the Hugging Face data set {cfg.name} (split {cfg.split})"
+
+
 def hf_columns(features: Any, image_column: str | None, label_column: str | None) -> str:
     """The image column of a Hugging Face data set with ``features`` (``image_column``, else
     the first column of Image type, else "image" or "img"), after checking that both columns
@@ -604,71 +648,161 @@ def hf_columns(features: Any, image_column: str | None, label_column: str | None
     return image_column
 
 
+MAX_CLASSES = 1_000_000
+"""The most classes a label column may imply (largest plain-integer label + 1): far above any
+data set's (ImageNet-21k has 21,841), and each class is a name in memory (and, conditioned on,
+a row of the network's class embedding), so a stray label of 4,000,000,000 is refused before
+4e9 names are made."""
+
+
 class HFImages(Dataset):
     """A Hugging Face ``datasets.Dataset``'s images through :func:`prepare_image`, with labels.
 
     ``image_column`` unset: the first column of Image type, else "image" or "img";
     ``label_column`` unset: unlabelled (-1). A ClassLabel column gives ``class_names``; plain
-    integer labels are named "0" .. "K-1" (K = largest + 1).
+    integer labels are named "0" .. "K-1" (K = largest + 1, at most :data:`MAX_CLASSES`).
+    ``name`` says which data set in messages. An Image column is read undecoded and decoded
+    here (:func:`hf_image`): within the pixel limit, its files opened without blocking.
     """
 
     def __init__(self, ds: Any, image_size: int, channels: int, image_column: str | None = None,
-                 label_column: str | None = None) -> None:
+                 label_column: str | None = None, name: str | None = None) -> None:
         import datasets
         features = ds.features
         image_column = hf_columns(features, image_column, label_column)
         self.image_column, self.label_column = image_column, label_column
         self.image_size = image_size
         self.channels = channels
+        self.name = name or "the Hugging Face data set"
         self.skipped: list[str] = []
         self.num_classes: int | None = None
         self.class_names: list[str] | None = None
         self.labels: list[int] | None = None
         if label_column is not None:
             feature = features[label_column]
-            labels = ds[label_column]
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in labels):
-                raise DataError(f"data.label_column: {label_column!r} must hold class indices "
-                                f"(integers from 0), got {feature}")
-            self.labels = [int(v) for v in labels]
+            self.labels = _class_indices(ds[label_column], label_column, feature, self.name)
             if isinstance(feature, datasets.ClassLabel):
                 self.class_names = [str(n) for n in feature.names]
             else:
                 self.class_names = [str(k) for k in range(max(self.labels, default=-1) + 1)]
             self.num_classes = len(self.class_names)
-        self.ds = ds.select_columns([image_column])  # decode only the images
+        ds = ds.select_columns([image_column])  # decode only the images
+        if isinstance(features[image_column], datasets.Image):
+            # Undecoded ({"bytes", "path"}): datasets' own decoder would open a path that is a
+            # FIFO and block, and raise PIL's DecompressionBombError as a traceback.
+            ds = ds.cast_column(image_column, datasets.Image(decode=False))
+        self.ds = ds
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image = hf_image(self.ds[int(index)][self.image_column], self.image_size, self.channels,
-                         f"item {index} of {self.image_column!r}")
+                         f"item {index} of {self.image_column!r} in {self.name}")
         return image, (self.labels[index] if self.labels is not None else -1)
 
 
+def _class_indices(values: Sequence[Any], column: str, feature: Any, where: str) -> list[int]:
+    """A label column's values as class indices, checked before anything is sized by them:
+    each an integer from 0, below the ClassLabel's number of names, or (plain integers) below
+    :data:`MAX_CLASSES`; else a one-line :class:`DataError` naming the item."""
+    import datasets
+    names = feature.names if isinstance(feature, datasets.ClassLabel) else None
+    bound = len(names) if names is not None else MAX_CLASSES
+    for i, v in enumerate(values):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise DataError(f"data.label_column: item {i} of {column!r} in {where} is "
+                            f"{_shown(v)}; labels must be class indices (integers from 0), "
+                            f"the column is {feature}")
+        if v >= bound:
+            if names is not None:
+                raise DataError(f"data.label_column: item {i} of {column!r} in {where} is "
+                                f"label {v}, but the column's ClassLabel names {len(names)} "
+                                f"classes (0..{len(names) - 1}); fix the labels")
+            raise DataError(f"data.label_column: item {i} of {column!r} in {where} is label "
+                            f"{v:,}, which would make {v + 1:,} classes, more than the "
+                            f"{MAX_CLASSES:,} diffunet allows; labels must be class indices "
+                            "0..K-1: renumber them (or use a ClassLabel column)")
+    return [int(v) for v in values]
+
+
+def _shown(value: Any) -> str:
+    """A value in a message: its type and a short repr."""
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    kind = type(value).__name__
+    article = "an" if kind[0] in "aeiou" else "a"
+    return "None" if value is None else f"{article} {kind} ({text})"
+
+
 def hf_image(value: Any, image_size: int, channels: int, where: str) -> Tensor:
-    """One value of a Hugging Face image column through :func:`prepare_image`: a PIL image, an
-    array ((H, W) or (H, W, C) values), or an undecoded Image feature (``{"bytes", "path"}``,
-    opened within the pixel limit). Anything unreadable is a one-line :class:`DataError` naming
-    ``where`` (e.g. "item 3 of 'img'")."""
+    """One value of a Hugging Face image column through :func:`prepare_image`: an undecoded
+    Image feature (``{"bytes", "path"}``; the file opened without blocking, checked to be a
+    regular file), encoded image bytes, a PIL image, or an array of 8-bit values ((H, W) or
+    (H, W, C)). Every image is checked against the pixel limit before it is decoded. Anything
+    else (a string, a number, a dict without bytes or path, an unreadable file) is a one-line
+    :class:`DataError` naming ``where`` (e.g. "item 3 of 'img' in the Hugging Face data set
+    x (split train)")."""
     from PIL import Image
+    import numpy as np
+    path = None
     try:
+        source: Any = None
         if isinstance(value, dict):  # an undecoded Image feature: its bytes, or a path
-            import io
-            source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
-            with image_header(source) as img:
+            data, path = value.get("bytes"), value.get("path")
+            if isinstance(data, (bytes, bytearray)) and data:
+                source = io.BytesIO(data)
+            elif isinstance(path, str) and path:
+                source = path
+            else:
+                raise DataError(f"data.image_column: {where} is a dict without image 'bytes' or "
+                                f"a 'path' (keys: {', '.join(map(str, value)) or 'none'}), not "
+                                f"an image; {_IMAGE_VALUES}")
+        elif isinstance(value, (bytes, bytearray)) and value:  # a binary column: encoded bytes
+            source = io.BytesIO(value)
+        if source is not None:
+            with image_header(source, name=f"data.image_column: {where}") as img:
                 img.load()
                 return prepare_image(img, image_size, channels)
-        if not isinstance(value, Image.Image):  # an array column
-            import numpy as np
-            value = Image.fromarray(np.asarray(value))
-        return prepare_image(value, image_size, channels)
+        if isinstance(value, Image.Image):
+            return prepare_image(value, image_size, channels)
+        if isinstance(value, (list, tuple, np.ndarray)):
+            return prepare_image(_array_image(np.asarray(value), where), image_size, channels)
+        raise DataError(f"data.image_column: {where} is {_shown(value)}, not an image; "
+                        f"{_IMAGE_VALUES}")
     except DataError:
         raise
+    except NotRegularFileError as e:
+        kind = "a folder" if e.is_folder else "not a regular file (a FIFO, socket or device)"
+        raise DataError(f"data.image_column: {where} names {path}, which is {kind}; point it "
+                        "at an image file") from None
     except Exception as e:
         raise DataError(f"data.image_column: {where} is not a readable image "
                         f"({first_line(e)})") from None
+
+
+_IMAGE_VALUES = ("an image column holds images (an Image feature, encoded image bytes, or "
+                 "arrays (H, W) or (H, W, C) of 0..255); point data.image_column at one")
+
+
+def _array_image(arr: Any, where: str) -> Any:
+    """An array value of an image column as a PIL image: 8-bit values, (H, W) or (H, W, C)
+    with C 1, 3 or 4, within the pixel limit; else a one-line :class:`DataError`."""
+    from PIL import Image
+    import numpy as np
+    shape_ok = arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4))
+    if not shape_ok or arr.dtype.kind not in "biu" or arr.size == 0:
+        raise DataError(f"data.image_column: {where} is an array of shape {tuple(arr.shape)} "
+                        f"({arr.dtype}), not an image; {_IMAGE_VALUES}")
+    check_pixels(arr.shape[1], arr.shape[0], f"data.image_column: {where}")
+    if arr.dtype != np.uint8:
+        if arr.min() < 0 or arr.max() > 255:
+            raise DataError(f"data.image_column: {where} is an array with values outside "
+                            f"0..255 ({int(arr.min())}..{int(arr.max())}), not an 8-bit image; "
+                            "scale it to 0..255")
+        arr = arr.astype(np.uint8)
+    return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
 
 
 class HFStream:
@@ -721,12 +855,13 @@ class HFStream:
             ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
         self.ds = ds
         self.name = f"{cfg.name} (split {cfg.split})"
+        self.where = f"in the stream of {hf_name(cfg)}"  # for messages about one example
 
     def _label(self, value: Any, where: str) -> int:
         ok = isinstance(value, int) and not isinstance(value, bool)
         if not ok or not 0 <= value < (self.num_classes or 0):
-            raise DataError(f"data.label_column: {where} has label {value!r}, not a class index "
-                            f"in [0, {self.num_classes})")
+            raise DataError(f"data.label_column: {where} has label {_shown(value)}, not a "
+                            f"class index in [0, {self.num_classes})")
         return int(value)
 
     def batches(self, global_batch_size: int, *, seed: int, start_step: int = 0, rank: int = 0,
@@ -752,11 +887,12 @@ class HFStream:
                 mine = pending[rank * local:(rank + 1) * local]
                 first = pos - global_batch_size + rank * local
                 images = torch.stack([hf_image(ex[self.image_column], self.image_size,
-                                               self.channels, f"example {first + i} of the "
-                                               f"stream's {self.image_column!r}")
+                                               self.channels, f"example {first + i} of "
+                                               f"{self.image_column!r} {self.where}")
                                       for i, ex in enumerate(mine)])
                 labels = torch.tensor(
-                    [self._label(ex[self.label_column], f"example {first + i} of the stream")
+                    [self._label(ex[self.label_column], f"example {first + i} of "
+                                 f"{self.label_column!r} {self.where}")
                      if self.label_column else -1 for i, ex in enumerate(mine)],
                     dtype=torch.int64)
                 pending = []
@@ -788,7 +924,7 @@ def build_dataset(cfg: DataConfig) -> Dataset:
         base = _build_torchvision(cfg)
     elif cfg.source == "hf":
         base = HFImages(_load_hf(cfg), cfg.image_size, cfg.channels, cfg.image_column,
-                        cfg.label_column)
+                        cfg.label_column, name=hf_name(cfg))
     else:  # pragma: no cover - DataConfig rejects it first
         raise DataError(f"data.source: unknown source {cfg.source!r}; use builtin, folder, "
                         "torchvision or hf")
@@ -957,14 +1093,84 @@ def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+class _Failure:
+    """A batch that a worker process could not load: the :class:`DiffunetError`'s type name and
+    its one-line message (torch would raise it again in the main process with the worker's whole
+    traceback inside the message)."""
+
+    def __init__(self, error: DiffunetError) -> None:
+        self.kind, self.message = type(error).__name__, str(error)
+
+    def raise_again(self) -> None:
+        cls = getattr(errors, self.kind, None)
+        if not (isinstance(cls, type) and issubclass(cls, DiffunetError)):
+            cls = DataError
+        raise cls(self.message)
+
+
+class _Reporting(Dataset):
+    """``base`` for a worker process: a batch whose loading raises a :class:`DiffunetError`
+    (an unreadable file, a hostile item) comes back as a :class:`_Failure`."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.base[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> Any:
+        try:
+            many = getattr(self.base, "__getitems__", None)  # what torch's fetcher would use
+            return many(indices) if many else [self.base[i] for i in indices]
+        except DiffunetError as e:
+            return _Failure(e)
+
+
+class _Collate:
+    """``collate`` for batches that loaded; a :class:`_Failure` passes through (a class, not a
+    lambda: a loader that spawns its workers pickles it)."""
+
+    def __init__(self, collate: Callable[[Any], Any]) -> None:
+        self.collate = collate
+
+    def __call__(self, batch: Any) -> Any:
+        return batch if isinstance(batch, _Failure) else self.collate(batch)
+
+
+class Loader(DataLoader):
+    """A ``DataLoader`` whose worker processes report a :class:`DiffunetError` as its one-line
+    self: the same error raised in the main process, not torch's "Caught DataError in
+    DataLoader worker process 0" with the worker's traceback inside the message. Every loader
+    of user data is one of these (a damaged image is one line with or without workers)."""
+
+    def __init__(self, dataset: Dataset, *args: Any, num_workers: int = 0,
+                 collate_fn: Callable[[Any], Any] | None = None, **kwargs: Any) -> None:
+        if num_workers > 0:
+            from torch.utils.data import default_collate
+            dataset = _Reporting(dataset)
+            collate_fn = _Collate(collate_fn or default_collate)
+        super().__init__(dataset, *args, num_workers=num_workers, collate_fn=collate_fn,
+                         **kwargs)
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        for batch in super().__iter__():
+            if isinstance(batch, _Failure):
+                batch.raise_again()
+            yield batch
+
+
 def make_dataloader(dataset: Dataset, batch_sampler: Sampler[list[int]], num_workers: int = 0,
                     pin_memory: bool = False) -> DataLoader:
-    """A DataLoader yielding ``(images (b, C, S, S), labels (b,) int64)`` per sampler batch.
+    """A :class:`Loader` yielding ``(images (b, C, S, S), labels (b,) int64)`` per sampler
+    batch.
 
     Workers persist across the (endless) iteration and keep 4 batches each in flight.
     """
     workers = num_workers > 0
-    return DataLoader(
+    return Loader(
         dataset,
         batch_sampler=batch_sampler,
         num_workers=num_workers,

@@ -18,6 +18,9 @@ keeps working.
 :class:`MissingDependencyError`  an optional extra is not installed (says what to install)
 :class:`NotRegularFileError`     a folder, FIFO or device where a file must be (a ValueError;
                                 each reader words its own message)
+:class:`Stopped`            SIGINT or SIGTERM stopped the command (a KeyboardInterrupt, so no
+                            ``except Exception`` swallows it; :mod:`diffunet.stopping`)
+:class:`StopRequested`      internal: a preview gave up for a stop request (never shown)
 ==========================  ===================================================================
 """
 
@@ -28,7 +31,7 @@ from typing import Any
 
 __all__ = ["DiffunetError", "ConfigError", "UsageError", "FolderError", "DataError",
            "ModelFileError", "TrainingError", "MissingDependencyError", "NotRegularFileError",
-           "require"]
+           "Stopped", "StopRequested", "require"]
 
 
 class DiffunetError(Exception):
@@ -77,6 +80,25 @@ class NotRegularFileError(ValueError):
                          if is_link else "not a regular file (a folder, FIFO, socket or device)")
         self.is_folder = is_folder
         self.is_link = is_link
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a command before it finished (raised in the main thread by
+    :mod:`diffunet.stopping`). A ``KeyboardInterrupt``, so ``except Exception`` never swallows
+    it and code that cleans up after Ctrl-C does so. ``signal`` names the signal, ``signum`` is
+    its number (the command line exits with 128 + it), ``why`` says why now (empty: at once,
+    as asked); the message is one line and a run adds what it kept."""
+
+    def __init__(self, signal: str, signum: int, why: str = "", kept: str = "") -> None:
+        self.signal, self.signum, self.why, self.kept = signal, signum, why, kept
+        text = f"stopped by {signal}" + (f" ({why})" if why else "") + (f"; {kept}" if kept
+                                                                        else "")
+        super().__init__(text)
+
+
+class StopRequested(Exception):
+    """A long piece of work (a training preview) gave up because SIGINT/SIGTERM asked the run
+    to stop; the code that started it catches it and goes on to save. Never shown to anyone."""
 
 
 def require(ok: Any, error: type[Exception], message: Callable[[], str]) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -32,15 +33,15 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from .checkpoint import read_tensor_file, write_tensor_file
 from .config import DataConfig, load_config, parse_value, to_dict
-from .data import BuiltinShapes, FolderImages, TorchvisionImages, build_dataset
+from .data import BuiltinShapes, FolderImages, Loader, TorchvisionImages, build_dataset
 from .formulations.vp import NoiseSchedule
 from .errors import (ConfigError, DataError, MissingDependencyError, ModelFileError,
                      UsageError)
-from .fileio import atomic_writer, first_line
+from .fileio import atomic_writer, first_line, open_regular_file
 from .images import image_header
 from .likelihood import LIKELIHOOD_VARIANCES, bits_per_dim, require_vp_bound
 
@@ -151,7 +152,7 @@ def dataset_bits_per_dim(model: Callable[..., Tensor], schedule: NoiseSchedule, 
     evals = T if exact else num_timesteps + 1
     per_step = max(1, batch_size // evals)
     num_classes = getattr(getattr(model, "config", None), "num_classes", None)
-    loader = DataLoader(Subset(dataset, range(n)), batch_size=per_step, shuffle=False,
+    loader = Loader(Subset(dataset, range(n)), batch_size=per_step, shuffle=False,
                         num_workers=num_workers)
     parts: dict[str, list[Tensor]] = {"bpd": [], "prior": [], "decoder": [], "kl": []}
     with tqdm(total=n, unit="img", desc="bits/dim", disable=not progress) as bar:
@@ -271,7 +272,7 @@ def _download(url: str, path: Path, timeout: float = 30.0) -> None:
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular_file(path) as (f, _):  # a FIFO swapped in is refused, never read
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -317,7 +318,8 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     try:
         if path.suffix == ".safetensors":
             return read_tensor_file(path)[0]
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with open_regular_file(path) as (f, _):  # not blocking on a FIFO
+            state = torch.load(io.BufferedReader(f), map_location="cpu", weights_only=True)
     except Exception as e:
         raise ModelFileError(f"cannot read the FID Inception weights {path} ({first_line(e)}); "
                              f"delete it and download {INCEPTION_WEIGHTS_URL} again") from None
@@ -365,7 +367,7 @@ def extract_features(network: FeatureNetwork, dataset: Dataset, *, batch_size: i
     from tqdm.auto import tqdm
 
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
-    loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, shuffle=False,
+    loader = Loader(Subset(dataset, range(n)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers)
     out = []
     with torch.no_grad(), tqdm(total=n, unit="img", desc=desc, disable=not progress) as bar:

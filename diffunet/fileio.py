@@ -22,6 +22,7 @@ import json
 import os
 import re
 import stat
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,7 +127,8 @@ def parse_json(data: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """``json.loads`` with a bound on nesting (:data:`MAX_JSON_DEPTH`) and strict UTF-8.
 
     Raises ``ValueError`` (``json.JSONDecodeError`` and ``UnicodeDecodeError`` are subclasses)
-    with a short reason for text that is not UTF-8, not JSON, or nested too deep. NaN and
+    with a short reason for text that is not UTF-8, not JSON, nested too deep, or holding an
+    integer longer than Python reads (4,300 digits). NaN and
     Infinity are accepted, as Python writes them (a non-finite loss in ``log.jsonl``).
     """
     raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
@@ -140,7 +142,14 @@ def parse_json(data: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
                     raise ValueError(f"JSON nested more than {max_depth} levels deep")
             elif tok in (b"]", b"}"):
                 depth -= 1
-    return json.loads(raw.decode("utf-8"))
+    text = raw.decode("utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # Python's integer-string limit: its own message names a setter
+        raise ValueError(f"an integer of more than {sys.get_int_max_str_digits():,} "
+                         "digits") from None
 
 
 @contextlib.contextmanager

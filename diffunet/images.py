@@ -11,26 +11,27 @@ sets (:mod:`diffunet.data`, :mod:`diffunet.segmentation.data`), previews and ``d
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from .errors import DataError, DiffunetError, UsageError
-from .fileio import atomic_save_image, first_line
+from .errors import DataError, DiffunetError, NotRegularFileError, UsageError
+from .fileio import atomic_save_image, first_line, open_regular_file
 
 __all__ = [
-    "IGNORE_INDEX", "IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS_VARIABLE", "class_palette",
-    "image_header", "load_image", "load_image_full", "make_grid_image", "mask_image",
-    "max_image_pixels",
-    "normalize", "open_image", "overlay", "pil_from_hwc", "predict_labels",
-    "prepare_image", "save_grid", "save_image", "save_mask", "tensor_image", "to_uint8",
+    "IGNORE_INDEX", "IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS_VARIABLE", "check_pixels",
+    "class_palette", "image_header", "load_image", "load_image_full", "make_grid_image",
+    "mask_image", "max_image_pixels", "normalize", "open_image", "overlay", "pil_from_hwc",
+    "predict_labels", "prepare_image", "save_grid", "save_image", "save_mask", "tensor_image",
+    "to_uint8",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -64,27 +65,49 @@ def max_image_pixels() -> int:
 
 
 @contextlib.contextmanager
-def image_header(path: str | os.PathLike, file: BinaryIO | None = None) -> Iterator[Image.Image]:
+def image_header(path: str | os.PathLike | BinaryIO, name: str | None = None
+                 ) -> Iterator[Image.Image]:
     """``Image.open(path)`` (the header only; pixels are decoded by ``load()``) with
     diffunet's size limit in place of PIL's decompression-bomb check (a multi-line warning
     above ~90 megapixels, an error above ~180 that no setting of ours could raise): an image
     larger than :func:`max_image_pixels` is a one-line :class:`DataError` naming the setting,
-    raised before a single pixel is decoded. ``file``: the image already open (``path`` then
-    only names it in messages)."""
+    raised before a single pixel is decoded.
+
+    ``path`` is a file name or an open binary file (bytes in memory). A name is opened without
+    blocking and checked on the open descriptor (:func:`~diffunet.fileio.open_regular_file`):
+    a FIFO, socket or device raises :class:`~diffunet.errors.NotRegularFileError` (a
+    ``ValueError``) instead of blocking in ``open()`` forever, also when a file that was an
+    image when a folder was scanned is swapped for one later. This is the one place user
+    images are opened, so every reader (data sets, ``inspect --image``, masks, ``eval``) gets
+    it. ``name``: how messages show the image (default ``str(path)``)."""
+    max_image_pixels()  # a bad setting is its own error, before any file is opened
+    shown = str(path) if name is None else name
+    with contextlib.ExitStack() as stack:
+        source: Any = path
+        if isinstance(path, (str, bytes, os.PathLike)):
+            raw, _ = stack.enter_context(open_regular_file(path))
+            # buffered: PIL reads headers in pieces of a few bytes
+            source = stack.enter_context(io.BufferedReader(raw))
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None  # PIL checks in Image.open; this module checks instead
+        try:
+            img = Image.open(source)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+        with img:
+            w, h = img.size
+            check_pixels(w, h, shown)
+            yield img
+
+
+def check_pixels(width: int, height: int, name: str) -> None:
+    """Refuse an image of ``width`` x ``height`` above :func:`max_image_pixels` with the one-line
+    :class:`DataError` every reader gives (``name`` says which image), before it is decoded."""
     limit = max_image_pixels()
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # PIL checks in Image.open; this module checks instead
-    try:
-        img = Image.open(path if file is None else file)
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
-    with img:
-        w, h = img.size
-        if w * h > limit:
-            raise DataError(f"{path} is {w}x{h} = {w * h:,} pixels, more than the {limit:,} "
-                            f"diffunet decodes; shrink the image or raise the limit with "
-                            f"{MAX_IMAGE_PIXELS_VARIABLE}={w * h}")
-        yield img
+    if width * height > limit:
+        raise DataError(f"{name} is {width}x{height} = {width * height:,} pixels, more than the "
+                        f"{limit:,} diffunet decodes; shrink the image or raise the limit with "
+                        f"{MAX_IMAGE_PIXELS_VARIABLE}={width * height}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,12 +192,16 @@ def open_image(path: str | os.PathLike, image_size: int | None) -> Image.Image:
 
 def _open_checked(path: str | os.PathLike, image_size: int | None) -> Image.Image:
     """:func:`open_image`, with a missing or unreadable file as a one-line DataError."""
-    if not os.path.isfile(path):
-        raise DataError(f"image file not found: {path}")
     try:
         return open_image(path, image_size)
     except DiffunetError:  # over the size limit: its own line names the setting
         raise
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path}") from None
+    except (NotRegularFileError, IsADirectoryError) as e:
+        kind = ("a folder" if isinstance(e, IsADirectoryError) or e.is_folder
+                else "not a regular file (a FIFO, socket or device)")
+        raise DataError(f"{path} is {kind}; give an image file") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
         raise DataError(f"cannot read image {path} ({first_line(e)}); "
                         "give a png/jpg/webp/... file") from None

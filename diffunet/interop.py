@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import stat
 from pathlib import Path
@@ -44,7 +45,9 @@ from typing import Any, NamedTuple
 import torch
 
 from . import checkpoint
-from .checkpoint import load_model_file, model_file_bytes, read_tensor_file, tensor_file_bytes
+from .checkpoint import (first_nonfinite, load_model_file, model_file_bytes, read_tensor_file,
+                         tensor_file_bytes)
+from .checks import INT_LIMIT, shown
 from .config import SampleConfig, ScheduleConfig, UNetConfig, from_dict, to_dict
 from .formulations import formulation_class
 from .formulations import make_schedule
@@ -59,7 +62,8 @@ from .errors import (
 from .fileio import first_line, read_json, schema_problem
 from .output_files import (OpenFolder, OutputFile, claim_file, open_folder, open_subfolder,
                            remove_stale_temporaries)
-from .resources import parameter_shapes
+from .resources import (Cost, activation_bytes, check_fits, network_size, parameter_shapes,
+                        schedule_bytes, weight_bytes)
 from .unet import UNet
 
 __all__ = [
@@ -233,6 +237,22 @@ def _known(where: str, key: str, value: Any, allowed: tuple[Any, ...], why: str 
                              f"express it (it takes {shown}){why}")
 
 
+def _numbers_problem(c: dict[str, Any], where: str) -> None:
+    """Refuse a number no setting can have, before any is used: NaN or +-Infinity (JSON
+    literals Python's parser accepts; a NaN passes every range check unnoticed) and integers
+    of :data:`~diffunet.checks.INT_LIMIT` or more (they would size allocations, or take
+    seconds to print), at the top level of the config ``c`` or in one of its lists."""
+    for key, value in c.items():
+        for i, v in enumerate(value if isinstance(value, list) else [value]):
+            name = f"{key}[{i}]" if isinstance(value, list) else key
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ModelFileError(f"{where}: {name} = {json.dumps(v)}: not a finite "
+                                     "number; the config is damaged, fix or re-download it")
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= INT_LIMIT:
+                raise ModelFileError(f"{where}: {name} = {shown(v)}: out of range for any "
+                                     "setting; the config is damaged, fix or re-download it")
+
+
 def unet_from_diffusers(config: dict[str, Any], where: str = "unet/config.json") -> UNetConfig:
     """The :class:`UNetConfig` of the diffunet UNet computing the same function as
     ``UNet2DModel(**config)`` (keys diffusers ignores are ignored here too); a setting diffunet
@@ -247,6 +267,7 @@ def unet_from_diffusers(config: dict[str, Any], where: str = "unet/config.json")
     problem = schema_problem(c, _UNET2D_SCHEMA)
     if problem:
         raise ModelFileError(f"{where}: {problem}")
+    _numbers_problem(c, where)
     size = c["sample_size"]
     if isinstance(size, list):
         if len(size) != 2 or size[0] != size[1] or not all(isinstance(s, int) for s in size):
@@ -278,6 +299,12 @@ def unet_from_diffusers(config: dict[str, Any], where: str = "unet/config.json")
     blocks = c["block_out_channels"]
     if not blocks:
         raise ModelFileError(f"{where}: block_out_channels is empty")
+    if isinstance(size, int) and size > 0 and size.bit_length() < len(blocks):
+        # each level halves the image: below one pixel it is no network (and 2**levels is a
+        # number of as many bits as there are levels, for each level)
+        raise ModelFileError(f"{where}: block_out_channels has {len(blocks):,} levels; a "
+                             f"sample_size of {size} is halved below one pixel after "
+                             f"{size.bit_length()}")
     base = blocks[0]
     if c["time_embedding_dim"] not in (None, 4 * base):
         raise ModelFileError(f"{where}: time_embedding_dim = {c['time_embedding_dim']}: "
@@ -388,6 +415,11 @@ def schedule_from_diffusers(config: dict[str, Any], where: str = "scheduler/sche
         and schema_problem(c["trained_betas"], [float], "trained_betas"))
     if problem:
         raise ModelFileError(f"{where}: {problem}")
+    _numbers_problem(c, where)
+    if c["trained_betas"] is not None and len(c["trained_betas"]) != c["num_train_timesteps"]:
+        # before diffunet's own table is made to compare with: its size is the file's word
+        raise ModelFileError(f"{where}: trained_betas holds {len(c['trained_betas']):,} betas "
+                             f"for num_train_timesteps = {c['num_train_timesteps']}")
     _known(where, "prediction_type", c["prediction_type"], tuple(_PREDICTION_FROM))
     _known(where, "timestep_spacing", c["timestep_spacing"], ("leading", "trailing", "linspace"))
     _known(where, "steps_offset", c["steps_offset"], (0,))
@@ -434,6 +466,7 @@ def _flow_schedule_from_diffusers(config: dict[str, Any], name: str, where: str
     problem = schema_problem(c, _FLOW_SCHEMA)
     if problem:
         raise ModelFileError(f"{where}: {problem}")
+    _numbers_problem(c, where)
     for key in ("use_dynamic_shifting", "invert_sigmas", "use_karras_sigmas",
                 "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling"):
         _known(where, key, c[key], (False,), " (its flow grid is the static-shift one)",
@@ -712,6 +745,53 @@ def pipeline_inputs(folder: str | os.PathLike) -> list[Path]:
                                      "model_index.json")]
 
 
+def _check_import_fits(folder: Path, unet_dir: Path, cfg: UNetConfig,
+                       schedule_cfg: ScheduleConfig, weights: Path) -> None:
+    """Price the import before anything is read or built, from the configs alone
+    (:mod:`diffunet.resources`): the weights file, three float32 copies of the weights (the
+    mapped tensors, the network, the model file's bytes) with the network's Python objects, the
+    schedule's tables; and one image's activations, so that a model ``info`` and ``sample``
+    would refuse to load here is refused before its file is written. One
+    :class:`ModelFileError` line naming the settings that size the largest part."""
+    try:
+        file_bytes = max(weights.stat().st_size, 0)
+    except OSError:
+        file_bytes = 0  # read_tensor_file says what is wrong with it
+    timesteps = schedule_cfg.table_timesteps
+    cost = Cost(weight_bytes(network_size(cfg), copies=3) + file_bytes,
+                schedule_bytes(timesteps) if timesteps else 0, activation_bytes(cfg, 1))
+    unet_json = os.path.relpath(unet_dir / "config.json", folder)
+    blocks = [cfg.base_channels * m for m in cfg.channel_mults]
+    fields = {"parameters": f"{unet_json}: block_out_channels = {blocks}, layers_per_block "
+                            f"= {cfg.num_res_blocks}, in_channels = {cfg.in_channels}",
+              "schedule": f"scheduler/scheduler_config.json: num_train_timesteps = {timesteps}",
+              "activations": f"{unet_json}: sample_size = {cfg.image_size}"}
+    check_fits(cost, "cpu", f"{folder}: importing this model, then loading it one image at a "
+               "time,", "nothing was written; check those settings, or import on a machine "
+               "with more memory", ModelFileError, fields)
+
+
+def _check_weights(tensors: dict[str, torch.Tensor], cfg: UNetConfig, weights: Path) -> None:
+    """Refuse weights that cannot be ``cfg``'s before the network is built to map them: fewer
+    tensors than it has (diffusers' files hold at least as many: its attention keeps q, k and v
+    apart), a tensor that is not floating point, or one holding NaN or inf (float8 too)."""
+    need = network_size(cfg).tensors
+    if len(tensors) < need:
+        raise ModelFileError(f"{weights}: holds {len(tensors):,} tensors, but the UNet2DModel "
+                             f"its config.json describes has at least {need:,} "
+                             f"(layers_per_block = {cfg.num_res_blocks}); the weights do not "
+                             "fit it")
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise ModelFileError(f"{weights}: tensor {name} is {str(t.dtype).split('.')[-1]}; "
+                                 "UNet2DModel's weights are floating point")
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        name, count, total = bad
+        raise ModelFileError(f"{weights}: tensor {name} holds {count:,} non-finite value(s) "
+                             f"(NaN or inf) of {total:,}; the weights are damaged")
+
+
 def import_diffusers(folder: str | os.PathLike, out_file: str | os.PathLike | OutputFile, *,
                      overwrite: bool = False, source: str | None = None) -> ImportResult:
     """Read a diffusers folder into the diffunet model file ``out_file``.
@@ -762,13 +842,13 @@ def _import(folder: Path, unet_dir: Path, out_file: OutputFile, source: str | No
                 "in a Python you trust: UNet2DModel.from_pretrained(DIR).save_pretrained(DIR, "
                 "safe_serialization=True)" if pickles else "no weights file there")
         raise ModelFileError(f"{unet_dir}: {WEIGHTS} is missing; {hint}")
+    _check_import_fits(folder, unet_dir, cfg, schedule_cfg, weights)
     tensors, _ = read_tensor_file(weights)
+    _check_weights(tensors, cfg, weights)
     state = state_from_diffusers(tensors, cfg, str(weights))
     net = UNet(cfg)
     net.load_state_dict(state, strict=True)
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ModelFileError(f"{weights}: tensor {bad[0]} holds NaN or inf values")
+    del tensors, state
     sample_settings = to_dict(SampleConfig(**sample))
     out_file.write(model_file_bytes(net, make_schedule(schedule_cfg), extra={
         "run_config": {"sample": sample_settings},

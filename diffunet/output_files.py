@@ -143,11 +143,19 @@ class OpenFolder:
         file or a link there is replaced itself, never followed. ``durable``: flush the file
         and the folder to disk. The caller has checked that ``name`` is its own to replace
         (:mod:`diffunet.outputs`: a name its manifest lists)."""
+        with self.writer(name, durable=durable) as f:
+            f.write(data)
+
+    @contextlib.contextmanager
+    def writer(self, name: str, *, durable: bool = True) -> Iterator[BinaryIO]:
+        """:meth:`write_file` written piece by piece (a file too large to hold in memory): the
+        temporary file to write, put in place as ``name`` when the block ends without an error
+        (an error removes it and leaves ``name`` as it was)."""
         tmp = temporary_name(name)
         fd = self.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                yield f
                 if durable:
                     f.flush()
                     os.fsync(f.fileno())

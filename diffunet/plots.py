@@ -2,14 +2,22 @@
 
 Three panels against the step: the loss (each logged interval's mean, faint, and an EMA of it),
 the learning rate and the throughput (images/s). Drawn with matplotlib (the ``plot`` extra).
+
+The log is streamed (:func:`diffunet.runs.read_log`, one line at a time) into at most
+:data:`MAX_POINTS` points per curve: past that, neighbouring records are merged into the mean
+of their values, so memory is a small multiple of the points kept, never of the log (a log may
+hold millions of lines; the PNG is 1,200 pixels wide). A logged value that cannot be drawn (not
+a number, not finite, or beyond :data:`PLOT_LIMIT` in size, which matplotlib's axis arithmetic
+overflows on) is left out and counted, and the command says so in one line.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
+from array import array
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -18,7 +26,8 @@ from .output_files import claim_file
 from .runs import read_log
 from .version import __version__
 
-__all__ = ["PLOT_SIZE", "SOFTWARE", "ema_smooth", "is_own_plot", "plot_run", "read_curves"]
+__all__ = ["MAX_POINTS", "PLOT_LIMIT", "PLOT_SIZE", "SOFTWARE", "ema_smooth", "is_own_plot",
+           "plot_run", "read_curves"]
 
 PLOT_SIZE = (1200, 1000)
 """Width and height of the PNG, in pixels."""
@@ -26,6 +35,13 @@ PLOT_SIZE = (1200, 1000)
 SOFTWARE = "diffunet plot"
 """How the PNG's ``Software`` text begins: ``RUN/plot.png`` is refreshed only when it does
 (:func:`is_own_plot`)."""
+
+MAX_POINTS = 4000
+"""Most points kept per curve (over three per pixel of the PNG's width)."""
+
+PLOT_LIMIT = 1e100
+"""Largest magnitude drawn; the axis ticks of +-1e308 overflow inside matplotlib, and no loss,
+learning rate or throughput comes near it (a log axis then spans at most 1e-100..1e100)."""
 
 _KEYS = ("loss", "lr", "images_per_s")
 
@@ -46,11 +62,109 @@ def ema_smooth(values: list[float | None], alpha: float = 0.1) -> list[float | N
     return out
 
 
-def read_curves(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float | None]]]:
-    """``{"loss": [(step, value), ...], "lr": ..., "images_per_s": ...}`` from
-    ``run_dir/log.jsonl`` (read and checked by :func:`diffunet.runs.read_log`); a value that is
-    missing or not a finite number is None. A missing or empty log is a one-line
-    :class:`FolderError`."""
+def _plottable(value: Any) -> float | None:
+    """``value`` as a float that can be drawn, else None (see :data:`PLOT_LIMIT`)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        x = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return None
+    return x if abs(x) <= PLOT_LIMIT else None  # NaN compares False: left out too
+
+
+class _Points:
+    """The curves of one log, downsampled as the records stream in.
+
+    Record i goes to bucket i // stride; a bucket keeps the step of its last record, and per
+    key the sum and count of its plottable values (its point is their mean) and, for the loss,
+    the EMA after its last plottable value (the EMA itself runs over every record). When
+    ``2 * max_points`` buckets are full, neighbours merge and ``stride`` doubles, so at most
+    that many are ever held: with ``stride`` 1 (a log of at most that many records) the points
+    are the records themselves."""
+
+    def __init__(self, smoothing: float, max_points: int) -> None:
+        self.alpha, self.max_points, self.stride = smoothing, max_points, 1
+        self.steps = array("q")  # read_log bounds steps below 2**63
+        self.sums = {k: array("d") for k in _KEYS}
+        self.counts = {k: array("q") for k in _KEYS}
+        self.ema = array("d")
+        self.filled = 0  # records in the newest bucket
+        self.avg = self.weight = 0.0
+        self.skipped: dict[str, int] = {}
+        self.first_skipped: tuple[str, int] | None = None
+        self.positive = (math.inf, 0.0)  # smallest and largest positive loss
+        self.nonpositive_loss = False
+
+    def add(self, step: int, record: dict[str, Any]) -> None:
+        """Take in one log record (a JSON object) of ``step``."""
+        if self.filled == self.stride or not self.steps:  # the newest bucket is full
+            if len(self.steps) == 2 * self.max_points:
+                self._merge()  # every bucket full: pairs make full buckets of twice the stride
+            self.steps.append(0)
+            self.ema.append(math.nan)
+            for k in _KEYS:
+                self.sums[k].append(0.0)
+                self.counts[k].append(0)
+            self.filled = 0
+        self.filled += 1
+        self.steps[-1] = step
+        for key in _KEYS:
+            if key not in record or record[key] is None:
+                continue  # not logged this time (a loss of an interval of skipped steps)
+            x = _plottable(record[key])
+            if x is None:
+                self.skipped[key] = self.skipped.get(key, 0) + 1
+                self.first_skipped = self.first_skipped or (key, step)
+                continue
+            self.sums[key][-1] += x
+            self.counts[key][-1] += 1
+            if key == "loss":
+                if x > 0:
+                    self.positive = (min(self.positive[0], x), max(self.positive[1], x))
+                else:
+                    self.nonpositive_loss = True
+                self.avg = (1 - self.alpha) * self.avg + self.alpha * x
+                self.weight = (1 - self.alpha) * self.weight + self.alpha
+                self.ema[-1] = self.avg / self.weight
+
+    def _merge(self) -> None:
+        """Halve the buckets, all full here: each pair becomes one."""
+        def pairs(a: array, combine: Callable[[Any, Any], Any]) -> array:
+            return array(a.typecode, (combine(a[i], a[i + 1]) for i in range(0, len(a), 2)))
+
+        self.steps = pairs(self.steps, lambda a, b: b)
+        self.ema = pairs(self.ema, lambda a, b: a if math.isnan(b) else b)
+        for k in _KEYS:
+            self.sums[k] = pairs(self.sums[k], lambda a, b: a + b)
+            self.counts[k] = pairs(self.counts[k], lambda a, b: a + b)
+        self.stride *= 2
+
+    def curve(self, key: str) -> list[tuple[int, float | None]]:
+        """``key``'s points as (step, mean value or None)."""
+        return [(s, t / n if n else None)
+                for s, t, n in zip(self.steps, self.sums[key], self.counts[key])]
+
+    def plotted(self) -> int:
+        """How many points hold a value (of any curve)."""
+        return sum(sum(1 for n in self.counts[k] if n) for k in _KEYS)
+
+    def skipped_note(self, log: Path) -> str | None:
+        """One line on the logged values left out, or None."""
+        if not self.skipped:
+            return None
+        key, step = self.first_skipped or ("", 0)
+        return (f"{log}: left out {self.skipped_counts()} that are not numbers within "
+                f"+-{PLOT_LIMIT:.0e} (the first: {key} at step {step})")
+
+    def skipped_counts(self) -> str:
+        """E.g. ``"3 logged value(s) (2 loss, 1 lr)"``."""
+        total = sum(self.skipped.values())
+        each = ", ".join(f"{n:,} {k}" for k, n in self.skipped.items())
+        return f"{total:,} logged value(s) ({each})"
+
+
+def _read_points(run_dir: str | os.PathLike, smoothing: float, max_points: int) -> _Points:
     folder = Path(run_dir)
     log = folder / "log.jsonl"
     _check_run_folder(folder)
@@ -58,17 +172,28 @@ def read_curves(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float |
     if records is None:
         raise FolderError(f"{log} not found; give a run folder of `diffunet train` (it writes "
                           "log.jsonl every train.log_every steps)")
-    curves: dict[str, list[tuple[int, float | None]]] = {k: [] for k in _KEYS}
-    for step, line in records:
-        record = json.loads(line)
-        for key in _KEYS:
-            v = record.get(key)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            curves[key].append((step, float(v) if ok else None))
-    if not any(v is not None for points in curves.values() for _, v in points):
+    points = _Points(smoothing, max_points)
+    for r in records:
+        points.add(r.step, r.record)
+    if not points.plotted():
+        if points.skipped:
+            raise FolderError(f"{log} holds no value that can be plotted: its "
+                              f"{points.skipped_counts()} are not numbers within "
+                              f"+-{PLOT_LIMIT:.0e}; nothing to draw")
         raise FolderError(f"{log} holds no logged steps yet; plot it after the first "
                           "train.log_every steps")
-    return curves
+    return points
+
+
+def read_curves(run_dir: str | os.PathLike, max_points: int = MAX_POINTS
+                ) -> dict[str, list[tuple[int, float | None]]]:
+    """``{"loss": [(step, value), ...], "lr": ..., "images_per_s": ...}`` from
+    ``run_dir/log.jsonl`` (streamed by :func:`diffunet.runs.read_log`): one point per record, or,
+    past ``max_points`` records, the mean of neighbouring records' values; a value that is
+    missing or cannot be plotted (not a finite number of at most :data:`PLOT_LIMIT`) is None. A
+    missing log, or one with nothing to plot, is a one-line :class:`FolderError`."""
+    points = _read_points(run_dir, 0.1, max_points)
+    return {key: points.curve(key) for key in _KEYS}
 
 
 def _check_run_folder(folder: Path) -> None:
@@ -117,14 +242,16 @@ def _matplotlib() -> Any:
 
 
 def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
-             smoothing: float = 0.1, overwrite: bool = False) -> Path:
+             smoothing: float = 0.1, overwrite: bool = False,
+             note: Callable[[str], None] | None = None) -> Path:
     """Draw ``run_dir/log.jsonl`` into ``out`` (default ``run_dir/plot.png``, which each call
     refreshes when it is one this function drew, :func:`is_own_plot`), a PNG of
     :data:`PLOT_SIZE`: loss (raw and EMA-smoothed with ``smoothing`` as alpha), learning rate
     and images/s against the step. The PNG is claimed before the log is read
     (diffunet/output_files.py): an ``out`` that exists (it may be anyone's file) is refused
-    unless ``overwrite``, a link or a folder always, and so is the log itself. Returns the
-    PNG's path."""
+    unless ``overwrite``, a link or a folder always, and so is the log itself. ``note`` gets
+    one line when logged values were left out (see :data:`PLOT_LIMIT`). Returns the PNG's
+    path."""
     if not 0 < smoothing <= 1:
         raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
     folder = Path(run_dir)
@@ -138,38 +265,38 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
                            noun="a diffunet plot", overwrite=overwrite, inputs=inputs,
                            fix="give --out FILE, or --overwrite to replace it")
     with claim:
-        png = _draw(read_curves(run_dir), run_dir, smoothing)
-        claim.write(png)
+        points = _read_points(run_dir, smoothing, MAX_POINTS)
+        claim.write(_draw(points, run_dir, smoothing))
+    skipped = points.skipped_note(folder / "log.jsonl")
+    if skipped and note is not None:
+        note(skipped)
     return claim.path
 
 
-def _draw(curves: dict[str, list[tuple[int, float | None]]], run_dir: str | os.PathLike,
-          smoothing: float) -> bytes:
-    """The PNG of ``curves``, marked as diffunet's (:data:`SOFTWARE`)."""
+def _draw(points: "_Points", run_dir: str | os.PathLike, smoothing: float) -> bytes:
+    """The PNG of ``points``, marked as diffunet's (:data:`SOFTWARE`)."""
     plt = _matplotlib()
 
     dpi = 100
     fig, axes = plt.subplots(3, 1, figsize=(PLOT_SIZE[0] / dpi, PLOT_SIZE[1] / dpi), dpi=dpi,
                              sharex=True, height_ratios=(2, 1, 1))
     try:
-        loss = curves["loss"]
+        loss = points.curve("loss")
         steps = [s for s, _ in loss]
         raw = [math.nan if v is None else v for _, v in loss]
-        smooth = [math.nan if v is None else v for v in ema_smooth([v for _, v in loss],
-                                                                    smoothing)]
         ax = axes[0]
         ax.plot(steps, raw, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
-        ax.plot(steps, smooth, color="tab:blue", linewidth=2,
+        ax.plot(steps, list(points.ema), color="tab:blue", linewidth=2,
                 label=f"loss, smoothed (EMA {smoothing:g})")
-        positive = [v for v in raw if v > 0]
-        if positive and max(positive) / min(positive) > 30:
+        low, high = points.positive
+        if not points.nonpositive_loss and high / low > 30:  # a log axis drops what is <= 0
             ax.set_yscale("log")
         ax.set_ylabel("loss")
         ax.legend(loc="upper right")
         ax.set_title(f"{Path(run_dir).resolve().name}: {steps[-1] if steps else 0} steps")
         for ax, key, label, colour in ((axes[1], "lr", "learning rate", "tab:orange"),
                                        (axes[2], "images_per_s", "images/s", "tab:green")):
-            pts = curves[key]
+            pts = points.curve(key)
             ax.plot([s for s, _ in pts], [math.nan if v is None else v for _, v in pts],
                     color=colour, linewidth=1.5)
             ax.set_ylabel(label)

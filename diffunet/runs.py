@@ -15,7 +15,8 @@
 - **The state protocol**: every process writes its RNG file, the main process the rest, the
   folder is committed by one rename (:mod:`diffunet.state`); loading puts it all back.
 - **Signals**: SIGINT/SIGTERM ask the loop to save and stop after the current step, every
-  process agreeing on when (:meth:`Run.should_stop`).
+  process agreeing on when (:meth:`Run.should_stop`); a second signal, or a step that does not
+  end within seconds (blocked), stops the run there and then (:mod:`diffunet.stopping`).
 - **Progress and logs**: the tqdm bar, one-line messages that keep it intact, ``log.jsonl`` lines
   and the trackers (TensorBoard in ``RUN/tensorboard/``, W&B in ``RUN/wandb/``; a missing
   package refused before anything starts).
@@ -34,34 +35,35 @@ import copy
 import dataclasses
 import errno
 import importlib
+import io
 import json
 import os
 import re
 import secrets
-import signal
 import socket
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from . import errors, resources
+from . import errors, resources, stopping
 from . import state as st
 from .config import UNetConfig, may_change_on_resume, to_dict
 from .data import seed_for
 from .errors import (ConfigError, DiffunetError, FolderError, MissingDependencyError,
-                     ModelFileError, TrainingError, UsageError)
-from .fileio import atomic_write_bytes, parse_json, read_regular_file
+                     ModelFileError, Stopped, TrainingError, UsageError)
+from .fileio import (atomic_write_bytes, atomic_writer, open_regular_file, parse_json,
+                     read_regular_file)
 from .output_files import OpenFolder, open_subfolder
 from .output_files import open_folder as open_output_folder
 
-__all__ = ["EMA", "FolderLock", "Run", "TensorBoardTracker", "WANDB_ID_FILE", "WandbTracker",
-           "check_resume_compatible", "check_trackers", "check_training_fits", "cpu_requested",
-           "lock_folder", "not_a_run_yet", "pick_device", "read_log", "tracker_config",
-           "refuse_lone_processes", "state_must_fit", "training_cost", "trim_log",
-           "write_failed"]
+__all__ = ["EMA", "FolderLock", "LogRecord", "Run", "TensorBoardTracker", "WANDB_ID_FILE",
+           "WandbTracker", "check_log", "check_resume_compatible", "check_trackers",
+           "check_training_fits", "cpu_requested", "lock_folder", "not_a_run_yet", "pick_device",
+           "read_log", "tracker_config", "refuse_lone_processes", "state_must_fit",
+           "training_cost", "trim_log", "write_failed"]
 
 R = TypeVar("R")
 RUN_SUBFOLDERS = ("samples", "weights", "state", "tensorboard", "wandb")
@@ -217,70 +219,113 @@ def write_failed(e: OSError, doing: str, out_dir: Path) -> TrainingError:
 
 
 _MAX_LOG_BYTES = 1 << 30  # a log line is ~200 bytes: millions of lines fit
+_MAX_LOG_LINE = 1 << 20  # bytes of one line: diffunet writes a few hundred
+_MAX_STEP = 2**63  # a step is a 64-bit integer wherever it goes (trackers, tensors, plots)
 
 
-def _log_problem(line: str) -> str | None:
-    """What is wrong with one ``log.jsonl`` line (None: a JSON object with an int step)."""
+class LogRecord(NamedTuple):
+    """One line of ``log.jsonl``: its 1-based line ``number``, its ``step``, the JSON object
+    and the line's bytes (without the newline)."""
+
+    number: int
+    step: int
+    record: dict[str, Any]
+    line: bytes
+
+
+def _parse_log_line(line: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """One ``log.jsonl`` line as (its JSON object, None), or (None, what is wrong with it):
+    not UTF-8, not JSON, not an object, no integer step in [0, 2**63)."""
     try:
         record = parse_json(line)
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
     except (ValueError, RecursionError) as e:
-        return str(e).split("\n")[0][:120] or "not JSON"
+        return None, str(e).split("\n")[0][:120] or "not JSON"
     if not isinstance(record, dict):
-        return "not a JSON object"
+        return None, "not a JSON object"
     step = record.get("step")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        return "no non-negative integer step"
-    return None
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < _MAX_STEP:
+        return None, "no non-negative integer step (below 2**63)"
+    return record, None
 
 
-def read_log(log_path: Path) -> list[tuple[int, str]] | None:
-    """The ``(step, line)`` records of ``log.jsonl`` (None if there is none), read within
-    bounds and checked: every line must be a JSON object with a non-negative integer
-    ``step``, except a last line cut short by a crash (no newline after it), which is
-    dropped. Anything else (not a regular file, too large, not UTF-8, a line that is not such
-    an object) is a one-line :class:`FolderError` naming the file, the line and the fix."""
+def read_log(log_path: Path) -> Iterator[LogRecord] | None:
+    """The records of ``log.jsonl`` (None if there is none), one :class:`LogRecord` at a time,
+    read line by line within bounds and checked, so that memory is one line's whatever the
+    log's size (a log may hold millions of lines; reading it whole took 10-40 times its size).
+
+    Every line must be a JSON object with a non-negative integer ``step``, except a last line
+    cut short by a crash (no newline after it), which is dropped, and blank lines. Anything
+    else (not a regular file, over 1 GiB, a line over 1 MiB or not UTF-8, a line that is not
+    such an object) is a one-line :class:`FolderError` naming the file, the line and the fix,
+    raised when the iteration reaches it."""
+    if not (log_path.exists() or log_path.is_symlink()):
+        return None
+    return _log_records(log_path)
+
+
+def _log_records(log_path: Path) -> Iterator[LogRecord]:
     def damaged(problem: str) -> FolderError:
         return FolderError(f"{log_path} is damaged ({problem}); move it away or delete it (it "
                            "is only the run's log; the training state is apart), then run again")
 
-    if not (log_path.exists() or log_path.is_symlink()):
-        return None
-    try:
-        raw = read_regular_file(log_path, _MAX_LOG_BYTES)
-    except (OSError, ValueError) as e:
-        raise damaged(" ".join(str(e).split())[:160]) from None
-    lines = raw.split(b"\n")
-    torn = lines.pop()  # after the last newline: b"" unless a write was cut short
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    with contextlib.ExitStack() as stack:
         try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            raise damaged(f"line {number} is not UTF-8 text") from None
-        problem = _log_problem(text)
-        if problem is not None:
-            raise damaged(f"line {number}: {problem}")
-        records.append((parse_json(text)["step"], text))
-    del torn  # a torn last line: dropped
-    return records
+            raw, size = stack.enter_context(open_regular_file(log_path))
+        except (OSError, ValueError) as e:
+            raise damaged(" ".join(str(e).split())[:160]) from None
+        if size > _MAX_LOG_BYTES:
+            raise damaged(f"{size:,} bytes, more than the {_MAX_LOG_BYTES:,} such a file can "
+                          "have")
+        f = io.BufferedReader(raw, 1 << 16)
+        number = read = 0
+        while True:
+            try:
+                line = f.readline(_MAX_LOG_LINE + 1)
+            except OSError as e:
+                raise damaged(" ".join(str(e).split())[:160]) from None
+            if not line:
+                return
+            number += 1
+            read += len(line)
+            if read > _MAX_LOG_BYTES:
+                raise damaged(f"more than the {_MAX_LOG_BYTES:,} bytes such a file can have")
+            if not line.endswith(b"\n"):
+                if len(line) > _MAX_LOG_LINE:
+                    raise damaged(f"line {number} is longer than {_MAX_LOG_LINE:,} bytes")
+                return  # a torn last line (no newline after it): dropped
+            line = line[:-1]
+            if not line.strip():
+                continue
+            record, problem = _parse_log_line(line)
+            if record is None:
+                raise damaged(f"line {number} is {problem}" if problem == "not UTF-8 text"
+                              else f"line {number}: {problem}")
+            yield LogRecord(number, record["step"], record, line)
+
+
+def check_log(log_path: Path) -> None:
+    """Read ``log.jsonl`` through (:func:`read_log`): a damaged log is a :class:`FolderError`."""
+    for _ in read_log(log_path) or ():
+        pass
 
 
 def trim_log(log_path: Path, step: int, folder: OpenFolder | None = None) -> None:
     """Drop the ``log.jsonl`` lines past ``step`` (those of the work a resumed run redoes, and a
     torn last line), so the log ends as an uninterrupted run's would; checked by
-    :func:`read_log` first. ``step`` 0 (no state) leaves an empty log. ``folder``: the run
-    folder, open (the log is then rewritten relative to its descriptor)."""
+    :func:`read_log` as it is copied, one line at a time. ``step`` 0 (no state) leaves an
+    empty log. ``folder``: the run folder, open (the log is then rewritten relative to its
+    descriptor)."""
     records = read_log(log_path)
     if records is None:
         return
-    kept = [line for at, line in records if at <= step] if step > 0 else []
-    data = "".join(ln + "\n" for ln in kept).encode("utf-8")
-    if folder is not None:
-        folder.write_file(log_path.name, data)
-    else:
-        atomic_write_bytes(log_path, data)
+    # a damaged line leaves the old log as it was
+    with (folder.writer(log_path.name) if folder is not None
+          else atomic_writer(log_path)) as out:
+        for r in records:
+            if step > 0 and r.step <= step:
+                out.write(r.line + b"\n")
 
 
 def check_resume_compatible(saved: dict[str, Any], cfg: Any) -> None:
@@ -370,7 +415,7 @@ def not_a_run_yet(folder: Path, root: type) -> bool:
             elif name == "log.jsonl":
                 if not stat.S_ISREG(info.st_mode):
                     return False
-                read_log(p)
+                check_log(p)
             elif name == "tensorboard" and "tensorboard" in trackers:
                 if not stat.S_ISDIR(info.st_mode) or not all(
                         e.name.startswith("events.out.tfevents.")
@@ -471,9 +516,14 @@ WANDB_ID_FILE = "wandb_run_id.txt"
 """The run folder's record of its W&B run id, so a resumed run continues the same W&B run."""
 
 
-def check_trackers(trackers: Sequence[str]) -> None:
+def check_trackers(trackers: Sequence[str], out_dir: str | os.PathLike | None = None,
+                   names: Sequence[str] = ()) -> None:
     """A one-line :class:`MissingDependencyError` naming what to install for a tracker whose
-    package is missing; the harness checks before anything starts (no folder, no Accelerate)."""
+    package is missing; the harness checks before anything starts (no folder, no Accelerate).
+    With ``out_dir`` (and the project and run ``names`` a tracker gets, by default the folder's
+    name), a run folder whose path is not UTF-8 (a name of bytes like ``run\\xff``) is a
+    one-line :class:`FolderError`: the trackers store paths and names as UTF-8 and would fail
+    with a traceback after the start."""
     for name in trackers:
         if name not in ("tensorboard", "wandb"):
             raise UsageError(f"unknown tracker {name!r}; use tensorboard and/or wandb")
@@ -483,6 +533,17 @@ def check_trackers(trackers: Sequence[str]) -> None:
             raise MissingDependencyError(
                 f'train.trackers: {name} is not installed; pip install "diffunet[{name}]" (or '
                 f"drop {name} from train.trackers)") from None
+    if not trackers or out_dir is None:
+        return
+    for text in (os.fspath(out_dir), *names):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(os.fspath(out_dir)).decode("utf-8", "backslashreplace")
+            raise FolderError(f"--out-dir {shown}: its path is not UTF-8, and "
+                              f"train.trackers=[{', '.join(trackers)}] store paths and run "
+                              "names as UTF-8; choose an --out-dir whose path is UTF-8 (or drop "
+                              "train.trackers)") from None
 
 
 def tracker_config(cfg: Any) -> dict[str, Any]:
@@ -604,18 +665,20 @@ class Run:
         self.cfg, self.out_dir, self.command = cfg, Path(out_dir), command
         self._say, self._show_progress = say, progress
         self.trackers = tuple(trackers)
-        check_trackers(self.trackers)  # before the folder is claimed or Accelerate started
         folder_name = self.out_dir.resolve().name or "diffunet"
         self.tracker_project = tracker_project or folder_name
         self.run_name = run_name or folder_name
+        # before the folder is claimed or Accelerate started
+        check_trackers(self.trackers, self.out_dir, (self.tracker_project, self.run_name))
         self._trackers: list[Any] = []  # the started ones (main process)
         self.bar: Any = None
         self._lock: Any = None
         self._folder: OpenFolder | None = None  # the run folder, opened once (main process)
         self._subfolders: dict[str, OpenFolder] = {}
         self._created = self._opened = False
-        self._stop: dict[str, str] = {}
-        self._restore_signals: Callable[[], None] | None = None
+        self._stopper: stopping.Stopper | None = None
+        self._signals = contextlib.ExitStack()
+        self._last_state: Path | None = None  # the newest state this run saved
         self._rank_rng: dict[str, torch.Tensor] = {}
         try:
             # DDP: gradients written straight into the all-reduce buckets (no copy, less
@@ -697,7 +760,7 @@ class Run:
             self.tell(f"note: {out} holds only the config.json (and log) of a run that never "
                       "saved a state; starting afresh in it")
         if resume and not self._created:
-            read_log(out / "log.jsonl")  # a damaged log is refused before anything is written
+            check_log(out / "log.jsonl")  # a damaged log is refused before anything is written
         self._lock = lock_folder(out, self._folder.fileno())
         return st.newest_state(out / "state") if resume else None
 
@@ -872,28 +935,26 @@ class Run:
     # -- while the loop runs -------------------------------------------------------------------
 
     def __enter__(self) -> Run:
-        previous = {}
-
-        def handler(signum: int, frame: Any) -> None:
-            self._stop["signal"] = signal.Signals(signum).name
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        self._restore_signals = lambda: [signal.signal(s, h) for s, h in previous.items()]
+        # A first SIGINT/SIGTERM asks the loop to stop after its step (should_stop); a second,
+        # or a step that does not get there within seconds, raises Stopped (diffunet.stopping).
+        self._stopper = self._signals.enter_context(stopping.graceful())
         return self
 
     def __exit__(self, *exc: Any) -> None:
         try:
             if self.bar is not None:
                 self.bar.close()
-            if self._restore_signals is not None:
-                self._restore_signals()
+            self._signals.close()
             self._close_trackers(failed=exc[0] is not None)
         finally:
             self._release()
+        if isinstance(exc[1], Stopped) and not exc[1].kept:
+            # the one line says what the run kept (the lock is released by now)
+            e, state = exc[1], self._last_state or self.resume_from
+            kept = (f"nothing was saved after {state} (--resume continues from it)"
+                    if state is not None else "no state was saved yet (the same command "
+                    "starts the run again)")
+            raise Stopped(e.signal, e.signum, e.why, kept) from None
 
     def _close_trackers(self, failed: bool) -> None:
         trackers, self._trackers = self._trackers, []
@@ -927,19 +988,29 @@ class Run:
     @property
     def stop_signal(self) -> str | None:
         """The name of the signal that asked this process to stop (None: not asked)."""
-        return self._stop.get("signal")
+        return self._stopper.requested if self._stopper is not None else None
 
     def should_stop(self, check_point: bool) -> bool:
         """Whether the loop stops after this step because of SIGINT/SIGTERM, the same answer on
         every process. One process answers at once from its host flag; several agree (one small
         all-reduce, a host sync) only at the loop's ``check_point`` steps, so the steps between
-        never wait for the host."""
+        never wait for the host. A True answer tells the signal handler the stop is under way
+        (else a step that has not got here within seconds of the signal is stopped where it
+        is, :mod:`diffunet.stopping`)."""
+        if self._stopper is not None:
+            self._stopper.step_done()
         if self.world == 1:
-            return self.stop_signal is not None
-        if not check_point:
+            stop = self.stop_signal is not None
+        elif not check_point:
+            if self._stopper is not None:
+                self._stopper.progress()  # alive: the next check point will answer
             return False
-        flag = torch.tensor(float(self.stop_signal is not None), device=self.device)
-        return bool(self.accelerator.reduce(flag, "sum") > 0)
+        else:
+            flag = torch.tensor(float(self.stop_signal is not None), device=self.device)
+            stop = bool(self.accelerator.reduce(flag, "sum") > 0)
+        if stop and self._stopper is not None:
+            self._stopper.acknowledge()
+        return stop
 
     def collective(self, fn: Callable[[], R], *, main_only: bool = True) -> R:
         """Run ``fn`` on the main process (or, with ``main_only=False``, on every process) and
@@ -1114,6 +1185,16 @@ class Run:
             except OSError as e:
                 raise failed(e) from None
 
-        self.collective(begin)
-        self.collective(write_files, main_only=False)
-        return self.collective(commit)
+        # a first signal waits for the save (bounded by the disk); a second cuts it short, and
+        # the half-written folder goes as every interrupted write's does
+        with self._stopper.critical() if self._stopper is not None else contextlib.nullcontext():
+            try:
+                self.collective(begin)
+                self.collective(write_files, main_only=False)
+                self._last_state = self.collective(commit)
+            except Stopped:
+                if self.main:
+                    with contextlib.suppress(OSError):
+                        st.clear_leftovers(self.out_dir)
+                raise
+        return self._last_state

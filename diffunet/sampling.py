@@ -592,7 +592,7 @@ def _load_png(folder: FolderWriter, name: str, shape: tuple[int, int, int]) -> t
     wrong = DataError(f"{path} is not a {w}x{h} {'grayscale' if c == 1 else 'RGB'} image as "
                       "this model makes; delete it and rerun the same command to redraw it")
     try:
-        with folder.open_file(name) as (f, _), image_header(path, f) as img:
+        with folder.open_file(name) as (f, _), image_header(f, name=str(path)) as img:
             if img.size != (w, h):  # checked before decoding: a planted file may be huge
                 raise wrong
             arr = np.asarray(img)

@@ -34,7 +34,7 @@ from .checkpoint import model_file_bytes, unwrap_model
 from .config import RunConfig, TrainConfig, to_dict
 from .data import (GlobalBatchSampler, HFStream, build_dataset, flip_where, make_dataloader,
                    skipped_note)
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, StopRequested, TrainingError
 from .formulations import Formulation, make_schedule
 from .fileio import encode_image
 from .images import make_grid_image
@@ -244,21 +244,29 @@ def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run
 
     drawn: dict[str, Any] = {}  # the newest grid (main process), for the trackers
 
-    def draw_and_save(name: str) -> None:
-        with run.accelerator.autocast():
-            images = sample(ema.model, schedule, x_T.to(run.device),
-                            class_labels=None if labels is None else labels.to(run.device),
-                            generator=torch.Generator().manual_seed(seed + 2),
-                            **s.sample_kwargs())
+    def cut(*_: Any) -> None:
+        if run.stop_signal is not None:
+            raise StopRequested  # a preview can take minutes
+
+    def draw_and_save(name: str) -> bool:
+        try:
+            with run.accelerator.autocast():
+                images = sample(ema.model, schedule, x_T.to(run.device),
+                                class_labels=None if labels is None else labels.to(run.device),
+                                generator=torch.Generator().manual_seed(seed + 2),
+                                callback=cut, **s.sample_kwargs())
+        except StopRequested:  # a signal asked the run to stop: no grid, the loop saves next
+            return False
         drawn["grid"] = make_grid_image(images.float().cpu())
         # into the run's samples/, relative to its descriptor (never through a link); a
         # preview need not survive a power cut
         run.write_file("samples", name, encode_image(drawn["grid"], name), durable=False)
+        return True
 
     def write(step: int) -> None:  # the main process samples; the others wait for it
         name = f"{st.state_name(step)}.png"
-        run.write(f"writing preview {name}", lambda: draw_and_save(name))
-        run.log_image("preview", drawn.pop("grid", None), step)  # to the trackers (main)
+        if run.write(f"writing preview {name}", lambda: draw_and_save(name)):
+            run.log_image("preview", drawn.pop("grid", None), step)  # to the trackers (main)
 
     return write
 
@@ -459,7 +467,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                 interval_loss.zero_()
                 interval_good.zero_()
                 interval_start = now
-            if step % t.sample_every == 0 or step == t.max_steps:
+            if (step % t.sample_every == 0 or step == t.max_steps) and not stopping:
                 run.bar.set_description_str(f"preview at step {step}")  # sampling takes a while
                 preview(step)
                 run.bar.set_description_str("")

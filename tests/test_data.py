@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import pickle
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -603,3 +604,102 @@ def test_images_over_the_pixel_limit_are_refused_from_the_header(
     finally:
         assert Image.MAX_IMAGE_PIXELS == 1000
         Image.MAX_IMAGE_PIXELS = before
+
+
+@pytest.fixture
+def no_blocking() -> Iterator[None]:
+    """Fail (instead of hanging) if a read blocks: SIGALRM interrupts the blocked open()."""
+    import signal
+
+    def hung(signum: int, frame: object) -> None:
+        raise AssertionError("a read of user data blocked")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("swap", ["fifo", "device", "folder"])
+def test_an_image_swapped_after_the_scan_is_refused_unread(tmp_path: Path, swap: str,
+                                                           no_blocking: None) -> None:
+    """Issue 23: a folder image that becomes a FIFO (or a device, or a folder) after the
+    start-up scan is refused on the open descriptor, in one line naming it; never read."""
+    import os
+
+    from diffunet.data import FolderImages
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (12, 12), (9, 9, 9)).save(tmp_path / name)
+    ds = FolderImages(tmp_path, 8, 3)
+    assert len(ds) == 2
+    (tmp_path / "b.png").unlink()
+    if swap == "fifo":
+        os.mkfifo(tmp_path / "b.png")  # nobody writes: a blocking open() would never return
+    elif swap == "device":
+        (tmp_path / "b.png").symlink_to("/dev/zero")  # a read would never end
+    else:
+        (tmp_path / "b.png").mkdir()
+    assert ds[0][0].shape == (3, 8, 8)
+    with pytest.raises(DataError) as e:
+        ds[1]
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path / "b.png") in msg
+    assert "is no longer a regular file" in msg and "when the folder was scanned" in msg
+
+
+def test_every_image_reader_refuses_a_fifo_or_device(tmp_path: Path, no_blocking: None) -> None:
+    """load_image (inspect --image), load_image_full (segment predict), open_image (previews,
+    masks) and the folder scan: a FIFO or device is one line, never opened for reading."""
+    import os
+
+    from diffunet.data import scan_image_folder
+    from diffunet.images import image_header, load_image_full, open_image
+
+    os.mkfifo(tmp_path / "f.png")
+    (tmp_path / "z.png").symlink_to("/dev/zero")
+    for path in (tmp_path / "f.png", tmp_path / "z.png", Path("/dev/zero")):
+        for read in (lambda p: load_image(p, 8, 3), lambda p: load_image_full(p, 3)):
+            with pytest.raises(DataError, match=r"is not a regular file \(a FIFO, socket or "
+                                                r"device\); give an image file$"):
+                read(path)
+        with pytest.raises(ValueError, match="not a regular file"):
+            open_image(path, None)
+        with pytest.raises(ValueError, match="not a regular file"):
+            with image_header(path):
+                pass
+    with pytest.raises(DataError, match="is a folder; give an image file"):
+        load_image(tmp_path, 8, 3)
+    with pytest.raises(DataError, match="image file not found"):
+        load_image(tmp_path / "missing.png", 8, 3)
+    files, skipped, _ = scan_image_folder(tmp_path)
+    assert files == [] and sorted(Path(s).name for s in skipped) == ["f.png", "z.png"]
+
+
+def test_a_worker_process_reports_a_bad_image_in_one_line(tmp_path: Path,
+                                                          no_blocking: None) -> None:
+    """With DataLoader workers (the default on a GPU) an image that cannot be read is the same
+    one-line DataError as without, not torch's "Caught DataError in DataLoader worker process"
+    with the worker's traceback inside the message."""
+    import os
+
+    from diffunet.data import FolderImages
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (12, 12), (9, 9, 9)).save(tmp_path / name)
+    ds = FolderImages(tmp_path, 8, 3)
+    (tmp_path / "b.png").unlink()
+    os.mkfifo(tmp_path / "b.png")  # swapped after the scan
+    sampler = GlobalBatchSampler(len(ds), 2, seed=0)
+    with pytest.raises(DataError) as e:
+        next(iter(make_dataloader(ds, sampler, num_workers=1)))
+    msg = str(e.value)
+    assert "\n" not in msg and "Traceback" not in msg and "DataLoader worker" not in msg
+    assert msg.startswith(f"{tmp_path / 'b.png'} is no longer a regular file")
+    (tmp_path / "b.png").unlink()
+    Image.new("RGB", (12, 12), (9, 9, 9)).save(tmp_path / "b.png")
+    images, labels = next(iter(make_dataloader(ds, sampler, num_workers=1)))
+    assert images.shape == (2, 3, 8, 8) and labels.tolist() == [-1, -1]

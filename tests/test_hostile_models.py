@@ -12,6 +12,12 @@ metadata value were tracebacks, an integer ``format_version`` was safetensors' o
 ``base_channels = 1000000`` tried to allocate terabytes, ``num_train_timesteps = 10**9`` 8 GB, a
 6 GB file was read whole (MemoryError), ``info --json`` printed the file's own ``path`` and
 ``parameters``, and a NaN weight was sampled into grey images.
+
+Round two (issue 23) adds diffusers folders for ``import`` (before: ``layers_per_block =
+10**6`` grew for minutes, ``block_out_channels = [10**12]``, NaN/Infinity ``freq_shift`` and
+float8 weights were tracebacks, ``num_train_timesteps = 10**9`` allocated 7.5 GiB, and
+``sample_size = 10**30`` wrote a file ``info`` refused) and a stored config counted exactly
+rather than built.
 """
 
 from __future__ import annotations
@@ -57,6 +63,9 @@ def _shared(shared: Path) -> None:
     Image.new("RGB", (8, 8), (90, 120, 200)).save(shared / "img.png")
     diffunet.save_model(shared / "edm.safetensors", UNet(UNetConfig(**TINY)),
                         diffunet.make_schedule(ScheduleConfig(formulation="edm")))
+    from diffunet.interop import export_diffusers
+
+    export_diffusers(shared / "good.safetensors", shared / "pipe")  # what import cases edit
 
 
 def _split(data: bytes) -> tuple[dict, bytes]:
@@ -172,6 +181,45 @@ def consistent_but_huge(c: Path, shared: Path) -> None:
         f.truncate(len(head) + pos)
 
 
+class Raw(str):
+    """A value written into a JSON config as raw text: ``Raw("NaN")``, ``Raw("1e999")``."""
+
+
+def pipe(unet: dict | None = None, scheduler: dict | None = None,
+         weights: Callable[[dict], dict] | None = None) -> Callable[[Path, Path], None]:
+    """A builder: the shared diffusers pipeline folder as ``pipe/``, with keys of
+    ``unet/config.json`` and ``scheduler/scheduler_config.json`` set (a :class:`Raw` value as
+    raw JSON text) and its weights changed by ``weights``."""
+    def build(c: Path, shared: Path) -> None:
+        shutil.copytree(shared / "pipe", c / "pipe")
+        for rel, changes in (("unet/config.json", unet), ("scheduler/scheduler_config.json",
+                                                          scheduler)):
+            if changes:
+                path = c / "pipe" / rel
+                config = json.loads(path.read_text())
+                config.update({k: f"@{k}@" if isinstance(v, Raw) else v
+                               for k, v in changes.items()})
+                text = json.dumps(config)
+                for key, value in changes.items():
+                    if isinstance(value, Raw):
+                        text = text.replace(f'"@{key}@"', value)
+                path.write_text(text)
+        if weights is not None:
+            path = c / "pipe" / "unet" / "diffusion_pytorch_model.safetensors"
+            save_file(weights(load_file(str(path))), str(path), metadata={"format": "pt"})
+    return build
+
+
+def as_dtype(dtype: torch.dtype, nan: bool = False) -> Callable[[dict], dict]:
+    def change(tensors: dict) -> dict:
+        out = {k: v.to(dtype) for k, v in tensors.items()}
+        if nan:
+            first = sorted(out)[0]
+            out[first] = out[first].float().fill_(float("nan")).to(dtype)
+        return out
+    return change
+
+
 def link_to(target: str) -> Callable[[Path, Path], None]:
     def build(c: Path, shared: Path) -> None:
         (c / M).symlink_to(target)
@@ -223,6 +271,8 @@ M_ = "{c}/" + M
 SAMPLE = ["sample", M_, "--num-samples", "2", "--steps", "2", "--out-dir", "{out}"]
 INFO = ["info", M_]
 INSPECT = ["inspect", M_, "--out-dir", "{out}"]
+IMPORT = ["import", "{c}/pipe", "{out}"]  # {out} is never written unless the case says so
+NOT_FINITE = "not a finite number; the config is damaged"
 PREDICT = ["segment", "predict", M_, "{shared}/img.png", "--out-dir", "{out}"]
 DAMAGED = "the file is damaged"
 
@@ -323,17 +373,24 @@ CASES = [
                                            "wrong shape", "its config implies "
                                            "156,000,112,000,003 parameters but it holds 10,883"],
          section("unet_config", base_channels=1_000_000)),
-    Case("base-channels-a-trillion", SAMPLE, [M, "its config implies at least "
-                                              "9,000,000,000,000,000,000,000,000 parameters"],
+    Case("base-channels-a-trillion", SAMPLE, [M, "its config implies "
+                                              "156,000,000,000,112,000,000,000,003 parameters "
+                                              "but it holds 10,883"],
          section("unet_config", base_channels=10 ** 12)),
-    Case("res-blocks-a-million", INFO, [M, "its config implies at least 4,000,002 tensors"],
+    Case("res-blocks-a-million", INFO, [M, "its config implies 22,000,048 tensors but it holds "
+                                        "70"],
          section("unet_config", num_res_blocks=10 ** 6)),
     Case("timesteps-a-billion", SAMPLE, [M, "this model (one image at a time) needs",
-                                         "GiB of schedule tables",
+                                         "GiB of schedule tables (schedule.num_train_timesteps "
+                                         "= 1000000000)",
                                          "use a machine with more memory"],
          section("schedule_config", num_train_timesteps=10 ** 9)),
+    # counted exactly, not built: the bound before (2 tensors a block) let 17 blocks through
+    # for a file of 70 tensors (and 600,000 for a header of a million, built for minutes)
+    Case("res-blocks-past-the-file", INFO, [M, "its config implies 422 tensors but it holds 70"],
+         section("unet_config", num_res_blocks=17)),
     Case("image-size-40000", INFO, [M, "this model (one image at a time) needs", "of "
-                                    "activations, more than the"],
+                                    "activations (unet.image_size = 40000), more than the"],
          section("unet_config", image_size=40_000)),
     Case("sample-batch-beyond-memory", ["sample", "{shared}/good.safetensors", "--batch-size",
                                         "10000000", "--num-samples", "10000000", "--steps", "2",
@@ -342,10 +399,12 @@ CASES = [
           "lower --batch-size"]),
     Case("image-size-googol", INSPECT, [M, "unet.image_size", "about 101 digits", "out of range"],
          section("unet_config", image_size=10 ** 100)),
-    Case("image-size-billion", INSPECT, [M, "of activations, more than the"],
+    Case("image-size-billion", INSPECT, [M, "of activations (unet.image_size = 1073741824), "
+                                         "more than the"],
          section("unet_config", image_size=2 ** 30)),
     Case("consistent-but-700m-parameters", SAMPLE, [M, "this model (one image at a time) needs",
-                                                    "GiB of weights", "more than the"],
+                                                    "GiB of weights (unet.base_channels = 2048",
+                                                    "more than the"],
          consistent_but_huge),
     Case("unet-config-wrong-type", SAMPLE, [M, "its stored config is invalid", "unet.image_size"],
          section("unet_config", image_size="8")),
@@ -424,12 +483,90 @@ CASES = [
                                           f"--num-{what}", "1000000000000"],
            [f"num_{what}", "is more than", "use fewer"])
       for what in ("images", "reference")],
+    # -- diffusers folders to import (issue 23): priced from the configs before anything is
+    # read or built (30,000 layers took 2.5 GB and 70 s, 10**6 never ended), numbers checked
+    *[Case(f"import-{name}", IMPORT, ["pipe: importing this model, then loading it one image "
+                                      "at a time, needs", *parts, "more than the",
+                                      "nothing was written"], pipe(**changes))
+      for name, parts, changes in (
+          ("layers-per-block-a-million", ["GiB of weights (unet/config.json",
+                                          "layers_per_block = 1000000"],
+           {"unet": {"layers_per_block": 10 ** 6}}),
+          ("block-out-channels-a-trillion", ["GiB of weights", "block_out_channels = "
+                                             "[1000000000000]"],
+           {"unet": {"block_out_channels": [10 ** 12]}}),
+          ("in-channels-a-trillion", ["in_channels = 1000000000000"],
+           {"unet": {"in_channels": 10 ** 12}}),
+          ("timesteps-a-billion", ["GiB of schedule tables (scheduler/scheduler_config.json: "
+                                   "num_train_timesteps = 1000000000)"],
+           {"scheduler": {"num_train_timesteps": 10 ** 9}}),
+          ("sample-size-10-to-the-30", ["of activations (unet/config.json: sample_size = 1"
+                                        + "0" * 30 + ")"],
+           {"unet": {"sample_size": 10 ** 30}}),
+          ("sample-size-pair-of-a-billion", ["of activations", "sample_size = 1000000000"],
+           {"unet": {"sample_size": [10 ** 9, 10 ** 9]}}))],
+    Case("import-layers-per-block-300-for-weights-of-one", IMPORT,
+         ["holds 74 tensors, but the UNet2DModel its config.json describes has at least 6,648",
+          "layers_per_block = 300", "the weights do not fit it"],
+         pipe(unet={"layers_per_block": 300})),
+    Case("import-100000-levels", IMPORT, ["block_out_channels has 100,000 levels; a sample_size "
+                                          "of 8 is halved below one pixel after 4"],
+         pipe(unet={"block_out_channels": [8] * 100_000,
+                    "down_block_types": ["DownBlock2D"] * 100_000,
+                    "up_block_types": ["UpBlock2D"] * 100_000})),
+    Case("import-channels-of-61-digits", IMPORT, ["block_out_channels[0] = an integer of about "
+                                                  "61 digits: out of range for any setting"],
+         pipe(unet={"block_out_channels": [10 ** 60]})),
+    Case("import-trained-betas-for-a-billion-steps", IMPORT,
+         ["trained_betas holds 3 betas for num_train_timesteps = 1000000000"],
+         pipe(scheduler={"num_train_timesteps": 10 ** 9, "trained_betas": [0.1, 0.2, 0.3]})),
+    *[Case(f"import-{key}-{value.lower()}", IMPORT, [f"{where}: {key} = {value}: {NOT_FINITE}"],
+           pipe(**{"unet" if where == "unet/config.json" else "scheduler":
+                   {key: Raw(value)}}))
+      for where, key, value in (("unet/config.json", "freq_shift", "NaN"),
+                                ("unet/config.json", "freq_shift", "Infinity"),
+                                ("unet/config.json", "norm_eps", "-Infinity"),
+                                ("unet/config.json", "dropout", "NaN"),
+                                ("scheduler/scheduler_config.json", "beta_start", "NaN"),
+                                ("scheduler/scheduler_config.json", "clip_sample_range",
+                                 "Infinity"))],
+    Case("import-flow-shift-nan", IMPORT, ["scheduler_config.json: shift = NaN: " + NOT_FINITE],
+         pipe(scheduler={"_class_name": "FlowMatchEulerDiscreteScheduler",
+                         "shift": Raw("NaN"), "num_train_timesteps": 20})),
+    Case("import-trained-beta-nan", IMPORT, ["trained_betas[1] = NaN: " + NOT_FINITE],
+         pipe(scheduler={"num_train_timesteps": 3,
+                         "trained_betas": Raw("[0.1, NaN, 0.3]")})),
+    Case("import-freq-shift-1e999", IMPORT, ["freq_shift = Infinity: " + NOT_FINITE],
+         pipe(unet={"freq_shift": Raw("1e999")})),  # Python's parser reads 1e999 as inf
+    # weights: float8 is imported as the model-file reader takes it; what is not a float, or
+    # not finite (float8's NaN too), is one line
+    Case("import-float8-weights", IMPORT, [],
+         pipe(weights=as_dtype(torch.float8_e4m3fn)), code=0, out_created=True),
+    Case("import-float8-nan-weight", IMPORT, ["tensor conv_in.bias holds 8 non-finite value(s) "
+                                              "(NaN or inf) of 8", "damaged"],
+         pipe(weights=as_dtype(torch.float8_e5m2, nan=True))),
+    Case("import-int64-weights", IMPORT, ["is int64; UNet2DModel's weights are floating point"],
+         pipe(weights=as_dtype(torch.int64))),
+    Case("import-nan-weight", IMPORT, ["tensor conv_in.bias holds 8 non-finite", "damaged"],
+         pipe(weights=as_dtype(torch.float32, nan=True))),
     # -- the file's metadata may not stand in for what the file is
     Case("info-json-planted-path", ["info", "--json", M_], [],
          edit(lambda h: h["__metadata__"].update(
              path=json.dumps("/etc/passwd"), parameters="7", sha256=json.dumps("0" * 64),
              weights_finite="true", metadata=json.dumps({"x": 1}))), code=0),
 ]
+
+
+def test_the_imported_float8_model_loads(results) -> None:
+    # float8 weights became float32 ones in a model file that info and sample take
+    from diffunet.cli import main
+
+    _, root, _ = results
+    out = root / "import-float8-weights" / "out"
+    assert results[0]["import-float8-weights"].stdout.startswith(f"wrote {out} ")
+    net, schedule, _ = diffunet.load_model(out)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in net.parameters())
+    assert main(["info", str(out)]) == 0
 
 
 @pytest.fixture(scope="module")

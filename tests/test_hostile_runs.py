@@ -10,6 +10,8 @@ damages it copies it first.
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import json
 import os
 import shutil
@@ -128,14 +130,17 @@ def png(path: Path, size: int = 8) -> None:
     Image.new("RGB", (size, size), (200, 30, 30)).save(path)
 
 
-def huge_png(path: Path, w: int = 20000, h: int = 20000) -> None:
-    """A PNG whose header claims w x h pixels (400 megapixels), a few bytes on disk."""
+def huge_png_bytes(w: int = 20000, h: int = 20000) -> bytes:
+    """A PNG whose header claims w x h pixels (400 megapixels), a few bytes in all."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (struct.pack(">I", len(data)) + kind + data
                 + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2,
-                                                                        0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def huge_png(path: Path) -> None:
+    path.write_bytes(huge_png_bytes())
 
 
 def images(*names: str, big: Sequence[str] = ()) -> Callable[[Path, Path], None]:
@@ -198,6 +203,99 @@ LINKED = ("is a symbolic link; diffunet never writes through a link it did not c
           "remove the link (its target is kept), or choose another --out-dir")
 
 
+def big_log(megabytes: int) -> Callable[[Path, Path], None]:
+    """Copy the shared run, then give it a log of about ``megabytes`` MB: lines of steps 1 and
+    2 (kept on resume), and one of step 3 (past the state: trimmed)."""
+    def build(c: Path, shared: Path) -> None:
+        run = copy_run(c, shared)
+        text = "".join(f'{{"step": {1 + i % 2}, "loss": 0.{i:06d}, "lr": 0.0001, '
+                       f'"images_per_s": 123.25, "nonfinite_skipped": 0}}\n'
+                       for i in range(megabytes * 1_000_000 // 100))
+        (run / "log.jsonl").write_text(text + '{"step": 3, "loss": 0.5}\n')
+    return build
+
+
+def big_log_trimmed(c: Path) -> None:
+    """After :func:`big_log`'s resume to step 3: every line of steps 1 and 2 is kept, the stale
+    one of step 3 is gone and the resumed run's own step 3 is there."""
+    steps = [0, 0, 0, 0]
+    with open(c / "run" / "log.jsonl", "rb") as f:
+        for ln in f:
+            steps[json.loads(ln)["step"]] += 1
+    assert steps == [0, 100_000, 100_000, 1], steps
+
+
+def with_device(c: Path, shared: Path) -> None:
+    images("a.png")(c, shared)
+    (c / "images" / "z.png").symlink_to("/dev/zero")  # a device named like an image
+
+
+def fifo_file(name: str) -> Callable[[Path, Path], None]:
+    def build(c: Path, shared: Path) -> None:
+        os.mkfifo(c / name)
+    return build
+
+
+def png_bytes(size: int = 8) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (30, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def hf_saved(columns: Callable[[], dict], features: Callable[[], object] | None = None
+             ) -> Callable[[Path, Path], None]:
+    """A Hugging Face data set written by ``save_to_disk`` into ``{c}/hf`` (``columns()`` and
+    ``features()`` are made when the case is built: ``datasets`` is imported only then)."""
+    def build(c: Path, shared: Path) -> None:
+        import datasets
+        ds = datasets.Dataset.from_dict(columns(), features=features() if features else None)
+        ds.save_to_disk(str(c / "hf"))
+    return build
+
+
+def hf_paths_become_fifos(c: Path, shared: Path) -> None:
+    """A parquet data set whose Image items name files (no bytes), which then become FIFOs."""
+    import datasets
+    (c / "files").mkdir()
+    names = [c / "files" / f"{i}.png" for i in range(2)]
+    for name in names:
+        png(name)
+    ds = datasets.Dataset.from_dict({"img": [{"bytes": None, "path": str(n)} for n in names]},
+                                    features=datasets.Features({"img": datasets.Image()}))
+    (c / "hf").mkdir()
+    ds.to_parquet(str(c / "hf" / "data.parquet"))
+    # converted into the cache now, as by an earlier run: the case's stderr is then only
+    # diffunet's (datasets draws progress bars while it converts)
+    datasets.load_dataset(str(c / "hf"), split="train", cache_dir=str(c / "cache"))
+    for name in names:
+        fifo(name)
+
+
+def hf_file_swapped(pattern: str, how: str) -> Callable[[Path, Path], None]:
+    """A saved data set whose file ``pattern`` becomes a FIFO (``how="fifo"``) or a link to
+    /dev/zero: datasets would block (or never end) reading it."""
+    def build(c: Path, shared: Path) -> None:
+        hf_saved(lambda: {"img": [{"bytes": png_bytes(), "path": None}] * 2},
+                 hf_image_feature)(c, shared)
+        target = next((c / "hf").glob(pattern))
+        if how == "fifo":
+            fifo(target)
+        else:
+            target.unlink()
+            target.symlink_to("/dev/zero")
+    return build
+
+
+def hf_image_feature() -> object:
+    import datasets
+    return datasets.Features({"img": datasets.Image()})
+
+
+def hf_labelled_feature() -> object:
+    import datasets
+    return datasets.Features({"img": datasets.Image(), "label": datasets.Value("int64")})
+
+
 def log_of(*steps: int) -> Callable[[Path], None]:
     """An ``after`` check: the run's log holds exactly these steps."""
     def after(c: Path) -> None:
@@ -209,6 +307,66 @@ def log_of(*steps: int) -> Callable[[Path], None]:
 # ---------------------------------------------------------------------------------------------
 # The table
 
+
+HF = ["train", *tiny_run("train.batch_size=2", "train.max_steps=2", "sample.num_images=2",
+                         "data.source=hf", "data.name={c}/hf", "data.path={c}/cache",
+                         image_size=8), "--out-dir", "{out}", "--no-progress"]
+STREAMED = [*HF, "data.streaming=true"]
+HF_CASE = {"may_change": ("cache",), "out_created": True}  # the run starts, the first batch fails
+
+
+def hf_rows() -> list[Row]:
+    """Hostile Hugging Face data sets (issue 23), indexed and streamed: each item is refused in
+    one line naming the item, the column and the data set; nothing blocks or makes 4e9 names."""
+    rows = []
+    for mode, argv, where in (("indexed", HF, "of 'img' in the Hugging Face data set"),
+                              ("streamed", STREAMED, "of 'img' in the stream of the Hugging "
+                               "Face data set")):
+        rows += [
+            Row(Case(f"hf-{mode}-image-paths-become-fifos", argv,
+                     ("data.image_column", where, "not a regular file", "files/"),
+                     hf_paths_become_fifos, timeout=60, **HF_CASE)),
+            Row(Case(f"hf-{mode}-400-megapixel-item", argv,
+                     ("data.image_column", where, "20000x20000 = 400,000,000 pixels",
+                      "DIFFUNET_MAX_IMAGE_PIXELS"),
+                     hf_saved(lambda: {"img": [{"bytes": png_bytes(), "path": None},
+                                               {"bytes": huge_png_bytes(), "path": None}]},
+                              hf_image_feature), **HF_CASE)),
+            Row(Case(f"hf-{mode}-item-none", argv, ("data.image_column", where, "is None",
+                                                    "not an image"),
+                     hf_saved(lambda: {"img": [None, None]}, hf_image_feature), **HF_CASE)),
+        ]
+        for kind, values in (("string", ["hello", "world"]), ("int", [3, 4]),
+                             ("dict", [{"a": 1}, {"a": 2}])):
+            rows.append(Row(Case(f"hf-{mode}-item-a-{kind}", [*argv, "data.image_column=img"],
+                                 ("data.image_column", where, "not an image"),
+                                 hf_saved(lambda values=values: {"img": values}), **HF_CASE)))
+    for mode, argv in (("indexed", HF), ("streamed", STREAMED)):
+        for pattern, how in (("*.arrow", "fifo"), ("state.json", "fifo"), ("*.arrow", "zero")):
+            rows.append(Row(Case(f"hf-{mode}-{pattern.strip('*.')}-{how}", argv,
+                                 ("data.name", pattern.strip("*"), "not a regular file",
+                                  "in the data set folder"),
+                                 hf_file_swapped(pattern, how), timeout=30, **HF_CASE)))
+    labelled = hf_saved(lambda: {"img": [{"bytes": png_bytes(), "path": None}] * 2,
+                                 "label": [0, 4_000_000_000]}, hf_labelled_feature)
+    rows += [
+        # refused before the run starts: the labels are read when the data set is built
+        Row(Case("hf-indexed-label-four-billion", [*HF, "data.label_column=label"],
+                 ("data.label_column", "item 1 of 'label' in the Hugging Face data set",
+                  "4,000,000,001 classes", "renumber"), labelled, **HF_CASE)),
+        Row(Case("hf-indexed-label-a-string", [*HF, "data.label_column=label"],
+                 ("data.label_column", "item 0 of 'label'", "class indices"),
+                 hf_saved(lambda: {"img": [{"bytes": png_bytes(), "path": None}] * 2,
+                                   "label": ["cat", "dog"]}), **HF_CASE)),
+        Row(Case("hf-streamed-label-four-billion", [*STREAMED, "data.label_column=label",
+                                                    "unet.num_classes=3"],
+                 ("data.label_column", "of 'label' in the stream of", "4000000000",
+                  "not a class index in [0, 3)"), labelled, **HF_CASE)),
+    ]
+    return rows
+
+
+HF_ROWS = hf_rows()
 
 ROWS: list[Row] = [
     # --- states: every file recorded (size, SHA-256) and checked on resume ------------------
@@ -291,6 +449,22 @@ ROWS: list[Row] = [
     Row(Case("fresh-start-with-weights-a-link-to-a-users-folder",
              ["train", *TINY, "--out-dir", "{c}/run", "--no-progress"],
              ("run/weights", LINKED[0]), linked("weights", fresh=True))),
+    # issue 23: the log is streamed (it took 10-40x its size), lines and steps bounded; a
+    # resume with a tiny log needs 256-384 MiB of address space here, reading 20 MB whole >512
+    Row(Case("log-of-20-megabytes-resumes-capped", RESUME3, ("diffunet sample",), big_log(20),
+             code=0, may_change=("run",), memory=512 << 20, timeout=60),
+        after=big_log_trimmed),
+    Row(Case("log-integer-of-5000-digits", RESUME, ("log.jsonl is damaged", "line 1",
+                                                    "an integer of more than 4,300 digits"),
+             in_run("log.jsonl", '{"step": 1, "loss": ' + "9" * 5000 + "}\n"))),
+    Row(Case("log-step-past-2-to-the-63", RESUME, ("log.jsonl is damaged", "integer step"),
+             in_run("log.jsonl", f'{{"step": 1}}\n{{"step": {2**63}}}\n'))),
+    Row(Case("log-line-of-two-megabytes", RESUME, ("log.jsonl is damaged",
+                                                   "line 1 is longer than 1,048,576 bytes"),
+             in_run("log.jsonl", '{"step": 1, "x": "' + "x" * (2 << 20) + '"}\n'))),
+    Row(Case("log-over-a-gibibyte", RESUME, ("log.jsonl is damaged", "more than the "
+                                                                     "1,073,741,824"),
+             in_run("log.jsonl", change=lambda p: os.truncate(p, (1 << 30) + 1)))),
     # --- runs that never saved a state -------------------------------------------------------
     Row(Case("killed-before-first-state-resume-trims-log", RESUME, ("diffunet sample",),
              failed_start(log='{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n'), code=0,
@@ -366,6 +540,28 @@ ROWS: list[Row] = [
                                                     "sample.num_steps=1000000000", "--dry-run"],
                ("sample.num_steps", "more than 100,000 steps")))
       for f in ("edm", "flow")],
+    # --- round two (issue 23): reads that never block, one line per hostile item -------------
+    Row(Case("inspect-image-a-fifo", ["inspect", MODEL, "--image", "{c}/f.png", "--out-dir",
+                                      "{out}"], ("f.png", "not a regular file"),
+             fifo_file("f.png"), timeout=30)),
+    Row(Case("inspect-image-a-device", ["inspect", MODEL, "--image", "/dev/zero", "--out-dir",
+                                        "{out}"], ("/dev/zero", "not a regular file"),
+             timeout=30)),
+    Row(Case("inspect-image-a-folder", ["inspect", MODEL, "--image", "{c}", "--out-dir",
+                                        "{out}"], ("is a folder", "give an image file"))),
+    Row(Case("sample-init-image-a-fifo", ["sample", MODEL, "--init-image", "{c}/f.png",
+                                          "--out-dir", "{out}"],
+             ("--init-image", "f.png", "not a regular file"), fifo_file("f.png"), timeout=30)),
+    Row(Case("sample-mask-a-device", ["sample", MODEL, "--init-image", "{c}/a.png", "--mask",
+                                      "/dev/zero", "--out-dir", "{out}"],
+             ("--mask", "/dev/zero", "not a regular file"),
+             lambda c, shared: png(c / "a.png"), timeout=30)),
+    Row(Case("tensorboard-out-dir-not-utf8", ["train", *TINY, "train.trackers=[tensorboard]",
+                                              "--out-dir", "{c}/run\udcff", "--no-progress"],
+             ("--out-dir", "run\\xff", "not UTF-8", "train.trackers", "UTF-8"))),
+    Row(Case("data-folder-device-png", DRY_FOLDER, (), with_device, code=0, timeout=30),
+        stdout=("data.path: 1 image(s)", "1 skipped", "z.png")),
+    *([] if importlib.util.find_spec("datasets") is None else HF_ROWS),
     # --- data folders ------------------------------------------------------------------------
     Row(Case("dry-run-missing-data-folder", DRY_FOLDER, ("data.path", "does not exist"))),
     Row(Case("dry-run-empty-data-folder", DRY_FOLDER, ("data.path", "no image files"),

@@ -49,7 +49,7 @@ LAYERS: list[tuple[str, ...]] = [
     # schedulers, diffusion, edm: the deprecated names of samplers and formulations' modules
     ("samplers", "schedulers", "diffusion", "edm"),
     ("formulations",),
-    ("errors", "fileio", "version", "randomness", "checks"),
+    ("errors", "fileio", "version", "randomness", "checks", "stopping"),
 ]
 # The one module (or package) that may import each heavy dependency.
 HOMES: dict[str, set[str]] = {

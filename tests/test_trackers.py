@@ -223,6 +223,28 @@ def test_ema_smooth() -> None:
     assert y[1] == pytest.approx(0.5 * 1.0 / (1 - 0.25))
 
 
+def test_read_curves_merges_neighbours_into_means_past_max_points(tmp_path: Path) -> None:
+    # The log is streamed into at most 2 x max_points points, each the mean of a run of
+    # consecutive records ending at its step; a short log's points are its records.
+    from diffunet.plots import read_curves
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "log.jsonl", "w") as f:
+        for i in range(1, 101):
+            f.write(json.dumps({"step": i, "loss": float(i), "lr": 2.0}) + "\n")
+    assert read_curves(run)["loss"] == [(i, float(i)) for i in range(1, 101)]
+    curves = read_curves(run, max_points=8)
+    loss = curves["loss"]
+    stride = loss[1][0] - loss[0][0]
+    assert 8 <= len(loss) <= 16 and stride == 8 and loss[-1][0] == 100
+    for step, mean in loss[:-1]:
+        assert mean == step - (stride - 1) / 2  # the mean of steps step - stride + 1 .. step
+    assert loss[-1][1] == (97 + 100) / 2  # the last run is partial: 97..100
+    assert {v for _, v in curves["lr"]} == {2.0}
+    assert {v for _, v in curves["images_per_s"]} == {None}  # never logged
+
+
 @pytest.mark.parametrize("make, words", [
     (lambda run: run.mkdir(), "log.jsonl not found"),
     (lambda run: None, "is not a folder"),

@@ -124,6 +124,39 @@ def test_ddpm_cifar10_parameter_count():
     assert n == 35_746_307  # diffusers' google/ddpm-cifar10-32 UNet2DModel, exactly
 
 
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"channel_mults": (1, 2, 3, 4), "num_res_blocks": 3, "attn_resolutions": (16, 2),
+     "scale_shift_norm": True, "num_classes": 5, "in_channels": 1, "out_channels": 2},
+    {"channel_mults": (2, 1, 2), "downsample": "avgpool", "upsample": "transposed",
+     "attn_resolutions": (), "head_channels": 8},
+    {"time_conditioning": False, "out_channels": 3, "num_res_blocks": 2},
+    {"channel_mults": (1,), "image_size": 4, "attn_resolutions": (4,), "num_res_blocks": 4},
+])
+def test_network_size_is_the_built_networks(overrides):
+    # resources.network_size prices a config by arithmetic (a million blocks in microseconds);
+    # it must count exactly what UNet.__init__ builds
+    from diffunet.resources import network_size
+
+    cfg = tiny(**overrides)
+    with torch.device("meta"):
+        state = UNet(cfg).state_dict()
+    assert network_size(cfg) == (len(state), sum(v.numel() for v in state.values()))
+
+
+def test_network_size_of_a_million_blocks_is_counted_not_built():
+    from diffunet.resources import network_size
+
+    cfg = tiny(num_res_blocks=10**6, channel_mults=(1, 2, 2, 2), attn_resolutions=(8,))
+    size = network_size(cfg)  # building it would take minutes and gigabytes
+    two = network_size(tiny(num_res_blocks=2, channel_mults=(1, 2, 2, 2), attn_resolutions=(8,)))
+    three = network_size(tiny(num_res_blocks=3, channel_mults=(1, 2, 2, 2),
+                              attn_resolutions=(8,)))
+    per_block = three.parameters - two.parameters  # each block adds the same
+    assert size.parameters == two.parameters + (10**6 - 2) * per_block
+    assert size.tensors == two.tensors + (10**6 - 2) * (three.tensors - two.tensors)
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradients, time embedding, conditioning
 

@@ -17,7 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from ..errors import DiffunetError
+from ..errors import DiffunetError, Stopped
+from ..stopping import handling_signals
 from ..version import __version__
 from .common import did_you_mean, is_main_process, one_line_errors
 
@@ -126,6 +127,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}"
                                         + did_you_mean(args.command, extra))
+    # SIGINT/SIGTERM stop every command within seconds, also one blocked in a read
+    with handling_signals(f"diffunet {args.command}"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the parsed command; a DiffunetError, a refusal of the file system, running out of
+    memory and a signal are one line on stderr (no traceback) and an exit code."""
     try:
         return args.func(args)
     except DiffunetError as e:
@@ -153,6 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"diffunet {args.command}: error: out of memory{size}; use smaller inputs "
                   "(images, --batch-size) or a machine with more memory", file=sys.stderr)
         return 2
+    except Stopped as e:  # SIGINT/SIGTERM (diffunet.stopping): the line says what was kept
+        if is_main_process():
+            print(f"diffunet {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(f"diffunet {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import out
+from .common import out, say
 
 DESCRIPTION = ("Draw a training run's log.jsonl into RUN/plot.png (or --out FILE): the loss, "
                "raw and smoothed (EMA), the learning rate and images/s against the step. "
@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.smoothing <= 1:
         raise UsageError(f"--smoothing must be in (0, 1], got {args.smoothing}")
-    out(str(plot_run(args.run_dir, args.out, smoothing=args.smoothing,
-                       overwrite=args.overwrite)))
+    path = plot_run(args.run_dir, args.out, smoothing=args.smoothing, overwrite=args.overwrite,
+                    note=lambda line: say(f"diffunet plot: note: {line}"))
+    out(str(path))
     return 0

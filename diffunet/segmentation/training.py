@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..checkpoint import model_file_bytes, unwrap_model
 from ..config import SegRunConfig, to_dict
-from ..data import GlobalBatchSampler, make_dataloader
+from ..data import GlobalBatchSampler, Loader, make_dataloader
 from ..errors import ConfigError, DataError, TrainingError
 from ..images import IGNORE_INDEX, normalize
 from ..runs import EMA, Run, state_must_fit
@@ -169,7 +169,7 @@ def _loaders(cfg: SegRunConfig, data: SegData, run: Run) -> tuple[Iterator[Any],
                                        start_step=run.start_step, rank=run.rank,
                                        world_size=run.world),
         cfg.data.num_workers, pin_memory=run.device.type == "cuda"))
-    val = DataLoader(Subset(data.val, list(range(run.rank, len(data.val), run.world))),
+    val = Loader(Subset(data.val, list(range(run.rank, len(data.val), run.world))),
                      batch_size=max(1, min(64, 2 * t.batch_size)),
                      num_workers=cfg.data.num_workers)
     return batches, val
