@@ -54,8 +54,7 @@ from .config import UNetConfig, may_change_on_resume, to_dict
 from .data import seed_for
 from .errors import (ConfigError, DiffunetError, FolderError, MissingDependencyError,
                      ModelFileError, Stopped, TrainingError, UsageError)
-from .fileio import (atomic_write_bytes, atomic_writer, open_regular_file, parse_json,
-                     read_regular_file)
+from .fileio import atomic_write_bytes, open_regular_file, parse_json, read_regular_file
 from .output_files import OpenFolder, open_subfolder
 from .output_files import open_folder as open_output_folder
 
@@ -311,18 +310,17 @@ def check_log(log_path: Path) -> None:
         pass
 
 
-def trim_log(log_path: Path, step: int, folder: OpenFolder | None = None) -> None:
+def trim_log(log_path: Path, step: int, folder: OpenFolder) -> None:
     """Drop the ``log.jsonl`` lines past ``step`` (those of the work a resumed run redoes, and a
     torn last line), so the log ends as an uninterrupted run's would; checked by
     :func:`read_log` as it is copied, one line at a time. ``step`` 0 (no state) leaves an
-    empty log. ``folder``: the run folder, open (the log is then rewritten relative to its
-    descriptor)."""
+    empty log. ``folder``: the run folder, open (the log is rewritten relative to its
+    descriptor, never through a link)."""
     records = read_log(log_path)
     if records is None:
         return
     # a damaged line leaves the old log as it was
-    with (folder.writer(log_path.name) if folder is not None
-          else atomic_writer(log_path)) as out:
+    with folder.writer(log_path.name) as out:
         for r in records:
             if step > 0 and r.step <= step:
                 out.write(r.line + b"\n")
