@@ -96,14 +96,19 @@ def _imports(module: str, path: Path) -> list[tuple[str, str, int]]:
         if isinstance(node, ast.Import):
             out += [(a.name, "", node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = here[:len(here) - node.level + 1]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
+            target = _from_target(node, here)
             for a in node.names:
                 out.append((target, a.name, node.lineno))
     return out
+
+
+def _from_target(node: ast.ImportFrom, here: list[str]) -> str:
+    """The dotted module a ``from ... import`` names, a relative one resolved against the
+    importing package ``here``."""
+    if not node.level:
+        return node.module or ""
+    base = here[:len(here) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
 
 
 def _edges() -> list[tuple[str, str, str, int]]:
@@ -629,11 +634,7 @@ def _aliases(module: str, tree: ast.AST, is_package: bool) -> dict[str, str]:
     out = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = here[:len(here) - node.level + 1]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
+            target = _from_target(node, here)
             for a in node.names:
                 out[a.asname or a.name] = f"{target}.{a.name}"
     return out
