@@ -45,6 +45,7 @@ import errno
 import hashlib
 import os
 import re
+import shutil
 import stat
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -123,6 +124,24 @@ class OpenFolder:
     def unlink(self, name: str) -> None:
         where, kw = self._at(name)
         os.unlink(where, **kw)
+
+    def remove(self, name: str) -> None:
+        """Remove ``name``, whatever it is, without following a link: a file or a link is
+        unlinked, a folder removed with everything in it (``shutil.rmtree`` at the folder's
+        descriptor, which never follows a link inside it either). Nothing there: nothing to do."""
+        st = self.lstat(name)
+        if st is None:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            with contextlib.suppress(FileNotFoundError):
+                self.unlink(name)
+            return
+        where, kw = self._at(name)
+        shutil.rmtree(where, **kw)
+
+    def subfolder(self, name: str, *, fix: str, create: bool = True) -> "OpenFolder":
+        """:func:`open_subfolder` of ``name`` in this folder (never through a link)."""
+        return open_subfolder(self, name, fix=fix, create=create)
 
     def open_regular(self, name: str) -> contextlib.AbstractContextManager[tuple[BinaryIO, int]]:
         """``name`` opened for reading, and its size, never through a link and never blocking

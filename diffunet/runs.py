@@ -13,7 +13,8 @@
   config compared field by field with the one it was saved with: a field declared
   :func:`~diffunet.config.free_on_resume` may change, any other change is refused naming the key.
 - **The state protocol**: every process writes its RNG file, the main process the rest, the
-  folder is committed by one rename (:mod:`diffunet.state`); loading puts it all back.
+  folder is committed by one rename (:mod:`diffunet.state`), all relative to the ``state/``
+  folder each process opened once (checked to be the main process's); loading puts it all back.
 - **Signals**: SIGINT/SIGTERM ask the loop to save and stop after the current step, every
   process agreeing on when (:meth:`Run.should_stop`); a second signal, or a step that does not
   end within seconds (blocked), stops the run there and then (:mod:`diffunet.stopping`).
@@ -897,7 +898,7 @@ class Run:
                 for sub in subdirs:
                     if sub not in self._subfolders:
                         self._subfolders[sub] = open_subfolder(self._folder, sub, fix=_LINK_FIX)
-                st.clear_leftovers(self.out_dir)  # temporary files of writes a crash cut short
+                self._clear_leftovers()  # temporary files of writes a crash cut short
                 self._folder.write_file("config.json", (json.dumps(
                     to_dict(self.cfg), indent=2) + "\n").encode())
                 # resumed: the lines past the state's step go (all of them without a state, as
@@ -908,6 +909,37 @@ class Run:
             self._start_trackers()
 
         self.collective(on_main)
+        if self.world > 1 and "state" in subdirs:
+            self._join_state_folder()
+
+    def _join_state_folder(self) -> None:
+        """Every process writes its part of a state: each other process opens ``state/`` once
+        too (never through a link) and checks it is the folder the main process opened (the
+        same device and inode), so no later swap can redirect its writes."""
+        identity = self.collective(lambda: self._subfolders["state"].identity())
+
+        def join() -> None:
+            if self.main:
+                return
+            with open_output_folder(self.out_dir, label="--out-dir") as run:
+                folder = open_subfolder(run, "state", fix=_LINK_FIX, create=False)
+            if folder.identity() != tuple(identity):
+                folder.close()
+                raise FolderError(
+                    f"{self.out_dir / 'state'} is not the folder the main process opened for "
+                    f"process {self.rank} on {socket.gethostname()} (another file system, or "
+                    "it was moved or replaced meanwhile); give an --out-dir every process "
+                    "sees as one folder")
+            self._subfolders["state"] = folder
+
+        self.collective(join, main_only=False)
+
+    def _clear_leftovers(self) -> None:
+        """Remove what interrupted writes left in the folders this process opened (the run
+        folder and ``weights/``, ``samples/`` on the main process; ``state/``'s ``.tmp-*``)."""
+        others = [self._subfolders[s] for s in ("weights", "samples") if s in self._subfolders]
+        st.clear_leftovers(self._subfolders.get("state"),
+                           [self._folder, *others] if self._folder is not None else others)
 
     def _start_trackers(self) -> None:
         config = tracker_config(self.cfg)
@@ -1087,8 +1119,8 @@ class Run:
 
     def _check_still_opened(self, sub: str) -> None:
         """Main process: refuse in one line if ``--out-dir/sub`` no longer names the sub-folder
-        :meth:`open_folder` opened (a link or another folder swapped in meanwhile): the state
-        protocol writes there by path."""
+        :meth:`open_folder` opened (a link or another folder swapped in meanwhile): the state is
+        written into the folder opened, wherever it now is, where a resume would not find it."""
         opened = self._subfolders.get(sub)
         if opened is None:
             return
@@ -1140,34 +1172,57 @@ class Run:
         A failed write removes the partial state and raises the :func:`write_failed` line.
         """
         name = st.state_name(step)
-        root, tmp = self.out_dir / "state", self.out_dir / "state" / f".tmp-{name}"
         self.collective(lambda: self._check_still_opened("state"))
+        # every write below is relative to the state/ folder each process opened once (and the
+        # temporary folder opened in it), never by path: a swap after the check above cannot
+        # redirect a write; the run writes on into the folder it opened
+        root = self._subfolders["state"]
+        tmp: st.Folder | None = None
 
         def failed(e: OSError) -> TrainingError:
-            st.clear_leftovers(self.out_dir)
+            with contextlib.suppress(OSError):
+                self._clear_leftovers()
             return write_failed(e, f"saving state {name}", self.out_dir)
 
-        def begin() -> None:
+        def begin() -> tuple[int, int]:
+            nonlocal tmp
             try:
-                st.begin_state(root, step)
+                tmp = st.begin_state(root, step)
             except OSError as e:
                 raise failed(e) from None
+            return tmp.identity()
 
-        def write_files() -> None:
+        def join(identity: tuple[int, int]) -> st.Folder:
+            """The temporary folder the main process made, opened in this one (no link) and
+            checked to be that folder."""
+            shown = root.path / st.temporary_name(step)
+            folder = root.subfolder(shown.name, fix="run again with --resume", create=False)
+            if folder.identity() != tuple(identity):
+                folder.close()
+                raise FolderError(f"{shown} was replaced while state {name} was being saved; "
+                                  "diffunet never writes into a folder it did not make: run "
+                                  "again with --resume")
+            return folder
+
+        def write_files(identity: tuple[int, int]) -> None:
+            nonlocal tmp
+            if not self.main:  # one exchange less than a collective of its own
+                tmp = join(identity)
+            assert tmp is not None
             try:
-                st.save_tensors(tmp / f"rng_rank{self.rank}.safetensors",
-                                {**st.rng_states(), **(rank_tensors or {})})
+                st.write_tensors(tmp, f"rng_rank{self.rank}.safetensors",
+                                 {**st.rng_states(), **(rank_tensors or {})})
                 if not self.main:
                     return
                 for stem, state_dict in tensors.items():
-                    st.save_tensors(tmp / f"{stem}.safetensors", state_dict)
+                    st.write_tensors(tmp, f"{stem}.safetensors", state_dict)
                 opt_tensors, opt_plain = st.split_optimizer_state(optimizer.state_dict())
-                st.save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+                st.write_tensors(tmp, "optimizer.safetensors", opt_tensors)
                 if generators:
-                    st.save_tensors(tmp / "rng.safetensors",
-                                    {k: g.get_state() for k, g in generators.items()})
+                    st.write_tensors(tmp, "rng.safetensors",
+                                     {k: g.get_state() for k, g in generators.items()})
                 scaler = self.accelerator.scaler
-                st.write_json(tmp / "trainer.json", {
+                st.write_json(tmp, "trainer.json", {
                     "format_version": st.STATE_FORMAT_VERSION, "step": step,
                     "world_size": self.world, **trainer,
                     "scaler": scaler.state_dict() if scaler is not None else None,
@@ -1178,8 +1233,9 @@ class Run:
                 raise failed(e) from None
 
         def commit() -> Path:
+            assert tmp is not None
             try:
-                return st.commit_state(tmp, keep_last)
+                return root.path / st.commit_state(root, tmp, keep_last)
             except OSError as e:
                 raise failed(e) from None
 
@@ -1187,12 +1243,15 @@ class Run:
         # the half-written folder goes as every interrupted write's does
         with self._stopper.critical() if self._stopper is not None else contextlib.nullcontext():
             try:
-                self.collective(begin)
-                self.collective(write_files, main_only=False)
+                identity = self.collective(begin)
+                self.collective(lambda: write_files(identity), main_only=False)
                 self._last_state = self.collective(commit)
             except Stopped:
                 if self.main:
                     with contextlib.suppress(OSError):
-                        st.clear_leftovers(self.out_dir)
+                        self._clear_leftovers()
                 raise
+            finally:
+                if tmp is not None:
+                    tmp.close()
         return self._last_state

@@ -14,6 +14,13 @@ every file is on disk, so a folder named ``step*`` is always complete: a crash a
 leaves the previous states whole, and :func:`newest_state` never sees a partial one. Old states
 leave the same way: renamed out of the ``step*`` names first, then deleted.
 
+Nothing is written by path: every process hands in the ``state/`` folder it opened once (a
+:class:`Folder`; the harness checks that each process's is the main process's), the temporary
+folder is made and opened relative to it (never through a link), each file is serialised in
+memory and put in place at that folder's descriptor, and the hashing, flushing, commit rename
+and pruning all work relative to the descriptors, so ``state/`` swapped for a link while a run
+saves never redirects a write: the state goes on into the folder the run opened.
+
 Reading a state never unpickles: :func:`read_trainer` and :func:`load_tensors` read JSON and
 safetensors and turn a damaged or foreign file into a one-line
 :class:`~diffunet.errors.ModelFileError`. ``trainer.json`` is read within bounds
@@ -27,24 +34,27 @@ instead of resumed silently into a run that is no longer exact. States written b
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
-import shutil
 import stat
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as tensors_to_bytes  # in memory: no path written
 
 from .errors import ModelFileError
-from .fileio import fsync_dir, read_json as read_bounded_json, schema_problem
+from .fileio import read_json as read_bounded_json, schema_problem
 
 STATE_FORMAT_VERSION = 1
 _NAME = re.compile(r"^step(\d{7,})$")
-_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors reports a failed write
 
 
 def state_name(step: int) -> str:
@@ -74,86 +84,158 @@ def newest_state(root: Path) -> Path | None:
     return states[-1][1] if states else None
 
 
-def begin_state(root: Path, step: int) -> Path:
-    """Create (afresh) the temporary folder a state for ``step`` is written into."""
-    tmp = root / f".tmp-{state_name(step)}"
-    _remove(tmp)
-    tmp.mkdir(parents=True)
+class Folder(Protocol):
+    """A folder opened once (:class:`diffunet.output_files.OpenFolder`, which the harness hands
+    in: this module sits below it): every name is opened, written, renamed and removed relative
+    to its descriptor, never through a link."""
+
+    path: Path
+
+    def names(self) -> list[str]: ...
+    def lstat(self, name: str) -> os.stat_result | None: ...
+    def open_regular(self, name: str) -> AbstractContextManager[tuple[BinaryIO, int]]: ...
+    def read_json(self, name: str, max_bytes: int) -> Any: ...
+    def write_file(self, name: str, data: bytes, *, durable: bool = True) -> None: ...
+    def replace(self, src: str, dst: str) -> None: ...
+    def remove(self, name: str) -> None: ...
+    def subfolder(self, name: str, *, fix: str, create: bool = True) -> Folder: ...
+    def identity(self) -> tuple[int, int]: ...
+    def fsync(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def temporary_name(step: int) -> str:
+    """``.tmp-step0001000``: the folder a state for ``step`` is written into before its commit."""
+    return f".tmp-{state_name(step)}"
+
+
+_TMP_FIX = "remove it, then run again with --resume"
+
+
+def begin_state(root: Folder, step: int) -> Folder:
+    """Create (afresh) and open, inside the open ``state/`` folder ``root``, the temporary
+    folder a state for ``step`` is written into (made at ``root``'s descriptor, then opened
+    without following a link). The caller closes it."""
+    name = temporary_name(step)
+    root.remove(name)  # an earlier try's (a link there is unlinked, never followed)
+    tmp = root.subfolder(name, fix=_TMP_FIX, create=True)
+    if tmp.names():  # put there between the removal and the mkdir: not this save's folder
+        tmp.close()
+        raise FileExistsError(errno.EEXIST, "appeared while the state was being saved",
+                              str(root.path / name))
     return tmp
 
 
-def _remove(path: Path) -> None:
-    """Delete a file, folder or symlink (a link is unlinked, never followed); errors ignored."""
-    if path.is_symlink() or path.is_file():
-        path.unlink(missing_ok=True)
-    elif path.exists():
-        shutil.rmtree(path, ignore_errors=True)
+def _remove(folder: Folder, name: str) -> None:
+    """Delete a file, folder or symlink in ``folder`` (a link is unlinked, never followed);
+    errors ignored (what is left is a leftover the next run removes)."""
+    with contextlib.suppress(OSError):
+        folder.remove(name)
 
 
-def discard(path: Path) -> None:
-    """Delete a state folder so that no crash can leave it half-deleted under a ``step*``
-    name: rename it to ``.tmp-<name>.old`` (atomic), then delete that."""
-    stale = path.with_name(f".tmp-{path.name}.old")
-    _remove(stale)
+def discard(root: Folder, name: str) -> None:
+    """Delete the state folder ``name`` of ``root`` so that no crash can leave it half-deleted
+    under a ``step*`` name: rename it to ``.tmp-<name>.old`` (atomic), then delete that."""
+    stale = f".tmp-{name}.old"
+    _remove(root, stale)
     try:
-        os.rename(path, stale)
+        root.replace(name, stale)
     except FileNotFoundError:
         return
-    _remove(stale)
+    _remove(root, stale)
 
 
-def clear_leftovers(out_dir: Path) -> None:
-    """Remove what writes that a crash cut short left in a run folder: ``state/.tmp-*``
-    folders and the ``.<name>.<random>.tmp`` files of atomic writes in ``weights/``,
-    ``samples/`` and the run folder itself."""
-    for leftover in (out_dir / "state").glob(".tmp-*"):
-        _remove(leftover)
-    for folder in (out_dir, out_dir / "weights", out_dir / "samples"):
-        for leftover in folder.glob(".*.tmp"):
-            _remove(leftover)
+def clear_leftovers(root: Folder | None, others: Iterable[Folder] = ()) -> None:
+    """Remove what writes that a crash cut short left in a run folder: the ``.tmp-*`` folders
+    of the open ``state/`` folder ``root`` and the ``.<name>.<random>.tmp`` files of atomic
+    writes in ``others`` (the run folder, ``weights/``, ``samples/``), each relative to its
+    folder's descriptor."""
+    if root is not None:
+        for name in root.names():
+            if name.startswith(".tmp-"):
+                _remove(root, name)
+    for folder in others:
+        for name in folder.names():
+            if name.startswith(".") and name.endswith(".tmp"):
+                _remove(folder, name)
+
+
+def _digest(f: BinaryIO) -> dict[str, Any]:
+    h = hashlib.sha256()
+    size = 0
+    while chunk := f.read(1 << 20):
+        h.update(chunk)
+        size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
 
 
 def file_digest(path: Path) -> dict[str, Any]:
     """``{"size": bytes, "sha256": hex}`` of a file, as ``trainer.json`` records it."""
-    h = hashlib.sha256()
-    size = 0
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": h.hexdigest()}
+        return _digest(f)
 
 
-def record_files(folder: Path) -> None:
-    """Add to ``folder/trainer.json`` the ``files`` entry: the size and SHA-256 of every other
-    file of the state (:func:`verify_files` checks them on resume)."""
-    path = folder / "trainer.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
-    data["files"] = {f.name: file_digest(f) for f in sorted(folder.iterdir())
-                     if f.name != "trainer.json"}
-    write_json(path, data)
+@contextlib.contextmanager
+def _open_state_file(folder: Folder, name: str) -> Iterator[BinaryIO]:
+    """A file of a state being written, opened for reading without following a link: anything
+    but a regular file (put there by someone else) is an ``OSError`` naming it."""
+    with contextlib.ExitStack() as stack:
+        try:
+            f, _ = stack.enter_context(folder.open_regular(name))
+        except ValueError:  # NotRegularFileError: a link, folder, FIFO or device
+            raise OSError(errno.EINVAL, "not a regular file", str(folder.path / name)) from None
+        yield f
 
 
-def commit_state(tmp: Path, keep_last: int) -> Path:
+def record_files(folder: Folder) -> None:
+    """Add to ``trainer.json`` of the open state ``folder`` the ``files`` entry: the size and
+    SHA-256 of every other file of the state (:func:`verify_files` checks them on resume)."""
+    try:
+        data = folder.read_json("trainer.json", _MAX_TRAINER_BYTES)
+    except ValueError as e:
+        raise OSError(errno.EINVAL, str(e), str(folder.path / "trainer.json")) from None
+    files = {}
+    for name in sorted(folder.names()):
+        if name != "trainer.json":
+            with _open_state_file(folder, name) as f:
+                files[name] = _digest(f)
+    write_json(folder, "trainer.json", {**data, "files": files})
+
+
+def commit_state(root: Folder, tmp: Folder, keep_last: int) -> str:
     """Record every file's size and hash in ``trainer.json`` (:func:`record_files`), flush
-    every file in ``tmp``, rename it to its final name, then prune old states."""
+    every file in the open temporary folder ``tmp``, rename it (at the descriptor of the open
+    ``state/`` folder ``root``) to its final name, then prune old states. Returns that name."""
     record_files(tmp)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    fsync_dir(tmp)
-    final = tmp.parent / tmp.name.removeprefix(".tmp-")
-    if final.exists() or final.is_symlink():  # re-saving a step (e.g. over a damaged state)
-        discard(final)
-    os.rename(tmp, final)
-    fsync_dir(tmp.parent)
-    for _, old in complete_states(tmp.parent)[:-keep_last]:
-        discard(old)
+    for name in tmp.names():
+        with _open_state_file(tmp, name) as f:
+            os.fsync(f.fileno())
+    tmp.fsync()
+    final = tmp.path.name.removeprefix(".tmp-")
+    if root.lstat(final) is not None:  # re-saving a step (e.g. over a damaged state)
+        discard(root, final)
+    root.replace(tmp.path.name, final)
+    root.fsync()
+    for old in _state_names(root)[:-keep_last]:
+        discard(root, old)
     return final
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=1), encoding="utf-8")
+def _state_names(root: Folder) -> list[str]:
+    """The ``step*`` folders (not links) of the open ``state/`` folder ``root``, oldest first."""
+    found = []
+    for name in root.names():
+        m = _NAME.match(name)
+        info = root.lstat(name) if m else None
+        if m and info is not None and stat.S_ISDIR(info.st_mode):
+            found.append((int(m.group(1)), name))
+    return [name for _, name in sorted(found)]
+
+
+def write_json(folder: Folder, name: str, data: dict[str, Any]) -> None:
+    """Write ``data`` as the JSON file ``name`` in the open state ``folder``."""
+    # not flushed here: commit_state flushes every file of the state, then the folder
+    folder.write_file(name, json.dumps(data, indent=1).encode("utf-8"), durable=False)
 
 
 def _one_line(e: BaseException) -> str:
@@ -272,16 +354,12 @@ def verify_files(folder: Path, trainer: dict[str, Any]) -> str | None:
     return None
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write a safetensors file; a failed write raises OSError (errno, filename) like open()."""
-    try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
-    except Exception as e:  # safetensors raises SafetensorError("... (os error 28)")
-        m = _OS_ERROR.search(str(e))
-        if m is None:
-            raise
-        code = int(m[1])
-        raise OSError(code, os.strerror(code), str(path)) from None
+def write_tensors(folder: Folder, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write the safetensors file ``name`` in the open state ``folder``: serialised in memory
+    (for a moment the process holds its tensors twice: the price of a write that never goes
+    by path), then put in place at the folder's descriptor."""
+    data = tensors_to_bytes({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+    folder.write_file(name, data, durable=False)  # commit_state flushes it
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import diffunet
@@ -241,29 +240,34 @@ def test_a_delete_cut_short_leaves_no_partial_state(tmp_path: Path,
     # Pruning old states can be killed half way through deleting one. The folder is renamed
     # out of the step* names first, so no half-deleted folder can pass for a state.
     import diffunet.state as st
+    from diffunet.output_files import open_folder
 
     root = tmp_path / "state"
     for step in (1, 2, 3):
         (root / st.state_name(step)).mkdir(parents=True)
         for name in STATE_FILES:
             (root / st.state_name(step) / name).write_text("x")
-    tmp = st.begin_state(root, 4)
+    folder = open_folder(root, label="state")
+    tmp = st.begin_state(folder, 4)
     for name in STATE_FILES:
-        (tmp / name).write_text("{}" if name == "trainer.json" else "x")
+        (tmp.path / name).write_text("{}" if name == "trainer.json" else "x")
 
-    def killed_half_way(path, *args, **kwargs):  # deletes one file, then the process dies
-        sorted(Path(path).iterdir())[0].unlink()
+    def killed_half_way(path, *args, dir_fd=None, **kwargs):  # deletes one file, then dies
+        assert dir_fd is not None  # removed relative to state/'s descriptor, never by path
+        sorted((root / path).iterdir())[0].unlink()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(shutil, "rmtree", killed_half_way)
     with pytest.raises(KeyboardInterrupt):
-        st.commit_state(tmp, keep_last=2)
+        st.commit_state(folder, tmp, keep_last=2)
     monkeypatch.undo()
+    tmp.close()
     states = st.complete_states(root)
     assert [step for step, _ in states] == [2, 3, 4]
-    for _, folder in states:
-        assert {p.name for p in folder.iterdir()} == STATE_FILES
-    st.clear_leftovers(tmp_path)  # what the next run does first
+    for _, found in states:
+        assert {p.name for p in found.iterdir()} == STATE_FILES
+    st.clear_leftovers(folder)  # what the next run does first
+    folder.close()
     assert sorted(p.name for p in root.iterdir()) == ["step0000002", "step0000003",
                                                       "step0000004"]
 
@@ -341,21 +345,23 @@ def test_full_disk_or_read_only_during_a_save(tmp_path: Path, capsys, cpu_accele
     weights_before = sorted(p.name for p in (out / "weights").iterdir())
 
     if fault == "state-file":
-        # safetensors writes in Rust and reports a full disk as SafetensorError after part of
-        # the file is on disk; the third file of the state (the optimizer) is the one that fails.
-        import diffunet.state as state_module
+        # a state's files are written at its folder's descriptor (OpenFolder.write_file); the
+        # disk fills after part of the third file is on disk
+        from diffunet.output_files import OpenFolder
 
-        real_save, calls = state_module.save_file, []
+        real_write, calls = OpenFolder.write_file, []
 
-        def full_disk(tensors, filename, *args, **kwargs):
-            calls.append(filename)
+        def full_disk(self, name, data, *args, **kwargs):
+            if not self.path.name.startswith(".tmp-step"):
+                return real_write(self, name, data, *args, **kwargs)
+            calls.append(name)
             if len(calls) == 3:
-                Path(filename).write_bytes(b"\x00" * 100)
-                raise SafetensorError("Error while serializing: I/O error: No space left on "
-                                      "device (os error 28)")
-            return real_save(tensors, filename, *args, **kwargs)
+                with self.writer(name) as f:
+                    f.write(data[:100])
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_write(self, name, data, *args, **kwargs)
 
-        monkeypatch.setattr(state_module, "save_file", full_disk)
+        monkeypatch.setattr(OpenFolder, "write_file", full_disk)
         problem, fix = "no space left on device", "free space or choose another --out-dir"
     elif fault == "model-file":
         # With delayed allocation a full disk often shows up only when the data is flushed.
@@ -379,10 +385,14 @@ def test_full_disk_or_read_only_during_a_save(tmp_path: Path, capsys, cpu_accele
         # CI may not have: fail the first write under the run folder as a read-only mount would.
         real_mkdir, root = os.mkdir, str(out)
 
-        def read_only(path, *args, **kwargs):
-            if str(path).startswith(root):
-                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
-            return real_mkdir(path, *args, **kwargs)
+        def read_only(path, *args, dir_fd=None, **kwargs):
+            # folders are made at their parent's descriptor: where that is, from /proc
+            where = os.path.join(_fd_path(dir_fd), path) if dir_fd is not None else str(path)
+            if where.startswith(root):
+                if os.path.lexists(where):  # as a read-only mount answers for what is there
+                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), where)
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), where)
+            return real_mkdir(path, *args, dir_fd=dir_fd, **kwargs)
 
         monkeypatch.setattr(os, "mkdir", read_only)
         problem, fix = "read-only file system", "make it writable or choose another --out-dir"

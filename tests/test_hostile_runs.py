@@ -675,8 +675,8 @@ def test_run_subfolders_swapped_for_links_mid_run_are_never_written_through(
 def test_a_state_folder_swapped_for_a_link_mid_run_stops_the_next_save(
         tmp_path: Path, capsys: pytest.CaptureFixture, cpu_accelerate: None,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    # state/ is written by path (every process writes its part): the save checks first that it
-    # is still the folder the run opened, and stops in one line when it is not
+    # the save checks first that state/ is still the folder the run opened (a state written on
+    # into the moved folder would not be where --resume looks), and stops in one line if not
     from diffunet import cli
     from diffunet.runs import Run
 
@@ -703,3 +703,43 @@ def test_a_state_folder_swapped_for_a_link_mid_run_stops_the_next_save(
     assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*")) == [
         "step0000004", "step0000004/notes.txt"]
     assert (tmp_path / "moved-state" / "step0000002" / "trainer.json").is_file()
+
+
+def test_a_state_folder_swapped_after_the_check_is_never_written_through(
+        tmp_path: Path, capsys: pytest.CaptureFixture, cpu_accelerate: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the swap lands between the save's check and its writes: every write of the state is
+    # relative to the state/ folder the run opened, so the user's folder behind the link gets
+    # nothing (no temporary folder, no state, nothing pruned) and the state goes on into the
+    # folder the run opened, wherever it now is
+    from diffunet import cli
+    from diffunet.runs import Run
+
+    out, mine = tmp_path / "run", tmp_path / "mine"
+    for name in ("step0000002", "step0000004", ".tmp-step0000004"):
+        (mine / name).mkdir(parents=True)
+        (mine / name / "notes.txt").write_text("the user's\n")
+    real, checks = Run._check_still_opened, []
+
+    def swap_after_the_second_check(self, sub):
+        real(self, sub)
+        checks.append(sub)
+        if len(checks) == 2:
+            (out / "state").rename(tmp_path / "moved-state")
+            (out / "state").symlink_to(mine)
+
+    monkeypatch.setattr(Run, "_check_still_opened", swap_after_the_second_check)
+    args = [a.replace("train.max_steps=2", "train.max_steps=4") for a in TINY]
+    assert cli.main(["train", *args, "train.keep_last=1", "--out-dir", str(out),
+                     "--no-progress"]) == 0, capsys.readouterr().err
+    assert checks == ["state", "state"]
+    assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*")) == [
+        ".tmp-step0000004", ".tmp-step0000004/notes.txt", "step0000002",
+        "step0000002/notes.txt", "step0000004", "step0000004/notes.txt"]
+    assert all((mine / n / "notes.txt").read_text() == "the user's\n"
+               for n in ("step0000002", "step0000004", ".tmp-step0000004"))
+    moved = tmp_path / "moved-state"
+    assert sorted(p.name for p in moved.iterdir()) == ["step0000004"]  # step 2 pruned there
+    assert {p.name for p in (moved / "step0000004").iterdir()} >= {
+        "model.safetensors", "ema.safetensors", "optimizer.safetensors", "trainer.json",
+        "rng_rank0.safetensors"}

@@ -413,6 +413,8 @@ WRITERS: dict[str, dict[str, str]] = {
                       "descriptor, after checking it is still the claimed file",
         "os.mkdir": "the rule: a sub-folder is made at its parent's descriptor, then opened "
                     "without following a link",
+        "shutil.rmtree": "the rule: OpenFolder.remove, a folder removed at its parent's "
+                         "descriptor (rmtree's dir_fd form never follows a link inside it)",
         ".mkdir": "open_folder(create=True): the folder the user named (bench --gpu-check DIR), "
                   "made before it is opened and checked",
     },
@@ -427,15 +429,6 @@ WRITERS: dict[str, dict[str, str]] = {
         "os.replace": "atomic_writer: the temporary renamed over the caller's path",
         ".unlink": "atomic_writer: its own temporary, after a failure",
         ".mkdir": "atomic_save_image: the image's folder, inside an output the caller holds",
-    },
-    "state": {
-        ".mkdir": "begin_state: state/.tmp-stepN/ inside the locked run folder",
-        ".unlink": "the harness's own leftovers and pruned states (a link unlinked, never "
-                   "followed)",
-        "shutil.rmtree": "the harness's own state/.tmp-* folders and pruned states",
-        "os.rename": "a state folder committed or discarded by an atomic rename",
-        ".write_text": "trainer.json inside state/.tmp-stepN/, the folder it just made",
-        "save_file": "the tensors of a state inside state/.tmp-stepN/",
     },
     "data": {
         "download=": "torchvision fetches a named data set into data.path when data.download "
@@ -471,11 +464,6 @@ WRITERS: dict[str, dict[str, str]] = {
         "os.fdopen 'w'": "the log.jsonl just opened there",
         "uses fileio.atomic_write_bytes": "the W&B id file inside the locked run folder, and "
                                            "trim_log called without the open folder",
-        "uses state.clear_leftovers": "the harness's own leftovers in the run folder",
-        "uses state.begin_state": "state/.tmp-stepN/ inside the locked run folder",
-        "uses state.save_tensors": "a state's tensors inside state/.tmp-stepN/",
-        "uses state.write_json": "a state's trainer.json inside state/.tmp-stepN/",
-        "uses state.commit_state": "a state renamed into place inside the run folder",
         "SummaryWriter": "TensorBoard event files in the run folder's tensorboard/ (opened "
                          "first without following a link: TensorBoard writes by path)",
         "wandb.init": "W&B's files in the run folder's wandb/ (dir=)",
