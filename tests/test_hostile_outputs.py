@@ -583,18 +583,24 @@ if os.geteuid() != 0:  # root writes in a read-only folder: test_unwritable_fold
 CASES += FILE_CASES
 
 
+def _save_models(folder: Path) -> None:
+    """The tiny diffusion model (``model.safetensors``) and segmentation model
+    (``seg.safetensors``) the output cases run, seeded."""
+    torch.manual_seed(0)
+    diffunet.save_model(folder / "model.safetensors", UNet(UNetConfig(**TINY)),
+                        NoiseSchedule(ScheduleConfig(num_train_timesteps=10)))
+    seg = UNet(UNetConfig(**TINY, time_conditioning=False, out_channels=1))
+    diffunet.save_model(folder / "seg.safetensors", seg, None, extra={"segmentation": {
+        "num_classes": 2, "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 8,
+        "channels": 3}})
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile_outputs")
     shared = root / "shared"
     shared.mkdir()
-    torch.manual_seed(0)
-    diffunet.save_model(shared / "model.safetensors", UNet(UNetConfig(**TINY)),
-                        NoiseSchedule(ScheduleConfig(num_train_timesteps=10)))
-    seg = UNet(UNetConfig(**TINY, time_conditioning=False, out_channels=1))
-    diffunet.save_model(shared / "seg.safetensors", seg, None, extra={"segmentation": {
-        "num_classes": 2, "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 8,
-        "channels": 3}})
+    _save_models(shared)
     from diffunet.interop import export_diffusers
 
     export_diffusers(shared / "model.safetensors", shared / "pipe")
@@ -777,13 +783,7 @@ def test_a_file_that_appears_while_it_runs_is_kept(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("swap_models")
-    torch.manual_seed(0)
-    diffunet.save_model(folder / "model.safetensors", UNet(UNetConfig(**TINY)),
-                        NoiseSchedule(ScheduleConfig(num_train_timesteps=10)))
-    seg = UNet(UNetConfig(**TINY, time_conditioning=False, out_channels=1))
-    diffunet.save_model(folder / "seg.safetensors", seg, None, extra={"segmentation": {
-        "num_classes": 2, "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 8,
-        "channels": 3}})
+    _save_models(folder)
     return folder
 
 
