@@ -422,8 +422,10 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = free_on_resume(1e-3)
     warmup_steps: int = free_on_resume(100)
-    lr_schedule: Literal["constant", "cosine"] = free_on_resume("constant")
-    """After warm-up: keep ``lr``, or cosine-decay it to 0 at ``max_steps``."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = free_on_resume("constant")
+    """After warm-up: keep ``lr``, or decay it to 0 at ``max_steps``, along a half cosine or a
+    straight line (the last optimizer step, ``max_steps - 1``, still has a small positive lr:
+    ``diffunet.training.lr_at``)."""
     weight_decay: float = free_on_resume(0.0)
     adam_betas: tuple[float, ...] = free_on_resume((0.9, 0.999))
     grad_clip: float | None = free_on_resume(1.0)

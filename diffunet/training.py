@@ -61,16 +61,22 @@ class TrainResult:
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then constant or a
-    cosine decay to zero at ``train.max_steps``."""
+    """Learning rate for optimizer step ``step`` (0-based): linear warm-up to ``train.lr`` over
+    ``train.warmup_steps``, then constant, or a cosine or linear decay that reaches zero at
+    step ``train.max_steps``: the decay's progress p = (step - warmup) / (max_steps - warmup)
+    gives lr (1 + cos(pi p)) / 2 or lr (1 - p). The last optimizer step, ``max_steps - 1``,
+    therefore still moves the weights (linear: lr / (max_steps - warmup)); a step at lr 0
+    would be wasted."""
     t = cfg.train
     if t.warmup_steps and step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return t.lr
+    span = max(1, t.max_steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
     if t.lr_schedule == "cosine":
-        span = max(1, t.max_steps - t.warmup_steps)
-        progress = min(1.0, (step - t.warmup_steps) / span)
         return t.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return t.lr
+    return t.lr * (1.0 - progress)
 
 
 def _dataset_notes(dataset: Any, cfg: RunConfig) -> list[str]:

@@ -524,6 +524,21 @@ def test_lr_cosine_decays_to_zero() -> None:
     assert got[19] < 2e-5 and got[20] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_lr_linear_decays_to_zero_at_max_steps_after_the_warmup() -> None:
+    cfg = _cfg("train.lr=1e-3", "train.warmup_steps=4", "train.max_steps=20",
+               "train.lr_schedule=linear")
+    got = [lr_at(cfg, s) for s in range(21)]
+    assert got[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # warm-up, unchanged
+    assert got[4] == pytest.approx(1e-3)  # the decay starts at the peak ...
+    assert got[12] == pytest.approx(5e-4)  # ... is half way at the middle of its 16 steps ...
+    assert all(a - b == pytest.approx(1e-3 / 16) for a, b in zip(got[4:], got[5:]))  # a line
+    # ... and the last optimizer step (max_steps - 1) still moves the weights, by lr / 16;
+    # the line reaches 0 at max_steps, a step that is never taken
+    assert got[19] == pytest.approx(1e-3 / 16) and got[20] == 0.0
+    assert lr_at(_cfg("train.lr_schedule=linear", "train.warmup_steps=0",
+                      "train.max_steps=10"), 0) == pytest.approx(1e-3)
+
+
 def test_ema_decay_and_update() -> None:
     net = UNet(_cfg().unet)
     ema = EMA(net, 0.999, warmup=True)
