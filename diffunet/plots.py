@@ -1,7 +1,9 @@
 """``diffunet plot RUN``: a training run's ``log.jsonl`` as one PNG of line charts.
 
-Three panels against the step: the loss (each logged interval's mean, faint, and an EMA of it),
-the learning rate and the throughput (images/s). Drawn with matplotlib (the ``plot`` extra).
+Four panels against the step: the loss (each logged interval's mean, faint, and an EMA of it),
+the learning rate, the gradient's global norm before clipping (with the share of clipped steps
+on a second axis, when the run clips) and the throughput (images/s). Drawn with matplotlib (the
+``plot`` extra). A log written before the gradient norm was logged leaves its panel empty.
 
 The log is streamed (:func:`diffunet.runs.read_log`, one line at a time) into at most
 :data:`MAX_POINTS` points per curve: past that, neighbouring records are merged into the mean
@@ -43,7 +45,7 @@ PLOT_LIMIT = 1e100
 """Largest magnitude drawn; the axis ticks of +-1e308 overflow inside matplotlib, and no loss,
 learning rate or throughput comes near it (a log axis then spans at most 1e-100..1e100)."""
 
-_KEYS = ("loss", "lr", "images_per_s")
+_KEYS = ("loss", "lr", "grad_norm", "grad_clipped", "images_per_s")
 
 
 def ema_smooth(values: list[float | None], alpha: float = 0.1) -> list[float | None]:
@@ -187,7 +189,8 @@ def _read_points(run_dir: str | os.PathLike, smoothing: float, max_points: int) 
 
 def read_curves(run_dir: str | os.PathLike, max_points: int = MAX_POINTS
                 ) -> dict[str, list[tuple[int, float | None]]]:
-    """``{"loss": [(step, value), ...], "lr": ..., "images_per_s": ...}`` from
+    """``{"loss": [(step, value), ...], "lr": ..., "grad_norm": ..., "grad_clipped": ...,
+    "images_per_s": ...}`` from
     ``run_dir/log.jsonl`` (streamed by :func:`diffunet.runs.read_log`): one point per record, or,
     past ``max_points`` records, the mean of neighbouring records' values; a value that is
     missing or cannot be plotted (not a finite number of at most :data:`PLOT_LIMIT`) is None. A
@@ -246,8 +249,8 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
              note: Callable[[str], None] | None = None) -> Path:
     """Draw ``run_dir/log.jsonl`` into ``out`` (default ``run_dir/plot.png``, which each call
     refreshes when it is one this function drew, :func:`is_own_plot`), a PNG of
-    :data:`PLOT_SIZE`: loss (raw and EMA-smoothed with ``smoothing`` as alpha), learning rate
-    and images/s against the step. The PNG is claimed before the log is read
+    :data:`PLOT_SIZE`: loss (raw and EMA-smoothed with ``smoothing`` as alpha), learning rate,
+    gradient norm (and the share of clipped steps) and images/s against the step. The PNG is claimed before the log is read
     (diffunet/output_files.py): an ``out`` that exists (it may be anyone's file) is refused
     unless ``overwrite``, a link or a folder always, and so is the log itself. ``note`` gets
     one line when logged values were left out (see :data:`PLOT_LIMIT`). Returns the PNG's
@@ -273,13 +276,18 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     return claim.path
 
 
+def _xy(curve: list[tuple[int, float | None]]) -> tuple[list[int], list[float]]:
+    """A curve's steps and values, a missing value as NaN (a gap in the line)."""
+    return [s for s, _ in curve], [math.nan if v is None else v for _, v in curve]
+
+
 def _draw(points: "_Points", run_dir: str | os.PathLike, smoothing: float) -> bytes:
     """The PNG of ``points``, marked as diffunet's (:data:`SOFTWARE`)."""
     plt = _matplotlib()
 
     dpi = 100
-    fig, axes = plt.subplots(3, 1, figsize=(PLOT_SIZE[0] / dpi, PLOT_SIZE[1] / dpi), dpi=dpi,
-                             sharex=True, height_ratios=(2, 1, 1))
+    fig, axes = plt.subplots(4, 1, figsize=(PLOT_SIZE[0] / dpi, PLOT_SIZE[1] / dpi), dpi=dpi,
+                             sharex=True, height_ratios=(2, 1, 1, 1))
     try:
         loss = points.curve("loss")
         steps = [s for s, _ in loss]
@@ -295,12 +303,17 @@ def _draw(points: "_Points", run_dir: str | os.PathLike, smoothing: float) -> by
         ax.legend(loc="upper right")
         ax.set_title(f"{Path(run_dir).resolve().name}: {steps[-1] if steps else 0} steps")
         for ax, key, label, colour in ((axes[1], "lr", "learning rate", "tab:orange"),
-                                       (axes[2], "images_per_s", "images/s", "tab:green")):
-            pts = points.curve(key)
-            ax.plot([s for s, _ in pts], [math.nan if v is None else v for _, v in pts],
-                    color=colour, linewidth=1.5)
+                                       (axes[2], "grad_norm", "gradient norm", "tab:red"),
+                                       (axes[3], "images_per_s", "images/s", "tab:green")):
+            ax.plot(*_xy(points.curve(key)), color=colour, linewidth=1.5)
             ax.set_ylabel(label)
-        axes[2].set_xlabel("step")
+        clipped = points.curve("grad_clipped")
+        if any(v is not None for _, v in clipped):  # the run clips: the share of clipped steps
+            twin = axes[2].twinx()
+            twin.plot(*_xy(clipped), color="tab:purple", alpha=0.5, linewidth=1)
+            twin.set_ylim(-0.05, 1.05)
+            twin.set_ylabel("clipped", color="tab:purple")
+        axes[3].set_xlabel("step")
         for ax in axes:
             ax.grid(True, alpha=0.3)
         fig.tight_layout()

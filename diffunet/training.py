@@ -131,18 +131,38 @@ def _check_labels(cfg: RunConfig, dataset: Any) -> None:
                           "unet.num_classes to match or unset it for an unconditional model")
 
 
-def _log(run: Run, cfg: RunConfig, step: int, loss_sum: Tensor, steps: int, seconds: float,
-         elapsed: float, nonfinite: int) -> None:
-    """One ``log.jsonl`` line for the ``steps`` good steps since the last (the loss is read on
-    the host only here): step, mean loss over every process, lr, images/s, counters."""
-    mean = run.accelerator.reduce(loss_sum, "mean") if run.world > 1 else loss_sum
-    loss = mean.item() / steps if steps else None
+def _log(run: Run, cfg: RunConfig, step: int, loss_sum: Tensor, grad_sums: Tensor, steps: int,
+         seconds: float, elapsed: float, nonfinite: int) -> None:
+    """One ``log.jsonl`` line for the ``steps`` good steps since the last (the sums are read on
+    the host only here, in one all-reduce and one read): step, mean loss over every process,
+    lr, images/s, counters, and the gradient's global norm before clipping: its mean over the
+    interval (``grad_norm``) and, with ``train.grad_clip`` set, the fraction of the steps it
+    exceeded it, i.e. that were clipped (``grad_clipped``). ``grad_sums`` (2,) holds the two
+    sums (:func:`_grad_sums`); the gradients are all-reduced before the norm, so it is the same
+    on every process, and the mean over the processes leaves it as it is."""
+    sums = torch.cat([loss_sum.reshape(1), grad_sums.to(loss_sum.dtype)])
+    if run.world > 1:
+        sums = run.accelerator.reduce(sums, "mean")
+    loss_total, norm_total, clipped = sums.tolist()
+    loss, norm, share = ((loss_total / steps, norm_total / steps, clipped / steps) if steps
+                         else (None, None, None))
     lr = lr_at(cfg, step - 1)
     rate = round(cfg.train.batch_size * max(1, steps) / max(seconds, 1e-9), 2)
-    run.log({"step": step, "loss": loss, "lr": lr, "images_per_s": rate,
-             "nonfinite_skipped": nonfinite, "elapsed_s": round(elapsed, 2)},
-            postfix={"loss": "nan" if loss is None else f"{loss:.4f}", "lr": f"{lr:.2e}",
-                     "img_s": rate})
+    record = {"step": step, "loss": loss, "lr": lr, "images_per_s": rate,
+              "nonfinite_skipped": nonfinite, "elapsed_s": round(elapsed, 2), "grad_norm": norm}
+    if cfg.train.grad_clip is not None:
+        record["grad_clipped"] = share
+    run.log(record, postfix={"loss": "nan" if loss is None else f"{loss:.4f}", "lr": f"{lr:.2e}",
+                             "img_s": rate})
+
+
+def _grad_sums(norm: Tensor, bad: Tensor, clip: float | None) -> Tensor:
+    """A step's share of the interval's gradient sums, (2,) float32 on the device: its global
+    gradient norm before clipping and whether it exceeded ``clip`` (0 or 1), both 0 for a
+    skipped (non-finite) step. No host sync."""
+    norm = norm.float()
+    clipped = norm > clip if clip is not None else torch.zeros_like(bad)
+    return torch.where(bad, 0.0, torch.stack([norm, clipped.float()]))
 
 
 def _step_inputs(cfg: RunConfig, schedule: Formulation, gen: torch.Generator, images: Tensor,
@@ -211,9 +231,10 @@ def _grad_norm(parameters: Any) -> Tensor:
 
 
 def _update(run: Run, cfg: RunConfig, model: torch.nn.Module, optimizer: Any, ema: EMA,
-            net: torch.nn.Module, step: int, loss: Tensor) -> Tensor:
+            net: torch.nn.Module, step: int, loss: Tensor) -> tuple[Tensor, Tensor]:
     """Clip, take the optimizer step and update the EMA, unless the step went non-finite (its
-    loss or gradients) on any process: returns that flag, a 0-d bool device tensor.
+    loss or gradients) on any process: returns that flag, a 0-d bool device tensor, and the
+    gradients' global norm before clipping (0-d, on the device, for the log).
 
     The skip is decided on the device, with no host sync: the fused AdamW skips through its
     ``found_inf`` (what the grad scaler uses; with fp16 the scaler's own takes its place) and
@@ -236,7 +257,7 @@ def _update(run: Run, cfg: RunConfig, model: torch.nn.Module, optimizer: Any, em
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     ema.update(net, step, keep=~bad)
-    return bad
+    return bad, norm
 
 
 def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run
@@ -439,6 +460,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         zero = torch.zeros((), dtype=torch.int64, device=run.device)
         nonfinite = {k: zero + v for k, v in counts.items()}  # device counters, read at checks
         interval_loss, interval_good = torch.zeros((), device=run.device), zero.clone()
+        interval_grad = torch.zeros(2, device=run.device)  # _grad_sums over the interval
         interval_start = run_start = time.perf_counter()
         model_path = state_path = None
         stopping = False
@@ -449,11 +471,12 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                 labels.to(run.device, non_blocking=True), mine)
             model.train()
             loss = _backward(run, model, loss_fn, schedule, cfg, x0, noise, levels, labels)
-            bad = _update(run, cfg, model, optimizer, ema, net, step, loss)
+            bad, norm = _update(run, cfg, model, optimizer, ema, net, step, loss)
             nonfinite["nonfinite_total"] += bad
             nonfinite["nonfinite_streak"] = (nonfinite["nonfinite_streak"] + 1) * bad
             interval_loss += torch.where(bad, 0.0, loss)
             interval_good += ~bad
+            interval_grad += _grad_sums(norm, bad, t.grad_clip)
             step += 1
             run.bar.update(1)
             check = (step % t.log_every == 0 or step % t.max_nonfinite == 0
@@ -468,9 +491,10 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                         "train.mixed_precision='no'/'bf16' instead of 'fp16'")
             if step % t.log_every == 0 or step == t.max_steps or stopping:
                 now = time.perf_counter()
-                _log(run, cfg, step, interval_loss, int(interval_good), now - interval_start,
-                     now - run_start, counts["nonfinite_total"])
+                _log(run, cfg, step, interval_loss, interval_grad, int(interval_good),
+                     now - interval_start, now - run_start, counts["nonfinite_total"])
                 interval_loss.zero_()
+                interval_grad.zero_()
                 interval_good.zero_()
                 interval_start = now
             if (step % t.sample_every == 0 or step == t.max_steps) and not stopping:

@@ -175,7 +175,8 @@ def _write_log(folder: Path, n: int = 30) -> None:
         for i in range(1, n + 1):
             loss = None if i == 7 else 0.3 * math.exp(-i / 10) + 0.05 * (i % 3)
             f.write(json.dumps({"step": 10 * i, "loss": loss, "lr": 1e-3 * min(1, i / 5),
-                                "images_per_s": 100 + i, "nonfinite_skipped": 0}) + "\n")
+                                "images_per_s": 100 + i, "nonfinite_skipped": 0,
+                                "grad_norm": 3.0 / i, "grad_clipped": float(i < 4)}) + "\n")
 
 
 def test_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -243,6 +244,16 @@ def test_read_curves_merges_neighbours_into_means_past_max_points(tmp_path: Path
     assert loss[-1][1] == (97 + 100) / 2  # the last run is partial: 97..100
     assert {v for _, v in curves["lr"]} == {2.0}
     assert {v for _, v in curves["images_per_s"]} == {None}  # never logged
+    assert {v for _, v in curves["grad_norm"]} == {None}  # a log from before the norm was
+
+
+def test_read_curves_reads_the_gradient_norm_and_the_clipped_share(tmp_path: Path) -> None:
+    from diffunet.plots import read_curves
+
+    _write_log(tmp_path / "run", n=5)
+    curves = read_curves(tmp_path / "run")
+    assert curves["grad_norm"] == [(10 * i, 3.0 / i) for i in range(1, 6)]
+    assert curves["grad_clipped"] == [(10 * i, float(i < 4)) for i in range(1, 6)]
 
 
 @pytest.mark.parametrize("make, words", [

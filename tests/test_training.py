@@ -337,6 +337,9 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
         _assert_close(two / rel, one / rel, atol=1e-5)
     for a, b in zip(_log(two), _log(one)):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        # the gradients are all-reduced before their norm: the same as one process's
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["grad_clipped"] == b["grad_clipped"]
 
 
 @pytest.mark.slow
@@ -482,6 +485,79 @@ def test_only_nonfinite_losses_stop_with_advice(tmp_path: Path,
     assert "\n" not in msg
     assert "non-finite for 3 steps in a row" in msg
     assert "train.lr" in msg and "train.grad_clip" in msg and "train.mixed_precision" in msg
+
+
+def _spy_grad_norms(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The global norm of every step's gradients, as torch computes it, before the step's
+    clipping (recorded as ``_update`` starts)."""
+    norms: list[float] = []
+    real = training._update
+
+    def spy(run, cfg, model, *args, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+            norms.append(float(torch.nn.utils.get_total_norm(grads)))
+        else:
+            norms.append(float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g) for g in grads]))))
+        return real(run, cfg, model, *args, **kwargs)
+
+    monkeypatch.setattr(training, "_update", spy)
+    return norms
+
+
+@pytest.mark.parametrize("clip", ["1.0", "none"])
+def test_the_log_holds_the_gradient_norm_before_clipping(tmp_path: Path, clip: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    norms = _spy_grad_norms(monkeypatch)
+    train(_cfg("train.max_steps=3", "train.log_every=1", f"train.grad_clip={clip}"),
+          tmp_path / "run", progress=False)
+    log = _log(tmp_path / "run")
+    assert len(norms) == 3 and all(n > 0 for n in norms)
+    assert [r["grad_norm"] for r in log] == pytest.approx(norms, rel=1e-5)
+    if clip == "none":
+        assert all("grad_clipped" not in r for r in log)  # nothing is clipped
+    else:
+        assert [r["grad_clipped"] for r in log] == [float(n > 1.0) for n in norms]
+
+
+def test_grad_clipped_is_the_share_of_the_intervals_steps_over_the_limit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every other step's loss (so its gradient) scaled by 100: norms of about 2 and 200, and a
+    # limit of 20 between them clips two of the four steps of the interval.
+    norms = _spy_grad_norms(monkeypatch)
+    calls = []
+    real = training.step_loss
+
+    def every_other_big(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs) * (100.0 if len(calls) % 2 else 1.0)
+
+    monkeypatch.setattr(training, "step_loss", every_other_big)
+    train(_cfg("train.max_steps=4", "train.log_every=4", "train.grad_clip=20"),
+          tmp_path / "run", progress=False)
+    (rec,) = _log(tmp_path / "run")
+    assert [n > 20 for n in norms] == [True, False, True, False], norms
+    assert rec["grad_clipped"] == 0.5
+    assert rec["grad_norm"] == pytest.approx(sum(norms) / 4, rel=1e-5)
+
+
+def test_a_skipped_step_leaves_the_gradient_norm_out(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    norms = _spy_grad_norms(monkeypatch)
+    calls = []
+    real = training.step_loss
+
+    def second_is_nan(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(training, "step_loss", second_is_nan)
+    train(_cfg("train.max_steps=3", "train.log_every=3"), tmp_path / "run", progress=False)
+    (rec,) = _log(tmp_path / "run")
+    assert rec["nonfinite_skipped"] == 1
+    assert rec["grad_norm"] == pytest.approx((norms[0] + norms[2]) / 2, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

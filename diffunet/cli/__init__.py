@@ -86,7 +86,8 @@ COMMANDS: dict[str, tuple[str, Callable[[], ModuleType]]] = {
     "export": ("write a model file as a diffusers pipeline folder (DDIM/DDPMPipeline)",
                _export),
     "import": ("read a diffusers UNet2DModel folder into a model file", _import),
-    "plot": ("draw a run's log.jsonl: loss (raw, smoothed), learning rate, images/s", _plot),
+    "plot": ("draw a run's log.jsonl: loss (raw, smoothed), learning rate, gradient norm, "
+             "images/s", _plot),
 }
 """Each command: its one-line help (for ``diffunet --help``) and its module, imported only when
 the command is the one given."""

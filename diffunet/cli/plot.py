@@ -1,4 +1,5 @@
-"""``diffunet plot RUN``: a run's ``log.jsonl`` as one PNG (loss, learning rate, images/s)."""
+"""``diffunet plot RUN``: a run's ``log.jsonl`` as one PNG (loss, learning rate, gradient norm,
+images/s)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import argparse
 from .common import out, say
 
 DESCRIPTION = ("Draw a training run's log.jsonl into RUN/plot.png (or --out FILE): the loss, "
-               "raw and smoothed (EMA), the learning rate and images/s against the step. "
+               "raw and smoothed (EMA), the learning rate, the gradient norm before clipping (and "
+               "the share of clipped steps) and images/s against the step. "
                'Needs matplotlib: pip install "diffunet[plot]".')
 
 
