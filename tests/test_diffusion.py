@@ -286,3 +286,130 @@ def test_loss_has_gradient_to_output():
     out = torch.zeros_like(x0, requires_grad=True)
     diffusion_loss(s, out, x0, noise, torch.tensor([3, 7])).mean().backward()
     torch.testing.assert_close(out.grad, -2 * noise / noise[0].numel() / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training timestep densities (schedule.timestep_density)
+
+N_DRAWS = 200_000
+KS_LIMIT = 1.63 / math.sqrt(N_DRAWS)  # Kolmogorov-Smirnov, 1% level: ~0.0036
+
+
+def _draws(seed: int = 0, **kw) -> torch.Tensor:
+    return make("v", beta_schedule="cosine", **kw).sample_levels(
+        N_DRAWS, torch.Generator().manual_seed(seed))
+
+
+def _ks_distance(t: torch.Tensor, cdf: torch.Tensor) -> float:
+    """The largest gap between the empirical CDF of the timesteps ``t`` and ``cdf`` (T,),
+    P(t <= k) for k = 0..T-1."""
+    counts = torch.bincount(t, minlength=cdf.numel()).to(torch.float64)
+    return float((counts.cumsum(0) / t.numel() - cdf).abs().max())
+
+
+def test_the_default_timestep_draw_is_unchanged_uniform():
+    # bit for bit the draw of DDPM Algorithm 1 before the densities existed
+    s = make("v", beta_schedule="cosine")
+    assert s.config.timestep_density == "uniform"
+    got = s.sample_levels(1000, torch.Generator().manual_seed(7))
+    want = torch.randint(0, 1000, (1000,), generator=torch.Generator().manual_seed(7))
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+
+
+def test_logit_normal_timesteps_follow_their_law():
+    # P(t <= k) = P(u < (k + 1) / T) = Phi((logit((k + 1) / T) - m) / s)
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+    for m, s in ((0.0, 1.0), (-0.5, 0.7)):
+        t = _draws(timestep_density="logit_normal", logit_mean=m, logit_std=s)
+        assert t.dtype == torch.int64 and int(t.min()) >= 0 and int(t.max()) <= 999
+        edges = torch.arange(1, 1001, dtype=torch.float64) / 1000
+        cdf = normal.cdf((torch.logit(edges.clamp(max=1 - 1e-15)) - m) / s)
+        cdf[-1] = 1.0
+        assert _ks_distance(t, cdf) < KS_LIMIT
+        uniform = torch.arange(1, 1001, dtype=torch.float64) / 1000
+        assert _ks_distance(t, uniform) > 20 * KS_LIMIT  # the check has teeth
+
+
+@pytest.mark.parametrize("mu, b", [(0.0, 0.5), (1.0, 2.0)])
+def test_laplace_timesteps_follow_the_log_snr_law(mu, b):
+    # t <= k exactly when lambda is at least the midpoint of log SNR_k and log SNR_{k+1} (the
+    # nearest table entry); the Laplace CDF F gives P(t <= k) = 1 - F(midpoint).
+    sched = make("v", beta_schedule="cosine")
+    t = _draws(timestep_density="laplace", laplace_mean=mu, laplace_scale=b)
+    assert t.dtype == torch.int64 and int(t.min()) >= 0 and int(t.max()) <= 999
+    log_snr = sched.snr_table.log()
+    mid = (log_snr[:-1] + log_snr[1:]) / 2
+    laplace_cdf = torch.where(mid < mu, 0.5 * ((mid - mu) / b).exp(),
+                              1 - 0.5 * (-(mid - mu) / b).exp())
+    cdf = torch.cat([1 - laplace_cdf, torch.ones(1, dtype=torch.float64)])
+    assert _ks_distance(t, cdf) < KS_LIMIT
+    # the median timestep's log SNR is the centre mu (up to the table's spacing)
+    assert float(log_snr[t.median()]) == pytest.approx(mu, abs=0.05)
+    other = torch.cat([1 - torch.where(mid < mu + 1, 0.5 * ((mid - mu - 1) / b).exp(),
+                                       1 - 0.5 * (-(mid - mu - 1) / b).exp()),
+                       torch.ones(1, dtype=torch.float64)])
+    assert _ks_distance(t, other) > 20 * KS_LIMIT  # the check has teeth
+
+
+def test_densities_follow_the_generator_and_leave_the_global_rng_alone():
+    for density in ("logit_normal", "laplace"):
+        before = torch.get_rng_state()
+        a = _draws(3, timestep_density=density)
+        assert torch.equal(torch.get_rng_state(), before)
+        assert torch.equal(a, _draws(3, timestep_density=density))
+        assert not torch.equal(a, _draws(4, timestep_density=density))
+
+
+def test_laplace_under_zero_terminal_snr_stays_in_range():
+    s = make("v", beta_schedule="cosine", rescale_zero_terminal_snr=True,
+             timestep_density="laplace", laplace_scale=20.0)
+    t = s.sample_levels(50_000, torch.Generator().manual_seed(0))
+    # the last log SNR is -inf: every finite lambda is nearer to T-2's
+    assert int(t.min()) == 0 and int(t.max()) == 998
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("timestep_density", "laplce", "did you mean 'laplace'"),
+    ("timestep_density", "mode", "is not one of 'uniform', 'logit_normal', 'laplace'"),
+    ("laplace_scale", 0, "must be positive"),
+    ("laplace_scale", -1.0, "must be positive"),
+    ("logit_std", 0, "must be positive"),
+    ("laplace_mean", "nan", "finite"),
+])
+def test_bad_timestep_densities_are_one_line_errors_naming_the_key(key, value, words):
+    from diffunet.config import load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["schedule.formulation=vp", f"schedule.{key}={value}"])
+    msg = str(info.value)
+    assert msg.startswith(f"schedule.{key}: ") and "\n" not in msg and words in msg, msg
+
+
+@pytest.mark.parametrize("key, value", [("timestep_density", "laplace"),
+                                        ("laplace_scale", 1.0)])
+def test_a_vp_density_key_under_flow_or_edm_is_refused_naming_vp(key, value):
+    from diffunet.config import load_config
+
+    for formulation in ("flow", "edm"):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [f"schedule.formulation={formulation}", f"schedule.{key}={value}"])
+        msg = str(info.value)
+        assert msg.startswith(f"schedule.{key}: ") and "schedule.formulation=vp" in msg, msg
+
+
+def test_a_density_round_trips_through_a_model_file(tmp_path):
+    import diffunet
+    from diffunet.unet import UNet, UNetConfig
+
+    schedule = make("v", beta_schedule="cosine", timestep_density="laplace", laplace_mean=-1.0,
+                    laplace_scale=0.8)
+    net = UNet(UNetConfig(image_size=8, base_channels=8, num_groups=4, channel_mults=(1,),
+                          attn_resolutions=()))
+    diffunet.save_model(tmp_path / "m.safetensors", net, schedule)
+    _, loaded, meta = diffunet.load_model(tmp_path / "m.safetensors")
+    assert loaded.config == schedule.config
+    assert meta["schedule_config"]["timestep_density"] == "laplace"
+    g = torch.Generator().manual_seed(1)
+    assert torch.equal(loaded.sample_levels(64, g), schedule.sample_levels(
+        64, torch.Generator().manual_seed(1)))
+    assert "Laplace log-SNR t (-1.0, 0.8)" in loaded.config.describe()

@@ -25,8 +25,8 @@ from ..checks import check_finite, fail
 if TYPE_CHECKING:  # pragma: no cover
     from .base import Formulation
 
-__all__ = ["ScheduleConfig", "FormulationName", "BetaSchedule", "PredictionType", "TimeDensity",
-           "LossWeighting", "FORMULATIONS", "formulation_class"]
+__all__ = ["ScheduleConfig", "FormulationName", "BetaSchedule", "PredictionType",
+           "TimestepDensity", "TimeDensity", "LossWeighting", "FORMULATIONS", "formulation_class"]
 
 FormulationName = Literal["vp", "edm", "flow"]
 """``ScheduleConfig.formulation``: DDPM's discrete variance-preserving process, the EDM
@@ -36,6 +36,8 @@ BetaSchedule = Literal["linear", "scaled_linear", "cosine", "sigmoid"]
 """``schedule.beta_schedule`` (VP): how the betas grow over the T steps."""
 PredictionType = Literal["epsilon", "v", "x0"]
 """``schedule.prediction_type`` (VP): what the network is trained to output."""
+TimestepDensity = Literal["uniform", "logit_normal", "laplace"]
+"""``schedule.timestep_density`` (VP): how training draws the integer timestep t in [0, T)."""
 TimeDensity = Literal["uniform", "logit_normal", "mode"]
 """``schedule.time_density`` (flow): how training draws t in [0, 1] (Esser et al. 2024, sec. 3.1)."""
 LossWeighting = Literal["none", "cosmap"]
@@ -58,8 +60,8 @@ class ScheduleConfig:
 
     ``formulation`` picks the formulation; each reads only its own keys
     (:meth:`used_fields`): ``vp`` (the default) the discrete process q(x_t | x_0) of DDPM,
-    from ``num_train_timesteps`` to ``rescale_zero_terminal_snr``
-    (:class:`~diffunet.formulations.vp.NoiseSchedule`); ``edm`` Karras et al. 2022
+    from ``num_train_timesteps`` to ``laplace_scale``, and ``logit_mean``/``logit_std``, which it
+    shares with flow (:class:`~diffunet.formulations.vp.NoiseSchedule`); ``edm`` Karras et al. 2022
     ("Elucidating the Design Space of Diffusion-Based Generative Models"), x = x0 + sigma n with
     a continuous sigma and the network preconditioned as their Table 1 says, from
     ``sigma_data`` to ``p_std`` (:class:`~diffunet.formulations.edm.EDMSchedule`); ``flow``
@@ -82,6 +84,20 @@ class ScheduleConfig:
     prediction_type: PredictionType = "epsilon"
     rescale_zero_terminal_snr: bool = False
     """Rescale betas so the last step is pure noise (Lin et al. 2023, Algorithm 1)."""
+    timestep_density: TimestepDensity = "uniform"
+    """``vp``: the training density of the timestep t: ``uniform`` on 0..T-1 (DDPM Algorithm 1);
+    ``logit_normal``, u = sigmoid(logit_mean + logit_std z) as flow's (Esser et al. 2024,
+    sec. 3.1) and t = floor(u T), the timestep whose slice [t/T, (t+1)/T) of the way to noise
+    holds u; or ``laplace``, the log-SNR lambda ~ Laplace(laplace_mean, laplace_scale) (Hang et
+    al. 2024, "Improved Noise Schedule for Diffusion Training") and t the timestep whose
+    log-SNR is nearest. ``train.min_snr_gamma`` weights the loss on top of the density, so the
+    effective weight of a level is density x min-SNR weight."""
+    laplace_mean: float = 0.0
+    """``vp``, ``laplace``: the centre mu of the log-SNR density (0: where signal and noise are
+    equal)."""
+    laplace_scale: float = 0.5
+    """``vp``, ``laplace``: the scale b of the log-SNR density, p(lambda) = exp(-|lambda - mu| / b)
+    / (2 b) (Hang et al.'s choice: 0.5)."""
     sigma_data: float = 0.5
     """``edm``: the standard deviation of the data in the preconditioning (Table 1; 0.5 for
     images in [-1, 1])."""
@@ -100,9 +116,9 @@ class ScheduleConfig:
     """``flow``: the training density of t: ``uniform``, ``logit_normal`` (t = sigmoid(m + s z),
     Esser et al.'s default m = 0, s = 1) or ``mode`` (their mode sampling with heavy tails)."""
     logit_mean: float = 0.0
-    """``flow``, ``logit_normal``: the mean m of logit(t)."""
+    """``flow`` and ``vp``, ``logit_normal`` density: the mean m of logit(t) (VP: of t / T)."""
     logit_std: float = 1.0
-    """``flow``, ``logit_normal``: the standard deviation s of logit(t)."""
+    """``flow`` and ``vp``, ``logit_normal`` density: the standard deviation s of logit(t)."""
     mode_scale: float = 1.29
     """``flow``, ``mode``: the scale c of f(u) = 1 - u - c (cos^2(pi u / 2) - 1 + u), in
     [-1, 2 / (pi - 2)] (Esser et al. eq. 20; they use 1.29)."""

@@ -116,7 +116,8 @@ class NoiseSchedule(Formulation):
     name = "vp"
     title = "VP"
     config_fields = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
-                     "prediction_type", "rescale_zero_terminal_snr")
+                     "prediction_type", "rescale_zero_terminal_snr", "timestep_density",
+                     "logit_mean", "logit_std", "laplace_mean", "laplace_scale")
     discrete_timesteps = True
     timestep_inputs = True
     uniform_grid = True
@@ -373,19 +374,51 @@ class NoiseSchedule(Formulation):
     # The formulation contract
 
     @classmethod
+    def check_config(cls, config: ScheduleConfig, fail: Callable[[str, str], None]) -> None:
+        for name in ("logit_std", "laplace_scale"):
+            if not getattr(config, name) > 0:
+                fail(name, f"must be positive, got {getattr(config, name)}")
+
+    @classmethod
     def describe(cls, config: ScheduleConfig) -> str:
+        density = {"uniform": "",
+                   "logit_normal": f", logit-normal t ({config.logit_mean}, {config.logit_std})",
+                   "laplace": f", Laplace log-SNR t ({config.laplace_mean}, "
+                              f"{config.laplace_scale})"}[config.timestep_density]
         return (f"{config.prediction_type} prediction, {config.beta_schedule} schedule, "
-                f"{config.num_train_timesteps} timesteps")
+                f"{config.num_train_timesteps} timesteps{density}")
 
     @classmethod
     def table_entries(cls, config: ScheduleConfig) -> int:
         return config.num_train_timesteps
 
     def sample_levels(self, n: int, generator: torch.Generator) -> Tensor:
-        """``n`` training timesteps uniform in [0, T), (n,) int64 on the generator's device
-        (DDPM Algorithm 1)."""
-        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator,
-                             device=generator.device)
+        """``n`` training timesteps in [0, T), (n,) int64 on the generator's device, drawn from
+        ``schedule.timestep_density``:
+
+        - ``uniform``: t ~ U{0, ..., T-1} (DDPM Algorithm 1).
+        - ``logit_normal``: u = sigmoid(m + s z), z ~ N(0, 1), the fraction of the way to noise
+          (Esser et al. 2024, eq. 19, as flow draws its t), and t = floor(u T): P(t) is the
+          logit-normal mass of [t/T, (t+1)/T).
+        - ``laplace``: lambda = log SNR ~ Laplace(mu, b) (Hang et al. 2024), drawn by the
+          inverse CDF lambda = mu - b sign(v) ln(1 - 2|v|), v ~ U[-1/2, 1/2), and t the timestep
+          whose log-SNR is nearest: log SNR = -2 ln sigma, so that is
+          :meth:`sigma_to_timestep` ``nearest`` at sigma = exp(-lambda / 2). P(t) is the Laplace
+          mass of the lambdas nearer to t's than to its neighbours'; the tails beyond the table
+          go to its ends (under zero terminal SNR, whose last log-SNR is -inf, to T-2).
+
+        No host sync (the table search runs on the generator's device)."""
+        c, T, dev = self.config, self.num_train_timesteps, generator.device
+        if c.timestep_density == "logit_normal":
+            z = torch.randn(n, generator=generator, device=dev)
+            u = torch.sigmoid(c.logit_mean + c.logit_std * z)
+            return (u * T).long().clamp(max=T - 1)  # u = 1 in float32: the last timestep
+        if c.timestep_density == "laplace":
+            v = torch.rand(n, generator=generator, device=dev,
+                           dtype=coefficient_dtype(dev)) - 0.5
+            log_snr = c.laplace_mean - c.laplace_scale * v.sign() * torch.log1p(-2 * v.abs())
+            return self.sigma_to_timestep((-0.5 * log_snr).exp(), mode="nearest")
+        return torch.randint(0, T, (n,), generator=generator, device=dev)
 
     def network_input(self, x0: Tensor, noise: Tensor, level: Tensor) -> tuple[Tensor, Tensor]:
         """(x_t, t): the network sees the noised image and the integer timestep itself."""
