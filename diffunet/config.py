@@ -96,7 +96,12 @@ class UNetConfig:
     head_channels: int | None = None
     """Channels per attention head; when set, heads = channels // head_channels at each level."""
     num_groups: int = 32
-    """GroupNorm groups; every level's channel count must be divisible by it."""
+    """GroupNorm groups, the same number at every level; every level's channel count must be
+    divisible by it. Unused (leave it at 32) when ``group_channels`` is set."""
+    group_channels: int | None = None
+    """Channels per GroupNorm group instead: a norm over C channels has C // group_channels
+    groups, so groups are equally wide at every level (with base_channels 32, 32 groups are one
+    channel each at the first level). Every level's channel count must be divisible by it."""
     scale_shift_norm: bool = False
     """AdaGN: the time embedding scales and shifts the second GroupNorm (improved-diffusion)."""
     downsample: Literal["conv", "avgpool"] = "conv"
@@ -143,7 +148,7 @@ class UNetConfig:
                      "num_groups"):
             if getattr(self, name) < 1:
                 _fail(p + name, f"must be a positive integer, got {getattr(self, name)}")
-        for name in ("out_channels", "head_channels", "num_classes"):
+        for name in ("out_channels", "head_channels", "num_classes", "group_channels"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 _fail(p + name, f"must be a positive integer or unset, got {value}")
@@ -162,9 +167,18 @@ class UNetConfig:
             _fail(p + "image_size", f"{self.image_size} is not divisible by {factor} "
                   f"(2^(levels-1) for {len(self.channel_mults)} levels); use a multiple of "
                   f"{factor} or fewer channel_mults")
+        if self.group_channels is not None and self.num_groups != _DEFAULT_GROUPS:
+            _fail(p + "group_channels", f"{self.group_channels} and num_groups "
+                  f"{self.num_groups} both size the GroupNorm groups; set one: leave "
+                  f"num_groups at {_DEFAULT_GROUPS} (unused) or unset group_channels")
         for m in self.channel_mults:
             ch = self.base_channels * m
-            if ch % self.num_groups:
+            if self.group_channels is not None and ch % self.group_channels:
+                _fail(p + "group_channels", f"{ch} channels (base_channels "
+                      f"{self.base_channels} x mult {m}) are not divisible into groups of "
+                      f"{self.group_channels}; pick group_channels dividing every level's "
+                      "channels or change base_channels")
+            if self.group_channels is None and ch % self.num_groups:
                 _fail(p + "num_groups", f"{ch} channels (base_channels {self.base_channels} x "
                       f"mult {m}) are not divisible by {self.num_groups} groups; pick num_groups "
                       f"dividing every level's channels or change base_channels")
@@ -204,6 +218,11 @@ class UNetConfig:
             _fail("unet.num_heads", f"{channels} channels are not divisible by {self.num_heads} "
                   "heads; pick a divisor of every attention level's channels")
         return self.num_heads
+
+
+_DEFAULT_GROUPS: int = UNetConfig.__dataclass_fields__["num_groups"].default
+"""``unet.num_groups`` of ``UNetConfig()`` (32): its value when ``group_channels`` sizes the
+groups instead."""
 
 
 # ---------------------------------------------------------------------------------------------

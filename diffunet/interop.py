@@ -205,6 +205,10 @@ def unet_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
     if cfg.upsample != "nearest":
         raise UsageError(f"unet.upsample = {cfg.upsample!r}: UNet2DModel's UpBlock2D always "
                          "upsamples nearest-neighbour + conv")
+    if cfg.group_channels is not None:
+        raise UsageError(f"unet.group_channels = {cfg.group_channels}: UNet2DModel has one "
+                         "number of GroupNorm groups for every norm (norm_num_groups), not "
+                         "groups of a fixed width; export a model trained with unet.num_groups")
     attn = [r in cfg.attn_resolutions for r in cfg.resolutions]
     return {
         "sample_size": cfg.image_size, "in_channels": cfg.in_channels,

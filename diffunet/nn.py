@@ -20,6 +20,7 @@ from torch import nn
 __all__ = [
     "timestep_embedding",
     "zero_",
+    "group_norm",
     "attention",
     "ResidualBlock",
     "AttentionBlock",
@@ -82,6 +83,20 @@ def zero_(module: nn.Module) -> nn.Module:
         for p in module.parameters():
             p.zero_()
     return module
+
+
+def group_norm(channels: int, num_groups: int = 32, group_channels: int | None = None,
+               eps: float = 1e-5) -> nn.GroupNorm:
+    """GroupNorm (Wu & He 2018) over ``channels``: ``num_groups`` groups, or, when
+    ``group_channels`` is set, groups of that many channels (``channels // group_channels`` of
+    them; ``num_groups`` is then unused). Its parameters are the same either way (a scale and a
+    shift per channel); only how the statistics are pooled differs."""
+    groups = num_groups if group_channels is None else channels // group_channels
+    if groups < 1 or channels % groups or (group_channels and channels % group_channels):
+        raise ValueError(f"group_norm: {channels} channels cannot be split into "
+                         + (f"groups of {group_channels}" if group_channels
+                            else f"{num_groups} groups"))
+    return nn.GroupNorm(groups, channels, eps=eps)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -151,6 +166,7 @@ class ResidualBlock(nn.Module):
         num_groups: int = 32,
         scale_shift_norm: bool = False,
         eps: float = 1e-5,
+        group_channels: int | None = None,
     ) -> None:
         super().__init__()
         if emb_dim is None and scale_shift_norm:
@@ -158,13 +174,13 @@ class ResidualBlock(nn.Module):
         self.in_ch = in_ch
         self.out_ch = out_ch
         self.scale_shift_norm = scale_shift_norm
-        self.norm1 = nn.GroupNorm(num_groups, in_ch, eps=eps)
+        self.norm1 = group_norm(in_ch, num_groups, group_channels, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         # SiLU is applied functionally before this Linear (the embedding MLP ends in a Linear).
         # No embedding (a time-less UNet): no projection, so no unused parameters.
         self.emb_proj = (None if emb_dim is None
                          else nn.Linear(emb_dim, 2 * out_ch if scale_shift_norm else out_ch))
-        self.norm2 = nn.GroupNorm(num_groups, out_ch, eps=eps)
+        self.norm2 = group_norm(out_ch, num_groups, group_channels, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         # A 1x1 conv only where the channel count changes; otherwise the skip is free.
@@ -204,14 +220,14 @@ class AttentionBlock(nn.Module):
     """
 
     def __init__(self, channels: int, num_heads: int = 1, num_groups: int = 32,
-                 eps: float = 1e-5) -> None:
+                 eps: float = 1e-5, group_channels: int | None = None) -> None:
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"AttentionBlock: {channels} channels are not divisible by "
                              f"{num_heads} heads")
         self.channels = channels
         self.num_heads = num_heads
-        self.norm = nn.GroupNorm(num_groups, channels, eps=eps)
+        self.norm = group_norm(channels, num_groups, group_channels, eps)
         # Linear layers on (B, HW, C) tokens (same parameters as 1x1 convs). Token-major layout
         # makes each head's q/k/v have a contiguous last dim, which SDPA's fused kernels want.
         self.qkv = nn.Linear(channels, 3 * channels)

@@ -31,7 +31,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import UNetConfig
 from .errors import ConfigError, require
-from .nn import AttentionBlock, Downsample, ResidualBlock, Upsample, timestep_embedding, zero_
+from .nn import (AttentionBlock, Downsample, ResidualBlock, Upsample, group_norm,
+                 timestep_embedding, zero_)
 
 __all__ = ["UNet"]
 
@@ -87,11 +88,12 @@ class UNet(nn.Module):
 
         def res(cin: int, cout: int) -> ResidualBlock:
             return ResidualBlock(cin, cout, emb_dim, dropout=cfg.dropout, num_groups=cfg.num_groups,
-                                 scale_shift_norm=cfg.scale_shift_norm, eps=cfg.norm_eps)
+                                 scale_shift_norm=cfg.scale_shift_norm, eps=cfg.norm_eps,
+                                 group_channels=cfg.group_channels)
 
         def attn(ch: int) -> AttentionBlock:
             return AttentionBlock(ch, num_heads=cfg.heads_at(ch), num_groups=cfg.num_groups,
-                                  eps=cfg.norm_eps)
+                                  eps=cfg.norm_eps, group_channels=cfg.group_channels)
 
         # Raw t never enters a Linear: sinusoids first, then this MLP (DDPM App. B).
         self.time_embed = None if emb_dim is None else nn.Sequential(
@@ -146,7 +148,7 @@ class UNet(nn.Module):
         assert not skip_chs, "every skip connection must be consumed"
         self.up = nn.ModuleList(reversed(up))
 
-        self.norm_out = nn.GroupNorm(cfg.num_groups, ch, eps=cfg.norm_eps)
+        self.norm_out = group_norm(ch, cfg.num_groups, cfg.group_channels, cfg.norm_eps)
         self.conv_out = zero_(nn.Conv2d(ch, cfg.output_channels, 3, padding=1))
 
     # -----------------------------------------------------------------------------------------

@@ -394,6 +394,7 @@ def test_unrepresentable_scheduler_setting_is_one_line(change, named):
     ({"num_classes": 10}, "unet.num_classes = 10"),
     ({"time_conditioning": False, "out_channels": 2}, "unet.time_conditioning = false"),
     ({"num_heads": 2, "channel_mults": (1, 2, 4), "attn_resolutions": (8,)}, "unet.num_heads = 2"),
+    ({"num_groups": 32, "group_channels": 4}, "unet.group_channels = 4"),
 ])
 def test_export_refuses_what_unet2dmodel_cannot_express(change, named):
     with pytest.raises(UsageError) as info:

@@ -14,6 +14,7 @@ from diffunet.nn import (
     Downsample,
     ResidualBlock,
     Upsample,
+    group_norm,
     timestep_embedding,
 )
 from diffunet.unet import UNet
@@ -354,6 +355,70 @@ def test_double_precision():
 
 
 # ---------------------------------------------------------------------------------------------
+# GroupNorm groups: a fixed number (num_groups) or a fixed width (group_channels)
+
+
+def _norms(net: torch.nn.Module) -> list[torch.nn.GroupNorm]:
+    return [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+
+
+def test_group_channels_gives_groups_of_that_width_at_every_norm():
+    # the default network's first level: 32 channels in 32 groups of one channel each ...
+    default = UNet(UNetConfig(base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
+                              attn_resolutions=(16,)))
+    assert {(n.num_channels, n.num_groups) for n in _norms(default)} >= {(32, 32), (64, 32)}
+    # ... with group_channels = 32, one group at 32 channels, two at 64, three at 96 (a skip
+    # concatenation): every group is 32 channels wide
+    wide = UNet(UNetConfig(base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
+                           attn_resolutions=(16,), group_channels=32))
+    norms = _norms(wide)
+    assert len(norms) == len(_norms(default))
+    assert all(n.num_channels // n.num_groups == 32 for n in norms)
+    assert {n.num_channels for n in norms} >= {32, 64, 96}
+    # the same parameters (a scale and shift per channel): the state dicts have one shape
+    assert {k: v.shape for k, v in wide.state_dict().items()} == {
+        k: v.shape for k, v in default.state_dict().items()}
+
+
+def test_group_norm_of_width_c_is_groupnorm_of_channels_over_c_groups():
+    x = torch.randn(2, 24, 5, 5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(group_norm(24, group_channels=8)(x),
+                               torch.nn.GroupNorm(3, 24)(x), rtol=0, atol=0)
+    assert group_norm(24, num_groups=6).num_groups == 6  # group_channels unset: num_groups
+    with pytest.raises(ValueError, match="groups of 5"):
+        group_norm(24, group_channels=5)
+
+
+def test_group_channels_unset_keeps_num_groups_at_every_norm():
+    # the network of every config before group_channels existed: num_groups groups everywhere,
+    # and the same initial weights from the same seed (a GroupNorm draws no random numbers)
+    cfg = tiny()
+    assert cfg.group_channels is None
+    torch.manual_seed(0)
+    net = UNet(cfg)
+    assert all(n.num_groups == 8 and n.eps == cfg.norm_eps for n in _norms(net))
+    torch.manual_seed(0)
+    wide = UNet(tiny(num_groups=32, group_channels=2))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
+                                                 wide.state_dict().values()))
+
+
+def test_group_channels_round_trips_through_a_model_file(tmp_path):
+    import diffunet
+    from diffunet import NoiseSchedule, ScheduleConfig
+
+    cfg = tiny(num_groups=32, group_channels=4)
+    net = perturbed(UNet(cfg)).eval()
+    diffunet.save_model(tmp_path / "m.safetensors", net, NoiseSchedule(ScheduleConfig()))
+    loaded, _, meta = diffunet.load_model(tmp_path / "m.safetensors")
+    assert loaded.config == cfg and meta["unet_config"]["group_channels"] == 4
+    assert [n.num_groups for n in _norms(loaded)] == [n.num_groups for n in _norms(net)]
+    x, t = inputs(cfg)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t), net(x, t))
+
+
+# ---------------------------------------------------------------------------------------------
 # Config validation
 
 
@@ -376,6 +441,9 @@ def test_double_precision():
         (dict(channel_mults=()), "unet.channel_mults"),
         (dict(channel_mults=(1, 0)), "unet.channel_mults"),
         (dict(dropout=1.0), "unet.dropout"),
+        (dict(num_groups=32, group_channels=0), "unet.group_channels"),
+        (dict(num_groups=32, group_channels=5), "unet.group_channels"),  # 16 channels
+        (dict(num_groups=8, group_channels=4), "unet.group_channels"),  # both set
     ],
 )
 def test_config_errors_name_the_field(overrides, field):
