@@ -27,7 +27,7 @@ import math
 import os
 import stat
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -46,6 +46,7 @@ __all__ = [
     "FolderImages",
     "HFImages",
     "HFStream",
+    "ImageStats",
     "hf_columns",
     "hf_image",
     "hf_name",
@@ -58,10 +59,12 @@ __all__ = [
     "class_folder_names",
     "flip_where",
     "image_folder",
+    "image_statistics",
     "make_dataloader",
     "scan_image_folder",
     "seed_for",
     "skipped_note",
+    "spread_indices",
 ]
 
 
@@ -932,6 +935,71 @@ def build_dataset(cfg: DataConfig) -> Dataset:
     if cfg.cache or (cfg.cache is None and size <= CACHE_AUTO_BYTES):
         return DecodedCache(base, cfg.image_size, cfg.channels)
     return base
+
+
+class ImageStats(NamedTuple):
+    """What :func:`image_statistics` measured: over ``images`` images, the ``mean`` and
+    (population) ``std`` of each channel's values; ``std_all``, the std of every value of every
+    channel (for [-1, 1] images: EDM's sigma_data, the data's std in its preconditioning,
+    Karras et al. 2022, Table 1), and ``rms_all``, their root mean square, sqrt(std_all^2 +
+    mean^2): the scale the preconditioning's c_skip = s^2 / (sigma^2 + s^2) is optimal for when
+    the data is not centred (it shrinks x towards 0, not towards the data's mean), which equals
+    ``std_all`` only for zero-mean data."""
+
+    images: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    std_all: float
+    rms_all: float
+
+
+def spread_indices(n: int, k: int | None) -> list[int]:
+    """``k`` indices spread evenly over ``range(n)`` (``i n // k`` for i < k), all of them when
+    ``k`` is None or at least ``n``: a fixed sample that reaches every part of a data set (an
+    image folder is sorted by path, so its first images are often one class)."""
+    if k is None or k >= n:
+        return list(range(n))
+    return [i * n // k for i in range(k)]
+
+
+def image_statistics(dataset: Dataset, indices: Sequence[int] | None = None,
+                     batch_size: int = 64) -> ImageStats:
+    """Per-channel mean and std, and the std over all channels, of the images of ``dataset``
+    (items ``(image (C, H, W), ...)``) at ``indices`` (every item when None), in float64.
+
+    Batches are merged with Chan et al.'s pairwise update (one pass, exact where
+    E[x^2] - E[x]^2 would cancel); every channel has as many values, so the overall variance is
+    the mean of the channel variances plus the variance of the channel means. A data set with
+    ``__getitems__`` (the built-in shapes) gives each batch in one call."""
+    picked = list(range(len(dataset))) if indices is None else list(indices)  # type: ignore[arg-type]
+    if not picked:
+        raise DataError("image_statistics: no images to measure; give at least one")
+    count = 0
+    mean: Tensor | None = None
+    m2: Tensor | None = None
+    batch_of = getattr(dataset, "__getitems__", None)
+    for start in range(0, len(picked), batch_size):
+        chunk = picked[start:start + batch_size]
+        items = batch_of(chunk) if batch_of is not None else [dataset[i] for i in chunk]
+        x = torch.stack([item[0] for item in items])
+        x = x.to(torch.float64).transpose(0, 1).reshape(x.shape[1], -1)  # (C, values)
+        nb = x.shape[1]
+        mb = x.mean(dim=1)
+        m2b = ((x - mb[:, None]) ** 2).sum(dim=1)
+        if mean is None or m2 is None:
+            mean, m2 = mb, m2b
+        else:
+            delta = mb - mean
+            total = count + nb
+            mean = mean + delta * (nb / total)
+            m2 = m2 + m2b + delta ** 2 * (count * nb / total)
+        count += nb
+    assert mean is not None and m2 is not None
+    var = m2 / count
+    var_all = var.mean() + ((mean - mean.mean()) ** 2).mean()
+    return ImageStats(len(picked), tuple(float(v) for v in mean),
+                      tuple(float(v) for v in var.sqrt()), float(var_all.sqrt()),
+                      float((var_all + mean.mean() ** 2).sqrt()))
 
 
 def _shared_memory_room() -> int:

@@ -282,6 +282,13 @@ CASES: list[tuple[str, list[str], list[str]]] = [
       "train.max_steps=VALUE"]),
     ("config-bad-override-syntax", ["train", *TINY, "trainmax_steps=4", "--out-dir", "{out}"],
      ["override 'trainmax_steps=4': expected section.key=value"]),
+    ("stats-max-images", ["stats", *TINY, "--max-images", "0"],
+     ["--max-images must be a positive integer, got 0"]),
+    ("stats-streaming", ["stats", *TINY, "data.source=hf", "data.name=cifar10",
+                         "data.streaming=true"],
+     ["data.streaming=true streams a data set for training only", "data.streaming=false"]),
+    ("stats-unknown-key", ["stats", *TINY, "data.sorce=folder"],
+     ["data.sorce: unknown key; did you mean 'source'?"]),
     # -- data -----------------------------------------------------------------------------------
     ("data-missing-path", ["train", *FOLDER16, "data.path={d}/images/nope", "--out-dir", "{out}"],
      ["data.path:", "does not exist; point data.path at a folder of images"]),

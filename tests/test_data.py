@@ -703,3 +703,62 @@ def test_a_worker_process_reports_a_bad_image_in_one_line(tmp_path: Path,
     Image.new("RGB", (12, 12), (9, 9, 9)).save(tmp_path / "b.png")
     images, labels = next(iter(make_dataloader(ds, sampler, num_workers=1)))
     assert images.shape == (2, 3, 8, 8) and labels.tolist() == [-1, -1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Image statistics (diffunet stats: EDM's sigma_data)
+
+
+def test_image_statistics_are_the_exact_moments() -> None:
+    from diffunet.data import image_statistics
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(37, 3, 5, 5, generator=g) * torch.tensor([2.0, 1.0, 0.5])[:, None, None] - 0.8
+    dataset = [(x, 0) for x in images]
+    stats = image_statistics(dataset, batch_size=8)  # 5 batches merged
+    every = images.to(torch.float64)
+    assert stats.images == 37
+    want_mean = every.mean(dim=(0, 2, 3))
+    want_std = every.transpose(0, 1).reshape(3, -1).std(dim=1, unbiased=False)
+    torch.testing.assert_close(torch.tensor(stats.mean, dtype=torch.float64), want_mean)
+    torch.testing.assert_close(torch.tensor(stats.std, dtype=torch.float64), want_std)
+    assert stats.std_all == pytest.approx(float(every.std(unbiased=False)), rel=1e-12)
+    assert stats.rms_all == pytest.approx(float(every.pow(2).mean().sqrt()), rel=1e-12)
+    some = image_statistics(dataset, [0, 5, 9])
+    assert some.images == 3 and some.std_all == pytest.approx(
+        float(every[[0, 5, 9]].std(unbiased=False)), rel=1e-12)
+    with pytest.raises(DataError):
+        image_statistics(dataset, [])
+
+
+def test_spread_indices_reach_the_whole_data_set() -> None:
+    from diffunet.data import spread_indices
+
+    assert spread_indices(10, None) == list(range(10)) == spread_indices(10, 50)
+    assert spread_indices(10, 4) == [0, 2, 5, 7]
+    assert spread_indices(50_000, 1000)[-1] == 49_950
+
+
+def test_stats_prints_sigma_data_of_the_configs_images(capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from diffunet import cli
+    from diffunet.config import load_config
+    from diffunet.data import image_statistics, spread_indices
+    from helpers import tiny_run
+
+    run = tiny_run()
+    assert cli.main(["stats", *run, "--max-images", "16"]) == 0
+    printed = capsys.readouterr()
+    cfg = load_config(None, run)
+    dataset = build_dataset(cfg.data)
+    stats = image_statistics(dataset, spread_indices(len(dataset), 16))
+    lines = printed.out.strip().splitlines()
+    assert lines[-1] == f"schedule.sigma_data = {round(stats.std_all, 4)}"
+    assert lines[0].startswith("# 16 of 64 images (spread evenly)")
+    assert "schedule.formulation=edm schedule.sigma_data=" in printed.err
+    assert cli.main(["stats", *run, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    every = image_statistics(dataset)
+    assert got["images"] == got["of"] == 64 and got["sigma_data"] == round(every.std_all, 4)
+    assert got["mean"] == [round(v, 4) for v in every.mean] and len(got["std"]) == 3

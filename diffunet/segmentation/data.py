@@ -26,7 +26,7 @@ from PIL import ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from ..data import flip_where, scan_image_folder, seed_for, skipped_note
+from ..data import flip_where, image_statistics, scan_image_folder, seed_for, skipped_note
 from ..config import SegRunConfig
 from ..errors import DataError
 from ..fileio import first_line
@@ -514,34 +514,13 @@ def joint_flip(images: Tensor, masks: Tensor, horizontal: Tensor | None = None,
 def compute_mean_std(dataset: Dataset, max_items: int | None = None,
                      batch_size: int = 64) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (population) std of every pixel of the first ``max_items`` items
-    (all by default) of a data set of ``(image (C, H, W), ...)`` items.
-
-    Batches are merged with Chan et al.'s pairwise update in float64, which stays exact where
-    ``E[x^2] - E[x]^2`` would cancel.
-    """
+    (all by default) of a data set of ``(image (C, H, W), ...)`` items
+    (:func:`diffunet.data.image_statistics`, exact in float64)."""
     n = len(dataset) if max_items is None else min(len(dataset), max_items)
     if n < 1:
         raise DataError("compute_mean_std: the data set is empty; give it at least one image")
-    count = 0
-    mean: Tensor | None = None
-    m2: Tensor | None = None
-    for start in range(0, n, batch_size):
-        x = torch.stack([dataset[i][0] for i in range(start, min(n, start + batch_size))])
-        x = x.to(torch.float64).transpose(0, 1).reshape(x.shape[1], -1)  # (C, pixels)
-        nb = x.shape[1]
-        mb = x.mean(dim=1)
-        m2b = ((x - mb[:, None]) ** 2).sum(dim=1)
-        if mean is None or m2 is None:
-            mean, m2 = mb, m2b
-        else:
-            delta = mb - mean
-            total = count + nb
-            mean = mean + delta * (nb / total)
-            m2 = m2 + m2b + delta ** 2 * (count * nb / total)
-        count += nb
-    assert mean is not None and m2 is not None
-    std = (m2 / count).sqrt()
-    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    stats = image_statistics(dataset, range(n), batch_size)
+    return stats.mean, stats.std
 
 
 def class_pixel_counts(dataset: Dataset, max_items: int | None = 512, *,
