@@ -241,8 +241,11 @@ def _update(run: Run, cfg: RunConfig, model: torch.nn.Module, optimizer: Any, em
     the EMA through a zero weight, so both stay exactly as they were. An optimizer without
     ``found_inf`` support decides on the host (one sync)."""
     t = cfg.train
-    norm = (run.accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
-            if t.grad_clip is not None else _grad_norm(model.parameters()))
+    if t.grad_clip is not None:
+        norm = run.accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
+    else:  # fp16: the true gradients' norm, unscaled as clipping would (a no-op otherwise)
+        run.accelerator.unscale_gradients()
+        norm = _grad_norm(model.parameters())
     bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
     if run.world > 1:  # a device all-reduce, no host read: every process skips alike
         bad = run.accelerator.reduce(bad.float(), "sum") > 0
