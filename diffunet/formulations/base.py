@@ -227,6 +227,12 @@ class Formulation(ABC):
     """"a" or "an", for "an EDM model"."""
     config_fields: ClassVar[tuple[str, ...]]
     """The ``ScheduleConfig`` fields it reads, in the order ``diffunet info`` shows them."""
+    network_fields: ClassVar[Optional[tuple[str, ...]]] = None
+    """Those of :attr:`config_fields` that decide what the network's time input and output
+    mean (None: all of them). Two models of one formulation that agree on these predict the
+    same quantity from the same input, so their outputs combine output by output
+    (autoguidance); the others (a training density, a sampling range) do not change the
+    denoiser of a given network."""
 
     # --- capabilities (what the commands ask instead of a name) ---------------------------------
     discrete_timesteps: ClassVar[bool] = False
@@ -313,6 +319,16 @@ class Formulation(ABC):
     @abstractmethod
     def denoiser(self, model: Model) -> Denoiser:
         """The denoiser D(x; sigma) of ``model`` under this formulation."""
+
+    @abstractmethod
+    def sigma_of_time_input(self, time_in: Tensor) -> Tensor:
+        """The noise level sigma of the denoiser view (x = x0 + sigma n) at which the network is
+        called with the time input ``time_in`` (B,): any time input the formulation feeds its
+        network (:meth:`network_input`, :meth:`denoiser`, :meth:`native_path`; VP: integer or
+        interpolated timesteps). Returns (B,) in the coefficient dtype
+        (:func:`coefficient_dtype`) on time_in's device, ``inf`` at pure noise. Exact up to the
+        rounding of a float32 time input (relative 1e-4 at most). What the guidance interval
+        reads: the guidance wrapper sees only the network's inputs."""
 
     @abstractmethod
     def grid_range(self) -> tuple[float, float]:
