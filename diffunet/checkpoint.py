@@ -664,18 +664,11 @@ def load_guide_model(path: str | os.PathLike, net: Any, schedule: Formulation, *
         raise UsageError(f"{name} {path} holds the model's own weights (sha256 "
                          f"{meta['sha256'][:12]}...): a model guiding itself changes nothing "
                          f"(D + w (D - D) = D); {fix}")
-    mine, theirs = schedule.config, guide_schedule.config
-    why = "their networks' outputs mean different things, so they cannot be combined"
-    if mine.formulation != theirs.formulation:
-        raise UsageError(f"{name} {path} is {guide_schedule.article} {guide_schedule.title} "
-                         f"model and the model {schedule.article} {schedule.title} one: {why}; "
-                         "give a guide of the same formulation and schedule")
-    keys = schedule.network_fields
-    for key in (schedule.config_fields if keys is None else keys):
-        if getattr(mine, key) != getattr(theirs, key):
-            raise UsageError(f"{name} {path} has schedule.{key} = {getattr(theirs, key)!r} and "
-                             f"the model {getattr(mine, key)!r}: {why}; give a guide trained "
-                             f"with the same schedule.{key}")
+    problem = schedule.network_difference(guide_schedule)
+    if problem is not None:
+        raise UsageError(f"{name} {path} cannot guide this model: {problem}, so their "
+                         "networks' outputs mean different things; give a guide of the same "
+                         "formulation and schedule")
     problem = guide_mismatch(net, guide)
     if problem is not None:
         raise UsageError(f"{name} {path} cannot guide this model: {problem}; the guide must "

@@ -98,7 +98,7 @@ def guide_mismatch(model: Any, guide: Any) -> Optional[str]:
     for attr, what in _SHAPES:
         mine, theirs = getattr(a, attr, None), getattr(b, attr, None)
         if mine != theirs:
-            return f"its {what} are {theirs}, the model's {mine}"
+            return f"its {what} {theirs}, the model's {mine}"
     return None
 
 

@@ -358,6 +358,20 @@ class Formulation(ABC):
         or None: the sampling loop then runs the sigma-space solver on :meth:`denoiser`."""
         return None
 
+    def network_difference(self, other: "Formulation") -> Optional[str]:
+        """Why a network trained under ``other`` does not predict what one trained under this
+        formulation does from the same input, so that the two cannot be combined output by
+        output (autoguidance): another formulation, or another value of one of
+        :attr:`network_fields`; None when they can."""
+        if type(other) is not type(self):
+            return (f"it is {other.article} {other.title} model, the model {self.article} "
+                    f"{self.title} one")
+        for key in self.config_fields if self.network_fields is None else self.network_fields:
+            mine, theirs = getattr(self.config, key), getattr(other.config, key)
+            if mine != theirs:
+                return f"its schedule.{key} is {theirs!r}, the model's {mine!r}"
+        return None
+
     # --- inspection -----------------------------------------------------------------------------
 
     def level_of_timestep(self, t: int) -> Tensor:
