@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import diffunet
-from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig
+from diffunet import ScheduleConfig, UNet, UNetConfig
 from diffunet.checkpoint import FORMAT_VERSION
 from diffunet.sampling import image_name
 from diffunet.state import state_name
