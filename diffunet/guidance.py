@@ -52,8 +52,9 @@ end comes back rounded by up to ~5e-5."""
 
 STACKED_DEVICES: tuple[str, ...] = ("cuda",)
 """Device types where two networks of one architecture run as one batched call. Not the CPU:
-there the vmapped call (grouped convolutions, attention looped over the pair) measured 10-30%
-slower than two calls (docs/samplers.md, "Autoguidance")."""
+there the vmapped call (grouped convolutions, attention looped over the pair) measured 1.3 to
+1.6 times slower than two calls (docs/samplers.md, "Autoguidance and the guidance interval");
+``diffunet bench --gpu-check`` times it on a GPU (:func:`diffunet.bench.guidance_pair`)."""
 
 
 @dataclass
