@@ -658,7 +658,10 @@ def load_guide_model(path: str | os.PathLike, net: Any, schedule: Formulation, *
         if same:
             raise UsageError(f"{name} {path} is the model itself: a model guiding itself "
                              f"changes nothing (D + w (D - D) = D); {fix}")
-    guide, guide_schedule, meta = load_diffusion_model(path, device=device)
+    try:
+        guide, guide_schedule, meta = load_diffusion_model(path, device=device)
+    except ModelFileError as e:  # the reader's one line, said to be about the guide
+        raise ModelFileError(f"{name}: {e}") from None
     model_meta = model_meta or {}
     if model_meta.get("sha256") is not None and meta["sha256"] == model_meta["sha256"]:
         raise UsageError(f"{name} {path} holds the model's own weights (sha256 "

@@ -802,7 +802,7 @@ def _clipped(denoiser: Denoiser, clip: bool) -> Denoiser:
 
 _ARGUMENTS = {k: k for k in ("sampler", "num_steps", "eta", "spacing", "sigmas", "rho",
                              "sigma_min", "sigma_max", "s_churn", "s_tmin", "s_tmax", "s_noise",
-                             "guidance_scale", "guidance_interval", "guide_model")}
+                             "guidance_scale", "guidance_interval")}
 
 
 def sample(model: Callable[..., Tensor], schedule: Formulation, x_T: Tensor, *,
