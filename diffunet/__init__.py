@@ -16,8 +16,8 @@ from .formulations import (FORMULATIONS, EDMDenoiser, EDMSchedule, FlowDenoiser,
                            Formulation, NoiseSchedule, VPDenoiser, diffusion_loss, edm_loss,
                            flow_loss, make_schedule)
 from .interop import load_model
-from .samplers import (ddim_step, ddpm_step, dpmpp_2m_step, make_sigmas, make_timesteps,
-                       network_calls, sample, sample_dpmpp_2m, sample_dpmpp_2m_sde,
+from .samplers import (NetworkCount, ddim_step, ddpm_step, dpmpp_2m_step, make_sigmas,
+                       make_timesteps, network_calls, sample, sample_dpmpp_2m, sample_dpmpp_2m_sde,
                        sample_euler, sample_euler_ancestral, sample_heun)
 from .unet import UNet
 from .version import __version__
@@ -28,7 +28,7 @@ __all__ = [
     "make_timesteps", "ddpm_step", "ddim_step", "dpmpp_2m_step", "sample",
     "EDMSchedule", "EDMDenoiser", "edm_loss", "make_schedule",
     "FlowSchedule", "FlowDenoiser", "flow_loss", "Formulation", "FORMULATIONS",
-    "VPDenoiser", "make_sigmas", "network_calls", "sample_euler", "sample_heun",
+    "VPDenoiser", "make_sigmas", "network_calls", "NetworkCount", "sample_euler", "sample_heun",
     "sample_euler_ancestral", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
     "save_model", "load_model",
     "RunConfig", "DataConfig", "TrainConfig", "SampleConfig", "load_config",

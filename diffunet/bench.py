@@ -57,7 +57,7 @@ from .unet import UNet
 from .version import __version__
 
 __all__ = ["BenchOptions", "PRESETS", "TRACE_MARK", "benchmark", "claim_traces", "forward_flops",
-           "format_table", "resolve_unet"]
+           "format_table", "guidance_pair", "resolve_unet"]
 
 PRESETS: dict[str, Callable[[], UNetConfig]] = {
     "ddpm-cifar10": UNetConfig,  # UNetConfig's defaults: 35.7M parameters, 12.4 GFLOP/image
@@ -226,6 +226,47 @@ class _Timer:
         start_s = time.perf_counter()
         fn()
         return time.perf_counter() - start_s
+
+
+def guidance_pair(cfg: UNetConfig, batch_size: int, device: torch.device, *,
+                  precision: str = "bf16", repeats: int = 5) -> dict[str, Any]:
+    """Autoguidance's two networks of one architecture (``cfg``, two random initialisations)
+    at one guided call on ``batch_size`` images: two calls against one batched call
+    (:class:`~diffunet.guidance.StackedNetworks`), each the median of ``repeats`` timings after
+    one untimed, under ``precision`` autocast; with the largest difference between the two
+    paths' outputs. What :data:`~diffunet.guidance.STACKED_DEVICES` is decided by."""
+    import warnings
+
+    from .guidance import StackedNetworks
+
+    gen = torch.Generator().manual_seed(0)
+    nets = []
+    for _ in range(2):
+        net = UNet(cfg).eval()
+        with torch.no_grad():  # take the zeros out of the output layers: the outputs differ
+            for p in net.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=gen))
+        nets.append(net.to(device))
+    a, b = nets
+    pair = StackedNetworks(a, b)
+    x = torch.randn(batch_size, cfg.in_channels, cfg.image_size, cfg.image_size,
+                    generator=gen).to(device)
+    t = torch.full((batch_size,), 500.0, device=device)
+    timer = _Timer(device)
+    runs = {"two_calls": lambda: (a(x, t), b(x, t)), "batched": lambda: pair(x, t)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    with torch.no_grad(), _autocast(device, precision), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*batching rule.*")  # sdpa's vmap fallback
+        for fn in runs.values():
+            fn()
+        for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
+            for name, fn in runs.items():
+                times[name].append(timer(fn))
+        (ga, gb), ra, rb = pair(x, t), a(x, t), b(x, t)
+    two, one = statistics.median(times["two_calls"]), statistics.median(times["batched"])
+    return {"batch_size": batch_size, "precision": precision, "two_calls_s": two,
+            "batched_s": one, "ratio": one / two,
+            "max_diff": max(float((ga - ra).abs().max()), float((gb - rb).abs().max()))}
 
 
 @contextlib.contextmanager

@@ -631,6 +631,61 @@ def load_diffusion_model(path: str | os.PathLike, *, device: str | torch.device 
     return net, schedule, meta
 
 
+def load_guide_model(path: str | os.PathLike, net: Any, schedule: Formulation, *,
+                     model_path: str | os.PathLike | None = None,
+                     model_meta: dict[str, Any] | None = None,
+                     device: str | torch.device = "cpu",
+                     name: str = "--guide-model") -> tuple[UNet, dict[str, Any]]:
+    """Read the model file ``path`` (:func:`load_diffusion_model`: a hostile file is refused
+    there) as the guide of ``net``/``schedule`` (autoguidance, Karras et al. 2024) and return
+    ``(guide_net, meta)``; ``net`` is the model's UNet (or anything whose ``config`` is its
+    UNetConfig). Refused, in one :class:`UsageError` line that names ``name`` and the
+    difference: the model's own file (``model_path``, or the same content: the ``sha256`` of
+    ``model_meta``, the model file's metadata): a model guiding itself changes nothing; another
+    formulation, or another value of a schedule key that decides what the network's input and
+    output mean (:attr:`~diffunet.formulations.base.Formulation.network_fields`); other image
+    channels or size; other classes (``num_classes``, or the ``class_names`` both files carry).
+    Another architecture is fine: a smaller network guides well."""
+    from .errors import UsageError
+    from .guidance import guide_mismatch
+
+    fix = "give a weaker model (an early snapshot of the run, or a smaller network)"
+    if model_path is not None:
+        try:
+            same = os.path.samefile(path, model_path)
+        except OSError:  # a missing file: the reader below names it
+            same = False
+        if same:
+            raise UsageError(f"{name} {path} is the model itself: a model guiding itself "
+                             f"changes nothing (D + w (D - D) = D); {fix}")
+    try:
+        guide, guide_schedule, meta = load_diffusion_model(path, device=device)
+    except ModelFileError as e:  # the reader's one line, said to be about the guide
+        raise ModelFileError(f"{name}: {e}") from None
+    model_meta = model_meta or {}
+    if model_meta.get("sha256") is not None and meta["sha256"] == model_meta["sha256"]:
+        raise UsageError(f"{name} {path} holds the model's own weights (sha256 "
+                         f"{meta['sha256'][:12]}...): a model guiding itself changes nothing "
+                         f"(D + w (D - D) = D); {fix}")
+    problem = schedule.network_difference(guide_schedule)
+    if problem is not None:
+        raise UsageError(f"{name} {path} cannot guide this model: {problem}, so their "
+                         "networks' outputs mean different things; give a guide of the same "
+                         "formulation and schedule")
+    problem = guide_mismatch(net, guide)
+    if problem is not None:
+        raise UsageError(f"{name} {path} cannot guide this model: {problem}; the guide must "
+                         "make the same images (channels, size) with the same classes")
+    names, guide_names = model_meta.get("class_names"), meta.get("class_names")
+    if isinstance(names, list) and isinstance(guide_names, list) and names != guide_names:
+        shown = [", ".join(map(str, n[:4])) + (", ..." if len(n) > 4 else "")
+                 for n in (guide_names, names)]
+        raise UsageError(f"{name} {path} has the classes {shown[0]} and the model {shown[1]}: "
+                         "label k must mean the same class to both; give a guide trained on "
+                         "the same classes")
+    return guide, meta
+
+
 def write_tensor_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                       metadata: dict[str, str]) -> None:
     """Write any tensors with string metadata as one safetensors file, atomically (for files

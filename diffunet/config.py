@@ -583,7 +583,18 @@ class SampleConfig:
     s_noise: float = free_on_resume(1.0)
     """``heun``: the scale of the added noise (S_noise; EDM used 1.003 to 1.007 on ImageNet)."""
     guidance_scale: float = free_on_resume(1.0)
-    """Classifier-free guidance scale for class-conditional models (1 = no guidance)."""
+    """The guidance weight w (1 = no guidance): classifier-free guidance for class-conditional
+    models (Ho & Salimans 2022), or autoguidance with ``guide_model``."""
+    guidance_interval: tuple[float, ...] | None = free_on_resume(None)
+    """``[lo, hi]``: guide only the network calls whose noise level sigma (x = x0 + sigma n) is
+    in [lo, hi] (Kynkaanniemi et al. 2024; e.g. ``[0.3, 5]``), the others run the model alone
+    with no guide evaluation; unset: every call. Needs ``guidance_scale`` other than 1."""
+    guide_model: str | None = free_on_resume(None)
+    """Previews: a model file that guides the model (autoguidance, Karras et al. 2024,
+    D_guide + w (D - D_guide) with w = ``guidance_scale``): a weaker model of the same
+    formulation and schedule, image shape and classes (an earlier run's snapshot, a smaller
+    net), checked when the run starts. ``diffunet sample`` takes ``--guide-model`` instead; a
+    model file's stored one is not used."""
     clip_x0: bool = free_on_resume(True)
     """Clip each step's x0 estimate to the data range [-1, 1] (diffusers' clip_sample)."""
     num_images: int = free_on_resume(64)
@@ -597,9 +608,19 @@ class SampleConfig:
         names = {f.name: f"sample.{f.name}" for f in dataclasses.fields(self)}
         check_sampling(names, sampler=self.sampler, num_steps=self.num_steps, eta=self.eta,
                        spacing=self.spacing, guidance_scale=self.guidance_scale,
+                       guidance_interval=self.guidance_interval,
                        sigmas=self.sigmas, rho=self.rho, s_churn=self.s_churn,
                        s_tmin=self.s_tmin, s_tmax=self.s_tmax, s_noise=self.s_noise,
                        sigma_min=self.sigma_min, sigma_max=self.sigma_max)
+        if self.guide_model is not None and not self.guide_model.strip():
+            _fail("sample.guide_model", "is an empty path; give a model file or leave it unset")
+        if self.guide_model is not None and self.guidance_scale == 1.0:
+            _fail("sample.guide_model", "with sample.guidance_scale 1 changes nothing (D_guide + "
+                  "1 (D - D_guide) = D); set sample.guidance_scale above 1 (Karras et al. 2024 "
+                  "use 2 to 3) or leave guide_model unset")
+        if self.guidance_interval is not None and self.guidance_scale == 1.0:
+            _fail("sample.guidance_interval", "limits guidance, and sample.guidance_scale 1 is "
+                  "none; set sample.guidance_scale or leave guidance_interval unset")
         if not 1 <= self.num_images <= MAX_PREVIEW_IMAGES:
             _fail("sample.num_images", f"must be in [1, {MAX_PREVIEW_IMAGES}] (a preview is "
                   f"one grid, sampled in one batch beside the training run), got "
@@ -632,6 +653,8 @@ class SampleConfig:
                     s_churn=self.s_churn, s_tmin=self.s_tmin,
                     s_tmax=math.inf if self.s_tmax is None else self.s_tmax,
                     s_noise=self.s_noise, guidance_scale=self.guidance_scale,
+                    guidance_interval=None if self.guidance_interval is None
+                    else (self.guidance_interval[0], self.guidance_interval[1]),
                     clip_x0=self.clip_x0)
 
 
@@ -681,9 +704,11 @@ class RunConfig:
         if not self.unet.time_conditioning:
             _fail("unet.time_conditioning", "a diffusion model needs the timestep input; set it "
                   "to true (time-less UNets are for `diffunet segment train`)")
-        if self.sample.guidance_scale != 1.0 and self.unet.num_classes is None:
+        if (self.sample.guidance_scale != 1.0 and self.unet.num_classes is None
+                and self.sample.guide_model is None):
             _fail("sample.guidance_scale", f"{self.sample.guidance_scale} needs a class-conditional "
-                  "model; set unet.num_classes or leave guidance_scale at 1")
+                  "model; set unet.num_classes (classifier-free guidance), set sample.guide_model "
+                  "(autoguidance) or leave guidance_scale at 1")
         form = formulation_class(self.schedule.formulation)
         if form.discrete_timesteps and self.sample.num_steps > self.schedule.num_train_timesteps:
             _fail("sample.num_steps", f"{self.sample.num_steps} is more than "

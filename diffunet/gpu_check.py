@@ -10,6 +10,9 @@
 - the host syncs of the training loop between check points (:func:`count_step_syncs`: a
   dispatch-mode count on the CPU, ``torch.cuda.set_sync_debug_mode`` warnings on a GPU);
 - which ``scaled_dot_product_attention`` kernel the network's attention runs;
+- autoguidance's pair of networks (the default run's network, batch 64, bf16): two calls
+  against one batched call (:func:`~diffunet.bench.guidance_pair`), which decides
+  ``diffunet.guidance.STACKED_DEVICES``;
 - a 300-step ``diffunet train`` with the GPU recipe (``configs/cifar10_ddpm.toml`` on the
   built-in data, which needs no download) and its images/s against the bench's;
 - ``diffunet sample`` of 2048 images (DDIM-50): the whole command, PNGs included, against the
@@ -38,8 +41,8 @@ from typing import Any
 
 import torch
 
-from .bench import PRESETS, BenchOptions, benchmark
-from .config import RunConfig, load_config
+from .bench import PRESETS, BenchOptions, benchmark, guidance_pair
+from .config import SMALL_UNET, RunConfig, load_config
 from .errors import FolderError
 from .output_files import claim_file, open_folder
 from .runs import cpu_requested, pick_device
@@ -278,6 +281,10 @@ def _check(out: Path, device: str | None, quick: bool, say: Callable[[str], None
     net = UNet(unet).to(dev).eval()
     result["sdpa_kernels"] = sdpa_kernels(net, dev, "bf16")
 
+    say("gpu check: autoguidance's pair of networks, two calls against one batched call")
+    result["guidance_pair"] = guidance_pair(unet if quick else SMALL_UNET, 4 if quick else 64,
+                                            dev, repeats=2 if quick else 5)
+
     say("gpu check: diffunet train with the GPU recipe")
     steps = 6 if quick else 300
     recipe = [str(_RECIPE), "data.source=builtin", "data.builtin_size=50000",
@@ -355,5 +362,11 @@ def markdown(result: dict[str, Any]) -> str:
               f"{len(sy['between_check_points'])} step(s)"
               + (f" ({sy['between_check_points']})" if sy["between_check_points"] else ""),
               f"- attention kernels: {', '.join(result['sdpa_kernels']) or 'none seen'}"]
+    gp = result.get("guidance_pair")
+    if gp:
+        lines.append(f"- autoguidance pair, batch {gp['batch_size']}, {gp['precision']}: two "
+                     f"calls {1e3 * gp['two_calls_s']:.1f} ms, one batched call "
+                     f"{1e3 * gp['batched_s']:.1f} ms ({gp['ratio']:.2f}x; outputs within "
+                     f"{gp['max_diff']:.1e})")
     lines += [f"- note: {n}" for n in result["notes"]]
     return "\n".join(lines)

@@ -54,7 +54,8 @@ from .evaluation import (FeatureNetwork, FeatureStats, frechet_distance,
                          kernel_inception_distance, reference_statistics)
 from .fileio import first_line
 from .output_files import OutputFile, claim_file
-from .samplers import SAMPLERS, SIGMA_GRIDS, check_sigma_range, network_calls, sample
+from .samplers import (SAMPLERS, SIGMA_GRIDS, NetworkCount, check_sampling, check_sigma_range,
+                       network_calls, sample)
 from .version import __version__
 
 __all__ = [
@@ -568,6 +569,10 @@ class NFERow:
     recognisable: float
     class_entropy: float
     seconds_per_image: float
+    guided_nfe: int = 0
+    """Of the ``nfe`` calls, those that also evaluated the guide (the guide network with
+    autoguidance, the unconditional branch with classifier-free guidance; fewer with a guidance
+    interval): the work per image is ``nfe`` main evaluations plus these."""
 
 
 @dataclass(frozen=True)
@@ -612,6 +617,9 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
                     cache_dir: str | os.PathLike | None = None,
                     clip_x0: bool | None = None, sigma_min: float | None = None,
                     sigma_max: float | None = None, names: dict[str, str] | None = None,
+                    guidance_scale: float = 1.0,
+                    guide_model: str | os.PathLike | None = None,
+                    guidance_interval: tuple[float, float] | None = None,
                     progress: Callable[[str], None] | None = None) -> NFEResult:
     """Sample ``num_images`` images (image i from seed + i, as ``diffunet sample``) from the
     model file for each sampler, sigma grid and network-evaluation budget, with the most steps
@@ -622,8 +630,12 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
     range (None: the model's; a bad one is a one-line error naming them as ``names`` spells
     them, e.g. the command line's flags). A uniform grid on an EDM model, a budget below a
     sampler's one step, and a combination ``sample`` refuses (the uniform grid with a set
-    range) are skipped, each with a note. ``progress(text)`` is called before each
-    combination."""
+    range) are skipped, each with a note. ``guidance_scale`` w, ``guide_model`` (a model file:
+    autoguidance, checked against the model as ``diffunet sample --guide-model`` does) and
+    ``guidance_interval`` guide every combination as :func:`~diffunet.samplers.sample` does
+    (a class-conditional model's images get labels i mod num_classes, and w is then
+    classifier-free guidance's without a guide); each row then also counts the calls that
+    evaluated the guide. ``progress(text)`` is called before each combination."""
     from .checkpoint import load_diffusion_model
 
     if num_images < 2:
@@ -645,6 +657,26 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
     judge = judge if judge is not None else load_judge(device=device)
     net, schedule, meta = load_diffusion_model(model_path, device=device)
     cfg = net.config
+    flag = dict(names or {}).get
+    guide = None
+    if guide_model is not None:
+        from .checkpoint import load_guide_model
+
+        guide, _ = load_guide_model(guide_model, net, schedule, model_path=model_path,
+                                    model_meta=meta, device=device,
+                                    name=flag("guide_model", "guide_model"))
+    flags = {"guidance_scale": flag("guidance_scale", "guidance_scale"),
+             "guidance_interval": flag("guidance_interval", "guidance_interval")}
+    check_sampling(flags, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+                   error=UsageError)
+    if guidance_scale != 1.0 and guide is None and getattr(cfg, "num_classes", None) is None:
+        raise UsageError(f"{flags['guidance_scale']} {guidance_scale} needs a class-conditional "
+                         f"model (classifier-free guidance) or a "
+                         f"{flag('guide_model', 'guide_model')} (autoguidance)")
+    if guidance_scale == 1.0 and (guide is not None or guidance_interval is not None):
+        what = "guide_model" if guide is not None else "guidance_interval"
+        raise UsageError(f"{flag(what, what)} with guidance scale 1 changes nothing; give "
+                         f"{flags['guidance_scale']} W above 1 or drop {flag(what, what)}")
     size = judge.config.image_size
     if (cfg.in_channels, cfg.image_size) != (3, size):
         raise UsageError(f"the judge reads RGB {size}x{size} images and this model makes "
@@ -681,20 +713,25 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
                 if progress is not None:
                     progress(f"{sampler} {grid} {budget} NFE ({steps} steps)")
                 try:
-                    images, seconds = [], 0.0
+                    images, seconds, guided = [], 0.0, 0
                     for start in range(0, num_images, batch_size):
                         idx = list(range(start, min(start + batch_size, num_images)))
                         x_T, gens = _start_noise(seed, idx, shape)
                         y = None if labels is None else labels[idx].to(device)
+                        count = NetworkCount()
                         t0 = time.perf_counter()
                         with torch.no_grad():
                             out = sample(net, schedule, x_T.to(device), sampler=sampler,
                                          num_steps=steps, sigmas=grid, clip_x0=clip_x0,
                                          sigma_min=sigma_min, sigma_max=sigma_max,
-                                         class_labels=y, generator=gens)
+                                         class_labels=y, generator=gens,
+                                         guidance_scale=guidance_scale, guide_model=guide,
+                                         guidance_interval=guidance_interval,
+                                         network_count=count)
                         out = out.float().cpu()  # waits for the device: part of the time
                         seconds += time.perf_counter() - t0
                         images.append(out.clamp(-1, 1))
+                        guided = max(guided, count.guided)  # every batch makes the same calls
                 except UsageError as e:
                     why = " ".join(str(e).split())
                     skipped.append(f"{sampler} on the {grid} grid at {steps} steps: {why}")
@@ -704,24 +741,33 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
                 rows.append(NFERow(sampler=sampler, grid=grid, budget=int(budget),
                                    num_steps=steps, nfe=network_calls(sampler, steps),
                                    fid=fid, kid=kid, recognisable=rec, class_entropy=ent,
-                                   seconds_per_image=seconds / num_images))
+                                   seconds_per_image=seconds / num_images,
+                                   guided_nfe=guided))
     return NFEResult(rows=rows, skipped=skipped, num_images=num_images, seed=seed,
                      model_sha256=file_sha256(model_path), num_reference=ref.features.shape[0],
                      judge_sha256=judge.sha256, reference_fid=floor_fid,
                      options={"clip_x0": clip_x0, "sigma_min": sigma_min,
                               "sigma_max": sigma_max, "batch_size": batch_size,
-                              "device": str(device)})
+                              "device": str(device), "guidance_scale": guidance_scale,
+                              "guide_model": None if guide_model is None else str(guide_model),
+                              "guide_model_sha256": None if guide_model is None
+                              else file_sha256(guide_model),
+                              "guidance_interval": None if guidance_interval is None
+                              else list(guidance_interval)})
 
 
 def format_nfe_table(result: NFEResult) -> str:
     """:func:`quality_per_nfe`'s result as a markdown table (one row per sampler, grid and
     budget), then the skipped combinations."""
-    lines = ["| sampler | grid | NFE budget | steps | NFE | FID | KID | recognisable "
-             "| class entropy | s / image |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    guided = result.options.get("guidance_scale", 1.0) != 1.0
+    lines = ["| sampler | grid | NFE budget | steps | NFE | " + ("guided | " if guided else "")
+             + "FID | KID | recognisable | class entropy | s / image |",
+             "|---|---|---:|---:|---:|" + ("---:|" if guided else "")
+             + "---:|---:|---:|---:|---:|"]
     for r in result.rows:
         lines.append(f"| {r.sampler} | {r.grid} | {r.budget} | {r.num_steps} | {r.nfe} | "
-                     f"{r.fid:.2f} | {r.kid:.4g} | {r.recognisable:.1%} | "
+                     + (f"{r.guided_nfe} | " if guided else "")
+                     + f"{r.fid:.2f} | {r.kid:.4g} | {r.recognisable:.1%} | "
                      f"{r.class_entropy:.3f} | {r.seconds_per_image:.4f} |")
     last = result.seed + result.num_images - 1
     lines.append("")
@@ -734,6 +780,16 @@ def format_nfe_table(result: NFEResult) -> str:
     if ends:
         lines.append(f"karras and exponential grids with {' and '.join(ends)} (the rest the "
                      "model's)")
+    if guided:
+        o = result.options
+        how = (f"autoguidance by {o.get('guide_model')}" if o.get("guide_model")
+               else "classifier-free guidance")
+        interval = o.get("guidance_interval")
+        lines.append(f"{how}, weight {o['guidance_scale']:g}"
+                     + (f", at sigma in [{interval[0]:g}, {interval[1]:g}]" if interval else "")
+                     + "; NFE counts the model's network calls, guided those that also "
+                     "evaluated the guide" + (" network" if o.get("guide_model") else
+                                              " (the unconditional half of a doubled batch)"))
     for note in result.skipped:
         lines.append(f"skipped: {note}")
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """The samplers: sigma grids, the step rules of the Karras family on the denoiser D(x; sigma)
 (Euler, Heun, Euler ancestral, DPM++ 2M, DPM++ 2M SDE), the one table of samplers and the one
-checker of their options, and the sampling loop :func:`sample` with classifier-free guidance and
-editing (SDEdit, inpainting, RePaint), each written once for every formulation.
+checker of their options, and the sampling loop :func:`sample` with guidance (classifier-free,
+autoguidance, the guidance interval: :mod:`diffunet.guidance`) and editing (SDEdit, inpainting,
+RePaint), each written once for every formulation.
 
 The step rules and grids here know nothing about any formulation: they see a denoiser
 ``D(x, sigma, class_labels=None) -> x0_hat`` on x = x0 + sigma n ("VE scaling") and a grid of
@@ -36,6 +37,7 @@ from .formulations.base import (Formulation, SamplingPath, Spacing, StepOptions,
 # only user is formulations/vp.py: nothing here calls them)
 from .formulations.vp import (VARIANCES, ddim_step, ddpm_step, dpmpp_2m_step,  # noqa: F401
                               make_timesteps)
+from .guidance import NetworkCount, guide_mismatch, guided_network
 from .randomness import Generators, check_generator_count, fresh_generator, gaussian
 
 __all__ = ["SAMPLERS", "SAMPLER_TABLE", "SamplerSpec", "SPACINGS", "VARIANCES", "SIGMA_GRIDS",
@@ -43,7 +45,7 @@ __all__ = ["SAMPLERS", "SAMPLER_TABLE", "SamplerSpec", "SPACINGS", "VARIANCES", 
            "SamplerName", "SigmaGrid", "Spacing", "Generators", "StepCallback", "SigmaCallback",
            "Denoiser", "MAX_RESAMPLE", "MAX_STEPS", "PREVIEW_GRIDS", "check_sampling", "check_sigma_range",
            "default_grid", "preview_grid", "ddim_step", "ddpm_step", "dpmpp_2m_step", "make_timesteps",
-           "make_sigmas", "network_calls", "sample_euler", "sample_heun",
+           "make_sigmas", "network_calls", "NetworkCount", "sample_euler", "sample_heun",
            "sample_euler_ancestral", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample"]
 
 SamplerName = Literal["ddpm", "ddim", "dpmpp-2m", "euler", "heun", "euler-ancestral",
@@ -303,10 +305,13 @@ def preview_grid(formulation: Union[Formulation, type[Formulation]], sampler: st
 
 
 def network_calls(sampler: SamplerName, num_steps: int) -> int:
-    """Network evaluations (NFE) of ``num_steps`` steps of ``sampler``: one forward pass over
-    the batch each (the doubled classifier-free-guidance batch counts as one). Heun makes two
-    per step except its last, to sigma = 0, which is a plain Euler step (2 N - 1); every other
-    sampler makes one per step. RePaint resampling (``resample = r``) repeats steps on top."""
+    """Network calls (NFE) of ``num_steps`` steps of ``sampler``: calls of the main network,
+    one forward pass over the batch each (the doubled classifier-free-guidance batch counts as
+    one). Heun makes two per step except its last, to sigma = 0, which is a plain Euler step
+    (2 N - 1); every other sampler makes one per step. RePaint resampling (``resample = r``)
+    repeats steps on top. Autoguidance evaluates the guide network besides the main one at each
+    guided call (every call, or those in the guidance interval): a
+    :class:`~diffunet.guidance.NetworkCount` passed to :func:`sample` counts both."""
     check_sampling({"sampler": "sampler", "num_steps": "num_steps"}, sampler=sampler,
                    num_steps=num_steps, error=UsageError)
     per = SAMPLER_TABLE[sampler].calls_per_step
@@ -331,7 +336,7 @@ def check_sampling(names: dict[str, str], *, sampler: Any = None, num_steps: Any
                    eta: Any = None, spacing: Any = None, sigmas: Any = None, rho: Any = None,
                    sigma_min: Any = None, sigma_max: Any = None, s_churn: Any = None,
                    s_tmin: Any = None, s_tmax: Any = None, s_noise: Any = None,
-                   guidance_scale: Any = None,
+                   guidance_scale: Any = None, guidance_interval: Any = None,
                    error: type[DiffunetError] = ConfigError) -> None:
     """Every rule of the sampling settings, stated once, for :class:`~diffunet.config.
     SampleConfig` (``sample.*``), the ``diffunet sample`` flags and :func:`sample`'s arguments:
@@ -365,6 +370,18 @@ def check_sampling(names: dict[str, str], *, sampler: Any = None, num_steps: Any
                     f"{', '.join(SPACINGS)}")
     if guidance_scale is not None and not _number(guidance_scale):
         raise bad("guidance_scale", f"must be a finite number, got {guidance_scale!r}")
+    if guidance_interval is not None:
+        ends = tuple(guidance_interval) if isinstance(guidance_interval, (list, tuple)) else ()
+        if len(ends) != 2 or not all(_number(v) for v in ends):
+            raise bad("guidance_interval", f"must be two finite noise levels LO,HI (guide only "
+                      f"at sigma in [LO, HI], e.g. 0.3,5), got {guidance_interval!r}")
+        lo, hi = ends
+        if lo < 0:
+            raise bad("guidance_interval", f"must be noise levels >= 0 (sigma of x = x0 + "
+                      f"sigma n), got LO {lo}")
+        if not lo < hi:
+            raise bad("guidance_interval", f"needs LO < HI (guide at sigma in [LO, HI]), got "
+                      f"{lo}, {hi}")
     if sigmas is not None and sigmas not in SIGMA_GRIDS:
         close = difflib.get_close_matches(str(sigmas), SIGMA_GRIDS, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
@@ -702,16 +719,6 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *,
 # Conditioning and editing, once for every path
 
 
-def _resolve_null_label(model: Callable[..., Tensor], null_label: int | None) -> int:
-    if null_label is not None:
-        return int(null_label)
-    num_classes = getattr(getattr(model, "config", None), "num_classes", None)
-    if isinstance(num_classes, int) and not isinstance(num_classes, bool):
-        return num_classes
-    raise UsageError("classifier-free guidance needs the 'no label' class index: pass "
-                      "null_label=..., or use a model whose config.num_classes is set")
-
-
 MAX_RESAMPLE = 100
 """The most RePaint repeats of a step: each multiplies the network calls (Lugmayr et al. 2022
 used 10); a larger count is a one-line error rather than a run that never ends."""
@@ -768,26 +775,19 @@ def _check_editing(x_T: Tensor, init_image: Optional[Tensor], strength: float,
     return init, m
 
 
-def _conditioned(model: Callable[..., Tensor], labels: Optional[Tensor], guidance_scale: float,
-                 null_label: Optional[int]) -> Callable[..., Tensor]:
-    """``model`` with the class labels bound in, ``net(x, t)``, and classifier-free guidance
-    (Ho & Salimans 2022, eq. 6 with s = 1 + w) when ``guidance_scale`` is not 1: each call is ONE
-    forward pass on the doubled batch [x, x] with labels [labels, null], combined as
-    uncond + s (cond - uncond). Written once: every path (native or sigma space) calls the
-    network through it, so guidance is the same for every formulation and sampler."""
-    if labels is None:
-        return model
-    if guidance_scale == 1.0:
-        return lambda x, t: model(x, t, class_labels=labels)
-    both_labels = torch.cat([labels, torch.full_like(labels, _resolve_null_label(model,
-                                                                              null_label))])
-
-    def guided(x: Tensor, t: Tensor) -> Tensor:
-        both = model(torch.cat([x, x]), torch.cat([t, t]), class_labels=both_labels)
-        cond, uncond = both.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
-
-    return guided
+def _check_guide(model: Callable[..., Tensor], guide: Any) -> None:
+    """Refuse a ``guide_model`` that cannot guide ``model`` (see :func:`sample`), one line."""
+    if not callable(guide):
+        raise UsageError(f"guide_model must be a network (a callable like the model), got "
+                         f"{type(guide).__name__}")
+    if guide is model:
+        raise UsageError("guide_model is the model itself: a model guiding itself changes "
+                         "nothing (D + w (D - D) = D); give a weaker one (an early snapshot or "
+                         "a smaller network)")
+    problem = guide_mismatch(model, guide)
+    if problem is not None:
+        raise UsageError(f"guide_model cannot guide this model: {problem}; the guide must "
+                         "make the same images (channels, size) with the same classes")
 
 
 def _clipped(denoiser: Denoiser, clip: bool) -> Denoiser:
@@ -802,7 +802,7 @@ def _clipped(denoiser: Denoiser, clip: bool) -> Denoiser:
 
 _ARGUMENTS = {k: k for k in ("sampler", "num_steps", "eta", "spacing", "sigmas", "rho",
                              "sigma_min", "sigma_max", "s_churn", "s_tmin", "s_tmax", "s_noise",
-                             "guidance_scale")}
+                             "guidance_scale", "guidance_interval")}
 
 
 def sample(model: Callable[..., Tensor], schedule: Formulation, x_T: Tensor, *,
@@ -814,7 +814,10 @@ def sample(model: Callable[..., Tensor], schedule: Formulation, x_T: Tensor, *,
            guidance_scale: float = 1.0, null_label: Optional[int] = None,
            clip_x0: Optional[bool] = None, generator: Optional[Generators] = None,
            callback: Optional[StepCallback] = None, init_image: Optional[Tensor] = None,
-           strength: float = 1.0, mask: Optional[Tensor] = None, resample: int = 1) -> Tensor:
+           strength: float = 1.0, mask: Optional[Tensor] = None, resample: int = 1,
+           guide_model: Optional[Callable[..., Tensor]] = None,
+           guidance_interval: Optional[tuple[float, float]] = None,
+           network_count: Optional[NetworkCount] = None) -> Tensor:
     """Run the reverse process from ``x_T`` (B, C, H, W) and return the sample x0 (B, C, H, W).
 
     The defaults are DDIM's (50 steps, no clipping but ddpm's), kept for code written against
@@ -852,11 +855,28 @@ def sample(model: Callable[..., Tensor], schedule: Formulation, x_T: Tensor, *,
             the model's; see :func:`make_sigmas`).
         s_churn, s_tmin, s_tmax, s_noise: Heun's stochasticity (Karras et al. Algorithm 2).
         class_labels: (B,) int labels for a class-conditional model.
-        guidance_scale: classifier-free guidance (Ho & Salimans 2022, eq. 6 with s = 1 + w):
-            when not 1, each network call is ONE forward pass on the doubled batch [x, x] with
-            labels [class_labels, null_label], combined as uncond + s (cond - uncond) on the
-            network's output. Needs ``class_labels``.
+        guidance_scale: the guidance weight w (1: none). Without ``guide_model``,
+            classifier-free guidance (Ho & Salimans 2022, eq. 6 with s = 1 + w): each network
+            call is ONE forward pass on the doubled batch [x, x] with labels [class_labels,
+            null_label], combined as uncond + w (cond - uncond) on the network's output; needs
+            ``class_labels``. With ``guide_model``, the autoguidance weight.
         null_label: the "no label" index; None: ``model.config.num_classes`` when it exists.
+        guide_model: autoguidance (Karras et al. 2024): a weaker network of the same
+            formulation and schedule, data shape and classes (an early snapshot, a smaller
+            net), called like ``model`` with the same labels (or none); each guided call
+            evaluates D_guide + w (D_main - D_guide) on the network outputs (the null label is
+            not used). One batched call where the two share an architecture on a GPU
+            (:data:`~diffunet.guidance.STACKED_DEVICES`), else two calls. With w = 1: the main
+            model alone, exactly. A ``guide_model`` whose ``config`` says another image shape
+            or classes, or the model itself, is refused; its formulation is the caller's to
+            match (``diffunet sample --guide-model`` checks it from the model files).
+        guidance_interval: (lo, hi), 0 <= lo < hi: guide (either kind) only at network calls
+            whose noise level sigma (x = x0 + sigma n; read from the time input by
+            ``schedule.sigma_of_time_input``) is in [lo, hi] (Kynkaanniemi et al. 2024); the
+            other calls run the main network alone, with no guide or unconditional
+            evaluation. None: every call.
+        network_count: a :class:`~diffunet.guidance.NetworkCount` that each network call adds
+            to (main calls, and those that also evaluated the guide).
         clip_x0: clamp each x0_hat to [-1, 1] (None: only ddpm does).
         generator: source of all noise: one generator, or a list of B where image b's noise
             comes from ``generator[b]`` only. None: a fresh OS-seeded one (when needed).
@@ -894,7 +914,8 @@ def sample(model: Callable[..., Tensor], schedule: Formulation, x_T: Tensor, *,
     check_sampling(_ARGUMENTS, sampler=sampler, num_steps=num_steps, eta=eta, spacing=spacing,
                    sigmas=sigmas, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max,
                    s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
-                   guidance_scale=guidance_scale, error=UsageError)
+                   guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+                   error=UsageError)
     spec = SAMPLER_TABLE[sampler]
     step_noise = spec.fixed_eta if spec.eta is None else (spec.eta if eta is None else eta)
     options = StepOptions(sampler, num_steps, eta=float(step_noise or 0.0), spacing=spacing,
@@ -902,10 +923,13 @@ def sample(model: Callable[..., Tensor], schedule: Formulation, x_T: Tensor, *,
                           s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
     init, m = _check_editing(x_T, init_image, strength, mask, resample, sampler)
     guided = guidance_scale != 1.0
-    if guided and class_labels is None:
+    if guided and class_labels is None and guide_model is None:
         raise UsageError(f"guidance_scale={guidance_scale} needs class_labels (classifier-free "
-                          "guidance mixes conditional and unconditional predictions); use "
-                          "guidance_scale=1 for an unconditional model")
+                          "guidance mixes conditional and unconditional predictions) or a "
+                          "guide_model (autoguidance); use guidance_scale=1 for an "
+                          "unconditional model without a guide")
+    if guide_model is not None:
+        _check_guide(model, guide_model)
     labels = None if class_labels is None else class_labels.to(x_T.device, torch.long)
     check_generator_count(generator, x_T.shape[0])
     stochastic = options.eta > 0 or s_churn > 0 or m is not None
@@ -916,7 +940,11 @@ def sample(model: Callable[..., Tensor], schedule: Formulation, x_T: Tensor, *,
         raise UsageError(f"strength={strength} with num_steps={num_steps} keeps no step "
                          f"(int(num_steps * strength) = 0); raise strength or num_steps")
     with torch.no_grad():
-        net = _conditioned(model, labels, guidance_scale, null_label)
+        net = guided_network(model, schedule, labels=labels, guidance_scale=guidance_scale,
+                             null_label=null_label, guide_model=guide_model,
+                             interval=None if guidance_interval is None
+                             else (float(guidance_interval[0]), float(guidance_interval[1])),
+                             count=network_count)
         path = schedule.native_path(net, options, grid, generator)
         if path is None:
             levels = make_sigmas(schedule, num_steps, grid, rho=rho, spacing=spacing,

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from . import errors
-from .checkpoint import load_diffusion_model
+from .checkpoint import load_diffusion_model, load_guide_model
 from .config import SampleConfig, ScheduleConfig, from_dict, to_dict
 from .editing import IMG2IMG_STRENGTH, MASK_CONVENTION, EditInputs, load_edit_inputs
 from .errors import ConfigError, DataError, FolderError, UsageError
@@ -154,7 +154,8 @@ def _is_int(value: Any) -> bool:
 
 
 _FLAGS = {"sampler": "--sampler", "num_steps": "--steps", "eta": "--eta",
-          "spacing": "--spacing", "guidance_scale": "--guidance-scale", "sigmas": "--sigmas",
+          "spacing": "--spacing", "guidance_scale": "--guidance-scale",
+          "guidance_interval": "--guidance-interval", "sigmas": "--sigmas",
           "rho": "--rho", "sigma_min": "--sigma-min", "sigma_max": "--sigma-max",
           "s_churn": "--s-churn", "s_tmin": "--s-tmin", "s_tmax": "--s-tmax",
           "s_noise": "--s-noise"}
@@ -181,6 +182,12 @@ class SampleOptions:
     init image, or a folder paired by file name) keeps the init image where the mask is black
     and generates where it is white (:data:`MASK_CONVENTION`); ``resample`` > 1 repeats each
     inpainting step that many times (RePaint; one-step samplers only).
+
+    Guidance: ``guidance_scale`` is the weight w of classifier-free guidance (with
+    ``class_labels``) or, with ``guide_model`` (a model file of the same formulation, schedule,
+    image shape and classes: an early snapshot, a smaller net), of autoguidance;
+    ``guidance_interval`` = (lo, hi) guides only at noise levels sigma in [lo, hi] (None: the
+    model file's setting where its guidance is the same kind, else every level).
 
     ``class_labels``: None (unconditional; a
     class-conditional model then gets its "no label" class), one label for every image, a tuple
@@ -216,6 +223,8 @@ class SampleOptions:
     s_tmax: Optional[float] = None
     s_noise: Optional[float] = None
     guidance_scale: Optional[float] = None
+    guidance_interval: Optional[tuple[float, float]] = None
+    guide_model: Optional[Union[str, os.PathLike]] = None
     clip_x0: Optional[bool] = None
     init_image: Optional[Union[str, os.PathLike]] = None
     mask: Optional[Union[str, os.PathLike]] = None
@@ -230,7 +239,7 @@ class SampleOptions:
         _check_count(self.num_samples or DEFAULT_NUM_SAMPLES)
         check_sampling(_FLAGS, sampler=self.sampler, num_steps=self.num_steps, eta=self.eta,
                        spacing=self.spacing, guidance_scale=self.guidance_scale,
-                       sigmas=self.sigmas, rho=self.rho, s_churn=self.s_churn,
+                       guidance_interval=self.guidance_interval, sigmas=self.sigmas, rho=self.rho, s_churn=self.s_churn,
                        s_tmin=self.s_tmin, s_tmax=self.s_tmax, s_noise=self.s_noise,
                        sigma_min=self.sigma_min, sigma_max=self.sigma_max, error=UsageError)
         _check_seed(self.seed, self.num_samples or DEFAULT_NUM_SAMPLES)
@@ -244,10 +253,15 @@ class SampleOptions:
         if not ok:
             raise UsageError(f"--class-label must be a class index or name, a list of them or "
                              f"'all', got {labels!r}")
-        if self.guidance_scale not in (None, 1.0) and labels is None:
+        if self.guidance_scale not in (None, 1.0) and labels is None and \
+                self.guide_model is None:
             raise UsageError(f"--guidance-scale {self.guidance_scale} needs --class-label "
-                             "(classifier-free guidance steers towards a class); give labels or "
-                             "use --guidance-scale 1")
+                             "(classifier-free guidance steers towards a class) or --guide-model "
+                             "(autoguidance); give one or use --guidance-scale 1")
+        if self.guide_model is not None and self.guidance_scale == 1.0:
+            raise UsageError(_POINTLESS_GUIDE)
+        if self.guidance_interval is not None and self.guidance_scale == 1.0:
+            raise UsageError(_POINTLESS_INTERVAL)
         if self.precision is not None and self.precision not in PRECISIONS:
             raise UsageError(f"unknown precision {self.precision!r}; use --precision with one of "
                              f"{', '.join(PRECISIONS)}")
@@ -283,6 +297,14 @@ class SampleOptions:
         return 1.0 if self.mask is not None else IMG2IMG_STRENGTH
 
 
+_POINTLESS_GUIDE = ("--guide-model with guidance scale 1 changes nothing (D_guide + 1 (D - "
+                    "D_guide) = D); give --guidance-scale W above 1 (Karras et al. 2024 use 2 "
+                    "to 3) or drop --guide-model")
+_POINTLESS_INTERVAL = ("--guidance-interval limits guidance, and guidance scale 1 is none; give "
+                       "--guidance-scale W (with --class-label or --guide-model) or drop "
+                       "--guidance-interval")
+
+
 def _check_count(n: int) -> None:
     if n > MAX_SAMPLES:
         raise UsageError(f"--num-samples {n} is more than {MAX_SAMPLES:,} images for one folder; "
@@ -306,8 +328,10 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
     """How ``diffunet sample`` samples the model file whose metadata is ``meta``: the file's
     ``[sample]`` settings (written by ``diffunet train``: what its previews used; else
     :class:`~diffunet.config.SampleConfig`'s defaults) with the ones ``options`` gives in their
-    place. Without class labels the stored guidance scale does not apply; another sampler than
-    the stored one drops the stored ``eta`` and S_churn settings (they were the other
+    place. The stored guidance (scale and interval) applies only to guidance of the same kind:
+    classifier-free (the file's ``guide_model`` unset) with class labels, autoguidance (it set)
+    with ``guide_model``; the file's own ``guide_model`` path is never used. Another sampler
+    than the stored one drops the stored ``eta`` and S_churn settings (they were the other
     sampler's), another grid than ``karras`` the stored ``rho``, a uniform grid the stored
     ``sigma_min``/``sigma_max``."""
     stored = meta.get("run_config")
@@ -317,12 +341,21 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
     except ConfigError:
         base = None  # informational metadata from another diffunet version: use the defaults
     settings = to_dict(base if base is not None else SampleConfig())
-    if options.class_labels is None:
-        settings["guidance_scale"] = 1.0
+    stored_kind = "auto" if settings["guide_model"] is not None else "cfg"
+    kind = "auto" if options.guide_model is not None else (
+        "cfg" if options.class_labels is not None else None)
+    if kind != stored_kind:  # the stored guidance was another kind's (or there is none now)
+        settings["guidance_scale"], settings["guidance_interval"] = 1.0, None
+    settings["guide_model"] = None  # a path from the training machine: never used here
     given = {k: getattr(options, k) for k in (*_FLAGS, "clip_x0")
              if getattr(options, k) is not None}
     if given.get("s_tmax") == math.inf:
         given["s_tmax"] = None  # no upper limit
+    if given.get("guidance_scale") == 1.0 and "guidance_interval" not in given:
+        settings["guidance_interval"] = None  # guidance switched off: its stored interval too
+    if options.guide_model is not None and given.get("guidance_scale",
+                                                     settings["guidance_scale"]) == 1.0:
+        raise UsageError(_POINTLESS_GUIDE)
     defaults = to_dict(SampleConfig())
     if given.get("sampler", settings["sampler"]) != settings["sampler"]:
         for key in ("eta", "sigmas", *_CHURN):  # the stored sampler's, not the new one's
@@ -343,6 +376,10 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
             settings[key] = None  # the stored range was for the stored grid
     check_sampling(_FLAGS, **{k: settings[k] for k in ("sampler", "eta", "sigmas", "rho",
                                                        *_RANGE, *_CHURN)}, error=UsageError)
+    if settings["guidance_interval"] is not None:
+        if settings["guidance_scale"] == 1.0:
+            raise UsageError(_POINTLESS_INTERVAL)
+        settings["guidance_interval"] = tuple(float(v) for v in settings["guidance_interval"])
     return SampleConfig(**settings)
 
 
@@ -478,6 +515,7 @@ def _labels_spec(spec: ClassLabels) -> Any:
 
 
 _SETTINGS_BEFORE = {"sigmas": "uniform", "rho": 7.0, "sigma_min": None, "sigma_max": None,
+                    "guide_model_sha256": None, "guidance_interval": None,
                     "s_churn": 0.0, "s_tmin": 0.0,
                     "s_tmax": None, "s_noise": 1.0, "init_images": None, "masks": None,
                     "strength": None, "resample": 1}
@@ -623,11 +661,11 @@ class _Edit:
 def _draw_batch(network: Any, schedule: Any, how: SampleConfig, idx: list[int], seed: int,
                 shape: tuple[int, int, int], labels: Optional[list[int]], device: torch.device,
                 autocast: Any, writer: _Writer, on_step: Optional[Callable[[int], None]] = None,
-                edit: Optional[_Edit] = None) -> None:
+                edit: Optional[_Edit] = None, guide: Any = None) -> None:
     """Draw images ``idx`` together and hand them to ``writer``. One CPU generator per image
     gives its start noise and then its step noise (see the module doc); an editing run's image
     i also starts from init image ``i % K`` (and its mask). ``on_step(i)`` is called after each
-    sampling step i (it drives the progress bar)."""
+    sampling step i (it drives the progress bar); ``guide``: the autoguidance network."""
     gens = [torch.Generator().manual_seed(seed + i) for i in idx]
     x_T = torch.stack([torch.randn(shape, generator=g) for g in gens])
     y = None if labels is None else torch.tensor([labels[i] for i in idx], device=device)
@@ -639,7 +677,7 @@ def _draw_batch(network: Any, schedule: Any, how: SampleConfig, idx: list[int], 
     with autocast:
         images = sample(network, schedule, x_T.to(device), class_labels=y, generator=gens,
                         callback=None if on_step is None else lambda i, *_: on_step(i),
-                        **kwargs)
+                        guide_model=guide, **kwargs)
     writer.submit(images.float().cpu(), [image_name(i) for i in idx])
 
 
@@ -730,9 +768,17 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     spec = resolve_class_labels(o.class_labels, meta.get("class_names")) \
         if net.config.num_classes is not None else o.class_labels
     labels = _image_labels(spec, net.config.num_classes, n)
+    guide, guide_meta = None, None
+    if o.guide_model is not None:  # refused here, before the folder is touched
+        guide, guide_meta = load_guide_model(o.guide_model, net, schedule, model_path=model_path,
+                                             model_meta=meta)
     net.to(device)
     if o.channels_last:
         net.to(memory_format=torch.channels_last)
+    if guide is not None:
+        guide.to(device)
+        if o.channels_last:
+            guide.to(memory_format=torch.channels_last)
     if o.batch_size is not None:
         batch_size = o.batch_size
         # A batch of images the device cannot hold must be one line, not an exhausted machine.
@@ -745,6 +791,8 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     else:
         batch_size = 64
     network = torch.compile(net, dynamic=False) if o.compile else net
+    if guide is not None and o.compile:
+        guide = torch.compile(guide, dynamic=False)
 
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
@@ -753,6 +801,9 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         "complete": False,
         "model": {"path": str(Path(model_path).resolve()), "sha256": meta["sha256"],
                   "step": meta.get("step")},
+        "guide_model": None if guide_meta is None else {
+            "path": str(Path(o.guide_model).resolve()), "sha256": guide_meta["sha256"],
+            "step": guide_meta.get("step")},
         "unet_config": to_dict(net.config),
         "schedule_config": to_dict(schedule.config),
         # Everything that decides the pixels; a rerun must match it to resume.
@@ -766,7 +817,11 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
                      "s_tmax": None if how.s_tmax is None else float(how.s_tmax),
                      "s_noise": float(how.s_noise), "seed": o.seed,
                      "class_labels": _labels_spec(spec),
-                     "guidance_scale": float(how.guidance_scale), "precision": precision,
+                     "guidance_scale": float(how.guidance_scale),
+                     "guide_model_sha256": None if guide_meta is None else guide_meta["sha256"],
+                     "guidance_interval": None if how.guidance_interval is None
+                     else [float(v) for v in how.guidance_interval],
+                     "precision": precision,
                      "clip_x0": how.clip_x0,
                      "init_images": None if edit is None else list(edit.inputs.init_sha256),
                      "masks": None if edit is None or not edit.inputs.mask_paths
@@ -791,8 +846,8 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     error: Optional[BaseException] = None
     if main:
         try:
-            inputs = [model_path] + ([] if edit is None else
-                                     [*edit.inputs.init_paths, *edit.inputs.mask_paths])
+            inputs = [model_path] + ([] if o.guide_model is None else [o.guide_model]) + (
+                [] if edit is None else [*edit.inputs.init_paths, *edit.inputs.mask_paths])
             claim = _claim(out_dir, manifest, inputs, n, o, tell)
         except Exception as e:  # raised on every process by _same_outcome
             error = e
@@ -804,7 +859,7 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
             tell(edit_note)  # once the folder is claimed: bad input stays a single line
         return _draw_all(state, main, out_dir, manifest, claim, folder, n, o, how, network,
                          schedule, shape, labels, device, autocast, batch_size, progress, tell,
-                         edit)
+                         edit, guide)
     finally:
         if folder is not None and folder is not claim:
             folder.close()
@@ -868,7 +923,7 @@ def _draw_all(state: Any, main: bool, out_dir: Path, manifest: dict[str, Any],
               network: Any, schedule: Any, shape: tuple[int, int, int],
               labels: Optional[list[int]], device: torch.device, autocast: Any,
               batch_size: int, progress: bool, tell: Callable[[str], None],
-              edit: Optional[_Edit] = None) -> SampleResult:
+              edit: Optional[_Edit] = None, guide: Any = None) -> SampleResult:
     """Draw the images not yet in the claimed folder, then the grid and the final manifest
     (the main process's ``claim``), every file through this process's ``folder``."""
     from tqdm.auto import tqdm
@@ -898,7 +953,7 @@ def _draw_all(state: Any, main: bool, out_dir: Path, manifest: dict[str, Any],
         for start in range(0, len(mine), batch_size):
             idx = mine[start:start + batch_size]
             _draw_batch(network, schedule, how, idx, o.seed, shape, labels, device, autocast,
-                        writer, on_step=lambda i: bar.update(1), edit=edit)
+                        writer, on_step=lambda i: bar.update(1), edit=edit, guide=guide)
             drawn.extend(idx)
             done = min(n, done_before + len(drawn) * state.num_processes)
             bar.set_postfix_str(f"{done}/{n} img", refresh=False)

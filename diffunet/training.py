@@ -24,13 +24,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import state as st
-from .checkpoint import model_file_bytes, unwrap_model
+from .checkpoint import load_guide_model, model_file_bytes, unwrap_model
 from .config import RunConfig, TrainConfig, to_dict
 from .data import (GlobalBatchSampler, HFStream, build_dataset, flip_where, make_dataloader,
                    skipped_note)
@@ -42,7 +43,7 @@ from .runs import EMA, Run
 from .samplers import check_sigma_range, sample
 from .unet import UNet
 
-__all__ = ["EMA", "TrainResult", "fit_classes_to_data", "lr_at", "train"]
+__all__ = ["EMA", "TrainResult", "fit_classes_to_data", "lr_at", "preview_guide", "train"]
 
 STATE_KEYS: dict[str, type] = {"config": dict, "optimizer": dict, "nonfinite_total": int,
                                "nonfinite_streak": int}
@@ -263,11 +264,26 @@ def _update(run: Run, cfg: RunConfig, model: torch.nn.Module, optimizer: Any, em
     return bad, norm
 
 
-def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run
-                ) -> Callable[[int], None]:
-    """The preview grid writer: the EMA model sampled with ``cfg.sample`` from the same noise
-    (and labels) every time, so the grids are comparable."""
+def preview_guide(cfg: RunConfig) -> UNet | None:
+    """The network ``sample.guide_model`` names (autoguidance of the previews), read and checked
+    against the run's formulation, schedule, image shape and classes (one line if it cannot
+    guide them), on the CPU in eval mode; None without one. Called before a run starts."""
+    if cfg.sample.guide_model is None:
+        return None
+    like = SimpleNamespace(config=cfg.unet)  # the run's network, not built yet
+    guide, _ = load_guide_model(cfg.sample.guide_model, like, make_schedule(cfg.schedule),
+                                name="sample.guide_model")
+    return guide.eval()
+
+
+def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run,
+                guide: UNet | None = None) -> Callable[[int], None]:
+    """The preview grid writer: the EMA model sampled with ``cfg.sample`` (guided by ``guide``
+    where ``sample.guide_model`` names one) from the same noise (and labels) every time, so the
+    grids are comparable."""
     s, seed, k = cfg.sample, cfg.train.seed, cfg.unet.num_classes
+    if guide is not None:
+        guide.to(run.device)
     C, H = cfg.unet.in_channels, cfg.unet.image_size
     x_T = torch.randn((s.num_images, C, H, H), generator=torch.Generator().manual_seed(seed + 1))
     labels = torch.arange(s.num_images) % k if k is not None else None
@@ -284,7 +300,7 @@ def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run
                 images = sample(ema.model, schedule, x_T.to(run.device),
                                 class_labels=None if labels is None else labels.to(run.device),
                                 generator=torch.Generator().manual_seed(seed + 2),
-                                callback=cut, **s.sample_kwargs())
+                                callback=cut, guide_model=guide, **s.sample_kwargs())
         except StopRequested:  # a signal asked the run to stop: no grid, the loop saves next
             return False
         drawn["grid"] = make_grid_image(images.float().cpu())
@@ -382,6 +398,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         # memory) and config.json need: read the folder before the run starts.
         dataset = build_dataset(cfg.data)
         cfg = fit_classes_to_data(cfg, dataset.class_names)
+    guide = preview_guide(cfg)  # a guide that cannot guide this run: refused before it starts
     t = cfg.train
     with Run(cfg, out_dir, resume=resume, command="train", mixed_precision=t.mixed_precision,
              batch_size=t.batch_size, batch_divisor=t.grad_accum_steps, trackers=t.trackers,
@@ -437,7 +454,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                                             start_step=step, rank=run.rank,
                                             world_size=run.world),
                 run.workers(cfg.data.num_workers), pin_memory=run.device.type == "cuda"))
-        preview = _preview_fn(cfg, ema, schedule, run)
+        preview = _preview_fn(cfg, ema, schedule, run, guide)
 
         def save(at: int) -> tuple[Path, Path]:
             model_path = run.out_dir / "weights" / f"model_{st.state_name(at)}.safetensors"

@@ -172,7 +172,10 @@ class UNet(nn.Module):
         always used; elsewhere they follow the weights, i.e. ``model.to(memory_format=
         torch.channels_last)`` turns them on. Every later activation inherits the format.
         """
-        weights_nhwc = self.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+        try:
+            weights_nhwc = self.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+        except RuntimeError:  # batched weights under torch.func.vmap cannot say their layout
+            weights_nhwc = False
         if (x.device.type == "cpu" and self._onednn) or weights_nhwc:
             return x.contiguous(memory_format=torch.channels_last)
         return x

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import diffunet
-from diffunet import NoiseSchedule, ScheduleConfig, UNet, UNetConfig
+from diffunet import ScheduleConfig, UNet, UNetConfig
 from diffunet.checkpoint import FORMAT_VERSION
 from diffunet.sampling import image_name
 from diffunet.state import state_name
@@ -86,12 +86,14 @@ def run_real(argv: list[str], cwd: Path, console_script: bool = False) -> Result
 # Inputs
 
 
-def _tiny_model(path: Path, **overrides) -> Path:
-    torch.manual_seed(0)
+def _tiny_model(path: Path, seed: int = 0, schedule: ScheduleConfig | None = None,
+                **overrides) -> Path:
+    torch.manual_seed(seed)
     cfg = dict(image_size=8, base_channels=8, channel_mults=(1,), num_res_blocks=1,
                attn_resolutions=(), dropout=0.0, num_groups=4)
     net = UNet(UNetConfig(**{**cfg, **overrides}))
-    diffunet.save_model(path, net, NoiseSchedule(ScheduleConfig(num_train_timesteps=T)))
+    diffunet.save_model(path, net, diffunet.make_schedule(
+        schedule or ScheduleConfig(num_train_timesteps=T)))
     return path
 
 
@@ -164,6 +166,13 @@ def _model_files(d: Path) -> None:
     save_file(tensors, str(m / "missing_tensor.safetensors"), metadata=metadata)
     (m / "folder.safetensors").mkdir()
     _tiny_model(m / "cond.safetensors", num_classes=3)
+    # guide models (autoguidance): a good one, and one per way a guide can differ
+    _tiny_model(m / "weak.safetensors", seed=1, base_channels=4, num_groups=2)
+    _tiny_model(m / "edm.safetensors", seed=1, schedule=ScheduleConfig(formulation="edm"))
+    _tiny_model(m / "t10.safetensors", seed=1, schedule=ScheduleConfig(num_train_timesteps=10))
+    _tiny_model(m / "size16.safetensors", seed=1, image_size=16)
+    _tiny_model(m / "gray.safetensors", seed=1, in_channels=1)
+    shutil.copy(good, m / "good_copy.safetensors")
     # A stranger's model file whose metadata is full of paths: none of them may matter.
     path = m / "paths.safetensors"
     shutil.copy(good, path)
@@ -360,6 +369,106 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("model-tensor-entry-gone", ["sample", "{d}/models/offsets_gone.safetensors",
                                  "--out-dir", "{out}"],
      ["cannot read its tensors", "the file is damaged"]),
+    # -- autoguidance and the guidance interval -------------------------------------------------
+    ("guide-other-formulation", ["sample", "{d}/models/good.safetensors", "--guide-model",
+                                 "{d}/models/edm.safetensors", "--guidance-scale", "2",
+                                 "--steps", "2", "--out-dir", "{out}"],
+     ["--guide-model", "edm.safetensors cannot guide this model: it is an EDM model, the model "
+      "a VP one", "give a guide of the same formulation and schedule"]),
+    ("guide-other-schedule", ["sample", "{d}/models/good.safetensors", "--guide-model",
+                              "{d}/models/t10.safetensors", "--guidance-scale", "2",
+                              "--steps", "2", "--out-dir", "{out}"],
+     ["its schedule.num_train_timesteps is 10, the model's 20"]),
+    ("guide-other-size", ["sample", "{d}/models/good.safetensors", "--guide-model",
+                          "{d}/models/size16.safetensors", "--guidance-scale", "2",
+                          "--steps", "2", "--out-dir", "{out}"],
+     ["cannot guide this model: its image size 16, the model's 8"]),
+    ("guide-other-channels", ["sample", "{d}/models/good.safetensors", "--guide-model",
+                              "{d}/models/gray.safetensors", "--guidance-scale", "2",
+                              "--steps", "2", "--out-dir", "{out}"],
+     ["its image channels 1, the model's 3"]),
+    ("guide-other-classes", ["sample", "{d}/models/good.safetensors", "--guide-model",
+                             "{d}/models/cond.safetensors", "--guidance-scale", "2",
+                             "--steps", "2", "--out-dir", "{out}"],
+     ["its classes (num_classes) 3, the model's None"]),
+    ("guide-same-file", ["sample", "{d}/models/good.safetensors", "--guide-model",
+                         "{d}/models/good.safetensors", "--guidance-scale", "2",
+                         "--steps", "2", "--out-dir", "{out}"],
+     ["is the model itself: a model guiding itself changes nothing"]),
+    ("guide-same-content", ["sample", "{d}/models/good.safetensors", "--guide-model",
+                            "{d}/models/good_copy.safetensors", "--guidance-scale", "2",
+                            "--steps", "2", "--out-dir", "{out}"],
+     ["good_copy.safetensors holds the model's own weights", "a model guiding itself"]),
+    ("guide-pickle", ["sample", "{d}/models/good.safetensors", "--guide-model",
+                      "{d}/models/model.pt", "--guidance-scale", "2", "--steps", "2", "--out-dir", "{out}"],
+     ["--guide-model: ", "model.pt is a pickled PyTorch checkpoint", "never unpickles"]),
+    ("guide-truncated", ["sample", "{d}/models/good.safetensors", "--guide-model",
+                         "{d}/models/truncated.safetensors", "--guidance-scale", "2",
+                         "--steps", "2", "--out-dir", "{out}"],
+     ["truncated.safetensors is truncated"]),
+    ("guide-missing", ["sample", "{d}/models/good.safetensors", "--guide-model",
+                       "{d}/models/nope.safetensors", "--guidance-scale", "2",
+                       "--steps", "2", "--out-dir", "{out}"],
+     ["--guide-model: model file not found"]),
+    ("guide-scale-one", ["sample", "{d}/models/good.safetensors", "--guide-model",
+                         "{d}/models/weak.safetensors", "--guidance-scale", "1",
+                         "--steps", "2", "--out-dir", "{out}"],
+     ["--guide-model with guidance scale 1 changes nothing", "give --guidance-scale W above 1"]),
+    ("guide-no-scale", ["sample", "{d}/models/good.safetensors", "--guide-model",
+                        "{d}/models/weak.safetensors", "--steps", "2", "--out-dir", "{out}"],
+     ["--guide-model with guidance scale 1 changes nothing"]),
+    ("interval-one-number", ["sample", "{d}/models/good.safetensors", "--guidance-interval",
+                             "0.5", "--steps", "2", "--out-dir", "{out}"],
+     ["argument --guidance-interval: expected two noise levels LO,HI", "got '0.5'"]),
+    ("interval-not-numbers", ["sample", "{d}/models/good.safetensors", "--guidance-interval",
+                              "low,high", "--steps", "2", "--out-dir", "{out}"],
+     ["argument --guidance-interval: expected two noise levels LO,HI"]),
+    ("interval-reversed", ["sample", "{d}/models/good.safetensors", "--guide-model",
+                           "{d}/models/weak.safetensors", "--guidance-scale", "2",
+                           "--guidance-interval", "5,0.5", "--steps", "2", "--out-dir", "{out}"],
+     ["--guidance-interval needs LO < HI", "got 5.0, 0.5"]),
+    ("interval-negative", ["sample", "{d}/models/good.safetensors", "--guide-model",
+                           "{d}/models/weak.safetensors", "--guidance-scale", "2",
+                           "--guidance-interval=-1,2", "--steps", "2", "--out-dir", "{out}"],
+     ["--guidance-interval must be noise levels >= 0"]),
+    ("interval-infinite", ["sample", "{d}/models/good.safetensors", "--guide-model",
+                           "{d}/models/weak.safetensors", "--guidance-scale", "2",
+                           "--guidance-interval", "0.5,inf", "--steps", "2", "--out-dir", "{out}"],
+     ["--guidance-interval must be two finite noise levels"]),
+    ("interval-nan", ["sample", "{d}/models/good.safetensors", "--guide-model",
+                      "{d}/models/weak.safetensors", "--guidance-scale", "2",
+                      "--guidance-interval", "nan,2", "--steps", "2", "--out-dir", "{out}"],
+     ["--guidance-interval must be two finite noise levels"]),
+    ("interval-without-guidance", ["sample", "{d}/models/good.safetensors",
+                                   "--guidance-interval", "0.5,2", "--steps", "2", "--out-dir", "{out}"],
+     ["--guidance-interval limits guidance, and guidance scale 1 is none"]),
+    ("eval-nfe-guide-same-file", ["eval", "nfe", "{d}/models/good.safetensors", "--guide-model",
+                                  "{d}/models/good.safetensors", "--guidance-scale", "2"],
+     ["--guide-model", "is the model itself"]),
+    ("eval-nfe-interval-reversed", ["eval", "nfe", "{d}/models/good.safetensors",
+                                    "--guide-model", "{d}/models/weak.safetensors",
+                                    "--guidance-scale", "2", "--guidance-interval", "3,1"],
+     ["--guidance-interval needs LO < HI"]),
+    ("config-guide-model-other-formulation", ["train", *TINY,
+                                              "sample.guide_model={d}/models/good.safetensors",
+                                              "sample.guidance_scale=2", "--out-dir", "{out}"],
+     ["sample.guide_model", "cannot guide this model: it is a VP model, the model a "
+      "flow-matching one"]),
+    ("config-guide-model-pickle", ["train", *TINY, "sample.guide_model={d}/models/model.pt",
+                                   "sample.guidance_scale=2", "--out-dir", "{out}"],
+     ["sample.guide_model: ", "model.pt is a pickled PyTorch checkpoint"]),
+    ("config-guide-model-scale-one", ["train", *TINY,
+                                      "sample.guide_model={d}/models/weak.safetensors",
+                                      "--out-dir", "{out}"],
+     ["sample.guide_model: with sample.guidance_scale 1 changes nothing"]),
+    ("config-guidance-interval-reversed", ["train", *TINY, "sample.guidance_interval=[3, 1]",
+                                           "sample.guidance_scale=2",
+                                           "sample.guide_model={d}/models/weak.safetensors",
+                                           "--out-dir", "{out}"],
+     ["sample.guidance_interval needs LO < HI"]),
+    ("config-guidance-interval-unguided", ["train", *TINY, "sample.guidance_interval=[0.5, 2]",
+                                           "--out-dir", "{out}"],
+     ["sample.guidance_interval: limits guidance, and sample.guidance_scale 1 is none"]),
     # -- command line ---------------------------------------------------------------------------
     ("cli-unknown-sampler", ["sample", "{d}/models/good.safetensors", "--sampler", "eulr",
                              "--out-dir", "{out}"],
@@ -481,6 +590,11 @@ GOOD: list[tuple[str, list[str], list[str]]] = [
                                    "--no-progress"],
      ["wrote 2 image(s) to runs/from_paths"]),
     ("model-info-with-paths", ["info", "{d}/models/paths.safetensors"], []),
+    ("sample-guided", ["sample", "{d}/models/good.safetensors", "--guide-model",
+                       "{d}/models/weak.safetensors", "--guidance-scale", "2",
+                       "--guidance-interval", "0.1,1", "--num-samples", "2", "--steps", "2",
+                       "--out-dir", "runs/guided", "--no-progress"],
+     ["wrote 2 image(s) to runs/guided"]),
     ("sample-resume-with-a-planted-manifest", ["sample", "{d}/models/good.safetensors",
                                                "--num-samples", "3", "--steps", "2",
                                                "--out-dir", "runs/planted", "--no-progress"],
@@ -616,7 +730,7 @@ def test_bad_input_leaves_every_input_untouched(world: World) -> None:
     changed = {k for k in before.keys() & after.keys() if before[k] != after[k]}
     added = after.keys() - before.keys()
     removed = before.keys() - after.keys()
-    own = ("runs/mixed", "runs/from_paths", "runs/linked", "runs/planted",
+    own = ("runs/mixed", "runs/from_paths", "runs/linked", "runs/planted", "runs/guided",
            *(f"out/{cid}" for cid in FOUND_WHILE_TRAINING))
     unexpected = sorted(k for k in changed | added | removed
                         if not k.startswith(own) and k != "out")

@@ -5,7 +5,9 @@ formulation contract"): a fourth formulation gets all of this by registering in
 For each: the denoiser's boundary condition D(x0 + sigma n; sigma -> 0) -> x0 for any network;
 the loss is zero at the ideal output (``ideal_output``, the one-image data set's perfect
 network); a model file round-trips; a delta distribution is recovered by ``sample()`` with that
-oracle for every sampler and grid; the training objective is one compiled graph; and each
+oracle for every sampler and grid; the training objective is one compiled graph; the time
+input of every network call reads back as its sigma (``sigma_of_time_input``, the guidance
+interval's); ``network_fields`` are exactly the keys that change a network's denoiser; and each
 capability attribute agrees with what the commands do.
 """
 
@@ -150,6 +152,101 @@ def test_the_training_objective_is_one_graph(name: str) -> None:
     report = dynamo.explain(step_loss)(net, schedule, x0, torch.randn_like(x0), levels, None,
                                        5.0)
     assert (report.graph_count, report.graph_break_count) == (1, 0), report.break_reasons
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sigma_of_time_input_reads_back_the_level_of_every_network_call(name: str) -> None:
+    # The guidance interval sees only the network's inputs: the time input of every way the
+    # network is called must read back as the sigma of the denoiser view, x = x0 + sigma n.
+    schedule = _schedule(name)
+    times: list[torch.Tensor] = []
+
+    def net(x, t, class_labels=None):
+        times.append(t)
+        return 0.5 * x
+
+    def read(t: torch.Tensor) -> list[float]:
+        got = schedule.sigma_of_time_input(t)
+        assert got.shape == t.shape and got.dtype == torch.float64
+        return got.tolist()
+
+    def close(got: list[float], want: list[float]) -> bool:
+        return len(got) == len(want) and all(
+            g == w or math.isclose(g, w, rel_tol=1e-4) for g, w in zip(got, want))
+
+    # training: what network_input feeds it; sigma = add_noise(0, 1) / add_noise(1, 0), since
+    # every formulation's noised image is c (x0 + sigma n)
+    levels = schedule.sample_levels(64, torch.Generator().manual_seed(9))
+    ones = torch.ones(64, 1, 1, 1)
+    _, time_in = schedule.network_input(0 * ones, ones, levels)
+    want = (schedule.add_noise(0 * ones, ones, levels) / schedule.add_noise(ones, 0 * ones, levels))
+    assert close(read(time_in), want.double().flatten().tolist())
+    # sampling in sigma space: the denoiser at grid levels, float32 and float64 images
+    sigmas = make_sigmas(schedule, 12, "karras")[:-1].tolist()
+    for dtype in (torch.float32, torch.float64):
+        times.clear()
+        d = schedule.denoiser(net)
+        for s in sigmas:
+            d(torch.zeros(2, 3, 4, 4, dtype=dtype), torch.full((2,), s, dtype=torch.float64))
+        assert close([read(t)[0] for t in times], sigmas), dtype
+    # the native paths, where a formulation has them, at their own levels (inf: pure noise)
+    for sampler in schedule.native_samplers:
+        times.clear()
+        sample(net, schedule, torch.zeros(2, 3, 4, 4), sampler=sampler, num_steps=6,
+               sigmas="uniform", generator=torch.Generator().manual_seed(0))
+        levels = schedule.uniform_sigmas(6, "trailing")[:-1].tolist()
+        assert all(any(g == v or math.isclose(g, v, rel_tol=1e-4) for v in levels)
+                   for t in times for g in read(t)), sampler
+
+
+def _another_value(key: str, value):
+    """A valid other value of a ``[schedule]`` key (None where none is found)."""
+    import typing
+
+    from diffunet.config import field_types
+
+    tp = field_types(ScheduleConfig)[key]
+    if isinstance(value, bool):
+        return not value
+    if typing.get_origin(tp) is typing.Literal:
+        return next(c for c in typing.get_args(tp) if c != value)
+    if isinstance(value, int):
+        return value + 7
+    return value * 1.1 + 0.05
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_network_fields_are_the_keys_that_change_what_the_network_predicts(name: str) -> None:
+    # autoguidance combines two networks' outputs when their formulations agree on
+    # network_fields: every other key must leave a given network's denoiser exactly as it was,
+    # and every one of them must change it
+    cls = FORMULATIONS[name]
+    keys = cls.config_fields if cls.network_fields is None else cls.network_fields
+    assert set(keys) <= set(cls.config_fields)
+    base = ScheduleConfig(formulation=name)
+    schedule = make_schedule(base)
+    net = perturbed(UNet(UNetConfig(**tiny_net(8)))).eval()
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    tried = 0
+    with torch.no_grad():
+        ref = [schedule.denoiser(net)(x * s, torch.full((2,), s)) for s in (0.3, 2.0)]
+        for key in cls.config_fields:
+            try:
+                other = make_schedule(dataclasses.replace(
+                    base, **{key: _another_value(key, getattr(base, key))}))
+            except ConfigError:
+                continue
+            tried += 1
+            same = all(torch.equal(r, other.denoiser(net)(x * s, torch.full((2,), s)))
+                       for r, s in zip(ref, (0.3, 2.0)))
+            assert same == (key not in keys), key
+            problem = schedule.network_difference(other)
+            assert (problem is None) == same, key
+            if problem is not None:
+                assert problem.startswith(f"its schedule.{key} is ")
+    assert tried >= len(cls.config_fields) - 1
+    other = next(n for n in NAMES if n != name)
+    assert schedule.network_difference(_schedule(other)).startswith("it is ")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -274,6 +274,8 @@ INSPECT = ["inspect", M_, "--out-dir", "{out}"]
 IMPORT = ["import", "{c}/pipe", "{out}"]  # {out} is never written unless the case says so
 NOT_FINITE = "not a finite number; the config is damaged"
 PREDICT = ["segment", "predict", M_, "{shared}/img.png", "--out-dir", "{out}"]
+GUIDE = ["sample", "{shared}/good.safetensors", "--guide-model", M_, "--guidance-scale", "2",
+         "--num-samples", "2", "--steps", "2", "--out-dir", "{out}"]
 DAMAGED = "the file is damaged"
 
 CASES = [
@@ -470,6 +472,19 @@ CASES = [
                                                                      src="seg")),
     Case("nan-weight-info", INFO, [M, "warning", "non-finite value(s)"],
          poisoned((1, float("nan"))), code=0),
+    # -- the same lies in a --guide-model file (issue 24): the same reader refuses them
+    Case("guide-nan-weight", GUIDE, [M, "holds 1 non-finite value(s) (NaN or inf)"],
+         poisoned((2, float("nan")))),
+    Case("guide-header-length-2-to-the-63", GUIDE, [M, "is not a safetensors model file or is "
+                                                    "truncated"],
+         raw_file(struct.pack("<Q", 1 << 63) + b"{}" + b" " * 100)),
+    Case("guide-700m-parameters", GUIDE, [M, "this model (one image at a time) needs",
+                                          "GiB of weights (unet.base_channels = 2048"],
+         consistent_but_huge),
+    Case("guide-a-segmentation-model", ["sample", "{shared}/good.safetensors", "--guide-model",
+                                        "{shared}/seg.safetensors", "--guidance-scale", "2",
+                                        "--steps", "2", "--out-dir", "{out}"],
+         ["seg.safetensors is not a diffusion model"]),
     # -- round two (issue 23): sizes and numbers no run can have, before any work
     Case("edm-a-billion-steps", ["sample", "{shared}/edm.safetensors", "--steps", "1000000000",
                                  "--num-samples", "1", "--out-dir", "{out}"],

@@ -348,6 +348,37 @@ def test_eval_nfe_command_prints_the_table_and_refuses_unknown_names(tmp_path, c
         _parse(["eval", "nfe", str(model), "--nfe", "0"])
 
 
+def test_eval_nfe_with_a_guide_model_counts_the_guided_calls(tmp_path, capsys, monkeypatch):
+    # autoguidance in the benchmark: NFE stays the model's calls, "guided" counts the calls
+    # that also evaluated the guide (fewer with an interval)
+    monkeypatch.setenv("DIFFUNET_CACHE", str(tmp_path / "cache"))
+    model = _tiny_model(tmp_path)
+    weak = tmp_path / "weak.safetensors"
+    save_model(weak, perturbed(UNet(UNetConfig(**tiny_net(32, channel_mults=(1,),
+                                                          attn_resolutions=()))), seed=3),
+               make_schedule(ScheduleConfig(num_train_timesteps=50)))
+    base = ["eval", "nfe", str(model), "--num-images", "4", "--nfe", "4", "--samplers", "euler",
+            "--grids", "karras", "--num-reference", "20", "--device", "cpu", "--no-progress",
+            "--guide-model", str(weak), "--guidance-scale", "2"]
+    args = _parse(base)
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "| sampler | grid | NFE budget | steps | NFE | guided | FID |" in text
+    assert "| euler | karras | 4 | 4 | 4 | 4 |" in text and f"autoguidance by {weak}" in text
+    args = _parse([*base, "--guidance-interval", "0.5,20"])
+    assert args.func(args) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("| euler |"))
+    guided = int(row.split("|")[6])
+    assert 0 < guided < 4
+    with pytest.raises(UsageError, match="--guide-model .* is the model itself"):
+        args = _parse([*base[:-4], "--guide-model", str(model), "--guidance-scale", "2"])
+        args.func(args)
+    with pytest.raises(UsageError, match="--guide-model with guidance scale 1 changes nothing"):
+        args = _parse([*base[:-2]])
+        args.func(args)
+
+
 def test_a_budget_that_would_never_end_is_one_line(tmp_path, judge):
     model = _tiny_model(tmp_path)
     with pytest.raises(UsageError, match=r"budgets must be in \[1, 10000\], got 1000000000000"):

@@ -47,7 +47,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("unet", "nn"),
     ("config",),  # asks the samplers and the formulations for their rules
     # schedulers, diffusion, edm: the deprecated names of samplers and formulations' modules
-    ("samplers", "schedulers", "diffusion", "edm"),
+    ("samplers", "guidance", "schedulers", "diffusion", "edm"),  # guidance: samplers' wrapper
     ("formulations",),
     ("errors", "fileio", "version", "randomness", "checks", "stopping"),
 ]

@@ -481,8 +481,11 @@ def test_the_gpu_check_runs_on_the_cpu(tmp_path):
     assert result["recipe_train"]["returncode"] == 0 and result["recipe_train"]["images_per_s"]
     assert result["sample_command"]["returncode"] == 0
     assert any("scaled_dot_product" in k for k in result["sdpa_kernels"])
+    pair = result["guidance_pair"]
+    assert pair["two_calls_s"] > 0 and pair["batched_s"] > 0 and pair["max_diff"] < 0.1
     table = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "| train step, bf16 + channels-last |" in table and "DDIM-50 sampling" in table
+    assert "- autoguidance pair, batch 4, bf16: two calls" in table
 
 
 def test_the_gpu_check_refuses_a_folder_holding_files(tmp_path, capsys):

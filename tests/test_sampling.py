@@ -37,8 +37,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(path: Path, *, channels: int = 3, num_classes: int | None = None,
-               prediction_type: str = "epsilon") -> Path:
-    torch.manual_seed(0)
+               prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    torch.manual_seed(seed)
     net = UNet(UNetConfig(image_size=8, in_channels=channels, base_channels=16,
                           channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                           dropout=0.0, num_groups=8, num_classes=num_classes))
@@ -593,3 +593,83 @@ def test_all_labels_grid_has_a_row_per_class(cond_model, tmp_path, capsys):
     grid = Image.open(out / GRID)
     # 8x8 tiles with 2 px padding: k rows (one per class) of ceil(7 / k) tiles
     assert grid.size == (2 + -(-7 // k) * 10, 2 + k * 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autoguidance and the guidance interval (the library: test_guidance.py; bad input:
+# test_bad_input.py)
+
+
+@pytest.fixture(scope="module")
+def weak_model(tmp_path_factory) -> Path:
+    return make_model(tmp_path_factory.mktemp("models") / "weak.safetensors", seed=1)
+
+
+def test_guide_model_through_the_cli_draws_the_library_images(rgb_model, weak_model, tmp_path,
+                                                              capsys):
+    out = tmp_path / "guided"
+    args = [rgb_model, "--guide-model", weak_model, "--guidance-scale", 2.5,
+            "--guidance-interval", "0.2,1", "--num-samples", 3, "--batch-size", 2,
+            "--steps", 4, "--seed", 5, "--out-dir", out]
+    code, err = run_cli(args, capsys)
+    assert code == 0, err
+    net, schedule, _ = diffunet.load_model(rgb_model)
+    guide, _, _ = diffunet.load_model(weak_model)
+
+    def library(**guided) -> np.ndarray:
+        gens = [torch.Generator().manual_seed(5 + i) for i in range(3)]
+        x_T = torch.stack([torch.randn((3, 8, 8), generator=g) for g in gens])
+        kw = SampleConfig(num_steps=4, **guided).sample_kwargs()
+        ref = sample(net, schedule, x_T, generator=gens,
+                     guide_model=guide if guided else None, **kw)
+        return ((ref.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).to(
+            torch.int16).numpy()
+
+    expected = library(guidance_scale=2.5, guidance_interval=(0.2, 1.0))
+    assert np.abs(pixels(out, 3) - expected).max() <= 1
+    assert np.abs(library() - expected).max() > 10  # the guide changed the images
+    manifest = json.loads((out / MANIFEST).read_text())
+    sha = hashlib.sha256(weak_model.read_bytes()).hexdigest()
+    assert manifest["guide_model"] == {"path": str(weak_model.resolve()), "sha256": sha,
+                                       "step": None}
+    settings = manifest["settings"]
+    assert (settings["guide_model_sha256"], settings["guidance_interval"],
+            settings["guidance_scale"]) == (sha, [0.2, 1.0], 2.5)
+    # another guide (or none) is other settings: the folder is not mixed
+    other = make_model(tmp_path / "other_weak.safetensors", seed=2)
+    code, err = run_cli([*args[:2], other, *args[3:]], capsys)
+    assert code == 2 and "guide_model_sha256" in err
+    code, err = run_cli([rgb_model, "--num-samples", 3, "--steps", 4, "--seed", 5,
+                         "--out-dir", out], capsys)
+    assert code == 2 and "guidance_scale 2.5 there, 1.0 now" in err
+
+
+def test_the_stored_guidance_applies_only_to_guidance_of_its_kind(rgb_model, cond_model,
+                                                                  weak_model, tmp_path):
+    from diffunet.sampling import sample_settings
+
+    auto = _with_run_config(rgb_model, tmp_path / "auto.safetensors",
+                            guide_model="/elsewhere/weak.safetensors", guidance_scale=2.5,
+                            guidance_interval=[0.2, 1.0])
+    meta = diffunet.load_model(auto)[2]
+    plain = sample_settings(meta, SampleOptions())
+    assert (plain.guidance_scale, plain.guidance_interval, plain.guide_model) == (1.0, None, None)
+    guided = sample_settings(meta, SampleOptions(guide_model=weak_model))
+    assert (guided.guidance_scale, guided.guidance_interval, guided.guide_model) == (
+        2.5, (0.2, 1.0), None)  # the stored path is never used
+    assert sample_settings(meta, SampleOptions(guide_model=weak_model, guidance_scale=3.0,
+                                               guidance_interval=(0.5, 2.0))).guidance_interval \
+        == (0.5, 2.0)
+    cfg = _with_run_config(cond_model, tmp_path / "cfg.safetensors", guidance_scale=3.0,
+                           guidance_interval=[0.2, 1.0])
+    meta = diffunet.load_model(cfg)[2]
+    assert sample_settings(meta, SampleOptions(class_labels=1)).guidance_interval == (0.2, 1.0)
+    off = sample_settings(meta, SampleOptions(class_labels=1, guidance_scale=1.0))
+    assert (off.guidance_scale, off.guidance_interval) == (1.0, None)  # off, with its interval
+    with pytest.raises(UsageError, match="--guide-model with guidance scale 1 changes nothing"):
+        sample_settings(meta, SampleOptions(class_labels=1, guide_model=weak_model))
+    with pytest.raises(UsageError, match="--guidance-interval limits guidance"):
+        sample_settings(meta, SampleOptions(guidance_interval=(0.2, 1.0)))
+    with pytest.raises(UsageError, match="--guidance-interval limits guidance"):
+        SampleOptions(class_labels=1, guidance_scale=1.0, guidance_interval=(0.2, 1.0))
+    assert SampleOptions(guidance_scale=2.0, guide_model=weak_model).guidance_scale == 2.0

@@ -35,6 +35,20 @@ def out(text: str) -> None:
     print(text)
 
 
+def guidance_interval_arg(text: str) -> tuple[float, float]:
+    """``--guidance-interval LO,HI`` as two numbers (their range is the library's check:
+    :func:`diffunet.samplers.check_sampling`)."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        lo, hi = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two noise levels LO,HI (guide only at sigma "
+                                         f"in [LO, HI], e.g. 0.3,5), got {text!r}") from None
+    return lo, hi
+
+
 DIFFUSERS_FLAGS: dict[str, dict[str, str]] = {
     "--output_dir": {"*": "--out-dir DIR"},
     "--num_samples": {"sample": "--num-samples N", "*": "sample.num_images=N"},
@@ -148,6 +162,12 @@ def dry_run(cfg: Any, net: UNetConfig, out_dir: Path, note: str = "") -> int:
             shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)"
                                             if len(names) > 8 else "")
             found.append(f"# classes (unet.num_classes): {len(names)} ({shown})")
+    if isinstance(cfg, RunConfig) and cfg.sample.guide_model is not None:
+        from ..training import preview_guide
+
+        preview_guide(cfg)  # the previews' guide model: refused here as a start would
+        found.append(f"# previews guided by {cfg.sample.guide_model} (autoguidance, weight "
+                     f"{cfg.sample.guidance_scale})")
     # a diffusion run's schedule tables (a segmentation run has no schedule)
     tables = cfg.schedule.table_timesteps if isinstance(cfg, RunConfig) else None
     batch = cfg.train.batch_size

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
-from .common import out, seed_arg
+from .common import guidance_interval_arg, out, seed_arg
 
 if TYPE_CHECKING:
     from ..output_files import OutputFile
@@ -138,6 +138,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "model's); the uniform grid is then skipped")
     q.add_argument("--sigma-min", type=float, metavar="SIGMA",
                    help="the karras and exponential grids' lowest level (default: the model's)")
+    q.add_argument("--guidance-scale", type=float, default=1.0, metavar="W",
+                   help="guidance weight: classifier-free guidance for a class-conditional "
+                        "model (labels i mod num_classes), autoguidance with --guide-model "
+                        "(default 1, none)")
+    q.add_argument("--guide-model", metavar="WEAK.safetensors",
+                   help="autoguidance (Karras et al. 2024) by this weaker model of the same "
+                        "formulation, schedule, image shape and classes; the table then counts "
+                        "the guided calls, which also evaluate it")
+    q.add_argument("--guidance-interval", type=guidance_interval_arg, metavar="LO,HI",
+                   help="guide only at noise levels sigma in [LO, HI] (Kynkaanniemi et al. "
+                        "2024; default: every call)")
     q.add_argument("--no-cache", action="store_true",
                    help="neither read nor write cached reference statistics")
     common(q, 128)
@@ -316,8 +327,13 @@ def _nfe(args: argparse.Namespace) -> int:
                              num_reference=args.num_reference,
                              cache_dir=None if args.no_cache else default_cache_dir(),
                              clip_x0=args.clip_x0, sigma_min=args.sigma_min,
-                             sigma_max=args.sigma_max,
-                             names={"sigma_min": "--sigma-min", "sigma_max": "--sigma-max"},
+                             sigma_max=args.sigma_max, guidance_scale=args.guidance_scale,
+                             guide_model=args.guide_model,
+                             guidance_interval=args.guidance_interval,
+                             names={"sigma_min": "--sigma-min", "sigma_max": "--sigma-max",
+                                    "guidance_scale": "--guidance-scale",
+                                    "guide_model": "--guide-model",
+                                    "guidance_interval": "--guidance-interval"},
                              progress=None if args.no_progress else say)
     command = " ".join(shlex.quote(a) for a in ([sys.executable] if sys.argv[0].endswith(".py")
                                                   else []) + sys.argv)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import say
+from .common import guidance_interval_arg, say
 
 DESCRIPTION = ("Draw images from a model file: 000000.png, ... (image i from seed + i, the same "
                "whatever the batch size or number of processes), grid.png and manifest.json. "
@@ -81,8 +81,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "per row); a label is an index or a class name of the model file "
                         "(diffunet info lists them)")
     p.add_argument("--guidance-scale", type=float, metavar="W",
-                   help="classifier-free guidance scale, needs --class-label (with labels: "
+                   help="guidance weight: classifier-free guidance with --class-label, or "
+                        "autoguidance with --guide-model (with labels: "
                         f"{model_or} {s.guidance_scale}, i.e. none)")
+    p.add_argument("--guide-model", metavar="WEAK.safetensors",
+                   help="autoguidance (Karras et al. 2024): D_weak + W (D - D_weak), for "
+                        "conditional and unconditional models; WEAK is a weaker model of the "
+                        "same formulation, schedule, image shape and classes (an early "
+                        "snapshot of the run, a smaller net); needs --guidance-scale W > 1")
+    p.add_argument("--guidance-interval", type=guidance_interval_arg, metavar="LO,HI",
+                   help="guide only at noise levels sigma in [LO, HI] (Kynkaanniemi et al. "
+                        "2024; e.g. 0.3,5); the other steps run the model alone, without the "
+                        "guide or unconditional evaluation (default: every step)")
     p.add_argument("--init-image", metavar="PATH_OR_FOLDER",
                    help="edit instead of drawing from noise (SDEdit): each image starts from "
                         "this image noised to --strength; a folder gives image i its i-th "
@@ -146,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
         sigmas=args.sigmas, rho=args.rho, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
         s_churn=args.s_churn, s_tmin=args.s_tmin,
         s_tmax=args.s_tmax, s_noise=args.s_noise,
-        guidance_scale=args.guidance_scale, clip_x0=args.clip_x0,
+        guidance_scale=args.guidance_scale, guidance_interval=args.guidance_interval,
+        guide_model=args.guide_model, clip_x0=args.clip_x0,
         init_image=args.init_image, mask=args.mask, strength=args.strength,
         resample=args.resample)
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args.model)

@@ -227,6 +227,12 @@ class Formulation(ABC):
     """"a" or "an", for "an EDM model"."""
     config_fields: ClassVar[tuple[str, ...]]
     """The ``ScheduleConfig`` fields it reads, in the order ``diffunet info`` shows them."""
+    network_fields: ClassVar[Optional[tuple[str, ...]]] = None
+    """Those of :attr:`config_fields` that decide what the network's time input and output
+    mean (None: all of them). Two models of one formulation that agree on these predict the
+    same quantity from the same input, so their outputs combine output by output
+    (autoguidance); the others (a training density, a sampling range) do not change the
+    denoiser of a given network."""
 
     # --- capabilities (what the commands ask instead of a name) ---------------------------------
     discrete_timesteps: ClassVar[bool] = False
@@ -315,6 +321,16 @@ class Formulation(ABC):
         """The denoiser D(x; sigma) of ``model`` under this formulation."""
 
     @abstractmethod
+    def sigma_of_time_input(self, time_in: Tensor) -> Tensor:
+        """The noise level sigma of the denoiser view (x = x0 + sigma n) at which the network is
+        called with the time input ``time_in`` (B,): any time input the formulation feeds its
+        network (:meth:`network_input`, :meth:`denoiser`, :meth:`native_path`; VP: integer or
+        interpolated timesteps). Returns (B,) in the coefficient dtype
+        (:func:`coefficient_dtype`) on time_in's device, ``inf`` at pure noise. Exact up to the
+        rounding of a float32 time input (relative 1e-4 at most). What the guidance interval
+        reads: the guidance wrapper sees only the network's inputs."""
+
+    @abstractmethod
     def grid_range(self) -> tuple[float, float]:
         """(sigma_min, sigma_max) of the karras and exponential grids: finite, 0 < min < max."""
 
@@ -340,6 +356,20 @@ class Formulation(ABC):
         """The exact native sampling path for ``options`` on ``grid`` (VP: its integer-timestep
         DDPM/DDIM/DPM-Solver++ rules; flow: diffusers' flow-matching rules on its shifted t),
         or None: the sampling loop then runs the sigma-space solver on :meth:`denoiser`."""
+        return None
+
+    def network_difference(self, other: "Formulation") -> Optional[str]:
+        """Why a network trained under ``other`` does not predict what one trained under this
+        formulation does from the same input, so that the two cannot be combined output by
+        output (autoguidance): another formulation, or another value of one of
+        :attr:`network_fields`; None when they can."""
+        if type(other) is not type(self):
+            return (f"it is {other.article} {other.title} model, the model {self.article} "
+                    f"{self.title} one")
+        for key in self.config_fields if self.network_fields is None else self.network_fields:
+            mine, theirs = getattr(self.config, key), getattr(other.config, key)
+            if mine != theirs:
+                return f"its schedule.{key} is {theirs!r}, the model's {mine!r}"
         return None
 
     # --- inspection -----------------------------------------------------------------------------

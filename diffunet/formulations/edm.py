@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import Denoiser, Formulation, Model, per_image
+from .base import Denoiser, Formulation, Model, coefficient_dtype, per_image
 from .settings import ScheduleConfig
 
 __all__ = ["EDMSchedule", "EDMDenoiser", "edm_loss"]
@@ -44,6 +44,7 @@ class EDMSchedule(Formulation):
     title = "EDM"
     article = "an"
     config_fields = ("sigma_data", "sigma_min", "sigma_max", "p_mean", "p_std")
+    network_fields = ("sigma_data",)  # the preconditioning; the rest is sampling and training
     own_weighting = "EDM's loss has its own weight"
     wrong_class_message = ("EDMSchedule needs 'edm', got {0.formulation!r}; build the schedule "
                            "a config names with diffunet.make_schedule")
@@ -96,6 +97,10 @@ class EDMSchedule(Formulation):
         c_skip, c_out, c_in, _ = self.preconditioning(sigma, x_in.to(torch.float64))
         x = x_in.to(torch.float64) / c_in
         return ((x0.to(torch.float64) - c_skip * x) / c_out).to(x_in.dtype)
+
+    def sigma_of_time_input(self, time_in: Tensor) -> Tensor:
+        """sigma = exp(4 c_noise), c_noise = ln(sigma) / 4 (Table 1)."""
+        return (4 * time_in.to(coefficient_dtype(time_in.device))).exp()
 
     def grid_range(self) -> tuple[float, float]:
         """[sigma_min, sigma_max]: only the sampling default; any positive range goes."""

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..randomness import Generators, gaussian
 from .base import (Denoiser, Formulation, Model, SamplingPath, StepOptions, batch_sigmas,
-                   clip_estimate, per_image)
+                   clip_estimate, coefficient_dtype, per_image)
 from .settings import ScheduleConfig
 
 __all__ = ["FlowSchedule", "FlowDenoiser", "FlowPath", "flow_grid", "flow_loss", "shift_time",
@@ -101,6 +101,8 @@ class FlowSchedule(Formulation):
     title = "flow-matching"
     config_fields = ("num_train_timesteps", "shift", "time_density", "logit_mean", "logit_std",
                      "mode_scale", "loss_weighting")
+    network_fields = ("num_train_timesteps",)  # the time input is t x T; shift and density
+    # decide where training and the grid spend their levels, not what the network predicts
     timestep_inputs = True
     uniform_grid = True
     native_samplers = NATIVE_SAMPLERS
@@ -191,6 +193,11 @@ class FlowSchedule(Formulation):
 
     def denoiser(self, model: Model) -> "FlowDenoiser":
         return FlowDenoiser(model, self)
+
+    def sigma_of_time_input(self, time_in: Tensor) -> Tensor:
+        """sigma = t / (1 - t) at t = time_in / T (inf at t = 1)."""
+        t = time_in.to(coefficient_dtype(time_in.device)) / self.num_train_timesteps
+        return torch.where(t < 1, t / (1 - t), torch.full_like(t, math.inf))
 
     def grid_range(self) -> tuple[float, float]:
         """The sigma of the shifted training grid's ends below t = 1: t = 1 / T and (T - 1) / T

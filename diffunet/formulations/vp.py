@@ -118,6 +118,8 @@ class NoiseSchedule(Formulation):
     config_fields = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
                      "prediction_type", "rescale_zero_terminal_snr", "timestep_density",
                      "logit_mean", "logit_std", "laplace_mean", "laplace_scale")
+    network_fields = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
+                      "prediction_type", "rescale_zero_terminal_snr")  # the table, the target
     discrete_timesteps = True
     timestep_inputs = True
     uniform_grid = True
@@ -438,13 +440,7 @@ class NoiseSchedule(Formulation):
         back to its sigma by the same log-sigma line :meth:`sigma_to_timestep` drew."""
         dtype = coefficient_dtype(x_in.device)
         if time_in.is_floating_point():
-            T = self.num_train_timesteps
-            t = time_in.to(dtype).clamp(0, T - 1)
-            low = t.floor().clamp(max=T - 2).long()
-            w = t - low.to(dtype)
-            log_sigmas = self._table("log_sigmas", x_in.device, dtype)
-            lo, hi = log_sigmas[low], log_sigmas[low + 1]
-            log_s = torch.where(w == 0, lo, lo + w * (hi - lo))
+            log_s = self._log_sigma_at(time_in.to(x_in.device))
             ab = 1 / (1 + (2 * log_s).exp())  # sigma^2 = exp(2 log sigma); inf -> ab = 0
             a = ab.sqrt().reshape(-1, *([1] * (x_in.ndim - 1)))
             s = (1 - ab).sqrt().reshape(a.shape)
@@ -454,6 +450,28 @@ class NoiseSchedule(Formulation):
         p = self.config.prediction_type
         out = eps if p == "epsilon" else a * eps - s * x0.to(dtype) if p == "v" else x0.to(dtype)
         return out.to(x_in.dtype)
+
+    def _log_sigma_at(self, time_in: Tensor) -> Tensor:
+        """log sigma at float timesteps (B,): linear in log-sigma between table entries, the
+        line :meth:`sigma_to_timestep` drew (clamped to [0, T-1]); coefficient dtype."""
+        dtype = coefficient_dtype(time_in.device)
+        T = self.num_train_timesteps
+        log_sigmas = self._table("log_sigmas", time_in.device, dtype)
+        if T == 1:
+            return log_sigmas[torch.zeros_like(time_in, dtype=torch.long)]
+        t = time_in.to(dtype).clamp(0, T - 1)
+        low = t.floor().clamp(max=T - 2).long()
+        w = t - low.to(dtype)
+        lo, hi = log_sigmas[low], log_sigmas[low + 1]
+        return torch.where(w == 0, lo, lo + w * (hi - lo))
+
+    def sigma_of_time_input(self, time_in: Tensor) -> Tensor:
+        """The table's sigma at an integer timestep; at an interpolated (float) one, the
+        log-sigma line :meth:`sigma_to_timestep` drew, read back."""
+        if time_in.is_floating_point():
+            return self._log_sigma_at(time_in).exp()
+        return self._gather_as("sigma", time_in, time_in.device,
+                               coefficient_dtype(time_in.device), 1)
 
     def grid_range(self) -> tuple[float, float]:
         """(sigma at t = 0, the largest finite sigma of the table): sigma at T-1, or at T-2
