@@ -1,7 +1,7 @@
 """The ``diffunet`` command line: the only layer that parses arguments and prints.
 
 One module per command group (``train``, ``sample``, ``eval``, ``info``, ``inspect``,
-``bench``, ``segment``), each with ``add_arguments(parser)`` and the function that runs
+``bench``, ``segment``, ``ema``, ...), each with ``add_arguments(parser)`` and the function that runs
 it; :mod:`.common` holds what they share. Only the command being run is imported and given
 its arguments (``diffunet info`` loads neither evaluation nor segmentation), and each command
 imports its library modules when it runs. Library code returns results and raises
@@ -75,6 +75,11 @@ def _plot() -> ModuleType:
     return plot
 
 
+def _ema() -> ModuleType:
+    from . import ema
+    return ema
+
+
 COMMANDS: dict[str, tuple[str, Callable[[], ModuleType]]] = {
     "info": ("print a model file's configs, size and checksum", _info),
     "train": ("train a model (with no CONFIG: the built-in shapes data set on the CPU)", _train),
@@ -87,6 +92,8 @@ COMMANDS: dict[str, tuple[str, Callable[[], ModuleType]]] = {
                _export),
     "import": ("read a diffusers UNet2DModel folder into a model file", _import),
     "plot": ("draw a run's log.jsonl: loss (raw, smoothed), learning rate, images/s", _plot),
+    "ema": ("rebuild a run's EMA of any length from its post-hoc EMA snapshots, as a model "
+            "file", _ema),
 }
 """Each command: its one-line help (for ``diffunet --help``) and its module, imported only when
 the command is the one given."""
