@@ -28,6 +28,10 @@ The math (every formula here is the paper's, written from it):
 The profiles' shape depends on tau / t only, so the fit depends only on the snapshot steps
 relative to the target step: snapshots every 100 steps of a 2,000-step run reconstruct what
 snapshots every step of a 20-step run do.
+
+This module is the math only (torch and numpy, nothing else of diffunet's): the snapshot files
+in a run folder and the reconstruction of a run's weights are :mod:`diffunet.phema_files`;
+docs/training.md, "Post-hoc EMA", is the user's guide.
 """
 
 from __future__ import annotations
