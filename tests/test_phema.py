@@ -163,8 +163,8 @@ def test_a_rebuilt_ema_of_a_synthetic_trajectory_is_the_ema_tracked_directly() -
 # ---------------------------------------------------------------------------------------------
 # 2. Training keeps the profiles and their snapshots
 
-def _cfg(*extra: str):
-    return load_config(None, tiny_run(*extra))
+def _cfg(*extra: str, image_size: int = 16):
+    return load_config(None, tiny_run(*extra, image_size=image_size))
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -368,3 +368,57 @@ def test_ema_refuses_a_length_the_snapshots_cannot_rebuild_naming_the_range(
                           "from the 20 snapshots of sigma_rel 0.05, 0.1 up to it (the fit is ")
     assert f"these rebuild sigma_rel {lo:.3f} to {hi:.3f}" in err
     assert math.isclose(lo, 0.034, abs_tol=0.001)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. diffunet eval ema
+
+
+@pytest.mark.usefixtures("cpu_accelerate")
+def test_eval_ema_judges_each_length_and_names_the_best(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+
+    from diffunet.data import BuiltinShapes
+    from diffunet.images import to_uint8
+
+    run = tmp_path / "run"  # 32x32 RGB on the built-in data: what the judge reads
+    train(_cfg("train.max_steps=6", "train.phema_every=1", "train.sample_every=100",
+               "sample.num_steps=2", image_size=32), run, progress=False)
+    out = tmp_path / "ema.json"
+    argv = ["eval", "ema", str(run), "--sigma-rel", "0.05,0.07", "--num-images", "8",
+            "--num-reference", "64", "--no-cache", "--no-progress", "--batch-size", "4"]
+    assert cli.main([*argv, "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [r["sigma_rel"] for r in rows] == [0.05, 0.07]
+    assert rows[0]["residual"] == 0 and 0 < rows[1]["residual"] < RESIDUAL_LIMIT
+    assert all(math.isfinite(r["fid"]) and r["fid"] > 0 and 0 <= r["recognisable"] <= 1
+               for r in rows)
+    best = min(rows, key=lambda r: r["fid"])
+    assert result["best_sigma_rel"] == best["sigma_rel"] and result["step"] == 6
+    assert result["num_reference"] == 64 and result["floor_fid"] > 0
+    assert text.splitlines()[0].startswith("| sigma_rel | fit residual | FID | KID | "
+                                           "recognisable |")
+    assert f"best: sigma_rel {best['sigma_rel']:g} (FID {best['fid']:.2f}); write it with " \
+           f"diffunet ema {run} --sigma-rel {best['sigma_rel']:g} --step 6" in text
+    # the same numbers again (image i from seed + i, the reference fixed)
+    again = tmp_path / "again.json"
+    assert cli.main([*argv, "--json", str(again)]) == 0
+    capsys.readouterr()
+    assert [{k: v for k, v in r.items() if k != "seconds_per_image"} for r in rows] == [
+        {k: v for k, v in r.items() if k != "seconds_per_image"}
+        for r in json.loads(again.read_text())["rows"]]
+
+    # against a folder of reference images, through the judge's features
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    shapes = BuiltinShapes(16, 32, 3, seed=5)
+    for i in range(16):
+        Image.fromarray(to_uint8(shapes[i][0]).numpy()).save(ref / f"{i}.png")
+    assert cli.main(["eval", "ema", str(run), "--sigma-rel", "0.05", "--num-images", "8",
+                     "--reference", str(ref), "--features", "builtin", "--no-cache",
+                     "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert f"against {ref} (16 images)" in text and "floor" not in text  # no built-in floor
