@@ -127,9 +127,9 @@ def describe_storage(sigma_rels: Sequence[float], every: int, per_snapshot: int)
     per_1000 = per_snapshot * len(sigma_rels) * 1000 / every
     shown = ", ".join(f"{s:g}" for s in sigma_rels)
     gammas = ", ".join(f"{gamma_of(s):.2f}" for s in sigma_rels)
-    return (f"post-hoc EMA: sigma_rel {shown} (gamma {gammas}); a snapshot of each every "
-            f"{every} steps and at the last into {SUBFOLDER}/, {_size(per_snapshot)} each, "
-            f"{_size(per_1000)} per 1,000 steps")
+    when = "every step" if every == 1 else f"every {every} steps and at the last"
+    return (f"post-hoc EMA: sigma_rel {shown} (gamma {gammas}); a snapshot of each {when} "
+            f"into {SUBFOLDER}/, {_size(per_snapshot)} each, {_size(per_1000)} per 1,000 steps")
 
 
 def _size(n: float) -> str:
