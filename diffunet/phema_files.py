@@ -56,9 +56,10 @@ from .state import Folder, newest_state, state_name
 from .unet import UNet
 from .version import __version__
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Plan", "SUBFOLDER", "Snapshot", "check_for_resume", "check_sigma_rel",
-           "describe_storage", "find_snapshots", "load_snapshot", "model_bytes", "parse_name",
-           "plan", "read_run", "read_snapshot", "rebuild", "snapshot_bytes", "snapshot_name", "trim_after"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "Plan", "SUBFOLDER", "Snapshot", "check_for_resume",
+           "check_sigma_rel", "describe_storage", "find_snapshots", "load_snapshot",
+           "model_bytes", "parse_name", "plan", "read_run", "read_snapshot", "rebuild",
+           "snapshot_bytes", "snapshot_name", "trim_after"]
 
 SUBFOLDER = "phema"
 """The run folder's sub-folder of snapshots."""

@@ -391,8 +391,8 @@ def not_a_run_yet(folder: Path, root: type) -> bool:
     and the trackers that config names: TensorBoard's ``tensorboard/`` holding only event
     files, W&B's ``wandb/`` folder and ``wandb_run_id.txt``. Such a folder is not a run yet: a
     new start may use it as if it were empty (new event files go beside the old; a fresh start
-    takes a new W&B run id). Anything else (a state, a model file, a preview, any other file, a symlink) makes it
-    a run, or someone else's."""
+    takes a new W&B run id). Anything else (a state, a model file, a preview, a snapshot, any
+    other file, a symlink) makes it a run, or someone else's."""
     from .config import field_types
 
     try:

@@ -1,10 +1,10 @@
 """The ``diffunet`` command line: the only layer that parses arguments and prints.
 
-One module per command group (``train``, ``sample``, ``eval``, ``info``, ``inspect``,
-``bench``, ``segment``, ``ema``, ...), each with ``add_arguments(parser)`` and the function that runs
-it; :mod:`.common` holds what they share. Only the command being run is imported and given
-its arguments (``diffunet info`` loads neither evaluation nor segmentation), and each command
-imports its library modules when it runs. Library code returns results and raises
+One module per command group (``train``, ``sample``, ``eval``, ``ema``, ``info``,
+``inspect``, ``bench``, ``segment``, ...), each with ``add_arguments(parser)`` and the function
+that runs it; :mod:`.common` holds what they share. Only the command being run is imported and
+given its arguments (``diffunet info`` loads neither evaluation nor segmentation), and each
+command imports its library modules when it runs. Library code returns results and raises
 :class:`~diffunet.errors.DiffunetError`; :func:`main` prints its one-line message and returns
 exit code 2 without a traceback.
 """
