@@ -39,7 +39,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
@@ -697,6 +697,48 @@ def tensor_file_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     """The bytes of a safetensors file of ``tensors`` (on the CPU) and string ``metadata``."""
     data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     return save_safetensors_bytes(data, metadata=metadata)
+
+
+class TensorFileHeader(NamedTuple):
+    """What a safetensors file's checked header says: its string ``metadata``, each tensor's
+    torch dtype and shape (in the header's order) and the file's ``size`` in bytes."""
+
+    metadata: dict[str, str]
+    tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+    size: int
+
+
+def _header_of(h: _Header) -> TensorFileHeader:
+    return TensorFileHeader(dict(h.header.get("__metadata__") or {}),
+                            {name: (_DTYPES[dtype][0], shape)
+                             for name, dtype, shape, _, _ in h.tensors}, h.size)
+
+
+def read_tensor_file_header(path: str | os.PathLike) -> TensorFileHeader:
+    """The checked header of any safetensors file (the checks of :func:`read_tensor_file`;
+    no tensor byte is read): a missing, damaged or foreign file is a :class:`ModelFileError`."""
+    path = Path(path)
+    with _open(path) as (f, size):
+        return _header_of(_read_header(path, f, size))
+
+
+def read_checked_tensor_file(path: str | os.PathLike,
+                             check: Callable[[TensorFileHeader], None]
+                             ) -> tuple[dict[str, torch.Tensor], TensorFileHeader, str]:
+    """:func:`read_tensor_file` with a veto before the tensor bytes are read: ``check(header)``
+    raises to refuse the file (e.g. tensors that do not fit a network), after the header's own
+    checks and before anything large is allocated. Returns the tensors, the header and the
+    SHA-256 (hex) of the file's data region (the tensor bytes, as stored)."""
+    path = Path(path)
+    with _open(path) as (f, size):
+        h = _read_header(path, f, size)
+        header = _header_of(h)
+        check(header)
+        check_fits(Cost(size, 0, 0), "cpu", f"{path}: reading it", "use a machine with more "
+                   "memory", ModelFileError)
+        digest = hashlib.sha256()
+        tensors = _read_tensors(path, f, h, digest)
+    return tensors, header, digest.hexdigest()
 
 
 def read_tensor_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -34,6 +34,7 @@ from .checks import fail as _fail
 from .errors import ConfigError, DiffunetError
 from .fileio import first_line, read_regular_file
 from .formulations import FORMULATIONS, ScheduleConfig, formulation_class
+from .phema import SIGMA_REL_MAX
 from .samplers import (PREVIEW_GRIDS, SAMPLER_TABLE, SamplerName, SigmaGrid, Spacing,
                        check_sampling, preview_grid)
 
@@ -464,7 +465,19 @@ class TrainConfig:
     sample_every: int = free_on_resume(250)
     save_every: int = free_on_resume(500)
     keep_last: int = free_on_resume(2)
-    """Training states kept in ``state/`` (model files in ``weights/`` are all kept)."""
+    """Training states kept in ``state/`` (model files in ``weights/`` and post-hoc EMA
+    snapshots in ``phema/`` are all kept)."""
+    phema_sigma_rels: tuple[float, ...] = (0.05, 0.10)
+    """Post-hoc EMA (Karras et al. 2024, sec. 3.1): the power-function EMA profiles training
+    keeps, by relative width sigma_rel (the paper's two; each in (0, 0.2879]), whose snapshots
+    ``diffunet ema`` turns into an EMA of any length afterwards; ``[]`` keeps none. Fixed for a
+    run: a resumed run continues the same profiles (``train.ema_decay``, the classic EMA the
+    previews and model files use, is apart)."""
+    phema_every: int = free_on_resume(100)
+    """Steps between post-hoc EMA snapshots (written into ``RUN/phema/``, and at the last step):
+    100 gives 20 of each profile in the default 2,000-step run, enough to rebuild sigma_rel
+    from about 0.02 to 0.26 (docs/training.md, "Post-hoc EMA"). Scale it with
+    ``max_steps``: what matters is the snapshots' spacing relative to the step rebuilt."""
     max_nonfinite: int = free_on_resume(20)
     """Stop after this many consecutive steps with a non-finite loss."""
     trackers: tuple[str, ...] = free_on_resume(())
@@ -489,7 +502,7 @@ class TrainConfig:
         _check_finite(self, "train")
         p = "train."
         for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "sample_every",
-                     "save_every", "keep_last", "max_nonfinite"):
+                     "save_every", "keep_last", "max_nonfinite", "phema_every"):
             if getattr(self, name) < 1:
                 _fail(p + name, f"must be a positive integer, got {getattr(self, name)}")
         if self.warmup_steps < 0:
@@ -504,6 +517,7 @@ class TrainConfig:
             _fail(p + "grad_clip", f"must be positive or unset, got {self.grad_clip}")
         if not 0 <= self.ema_decay < 1:
             _fail(p + "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        _check_phema(self.phema_sigma_rels)
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
             _fail(p + "min_snr_gamma", f"must be positive or unset, got {self.min_snr_gamma}")
         if not 0 <= self.label_dropout < 1:
@@ -529,6 +543,24 @@ class TrainConfig:
                                                     for c in "/\\#?%:"):
             _fail(p + "tracker_project", f"{self.tracker_project!r} may not hold any of "
                   "/ \\ # ? % : (W&B project names cannot)")
+
+
+MAX_PHEMA_PROFILES = 8
+"""The most post-hoc EMA profiles a run keeps: each is one more fp32 copy of the weights on
+every process (the paper keeps two)."""
+
+
+def _check_phema(sigma_rels: tuple[float, ...]) -> None:
+    key = "train.phema_sigma_rels"
+    if len(sigma_rels) > MAX_PHEMA_PROFILES:
+        _fail(key, f"{len(sigma_rels)} profiles; at most {MAX_PHEMA_PROFILES} (each is a copy of "
+              "the weights; the paper keeps two, 0.05 and 0.10)")
+    for s in sigma_rels:
+        if not 0 < s <= SIGMA_REL_MAX:
+            _fail(key, f"{s} is no power-function EMA width; each sigma_rel must be in (0, "
+                  f"{SIGMA_REL_MAX:.4f}], e.g. [0.05, 0.10] (or [] to keep none)")
+    if len(set(sigma_rels)) != len(sigma_rels):
+        _fail(key, f"names a sigma_rel twice: {list(sigma_rels)}")
 
 
 MAX_PREVIEW_IMAGES = 256

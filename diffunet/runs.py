@@ -66,7 +66,7 @@ __all__ = ["EMA", "FolderLock", "LogRecord", "Run", "TensorBoardTracker", "WANDB
            "training_cost", "trim_log", "write_failed"]
 
 R = TypeVar("R")
-RUN_SUBFOLDERS = ("samples", "weights", "state", "tensorboard", "wandb")
+RUN_SUBFOLDERS = ("samples", "weights", "state", "phema", "tensorboard", "wandb")
 """The run folder's sub-folders diffunet writes into: each is opened once, without following a
 link, and a link under any of these names is refused before the run starts."""
 _TAG_DROPOUT = 3  # keeps the per-process RNG seeds apart from data.py's streams (tags 1, 2)
@@ -381,18 +381,18 @@ def _match_param_layout(optimizer: torch.optim.Optimizer) -> None:
                     state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
-_RUN_SUBFOLDERS = ("samples", "weights", "state")
+_RUN_SUBFOLDERS = ("samples", "weights", "state", "phema")
 
 
 def not_a_run_yet(folder: Path, root: type) -> bool:
     """Whether ``folder`` holds nothing but what a start that failed before its first state
     left: diffunet's own ``config.json`` (a JSON object of ``root``'s sections and keys), a
-    valid ``log.jsonl`` and empty ``samples/``, ``weights/``, ``state/`` folders, and the
-    trackers that config names: TensorBoard's ``tensorboard/`` holding only event files, W&B's
-    ``wandb/`` folder and ``wandb_run_id.txt``. Such a folder is not a run yet: a new start may
-    use it as if it were empty (new event files go beside the old; a fresh start takes a new W&B
-    run id). Anything else (a state, a model file, a preview, any other file, a symlink) makes it
-    a run, or someone else's."""
+    valid ``log.jsonl`` and empty ``samples/``, ``weights/``, ``state/``, ``phema/`` folders,
+    and the trackers that config names: TensorBoard's ``tensorboard/`` holding only event
+    files, W&B's ``wandb/`` folder and ``wandb_run_id.txt``. Such a folder is not a run yet: a
+    new start may use it as if it were empty (new event files go beside the old; a fresh start
+    takes a new W&B run id). Anything else (a state, a model file, a preview, a snapshot, any
+    other file, a symlink) makes it a run, or someone else's."""
     from .config import field_types
 
     try:
@@ -936,8 +936,10 @@ class Run:
 
     def _clear_leftovers(self) -> None:
         """Remove what interrupted writes left in the folders this process opened (the run
-        folder and ``weights/``, ``samples/`` on the main process; ``state/``'s ``.tmp-*``)."""
-        others = [self._subfolders[s] for s in ("weights", "samples") if s in self._subfolders]
+        folder and ``weights/``, ``samples/``, ``phema/`` on the main process; ``state/``'s
+        ``.tmp-*``)."""
+        others = [self._subfolders[s] for s in ("weights", "samples", "phema")
+                  if s in self._subfolders]
         st.clear_leftovers(self._subfolders.get("state"),
                            [self._folder, *others] if self._folder is not None else others)
 
@@ -1144,6 +1146,11 @@ class Run:
         ``durable``: flushed to disk (a preview grid need not be)."""
         self._subfolders[subfolder].write_file(name, data, durable=durable)
         return self.out_dir / subfolder / name
+
+    def subfolder(self, name: str) -> OpenFolder:
+        """The run's sub-folder ``name`` as :meth:`open_folder` opened it (main process): to
+        list or remove files in it at its descriptor, never through a link."""
+        return self._subfolders[name]
 
     def write(self, doing: str, fn: Callable[[], R]) -> R:
         """Run a main-process write ``fn`` (a preview, a model file); a failed write is the

@@ -10,9 +10,14 @@ What makes it exact:
   number of processes, and its state is one generator state.
 - The data order comes from :class:`~diffunet.data.GlobalBatchSampler`: resuming at step s starts
   the stream at step s without reading the skipped images.
-- The saved state holds everything that changes while training (weights, EMA, optimizer, grad
-  scaler, generators, every process's RNG, counters), so N steps and N/2 + resume + N/2 steps
-  give identical weights on the CPU.
+- The saved state holds everything that changes while training (weights, EMA, the post-hoc
+  EMA profiles, optimizer, grad scaler, generators, every process's RNG, counters), so N steps
+  and N/2 + resume + N/2 steps give identical weights on the CPU.
+
+Post-hoc EMA (:mod:`diffunet.phema`): the ``train.phema_sigma_rels`` profiles are updated after
+every optimizer step (skipped steps leave them as they are, like the classic EMA) and written
+as snapshots into ``RUN/phema/`` every ``train.phema_every`` steps, at the last step and at a
+stop (:mod:`diffunet.phema_files`), before the state of that step.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import phema_files
 from . import state as st
 from .checkpoint import load_guide_model, model_file_bytes, unwrap_model
 from .config import RunConfig, TrainConfig, to_dict
@@ -39,14 +46,15 @@ from .errors import ConfigError, StopRequested, TrainingError
 from .formulations import Formulation, make_schedule
 from .fileio import encode_image
 from .images import make_grid_image
-from .runs import EMA, Run
+from .phema import PowerEMA
+from .runs import EMA, Run, state_must_fit
 from .samplers import check_sigma_range, sample
 from .unet import UNet
 
 __all__ = ["EMA", "TrainResult", "fit_classes_to_data", "lr_at", "preview_guide", "train"]
 
 STATE_KEYS: dict[str, type] = {"config": dict, "optimizer": dict, "nonfinite_total": int,
-                               "nonfinite_streak": int}
+                               "nonfinite_streak": int, "run_id?": str}
 """What a diffusion state's ``trainer.json`` must hold (besides the harness's own keys)."""
 
 
@@ -232,14 +240,16 @@ def _grad_norm(parameters: Any) -> Tensor:
 
 
 def _update(run: Run, cfg: RunConfig, model: torch.nn.Module, optimizer: Any, ema: EMA,
-            net: torch.nn.Module, step: int, loss: Tensor) -> tuple[Tensor, Tensor]:
-    """Clip, take the optimizer step and update the EMA, unless the step went non-finite (its
-    loss or gradients) on any process: returns that flag, a 0-d bool device tensor, and the
-    gradients' global norm before clipping (0-d, on the device, for the log).
+            net: torch.nn.Module, step: int, loss: Tensor, phema: PowerEMA | None = None
+            ) -> tuple[Tensor, Tensor]:
+    """Clip, take the optimizer step and update the EMA and the post-hoc EMA profiles, unless
+    the step went non-finite (its loss or gradients) on any process: returns that flag, a 0-d
+    bool device tensor, and the gradients' global norm before clipping (0-d, on the device, for
+    the log).
 
     The skip is decided on the device, with no host sync: the fused AdamW skips through its
     ``found_inf`` (what the grad scaler uses; with fp16 the scaler's own takes its place) and
-    the EMA through a zero weight, so both stay exactly as they were. An optimizer without
+    the averages through a zero weight, so all stay exactly as they were. An optimizer without
     ``found_inf`` support decides on the host (one sync)."""
     t = cfg.train
     if t.grad_clip is not None:
@@ -261,6 +271,8 @@ def _update(run: Run, cfg: RunConfig, model: torch.nn.Module, optimizer: Any, em
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     ema.update(net, step, keep=~bad)
+    if phema is not None:
+        phema.update(net, step + 1, keep=~bad)  # t: the 1-based step just taken
     return bad, norm
 
 
@@ -351,9 +363,10 @@ _DEFAULT_MIN_SNR = TrainConfig().min_snr_gamma
 another value (the default flow run leaves it at this)."""
 
 
-def _header(run: Run, cfg: RunConfig, dataset: Any, net: UNet, schedule: Formulation
-            ) -> list[str]:
-    """What a run is about to do, in five lines before its first step."""
+def _header(run: Run, cfg: RunConfig, dataset: Any, net: UNet, schedule: Formulation,
+            phema_line: str | None = None) -> list[str]:
+    """What a run is about to do, in five lines before its first step (six with post-hoc EMA:
+    ``phema_line``)."""
     d, u, s, t = cfg.data, cfg.unet, cfg.schedule, cfg.train
     where = {"folder": d.path or "",
              "torchvision": f"{d.name} ({d.path or './data'})",
@@ -372,7 +385,40 @@ def _header(run: Run, cfg: RunConfig, dataset: Any, net: UNet, schedule: Formula
                     None, _DEFAULT_MIN_SNR) else ""),
             *describe_run(run, t.mixed_precision, t.batch_size, t.grad_accum_steps,
                           f"steps {run.start_step} -> {t.max_steps}, preview every "
-                          f"{t.sample_every}, save every {t.save_every} and at the last step")]
+                          f"{t.sample_every}, save every {t.save_every} and at the last step"),
+            *([phema_line] if phema_line else [])]
+
+
+def _post_hoc_ema(run: Run, cfg: RunConfig, model: torch.nn.Module
+                  ) -> tuple[RunConfig, PowerEMA | None, str]:
+    """The post-hoc EMA profiles of ``train.phema_sigma_rels`` (None: none) and the run's id
+    (random for a fresh run, the state's when resumed), the id every snapshot records. A state
+    written by a diffunet without post-hoc EMA has no profiles to continue: the run goes on
+    without them, saying so, and ``cfg`` (returned, and the run's) says so too."""
+    saved = run.saved
+    run_id = saved.get("run_id") or run.collective(lambda: secrets.token_hex(8))
+    sigma_rels = cfg.train.phema_sigma_rels
+    if not sigma_rels:
+        return cfg, None, run_id
+    train_saved = saved.get("config", {}).get("train", {}) if saved else {}
+    if saved and "phema_sigma_rels" not in train_saved:
+        run.tell(f"note: {run.resume_from} was saved by a diffunet without post-hoc EMA, so "
+                 "this run continues without its profiles (train.phema_sigma_rels = []; a new "
+                 "run keeps them)")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                                 phema_sigma_rels=()))
+        run.cfg = cfg
+        return cfg, None, run_id
+    return cfg, PowerEMA(model, sigma_rels), run_id
+
+
+def _phema_line(run: Run, cfg: RunConfig, phema: PowerEMA | None, run_id: str) -> str | None:
+    """The header's post-hoc EMA line (main process: it measures a snapshot's size)."""
+    if phema is None or not run.main:
+        return None
+    size = len(phema_files.snapshot_bytes(phema.profiles[0], step=1, sigma_rel=phema.sigma_rels[0],
+                                          gamma=phema.gammas[0], run_id=run_id, unet=cfg.unet))
+    return phema_files.describe_storage(phema.sigma_rels, cfg.train.phema_every, size)
 
 
 def _forever(loader: Any) -> Iterator[Any]:
@@ -430,19 +476,37 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         if t.channels_last:  # before the EMA copy, so previews run channels-last too
             model = model.to(memory_format=torch.channels_last)
         ema = EMA(model, t.ema_decay, t.ema_warmup)
+        cfg, phema, run_id = _post_hoc_ema(run, cfg, model)
         optimizer = run.adamw(model.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
                               weight_decay=t.weight_decay, eps=1e-8)
         step_gen = run.generator(t.seed)  # on the device: same draws on every process
         run.restore(model, optimizer, ema=ema.model, generators={"step_gen": step_gen})
+        if phema is not None and run.resume_from is not None:
+            with state_must_fit(run.resume_from):
+                phema.load_state_dict(st.load_tensors(run.resume_from / "phema.safetensors"))
         counts = {key: int(run.saved.get(key, 0)) for key in ("nonfinite_total",
                                                               "nonfinite_streak")}
         ema.model.to(run.device)
+        if phema is not None:
+            phema.to(run.device)
+            folder, at = run.out_dir / phema_files.SUBFOLDER, run.start_step
+            # before anything is written: damaged snapshots are refused now, in one line
+            run.collective(lambda: phema_files.check_for_resume(folder, run_id, cfg.unet, at))
         model, optimizer = run.prepare(model, optimizer, t.seed)
         net = unwrap_model(model)
         # Compiled: the whole objective (noising, forward, loss) as one graph; the DDP-wrapped
         # model is traced through, so its gradient buckets still overlap the backward.
         loss_fn = torch.compile(step_loss) if t.compile else step_loss
-        run.open_folder(("samples", "weights", "state"))
+        run.open_folder(("samples", "weights", "state")
+                        + ((phema_files.SUBFOLDER,) if phema is not None else ()))
+        if phema is not None:
+            gone = run.write("removing post-hoc EMA snapshots past the resumed step",
+                             lambda: phema_files.trim_after(
+                                 run.subfolder(phema_files.SUBFOLDER), run.start_step))
+            if gone:
+                run.tell(f"note: removed {len(gone)} post-hoc EMA snapshot(s) past step "
+                         f"{run.start_step} from {run.out_dir / phema_files.SUBFOLDER} (this "
+                         "run trains those steps again and writes them again)")
         for note in _dataset_notes(dataset, cfg):
             run.tell(note)
         if isinstance(dataset, HFStream):
@@ -459,8 +523,10 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         def save(at: int) -> tuple[Path, Path]:
             model_path = run.out_dir / "weights" / f"model_{st.state_name(at)}.safetensors"
             state_path = run.save_state(
-                at, tensors={"model": net.state_dict(), "ema": ema.model.state_dict()},
-                optimizer=optimizer, trainer=counts, generators={"step_gen": step_gen},
+                at, tensors={"model": net.state_dict(), "ema": ema.model.state_dict(),
+                             **({"phema": phema.state_dict()} if phema is not None else {})},
+                optimizer=optimizer, trainer={**counts, "run_id": run_id},
+                generators={"step_gen": step_gen},
                 keep_last=t.keep_last, before_commit=lambda: run.write_file(
                     "weights", model_path.name, model_file_bytes(
                         ema.model, schedule, extra={"step": at, "run_config": to_dict(cfg),
@@ -468,11 +534,25 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                                                        else {})})))
             return model_path, state_path
 
+        def snapshot(at: int) -> None:
+            """Write every profile's snapshot of step ``at`` (main process), durably."""
+            assert phema is not None
+
+            def on_main() -> None:
+                for s, g, profile in zip(phema.sigma_rels, phema.gammas, phema.profiles):
+                    run.write_file(phema_files.SUBFOLDER, phema_files.snapshot_name(at, s),
+                                   phema_files.snapshot_bytes(profile, step=at, sigma_rel=s,
+                                                              gamma=g, run_id=run_id,
+                                                              unet=cfg.unet))
+
+            run.write(f"writing the post-hoc EMA snapshots of step {at}", on_main)
+
         # --- the loop: no host sync between check points (log lines, saves, the non-finite
         # limit), so an accelerator is never kept waiting by the host -----------------------
         if step < t.max_steps:
             for line in [*([config_source] if config_source else []),
-                         *_header(run, cfg, dataset, net, schedule)]:
+                         *_header(run, cfg, dataset, net, schedule,
+                                  _phema_line(run, cfg, phema, run_id))]:
                 run.tell(line)
         run.progress(t.max_steps)
         per_process = t.batch_size // run.world
@@ -491,7 +571,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                 labels.to(run.device, non_blocking=True), mine)
             model.train()
             loss = _backward(run, model, loss_fn, schedule, cfg, x0, noise, levels, labels)
-            bad, norm = _update(run, cfg, model, optimizer, ema, net, step, loss)
+            bad, norm = _update(run, cfg, model, optimizer, ema, net, step, loss, phema)
             nonfinite["nonfinite_total"] += bad
             nonfinite["nonfinite_streak"] = (nonfinite["nonfinite_streak"] + 1) * bad
             interval_loss += torch.where(bad, 0.0, loss)
@@ -521,6 +601,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                 run.bar.set_description_str(f"preview at step {step}")  # sampling takes a while
                 preview(step)
                 run.bar.set_description_str("")
+            if phema is not None and (step % t.phema_every == 0 or step == t.max_steps
+                                      or stopping):
+                snapshot(step)  # before the state: a state implies its snapshots are written
             if step % t.save_every == 0 or step == t.max_steps or stopping:
                 model_path, state_path = save(step)
             if stopping:

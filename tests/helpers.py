@@ -17,7 +17,7 @@ import torch
 
 
 RUN_HEADER = ("config: ", "resuming from ", "data: ", "model: ", "device: ", "batch: ",
-              "out-dir: ")
+              "out-dir: ", "post-hoc EMA: ")
 """How the lines a training run prints before its first step begin (its header, and the state it
 resumed from): a run that fails later has them on stderr above its one error line."""
 

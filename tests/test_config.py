@@ -266,3 +266,30 @@ def test_preview_grids_are_capped() -> None:
     with pytest.raises(ConfigError, match=r"^sample\.num_images: must be in \[1, 256\] .*"
                                           r"1000000000; draw more with diffunet sample"):
         load_config(None, ["sample.num_images=1000000000"])
+
+
+@pytest.mark.parametrize("item, words", [
+    ("train.phema_sigma_rels=[0.3]", "0.3 is no power-function EMA width; each sigma_rel must "
+                                     "be in (0, 0.2879]"),
+    ("train.phema_sigma_rels=[0]", "0 is no power-function EMA width"),
+    ("train.phema_sigma_rels=[-0.05]", "-0.05 is no power-function EMA width"),
+    ("train.phema_sigma_rels=[0.05, 0.05]", "names a sigma_rel twice"),
+    ("train.phema_sigma_rels=[0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09]",
+     "9 profiles; at most 8"),
+    ("train.phema_sigma_rels=[nan]", "must be a finite number"),
+    ("train.phema_every=0", "must be a positive integer"),
+])
+def test_post_hoc_ema_settings_are_checked(item: str, words: str) -> None:
+    key = item.partition("=")[0]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [item])
+    assert str(info.value).startswith(key + ": ") and words in str(info.value), str(info.value)
+
+
+def test_post_hoc_ema_profiles_are_fixed_on_resume_and_the_interval_is_not() -> None:
+    # the profiles are part of what the state computed; the snapshot interval only says when
+    # they are written (a reconstruction takes snapshots at any steps)
+    assert not may_change_on_resume(TrainConfig, "phema_sigma_rels")
+    assert may_change_on_resume(TrainConfig, "phema_every")
+    assert TrainConfig().phema_sigma_rels == (0.05, 0.10)
+    assert load_config(None, ["train.phema_sigma_rels=[]"]).train.phema_sigma_rels == ()

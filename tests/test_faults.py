@@ -44,14 +44,17 @@ from helpers import RUN_HEADER, tiny_run
 from processes import cpu_env, reset_accelerate_state
 
 # A tiny run: 8x8 images, two levels, attention at 4x4, dropout and flips (so the RNG state
-# matters), a save after every step and a preview every 7 steps (so kills land in both).
+# matters), a save and post-hoc EMA snapshots after every step and a preview every 7 steps (so
+# kills land in all three).
 TRAIN = tiny_run("unet.dropout=0.3", "data.random_flip=true", "train.log_every=1",
-                 "train.save_every=1", "train.sample_every=7", "train.keep_last=2", image_size=8)
+                 "train.save_every=1", "train.sample_every=7", "train.keep_last=2",
+                 "train.phema_every=1", image_size=8)
 STEPS = 30
-STATE_FILES = {"model.safetensors", "ema.safetensors", "optimizer.safetensors",
-               "rng.safetensors", "rng_rank0.safetensors", "trainer.json"}
-COMPARED = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors",
-            "rng_rank0.safetensors")
+STATE_FILES = {"model.safetensors", "ema.safetensors", "phema.safetensors",
+               "optimizer.safetensors", "rng.safetensors", "rng_rank0.safetensors",
+               "trainer.json"}
+COMPARED = ("model.safetensors", "ema.safetensors", "phema.safetensors", "optimizer.safetensors",
+            "rng.safetensors", "rng_rank0.safetensors")
 
 
 def _train_cmd(out: Path, *extra: str) -> list[str]:
@@ -102,8 +105,9 @@ def _writing_model_file(out: Path) -> bool:
         return False
 
 
-def _complete_states(out: Path) -> dict[int, Path]:
-    """Every ``state/step*`` folder, each checked to be whole: all files there and readable."""
+def _complete_states(out: Path, files: set[str] = STATE_FILES) -> dict[int, Path]:
+    """Every ``state/step*`` folder, each checked to be whole: all ``files`` there and
+    readable."""
     found = {}
     root = out / "state"
     for p in sorted(root.iterdir()) if root.is_dir() else []:
@@ -111,10 +115,10 @@ def _complete_states(out: Path) -> dict[int, Path]:
             continue
         m = re.fullmatch(r"step(\d{7})", p.name)
         assert m and p.is_dir(), f"unexpected entry {p}"
-        assert {f.name for f in p.iterdir()} == STATE_FILES, f"{p} is not complete"
+        assert {f.name for f in p.iterdir()} == files, f"{p} is not complete"
         trainer = json.loads((p / "trainer.json").read_text())
         assert trainer["step"] == int(m.group(1))
-        for name in COMPARED:
+        for name in sorted(files - {"trainer.json"}):
             load_file(str(p / name))  # raises on a truncated or damaged file
         found[int(m.group(1))] = p
     return found
@@ -146,6 +150,12 @@ def _assert_same_run(out: Path, ref: Path, step: int) -> None:
     log, ref_log = _log_steps(out), _log_steps(ref)
     assert [r["step"] for r in log] == list(range(1, step + 1))  # every step exactly once
     assert [r["loss"] for r in log] == [r["loss"] for r in ref_log]
+    # every post-hoc EMA snapshot there, once, with the uninterrupted run's weights
+    names = sorted(p.name for p in (out / "phema").iterdir())
+    assert names == sorted(p.name for p in (ref / "phema").iterdir())
+    for name in names:
+        a, b = load_file(str(out / "phema" / name)), load_file(str(ref / "phema" / name))
+        assert all(torch.equal(a[k], b[k]) for k in b) and a.keys() == b.keys(), name
 
 
 @pytest.fixture(scope="module")
@@ -309,8 +319,12 @@ def test_signal_during_a_save_saves_and_resumes(tmp_path: Path, reference_run: P
 # 3. A full disk or a read-only run folder during a save.
 
 
-SMALL = [a for a in TRAIN if not a.startswith(("train.save_every", "train.sample_every"))] + [
-    "train.save_every=2", "train.sample_every=1000", "train.log_every=1000"]
+SMALL = [a for a in TRAIN if not a.startswith(("train.save_every", "train.sample_every",
+                                                "train.phema_every"))] + [
+    "train.save_every=2", "train.sample_every=1000", "train.log_every=1000",
+    "train.phema_sigma_rels=[]"]  # the state's writes fail first (snapshots: their own test)
+SMALL_STATE_FILES = STATE_FILES - {"phema.safetensors"}
+SMALL_COMPARED = tuple(n for n in COMPARED if n in SMALL_STATE_FILES)
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -419,8 +433,49 @@ def test_full_disk_or_read_only_during_a_save(tmp_path: Path, capsys, cpu_accele
     ref = tmp_path / "ref"
     rc, err = _train_in_process(ref, 4, capsys)
     assert rc == 0, err
-    for name in COMPARED:
+    for name in SMALL_COMPARED:
         a, b = load_file(str(_state(out, 4) / name)), load_file(str(_state(ref, 4) / name))
+        assert all(torch.equal(a[k], b[k]) for k in b), name
+
+
+def test_a_full_disk_during_a_post_hoc_ema_snapshot(tmp_path: Path, capsys, cpu_accelerate,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # the disk fills while the second profile's snapshot of step 3 is flushed: one line, the
+    # state of step 2 and the snapshots already written untouched, no half-written file left,
+    # and --resume then writes the same snapshots an uninterrupted run does
+    phema = ("train.phema_sigma_rels=[0.05,0.1]", "train.phema_every=1")
+    out = tmp_path / "run"
+    rc, err = _train_in_process(out, 2, capsys, *phema)
+    assert rc == 0, err
+    before = _snapshot(out / "phema")
+    real_fsync, calls = os.fsync, []
+
+    def full_on_flush(fd):
+        if "/phema/" in _fd_path(fd) and _fd_path(fd).endswith(".tmp"):
+            calls.append(fd)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_on_flush)
+    rc, err = _train_in_process(out, 4, capsys, *phema)
+    monkeypatch.undo()
+    assert rc == 2, err
+    assert err.strip().splitlines()[-1] == (
+        f"diffunet train: error: no space left on device while writing the post-hoc EMA "
+        f"snapshots of step 3 to {out}; free space or choose another --out-dir; the previous "
+        "checkpoint step0000002 is intact (--resume continues from it)"), err
+    assert {k: v for k, v in _snapshot(out / "phema").items() if "step0000003" not in k} == before
+    assert _leftovers(out) == []
+    rc, err = _train_in_process(out, 4, capsys, *phema)
+    assert rc == 0, err
+    ref = tmp_path / "ref"
+    rc, err = _train_in_process(ref, 4, capsys, *phema)
+    assert rc == 0, err
+    names = sorted(p.name for p in (ref / "phema").iterdir())
+    assert sorted(p.name for p in (out / "phema").iterdir()) == names and len(names) == 8
+    for name in names:
+        a, b = load_file(str(out / "phema" / name)), load_file(str(ref / "phema" / name))
         assert all(torch.equal(a[k], b[k]) for k in b), name
 
 
@@ -475,7 +530,7 @@ def test_a_failed_write_in_a_real_process(tmp_path: Path, fault: str) -> None:
     r = subprocess.run([*cmd, "train.max_steps=4", "--resume"], env=cpu_env(), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert sorted(_complete_states(out)) == [2, 4]
+    assert sorted(_complete_states(out, SMALL_STATE_FILES)) == [2, 4]
 
 
 # ---------------------------------------------------------------------------------------------

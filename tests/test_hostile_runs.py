@@ -445,7 +445,7 @@ ROWS: list[Row] = [
     # --- round two (issue 23): the run folder's sub-folders are never written through a link -
     *[Row(Case(f"resume-with-{sub}-a-link-to-a-users-folder", RESUME3,
                (f"run/{sub} {LINKED[0]}", LINKED[1]), linked(sub)))
-      for sub in ("weights", "samples", "state", "tensorboard")],
+      for sub in ("weights", "samples", "state", "phema", "tensorboard")],
     Row(Case("fresh-start-with-weights-a-link-to-a-users-folder",
              ["train", *TINY, "--out-dir", "{c}/run", "--no-progress"],
              ("run/weights", LINKED[0]), linked("weights", fresh=True))),

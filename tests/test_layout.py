@@ -37,10 +37,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("segmentation",),
     ("training",),
     ("sampling", "editing"),  # editing: sampling's init images and masks
-    ("evaluation", "judge", "plots"),  # judge: the shapes classifier; uses evaluation's FID
+    ("evaluation", "judge", "plots", "phema_eval"),  # judge: the shapes classifier; uses
+    # evaluation's FID; phema_eval: `eval ema`, post-hoc EMA lengths judged
     ("bench", "inspection", "interop"),
     ("runs", "outputs", "output_files"),  # output folders; single output files
-    ("state", "checkpoint"),
+    ("state", "checkpoint", "phema_files"),  # phema_files: post-hoc EMA snapshot files
     ("data",),
     ("images",),
     ("likelihood", "resources"),
@@ -49,7 +50,8 @@ LAYERS: list[tuple[str, ...]] = [
     # schedulers, diffusion, edm: the deprecated names of samplers and formulations' modules
     ("samplers", "guidance", "schedulers", "diffusion", "edm"),  # guidance: samplers' wrapper
     ("formulations",),
-    ("errors", "fileio", "version", "randomness", "checks", "stopping"),
+    ("errors", "fileio", "version", "randomness", "checks", "stopping",
+     "phema"),  # phema: post-hoc EMA's math (config checks sigma_rel with it)
 ]
 # The one module (or package) that may import each heavy dependency.
 HOMES: dict[str, set[str]] = {

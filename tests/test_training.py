@@ -34,8 +34,9 @@ from processes import cpu_env, launch_two, reset_accelerate_state
 TINY = tiny_run()
 # Every train() here runs in this process, on the CPU, from a fresh Accelerate state.
 pytestmark = pytest.mark.usefixtures("cpu_accelerate")
-STATE_FILES = {"model.safetensors", "ema.safetensors", "optimizer.safetensors",
-               "rng.safetensors", "rng_rank0.safetensors", "trainer.json"}
+STATE_FILES = {"model.safetensors", "ema.safetensors", "phema.safetensors",
+               "optimizer.safetensors", "rng.safetensors", "rng_rank0.safetensors",
+               "trainer.json"}
 
 
 def _cfg(*extra: str) -> RunConfig:
@@ -333,7 +334,8 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
 
     train(load_config(None, overrides), one, progress=False)
     for rel in ("weights/model_step0000004.safetensors", "state/step0000004/model.safetensors",
-                "state/step0000004/ema.safetensors"):
+                "state/step0000004/ema.safetensors", "state/step0000004/phema.safetensors",
+                "phema/step0000004-sr0.05.safetensors"):
         _assert_close(two / rel, one / rel, atol=1e-5)
     for a, b in zip(_log(two), _log(one)):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)

@@ -1,10 +1,10 @@
 """The ``diffunet`` command line: the only layer that parses arguments and prints.
 
-One module per command group (``train``, ``sample``, ``eval``, ``info``, ``inspect``,
-``bench``, ``segment``, ``stats``, ...), each with ``add_arguments(parser)`` and the function that runs
-it; :mod:`.common` holds what they share. Only the command being run is imported and given
-its arguments (``diffunet info`` loads neither evaluation nor segmentation), and each command
-imports its library modules when it runs. Library code returns results and raises
+One module per command group (``train``, ``sample``, ``eval``, ``ema``, ``info``,
+``inspect``, ``bench``, ``segment``, ``stats``, ...), each with ``add_arguments(parser)`` and
+the function that runs it; :mod:`.common` holds what they share. Only the command being run is imported and
+given its arguments (``diffunet info`` loads neither evaluation nor segmentation), and each
+command imports its library modules when it runs. Library code returns results and raises
 :class:`~diffunet.errors.DiffunetError`; :func:`main` prints its one-line message and returns
 exit code 2 without a traceback.
 """
@@ -80,6 +80,11 @@ def _stats() -> ModuleType:
     return stats
 
 
+def _ema() -> ModuleType:
+    from . import ema
+    return ema
+
+
 COMMANDS: dict[str, tuple[str, Callable[[], ModuleType]]] = {
     "info": ("print a model file's configs, size and checksum", _info),
     "train": ("train a model (with no CONFIG: the built-in shapes data set on the CPU)", _train),
@@ -95,6 +100,8 @@ COMMANDS: dict[str, tuple[str, Callable[[], ModuleType]]] = {
              "images/s", _plot),
     "stats": ("the training images' std (EDM's schedule.sigma_data) and per-channel mean/std",
               _stats),
+    "ema": ("rebuild a run's EMA of any length from its post-hoc EMA snapshots, as a model "
+            "file", _ema),
 }
 """Each command: its one-line help (for ``diffunet --help``) and its module, imported only when
 the command is the one given."""

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 DESCRIPTION = ("Evaluate a model: `eval bpd` (negative log-likelihood bound), `eval fid` (FID "
                "and KID of a folder of generated images), `eval nfe` (quality per network "
-               "call, every sampler) or `eval train-judge` (the built-in quality judge).")
+               "call, every sampler), `eval ema` (a run's post-hoc EMA lengths) or `eval "
+               "train-judge` (the built-in quality judge).")
 
 
 def _timesteps_arg(text: str) -> int | None:
@@ -37,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                          JudgeTraining)
     from ..likelihood import LIKELIHOOD_VARIANCES
 
-    sub = p.add_subparsers(dest="eval_command", metavar="{bpd,fid,nfe,train-judge}")
+    sub = p.add_subparsers(dest="eval_command", metavar="{bpd,fid,nfe,ema,train-judge}")
     sub.required = True
 
     def common(q: argparse.ArgumentParser, batch: int) -> None:
@@ -153,6 +154,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="neither read nor write cached reference statistics")
     common(q, 128)
 
+    from ..phema_eval import EMA_IMAGES
+    from .ema import step_arg
+
+    q = sub.add_parser(
+        "ema", help="a run's post-hoc EMA lengths, each rebuilt, sampled and judged",
+        description="Rebuild the run's EMA of each --sigma-rel from its post-hoc EMA snapshots "
+                    "(as `diffunet ema`), sample --num-images images of each with the run's "
+                    "[sample] settings (image i from seed + i: every length sees the same "
+                    "noise) and print FID and KID per length and the best: with the built-in "
+                    "judge against the built-in data when the run trained on it, else against "
+                    "--reference.")
+    q.add_argument("run_dir", metavar="RUN", help="the run folder (the --out-dir of train)")
+    q.add_argument("--sigma-rel", type=_sigma_rel_list, required=True, metavar="S,S,...",
+                   help="EMA lengths as sigma_rel, e.g. 0.02,0.05,0.1,0.2")
+    q.add_argument("--step", type=step_arg, metavar="N",
+                   help="rebuild at the newest snapshot at or before step N (default: the "
+                        "newest)")
+    q.add_argument("--num-images", type=int, default=EMA_IMAGES, metavar="N",
+                   help=f"images per length (default {EMA_IMAGES})")
+    q.add_argument("--steps", type=int, metavar="S",
+                   help="sampling steps (default: the run's sample.num_steps)")
+    q.add_argument("--reference", metavar="FOLDER|CONFIG.toml",
+                   help="reference images for FID: a folder, or a config whose [data] is the set "
+                        "(default: the built-in data, for a run trained on it)")
+    q.add_argument("items", nargs="*", metavar="[data.key=value ...]",
+                   help="data.key=value overrides of a --reference CONFIG.toml")
+    q.add_argument("--features", choices=("inception", "builtin"),
+                   help="--reference's feature network: inception (default; needs pip install "
+                        "\"diffunet[eval]\") or builtin (the built-in judge, 32x32)")
+    q.add_argument("--feature-weights", metavar="PATH",
+                   help="a judge file from `diffunet eval train-judge`, or the local pytorch-fid "
+                        "Inception weights (default: the shipped judge / the cache)")
+    q.add_argument("--num-reference", type=int, metavar="N",
+                   help=f"reference images (default: {REFERENCE_IMAGES} built-in ones, or all "
+                        "of --reference)")
+    q.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write cached reference statistics")
+    common(q, 128)
+
     q = sub.add_parser(
         "train-judge", help="train the built-in quality judge (CPU, seconds)",
         description="Train the quality judge behind `--features builtin` and `eval nfe` "
@@ -178,6 +218,16 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected positive integers like 5,10,25, got {text!r}")
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers like 5,10,25, got {text!r}")
+    return values
+
+
+def _sigma_rel_list(text: str) -> list[float]:
+    from .ema import sigma_rel_arg
+
+    values = [sigma_rel_arg(v.strip()) for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected sigma_rel values like 0.02,0.05,0.1, got "
+                                         f"{text!r}")
     return values
 
 
@@ -348,6 +398,33 @@ def _nfe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ema(args: argparse.Namespace) -> int:
+    from ..evaluation import default_cache_dir
+    from ..phema_eval import format_ema_table, judge_ema_lengths
+    from ..runs import pick_device
+    from .common import say
+
+    device = pick_device(args.device)
+    result = judge_ema_lengths(args.run_dir, args.sigma_rel, step=args.step,
+                               num_images=args.num_images, seed=args.seed,
+                               num_steps=args.steps, batch_size=args.batch_size, device=device,
+                               reference=args.reference, reference_items=args.items,
+                               features=args.features, feature_weights=args.feature_weights,
+                               num_reference=args.num_reference,
+                               cache_dir=None if args.no_cache else default_cache_dir(),
+                               progress=None if args.no_progress else say)
+    out(format_ema_table(result))
+    _write_json(args.json_out, {"run": result.run, "step": result.step,
+                                "num_images": result.num_images, "seed": result.seed,
+                                "features": result.features, "reference": result.reference,
+                                "num_reference": result.num_reference,
+                                "floor_fid": result.floor_fid,
+                                "best_sigma_rel": result.best.sigma_rel,
+                                "rows": [dataclasses.asdict(r) for r in result.rows],
+                                **result.options})
+    return 0
+
+
 def _train_judge(args: argparse.Namespace) -> int:
     import time
 
@@ -380,7 +457,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
     from ..output_files import check_distinct, claim_file
 
-    commands = {"bpd": _bpd, "fid": _fid, "nfe": _nfe, "train-judge": _train_judge}
+    commands = {"bpd": _bpd, "fid": _fid, "nfe": _nfe, "ema": _ema, "train-judge": _train_judge}
     with contextlib.ExitStack() as claims:  # a command that fails leaves no temporary file
         args.json_out = _claim_json(getattr(args, "json", None))
         if args.json_out is not None:
