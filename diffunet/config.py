@@ -524,7 +524,7 @@ class SampleConfig:
 
     sampler: SamplerName = free_on_resume("dpmpp-2m")
     """The step rule; the default, DPM-Solver++(2M) on the karras grid from the default range's
-    top (at most 80), halves DDIM's judge FID at 25 network calls and stays sound at every step
+    top (at most 160), halves DDIM's judge FID at 25 network calls and stays sound at every step
     count from 5 to 50 (docs/samplers.md, "Quality per network call", "The default grid's
     range")."""
     num_steps: int = free_on_resume(25)
@@ -552,7 +552,7 @@ class SampleConfig:
     """The ``karras``/``exponential`` grid's highest noise level, where sampling starts; unset:
     the formulation's default range
     (:meth:`~diffunet.formulations.base.Formulation.default_range`): the model's highest level
-    capped at 80 (:data:`~diffunet.formulations.base.DEFAULT_SIGMA_MAX`; EDM: its own
+    capped at 160 (:data:`~diffunet.formulations.base.DEFAULT_SIGMA_MAX`; EDM: its own
     ``schedule.sigma_max``, 80 by default). From the cosine schedule's own 2 x 10^4 DPM++ 2M
     fell off a cliff below 15 steps; a set value reaches the model's whole range
     (docs/samplers.md, "The default grid's range")."""

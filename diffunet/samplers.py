@@ -491,9 +491,9 @@ def make_sigmas(denoiser_or_schedule: Any, num_steps: int, grid: SigmaGrid = "ka
     exponential grids span its default range
     (:meth:`~diffunet.formulations.base.Formulation.default_range`): the model's lowest level
     and, as top, the model's highest or :data:`~diffunet.formulations.base.DEFAULT_SIGMA_MAX`
-    (80) where that is lower (VP: t = 0 and min(sigma at T-1, 80); EDM: its configured sampling
-    range, [0.002, 80] by default; flow: the shifted training grid's lowest level below t = 1
-    and min(s (T - 1), 80)). ``sigma_min``/``sigma_max`` (karras and exponential only) put the
+    (160) where that is lower (VP: t = 0 and min(sigma at T-1, 160); EDM: its configured
+    sampling range, [0.002, 80] by default; flow: the shifted training grid's lowest level below
+    t = 1 and min(s (T - 1), 160)). ``sigma_min``/``sigma_max`` (karras and exponential only) put the
     grid's ends elsewhere, as k-diffusion's ``get_sigmas_karras(n, sigma_min, sigma_max)``, up
     to the model's whole range (:meth:`~diffunet.formulations.base.Formulation.grid_range`): on
     a VP model within its table (the denoiser clamps levels outside it to t = 0 or T-1); on EDM
@@ -860,7 +860,7 @@ def sample(model: Callable[..., Tensor], schedule: Formulation, x_T: Tensor, *,
         sigmas: the grid (``karras``, ``exponential``, ``uniform``); None: :func:`default_grid`.
             rho: karras' rho.
         sigma_min, sigma_max: the karras/exponential grid's lowest and highest level (None:
-            the formulation's default range, the model's with its top capped at 80; see
+            the formulation's default range, the model's with its top capped at 160; see
             :func:`make_sigmas`).
         s_churn, s_tmin, s_tmax, s_noise: Heun's stochasticity (Karras et al. Algorithm 2).
         class_labels: (B,) int labels for a class-conditional model.

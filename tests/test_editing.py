@@ -237,7 +237,7 @@ def test_sigma_max_starts_the_grid_and_is_part_of_what_resumes(world, tmp_path, 
 
 def test_diffunet_sample_starts_at_the_default_top_and_sigma_max_reaches_the_models(
         world, tmp_path, capsys):
-    """No flags: DPM++ 2M on the karras grid from the default top (80) of a cosine-schedule
+    """No flags: DPM++ 2M on the karras grid from the default top (160) of a cosine-schedule
     model whose own top is far higher; --sigma-max reaches that top; a folder drawn on an
     earlier release's default grid (the whole range) is not resumed with the new one."""
     from diffunet.formulations.base import DEFAULT_SIGMA_MAX

@@ -128,7 +128,7 @@ def test_zero_terminal_snr_sigma_view():
     # the model's finite range tops at sigma_{T-2}: an explicit sigma_max reaches it, the
     # default grid starts at the cap
     assert s.grid_range()[1] == float(s.sigmas[-2])
-    assert float(make_sigmas(s, 6)[0]) == DEFAULT_SIGMA_MAX
+    assert float(make_sigmas(s, 6)[0]) == pytest.approx(DEFAULT_SIGMA_MAX, rel=1e-12)
     grid = make_sigmas(s, 6, sigma_max=s.grid_range()[1])
     assert float(grid[0]) == pytest.approx(float(s.sigmas[-2]), rel=1e-12)
     uniform = make_sigmas(s, 6, "uniform")
@@ -833,9 +833,9 @@ def test_a_bad_sigma_range_is_one_line():
     with pytest.raises(UsageError, match="ddim runs on uniform training timesteps"):
         sample(fake_model, s, x_T, sampler="ddim", num_steps=5, sigma_max=10.0)
     # sigma_min alone above the default top: one line that says how to reach higher
-    with pytest.raises(UsageError, match=r"sigma_max=80 \(the default top; set sigma_max up to "
-                       r"this model's 20291"):
-        make_sigmas(s, 5, "karras", sigma_min=100.0)
+    with pytest.raises(UsageError, match=r"sigma_max=160 \(the default top; set sigma_max up "
+                       r"to this model's 20291"):
+        make_sigmas(s, 5, "karras", sigma_min=200.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -850,15 +850,14 @@ def _schedule(**config: Any) -> Formulation:
 
 @pytest.mark.parametrize("config, top", [
     (dict(formulation="vp", beta_schedule="cosine"), DEFAULT_SIGMA_MAX),  # 2.03e4, capped
-    (dict(formulation="vp", beta_schedule="linear"), DEFAULT_SIGMA_MAX),  # 157, capped
+    (dict(formulation="vp", beta_schedule="linear"), None),  # 157: below the cap
     (dict(formulation="vp", prediction_type="v", rescale_zero_terminal_snr=True),
      DEFAULT_SIGMA_MAX),  # inf at T-1, sigma_{T-2} = 1.5e4, capped
-    (dict(formulation="vp", beta_schedule="linear", num_train_timesteps=20), None),  # below
     (dict(formulation="edm"), 80.0),                                # its own range
     (dict(formulation="edm", sigma_max=200.0), 200.0),              # its own, uncapped
     (dict(formulation="flow"), DEFAULT_SIGMA_MAX),                  # s (T - 1) = 999, capped
     (dict(formulation="flow", shift=3.0), DEFAULT_SIGMA_MAX),       # 2997, capped
-], ids=["vp-cosine", "vp-linear", "vp-zero-snr", "vp-short", "edm", "edm-200", "flow",
+], ids=["vp-cosine", "vp-linear", "vp-zero-snr", "edm", "edm-200", "flow",
         "flow-shift3"])
 def test_the_default_grid_spans_the_formulations_default_range(config, top):
     s = _schedule(**config)
@@ -894,7 +893,7 @@ def test_the_command_lines_default_first_level_is_the_default_top():
     x_T = randn(*SHAPE, seed=13)
     sample(model, s, x_T, **kw)
     first = s.sigma_to_timestep(torch.tensor(DEFAULT_SIGMA_MAX, dtype=F64)).item()
-    # on the cosine schedule the levels above 80 are the last few timesteps (t > 992)
+    # on the cosine schedule the levels above 160 are the last four timesteps (t > 995)
     assert len(seen) == 25 and seen[0] == pytest.approx(first, abs=1e-9) and first < 998
     full = SampleConfig(sigma_max=s.grid_range()[1]).sample_kwargs()
     seen.clear()
@@ -923,5 +922,5 @@ def test_the_documented_defaults_are_the_stored_ones():
     assert cfg.sigmas is None and lib["sigmas"].default is None
     assert rows["grid"][0].startswith(PREVIEW_GRIDS[cfg.sampler])
     assert cfg.sigma_max is None and lib["sigma_max"].default is None
-    cap = f"{DEFAULT_SIGMA_MAX:g}"
+    cap = f"{DEFAULT_SIGMA_MAX:g}"  # 160
     assert all(f"min(model's top, {cap})" in cell for cell in rows["karras/exponential top"])

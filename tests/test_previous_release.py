@@ -7,8 +7,9 @@ what ``diffunet.sample`` returned for 56 cases: every sampler, the uniform, karr
 exponential grids, a set sigma_max, clipping, labels and classifier-free guidance, SDEdit,
 inpainting and RePaint. Sampling runs on one thread, as the fixtures were made (the thread count
 moves float rounding inside the network). One intentional change: the karras and exponential
-grids' default top moved (issue 24, docs/samplers.md "The default grid's range"), so the VP cases
-on those grids with no range set name the previous default, the model's top, as ``sigma_max``.
+grids' default top moved (issue 24, docs/samplers.md "The default grid's range"), so the cosine
+VP cases on those grids with no range set name the previous default, the model's top, as
+``sigma_max``.
 """
 
 from __future__ import annotations
@@ -92,15 +93,15 @@ def test_an_old_model_file_samples_as_the_previous_release_did(case, models, exp
         assert torch.equal(got, want), (got - want).abs().max()
 
 
-def test_the_cases_whose_default_range_moved_are_the_vp_karras_and_exponential_ones(
+def test_the_cases_whose_default_range_moved_are_the_cosine_karras_and_exponential_ones(
         models, expected, one_thread) -> None:
     """Issue 24 moved the default top of the karras/exponential grids (the one intentional
-    change here): exactly the VP cases on those grids without a sigma_max, and with no
-    range set they now give other images (from sigma 80, not the model's top)."""
+    change here): exactly the cosine-schedule VP cases on those grids without a sigma_max
+    (the linear schedule's top, 157, is below the cap), and with no range set they now give
+    other images (from sigma 160, not the model's top)."""
     moved = [c for c in CASES if _moved_default(c, models[c["model"]][1])]
-    assert {c["model"] for c in moved} == {"vp_eps_linear.safetensors",
-                                           "vp_v_cosine_cond.safetensors"}
-    assert len(moved) == 21
+    assert {c["model"] for c in moved} == {"vp_v_cosine_cond.safetensors"}
+    assert len(moved) == 11
     for case in moved[:2]:
         net, schedule = models[case["model"]]
         x_T = expected["input/x_T"]

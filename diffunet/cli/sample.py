@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the karras grid's exponent ({model_or} {s.rho})")
     p.add_argument("--sigma-max", type=float, dest="sigma_max", metavar="SIGMA",
                    help=f"karras/exponential: the grid's highest noise level, where sampling "
-                        f"starts ({model_or} the model's largest capped at 80, EDM's own "
+                        f"starts ({model_or} the model's largest capped at 160, EDM's own "
                         f"sigma_max; up to the model's largest when set)")
     p.add_argument("--sigma-min", type=float, dest="sigma_min", metavar="SIGMA",
                    help=f"karras/exponential: the grid's lowest noise level before the last "
