@@ -576,9 +576,10 @@ class SampleConfig:
     in the model file, else these). Every field may change on resume."""
 
     sampler: SamplerName = free_on_resume("dpmpp-2m")
-    """The step rule; the default, DPM-Solver++(2M) on the karras grid, halves DDIM's judge FID
-    at 25 network calls and stays sound at any step count (docs/samplers.md, "Quality per
-    network call")."""
+    """The step rule; the default, DPM-Solver++(2M) on the karras grid from the default range's
+    top (at most 160), halves DDIM's judge FID at 25 network calls and stays sound at every step
+    count from 5 to 50 (docs/samplers.md, "Quality per network call", "The default grid's
+    range")."""
     num_steps: int = free_on_resume(25)
     eta: float | None = free_on_resume(None)
     """The step noise of the samplers that have one: 0 deterministic ... 1 ancestral (DDPM-like)
@@ -599,13 +600,15 @@ class SampleConfig:
     """The ``karras`` grid's exponent (eq. 5; 7 is the paper's choice)."""
     sigma_min: float | None = free_on_resume(None)
     """The ``karras``/``exponential`` grid's lowest noise level; unset: the model's (VP: sigma
-    at t = 0)."""
+    at t = 0; EDM: its ``schedule.sigma_min``; flow: its shifted grid's lowest level)."""
     sigma_max: float | None = free_on_resume(None)
     """The ``karras``/``exponential`` grid's highest noise level, where sampling starts; unset:
-    the model's (VP: sigma at t = T-1, about 2 x 10^4 on the cosine schedule; EDM: 80). On the
-    cosine schedule 160 turns DPM++ 2M's 5 and 10 network calls from judge FID 92 and 15 into
-    9-15 and 6-8, and a cap is what Heun needs there below 15 calls (docs/samplers.md, "The
-    grid's top level")."""
+    the formulation's default range
+    (:meth:`~diffunet.formulations.base.Formulation.default_range`): the model's highest level
+    capped at 160 (:data:`~diffunet.formulations.base.DEFAULT_SIGMA_MAX`; EDM: its own
+    ``schedule.sigma_max``, 80 by default). From the cosine schedule's own 2 x 10^4 DPM++ 2M
+    fell off a cliff below 15 steps; a set value reaches the model's whole range
+    (docs/samplers.md, "The default grid's range")."""
     s_churn: float = free_on_resume(0.0)
     """``heun`` only: EDM's stochasticity S_churn (Algorithm 2; 0 is the deterministic sampler)."""
     s_tmin: float = free_on_resume(0.0)

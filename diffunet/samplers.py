@@ -436,15 +436,18 @@ def _formulation(obj: Any) -> Formulation:
 def _grid_range(formulation: Formulation, sigma_min: Optional[float],
                 sigma_max: Optional[float], names: Optional[dict[str, str]] = None,
                 error: type[Exception] = UsageError) -> tuple[float, float]:
-    """The karras/exponential grid's (lowest, highest) level: the model's finite range
-    (:meth:`~diffunet.formulations.base.Formulation.grid_range`) with ``sigma_min``/
-    ``sigma_max`` in its place where given. A bad range is one ``error`` naming the two as
-    ``names`` spells them (default: as here)."""
+    """The karras/exponential grid's (lowest, highest) level: the formulation's default range
+    (:meth:`~diffunet.formulations.base.Formulation.default_range`: its finite range with the
+    top capped at the level where the data is noise) with ``sigma_min``/``sigma_max`` in its
+    place where given; a given level may reach the model's whole range. A bad range is one
+    ``error`` naming the two as ``names`` spells them (default: as here)."""
     n = names or {"sigma_min": "sigma_min", "sigma_max": "sigma_max"}
-    lo, hi = formulation.grid_range()
-    if not 0 < lo < hi < math.inf:  # the contract: a formulation's range is finite
-        raise UsageError(f"the noise levels must satisfy 0 < sigma_min < sigma_max < inf, got "
-                         f"sigma_min={lo}, sigma_max={hi}")
+    full_lo, full_hi = formulation.grid_range()
+    lo, hi = formulation.default_range()
+    for a, b in ((full_lo, full_hi), (lo, hi)):
+        if not 0 < a < b < math.inf:  # the contract: a formulation's range is finite
+            raise UsageError(f"the noise levels must satisfy 0 < sigma_min < sigma_max < inf, "
+                             f"got sigma_min={a}, sigma_max={b}")
     for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not 0 < value < math.inf):
@@ -463,8 +466,11 @@ def _grid_range(formulation: Formulation, sigma_min: Optional[float],
     lo = lo if sigma_min is None else float(sigma_min)
     hi = hi if sigma_max is None else float(sigma_max)
     if not lo < hi:
+        default_top = sigma_max is None and hi < full_hi
         raise error(f"the grid needs {n['sigma_min']} < {n['sigma_max']}, got "
-                    f"{n['sigma_min']}={lo:g}, {n['sigma_max']}={hi:g}")
+                    f"{n['sigma_min']}={lo:g}, {n['sigma_max']}={hi:g}"
+                    + (f" (the default top; set {n['sigma_max']} up to this model's "
+                       f"{full_hi:.6g})" if default_top else ""))
     return lo, hi
 
 
@@ -498,12 +504,17 @@ def make_sigmas(denoiser_or_schedule: Any, num_steps: int, grid: SigmaGrid = "ka
       t = 1) is replaced by the largest finite level (:meth:`grid_range`'s top), where the
       sigma-space rules start; the native paths step those grids exactly.
 
-    ``denoiser_or_schedule``: a formulation (a schedule) or a denoiser of one. sigma_min and
-    sigma_max are its finite range (VP: the whole table; EDM: its sampling default; flow: the
-    shifted training grid's ends below t = 1); ``sigma_min``/``sigma_max`` (karras and
-    exponential only) put the grid's ends elsewhere, as k-diffusion's ``get_sigmas_karras(n,
-    sigma_min, sigma_max)``: on a VP model within its table (the denoiser clamps levels outside
-    it to t = 0 or T-1); on EDM and flow models any positive level goes.
+    ``denoiser_or_schedule``: a formulation (a schedule) or a denoiser of one. The karras and
+    exponential grids span its default range
+    (:meth:`~diffunet.formulations.base.Formulation.default_range`): the model's lowest level
+    and, as top, the model's highest or :data:`~diffunet.formulations.base.DEFAULT_SIGMA_MAX`
+    (160) where that is lower (VP: t = 0 and min(sigma at T-1, 160); EDM: its configured
+    sampling range, [0.002, 80] by default; flow: the shifted training grid's lowest level below
+    t = 1 and min(s (T - 1), 160)). ``sigma_min``/``sigma_max`` (karras and exponential only) put the
+    grid's ends elsewhere, as k-diffusion's ``get_sigmas_karras(n, sigma_min, sigma_max)``, up
+    to the model's whole range (:meth:`~diffunet.formulations.base.Formulation.grid_range`): on
+    a VP model within its table (the denoiser clamps levels outside it to t = 0 or T-1); on EDM
+    and flow models any positive level goes.
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise UsageError(f"num_steps must be a positive integer, got {num_steps!r}")
@@ -852,7 +863,8 @@ def sample(model: Callable[..., Tensor], schedule: Formulation, x_T: Tensor, *,
         sigmas: the grid (``karras``, ``exponential``, ``uniform``); None: :func:`default_grid`.
             rho: karras' rho.
         sigma_min, sigma_max: the karras/exponential grid's lowest and highest level (None:
-            the model's; see :func:`make_sigmas`).
+            the formulation's default range, the model's with its top capped at 160; see
+            :func:`make_sigmas`).
         s_churn, s_tmin, s_tmax, s_noise: Heun's stochasticity (Karras et al. Algorithm 2).
         class_labels: (B,) int labels for a class-conditional model.
         guidance_scale: the guidance weight w (1: none). Without ``guide_model``,

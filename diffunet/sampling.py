@@ -552,7 +552,26 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             diffs.append(_inputs_difference(key, was, value))
         else:
             diffs.append(f"{key} {json.dumps(was)} there, {json.dumps(value)} now")
+    # the same settings on another release's default grid (an unset sigma_max under a later
+    # default range) are other levels, so other images
+    was, now = old.get("sigma_grid"), new.get("sigma_grid")
+    if not diffs and isinstance(was, list) and not _same_levels(was, now):
+        diffs.append(f"sigma_grid {_levels(was)} there, {_levels(now)} now: the same "
+                     "settings on an earlier release's default grid")
     return diffs
+
+
+def _same_levels(was: list, now: Any) -> bool:
+    """The two grids' levels agree (to 1e-9 relative: float rounding of another machine)."""
+    return isinstance(now, list) and len(was) == len(now) and all(
+        isinstance(a, (int, float)) and not isinstance(a, bool)
+        and math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0) for a, b in zip(was, now))
+
+
+def _levels(levels: list) -> str:
+    """A manifest's sigma grid in a few characters: its first two levels and its length."""
+    head = ", ".join(f"{v:.6g}" if isinstance(v, (int, float)) else "?" for v in levels[:2])
+    return f"[{head}, ...] ({len(levels)} levels)"
 
 
 _MANIFEST_SCHEMA = {"model": {"sha256": str}, "settings": dict}

@@ -235,6 +235,42 @@ def test_sigma_max_starts_the_grid_and_is_part_of_what_resumes(world, tmp_path, 
     assert code == 2 and "sigma_max 1.25 there, 1.0 now" in err
 
 
+def test_diffunet_sample_starts_at_the_default_top_and_sigma_max_reaches_the_models(
+        world, tmp_path, capsys):
+    """No flags: DPM++ 2M on the karras grid from the default top (160) of a cosine-schedule
+    model whose own top is far higher; --sigma-max reaches that top; a folder drawn on an
+    earlier release's default grid (the whole range) is not resumed with the new one."""
+    from diffunet.formulations.base import DEFAULT_SIGMA_MAX
+    from diffunet.samplers import make_sigmas
+
+    net = diffunet.load_model(world.model)[0]
+    cosine = tmp_path / "cosine.safetensors"
+    schedule = NoiseSchedule(ScheduleConfig(num_train_timesteps=T, beta_schedule="cosine"))
+    diffunet.save_model(cosine, net, schedule)
+    top = schedule.grid_range()[1]
+    assert top > 10 * DEFAULT_SIGMA_MAX
+    out = tmp_path / "out"
+    args = [cosine, "--steps", 3, "--num-samples", 1, "--out-dir", out]
+    code, err = run_cli(args, capsys)
+    assert code == 0, err
+    m = json.loads((out / MANIFEST).read_text())
+    assert (m["settings"]["sampler"], m["settings"]["sigmas"], m["settings"]["sigma_max"]) == (
+        "dpmpp-2m", "karras", None)
+    assert m["sigma_grid"][0] == pytest.approx(DEFAULT_SIGMA_MAX, rel=1e-12)
+    assert m["sigma_grid"][-2] == pytest.approx(schedule.sigma_min, rel=1e-12)
+    m["sigma_grid"] = make_sigmas(schedule, 3, sigma_max=top).tolist()  # the old default
+    (out / MANIFEST).write_text(json.dumps(m))
+    code, err = run_cli(args, capsys)
+    assert code == 2 and "other settings (sigma_grid [" in err
+    assert "an earlier release's default grid" in err and "\n" not in err.strip()
+    full = tmp_path / "full"
+    code, err = run_cli([cosine, "--steps", 3, "--num-samples", 1, "--sigma-max", top,
+                         "--out-dir", full], capsys)
+    assert code == 0, err
+    assert json.loads((full / MANIFEST).read_text())["sigma_grid"][0] == pytest.approx(
+        top, rel=1e-12)
+
+
 def test_stored_sigma_range_is_used_and_dropped_with_a_uniform_grid(world, tmp_path):
     net, schedule, _ = diffunet.load_model(world.model)
     stored = tmp_path / "stored.safetensors"

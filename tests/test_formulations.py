@@ -24,6 +24,7 @@ import torch
 import diffunet
 from diffunet.config import RunConfig, ScheduleConfig, UNetConfig, load_config
 from diffunet.errors import ConfigError, ModelFileError, UsageError
+from diffunet.formulations.base import DEFAULT_SIGMA_MAX
 from diffunet.formulations import (FORMULATIONS, Formulation, FormulationName, StepOptions,
                                    make_schedule)
 from diffunet.samplers import SAMPLERS, SIGMA_GRIDS, default_grid, make_sigmas, sample
@@ -363,4 +364,10 @@ def test_a_run_config_of_each_formulation_describes_itself() -> None:
         assert isinstance(cfg, RunConfig) and cfg.schedule.describe() == cls.describe(
             cfg.schedule)
         assert (cfg.schedule.table_timesteps or 0) == cls.table_entries(cfg.schedule)
-        assert math.isfinite(make_schedule(cfg.schedule).grid_range()[1])
+        schedule = make_schedule(cfg.schedule)
+        assert math.isfinite(schedule.grid_range()[1])
+        # the grids' default range lies within the model's whole range and starts no higher
+        # than the cap unless the formulation states its own (EDM)
+        (lo, hi), (full_lo, full_hi) = schedule.default_range(), schedule.grid_range()
+        assert full_lo <= lo < hi <= full_hi
+        assert hi <= DEFAULT_SIGMA_MAX or (lo, hi) == (full_lo, full_hi)

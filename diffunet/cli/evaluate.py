@@ -136,7 +136,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="clip x0_hat to [-1, 1] (default: the model file's [sample] setting)")
     q.add_argument("--sigma-max", type=float, metavar="SIGMA",
                    help="the karras and exponential grids' highest level (default: the "
-                        "model's); the uniform grid is then skipped")
+                        "model's capped at 160, EDM's own); the uniform grid is then skipped")
     q.add_argument("--sigma-min", type=float, metavar="SIGMA",
                    help="the karras and exponential grids' lowest level (default: the model's)")
     q.add_argument("--guidance-scale", type=float, default=1.0, metavar="W",

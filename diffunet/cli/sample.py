@@ -53,8 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the karras grid's exponent ({model_or} {s.rho})")
     p.add_argument("--sigma-max", type=float, dest="sigma_max", metavar="SIGMA",
                    help=f"karras/exponential: the grid's highest noise level, where sampling "
-                        f"starts ({model_or} the model's largest; 160 helps at 5-10 steps on a "
-                        f"cosine-schedule model)")
+                        f"starts ({model_or} the model's largest capped at 160, EDM's own "
+                        f"sigma_max; up to the model's largest when set)")
     p.add_argument("--sigma-min", type=float, dest="sigma_min", metavar="SIGMA",
                    help=f"karras/exponential: the grid's lowest noise level before the last "
                         f"step to 0 ({model_or} the model's smallest)")

@@ -106,6 +106,12 @@ class EDMSchedule(Formulation):
         """[sigma_min, sigma_max]: only the sampling default; any positive range goes."""
         return self.sigma_min, self.sigma_max
 
+    def default_range(self) -> tuple[float, float]:
+        """The config's own sampling range [sigma_min, sigma_max], uncapped: EDM states where
+        its sampler starts (80 for sigma_data 0.5 by default), so a set ``schedule.sigma_max``
+        is what the grid spans."""
+        return self.grid_range()
+
     # -----------------------------------------------------------------------------------------
     # Noise levels and noising
 
