@@ -335,7 +335,7 @@ def test_plain_restart_after_a_failed_tensorboard_start_trains(tmp_path: Path,
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"
     assert _train(out, "train.trackers=[tensorboard]", "train.max_steps=1") == 0
-    for sub in ("samples", "weights", "state"):  # as if it had failed before its first state
+    for sub in ("samples", "weights", "state", "phema"):  # as if it failed before its first state
         shutil.rmtree(out / sub)
         (out / sub).mkdir()
     capsys.readouterr()
