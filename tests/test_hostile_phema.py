@@ -240,7 +240,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Resu
                            str(shared / "run"), "--no-progress"], env=cpu_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    yield run_cases(CASES, tmp_path_factory.mktemp("cases") / "c", shared)
+    yield run_cases(CASES, tmp_path_factory.mktemp("phema_cases") / "c", shared)
 
 
 @pytest.mark.parametrize("cid", list(BY_ID))

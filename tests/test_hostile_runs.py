@@ -599,12 +599,19 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Resu
                            str(shared / "run"), "--no-progress"], env=cpu_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    out = run_cases([row.case for row in ROWS], tmp_path_factory.mktemp("cases") / "c", shared)
-    cases = tmp_path_factory.getbasetemp() / "cases0" / "c"
+    # mktemp numbers its folders per session (another module's "cases" may be cases0): the
+    # checks after a case read the folder this module's cases ran in
+    cases = tmp_path_factory.mktemp("run_cases") / "c"
+    out = run_cases([row.case for row in ROWS], cases, shared)
+    CASES_FOLDER["c"] = cases
     for folder in cases.glob("*/images/locked"):
         folder.chmod(0o755)  # so pytest can clean up
     yield out
     unnest(cases / "data-folder-1100-levels-deep" / "images")  # rmtree recurses per level
+
+
+CASES_FOLDER: dict[str, Path] = {}
+"""Where :func:`results` ran this module's cases (for the checks after a case)."""
 
 
 def unnest(folder: Path) -> None:
@@ -620,8 +627,7 @@ def unnest(folder: Path) -> None:
 
 
 @pytest.mark.parametrize("cid", list(BY_ID))
-def test_hostile_run_input(results: dict[str, Result], cid: str,
-                           tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_hostile_run_input(results: dict[str, Result], cid: str) -> None:
     row = BY_ID[cid]
     result = results[cid]
     check(row.case, result)
@@ -630,7 +636,7 @@ def test_hostile_run_input(results: dict[str, Result], cid: str,
     for part in row.stdout:
         assert part in result.stdout, (part, result.stdout)
     if row.after is not None:
-        row.after(tmp_path_factory.getbasetemp() / "cases0" / "c" / cid)
+        row.after(CASES_FOLDER["c"] / cid)
 
 
 def test_run_subfolders_swapped_for_links_mid_run_are_never_written_through(
