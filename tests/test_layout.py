@@ -440,6 +440,10 @@ WRITERS: dict[str, dict[str, str]] = {
         "huggingface_hub.snapshot_download": "a VAE by Hub id: Hugging Face's own cache, its "
                                              "config.json and safetensors weights only",
     },
+    "cli.common": {
+        "uses data_space.load_run_config": "a [vae] run's VAE config.json by Hub id, into "
+                                           "Hugging Face's own cache (data_space's download)",
+    },
     # -- commands: caches, temporary folders, the run folder ------------------------------------
     "bench": {
         "tempfile.TemporaryDirectory": "torch writes a profiler trace only by path: into a "
