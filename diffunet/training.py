@@ -42,8 +42,8 @@ from .checkpoint import load_guide_model, model_file_bytes, unwrap_model
 from .config import RunConfig, TrainConfig, to_dict
 from .data import (GlobalBatchSampler, HFStream, build_dataset, flip_where, make_dataloader,
                    skipped_note)
-from .errors import ConfigError, StopRequested, TrainingError
 from .data_space import PixelSpace, space_class
+from .errors import ConfigError, StopRequested, TrainingError
 from .formulations import Formulation, make_schedule
 from .fileio import encode_image
 from .images import make_grid_image

@@ -5,6 +5,7 @@ it, and every bad VAE folder refused with one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffunet.config import RunConfig, VaeConfig, load_config
+from diffunet.config import RunConfig, VaeConfig, config_from_dict, load_config, to_dict
 from diffunet.data_space import (LatentShape, LatentSpace, PixelSpace, latent_shape,
                                  load_run_config, load_space, space_class)
 from diffunet.errors import ConfigError, MissingDependencyError, ModelFileError
@@ -171,12 +172,11 @@ def test_the_unet_follows_the_vae(vae_dir: Path, tmp_path: Path) -> None:
     # set and fitting: checked, accepted; the images' size may follow the UNet's instead
     same = load_run_config(str(path), ["unet.in_channels=4", "unet.out_channels=4",
                                        "unet.image_size=16", "data.channels=3"])
-    assert same.unet == cfg.unet.__class__(**{**cfg.unet.__dict__, "out_channels": 4})
+    assert same.unet == dataclasses.replace(cfg.unet, out_channels=4)
     path2 = _toml(tmp_path, _SMALL + f"image_size = 16\n[vae]\npath = "
                   f"{json.dumps(str(vae_dir))}\n")
     assert load_run_config(str(path2)).data.image_size == 32
     # a stored config (every key set, the resolved values) loads to the same config
-    from diffunet.config import to_dict
     assert load_run_config(base=to_dict(cfg)) == cfg
 
 
@@ -229,7 +229,6 @@ def test_a_config_that_does_not_fit_the_vae_is_one_line(vae_dir: Path, tmp_path:
     ({"paht": "a/b"}, "vae.paht: unknown key; did you mean 'path'?"),
 ])
 def test_the_vae_section_checks_itself(table: dict, message: str) -> None:
-    from diffunet.config import config_from_dict
     with pytest.raises(ConfigError) as e:
         config_from_dict(RunConfig, {"vae": table})
     assert str(e.value) == message
