@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 
 from .errors import ConfigError
 
-__all__ = ["fail", "check_finite", "shown", "INT_LIMIT"]
+__all__ = ["fail", "check_finite", "shown", "INT_LIMIT", "looks_like_repo_id"]
 
 INT_LIMIT = 10**60
 """No setting is an integer this large or larger (in absolute value): nothing diffunet holds
@@ -44,3 +44,13 @@ def check_finite(cfg: Any, section: str) -> None:
                     f.metadata.get("allow_inf") and not math.isnan(x)):
                 shown = list(value) if isinstance(value, tuple) else value
                 fail(f"{section}.{f.name}", f"must be a finite number, got {shown}")
+
+
+def looks_like_repo_id(text: str) -> bool:
+    """``owner/name`` as the Hub spells repository ids (one slash, no leading dot or slash);
+    here so that every layer that takes "a folder or a Hub id" (an imported UNet, a VAE) tells
+    them apart the same way."""
+    owner, slash, name = str(text).partition("/")
+    ok = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+    return (bool(slash) and bool(owner) and bool(name) and set(owner + name) <= ok
+            and not owner.startswith(".") and not name.startswith("."))

@@ -694,6 +694,51 @@ class SampleConfig:
                     clip_x0=self.clip_x0)
 
 
+@dataclass(frozen=True)
+class VaeConfig:
+    """The data space (:mod:`diffunet.data_space`): unset ``path`` trains on pixels in [-1, 1];
+    set, on the latents of a pretrained diffusers ``AutoencoderKL`` (Rombach et al. 2022), whose
+    shape then decides the UNet's ``in_channels``/``out_channels``/``image_size``
+    (:func:`diffunet.data_space.load_run_config`). Only safetensors weights are read."""
+
+    path: str | None = None
+    """A Hub id (``stabilityai/sd-vae-ft-mse``) or a local folder holding the VAE's
+    ``config.json`` and ``diffusion_pytorch_model.safetensors``; unset: pixel space."""
+    revision: str | None = None
+    """Hub ids only: a branch, tag or commit (pin a commit for reproducible runs)."""
+    subfolder: str | None = None
+    """The VAE's folder inside ``path`` (``vae`` for a whole pipeline repository)."""
+    scaling_factor: float | None = None
+    """Latents are (z - shift_factor) * scaling_factor; unset: the VAE config's own (0.18215
+    for Stable Diffusion's, which scales its latents to about unit std)."""
+    shift_factor: float | None = None
+    """Unset: the VAE config's own (none, i.e. 0, for most VAEs)."""
+    encode_batch_size: int = free_on_resume(32)
+    """Images per VAE encode or decode call (memory, not results)."""
+
+    def __post_init__(self) -> None:
+        _check_finite(self, "vae")
+        p = "vae."
+        if self.path is not None and not self.path.strip():
+            _fail(p + "path", "is an empty path; give a Hub id or a VAE folder, or leave it "
+                  "unset for pixel space")
+        if self.path is None:
+            for name in ("revision", "subfolder", "scaling_factor", "shift_factor"):
+                if getattr(self, name) is not None:
+                    _fail(p + name, "needs vae.path (the VAE it applies to); set vae.path or "
+                          f"drop vae.{name}")
+        if self.subfolder is not None:
+            parts = Path(self.subfolder).parts
+            if not parts or Path(self.subfolder).is_absolute() or ".." in parts:
+                _fail(p + "subfolder", f"must be a folder inside vae.path (like 'vae'), got "
+                      f"{self.subfolder!r}")
+        if self.scaling_factor is not None and not self.scaling_factor > 0:
+            _fail(p + "scaling_factor", f"must be positive, got {self.scaling_factor}")
+        if not 1 <= self.encode_batch_size <= 1 << 16:
+            _fail(p + "encode_batch_size", f"must be in [1, 65536], got "
+                  f"{shown(self.encode_batch_size)}")
+
+
 def _fit_data_to_unet(cfg: Any) -> None:
     """Fill an unset ``data.image_size``/``data.channels`` from the UNet (the images a run loads
     are the ones its network takes), or check a set one against it. ``cfg`` is a composed config
@@ -734,9 +779,14 @@ class RunConfig:
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
+    vae: VaeConfig = VaeConfig()
 
     def __post_init__(self) -> None:
-        _fit_data_to_unet(self)
+        if self.vae.path is None:
+            _fit_data_to_unet(self)
+        # else the VAE decides the UNet's shape from the images' (data.image_size, which may
+        # still be unset here): diffunet.data_space.fit_to_vae reads the VAE's config and
+        # fills or checks both sections; nothing here can, without reading it.
         if not self.unet.time_conditioning:
             _fail("unet.time_conditioning", "a diffusion model needs the timestep input; set it "
                   "to true (time-less UNets are for `diffunet segment train`)")
@@ -1043,6 +1093,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     Errors (a TOML syntax error with its line, an unknown section or key, a wrong type, an
     impossible value) raise :class:`ConfigError` with one line that names the key.
     """
+    return config_from_dict(root, read_config_data(path, overrides, base=base, root=root))
+
+
+def read_config_data(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+                     *, base: dict[str, Any] | None = None, root: type = RunConfig
+                     ) -> dict[str, Any]:
+    """The plain data :func:`load_config` builds ``root`` from: the TOML file (or ``base``)
+    with the overrides applied, before any default is filled in, so a caller can tell a key
+    the user set from one left unset (:func:`diffunet.data_space.load_run_config` does: the
+    UNet's shape follows a VAE where unset). Errors as :func:`load_config`'s."""
     data: dict[str, Any] = copy.deepcopy(base) if base is not None else {}
     if path is not None:
         p = Path(path)
@@ -1082,7 +1142,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         except ValueError as e:  # a number of thousands of digits (the integer-string limit)
             raise ConfigError(f"{key.strip()}: cannot read the value ({_value_problem(e)})"
                               ) from None
-    return config_from_dict(root, data)
+    return data
 
 
 def to_toml(cfg: Any) -> str:

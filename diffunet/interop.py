@@ -47,7 +47,7 @@ import torch
 from . import checkpoint
 from .checkpoint import (first_nonfinite, load_model_file, model_file_bytes, read_tensor_file,
                          tensor_file_bytes)
-from .checks import INT_LIMIT, shown
+from .checks import INT_LIMIT, looks_like_repo_id, shown
 from .config import SampleConfig, ScheduleConfig, UNetConfig, from_dict, to_dict
 from .formulations import formulation_class
 from .formulations import make_schedule
@@ -871,14 +871,6 @@ HUB_FILES = ["model_index.json", "config.json", WEIGHTS, "unet/config.json", f"u
              "scheduler/scheduler_config.json"]
 """The files :func:`download_from_hub` fetches: JSON configs and safetensors weights only (a
 pickled ``.bin`` is never downloaded)."""
-
-
-def looks_like_repo_id(text: str) -> bool:
-    """``owner/name`` as the Hub spells repository ids (one slash, no leading dot or slash)."""
-    owner, slash, name = str(text).partition("/")
-    ok = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
-    return (bool(slash) and bool(owner) and bool(name) and set(owner + name) <= ok
-            and not owner.startswith(".") and not name.startswith("."))
 
 
 def _hub() -> Any:

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, DiffunetError, UsageError
-from .formulations.base import (Formulation, SamplingPath, Spacing, StepOptions,
-                                coefficient_dtype)
+from .formulations.base import (CLIP_RANGE, Formulation, SamplingPath, Spacing, StepOptions,
+                                clip_estimate, coefficient_dtype)
 # VP's own step rules and respacing, re-exported where they lived before (their home and their
 # only user is formulations/vp.py: nothing here calls them)
 from .formulations.vp import (VARIANCES, ddim_step, ddpm_step, dpmpp_2m_step,  # noqa: F401
@@ -762,7 +762,7 @@ def _check_editing(x_T: Tensor, init_image: Optional[Tensor], strength: float,
                          f"got {got}")
     init = init_image.to(device=x_T.device, dtype=x_T.dtype)
     lo, hi = float(init.min()), float(init.max())
-    if not (-1.0 - 1e-4 <= lo and hi <= 1.0 + 1e-4):
+    if not (CLIP_RANGE[0] - 1e-4 <= lo and hi <= CLIP_RANGE[1] + 1e-4):
         raise UsageError(f"init_image must hold values in [-1, 1] (images scaled as the model's "
                          f"data), got values in [{lo:.4g}, {hi:.4g}]")
     if resample > 1 and mask is None:
@@ -802,10 +802,11 @@ def _check_guide(model: Callable[..., Tensor], guide: Any) -> None:
 
 
 def _clipped(denoiser: Denoiser, clip: bool) -> Denoiser:
-    """``denoiser`` with its x0_hat clamped to the data range [-1, 1] (``clip``)."""
+    """``denoiser`` with its x0_hat clipped to the data range (``clip``; the step rules' own
+    :func:`~diffunet.formulations.base.clip_estimate`)."""
     if not clip:
         return denoiser
-    return lambda x, sigma, class_labels=None: denoiser(x, sigma).clamp(-1.0, 1.0)
+    return lambda x, sigma, class_labels=None: clip_estimate(denoiser(x, sigma), True)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -889,7 +890,8 @@ def sample(model: Callable[..., Tensor], schedule: Formulation, x_T: Tensor, *,
             evaluation. None: every call.
         network_count: a :class:`~diffunet.guidance.NetworkCount` that each network call adds
             to (main calls, and those that also evaluated the guide).
-        clip_x0: clamp each x0_hat to [-1, 1] (None: only ddpm does).
+        clip_x0: clamp each x0_hat to [-1, 1] (None: only ddpm does); data without a clip
+            range (latents) passes the answer of its data space's ``clip_x0`` instead.
         generator: source of all noise: one generator, or a list of B where image b's noise
             comes from ``generator[b]`` only. None: a fresh OS-seeded one (when needed).
         callback: ``callback(i, level, x, x0_hat)`` after step i (0-based; once per step

@@ -42,6 +42,7 @@ from .checkpoint import load_guide_model, model_file_bytes, unwrap_model
 from .config import RunConfig, TrainConfig, to_dict
 from .data import (GlobalBatchSampler, HFStream, build_dataset, flip_where, make_dataloader,
                    skipped_note)
+from .data_space import PixelSpace, space_class
 from .errors import ConfigError, StopRequested, TrainingError
 from .formulations import Formulation, make_schedule
 from .fileio import encode_image
@@ -300,6 +301,8 @@ def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run,
     x_T = torch.randn((s.num_images, C, H, H), generator=torch.Generator().manual_seed(seed + 1))
     labels = torch.arange(s.num_images) % k if k is not None else None
 
+    kwargs = s.sample_kwargs()
+    kwargs["clip_x0"] = space_class(cfg.vae).clip_x0(kwargs["clip_x0"])  # latents: no clip
     drawn: dict[str, Any] = {}  # the newest grid (main process), for the trackers
 
     def cut(*_: Any) -> None:
@@ -312,7 +315,7 @@ def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run,
                 images = sample(ema.model, schedule, x_T.to(run.device),
                                 class_labels=None if labels is None else labels.to(run.device),
                                 generator=torch.Generator().manual_seed(seed + 2),
-                                callback=cut, guide_model=guide, **s.sample_kwargs())
+                                callback=cut, guide_model=guide, **kwargs)
         except StopRequested:  # a signal asked the run to stop: no grid, the loop saves next
             return False
         drawn["grid"] = make_grid_image(images.float().cpu())
@@ -438,6 +441,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     process); ``progress`` shows a tqdm bar. Returns where the last model file and state went.
     Raises :class:`~diffunet.errors.DiffunetError` subclasses for bad input.
     """
+    if space_class(cfg.vae) is not PixelSpace:
+        raise ConfigError("vae.path: training on a VAE's latents is not built yet (the latent "
+                          "cache comes next); remove [vae] to train on pixels")
     dataset = None
     if cfg.data.source == "folder" and cfg.data.class_folders:
         # The class folders decide unet.num_classes, which the run folder's checks (resume,

@@ -42,7 +42,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("bench", "inspection", "interop"),
     ("runs", "outputs", "output_files"),  # output folders; single output files
     ("state", "checkpoint", "phema_files"),  # phema_files: post-hoc EMA snapshot files
-    ("data",),
+    ("data", "data_space"),  # data_space: pixels or a VAE's latents (the diffusion state)
     ("images",),
     ("likelihood", "resources"),
     ("unet", "nn"),
@@ -435,6 +435,14 @@ WRITERS: dict[str, dict[str, str]] = {
     "data": {
         "download=": "torchvision fetches a named data set into data.path when data.download "
                      "asks (its own files, checked by torchvision)",
+    },
+    "data_space": {
+        "huggingface_hub.snapshot_download": "a VAE by Hub id: Hugging Face's own cache, its "
+                                             "config.json and safetensors weights only",
+    },
+    "cli.common": {
+        "uses data_space.load_run_config": "a [vae] run's VAE config.json by Hub id, into "
+                                           "Hugging Face's own cache (data_space's download)",
     },
     # -- commands: caches, temporary folders, the run folder ------------------------------------
     "bench": {

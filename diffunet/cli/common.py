@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..config import UNetConfig, load_config, stored_config, to_toml
+from ..config import RunConfig, UNetConfig, load_config, stored_config, to_toml
 from ..errors import ConfigError, UsageError
 from ..fileio import first_line, read_json, schema_problem
 
@@ -241,4 +241,8 @@ def resolve_run_config(items: Sequence[str], out_dir: str | None, resume: bool, 
             raise ConfigError(f"{saved} is damaged ({problem}); give the run's CONFIG.toml "
                               "and overrides along with --resume") from None
         stored_config(base)  # one from before formulations existed resumes as VP
+    if root is RunConfig:  # a [vae] run's UNet follows the VAE's latents
+        from ..data_space import load_run_config
+
+        return load_run_config(config_path, overrides, base=base), run_dir  # type: ignore
     return load_config(config_path, overrides, base=base, root=root), run_dir

@@ -46,7 +46,7 @@ from ..randomness import Generators
 
 __all__ = ["Formulation", "Denoiser", "SamplingPath", "StepOptions", "ScheduleSettings", "Model",
            "Spacing", "coefficient_dtype", "per_image", "batch_sigmas", "clip_estimate", "dynamic_threshold",
-           "check_eta", "DEFAULT_SIGMA_MAX"]
+           "check_eta", "DEFAULT_SIGMA_MAX", "CLIP_RANGE"]
 
 ScheduleSettings = Any
 """A :class:`diffunet.config.ScheduleConfig`. The config layer sits above this package (its
@@ -123,18 +123,25 @@ def dynamic_threshold(x0_hat: Tensor, percentile: float) -> Tensor:
     return (flat.reshape(x0_hat.shape).clamp(-s, s) / s).to(x0_hat.dtype)
 
 
+CLIP_RANGE: tuple[float, float] = (-1.0, 1.0)
+"""What ``clip_x0`` clips an x0 estimate to: the range of pixel data. The one place it is
+stated; whether a model's data has a clip range at all is its data space's to say
+(:class:`diffunet.data_space.PixelSpace` clips to this one, ``LatentSpace`` to none and turns
+``clip_x0`` off), so the step rules and samplers take only the ``clip_x0`` flag."""
+
+
 def clip_estimate(x0_hat: Tensor, clip: bool, threshold: Optional[float] = None
                   ) -> tuple[Tensor, bool]:
-    """x0_hat clipped to the data range [-1, 1] (``clip``) or dynamically thresholded
-    (``threshold``, a percentile in (0, 1], which replaces clipping); also says whether it may
-    have changed."""
+    """x0_hat (B, C, H, W) clipped to the data range :data:`CLIP_RANGE` (``clip``) or
+    dynamically thresholded (``threshold``, a percentile in (0, 1], which replaces clipping);
+    also says whether it may have changed. The one place an x0 estimate is clipped."""
     if threshold is not None:
         if not 0.0 < threshold <= 1.0:
             raise UsageError(f"dynamic_threshold must be a percentile in (0, 1], e.g. 0.995, "
                              f"got {threshold}")
         return dynamic_threshold(x0_hat, threshold), True
     if clip:
-        return x0_hat.clamp(-1.0, 1.0), True
+        return x0_hat.clamp(*CLIP_RANGE), True
     return x0_hat, False
 
 
