@@ -371,12 +371,15 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
         base = None  # informational metadata from another diffunet version: use the defaults
     settings = to_dict(base if base is not None else SampleConfig())
     carried = meta.get("guide") if isinstance(meta.get("guide"), dict) else None
-    # the previews of a file that carries a guide were autoguided by it (train.guide_at)
-    stored_kind = ("auto" if settings["guide_model"] is not None else
-                   "carried" if carried is not None else "cfg")
+    # the stored guidance_scale is classifier-free guidance's, or guide_model's when that is
+    # set; the stored interval limited the previews' guidance, whichever ran: guide_model's,
+    # else the carried guide's (train.guide_at) or classifier-free guidance's
+    auto = settings["guide_model"] is not None
     kind = guidance_kind(meta, options)
-    if kind != stored_kind:  # the stored guidance was another kind's (or there is none now)
-        settings["guidance_scale"], settings["guidance_interval"] = 1.0, None
+    if kind != ("auto" if auto else "cfg"):  # the stored weight is another kind's
+        settings["guidance_scale"] = 1.0
+    if kind is None or (kind == "auto") != auto:  # the stored interval too
+        settings["guidance_interval"] = None
     if kind == "carried":
         assert carried is not None
         settings["guidance_scale"] = float(carried["scale"])  # the file's own weight for it

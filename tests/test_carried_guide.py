@@ -399,3 +399,28 @@ def _assert_same_tensors_guide(a: Path, b: Path) -> None:
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread: None) -> Iterator[None]:
     yield
+
+
+def test_which_guidance_and_weight_a_carrying_file_samples_with() -> None:
+    from diffunet.config import SampleConfig, to_dict
+    from diffunet.sampling import SampleOptions, guidance_kind, sample_settings
+
+    # a class-conditional run's file: CFG weight 3 in its [sample], an interval, and a guide
+    meta = {"run_config": {"sample": {**to_dict(SampleConfig()), "guidance_scale": 3.0,
+                                      "guidance_interval": [0.2, 1.0]}},
+            "guide": {"step": 3, "sha256": "0" * 64, "scale": 2.5}}
+
+    def how(**options):
+        o = SampleOptions(**options)
+        s = sample_settings(meta, o)
+        return guidance_kind(meta, o), s.guidance_scale, s.guidance_interval
+
+    assert how() == ("carried", 2.5, (0.2, 1.0))
+    assert how(class_labels=1) == ("carried", 2.5, (0.2, 1.0))  # autoguidance comes first
+    assert how(guidance_scale=4.0) == ("carried", 4.0, (0.2, 1.0))
+    assert how(guidance_scale=1.0) == ("carried", 1.0, None)  # off, with its interval
+    assert how(no_guide=True) == (None, 1.0, None)
+    assert how(no_guide=True, class_labels=1) == ("cfg", 3.0, (0.2, 1.0))
+    with pytest.raises(Exception, match="--guide-model with guidance scale 1"):
+        how(guide_model="weak.safetensors")
+    assert how(guide_model="weak.safetensors", guidance_scale=2.0) == ("auto", 2.0, None)
