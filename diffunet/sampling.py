@@ -72,7 +72,8 @@ from .version import __version__
 
 __all__ = ["SampleOptions", "SampleResult", "EditInputs", "generate", "load_edit_inputs",
            "parse_class_labels", "resolve_class_labels", "class_rows", "image_name",
-           "sample_settings", "guidance_kind", "MANIFEST", "GRID", "MAX_GRID_IMAGES", "MAX_SAMPLES", "PRECISIONS",
+           "sample_settings", "guidance_kind", "MANIFEST", "GRID", "MAX_GRID_IMAGES",
+           "MAX_SAMPLES", "PRECISIONS",
            "DEFAULT_NUM_SAMPLES", "MASK_CONVENTION", "IMG2IMG_STRENGTH"]
 
 MANIFEST = "manifest.json"

@@ -58,7 +58,8 @@ from .runs import EMA, Run, state_must_fit
 from .samplers import check_sigma_range, sample
 from .unet import UNet
 
-__all__ = ["EMA", "GuideKeeper", "TrainResult", "fit_classes_to_data", "lr_at", "preview_guide", "train"]
+__all__ = ["EMA", "GuideKeeper", "TrainResult", "fit_classes_to_data", "lr_at", "preview_guide",
+           "train"]
 
 STATE_KEYS: dict[str, type] = {"config": dict, "optimizer": dict, "nonfinite_total": int,
                                "nonfinite_streak": int, "run_id?": str, "guide_step?": int}
