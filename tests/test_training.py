@@ -721,8 +721,10 @@ def test_header_then_preview_and_model_file_at_the_last_step(tmp_path: Path) -> 
     train(_cfg("train.max_steps=6", "train.sample_every=3", "train.save_every=4",
                "train.grad_accum_steps=2"), out, resume=True, progress=False, say=said.append)
     assert said[0] == f"resuming from {_state(out, 5)} (step 5)"
-    assert "batch: 4 global, 4 per process in 2 micro-batches of 2; steps 5 -> 6" in said[4]
-    assert said[5] == f"out-dir: {out}, resumed from {_state(out, 5)} at step 5"
+    # max_steps 6 moves the guide step to 3, which the run passed: it keeps its guide of step 2
+    assert said[1].startswith("note: the carried guide stays the EMA of step 2")
+    assert "batch: 4 global, 4 per process in 2 micro-batches of 2; steps 5 -> 6" in said[5]
+    assert said[6] == f"out-dir: {out}, resumed from {_state(out, 5)} at step 5"
 
 
 # ---------------------------------------------------------------------------------------------
