@@ -14,8 +14,20 @@ tensors, and string metadata
                        ``None`` for the schedule); its ``formulation`` ("vp" when absent, as in
                        older files) names the formulation it loads as
                        (``diffunet.make_schedule``)
+``guide``              only in a file that carries a guide: ``{"step", "sha256", "scale"}``
+                       (below)
 anything else          JSON values given to ``save_model(..., extra=...)`` (e.g. ``step``)
 =====================  ==================================================================
+
+The carried guide (autoguidance by the run's own earlier EMA, Karras et al. 2024, "Guiding a
+Diffusion Model with a Bad Version of Itself"): a file written by ``diffunet train`` after step
+``train.guide_at x max_steps`` also holds that step's EMA weights, the same network's tensors
+under the prefix ``guide.`` (:data:`GUIDE_PREFIX`), and ``guide`` metadata: the ``step`` they
+are from, the ``sha256`` of those tensors (:func:`guide_digest`) and ``scale``, the
+autoguidance weight sampling uses by default. Such a file has ``format_version`` 2 (an older
+diffunet then says to upgrade instead of refusing unknown tensors); a file without a guide
+stays version 1, as before. The reader holds the guide to the same checks as the weights
+(names and shapes against the stored config, finite) and to its recorded hash.
 
 Loading treats the file as a stranger's: it opens it as the regular file it must be (a FIFO or
 a device is refused on the open descriptor), reads the 8-byte length and the header (at most
@@ -58,8 +70,14 @@ from .unet import UNet
 from .version import __version__
 
 FORMAT = "diffunet.model"
-FORMAT_VERSION = 1
-_RESERVED = {"format", "format_version", "diffunet_version", "unet_config", "schedule_config"}
+FORMAT_VERSION = 2
+"""The newest model-file format this diffunet reads and writes: 2 for a file that carries a
+guide, 1 (:data:`PLAIN_FORMAT_VERSION`) for one that does not."""
+PLAIN_FORMAT_VERSION = 1
+GUIDE_PREFIX = "guide."
+"""The carried guide's tensor names: the guide network's state-dict names behind this."""
+_RESERVED = {"format", "format_version", "diffunet_version", "unet_config", "schedule_config",
+             "guide"}
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
@@ -75,28 +93,68 @@ def unwrap_model(model: torch.nn.Module) -> UNet:
     return model
 
 
+class CarriedGuide(NamedTuple):
+    """The guide a model file carries: ``net``, the same run's EMA network of training step
+    ``step`` (the model's own architecture), and ``scale``, the autoguidance weight w that
+    sampling uses with it by default, D_guide + w (D - D_guide) (Karras et al. 2024, eq. 2).
+    ``sample(net, schedule, x_T, guide_model=guide.net, guidance_scale=guide.scale)``."""
+
+    net: torch.nn.Module
+    step: int
+    scale: float
+
+
+def guide_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """The SHA-256 (hex) a model file records for its carried guide's ``tensors`` (state-dict
+    names without :data:`GUIDE_PREFIX`): over each tensor in name order, its name, dtype and
+    shape, then its bytes as stored. A damaged or swapped guide does not match it."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}\0{t.dtype}\0{list(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_model(path: str | os.PathLike, model: torch.nn.Module, schedule: Formulation | None,
-               *, extra: dict[str, Any] | None = None) -> None:
+               *, extra: dict[str, Any] | None = None, guide: CarriedGuide | None = None
+               ) -> None:
     """Write ``model``'s weights and configs to one self-describing ``.safetensors``
     (:func:`model_file_bytes`) at ``path``, atomically. A command writing to a path a user
     gave claims it first and writes :func:`model_file_bytes` through the claim
     (:mod:`diffunet.output_files`)."""
-    atomic_write_bytes(path, model_file_bytes(model, schedule, extra=extra))
+    atomic_write_bytes(path, model_file_bytes(model, schedule, extra=extra, guide=guide))
 
 
 def model_file_bytes(model: torch.nn.Module, schedule: Formulation | None, *,
-                     extra: dict[str, Any] | None = None) -> bytes:
+                     extra: dict[str, Any] | None = None,
+                     guide: CarriedGuide | None = None) -> bytes:
     """The bytes of the model file of ``model`` and ``schedule``.
 
     ``model`` may be wrapped (``torch.compile``, DDP); the bare UNet's state dict is stored, on
     the CPU, in the dtype the weights have. ``schedule`` is None for a network that is not a
     diffusion model (e.g. a segmentation UNet). ``extra`` adds JSON-serialisable metadata (for
-    example ``{"step": 1000}``).
+    example ``{"step": 1000}``). ``guide``: the carried guide (a network of the model's own
+    config), stored under :data:`GUIDE_PREFIX` with its ``guide`` metadata (format version 2).
     """
     net = unwrap_model(model)
+    guide_tensors: dict[str, torch.Tensor] = {}
+    if guide is not None:
+        if schedule is None:
+            raise ValueError("a carried guide needs a diffusion model (a noise schedule)")
+        guide_net = unwrap_model(guide.net)
+        if guide_net.config != net.config:
+            raise ValueError("the carried guide must be a network of the model's own config "
+                             "(the same run's earlier EMA)")
+        if isinstance(guide.step, bool) or not isinstance(guide.step, int) or guide.step < 1 \
+                or not (math.isfinite(guide.scale) and guide.scale >= 0):
+            raise ValueError(f"a carried guide needs a step >= 1 and a finite scale >= 0, got "
+                             f"{guide.step!r}, {guide.scale!r}")
+        guide_tensors = {k: v.detach().to("cpu").contiguous()
+                         for k, v in guide_net.state_dict().items()}
     metadata = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(FORMAT_VERSION if guide is not None else PLAIN_FORMAT_VERSION),
         "diffunet_version": __version__,
         "unet_config": json.dumps(to_dict(net.config)),
     }
@@ -110,6 +168,10 @@ def model_file_bytes(model: torch.nn.Module, schedule: Formulation | None, *,
             raise ValueError(f"extra metadata key {key!r} is reserved")
         metadata[key] = json.dumps(value)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    if guide is not None:
+        metadata["guide"] = json.dumps({"step": guide.step, "sha256": guide_digest(guide_tensors),
+                                        "scale": float(guide.scale)})
+        tensors.update({GUIDE_PREFIX + k: v for k, v in guide_tensors.items()})
     return save_safetensors_bytes(tensors, metadata=metadata)
 
 
@@ -419,12 +481,41 @@ def _parse(path: Path, h: _Header) -> dict[str, Any]:
         if not isinstance(meta.get(key), dict):
             raise ModelFileError(f"{path}: metadata {key!r} is missing or not a JSON object; "
                                  "the file is damaged or was not written by diffunet.save_model")
+    if "guide" in meta:
+        problem = _guide_problem(meta["guide"], version, "schedule_config" in meta)
+        if problem:
+            raise ModelFileError(f"{path}: its carried guide's metadata is damaged ({problem}); "
+                                 "re-save the model file")
     if "segmentation" in meta:
         problem = schema_problem(meta["segmentation"], _SEGMENTATION_SCHEMA, "segmentation")
         if problem:
             raise ModelFileError(f"{path}: its segmentation metadata is damaged ({problem}); "
                                  "re-save it with `diffunet segment train`")
     return meta
+
+
+_GUIDE_SCHEMA = {"step": int, "sha256": str, "scale": float}
+
+
+def _guide_problem(guide: Any, version: int, diffusion: bool) -> str | None:
+    """What is wrong with a file's ``guide`` metadata (None: it is well formed)."""
+    problem = schema_problem(guide, _GUIDE_SCHEMA, "guide")
+    if problem:
+        return problem
+    extra = sorted(set(guide) - {"step", "sha256", "scale"})
+    if extra:
+        return f"unknown key {_q(extra[0])}"
+    if version < FORMAT_VERSION:
+        return f"a format version {version} file carries no guide"
+    if not diffusion:
+        return "a model without a noise schedule carries no guide"
+    if not 1 <= guide["step"] < 1 << 62:
+        return f"step {guide['step']} is not a training step"
+    if not re.fullmatch(r"[0-9a-f]{64}", guide["sha256"]):
+        return f"sha256 {_q(guide['sha256'])} is not 64 hex digits"
+    if not (math.isfinite(guide["scale"]) and guide["scale"] >= 0):
+        return f"scale {guide['scale']} is not a finite number >= 0"
+    return None
 
 
 def _segmentation_problem(seg: dict[str, Any], cfg: UNetConfig) -> str | None:
@@ -520,13 +611,16 @@ def first_nonfinite(tensors: dict[str, torch.Tensor]) -> tuple[str, int, int] | 
 class LoadedModel(NamedTuple):
     """What :func:`load_model_file` found: the network (eval mode), the noise schedule (None
     for a segmentation model), the file's own metadata (JSON decoded; ``format_version`` the
-    integer), its sha256, and the first tensor with non-finite values (None: all finite)."""
+    integer), its sha256, the first tensor with non-finite values (None: all finite; a carried
+    guide's tensors are named with :data:`GUIDE_PREFIX`) and the guide the file carries (None:
+    none; its network in eval mode on the model's device)."""
 
     net: UNet
     schedule: Formulation | None
     metadata: dict[str, Any]
     sha256: str
     nonfinite: tuple[str, int, int] | None
+    guide: CarriedGuide | None = None
 
 
 def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -556,6 +650,7 @@ def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cp
                 raise ModelFileError(f"{path}: its segmentation metadata does not fit its "
                                      f"network ({problem}); the file is damaged, re-save it "
                                      "with `diffunet segment train`")
+        carries = "guide" in meta
         fit = _too_big_to_build(h, unet_cfg)
         if fit is None:
             try:
@@ -563,13 +658,17 @@ def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cp
             except (RuntimeError, ValueError, OverflowError, MemoryError) as e:
                 raise ModelFileError(f"{path}: its stored unet config describes a network that "
                                      f"cannot be built ({first_line(e)})") from None
-            fit = _fit_problem(h, shapes)
+            # a file that carries a guide holds the network twice (the guide under its prefix);
+            # a guide tensor in a file without guide metadata is as unexpected as any other
+            fit = _fit_problem(h, {**shapes, **({GUIDE_PREFIX + k: v for k, v in shapes.items()}
+                                                if carries else {})})
         if fit:
             raise ModelFileError(f"{path}: the weights do not fit the stored unet config: "
                                  f"{fit}")
         data_bytes = size - len(h.head)
         on_cpu = torch.device(device).type == "cpu"
-        cost = Cost(weight_bytes(network_size(unet_cfg)) + (data_bytes if on_cpu else 0),
+        nets = 2 if carries else 1
+        cost = Cost(nets * weight_bytes(network_size(unet_cfg)) + (data_bytes if on_cpu else 0),
                     schedule_bytes(sched_cfg.table_timesteps or 0) if sched_cfg else 0,
                     activation_bytes(unet_cfg, 1))
         fix = "use a machine with more memory, or a smaller model"
@@ -587,18 +686,32 @@ def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cp
         digest = hashlib.sha256(h.head)
         tensors = _read_tensors(path, f, h, digest)
     ordered = {name: tensors[name] for name in shapes}  # the network's order
+    guided = {name: tensors[GUIDE_PREFIX + name] for name in shapes} if carries else {}
     bad = first_nonfinite(ordered)
+    if bad is None and carries:
+        bad = first_nonfinite({GUIDE_PREFIX + k: v for k, v in guided.items()})
     if bad is not None and check_finite:
         name, count, total = bad
         raise ModelFileError(f"{path}: tensor {name} holds {count:,} non-finite value(s) (NaN "
                              f"or inf) of {total:,}; the weights are damaged (a diverged "
                              "training run?), use an earlier model file")
+    guide = None
+    if carries:
+        info = meta["guide"]
+        if guide_digest(guided) != info["sha256"]:
+            raise ModelFileError(f"{path}: its carried guide (the EMA of step {info['step']}) "
+                                 f"does not match the sha256 the file records for it "
+                                 f"({info['sha256'][:12]}...): the guide is damaged or was "
+                                 "swapped; re-save the model file or use another one")
+        guide_net = UNet(unet_cfg)
+        guide_net.load_state_dict(guided)
+        guide = CarriedGuide(guide_net.to(device).eval(), info["step"], float(info["scale"]))
     net = UNet(unet_cfg)
     net.load_state_dict(ordered)
-    del tensors, ordered
+    del tensors, ordered, guided
     net.to(device).eval()
     schedule = make_schedule(sched_cfg) if sched_cfg is not None else None
-    return LoadedModel(net, schedule, meta, digest.hexdigest(), bad)
+    return LoadedModel(net, schedule, meta, digest.hexdigest(), bad, guide)
 
 
 def read_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -620,15 +733,26 @@ def read_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     return loaded.net, loaded.schedule, {**loaded.metadata, "sha256": loaded.sha256}
 
 
-def load_diffusion_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                         ) -> tuple[UNet, Formulation, dict[str, Any]]:
-    """:func:`read_model` for commands that need a diffusion model (sample, eval): a file with
-    no noise schedule (a segmentation model) is a :class:`ModelFileError` saying what to use."""
-    net, schedule, meta = read_model(path, device=device)
-    if schedule is None:
+def load_diffusion_file(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                        ) -> LoadedModel:
+    """:func:`load_model_file` for commands that need a diffusion model (sample, eval), with
+    the carried guide (``.guide``) and ``sha256`` also in ``.metadata`` (as
+    :func:`read_model`'s): a file with no noise schedule (a segmentation model) is a
+    :class:`ModelFileError` saying what to use."""
+    loaded = load_model_file(path, device=device)
+    if loaded.schedule is None:
         raise ModelFileError(f"{path} is not a diffusion model (it has no noise schedule; a "
                              "segmentation model?); use `diffunet segment predict` with it")
-    return net, schedule, meta
+    return loaded._replace(metadata={**loaded.metadata, "sha256": loaded.sha256})
+
+
+def load_diffusion_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                         ) -> tuple[UNet, Formulation, dict[str, Any]]:
+    """:func:`load_diffusion_file` as ``(net, schedule, meta)`` (a carried guide's metadata is
+    ``meta["guide"]``; its network is :func:`load_diffusion_file`'s)."""
+    loaded = load_diffusion_file(path, device=device)
+    assert loaded.schedule is not None
+    return loaded.net, loaded.schedule, loaded.metadata
 
 
 def load_guide_model(path: str | os.PathLike, net: Any, schedule: Formulation, *,

@@ -473,6 +473,17 @@ class TrainConfig:
     ``diffunet ema`` turns into an EMA of any length afterwards; ``[]`` keeps none. Fixed for a
     run: a resumed run continues the same profiles (``train.ema_decay``, the classic EMA the
     previews and model files use, is apart)."""
+    guide_at: float = free_on_resume(0.5)
+    """The carried guide (autoguidance, Karras et al. 2024, "Guiding a Diffusion Model with a
+    Bad Version of Itself": a weaker model of the same run guides it): at step
+    :attr:`guide_step` (``round(guide_at * max_steps)``, at least 1) training keeps a copy of
+    the classic EMA weights (``ema_decay``; exactly what that step's model file holds), and
+    every model file written after that step carries it, so ``diffunet sample MODEL`` and the
+    later previews autoguide with weight ``sample.guide_scale`` by default. In [0, 1); 0
+    carries no guide. 0.5, the EMA of half the run, measured best (docs/samplers.md,
+    "Autoguidance and the guidance interval"). ``--resume`` re-takes the guide where its step
+    is still ahead (a longer ``max_steps`` moves it; exact as an uninterrupted run) and refuses
+    a changed ``guide_at`` whose step has passed (docs/training.md, "The carried guide")."""
     phema_every: int = free_on_resume(50)
     """Steps between post-hoc EMA snapshots (written into ``RUN/phema/``, and at the last step):
     50 gives 40 of each profile in the default 2,000-step run (every 2.5% of it, as the presets'
@@ -518,6 +529,9 @@ class TrainConfig:
             _fail(p + "grad_clip", f"must be positive or unset, got {self.grad_clip}")
         if not 0 <= self.ema_decay < 1:
             _fail(p + "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.guide_at < 1:
+            _fail(p + "guide_at", f"must be in [0, 1) (the fraction of max_steps at which the "
+                  f"EMA is kept as the carried guide; 0 keeps none), got {self.guide_at}")
         _check_phema(self.phema_sigma_rels)
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
             _fail(p + "min_snr_gamma", f"must be positive or unset, got {self.min_snr_gamma}")
@@ -544,6 +558,15 @@ class TrainConfig:
                                                     for c in "/\\#?%:"):
             _fail(p + "tracker_project", f"{self.tracker_project!r} may not hold any of "
                   "/ \\ # ? % : (W&B project names cannot)")
+
+
+    @property
+    def guide_step(self) -> int | None:
+        """The step whose classic EMA weights become the carried guide: ``round(guide_at *
+        max_steps)``, at least 1; None when ``guide_at`` is 0 (no guide)."""
+        if self.guide_at == 0:
+            return None
+        return max(1, round(self.guide_at * self.max_steps))
 
 
 MAX_PHEMA_PROFILES = 8
@@ -625,6 +648,13 @@ class SampleConfig:
     """``[lo, hi]``: guide only the network calls whose noise level sigma (x = x0 + sigma n) is
     in [lo, hi] (Kynkaanniemi et al. 2024; e.g. ``[0.3, 5]``), the others run the model alone
     with no guide evaluation; unset: every call. Needs ``guidance_scale`` other than 1."""
+    guide_scale: float = free_on_resume(2.0)
+    """The autoguidance weight w of the carried guide (``train.guide_at``: the run's own EMA of
+    an earlier step), D_guide + w (D - D_guide) (Karras et al. 2024, eq. 2): what the previews
+    after the guide step use, recorded in every model file that carries the guide as its
+    default weight (``diffunet sample --guidance-scale W`` overrides it; ``--no-guide`` drops
+    the guide). 2 measured best (docs/samplers.md); 1 leaves the carried guide unused.
+    ``guidance_scale`` is the weight of the other guidances (classifier-free, ``guide_model``)."""
     guide_model: str | None = free_on_resume(None)
     """Previews: a model file that guides the model (autoguidance, Karras et al. 2024,
     D_guide + w (D - D_guide) with w = ``guidance_scale``): a weaker model of the same
@@ -654,9 +684,14 @@ class SampleConfig:
             _fail("sample.guide_model", "with sample.guidance_scale 1 changes nothing (D_guide + "
                   "1 (D - D_guide) = D); set sample.guidance_scale above 1 (Karras et al. 2024 "
                   "use 2 to 3) or leave guide_model unset")
-        if self.guidance_interval is not None and self.guidance_scale == 1.0:
+        if self.guidance_interval is not None and self.guidance_scale == 1.0 and \
+                self.guide_scale == 1.0:
             _fail("sample.guidance_interval", "limits guidance, and sample.guidance_scale 1 is "
-                  "none; set sample.guidance_scale or leave guidance_interval unset")
+                  "none (and sample.guide_scale 1 leaves the carried guide unused); set one of "
+                  "them or leave guidance_interval unset")
+        if not self.guide_scale >= 0:
+            _fail("sample.guide_scale", f"must be 0 or more (the carried guide's autoguidance "
+                  f"weight; 1 = unused, Karras et al. 2024 use 2 to 3), got {self.guide_scale}")
         if not 1 <= self.num_images <= MAX_PREVIEW_IMAGES:
             _fail("sample.num_images", f"must be in [1, {MAX_PREVIEW_IMAGES}] (a preview is "
                   f"one grid, sampled in one batch beside the training run), got "
@@ -795,6 +830,11 @@ class RunConfig:
             _fail("sample.guidance_scale", f"{self.sample.guidance_scale} needs a class-conditional "
                   "model; set unet.num_classes (classifier-free guidance), set sample.guide_model "
                   "(autoguidance) or leave guidance_scale at 1")
+        if (self.sample.guidance_interval is not None and self.sample.guidance_scale == 1.0
+                and self.train.guide_at == 0):
+            _fail("sample.guidance_interval", "limits guidance, and sample.guidance_scale 1 is "
+                  "none (train.guide_at 0 carries no guide for sample.guide_scale); set "
+                  "sample.guidance_scale or train.guide_at, or leave guidance_interval unset")
         form = formulation_class(self.schedule.formulation)
         if form.discrete_timesteps and self.sample.num_steps > self.schedule.num_train_timesteps:
             _fail("sample.num_steps", f"{self.sample.num_steps} is more than "

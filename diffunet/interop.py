@@ -672,8 +672,10 @@ def export_diffusers(model_file: str | os.PathLike, folder: str | os.PathLike, *
     export's temporary files do not count: they are removed); ``unet/`` or ``scheduler/`` that
     is a link is refused even with it, and so is a link, folder or FIFO under a file's name
     (each file is written through diffunet/output_files.py, relative to its folder opened once,
-    never through a link). Returns what was written: ``{"folder", "pipeline" (None for a flow
-    model), "scheduler", "files"}``.
+    never through a link). A guide the file carries (``train.guide_at``) is not exported:
+    a diffusers pipeline has no place for a second network. Returns what was written:
+    ``{"folder", "pipeline" (None for a flow model), "scheduler", "files", "guide_dropped"
+    (the step of the carried guide left out, or None)}``.
     """
     folder = Path(folder)
     loaded = load_model_file(model_file)
@@ -718,7 +720,8 @@ def export_diffusers(model_file: str | os.PathLike, folder: str | os.PathLike, *
                 {"_class_name": pipeline, "_diffusers_version": version,
                  "scheduler": ["diffusers", scheduler_name],
                  "unet": ["diffusers", "UNet2DModel"]}))
-    return {"folder": folder, "pipeline": pipeline, "scheduler": scheduler_name, "files": files}
+    return {"folder": folder, "pipeline": pipeline, "scheduler": scheduler_name, "files": files,
+            "guide_dropped": None if loaded.guide is None else loaded.guide.step}
 
 
 class ImportResult(NamedTuple):

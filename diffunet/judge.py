@@ -617,9 +617,10 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
                     cache_dir: str | os.PathLike | None = None,
                     clip_x0: bool | None = None, sigma_min: float | None = None,
                     sigma_max: float | None = None, names: dict[str, str] | None = None,
-                    guidance_scale: float = 1.0,
+                    guidance_scale: float | None = None,
                     guide_model: str | os.PathLike | None = None,
                     guidance_interval: tuple[float, float] | None = None,
+                    no_guide: bool = False,
                     progress: Callable[[str], None] | None = None) -> NFEResult:
     """Sample ``num_images`` images (image i from seed + i, as ``diffunet sample``) from the
     model file for each sampler, sigma grid and network-evaluation budget, with the most steps
@@ -635,8 +636,11 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
     ``guidance_interval`` guide every combination as :func:`~diffunet.samplers.sample` does
     (a class-conditional model's images get labels i mod num_classes, and w is then
     classifier-free guidance's without a guide); each row then also counts the calls that
-    evaluated the guide. ``progress(text)`` is called before each combination."""
-    from .checkpoint import load_diffusion_model
+    evaluated the guide. A model file that carries a guide (``train.guide_at``) is autoguided
+    by it, as ``diffunet sample`` does, unless ``guide_model`` replaces it or ``no_guide``;
+    ``guidance_scale`` None is then its recorded weight (else 1, no guidance).
+    ``progress(text)`` is called before each combination."""
+    from .checkpoint import load_diffusion_file
 
     if num_images < 2:
         raise UsageError(f"num_images must be at least 2 (FID needs a covariance), got "
@@ -655,10 +659,18 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
             raise UsageError(f"unknown sigma grid {g!r}; use {', '.join(ALL_GRIDS)}")
     device = torch.device(device)
     judge = judge if judge is not None else load_judge(device=device)
-    net, schedule, meta = load_diffusion_model(model_path, device=device)
+    loaded = load_diffusion_file(model_path, device=device)
+    net, schedule, meta = loaded.net, loaded.schedule, loaded.metadata
+    assert schedule is not None
     cfg = net.config
     flag = dict(names or {}).get
-    guide = None
+    guide, carried = None, None
+    if guide_model is None and not no_guide and loaded.guide is not None:
+        carried = loaded.guide  # the run's own earlier EMA, as diffunet sample uses it
+        guidance_scale = carried.scale if guidance_scale is None else guidance_scale
+        guide = carried.net if guidance_scale != 1.0 else None
+    guidance_scale = 1.0 if guidance_scale is None else guidance_scale
+    del loaded
     if guide_model is not None:
         from .checkpoint import load_guide_model
 
@@ -673,7 +685,7 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
         raise UsageError(f"{flags['guidance_scale']} {guidance_scale} needs a class-conditional "
                          f"model (classifier-free guidance) or a "
                          f"{flag('guide_model', 'guide_model')} (autoguidance)")
-    if guidance_scale == 1.0 and (guide is not None or guidance_interval is not None):
+    if guidance_scale == 1.0 and (guide_model is not None or guidance_interval is not None):
         what = "guide_model" if guide is not None else "guidance_interval"
         raise UsageError(f"{flag(what, what)} with guidance scale 1 changes nothing; give "
                          f"{flags['guidance_scale']} W above 1 or drop {flag(what, what)}")
@@ -749,9 +761,14 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
                      options={"clip_x0": clip_x0, "sigma_min": sigma_min,
                               "sigma_max": sigma_max, "batch_size": batch_size,
                               "device": str(device), "guidance_scale": guidance_scale,
-                              "guide_model": None if guide_model is None else str(guide_model),
-                              "guide_model_sha256": None if guide_model is None
-                              else file_sha256(guide_model),
+                              "guide_model": (str(guide_model) if guide_model is not None
+                                              else None if guide is None else "carried"),
+                              "guide_model_sha256": (file_sha256(guide_model)
+                                                     if guide_model is not None else
+                                                     None if guide is None or carried is None
+                                                     else meta["guide"]["sha256"]),
+                              "guide_step": None if guide is None or carried is None
+                              else carried.step,
                               "guidance_interval": None if guidance_interval is None
                               else list(guidance_interval)})
 
@@ -782,7 +799,9 @@ def format_nfe_table(result: NFEResult) -> str:
                      "model's)")
     if guided:
         o = result.options
-        how = (f"autoguidance by {o.get('guide_model')}" if o.get("guide_model")
+        how = ((f"autoguidance by the carried guide (the EMA of step {o.get('guide_step')})"
+                if o.get("guide_model") == "carried" else
+                f"autoguidance by {o.get('guide_model')}") if o.get("guide_model")
                else "classifier-free guidance")
         interval = o.get("guidance_interval")
         lines.append(f"{how}, weight {o['guidance_scale']:g}"

@@ -34,6 +34,7 @@ import collections
 import hashlib
 import json
 import math
+import os
 import re
 import struct
 from collections.abc import Sequence
@@ -43,9 +44,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import (TensorFileHeader, first_nonfinite, model_file_bytes,
-                         read_checked_tensor_file, read_metadata, read_tensor_file_header,
-                         tensor_file_bytes)
+from .checkpoint import (CarriedGuide, TensorFileHeader, first_nonfinite, load_model_file,
+                         model_file_bytes, read_checked_tensor_file, read_metadata,
+                         read_tensor_file_header, tensor_file_bytes)
 from .config import RunConfig, UNetConfig, run_config_from_dict, to_dict
 from .errors import ConfigError, ModelFileError, UsageError
 from .fileio import parse_json, read_json
@@ -59,6 +60,7 @@ from .version import __version__
 __all__ = ["FORMAT", "FORMAT_VERSION", "Plan", "SUBFOLDER", "Snapshot", "check_for_resume",
            "check_sigma_rel", "describe_storage", "find_snapshots", "load_snapshot",
            "model_bytes", "parse_name", "plan", "read_run", "read_snapshot", "rebuild",
+           "run_guide",
            "snapshot_bytes", "snapshot_name", "trim_after"]
 
 SUBFOLDER = "phema"
@@ -517,11 +519,46 @@ def rebuild(p: Plan) -> dict[str, torch.Tensor]:
     return out
 
 
-def model_bytes(p: Plan, weights: dict[str, torch.Tensor]) -> bytes:
+_MODEL_FILE = re.compile(r"model_step([0-9]{1,18})\.safetensors")
+
+
+def run_guide(p: Plan) -> tuple[CarriedGuide, Path] | None:
+    """The guide the run's rebuilt EMA of ``p`` carries, and the model file it is read from:
+    the carried guide (``train.guide_at``: the run's classic EMA of an earlier step) of the
+    newest ``RUN/weights/model_step*.safetensors`` at or before ``p.step`` that carries one;
+    None when none does. Its step is always before ``p.step`` (a model file carries the guide
+    only after the guide's own step), so the rebuilt EMA is never its own guide. The file is
+    read as any model file is (a damaged or swapped guide is one :class:`ModelFileError`
+    line), and a guide of another network than the run's is refused."""
+    folder = p.run_dir / "weights"
+    try:
+        names = [e.name for e in os.scandir(folder)]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    steps = sorted(((int(m.group(1)), name) for name in names
+                    if (m := _MODEL_FILE.fullmatch(name)) and int(m.group(1)) <= p.step),
+                   reverse=True)
+    for _, name in steps:
+        path = folder / name
+        if "guide" not in read_metadata(path):
+            continue
+        guide = load_model_file(path).guide
+        assert guide is not None
+        if guide.net.config != p.config.unet or guide.step >= p.step:
+            raise ModelFileError(f"{path}: its carried guide (the EMA of step {guide.step}) is "
+                                 "not this run's earlier network; the weights/ folder is "
+                                 "damaged or holds another run's file")
+        return guide, path
+    return None
+
+
+def model_bytes(p: Plan, weights: dict[str, torch.Tensor],
+                guide: CarriedGuide | None = None) -> bytes:
     """An ordinary model file (:func:`diffunet.checkpoint.model_file_bytes`, as the run's
     ``weights/*.safetensors``) of the rebuilt ``weights``, its metadata saying how it was made:
     ``step``, ``run_config``, ``class_names`` (from the run's newest model file, when it has
-    them) and ``phema`` (sigma_rel, gamma, step, residual, run id, the snapshots used)."""
+    them) and ``phema`` (sigma_rel, gamma, step, residual, run id, the snapshots used); with
+    ``guide`` (:func:`run_guide`) it carries that guide."""
     net = UNet(p.config.unet)
     net.load_state_dict(weights)
     extra: dict[str, Any] = {"step": p.step, "run_config": to_dict(p.config)}
@@ -531,7 +568,7 @@ def model_bytes(p: Plan, weights: dict[str, torch.Tensor]) -> bytes:
     extra["phema"] = {"sigma_rel": p.sigma_rel, "gamma": p.gamma, "step": p.step,
                       "residual": p.residual, "run_id": p.run_id,
                       "snapshots": [[u["step"], u["sigma_rel"], u["weight"]] for u in p.used()]}
-    return model_file_bytes(net, make_schedule(p.config.schedule), extra=extra)
+    return model_file_bytes(net, make_schedule(p.config.schedule), extra=extra, guide=guide)
 
 
 def _class_names(run: Path) -> list[str] | None:

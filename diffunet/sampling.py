@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from . import errors
-from .checkpoint import load_diffusion_model, load_guide_model
+from .checkpoint import load_diffusion_file, load_guide_model
 from .config import SampleConfig, ScheduleConfig, from_dict, to_dict
 from .editing import IMG2IMG_STRENGTH, MASK_CONVENTION, EditInputs, load_edit_inputs
 from .errors import ConfigError, DataError, FolderError, UsageError
@@ -72,7 +72,8 @@ from .version import __version__
 
 __all__ = ["SampleOptions", "SampleResult", "EditInputs", "generate", "load_edit_inputs",
            "parse_class_labels", "resolve_class_labels", "class_rows", "image_name",
-           "sample_settings", "MANIFEST", "GRID", "MAX_GRID_IMAGES", "MAX_SAMPLES", "PRECISIONS",
+           "sample_settings", "guidance_kind", "MANIFEST", "GRID", "MAX_GRID_IMAGES",
+           "MAX_SAMPLES", "PRECISIONS",
            "DEFAULT_NUM_SAMPLES", "MASK_CONVENTION", "IMG2IMG_STRENGTH"]
 
 MANIFEST = "manifest.json"
@@ -183,9 +184,12 @@ class SampleOptions:
     and generates where it is white (:data:`MASK_CONVENTION`); ``resample`` > 1 repeats each
     inpainting step that many times (RePaint; one-step samplers only).
 
-    Guidance: ``guidance_scale`` is the weight w of classifier-free guidance (with
-    ``class_labels``) or, with ``guide_model`` (a model file of the same formulation, schedule,
-    image shape and classes: an early snapshot, a smaller net), of autoguidance;
+    Guidance (:func:`guidance_kind`): a model file that carries a guide (the run's own
+    earlier EMA, ``train.guide_at``) is autoguided by it with its recorded weight unless
+    ``no_guide``; ``guide_model`` (a model file of the same formulation, schedule, image shape
+    and classes: an early snapshot, a smaller net) replaces it; otherwise ``class_labels`` give
+    classifier-free guidance. ``guidance_scale`` is the weight w of the guidance that runs
+    (None: the carried guide's own, or the model file's ``[sample]`` setting; 1 = none);
     ``guidance_interval`` = (lo, hi) guides only at noise levels sigma in [lo, hi] (None: the
     model file's setting where its guidance is the same kind, else every level).
 
@@ -225,6 +229,7 @@ class SampleOptions:
     guidance_scale: Optional[float] = None
     guidance_interval: Optional[tuple[float, float]] = None
     guide_model: Optional[Union[str, os.PathLike]] = None
+    no_guide: bool = False
     clip_x0: Optional[bool] = None
     init_image: Optional[Union[str, os.PathLike]] = None
     mask: Optional[Union[str, os.PathLike]] = None
@@ -254,10 +259,10 @@ class SampleOptions:
             raise UsageError(f"--class-label must be a class index or name, a list of them or "
                              f"'all', got {labels!r}")
         if self.guidance_scale not in (None, 1.0) and labels is None and \
-                self.guide_model is None:
-            raise UsageError(f"--guidance-scale {self.guidance_scale} needs --class-label "
-                             "(classifier-free guidance steers towards a class) or --guide-model "
-                             "(autoguidance); give one or use --guidance-scale 1")
+                self.guide_model is None and self.no_guide:
+            raise UsageError(_NEEDS_GUIDANCE.format(self.guidance_scale))
+        if not isinstance(self.no_guide, bool):
+            raise UsageError(f"no_guide must be True or False, got {self.no_guide!r}")
         if self.guide_model is not None and self.guidance_scale == 1.0:
             raise UsageError(_POINTLESS_GUIDE)
         if self.guidance_interval is not None and self.guidance_scale == 1.0:
@@ -297,6 +302,9 @@ class SampleOptions:
         return 1.0 if self.mask is not None else IMG2IMG_STRENGTH
 
 
+_NEEDS_GUIDANCE = ("--guidance-scale {} needs --class-label (classifier-free guidance steers "
+                   "towards a class), --guide-model (autoguidance) or a model file that "
+                   "carries a guide (diffunet info shows it); give one or use --guidance-scale 1")
 _POINTLESS_GUIDE = ("--guide-model with guidance scale 1 changes nothing (D_guide + 1 (D - "
                     "D_guide) = D); give --guidance-scale W above 1 (Karras et al. 2024 use 2 "
                     "to 3) or drop --guide-model")
@@ -324,13 +332,35 @@ def _check_resample(resample: int, sampler: Optional[str]) -> None:
                          "ones before it (RePaint cannot repeat one alone)")
 
 
+GuidanceKind = Literal["auto", "carried", "cfg"]
+
+
+def guidance_kind(meta: dict[str, Any], options: SampleOptions) -> Optional[GuidanceKind]:
+    """Which guidance ``diffunet sample`` runs on the model file whose metadata is ``meta``:
+    ``"auto"``, autoguidance by ``options.guide_model``; else ``"carried"``, autoguidance by the
+    guide the file carries (its ``guide`` metadata: the run's own earlier EMA, Karras et al.
+    2024) unless ``options.no_guide``; else ``"cfg"``, classifier-free guidance, with class
+    labels; else None. Autoguidance comes before classifier-free guidance: a
+    class-conditional model that carries a guide autoguides (with its labels) unless
+    ``no_guide``."""
+    if options.guide_model is not None:
+        return "auto"
+    if isinstance(meta.get("guide"), dict) and not options.no_guide:
+        return "carried"
+    return "cfg" if options.class_labels is not None else None
+
+
 def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfig:
     """How ``diffunet sample`` samples the model file whose metadata is ``meta``: the file's
     ``[sample]`` settings (written by ``diffunet train``: what its previews used; else
     :class:`~diffunet.config.SampleConfig`'s defaults) with the ones ``options`` gives in their
-    place. The stored guidance (scale and interval) applies only to guidance of the same kind:
-    classifier-free (the file's ``guide_model`` unset) with class labels, autoguidance (it set)
-    with ``guide_model``; the file's own ``guide_model`` path is never used. Another sampler
+    place. ``guidance_scale`` comes out as the weight of the guidance that runs
+    (:func:`guidance_kind`): a carried guide's is its recorded ``scale`` unless
+    ``options.guidance_scale`` is given. The stored guidance (scale and interval) applies only
+    to guidance of the same kind: classifier-free (the file's ``guide_model`` unset and no
+    carried guide) with class labels, the carried guide's interval with the carried guide,
+    autoguidance (``guide_model`` set) with ``guide_model``; the file's own ``guide_model``
+    path is never used. Another sampler
     than the stored one drops the stored ``eta`` and S_churn settings (they were the other
     sampler's), another grid than ``karras`` the stored ``rho``, a uniform grid the stored
     ``sigma_min``/``sigma_max``."""
@@ -341,17 +371,28 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
     except ConfigError:
         base = None  # informational metadata from another diffunet version: use the defaults
     settings = to_dict(base if base is not None else SampleConfig())
-    stored_kind = "auto" if settings["guide_model"] is not None else "cfg"
-    kind = "auto" if options.guide_model is not None else (
-        "cfg" if options.class_labels is not None else None)
-    if kind != stored_kind:  # the stored guidance was another kind's (or there is none now)
-        settings["guidance_scale"], settings["guidance_interval"] = 1.0, None
+    carried = meta.get("guide") if isinstance(meta.get("guide"), dict) else None
+    # the stored guidance_scale is classifier-free guidance's, or guide_model's when that is
+    # set; the stored interval limited the previews' guidance, whichever ran: guide_model's,
+    # else the carried guide's (train.guide_at) or classifier-free guidance's
+    auto = settings["guide_model"] is not None
+    kind = guidance_kind(meta, options)
+    if kind != ("auto" if auto else "cfg"):  # the stored weight is another kind's
+        settings["guidance_scale"] = 1.0
+    if kind is None or (kind == "auto") != auto:  # the stored interval too
+        settings["guidance_interval"] = None
+    if kind == "carried":
+        assert carried is not None
+        settings["guidance_scale"] = float(carried["scale"])  # the file's own weight for it
     settings["guide_model"] = None  # a path from the training machine: never used here
     given = {k: getattr(options, k) for k in (*_FLAGS, "clip_x0")
              if getattr(options, k) is not None}
+    if kind is None and given.get("guidance_scale", 1.0) != 1.0:
+        raise UsageError(_NEEDS_GUIDANCE.format(given["guidance_scale"]))
     if given.get("s_tmax") == math.inf:
         given["s_tmax"] = None  # no upper limit
-    if given.get("guidance_scale") == 1.0 and "guidance_interval" not in given:
+    if given.get("guidance_scale", settings["guidance_scale"]) == 1.0 and \
+            "guidance_interval" not in given:
         settings["guidance_interval"] = None  # guidance switched off: its stored interval too
     if options.guide_model is not None and given.get("guidance_scale",
                                                      settings["guidance_scale"]) == 1.0:
@@ -752,8 +793,11 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     precision = o.precision or ("bf16" if device.type == "cuda" else "fp32")
     autocast = _autocast(precision, device)
 
-    net, schedule, meta = load_diffusion_model(model_path)
+    loaded = load_diffusion_file(model_path)
+    net, schedule, meta = loaded.net, loaded.schedule, loaded.metadata
+    assert schedule is not None
     how = sample_settings(meta, o)
+    kind = guidance_kind(meta, o)
     T = schedule.config.num_train_timesteps
     if schedule.discrete_timesteps and how.num_steps > T:
         raise UsageError(f"--steps {how.num_steps} is more than this model's {T} training "
@@ -791,6 +835,12 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     if o.guide_model is not None:  # refused here, before the folder is touched
         guide, guide_meta = load_guide_model(o.guide_model, net, schedule, model_path=model_path,
                                              model_meta=meta)
+    elif kind == "carried" and how.guidance_scale != 1.0 and loaded.guide is not None:
+        # the run's own earlier EMA, carried in the file (train.guide_at), verified on loading
+        guide = loaded.guide.net
+        guide_meta = {"sha256": meta["guide"]["sha256"], "step": loaded.guide.step,
+                      "carried": True}
+    del loaded
     net.to(device)
     if o.channels_last:
         net.to(memory_format=torch.channels_last)
@@ -821,8 +871,9 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         "model": {"path": str(Path(model_path).resolve()), "sha256": meta["sha256"],
                   "step": meta.get("step")},
         "guide_model": None if guide_meta is None else {
-            "path": str(Path(o.guide_model).resolve()), "sha256": guide_meta["sha256"],
-            "step": guide_meta.get("step")},
+            "path": (str(Path(o.guide_model).resolve()) if o.guide_model is not None
+                     else "carried by the model file"),
+            "sha256": guide_meta["sha256"], "step": guide_meta.get("step")},
         "unet_config": to_dict(net.config),
         "schedule_config": to_dict(schedule.config),
         # Everything that decides the pixels; a rerun must match it to resume.

@@ -14,6 +14,12 @@ What makes it exact:
   EMA profiles, optimizer, grad scaler, generators, every process's RNG, counters), so N steps
   and N/2 + resume + N/2 steps give identical weights on the CPU.
 
+The carried guide (autoguidance by the run's own earlier EMA, Karras et al. 2024, "Guiding a
+Diffusion Model with a Bad Version of Itself"): at step ``train.guide_step`` the classic EMA is
+copied and kept (part of the state, ``guide.safetensors``); every model file written after that
+step carries it (:class:`~diffunet.checkpoint.CarriedGuide`) and the previews after it
+autoguide with it (``sample.guide_scale``).
+
 Post-hoc EMA (:mod:`diffunet.phema`): the ``train.phema_sigma_rels`` profiles are updated after
 every optimizer step (skipped steps leave them as they are, like the classic EMA) and written
 as snapshots into ``RUN/phema/`` every ``train.phema_every`` steps, at the last step and at a
@@ -23,6 +29,7 @@ stop (:mod:`diffunet.phema_files`), before the state of that step.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import secrets
@@ -38,7 +45,7 @@ from torch import Tensor
 
 from . import phema_files
 from . import state as st
-from .checkpoint import load_guide_model, model_file_bytes, unwrap_model
+from .checkpoint import CarriedGuide, load_guide_model, model_file_bytes, unwrap_model
 from .config import RunConfig, TrainConfig, to_dict
 from .data import (GlobalBatchSampler, HFStream, build_dataset, flip_where, make_dataloader,
                    skipped_note)
@@ -52,10 +59,11 @@ from .runs import EMA, Run, state_must_fit
 from .samplers import check_sigma_range, sample
 from .unet import UNet
 
-__all__ = ["EMA", "TrainResult", "fit_classes_to_data", "lr_at", "preview_guide", "train"]
+__all__ = ["EMA", "GuideKeeper", "TrainResult", "fit_classes_to_data", "lr_at", "preview_guide",
+           "train"]
 
 STATE_KEYS: dict[str, type] = {"config": dict, "optimizer": dict, "nonfinite_total": int,
-                               "nonfinite_streak": int, "run_id?": str}
+                               "nonfinite_streak": int, "run_id?": str, "guide_step?": int}
 """What a diffusion state's ``trainer.json`` must hold (besides the harness's own keys)."""
 
 
@@ -289,11 +297,91 @@ def preview_guide(cfg: RunConfig) -> UNet | None:
     return guide.eval()
 
 
+class GuideKeeper:
+    """The carried guide while training: the step whose classic EMA becomes it (``at``; None:
+    no guide) and, once taken, a detached copy of that EMA network (``net``, on the EMA's
+    device, eval mode) and the step it is of (``step``: ``at``, or an earlier step a resumed
+    state kept when a longer ``train.max_steps`` moved ``at`` past the resumed step)."""
+
+    def __init__(self, at: int | None, scale: float) -> None:
+        self.at, self.scale = at, scale
+        self.net: UNet | None = None
+        self.step: int | None = None
+
+    def take(self, ema: EMA, step: int) -> None:
+        """Keep the EMA network as it is after step ``step`` (a copy: training goes on)."""
+        self.net = copy.deepcopy(ema.model).eval().requires_grad_(False)
+        self.step = step
+
+    def due(self, step: int) -> bool:
+        """Whether the EMA after ``step`` is the guide and not yet taken."""
+        return self.at == step and self.step != step
+
+    def after(self, step: int) -> CarriedGuide | None:
+        """The guide a model file (or a preview) of step ``step`` carries: the kept one, for
+        steps after its own (the file of its own step IS it: a model guiding itself changes
+        nothing, D + w (D - D) = D)."""
+        if self.net is None or self.step is None or step <= self.step:
+            return None
+        return CarriedGuide(self.net, self.step, self.scale)
+
+
+def _guide_on_resume(run: Run, cfg: RunConfig) -> tuple[int | None, bool]:
+    """Which step's EMA is the carried guide of this (maybe resumed) run, and whether the state
+    being resumed holds it already. The guide is the EMA of ``train.guide_step`` of this config
+    wherever that step is still ahead (or is the resumed one), as an uninterrupted run with
+    this config would have it: a longer ``max_steps`` re-takes it there (saying so). Where it
+    has passed, the state's guide is kept if it is that step's, or if only ``max_steps`` moved
+    the step (saying so); a changed ``train.guide_at`` whose step has passed is refused (its
+    EMA is gone); a state from before carried guides, or one whose guide step passed without
+    one, continues with no guide, saying so. Returns ``(step or None, held)``."""
+    g = cfg.train.guide_step
+    if run.resume_from is None:
+        return g, False
+    at, saved = run.start_step, run.saved
+    held = saved.get("guide_step")
+    if g is None:
+        if held is not None:
+            run.tell(f"note: train.guide_at = 0: the guide {run.resume_from} holds (the EMA of "
+                     f"step {held}) is dropped; model files from now on carry none")
+        return None, False
+    if g >= at:
+        if held is not None and held != g:
+            run.tell(f"note: the carried guide moves from the EMA of step {held} to that of "
+                     f"step {g} (train.guide_at {cfg.train.guide_at:g} x train.max_steps "
+                     f"{cfg.train.max_steps})")
+        return g, held == g
+    if held == g:
+        return g, True
+    was = (saved.get("config") or {}).get("train", {}).get("guide_at")
+    if was is None:
+        run.tell(f"note: {run.resume_from} was saved by a diffunet without carried guides, "
+                 f"after step {g} (train.guide_at x train.max_steps) whose EMA would be the "
+                 "guide; this run's model files carry none (a new run does)")
+        return None, False
+    if was != cfg.train.guide_at:
+        raise ConfigError(
+            f"train.guide_at: the run being resumed used {was!r}; {cfg.train.guide_at!r} would "
+            f"keep the EMA of step {g} as the carried guide, which this run passed (it is at "
+            f"step {at}) and no longer has; resume with train.guide_at={was!r}, or at least "
+            f"{at / cfg.train.max_steps:.4g} (a step still ahead), or start a new --out-dir")
+    if held is not None:
+        run.tell(f"note: the carried guide stays the EMA of step {held}: train.guide_at x "
+                 f"train.max_steps is now step {g}, which this run passed (it is at step {at})")
+        return held, True
+    run.tell(f"note: no carried guide: train.guide_at x train.max_steps is now step {g}, which "
+             f"this run passed without keeping its EMA (it is at step {at}); this run's model "
+             "files carry none")
+    return None, False
+
+
 def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run,
-                guide: UNet | None = None) -> Callable[[int], None]:
+                guide: UNet | None = None, carried: GuideKeeper | None = None
+                ) -> Callable[[int], None]:
     """The preview grid writer: the EMA model sampled with ``cfg.sample`` (guided by ``guide``
-    where ``sample.guide_model`` names one) from the same noise (and labels) every time, so the
-    grids are comparable."""
+    where ``sample.guide_model`` names one, else, after the guide step, by the ``carried``
+    guide with weight ``sample.guide_scale``) from the same noise (and labels) every time, so
+    the grids are comparable."""
     s, seed, k = cfg.sample, cfg.train.seed, cfg.unet.num_classes
     if guide is not None:
         guide.to(run.device)
@@ -301,21 +389,27 @@ def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run,
     x_T = torch.randn((s.num_images, C, H, H), generator=torch.Generator().manual_seed(seed + 1))
     labels = torch.arange(s.num_images) % k if k is not None else None
 
-    kwargs = s.sample_kwargs()
-    kwargs["clip_x0"] = space_class(cfg.vae).clip_x0(kwargs["clip_x0"])  # latents: no clip
+    base_kwargs = s.sample_kwargs()
+    base_kwargs["clip_x0"] = space_class(cfg.vae).clip_x0(base_kwargs["clip_x0"])  # latents: no clip
     drawn: dict[str, Any] = {}  # the newest grid (main process), for the trackers
 
     def cut(*_: Any) -> None:
         if run.stop_signal is not None:
             raise StopRequested  # a preview can take minutes
 
-    def draw_and_save(name: str) -> bool:
+    def draw_and_save(name: str, step: int) -> bool:
+        kwargs, weak = dict(base_kwargs), guide  # a fresh copy: the guide may set its weight
+        own = carried.after(step) if carried is not None and guide is None else None
+        if own is not None and s.guide_scale != 1.0:  # autoguidance comes before CFG
+            weak, kwargs["guidance_scale"] = own.net, s.guide_scale
+        elif weak is None and s.guidance_scale == 1.0:
+            kwargs["guidance_interval"] = None  # for the carried guide, not taken yet
         try:
             with run.accelerator.autocast():
                 images = sample(ema.model, schedule, x_T.to(run.device),
                                 class_labels=None if labels is None else labels.to(run.device),
                                 generator=torch.Generator().manual_seed(seed + 2),
-                                callback=cut, guide_model=guide, **kwargs)
+                                callback=cut, guide_model=weak, **kwargs)
         except StopRequested:  # a signal asked the run to stop: no grid, the loop saves next
             return False
         drawn["grid"] = make_grid_image(images.float().cpu())
@@ -326,7 +420,7 @@ def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run,
 
     def write(step: int) -> None:  # the main process samples; the others wait for it
         name = f"{st.state_name(step)}.png"
-        if run.write(f"writing preview {name}", lambda: draw_and_save(name)):
+        if run.write(f"writing preview {name}", lambda: draw_and_save(name, step)):
             run.log_image("preview", drawn.pop("grid", None), step)  # to the trackers (main)
 
     return write
@@ -388,7 +482,9 @@ def _header(run: Run, cfg: RunConfig, dataset: Any, net: UNet, schedule: Formula
                     None, _DEFAULT_MIN_SNR) else ""),
             *describe_run(run, t.mixed_precision, t.batch_size, t.grad_accum_steps,
                           f"steps {run.start_step} -> {t.max_steps}, preview every "
-                          f"{t.sample_every}, save every {t.save_every} and at the last step"),
+                          f"{t.sample_every}, save every {t.save_every} and at the last step"
+                          + (f"; carried guide: the EMA of step {t.guide_step}"
+                             if t.guide_step is not None else "")),
             *([phema_line] if phema_line else [])]
 
 
@@ -490,9 +586,21 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         if phema is not None and run.resume_from is not None:
             with state_must_fit(run.resume_from):
                 phema.load_state_dict(st.load_tensors(run.resume_from / "phema.safetensors"))
+        guide_at, held = _guide_on_resume(run, cfg)
+        carried = GuideKeeper(guide_at, cfg.sample.guide_scale)
+        if held:
+            assert run.resume_from is not None and guide_at is not None
+            with state_must_fit(run.resume_from):
+                kept = copy.deepcopy(ema.model)
+                kept.load_state_dict(st.load_tensors(run.resume_from / "guide.safetensors"))
+            carried.net, carried.step = kept.eval().requires_grad_(False), guide_at
         counts = {key: int(run.saved.get(key, 0)) for key in ("nonfinite_total",
                                                               "nonfinite_streak")}
         ema.model.to(run.device)
+        if carried.net is not None:
+            carried.net.to(run.device)
+        elif carried.due(step):  # resumed at the guide step itself: its EMA is the state's
+            carried.take(ema, step)
         if phema is not None:
             phema.to(run.device)
             folder, at = run.out_dir / phema_files.SUBFOLDER, run.start_step
@@ -524,20 +632,24 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                                             start_step=step, rank=run.rank,
                                             world_size=run.world),
                 run.workers(cfg.data.num_workers), pin_memory=run.device.type == "cuda"))
-        preview = _preview_fn(cfg, ema, schedule, run, guide)
+        preview = _preview_fn(cfg, ema, schedule, run, guide, carried)
 
         def save(at: int) -> tuple[Path, Path]:
             model_path = run.out_dir / "weights" / f"model_{st.state_name(at)}.safetensors"
+            kept = ({"guide": carried.net.state_dict()} if carried.net is not None else {})
             state_path = run.save_state(
                 at, tensors={"model": net.state_dict(), "ema": ema.model.state_dict(),
-                             **({"phema": phema.state_dict()} if phema is not None else {})},
-                optimizer=optimizer, trainer={**counts, "run_id": run_id},
+                             **({"phema": phema.state_dict()} if phema is not None else {}),
+                             **kept},
+                optimizer=optimizer, trainer={**counts, "run_id": run_id,
+                                              **({"guide_step": carried.step} if kept else {})},
                 generators={"step_gen": step_gen},
                 keep_last=t.keep_last, before_commit=lambda: run.write_file(
                     "weights", model_path.name, model_file_bytes(
                         ema.model, schedule, extra={"step": at, "run_config": to_dict(cfg),
                                                     **({"class_names": names} if names
-                                                       else {})})))
+                                                       else {})},
+                        guide=carried.after(at))))
             return model_path, state_path
 
         def snapshot(at: int) -> None:
@@ -585,6 +697,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
             interval_grad += _grad_sums(norm, bad, t.grad_clip)
             step += 1
             run.bar.update(1)
+            if carried.due(step):  # a copy of the EMA, no host sync
+                carried.take(ema, step)
             check = (step % t.log_every == 0 or step % t.max_nonfinite == 0
                      or step % t.save_every == 0 or step == t.max_steps)
             stopping = run.should_stop(check)

@@ -466,8 +466,9 @@ CASES: list[tuple[str, list[str], list[str]]] = [
                                            "sample.guide_model={d}/models/weak.safetensors",
                                            "--out-dir", "{out}"],
      ["sample.guidance_interval needs LO < HI"]),
+    # (with the default train.guide_at the interval limits the carried guide's autoguidance)
     ("config-guidance-interval-unguided", ["train", *TINY, "sample.guidance_interval=[0.5, 2]",
-                                           "--out-dir", "{out}"],
+                                           "train.guide_at=0", "--out-dir", "{out}"],
      ["sample.guidance_interval: limits guidance, and sample.guidance_scale 1 is none"]),
     # -- command line ---------------------------------------------------------------------------
     ("cli-unknown-sampler", ["sample", "{d}/models/good.safetensors", "--sampler", "eulr",

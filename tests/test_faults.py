@@ -115,10 +115,12 @@ def _complete_states(out: Path, files: set[str] = STATE_FILES) -> dict[int, Path
             continue
         m = re.fullmatch(r"step(\d{7})", p.name)
         assert m and p.is_dir(), f"unexpected entry {p}"
-        assert {f.name for f in p.iterdir()} == files, f"{p} is not complete"
         trainer = json.loads((p / "trainer.json").read_text())
+        # a state at or after the carried guide's step (train.guide_at) also keeps the guide
+        want = files | ({"guide.safetensors"} if trainer.get("guide_step") else set())
+        assert {f.name for f in p.iterdir()} == want, f"{p} is not complete"
         assert trainer["step"] == int(m.group(1))
-        for name in sorted(files - {"trainer.json"}):
+        for name in sorted(want - {"trainer.json"}):
             load_file(str(p / name))  # raises on a truncated or damaged file
         found[int(m.group(1))] = p
     return found

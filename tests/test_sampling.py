@@ -387,8 +387,10 @@ def test_bad_input_in_process(rgb_model, cond_model, tmp_path, capsys):
 def test_library_errors_are_config_errors(rgb_model, tmp_path):
     with pytest.raises(UsageError, match="--batch-size"):
         SampleOptions(batch_size=-1)
+    # a guidance scale with nothing to guide: known without the model file only with
+    # --no-guide (a file may carry a guide; sample_settings checks it with the file)
     with pytest.raises(UsageError, match="needs --class-label"):
-        SampleOptions(guidance_scale=2.0)
+        SampleOptions(guidance_scale=2.0, no_guide=True)
     with pytest.raises(UsageError, match="positive"):
         SampleOptions(num_samples=True)  # a bool is not a count
 
@@ -447,7 +449,7 @@ def test_a_stored_guidance_scale_needs_labels_to_apply(cond_model, tmp_path):
     assert sample_settings(meta, SampleOptions()).guidance_scale == 1.0  # unconditional
     assert sample_settings(meta, SampleOptions(class_labels=2)).guidance_scale == 3.0
     with pytest.raises(UsageError, match="--guidance-scale 2.0 needs --class-label"):
-        SampleOptions(guidance_scale=2.0)
+        sample_settings(meta, SampleOptions(guidance_scale=2.0))
 
 
 def test_clip_x0_flag_reaches_the_manifest(rgb_model, tmp_path, capsys):

@@ -37,6 +37,8 @@ pytestmark = pytest.mark.usefixtures("cpu_accelerate")
 STATE_FILES = {"model.safetensors", "ema.safetensors", "phema.safetensors",
                "optimizer.safetensors", "rng.safetensors", "rng_rank0.safetensors",
                "trainer.json"}
+# a state at or after the carried guide's step (train.guide_at, 0.5 of max_steps) also keeps it
+GUIDED_STATE_FILES = STATE_FILES | {"guide.safetensors"}
 
 
 def _cfg(*extra: str) -> RunConfig:
@@ -130,14 +132,17 @@ def test_cli_run_folder(tmp_path: Path) -> None:
         used = cfg.schedule.used_fields()
         assert net.config == cfg.unet and schedule.config.used_fields() == used
         assert all(getattr(schedule.config, k) == getattr(cfg.schedule, k) for k in used)
-    # The inference file holds the EMA weights.
-    _assert_identical(out / "weights" / "model_step0000006.safetensors",
-                      _state(out, 6) / "ema.safetensors")
+    # The inference file holds the EMA weights (and, after step 3, the EMA of step 3 as its
+    # carried guide, under guide.*).
+    carried = _tensors(out / "weights" / "model_step0000006.safetensors")
+    ema = _tensors(_state(out, 6) / "ema.safetensors")
+    assert {k for k in carried if not k.startswith("guide.")} == ema.keys()
+    assert all(torch.equal(carried[k], v) for k, v in ema.items())
 
     # keep_last=2: only the two newest states remain, each complete.
     assert sorted(p.name for p in (out / "state").iterdir()) == ["step0000004", "step0000006"]
     for s in (4, 6):
-        assert {p.name for p in _state(out, s).iterdir()} == STATE_FILES
+        assert {p.name for p in _state(out, s).iterdir()} == GUIDED_STATE_FILES
         trainer = json.loads((_state(out, s) / "trainer.json").read_text())
         assert trainer["step"] == s and trainer["world_size"] == 1
     assert _leftovers(out) == []
@@ -235,7 +240,7 @@ def test_resume_on_new_out_dir_starts_fresh(tmp_path: Path, capsys: pytest.Captu
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "no saved state" in err and "starting a fresh run" in err
-    assert {p.name for p in _state(out, 2).iterdir()} == STATE_FILES
+    assert {p.name for p in _state(out, 2).iterdir()} == GUIDED_STATE_FILES  # guide: step 1
 
 
 def test_non_empty_out_dir_is_refused_and_left_alone(tmp_path: Path) -> None:
@@ -327,7 +332,8 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     assert r.stderr.count("model file") == 1  # only the main process talks
     assert [rec["step"] for rec in _log(two)] == [2, 4]  # one log, written once
     assert sorted(p.name for p in (two / "state").iterdir()) == ["step0000002", "step0000004"]
-    assert {p.name for p in _state(two, 4).iterdir()} == STATE_FILES | {"rng_rank1.safetensors"}
+    assert {p.name for p in _state(two, 4).iterdir()} == GUIDED_STATE_FILES | {
+        "rng_rank1.safetensors"}
     assert json.loads((_state(two, 4) / "trainer.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in (two / "samples").iterdir()) == ["step0000004.png"]
     assert _leftovers(two) == []
@@ -703,7 +709,7 @@ def test_header_then_preview_and_model_file_at_the_last_step(tmp_path: Path) -> 
                         header[1]), header[1]
     assert header[2] == "device: cpu, precision fp32, 1 process"
     assert header[3] == ("batch: 4 global, 4 per process; steps 0 -> 5, preview every 3, save "
-                         "every 4 and at the last step")
+                         "every 4 and at the last step; carried guide: the EMA of step 2")
     assert header[4] == f"out-dir: {out}, a fresh run"
     # 5 is no multiple of sample_every or save_every: the last step still gets both
     assert sorted(p.name for p in (out / "samples").iterdir()) == [
@@ -715,8 +721,10 @@ def test_header_then_preview_and_model_file_at_the_last_step(tmp_path: Path) -> 
     train(_cfg("train.max_steps=6", "train.sample_every=3", "train.save_every=4",
                "train.grad_accum_steps=2"), out, resume=True, progress=False, say=said.append)
     assert said[0] == f"resuming from {_state(out, 5)} (step 5)"
-    assert "batch: 4 global, 4 per process in 2 micro-batches of 2; steps 5 -> 6" in said[4]
-    assert said[5] == f"out-dir: {out}, resumed from {_state(out, 5)} at step 5"
+    # max_steps 6 moves the guide step to 3, which the run passed: it keeps its guide of step 2
+    assert said[1].startswith("note: the carried guide stays the EMA of step 2")
+    assert "batch: 4 global, 4 per process in 2 micro-batches of 2; steps 5 -> 6" in said[5]
+    assert said[6] == f"out-dir: {out}, resumed from {_state(out, 5)} at step 5"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -168,6 +168,11 @@ def dry_run(cfg: Any, net: UNetConfig, out_dir: Path, note: str = "") -> int:
         preview_guide(cfg)  # the previews' guide model: refused here as a start would
         found.append(f"# previews guided by {cfg.sample.guide_model} (autoguidance, weight "
                      f"{cfg.sample.guidance_scale})")
+    elif isinstance(cfg, RunConfig) and cfg.train.guide_step is not None \
+            and cfg.sample.guide_scale != 1.0:
+        found.append(f"# carried guide: the EMA of step {cfg.train.guide_step}; model files "
+                     f"after it carry it and the previews after it autoguide with it (weight "
+                     f"{cfg.sample.guide_scale:g})")
     # a diffusion run's schedule tables (a segmentation run has no schedule)
     tables = cfg.schedule.table_timesteps if isinstance(cfg, RunConfig) else None
     batch = cfg.train.batch_size

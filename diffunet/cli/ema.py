@@ -77,7 +77,7 @@ def describe(plan: object) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
     from ..output_files import claim_file
-    from ..phema_files import model_bytes, plan, read_run, rebuild
+    from ..phema_files import model_bytes, plan, read_run, rebuild, run_guide
 
     read_run(args.run_dir)  # "not a run folder" before the --out claim is looked at
     inside = Path(args.out).absolute().parent
@@ -86,7 +86,12 @@ def run(args: argparse.Namespace) -> int:
                          "snapshots only; write the model file elsewhere")
     with claim_file(args.out, flag="--out", example="model.safetensors") as claim:
         p = plan(args.run_dir, [args.sigma_rel], args.step)[0]
+        carried = run_guide(p)  # a damaged guide is refused before the rebuild
         weights = rebuild(p)
-        claim.write(model_bytes(p, weights))
-    out(describe(p) + f"\nwrote {args.out}")
+        claim.write(model_bytes(p, weights, None if carried is None else carried[0]))
+    guide_line = (f"it carries no guide (no model file of the run at or before step {p.step} "
+                  "carries one)" if carried is None else
+                  f"it carries the run's guide, the EMA of step {carried[0].step} (weight "
+                  f"{carried[0].scale:g}), from {carried[1]}")
+    out(describe(p) + f"\n{guide_line}\nwrote {args.out}")
     return 0

@@ -139,10 +139,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "model's capped at 160, EDM's own); the uniform grid is then skipped")
     q.add_argument("--sigma-min", type=float, metavar="SIGMA",
                    help="the karras and exponential grids' lowest level (default: the model's)")
-    q.add_argument("--guidance-scale", type=float, default=1.0, metavar="W",
-                   help="guidance weight: classifier-free guidance for a class-conditional "
-                        "model (labels i mod num_classes), autoguidance with --guide-model "
-                        "(default 1, none)")
+    q.add_argument("--guidance-scale", type=float, metavar="W",
+                   help="guidance weight: autoguidance by the guide the model file carries "
+                        "(default: its recorded weight) or by --guide-model, else "
+                        "classifier-free guidance for a class-conditional model (labels i mod "
+                        "num_classes) (default 1, none)")
+    q.add_argument("--no-guide", action="store_true",
+                   help="do not autoguide with the guide the model file carries")
     q.add_argument("--guide-model", metavar="WEAK.safetensors",
                    help="autoguidance (Karras et al. 2024) by this weaker model of the same "
                         "formulation, schedule, image shape and classes; the table then counts "
@@ -380,6 +383,7 @@ def _nfe(args: argparse.Namespace) -> int:
                              sigma_max=args.sigma_max, guidance_scale=args.guidance_scale,
                              guide_model=args.guide_model,
                              guidance_interval=args.guidance_interval,
+                             no_guide=args.no_guide,
                              names={"sigma_min": "--sigma-min", "sigma_max": "--sigma-max",
                                     "guidance_scale": "--guidance-scale",
                                     "guide_model": "--guide-model",

@@ -39,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
     r = export_diffusers(args.model, args.folder, overwrite=args.overwrite)
     what = r["pipeline"] or "UNet2DModel + scheduler, no pipeline class"
     out(f"wrote {r['folder']} ({what}, {r['scheduler']}): {', '.join(r['files'])}")
+    if r["guide_dropped"] is not None:
+        out(f"note: the guide {args.model} carries (the EMA of step {r['guide_dropped']}) is "
+            "not exported: a diffusers pipeline has no place for it; sample with diffunet to "
+            "autoguide")
     if args.push_to_hub is not None:
         url = push_to_hub(r["folder"], args.push_to_hub, private=args.private or None)
         out(f"pushed to {args.push_to_hub}: {url}")

@@ -51,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
              f"{meta.get('diffunet_version', '?')})"]
     if "step" in meta:
         lines.append(f"training step    {_shown(meta['step'])}")
+    if loaded.guide is not None:  # autoguidance by the run's own earlier EMA (train.guide_at)
+        lines.append(f"carried guide    the EMA of step {loaded.guide.step}, weight "
+                     f"{loaded.guide.scale:g} (diffunet sample autoguides with it; --no-guide "
+                     "switches it off)")
     if "epoch" in meta:
         metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
         dice, iou = metrics.get("val_mean_dice"), metrics.get("val_mean_iou")

@@ -81,14 +81,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "per row); a label is an index or a class name of the model file "
                         "(diffunet info lists them)")
     p.add_argument("--guidance-scale", type=float, metavar="W",
-                   help="guidance weight: classifier-free guidance with --class-label, or "
-                        "autoguidance with --guide-model (with labels: "
-                        f"{model_or} {s.guidance_scale}, i.e. none)")
+                   help="guidance weight: autoguidance by the guide the model file carries "
+                        "(default: its recorded weight, sample.guide_scale = "
+                        f"{s.guide_scale:g}) or by --guide-model, else classifier-free guidance "
+                        f"with --class-label ({model_or} {s.guidance_scale}, i.e. none); 1 "
+                        "switches guidance off")
     p.add_argument("--guide-model", metavar="WEAK.safetensors",
                    help="autoguidance (Karras et al. 2024): D_weak + W (D - D_weak), for "
                         "conditional and unconditional models; WEAK is a weaker model of the "
                         "same formulation, schedule, image shape and classes (an early "
-                        "snapshot of the run, a smaller net); needs --guidance-scale W > 1")
+                        "snapshot of the run, a smaller net); replaces a carried guide; needs "
+                        "--guidance-scale W > 1")
+    p.add_argument("--no-guide", action="store_true",
+                   help="do not autoguide with the guide the model file carries (the run's "
+                        "own earlier EMA, train.guide_at); a class-conditional model then "
+                        "takes classifier-free guidance with --class-label and --guidance-scale")
     p.add_argument("--guidance-interval", type=guidance_interval_arg, metavar="LO,HI",
                    help="guide only at noise levels sigma in [LO, HI] (Kynkaanniemi et al. "
                         "2024; e.g. 0.3,5); the other steps run the model alone, without the "
@@ -157,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         s_churn=args.s_churn, s_tmin=args.s_tmin,
         s_tmax=args.s_tmax, s_noise=args.s_noise,
         guidance_scale=args.guidance_scale, guidance_interval=args.guidance_interval,
-        guide_model=args.guide_model, clip_x0=args.clip_x0,
+        guide_model=args.guide_model, no_guide=args.no_guide, clip_x0=args.clip_x0,
         init_image=args.init_image, mask=args.mask, strength=args.strength,
         resample=args.resample)
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args.model)
