@@ -235,9 +235,12 @@ def test_a_slow_run_is_stopped_after_its_stretched_grace(short_grace: None) -> N
 
 
 def test_without_a_run_the_first_signal_raises(short_grace: None) -> None:
+    # the handler before: Python's default_int_handler, or SIG_IGN where the suite was started
+    # in the background (a shell without job control ignores SIGINT for it)
+    before = signal.getsignal(signal.SIGINT)
     with stopping.handling_signals("diffunet x") as stopper:
         assert stopper is not None
         with pytest.raises(Stopped) as e:
             signal.raise_signal(signal.SIGINT)
     assert str(e.value) == "stopped by SIGINT" and isinstance(e.value, KeyboardInterrupt)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # restored as it was
