@@ -356,7 +356,7 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
     :class:`~diffunet.config.SampleConfig`'s defaults) with the ones ``options`` gives in their
     place. ``guidance_scale`` comes out as the weight of the guidance that runs
     (:func:`guidance_kind`): a carried guide's is its recorded ``scale`` unless
-    ``options.guidance_scale`` is given. The stored guidance (scale and interval) applies only
+    ``options.guidance_scale`` is given, and so is that of a ``guide_model`` that replaces it. The stored guidance (scale and interval) applies only
     to guidance of the same kind: classifier-free (the file's ``guide_model`` unset and no
     carried guide) with class labels, the carried guide's interval with the carried guide,
     autoguidance (``guide_model`` set) with ``guide_model``; the file's own ``guide_model``
@@ -384,6 +384,9 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
     if kind == "carried":
         assert carried is not None
         settings["guidance_scale"] = float(carried["scale"])  # the file's own weight for it
+    elif kind == "auto" and carried is not None and not auto:
+        # --guide-model replaces the carried guide, not its weight
+        settings["guidance_scale"] = float(carried["scale"])
     settings["guide_model"] = None  # a path from the training machine: never used here
     given = {k: getattr(options, k) for k in (*_FLAGS, "clip_x0")
              if getattr(options, k) is not None}

@@ -421,6 +421,8 @@ def test_which_guidance_and_weight_a_carrying_file_samples_with() -> None:
     assert how(guidance_scale=1.0) == ("carried", 1.0, None)  # off, with its interval
     assert how(no_guide=True) == (None, 1.0, None)
     assert how(no_guide=True, class_labels=1) == ("cfg", 3.0, (0.2, 1.0))
-    with pytest.raises(Exception, match="--guide-model with guidance scale 1"):
-        how(guide_model="weak.safetensors")
+    # another guide replaces the carried one at the carried weight
+    assert how(guide_model="weak.safetensors") == ("auto", 2.5, None)
     assert how(guide_model="weak.safetensors", guidance_scale=2.0) == ("auto", 2.0, None)
+    with pytest.raises(Exception, match="--guide-model with guidance scale 1"):
+        how(guide_model="weak.safetensors", guidance_scale=1.0)
