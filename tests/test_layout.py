@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("segmentation",),
     ("training",),
     ("sampling", "editing"),  # editing: sampling's init images and masks
-    ("evaluation", "judge", "plots", "phema_eval"),  # judge: the shapes classifier; uses
+    ("evaluation", "judge", "plots", "phema_eval", "latent_cache"),  # judge: the shapes classifier; uses
     # evaluation's FID; phema_eval: `eval ema`, post-hoc EMA lengths judged
     ("bench", "inspection", "interop"),
     ("runs", "outputs", "output_files"),  # output folders; single output files
