@@ -295,7 +295,10 @@ def encode_dataset(cfg: RunConfig, space: LatentSpace, *, dataset: Optional[Data
             if name in done:
                 continue
             tensors = _encode_images(space, dataset, start, stop, data.random_flip)
-            blob = tensor_file_bytes(tensors, {"start": str(start), "stop": str(stop)})
+            # no metadata: safetensors writes a metadata map in hash order, and the same
+            # images should give the same bytes (and SHA-256) on every machine and run; the
+            # image range is the manifest's
+            blob = tensor_file_bytes(tensors, {})
             out.write_file(name, blob, durable=True)  # atomic: a kill leaves a temporary
             done[name] = {"name": name, "start": start, "stop": stop,
                           "sha256": _sha256_bytes(blob)}
