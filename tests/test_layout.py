@@ -440,6 +440,11 @@ WRITERS: dict[str, dict[str, str]] = {
         "huggingface_hub.snapshot_download": "a VAE by Hub id: Hugging Face's own cache, its "
                                              "config.json and safetensors weights only",
     },
+    "latent_cache": {
+        "uses data_space.vae_folder": "the VAE whose files it hashes, by Hub id: Hugging Face's "
+                                      "own cache (data_space's download); its shards go "
+                                      "through outputs.claim_folder",
+    },
     "cli.common": {
         "uses data_space.load_run_config": "a [vae] run's VAE config.json by Hub id, into "
                                            "Hugging Face's own cache (data_space's download)",
