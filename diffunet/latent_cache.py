@@ -230,8 +230,12 @@ def _claim(folder: Path, names: list[str]) -> OutputFolder:
         return claim_folder(folder, command="latent cache", manifest=MANIFEST, format=FORMAT,
                             planned=names, format_version=FORMAT_VERSION,
                             noun="latent cache files")
-    except DiffunetError as e:  # the output rule speaks of --out-dir: here the key is ours
-        raise type(e)(str(e).replace("--out-dir", _LABEL)) from None
+    except DiffunetError as e:  # the output rule speaks of --out-dir and --overwrite: a cache
+        # has its config key and no overwrite (it never writes beside the user's files)
+        message = str(e).replace("pass --overwrite to write beside them (they are kept), or",
+                                 "move them away, or").replace(", even if you pass --overwrite",
+                                                               "")
+        raise type(e)(message.replace("--out-dir", _LABEL)) from None
 
 
 def _encode_images(space: LatentSpace, dataset: Dataset, start: int, stop: int,

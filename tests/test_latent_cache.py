@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from diffunet import latent_cache
-from diffunet.config import RunConfig
+from diffunet.config import DataConfig, RunConfig, may_change_on_resume
 from diffunet.data import build_dataset
 from diffunet.data_space import LatentSpace, load_run_config, load_space
 from diffunet.errors import ConfigError, FolderError, ModelFileError
@@ -267,13 +267,18 @@ def test_a_folder_of_the_users_is_refused(vae_dir: Path, tmp_path: Path) -> None
     folder = tmp_path / "cache"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
-    with pytest.raises(FolderError, match=r"^data\.latent_cache .*holds files diffunet did not "
-                       r"write \(e\.g\. notes\.txt\)"):
+    with pytest.raises(FolderError) as e:
         encode_dataset(cfg, _space(cfg))
+    assert str(e.value) == (f"data.latent_cache {folder} holds files diffunet did not write (e.g. "
+                            "notes.txt); move them away, or choose another data.latent_cache")
     (folder / "notes.txt").unlink()
     (folder / NAMES[0]).write_text("also mine")  # a name the cache would write
-    with pytest.raises(FolderError, match="never replaces them"):
+    with pytest.raises(FolderError) as e:
         encode_dataset(cfg, _space(cfg))
+    assert str(e.value) == (f"{folder} already holds latent cache files but no {MANIFEST}, so "
+                            f"diffunet cannot tell they are its own (e.g. {NAMES[0]}, which this "
+                            "run would write); it never replaces them: move them away, or "
+                            "choose another data.latent_cache")
     assert (folder / NAMES[0]).read_text() == "also mine"
     assert sorted(p.name for p in folder.iterdir()) == [NAMES[0]]
 
@@ -293,6 +298,23 @@ def test_where_a_cache_lives_by_default(vae_dir: Path, tmp_path: Path,
     assert where.parent == tmp_path / "user-cache" / "latents" and len(LatentCache(where)) == 3
 
 
+def test_a_manifest_that_is_not_a_caches_is_refused(vae_dir: Path, tmp_path: Path) -> None:
+    _images(tmp_path / "images")
+    cfg = _cfg(tmp_path, vae_dir)
+    folder = encode_dataset(cfg, _space(cfg))
+    (folder / MANIFEST).write_text("{not json")
+    with pytest.raises(FolderError, match=r"^data\.latent_cache: .*latent_cache\.json cannot be "
+                       r"read"):
+        LatentCache(folder)
+    with pytest.raises(FolderError, match=r"latent_cache\.json is not a readable diffunet latent "
+                       r"cache manifest .*choose another data\.latent_cache$"):
+        encode_dataset(cfg, _space(cfg))
+    assert (folder / MANIFEST).read_text() == "{not json"  # never replaced
+
+
 def test_the_config_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^data\.latent_cache: is empty"):
         load_run_config(None, ["data.latent_cache= "])
+    # where the cache lives may change on resume: its identity is checked, not its place
+    assert may_change_on_resume(DataConfig, "latent_cache")
+    assert load_run_config(None, ["data.latent_cache=~/c"]).data.latent_cache == "~/c"
