@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -317,9 +317,10 @@ def encode_dataset(cfg: RunConfig, space: LatentSpace, *, dataset: Optional[Data
 
 
 class LatentCache:
-    """A finished cache folder, read-only: the posterior of image ``index`` by :meth:`get`, a
-    latent drawn from it by :meth:`draw`. Shards are hash-checked when first loaded; the last
-    one loaded is kept in memory."""
+    """A finished cache folder, read-only: the posterior of image ``index`` by :meth:`get` (a
+    batch by :meth:`batch`), a latent drawn from it by :meth:`draw`. Each shard is hash-checked
+    when first loaded and then kept in memory (the cache's size on disk: training reads in
+    random order, which would reload a shard per image otherwise)."""
 
     def __init__(self, folder: str | Path, record: Optional[dict[str, Any]] = None) -> None:
         """Open ``folder``; with ``record`` (:func:`cache_record` of the run), refuse a cache
@@ -353,21 +354,20 @@ class LatentCache:
                               f"({len(shards)} of {len(expected)} shards); encode again to "
                               "finish it")
         self._shards = shards
-        self._loaded: tuple[int, dict[str, Tensor]] | None = None
+        self._loaded: dict[int, dict[str, Tensor]] = {}
 
     def __len__(self) -> int:
         return self.num_images
 
     def _shard(self, k: int) -> dict[str, Tensor]:
-        if self._loaded is None or self._loaded[0] != k:
+        if k not in self._loaded:
             entry = self._shards[k]
             path = self.folder / entry["name"]
             problem = _shard_problem(path, entry)
             if problem:
                 raise _refuse_shard(path, problem)
-            tensors, _ = read_tensor_file(path)
-            self._loaded = (k, tensors)
-        return self._loaded[1]
+            self._loaded[k] = read_tensor_file(path)[0]
+        return self._loaded[k]
 
     def get(self, index: int, flipped: bool = False) -> tuple[Tensor, Tensor]:
         """The posterior (mean, std) of image ``index`` (of its mirror with ``flipped``), each
@@ -380,6 +380,16 @@ class LatentCache:
         tensors = self._shard(index // self.shard_size)
         i, suffix = index % self.shard_size, "_flip" if flipped else ""
         return tensors["mean" + suffix][i].float(), tensors["std" + suffix][i].float()
+
+    def batch(self, indices: Sequence[int], flipped: Optional[Sequence[bool]] = None
+              ) -> tuple[Tensor, Tensor]:
+        """The posteriors of images ``indices`` (B,) (``flipped[b]``: of image b's mirror, the
+        caller's flip draw), as (mean, std), each (B, c, h, w) float32 on the CPU."""
+        flips = [False] * len(indices) if flipped is None else list(flipped)
+        if len(flips) != len(indices):
+            raise ValueError(f"{len(indices)} indices but {len(flips)} flip flags")
+        pairs = [self.get(int(i), bool(f)) for i, f in zip(indices, flips)]
+        return torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs])
 
     def draw(self, mean: Tensor, std: Tensor, generator: torch.Generator) -> Tensor:
         """A latent z = mean + std * noise from the posterior (mean, std) (any shape, e.g. (B,
