@@ -391,6 +391,12 @@ class DataConfig:
     cache: bool | None = free_on_resume(None)
     """Keep ``folder``, ``torchvision`` and ``hf`` images decoded (as uint8, exactly the same
     items) after their first read; unset: when they take at most 4 GiB."""
+    latent_cache: str | None = free_on_resume(None)
+    """A latent run's (``[vae]``) cache folder of the encoded data set (the VAE posterior's
+    mean and std, :mod:`diffunet.latent_cache`); unset: beside the image folder
+    (``<data.path>.latents-<key>``) for ``folder``, else under the user cache
+    (``~/.cache/diffunet/latents/<key>``), ``key`` naming the data, the VAE and the settings.
+    A folder holding another cache or other files is refused, never written over."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "data")
@@ -412,6 +418,9 @@ class DataConfig:
                   f"image), got {self.builtin_size}")
         if self.num_workers is not None and self.num_workers < 0:
             _fail(p + "num_workers", f"must be 0 or more or unset, got {self.num_workers}")
+        if self.latent_cache is not None and not self.latent_cache.strip():
+            _fail(p + "latent_cache", "is empty; give a folder, or leave it unset (the default "
+                  "place beside the data or under the user cache)")
 
 
 MAX_BUILTIN_SIZE = 10_000_000

@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("segmentation",),
     ("training",),
     ("sampling", "editing"),  # editing: sampling's init images and masks
-    ("evaluation", "judge", "plots", "phema_eval"),  # judge: the shapes classifier; uses
+    ("evaluation", "judge", "plots", "phema_eval", "latent_cache"),  # judge: the shapes classifier; uses
     # evaluation's FID; phema_eval: `eval ema`, post-hoc EMA lengths judged
     ("bench", "inspection", "interop"),
     ("runs", "outputs", "output_files"),  # output folders; single output files
@@ -439,6 +439,11 @@ WRITERS: dict[str, dict[str, str]] = {
     "data_space": {
         "huggingface_hub.snapshot_download": "a VAE by Hub id: Hugging Face's own cache, its "
                                              "config.json and safetensors weights only",
+    },
+    "latent_cache": {
+        "uses data_space.vae_folder": "the VAE whose files it hashes, by Hub id: Hugging Face's "
+                                      "own cache (data_space's download); its shards go "
+                                      "through outputs.claim_folder",
     },
     "cli.common": {
         "uses data_space.load_run_config": "a [vae] run's VAE config.json by Hub id, into "
