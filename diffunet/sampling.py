@@ -356,11 +356,11 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
     :class:`~diffunet.config.SampleConfig`'s defaults) with the ones ``options`` gives in their
     place. ``guidance_scale`` comes out as the weight of the guidance that runs
     (:func:`guidance_kind`): a carried guide's is its recorded ``scale`` unless
-    ``options.guidance_scale`` is given, and so is that of a ``guide_model`` that replaces it. The stored guidance (scale and interval) applies only
-    to guidance of the same kind: classifier-free (the file's ``guide_model`` unset and no
-    carried guide) with class labels, the carried guide's interval with the carried guide,
-    autoguidance (``guide_model`` set) with ``guide_model``; the file's own ``guide_model``
-    path is never used. Another sampler
+    ``options.guidance_scale`` is given, and so is that of a ``guide_model`` that replaces it.
+    The stored guidance (scale and interval) applies only to guidance of the same kind:
+    classifier-free (the file's ``guide_model`` unset and no carried guide) with class labels,
+    the carried guide's interval with the carried guide, autoguidance (``guide_model`` set)
+    with ``guide_model``; the file's own ``guide_model`` path is never used. Another sampler
     than the stored one drops the stored ``eta`` and S_churn settings (they were the other
     sampler's), another grid than ``karras`` the stored ``rho``, a uniform grid the stored
     ``sigma_min``/``sigma_max``."""
@@ -392,6 +392,10 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
              if getattr(options, k) is not None}
     if kind is None and given.get("guidance_scale", 1.0) != 1.0:
         raise UsageError(_NEEDS_GUIDANCE.format(given["guidance_scale"]))
+    if kind == "carried" and given.get("guidance_scale", 1.0) < 0:
+        # the carried guide's weight obeys sample.guide_scale's rule, whichever sets it
+        raise UsageError(f"--guidance-scale for the carried guide must be 0 or more (1 = "
+                         f"unguided, Karras et al. 2024 use 2 to 3), got {given['guidance_scale']}")
     if given.get("s_tmax") == math.inf:
         given["s_tmax"] = None  # no upper limit
     if given.get("guidance_scale", settings["guidance_scale"]) == 1.0 and \

@@ -418,6 +418,8 @@ def test_which_guidance_and_weight_a_carrying_file_samples_with() -> None:
     assert how() == ("carried", 2.5, (0.2, 1.0))
     assert how(class_labels=1) == ("carried", 2.5, (0.2, 1.0))  # autoguidance comes first
     assert how(guidance_scale=4.0) == ("carried", 4.0, (0.2, 1.0))
+    with pytest.raises(Exception, match="--guidance-scale for the carried guide must be 0 or more"):
+        how(guidance_scale=-1.0)  # as sample.guide_scale refuses it
     assert how(guidance_scale=1.0) == ("carried", 1.0, None)  # off, with its interval
     assert how(no_guide=True) == (None, 1.0, None)
     assert how(no_guide=True, class_labels=1) == ("cfg", 3.0, (0.2, 1.0))
