@@ -41,7 +41,7 @@ from .checkpoint import read_tensor_file, tensor_file_bytes
 from .config import DataConfig, RunConfig, VaeConfig
 from .data import build_dataset, image_folder
 from .data_space import VAE_WEIGHTS, LatentSpace, vae_folder
-from .errors import DiffunetError, FolderError, ModelFileError, UsageError
+from .errors import FolderError, ModelFileError, UsageError
 from .evaluation import default_cache_dir
 from .fileio import first_line, open_regular_file, read_json
 from .outputs import OutputFolder, claim_folder
@@ -226,16 +226,11 @@ def _expected_entries(num_images: int) -> list[tuple[str, int, int]]:
 
 
 def _claim(folder: Path, names: list[str]) -> OutputFolder:
-    try:
-        return claim_folder(folder, command="latent cache", manifest=MANIFEST, format=FORMAT,
-                            planned=names, format_version=FORMAT_VERSION,
-                            noun="latent cache files")
-    except DiffunetError as e:  # the output rule speaks of --out-dir and --overwrite: a cache
-        # has its config key and no overwrite (it never writes beside the user's files)
-        message = str(e).replace("pass --overwrite to write beside them (they are kept), or",
-                                 "move them away, or").replace(", even if you pass --overwrite",
-                                                               "")
-        raise type(e)(message.replace("--out-dir", _LABEL)) from None
+    # the cache's config key in every refusal, and no --overwrite: a cache never writes beside
+    # the user's files
+    return claim_folder(folder, command="latent cache", manifest=MANIFEST, format=FORMAT,
+                        planned=names, format_version=FORMAT_VERSION, noun="latent cache files",
+                        label=_LABEL, can_overwrite=False)
 
 
 def _encode_images(space: LatentSpace, dataset: Dataset, start: int, stop: int,

@@ -225,7 +225,7 @@ def join_folder(out_dir: str | os.PathLike, identity: tuple[int, int],
 def _read_manifest(folder: OpenFolder, name: str, command: str, fmt: str, version: int,
                    schema: dict[str, Any],
                    legacy_files: Optional[Callable[[dict[str, Any]], list[str]]],
-                   max_bytes: int) -> tuple[dict[str, Any], list[str]]:
+                   max_bytes: int, label: str = "--out-dir") -> tuple[dict[str, Any], list[str]]:
     """The manifest ``name`` in ``folder`` (never read through a link) and the names it lists;
     any problem is one FolderError."""
     path = folder.path / name
@@ -233,7 +233,7 @@ def _read_manifest(folder: OpenFolder, name: str, command: str, fmt: str, versio
     def refuse(reason: str) -> FolderError:
         return FolderError(f"{path} is not a readable diffunet {command} manifest ({reason}); "
                            "diffunet does not replace a file it cannot tell is its own: move it "
-                           "away, or choose another --out-dir")
+                           f"away, or choose another {label}")
 
     try:
         doc = folder.read_json(name, max_bytes)
@@ -247,7 +247,7 @@ def _read_manifest(folder: OpenFolder, name: str, command: str, fmt: str, versio
     if doc["format_version"] > version:
         raise FolderError(f"{path} was written by a newer diffunet (format version "
                           f"{doc['format_version']}, this one reads {version}); upgrade "
-                          "diffunet, or choose another --out-dir")
+                          f"diffunet, or choose another {label}")
     full = {**schema, "files" if legacy_files is None else "files?": [str]}
     problem = schema_problem(doc, full)
     if problem:
@@ -272,9 +272,14 @@ def claim_folder(out_dir: str | os.PathLike, *, command: str, manifest: str, for
                  overwrite: bool = False, format_version: int = 1,
                  schema: Optional[dict[str, Any]] = None,
                  legacy_files: Optional[Callable[[dict[str, Any]], list[str]]] = None,
-                 noun: str = "files", max_bytes: int = MANIFEST_MAX_BYTES) -> OutputFolder:
+                 noun: str = "files", max_bytes: int = MANIFEST_MAX_BYTES,
+                 label: str = "--out-dir", can_overwrite: bool = True) -> OutputFolder:
     """Create (if needed), lock and check ``out_dir`` for a command that will write the files
     ``planned`` (names inside it, checked unique by the caller) and ``manifest``.
+
+    ``label`` is what the user named the folder with (an option, or a config key such as
+    ``data.latent_cache``), said in every refusal; ``can_overwrite`` False: the command has no
+    ``--overwrite``, so no refusal suggests it (nor does ``overwrite`` apply).
 
     Refuses, each in one line (:class:`~diffunet.errors.FolderError`): a file or a dangling link
     given as the folder, a folder in use by another diffunet process, a planned name that is one
@@ -288,20 +293,21 @@ def claim_folder(out_dir: str | os.PathLike, *, command: str, manifest: str, for
     """
     folder = Path(out_dir)
     if folder.exists() and not folder.is_dir():
-        raise FolderError(f"--out-dir {folder} is a file, not a folder; choose another --out-dir")
+        raise FolderError(f"{label} {folder} is a file, not a folder; choose another {label}")
     if os.path.islink(folder) and not folder.exists():
-        raise FolderError(f"--out-dir {folder} is a link to a missing folder; create its "
-                          "target, or choose another --out-dir")
+        raise FolderError(f"{label} {folder} is a link to a missing folder; create its "
+                          f"target, or choose another {label}")
     # opened once (a link the user gave as --out-dir is followed here, and only here): the
     # lock, the checks and every later write are relative to this descriptor
-    opened = open_folder(folder, label="--out-dir", create=True)
+    opened = open_folder(folder, label=label, create=True)
     lock = None
     try:
         lock = lock_folder(folder, opened.fileno())
         return _check(opened, lock, command=command, manifest=manifest, fmt=format,
-                      planned=planned, inputs=inputs, overwrite=overwrite,
+                      planned=planned, inputs=inputs, overwrite=overwrite and can_overwrite,
                       version=format_version, schema=schema or {}, legacy_files=legacy_files,
-                      noun=noun, max_bytes=max_bytes)
+                      noun=noun, max_bytes=max_bytes, label=label,
+                      can_overwrite=can_overwrite)
     except BaseException:
         if lock is not None:
             lock.close()
@@ -313,8 +319,9 @@ def _check(opened: OpenFolder, lock: Optional[FolderLock], *, command: str, mani
            fmt: str, planned: Sequence[str], inputs: Iterable[str | os.PathLike],
            overwrite: bool, version: int, schema: dict[str, Any],
            legacy_files: Optional[Callable[[dict[str, Any]], list[str]]], noun: str,
-           max_bytes: int) -> OutputFolder:
+           max_bytes: int, label: str, can_overwrite: bool) -> OutputFolder:
     folder = opened.path
+    even = ", even if you pass --overwrite" if can_overwrite else ""
     entries = {name: opened.lstat(name) for name in opened.names()}
     entries = {name: st for name, st in entries.items() if st is not None}
     wanted = {_fold(n): n for n in (*planned, manifest)}
@@ -336,13 +343,13 @@ def _check(opened: OpenFolder, lock: Optional[FolderLock], *, command: str, mani
             except OSError:
                 continue
             if key in ids:
-                raise FolderError(f"--out-dir {folder}: writing {name} there would replace the "
-                                  f"input {ids[key]}; choose another --out-dir")
+                raise FolderError(f"{label} {folder}: writing {name} there would replace the "
+                                  f"input {ids[key]}; choose another {label}")
     # 2. the previous manifest, if any
     previous, listed = None, []
     if manifest in entries:
         previous, listed = _read_manifest(opened, manifest, command, fmt, version, schema,
-                                          legacy_files, max_bytes)
+                                          legacy_files, max_bytes, label)
     listed_set = set(listed) - {manifest}
     present, leftovers, foreign = set(), [], []
     for name, entry in entries.items():
@@ -372,15 +379,16 @@ def _check(opened: OpenFolder, lock: Optional[FolderLock], *, command: str, mani
         if previous is None:
             raise FolderError(f"{folder} already holds {noun} but no {manifest}, so diffunet "
                               f"cannot tell they are its own (e.g. {name}, which this run would "
-                              "write); it never replaces them, even if you pass --overwrite: "
-                              "move them away, or choose another --out-dir")
+                              f"write); it never replaces them{even}: move them away, or "
+                              f"choose another {label}")
         raise FolderError(f"{folder / name} is not listed in {manifest}, so diffunet did not "
-                          "write it and never replaces it, even if you pass --overwrite: move "
-                          "it away, or choose another --out-dir")
+                          f"write it and never replaces it{even}: move it away, or choose "
+                          f"another {label}")
     # 4. a folder that is not this command's: only where the user says so
     if foreign and previous is None and not overwrite:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise FolderError(f"--out-dir {folder} holds files diffunet did not write (e.g. "
-                          f"{foreign[0]}{more}); pass --overwrite to write beside them (they are "
-                          "kept), or choose another --out-dir")
+        fix = ("pass --overwrite to write beside them (they are kept), or" if can_overwrite
+               else "move them away, or")
+        raise FolderError(f"{label} {folder} holds files diffunet did not write (e.g. "
+                          f"{foreign[0]}{more}); {fix} choose another {label}")
     return OutputFolder(opened, manifest, previous, listed, present, leftovers, foreign, lock)
