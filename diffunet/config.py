@@ -831,6 +831,9 @@ class RunConfig:
         # else the VAE decides the UNet's shape from the images' (data.image_size, which may
         # still be unset here): diffunet.data_space.fit_to_vae reads the VAE's config and
         # fills or checks both sections; nothing here can, without reading it.
+        if self.vae.path is not None and self.data.streaming:
+            _fail("data.streaming", "a latent run ([vae]) encodes the whole data set once into "
+                  "its latent cache, which a stream cannot give; set data.streaming = false")
         if not self.unet.time_conditioning:
             _fail("unet.time_conditioning", "a diffusion model needs the timestep input; set it "
                   "to true (time-less UNets are for `diffunet segment train`)")

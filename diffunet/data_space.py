@@ -24,8 +24,10 @@ loaded: it can run code). diffusers is an optional extra, imported only when a V
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
-from collections.abc import Collection, Sequence
+import time
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -35,12 +37,13 @@ from torch import Tensor
 
 from .checks import fail, looks_like_repo_id
 from .config import RunConfig, VaeConfig, config_from_dict, read_config_data
+from .data import flip_where
 from .errors import ConfigError, MissingDependencyError, ModelFileError, UsageError
-from .fileio import first_line, parse_json, read_regular_file, schema_problem
+from .fileio import first_line, open_regular_file, parse_json, read_regular_file, schema_problem
 from .formulations.base import CLIP_RANGE
 
 __all__ = ["DataSpace", "PixelSpace", "LatentSpace", "LatentShape", "space_class", "load_space",
-           "vae_folder", "read_vae_config", "latent_shape", "fit_to_vae", "load_run_config",
+           "vae_folder", "vae_identity", "model_space", "read_vae_config", "latent_shape", "fit_to_vae", "load_run_config",
            "VAE_WEIGHTS", "MAX_VAE_CONFIG_BYTES"]
 
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -92,6 +95,40 @@ class DataSpace:
         pixels of them is :mod:`diffunet.images`' job), on the states' device and dtype."""
         raise NotImplementedError
 
+    def record(self) -> Optional[dict[str, Any]]:
+        """What a model file says of its data space (None: pixels, nothing to record)."""
+        return None
+
+    def image_shape(self, state_shape: Sequence[int]) -> tuple[int, int, int]:
+        """The images' (C, S, S) that states of ``state_shape`` (C', S', S') decode to."""
+        raise NotImplementedError
+
+    def state_mask(self, keep: Tensor) -> Tensor:
+        """An image keep mask (B, 1, S, S) (1: keep, 0: repaint) on the state grid."""
+        raise NotImplementedError
+
+    # --- training: what the data loader yields -> the states x0 ---------------------------
+
+    def training_set(self, cfg: RunConfig, dataset: Any,
+                     on_main: Callable[[Callable[[], Any]], Any]) -> tuple[Any, Optional[str]]:
+        """The data set a run of ``cfg`` trains on, made from the images' ``dataset``, and a
+        line for the run header saying what was done (None: nothing to say). ``on_main(fn)``
+        runs ``fn`` on the main process only and returns its result on every process."""
+        return dataset, None
+
+    @staticmethod
+    def batch_state_shape(batch: Tensor) -> tuple[int, ...]:
+        """The state shape (C', S', S') of one item of a training ``batch``."""
+        return tuple(batch.shape[1:])
+
+    def training_x0(self, batch: Tensor, flip: Optional[Tensor], generator: torch.Generator,
+                    mine: slice, global_batch: int) -> Tensor:
+        """A training step's states x0 (b, C', S', S') from the loader's ``batch`` (b, ...),
+        mirrored where ``flip`` (b,) bool says (None: no flips). Any draw comes from
+        ``generator`` for the ``global_batch`` and is sliced to this process's rows ``mine``
+        (the trainers' rule: any number of processes sees the same global batch)."""
+        return batch if flip is None else flip_where(batch, flip)
+
 
 class PixelSpace(DataSpace):
     """The images themselves, in [-1, 1]: encode and decode are the identity."""
@@ -106,6 +143,13 @@ class PixelSpace(DataSpace):
 
     def decode(self, states: Tensor) -> Tensor:
         return states
+
+    def image_shape(self, state_shape: Sequence[int]) -> tuple[int, int, int]:
+        c, h, w = state_shape
+        return (c, h, w)
+
+    def state_mask(self, keep: Tensor) -> Tensor:
+        return keep
 
 
 @dataclass(frozen=True)
@@ -180,6 +224,25 @@ def vae_folder(vae: VaeConfig, *, weights: bool = True) -> Path:
     return Path(snapshot) / sub if sub else Path(snapshot)
 
 
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    # links followed: the Hub's cache links each file to its blob
+    with open_regular_file(path, follow_symlinks=True) as (f, _):
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def vae_identity(vae: VaeConfig, folder: Optional[Path] = None) -> dict[str, Any]:
+    """The VAE by where it came from (``path``, ``revision``, ``subfolder``) and by content
+    (the SHA-256 of its config.json and weights): a folder replaced by another VAE of the same
+    name is another VAE. ``folder``: :func:`vae_folder` of ``vae``, if already found."""
+    folder = vae_folder(vae) if folder is None else folder
+    return {"path": vae.path, "revision": vae.revision, "subfolder": vae.subfolder,
+            "config_sha256": _sha256_file(folder / "config.json"),
+            "weights_sha256": _sha256_file(folder / VAE_WEIGHTS)}
+
+
 def _refuse(where: Path, problem: str) -> ModelFileError:
     return ModelFileError(f"vae.path: {where}: {problem}")
 
@@ -252,12 +315,16 @@ class LatentSpace(DataSpace):
     clip_range = None  # latents are unbounded: clipping them to [-1, 1] would destroy them
 
     def __init__(self, vae: torch.nn.Module, shape: LatentShape, *, scaling_factor: float,
-                 shift_factor: float, batch_size: int = 32) -> None:
+                 shift_factor: float, batch_size: int = 32,
+                 identity: Optional[dict[str, Any]] = None) -> None:
         self.vae = vae.eval().requires_grad_(False)
         self.shape = shape
         self.scaling_factor = float(scaling_factor)
         self.shift_factor = float(shift_factor)
         self.batch_size = batch_size
+        self.identity = identity
+        """Where the VAE came from and its files' hashes (:func:`vae_identity`; None for a VAE
+        built in memory)."""
 
     @classmethod
     def load(cls, vae: VaeConfig, device: str | torch.device = "cpu",
@@ -292,7 +359,76 @@ class LatentSpace(DataSpace):
                             len(data["block_out_channels"]))
         return cls(model.to(device), shape, scaling_factor=scaling,
                    shift_factor=0.0 if shift is None else shift,
-                   batch_size=vae.encode_batch_size)
+                   batch_size=vae.encode_batch_size, identity=vae_identity(vae, folder))
+
+    def record(self) -> dict[str, Any]:
+        """The model file's ``vae`` record: the VAE by where it came from and by content (so
+        ``diffunet sample`` finds it, and refuses another VAE given in its place), the scaling
+        and the latent shape."""
+        return {**(self.identity or {}), "scaling_factor": self.scaling_factor,
+                "shift_factor": self.shift_factor, "image_channels": self.shape.image_channels,
+                "latent_channels": self.shape.latent_channels, "factor": self.shape.factor}
+
+    def training_set(self, cfg: RunConfig, dataset: Any,
+                     on_main: Callable[[Callable[[], Any]], Any]) -> tuple[Any, Optional[str]]:
+        """The data set's latent cache (:mod:`diffunet.latent_cache`): the main process encodes
+        what is missing (nothing when a finished cache of this data, VAE and settings is
+        there; one line refusing a cache of anything else), then every process opens it."""
+        from . import latent_cache  # it builds on this module
+
+        def encode() -> tuple[Path, int]:
+            written: list[int] = []
+            where = latent_cache.encode_dataset(cfg, self, dataset=dataset,
+                                                on_shard=written.append)
+            return where, len(written)
+
+        began = time.perf_counter()
+        folder, count = on_main(encode)
+        seconds = time.perf_counter() - began
+        record = latent_cache.cache_record(cfg.data, cfg.vae, self, len(dataset),
+                                           getattr(dataset, "class_names", None))
+        cache = latent_cache.LatentCache(folder, record)
+        c, h, w = record["settings"]["latent_shape"]
+        shards = len(cache.manifest["shards"])
+        done = (f"encoded {count} of {shards} shards in {seconds:.0f} s" if count
+                else "reused")
+        mirrors = " and their mirrors" if cache.flips else ""
+        return cache, (f"latents: {c}x{h}x{w} from {cfg.vae.path} (x0 = (z - "
+                       f"{self.shift_factor:g}) x {self.scaling_factor:g}); latent cache "
+                       f"{folder} ({len(cache):,} images{mirrors}): {done}")
+
+    def image_shape(self, state_shape: Sequence[int]) -> tuple[int, int, int]:
+        _, h, w = state_shape
+        f = self.shape.factor
+        return (self.shape.image_channels, h * f, w * f)
+
+    def state_mask(self, keep: Tensor) -> Tensor:
+        """A latent cell is kept only where all its f x f pixels are (min-pooled): whatever
+        touches the repainted region is repainted. Approximate, as diffusers' latent inpainting
+        is: the decoder mixes neighbouring cells, so kept pixels near the border change too."""
+        f = self.shape.factor
+        return -torch.nn.functional.max_pool2d(-keep, kernel_size=f, stride=f)
+
+    @staticmethod
+    def batch_state_shape(batch: Tensor) -> tuple[int, ...]:
+        return tuple(batch.shape[2:])  # (b, 2 or 4, c, h, w): posterior mean, std [, mirrored]
+
+    def training_x0(self, batch: Tensor, flip: Optional[Tensor], generator: torch.Generator,
+                    mine: slice, global_batch: int) -> Tensor:
+        """``batch`` (b, 2 or 4, c, h, w) holds each image's posterior (mean, std) and, with
+        flips, its mirror's (the latent cache's layout: :meth:`LatentCache.__getitem__
+        <diffunet.latent_cache.LatentCache.__getitem__>`); a flipped row takes its mirror's
+        posterior (a latent's mirror is not the mirror's latent). z = mean + std * noise with
+        the noise drawn from ``generator`` for the global batch, scaled into x0."""
+        mean, std = batch[:, 0], batch[:, 1]
+        if flip is not None:
+            if batch.shape[1] < 4:
+                raise ValueError("flips asked of a batch without its mirrors' posteriors")
+            keep = flip.to(batch.device).view(-1, 1, 1, 1)
+            mean, std = torch.where(keep, batch[:, 2], mean), torch.where(keep, batch[:, 3], std)
+        noise = torch.randn((global_batch, *mean.shape[1:]), generator=generator,
+                            device=generator.device, dtype=mean.dtype)[mine]
+        return self.scale(mean + std * noise.to(mean.device))
 
     def state_shape(self, channels: int, image_size: int) -> tuple[int, int, int]:
         f = self.shape.factor
@@ -341,6 +477,61 @@ class LatentSpace(DataSpace):
             for batch in self._batches(self.unscale(states)):
                 out.append(self.vae.decode(batch).sample.to(states.device, states.dtype))
         return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# A model file's data space
+
+
+_RECORD = {"path": str, "revision": (str, type(None)), "subfolder": (str, type(None)),
+           "config_sha256": str, "weights_sha256": str, "scaling_factor": float,
+           "shift_factor": float, "image_channels": int, "latent_channels": int, "factor": int}
+
+
+def model_space(meta: dict[str, Any], vae_path: Optional[str] = None,
+                device: str | torch.device = "cpu", *, where: str = "the model file",
+                dtype: torch.dtype = torch.float32) -> DataSpace:
+    """The data space a model file's metadata ``meta`` records (``vae``; none: pixels), loaded
+    onto ``device``: the VAE it names, or ``vae_path`` (``--vae``: a local copy, which must be
+    the same VAE by content). One line each for a record that is not one, a VAE that is not
+    there, and another VAE given in its place."""
+    record = meta.get("vae")
+    if record is None:
+        if vae_path is not None:
+            raise UsageError(f"--vae: {where} is a pixel model (trained without a VAE); drop "
+                             "--vae")
+        return PixelSpace()
+    problem = schema_problem(record, _RECORD) if isinstance(record, dict) else "not an object"
+    if problem is not None:
+        raise ModelFileError(f"{where}: its vae record is damaged ({problem}); use the model "
+                             "file training wrote")
+    name = record["path"]
+    if vae_path is not None:
+        vae = VaeConfig(path=vae_path, scaling_factor=record["scaling_factor"],
+                        shift_factor=record["shift_factor"])
+    else:
+        vae = VaeConfig(path=name, revision=record["revision"], subfolder=record["subfolder"],
+                        scaling_factor=record["scaling_factor"],
+                        shift_factor=record["shift_factor"])
+    try:
+        folder = vae_folder(vae)
+    except ConfigError as e:
+        raise UsageError(f"{where} was trained on the latents of the VAE {name}, which cannot be "
+                         f"found here ({e}); pass --vae PATH, a local copy of it") from None
+    identity = vae_identity(vae, folder)
+    for key, what in (("config_sha256", "config.json"), ("weights_sha256", "weights")):
+        if identity[key] != record[key]:
+            given = f"--vae {vae_path}" if vae_path is not None else f"the VAE at {folder}"
+            raise UsageError(f"{given} is not the VAE {where} was trained with (its {what} "
+                             f"differ: SHA-256 {identity[key][:12]}..., the model records "
+                             f"{record[key][:12]}...); give a copy of {name}")
+    space = LatentSpace.load(vae, device=device, dtype=dtype)
+    space.identity = {**identity, "path": name, "revision": record["revision"],
+                      "subfolder": record["subfolder"]}  # the record travels unchanged
+    if (space.shape.image_channels, space.shape.latent_channels, space.shape.factor) != (
+            record["image_channels"], record["latent_channels"], record["factor"]):
+        raise ModelFileError(f"{where}: its vae record's shape does not match {name}'s config")
+    return space
 
 
 # ---------------------------------------------------------------------------------------------

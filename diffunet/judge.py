@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .checkpoint import first_nonfinite, read_tensor_file, tensor_file_bytes
 from .config import SampleConfig, from_dict, to_dict
 from .data import BuiltinShapes
+from .data_space import model_space
 from .errors import ConfigError, DataError, ModelFileError, UsageError
 from .evaluation import (FeatureNetwork, FeatureStats, frechet_distance,
                          kernel_inception_distance, reference_statistics)
@@ -620,7 +621,7 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
                     guidance_scale: float | None = None,
                     guide_model: str | os.PathLike | None = None,
                     guidance_interval: tuple[float, float] | None = None,
-                    no_guide: bool = False,
+                    no_guide: bool = False, vae: str | os.PathLike | None = None,
                     progress: Callable[[str], None] | None = None) -> NFEResult:
     """Sample ``num_images`` images (image i from seed + i, as ``diffunet sample``) from the
     model file for each sampler, sigma grid and network-evaluation budget, with the most steps
@@ -690,14 +691,21 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
         raise UsageError(f"{flag(what, what)} with guidance scale 1 changes nothing; give "
                          f"{flags['guidance_scale']} W above 1 or drop {flag(what, what)}")
     size = judge.config.image_size
-    if (cfg.in_channels, cfg.image_size) != (3, size):
-        raise UsageError(f"the judge reads RGB {size}x{size} images and this model makes "
-                         f"{cfg.in_channels}x{cfg.image_size}x{cfg.image_size}; quality per "
-                         "network call is measured on models of the built-in data")
+    # a latent model's states are decoded by its VAE (``vae``: a local copy of it), and images
+    # larger than the judge's are downscaled to it (area: the mean of each block of pixels)
+    space = model_space(meta, None if vae is None else str(vae), device,
+                        where=str(model_path))
+    pixels = space.image_shape((cfg.in_channels, cfg.image_size, cfg.image_size))
+    if pixels[0] != 3 or pixels[1] < size or pixels[1] % size:
+        raise UsageError(f"the judge reads RGB {size}x{size} images (or larger ones it "
+                         f"downscales: {2 * size}x{2 * size}, ...) and this model makes "
+                         f"{pixels[0]}x{pixels[1]}x{pixels[2]}; quality per network call is "
+                         "measured on models of the built-in data")
     if clip_x0 is None:  # as `diffunet sample` does: the model's stored [sample] setting
         stored = (meta.get("run_config") or {}).get("sample") or {}
         clip_x0 = stored.get("clip_x0")
         clip_x0 = clip_x0 if isinstance(clip_x0, bool) else SampleConfig().clip_x0
+    clip_x0 = space.clip_x0(clip_x0)  # latents: never clipped
     check_sigma_range(schedule, sigma_min, sigma_max, names)  # one line, before any work
     network = judge.feature_network()
     reference = BuiltinShapes(num_reference, size, 3, seed=0)
@@ -740,8 +748,12 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
                                          guidance_scale=guidance_scale, guide_model=guide,
                                          guidance_interval=guidance_interval,
                                          network_count=count)
+                            out = space.decode(out)  # a latent model's VAE: part of the time
                         out = out.float().cpu()  # waits for the device: part of the time
                         seconds += time.perf_counter() - t0
+                        if out.shape[-1] != size:
+                            out = torch.nn.functional.interpolate(out, size=(size, size),
+                                                                  mode="area")
                         images.append(out.clamp(-1, 1))
                         guided = max(guided, count.guided)  # every batch makes the same calls
                 except UsageError as e:

@@ -4,8 +4,8 @@ runs the encoder.
 
 A cache folder holds :data:`MANIFEST` (JSON) and shards ``shard-00000.safetensors``, ... of
 :data:`SHARD_SIZE` images each. A shard holds ``mean`` and ``std``, each (n, c, h, w) float16,
-unscaled (the VAE's own latents), and with ``data.random_flip`` also ``mean_flip`` and
-``std_flip``: the posterior of the mirrored image. A latent's mirror is not the mirrored image's
+unscaled (the VAE's own latents), ``labels`` (n,) int64 (-1: unlabelled), and with
+``data.random_flip`` also ``mean_flip`` and ``std_flip``: the posterior of the mirrored image. A latent's mirror is not the mirrored image's
 latent (the encoder is not equivariant to flips), so flipping a cached latent would train on
 latents the VAE never produces.
 
@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from .checkpoint import read_tensor_file, tensor_file_bytes
 from .config import DataConfig, RunConfig, VaeConfig
 from .data import build_dataset, image_folder
-from .data_space import VAE_WEIGHTS, LatentSpace, vae_folder
+from .data_space import LatentSpace, vae_identity
 from .errors import FolderError, ModelFileError, UsageError
 from .evaluation import default_cache_dir
 from .fileio import first_line, open_regular_file, read_json
@@ -105,27 +105,20 @@ def _data_record(data: DataConfig, num_images: int) -> dict[str, Any]:
             "fingerprint": _fingerprint(settings)}
 
 
-def _vae_record(vae: VaeConfig) -> dict[str, Any]:
-    """The VAE by where it came from and by content: a VAE folder replaced with another of the
-    same name is another VAE."""
-    folder = vae_folder(vae)
-    return {"path": vae.path, "revision": vae.revision, "subfolder": vae.subfolder,
-            # followed links: the Hub's cache links each file to its blob
-            "config_sha256": _sha256_file(folder / "config.json", follow_symlinks=True),
-            "weights_sha256": _sha256_file(folder / VAE_WEIGHTS, follow_symlinks=True)}
-
-
-def cache_record(data: DataConfig, vae: VaeConfig, space: LatentSpace,
-                 num_images: int) -> dict[str, Any]:
-    """What a cache of ``num_images`` images of ``data`` encoded by ``space`` (loaded from
-    ``vae``) is made from: ``data``, ``vae`` and ``settings`` (the scaling, the flips, the
-    shard size, the latent shape). Two caches are interchangeable iff their records are equal."""
+def cache_record(data: DataConfig, vae: VaeConfig, space: LatentSpace, num_images: int,
+                 class_names: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """What a cache of ``num_images`` images of ``data`` (labelled with ``class_names``, None:
+    unlabelled) encoded by ``space`` (loaded from ``vae``) is made from: ``data``, ``vae`` and
+    ``settings`` (the scaling, the flips, the shard size, the latent shape). Two caches are
+    interchangeable iff their records are equal."""
     assert data.image_size is not None and data.channels is not None, "a RunConfig's data"
     c, h, w = space.state_shape(data.channels, data.image_size)
     settings = {"scaling_factor": space.scaling_factor, "shift_factor": space.shift_factor,
                 "random_flip": data.random_flip, "shard_size": SHARD_SIZE,
                 "dtype": "float16", "latent_shape": [c, h, w]}
-    return {"data": _data_record(data, num_images), "vae": _vae_record(vae),
+    record = _data_record(data, num_images)
+    record["class_names"] = None if class_names is None else [str(n) for n in class_names]
+    return {"data": record, "vae": vae_identity(vae),
             "settings": settings}
 
 
@@ -236,12 +229,15 @@ def _claim(folder: Path, names: list[str]) -> OutputFolder:
 def _encode_images(space: LatentSpace, dataset: Dataset, start: int, stop: int,
                    flip: bool) -> dict[str, Tensor]:
     """Images start..stop-1 -> the shard's tensors, each (n, c, h, w) float16 on the CPU."""
-    images = torch.stack([dataset[i][0] for i in range(start, stop)])  # (n, C, S, S)
+    items = [dataset[i] for i in range(start, stop)]
+    images = torch.stack([image for image, _ in items])  # (n, C, S, S)
     mean, std = space.posterior(images)
     out = {"mean": mean, "std": std}
+    labels = torch.tensor([int(label) for _, label in items], dtype=torch.int64)  # -1: none
     if flip:  # the mirrored images' own posterior (see the module docstring)
         out["mean_flip"], out["std_flip"] = space.posterior(images.flip(-1))
-    return {k: v.to("cpu", torch.float16).contiguous() for k, v in out.items()}
+    return {**{k: v.to("cpu", torch.float16).contiguous() for k, v in out.items()},
+            "labels": labels}
 
 
 def encode_dataset(cfg: RunConfig, space: LatentSpace, *, dataset: Optional[Dataset] = None,
@@ -259,7 +255,7 @@ def encode_dataset(cfg: RunConfig, space: LatentSpace, *, dataset: Optional[Data
     n = len(dataset)  # type: ignore[arg-type]
     if n < 1:
         raise UsageError("data: the data set is empty; there is nothing to encode")
-    record = cache_record(data, cfg.vae, space, n)
+    record = cache_record(data, cfg.vae, space, n, getattr(dataset, "class_names", None))
     folder = cache_folder(data, record)
     entries = _expected_entries(n)
     with _claim(folder, [name for name, _, _ in entries]) as out:
@@ -311,11 +307,15 @@ def encode_dataset(cfg: RunConfig, space: LatentSpace, *, dataset: Optional[Data
 # Reading
 
 
-class LatentCache:
-    """A finished cache folder, read-only: the posterior of image ``index`` by :meth:`get` (a
+class LatentCache(Dataset):
+    """A finished cache folder, read-only, and a training data set (:meth:`__getitem__`): the posterior of image ``index`` by :meth:`get` (a
     batch by :meth:`batch`), a latent drawn from it by :meth:`draw`. Each shard is hash-checked
     when first loaded and then kept in memory (the cache's size on disk: training reads in
     random order, which would reload a shard per image otherwise)."""
+
+    in_memory = True
+    """Its shards are held in memory once read: a training loader reads it in its own process
+    (a worker would hold another copy)."""
 
     def __init__(self, folder: str | Path, record: Optional[dict[str, Any]] = None) -> None:
         """Open ``folder``; with ``record`` (:func:`cache_record` of the run), refuse a cache
@@ -342,6 +342,12 @@ class LatentCache:
         self.shift_factor = float(settings["shift_factor"])
         self.flips = bool(settings["random_flip"])
         self.shard_size = int(settings["shard_size"])
+        names = self.manifest["data"].get("class_names")
+        self.class_names: Optional[list[str]] = (
+            [str(n) for n in names] if isinstance(names, list) and names else None)
+        """The data's class names (labels 0..K-1), None when unlabelled (as the data sets')."""
+        self.num_classes: Optional[int] = None if self.class_names is None else len(
+            self.class_names)
         shards = self.manifest["shards"]
         expected = _expected_entries(self.num_images)
         if [(e["name"], e["start"], e["stop"]) for e in shards] != expected:
@@ -361,8 +367,27 @@ class LatentCache:
             problem = _shard_problem(path, entry)
             if problem:
                 raise _refuse_shard(path, problem)
-            self._loaded[k] = read_tensor_file(path)[0]
+            tensors = read_tensor_file(path)[0]
+            problem = self._layout_problem(tensors, entry["stop"] - entry["start"])
+            if problem:
+                raise _refuse_shard(path, problem)
+            self._loaded[k] = tensors
         return self._loaded[k]
+
+    def _layout_problem(self, tensors: dict[str, Tensor], n: int) -> Optional[str]:
+        """Why a shard's tensors are not n images of this cache's layout, or None (a shard and
+        manifest swapped in together hash-check but need not fit)."""
+        c, h, w = (int(v) for v in self.manifest["settings"]["latent_shape"])
+        wanted = {"mean": ((n, c, h, w), torch.float16), "std": ((n, c, h, w), torch.float16),
+                  "labels": ((n,), torch.int64)}
+        if self.flips:
+            wanted.update(mean_flip=wanted["mean"], std_flip=wanted["std"])
+        for key, (shape, dtype) in wanted.items():
+            got = tensors.get(key)
+            if got is None or tuple(got.shape) != shape or got.dtype != dtype:
+                return (f"does not hold {key} as {list(shape)} {str(dtype)[6:]} (the layout "
+                        "its manifest records)")
+        return None
 
     def get(self, index: int, flipped: bool = False) -> tuple[Tensor, Tensor]:
         """The posterior (mean, std) of image ``index`` (of its mirror with ``flipped``), each
@@ -375,6 +400,17 @@ class LatentCache:
         tensors = self._shard(index // self.shard_size)
         i, suffix = index % self.shard_size, "_flip" if flipped else ""
         return tensors["mean" + suffix][i].float(), tensors["std" + suffix][i].float()
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        """Image ``index`` as a training loader item: its posterior (2, c, h, w) float32 (mean,
+        std), or (4, c, h, w) with its mirror's (mean, std) after it when the cache holds
+        mirrors, and its label (-1: none). :meth:`LatentSpace.training_x0
+        <diffunet.data_space.LatentSpace.training_x0>` draws the latent from it."""
+        parts = list(self.get(index))
+        if self.flips:
+            parts += self.get(index, flipped=True)
+        label = int(self._shard(index // self.shard_size)["labels"][index % self.shard_size])
+        return torch.stack(parts), label
 
     def batch(self, indices: Sequence[int], flipped: Optional[Sequence[bool]] = None
               ) -> tuple[Tensor, Tensor]:

@@ -42,6 +42,7 @@ them, then writes the grid and the final manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import math
@@ -57,8 +58,9 @@ import numpy as np
 import torch
 
 from . import errors
-from .checkpoint import load_diffusion_file, load_guide_model
+from .checkpoint import load_diffusion_file, load_guide_model, tensor_file_bytes
 from .config import SampleConfig, ScheduleConfig, from_dict, to_dict
+from .data_space import DataSpace, PixelSpace, model_space
 from .editing import IMG2IMG_STRENGTH, MASK_CONVENTION, EditInputs, load_edit_inputs
 from .errors import ConfigError, DataError, FolderError, UsageError
 from .formulations import Formulation, StepOptions, formulation_class
@@ -91,6 +93,11 @@ MANIFEST_VERSION = 1
 ClassLabels = Union[None, int, str, tuple[Union[int, str], ...], Literal["all"]]
 """None, a class index or name, a tuple of them, or ``"all"`` (names are the model file's
 ``class_names``; :func:`generate` turns them into indices)."""
+
+
+def latent_name(image: str) -> str:
+    """The latent file written beside image file ``image`` (``--save-latents``)."""
+    return image.removesuffix(".png") + ".safetensors"
 
 
 def image_name(i: int) -> str:
@@ -202,6 +209,12 @@ class SampleOptions:
     ``batch_size``: None = 64 on the CPU; on a GPU as many images as its free memory holds
     (measured with one small forward pass). ``compile``: ``torch.compile`` the network;
     ``channels_last``: run it on channels-last weights and activations.
+
+    A latent model (trained with ``[vae]``) is sampled in its VAE's latent space and decoded to
+    images by the VAE its file records (``vae``: a local copy of that same VAE, checked by its
+    hashes); ``save_latents`` also writes each image's latent (``000000.safetensors``, the
+    unscaled z the VAE decodes). Init images are encoded and masks min-pooled to the latent grid
+    (:meth:`~diffunet.data_space.LatentSpace.state_mask`).
     """
 
     num_samples: Optional[int] = None
@@ -235,6 +248,8 @@ class SampleOptions:
     mask: Optional[Union[str, os.PathLike]] = None
     strength: Optional[float] = None
     resample: int = 1
+    vae: Optional[Union[str, os.PathLike]] = None
+    save_latents: bool = False
 
     def __post_init__(self) -> None:
         for name, flag in (("num_samples", "--num-samples"), ("batch_size", "--batch-size")):
@@ -486,6 +501,10 @@ def _save(folder: FolderWriter, name: str, image: torch.Tensor) -> None:
     folder.save_image(name, tensor_image(image))
 
 
+def _save_latent(folder: FolderWriter, name: str, latent: torch.Tensor) -> None:
+    folder.write_file(name, tensor_file_bytes({"latent": latent.contiguous()}, {}))
+
+
 class _Writer:
     """PNG encoding and writing off the critical path: a few threads (zlib releases the GIL)
     write the images of one batch into ``folder`` while the device draws the next. At most two
@@ -498,10 +517,16 @@ class _Writer:
         self._pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
         self._pending: list[Any] = []
 
-    def submit(self, images: torch.Tensor, names: list[str]) -> None:
-        """Write ``images`` (B, C, H, W) in [-1, 1] on the CPU as ``names`` in the folder."""
-        self._pending.append([self._pool.submit(_save, self._folder, name, im)
-                              for im, name in zip(images, names)])
+    def submit(self, images: torch.Tensor, names: list[str],
+               latents: Optional[torch.Tensor] = None) -> None:
+        """Write ``images`` (B, C, H, W) in [-1, 1] on the CPU as ``names`` in the folder (and
+        ``latents`` (B, c, h, w) beside them, as :func:`latent_name` of each)."""
+        jobs = [self._pool.submit(_save, self._folder, name, im)
+                for im, name in zip(images, names)]
+        if latents is not None:
+            jobs += [self._pool.submit(_save_latent, self._folder, latent_name(name), z)
+                     for z, name in zip(latents, names)]
+        self._pending.append(jobs)
         while len(self._pending) > 2:
             for future in self._pending.pop(0):
                 future.result()
@@ -566,7 +591,7 @@ _SETTINGS_BEFORE = {"sigmas": "uniform", "rho": 7.0, "sigma_min": None, "sigma_m
                     "guide_model_sha256": None, "guidance_interval": None,
                     "s_churn": 0.0, "s_tmin": 0.0,
                     "s_tmax": None, "s_noise": 1.0, "init_images": None, "masks": None,
-                    "strength": None, "resample": 1}
+                    "strength": None, "resample": 1, "vae_weights_sha256": None}
 """What a manifest written before these settings existed drew its images with (so such a
 folder still resumes)."""
 
@@ -641,7 +666,8 @@ def _claim(out_dir: Path, manifest: dict[str, Any], inputs: list[str | os.PathLi
     model file and any init images and masks, are never written over), refuse samples from
     other settings unless overwrite (which then removes this command's earlier files), and
     write the manifest listing every file this run may write. Main process only."""
-    planned = [image_name(i) for i in range(n)] + ([GRID] if options.grid else [])
+    planned = [image_name(i) for i in range(n)] + ([GRID] if options.grid else []) + (
+        [latent_name(image_name(i)) for i in range(n)] if options.save_latents else [])
     claim = claim_folder(out_dir, command="sample", manifest=MANIFEST, format=MANIFEST_FORMAT,
                          format_version=MANIFEST_VERSION, planned=planned, inputs=inputs,
                          overwrite=options.overwrite, schema=_MANIFEST_SCHEMA,
@@ -728,24 +754,30 @@ class _Edit:
 def _draw_batch(network: Any, schedule: Any, how: SampleConfig, idx: list[int], seed: int,
                 shape: tuple[int, int, int], labels: Optional[list[int]], device: torch.device,
                 autocast: Any, writer: _Writer, on_step: Optional[Callable[[int], None]] = None,
-                edit: Optional[_Edit] = None, guide: Any = None) -> None:
+                edit: Optional[_Edit] = None, guide: Any = None,
+                space: DataSpace = PixelSpace(), save_latents: bool = False) -> None:
     """Draw images ``idx`` together and hand them to ``writer``. One CPU generator per image
     gives its start noise and then its step noise (see the module doc); an editing run's image
     i also starts from init image ``i % K`` (and its mask). ``on_step(i)`` is called after each
-    sampling step i (it drives the progress bar); ``guide``: the autoguidance network."""
+    sampling step i (it drives the progress bar); ``guide``: the autoguidance network. The
+    states are decoded to images by the data ``space`` (latents: the VAE, also saved with
+    ``save_latents``)."""
     gens = [torch.Generator().manual_seed(seed + i) for i in idx]
     x_T = torch.stack([torch.randn(shape, generator=g) for g in gens])
     y = None if labels is None else torch.tensor([labels[i] for i in idx], device=device)
     kwargs = how.sample_kwargs()
     if edit is not None:
-        init, keep = edit.inputs.batch(idx)
-        kwargs.update(init_image=init.to(device), strength=edit.strength,
-                      mask=None if keep is None else keep.to(device), resample=edit.resample)
+        init, keep = edit.inputs.batch(idx)  # pixels: the states' by the data space
+        kwargs.update(init_image=space.encode(init.to(device)), strength=edit.strength,
+                      mask=None if keep is None else space.state_mask(keep.to(device)),
+                      resample=edit.resample)
     with autocast:
-        images = sample(network, schedule, x_T.to(device), class_labels=y, generator=gens,
+        states = sample(network, schedule, x_T.to(device), class_labels=y, generator=gens,
                         callback=None if on_step is None else lambda i, *_: on_step(i),
                         guide_model=guide, **kwargs)
-    writer.submit(images.float().cpu(), [image_name(i) for i in idx])
+        images = space.decode(states)
+    latents = space.unscale(states.float()).cpu() if save_latents else None
+    writer.submit(images.float().cpu(), [image_name(i) for i in idx], latents)
 
 
 def _edit_settings(o: SampleOptions, how: SampleConfig, shape: tuple[int, int, int]
@@ -803,7 +835,11 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     loaded = load_diffusion_file(model_path)
     net, schedule, meta = loaded.net, loaded.schedule, loaded.metadata
     assert schedule is not None
+    # pixels, or the VAE the file records (loaded now: a missing or other VAE is one line
+    # before the folder is touched)
+    space = model_space(meta, None if o.vae is None else str(o.vae), device)
     how = sample_settings(meta, o)
+    how = dataclasses.replace(how, clip_x0=space.clip_x0(how.clip_x0))  # latents: no clip
     kind = guidance_kind(meta, o)
     T = schedule.config.num_train_timesteps
     if schedule.discrete_timesteps and how.num_steps > T:
@@ -815,11 +851,15 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
                          f"{schedule.title} model does not have (its noise level is "
                          "continuous); use --sigmas karras or exponential")
     check_sigma_range(schedule, how.sigma_min, how.sigma_max, _FLAGS)
-    shape = (net.config.in_channels, net.config.image_size, net.config.image_size)
-    if shape[0] not in (1, 3):
-        raise UsageError(f"this model makes {shape[0]}-channel images; diffunet sample writes "
+    shape = (net.config.in_channels, net.config.image_size, net.config.image_size)  # states
+    pixels = space.image_shape(shape)
+    if pixels[0] not in (1, 3):
+        raise UsageError(f"this model makes {pixels[0]}-channel images; diffunet sample writes "
                          "PNGs, which need 1 (grayscale) or 3 (RGB) channels")
-    edit, edit_note = _edit_settings(o, how, shape)
+    if o.save_latents and space.record() is None:
+        raise UsageError("--save-latents: this is a pixel model (trained without a VAE); it "
+                         "has no latents to save: drop --save-latents")
+    edit, edit_note = _edit_settings(o, how, pixels)
     n = o.num_samples
     if n is None:
         folder = edit is not None and Path(o.init_image).is_dir()
@@ -882,6 +922,7 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
                      else "carried by the model file"),
             "sha256": guide_meta["sha256"], "step": guide_meta.get("step")},
         "unet_config": to_dict(net.config),
+        "vae": space.record(),  # None: a pixel model
         "schedule_config": to_dict(schedule.config),
         # Everything that decides the pixels; a rerun must match it to resume.
         "settings": {"sampler": how.sampler, "num_steps": how.num_steps,
@@ -904,7 +945,9 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
                      "masks": None if edit is None or not edit.inputs.mask_paths
                      else list(edit.inputs.mask_sha256),
                      "strength": None if edit is None else edit.strength,
-                     "resample": 1 if edit is None else edit.resample},
+                     "resample": 1 if edit is None else edit.resample,
+                     # the VAE decodes the pixels: another one is other samples
+                     "vae_weights_sha256": (space.record() or {}).get("weights_sha256")},
         **grid_record,
         "num_samples": n,
         "image_seeds": "image i (file i as 6 digits + .png) is drawn from seed + i",
@@ -936,7 +979,7 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
             tell(edit_note)  # once the folder is claimed: bad input stays a single line
         return _draw_all(state, main, out_dir, manifest, claim, folder, n, o, how, network,
                          schedule, shape, labels, device, autocast, batch_size, progress, tell,
-                         edit, guide)
+                         edit, guide, space)
     finally:
         if folder is not None and folder is not claim:
             folder.close()
@@ -1000,7 +1043,8 @@ def _draw_all(state: Any, main: bool, out_dir: Path, manifest: dict[str, Any],
               network: Any, schedule: Any, shape: tuple[int, int, int],
               labels: Optional[list[int]], device: torch.device, autocast: Any,
               batch_size: int, progress: bool, tell: Callable[[str], None],
-              edit: Optional[_Edit] = None, guide: Any = None) -> SampleResult:
+              edit: Optional[_Edit] = None, guide: Any = None,
+              space: DataSpace = PixelSpace()) -> SampleResult:
     """Draw the images not yet in the claimed folder, then the grid and the final manifest
     (the main process's ``claim``), every file through this process's ``folder``."""
     from tqdm.auto import tqdm
@@ -1009,7 +1053,8 @@ def _draw_all(state: Any, main: bool, out_dir: Path, manifest: dict[str, Any],
     state.wait_for_everyone()
     names = [image_name(i) for i in range(n)]
     # a planted link under an image's name is redrawn (the write replaces the link itself)
-    todo = [i for i in range(n) if not folder.is_plain_file(names[i])]
+    todo = [i for i in range(n) if not folder.is_plain_file(names[i]) or (
+        o.save_latents and not folder.is_plain_file(latent_name(names[i])))]
     done_before = n - len(todo)
     # Every process has its to-do list before any of them writes an image: otherwise a fast
     # one's new files would shorten a slow one's list and the round-robin deal would differ.
@@ -1030,7 +1075,8 @@ def _draw_all(state: Any, main: bool, out_dir: Path, manifest: dict[str, Any],
         for start in range(0, len(mine), batch_size):
             idx = mine[start:start + batch_size]
             _draw_batch(network, schedule, how, idx, o.seed, shape, labels, device, autocast,
-                        writer, on_step=lambda i: bar.update(1), edit=edit, guide=guide)
+                        writer, on_step=lambda i: bar.update(1), edit=edit, guide=guide,
+                        space=space, save_latents=o.save_latents)
             drawn.extend(idx)
             done = min(n, done_before + len(drawn) * state.num_processes)
             bar.set_postfix_str(f"{done}/{n} img", refresh=False)
@@ -1049,7 +1095,8 @@ def _draw_all(state: Any, main: bool, out_dir: Path, manifest: dict[str, Any],
             raise FolderError(f"{len(missing)} image(s) are missing from {out_dir} (e.g. "
                               f"{missing[0]}); rerun the same command to draw them")
         if grid_path is not None:
-            shown = [_load_png(folder, name, shape) for name in names[:MAX_GRID_IMAGES]]
+            pixels = space.image_shape(shape)
+            shown = [_load_png(folder, name, pixels) for name in names[:MAX_GRID_IMAGES]]
             if o.class_labels == "all" and labels is not None:
                 tiles, width = class_rows(shown, labels[:len(shown)])
                 folder.save_image(GRID, make_grid_image(tiles, nrow=width))

@@ -47,9 +47,9 @@ from . import phema_files
 from . import state as st
 from .checkpoint import CarriedGuide, load_guide_model, model_file_bytes, unwrap_model
 from .config import RunConfig, TrainConfig, to_dict
-from .data import (GlobalBatchSampler, HFStream, build_dataset, flip_where, make_dataloader,
+from .data import (GlobalBatchSampler, HFStream, build_dataset, make_dataloader,
                    skipped_note)
-from .data_space import PixelSpace, space_class
+from .data_space import DataSpace, load_space
 from .errors import ConfigError, StopRequested, TrainingError
 from .formulations import Formulation, make_schedule
 from .fileio import encode_image
@@ -183,13 +183,15 @@ def _grad_sums(norm: Tensor, bad: Tensor, clip: float | None) -> Tensor:
     return torch.where(bad, 0.0, torch.stack([norm, clipped.float()]))
 
 
-def _step_inputs(cfg: RunConfig, schedule: Formulation, gen: torch.Generator, images: Tensor,
-                 labels: Tensor, mine: slice) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+def _step_inputs(cfg: RunConfig, schedule: Formulation, space: DataSpace, gen: torch.Generator,
+                 batch: Tensor, labels: Tensor, mine: slice
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """A step's randomness, drawn on the generator's device for the GLOBAL batch B and sliced
     to this process's rows ``mine`` (so every process, and any number of them, sees the same
-    global batch): the noise levels (b,), noise (b, C, H, W), flips, label dropout. ``images``
-    (b, C, H, W) and ``labels`` (b,) are on that device. Returns x0, noise, levels, labels
-    (None for an unconditional model).
+    global batch): the noise levels (b,), noise (b, C, H, W), flips, the data space's own draw
+    (a latent from each posterior), label dropout. ``batch`` (the loader's: images (b, C, H,
+    W), or the latent cache's posteriors) and ``labels`` (b,) are on that device. Returns x0,
+    noise, levels, labels (None for an unconditional model).
 
     The levels are the formulation's own draw
     (:meth:`~diffunet.formulations.base.Formulation.sample_levels`: VP's integer timesteps,
@@ -199,14 +201,15 @@ def _step_inputs(cfg: RunConfig, schedule: Formulation, gen: torch.Generator, im
     micro-batching."""
     B, dev = cfg.train.batch_size, gen.device
     levels = schedule.sample_levels(B, gen)[mine]
-    noise = torch.randn((B, *images.shape[1:]), generator=gen, device=dev)[mine]
-    if cfg.data.random_flip:
-        images = flip_where(images, (torch.rand(B, generator=gen, device=dev) < 0.5)[mine])
+    noise = torch.randn((B, *space.batch_state_shape(batch)), generator=gen, device=dev)[mine]
+    flips = ((torch.rand(B, generator=gen, device=dev) < 0.5)[mine] if cfg.data.random_flip
+             else None)
+    x0 = space.training_x0(batch, flips, gen, mine, B)
     k = cfg.unet.num_classes
     if k is None:
-        return images, noise, levels, None
+        return x0, noise, levels, None
     drop = (torch.rand(B, generator=gen, device=dev) < cfg.train.label_dropout)[mine]
-    return images, noise, levels, torch.where(drop, torch.full_like(labels, k), labels)
+    return x0, noise, levels, torch.where(drop, torch.full_like(labels, k), labels)
 
 
 def step_loss(model: Callable[..., Tensor], schedule: Formulation, x0: Tensor, noise: Tensor,
@@ -375,13 +378,13 @@ def _guide_on_resume(run: Run, cfg: RunConfig) -> tuple[int | None, bool]:
     return None, False
 
 
-def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run,
+def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run, space: DataSpace,
                 guide: UNet | None = None, carried: GuideKeeper | None = None
                 ) -> Callable[[int], None]:
     """The preview grid writer: the EMA model sampled with ``cfg.sample`` (guided by ``guide``
     where ``sample.guide_model`` names one, else, after the guide step, by the ``carried``
     guide with weight ``sample.guide_scale``) from the same noise (and labels) every time, so
-    the grids are comparable."""
+    the grids are comparable, and decoded to images by the data ``space``."""
     s, seed, k = cfg.sample, cfg.train.seed, cfg.unet.num_classes
     if guide is not None:
         guide.to(run.device)
@@ -390,7 +393,7 @@ def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run,
     labels = torch.arange(s.num_images) % k if k is not None else None
 
     base_kwargs = s.sample_kwargs()
-    base_kwargs["clip_x0"] = space_class(cfg.vae).clip_x0(base_kwargs["clip_x0"])  # latents: no clip
+    base_kwargs["clip_x0"] = space.clip_x0(base_kwargs["clip_x0"])  # latents: no clip
     drawn: dict[str, Any] = {}  # the newest grid (main process), for the trackers
 
     def cut(*_: Any) -> None:
@@ -406,10 +409,11 @@ def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run,
             kwargs["guidance_interval"] = None  # for the carried guide, not taken yet
         try:
             with run.accelerator.autocast():
-                images = sample(ema.model, schedule, x_T.to(run.device),
-                                class_labels=None if labels is None else labels.to(run.device),
-                                generator=torch.Generator().manual_seed(seed + 2),
-                                callback=cut, guide_model=weak, **kwargs)
+                images = space.decode(sample(
+                    ema.model, schedule, x_T.to(run.device),
+                    class_labels=None if labels is None else labels.to(run.device),
+                    generator=torch.Generator().manual_seed(seed + 2), callback=cut,
+                    guide_model=weak, **kwargs))
         except StopRequested:  # a signal asked the run to stop: no grid, the loop saves next
             return False
         drawn["grid"] = make_grid_image(images.float().cpu())
@@ -461,20 +465,21 @@ another value (the default flow run leaves it at this)."""
 
 
 def _header(run: Run, cfg: RunConfig, dataset: Any, net: UNet, schedule: Formulation,
-            phema_line: str | None = None) -> list[str]:
-    """What a run is about to do, in five lines before its first step (six with post-hoc EMA:
-    ``phema_line``)."""
+            phema_line: str | None = None, space_line: str | None = None) -> list[str]:
+    """What a run is about to do, in five lines before its first step (one more each with post-hoc
+    EMA, ``phema_line``, and in a latent space, ``space_line``)."""
     d, u, s, t = cfg.data, cfg.unet, cfg.schedule, cfg.train
     where = {"folder": d.path or "",
              "torchvision": f"{d.name} ({d.path or './data'})",
              "hf": f"{d.name} (Hugging Face datasets, split {d.split})",
              }.get(d.source, "shapes (generated)")
     n = net.num_parameters()
-    kind = {1: "grayscale", 3: "RGB"}.get(u.in_channels, f"{u.in_channels}-channel")
+    size, channels = d.image_size or u.image_size, d.channels or u.in_channels  # the images'
+    kind = {1: "grayscale", 3: "RGB"}.get(channels, f"{channels}-channel")
     unused = ("; the labels are unused: unet.num_classes is unset"
               if getattr(dataset, "class_names", None) and u.num_classes is None else "")
-    return [_describe_data(dataset, d.source, where, f"{u.image_size}x{u.image_size} {kind}")
-            + unused,
+    return [_describe_data(dataset, d.source, where, f"{size}x{size} {kind}") + unused,
+            *([space_line] if space_line else []),
             f"model: UNet, {n:,} parameters ({n / 1e6:.2f}M; base_channels {u.base_channels}, "
             f"channel_mults {tuple(u.channel_mults)}); {s.describe()}" + (
                 f"; train.min_snr_gamma is unused ({schedule.own_weighting})"
@@ -537,9 +542,6 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     process); ``progress`` shows a tqdm bar. Returns where the last model file and state went.
     Raises :class:`~diffunet.errors.DiffunetError` subclasses for bad input.
     """
-    if space_class(cfg.vae) is not PixelSpace:
-        raise ConfigError("vae.path: training on a VAE's latents is not built yet (the latent "
-                          "cache comes next); remove [vae] to train on pixels")
     dataset = None
     if cfg.data.source == "folder" and cfg.data.class_folders:
         # The class folders decide unet.num_classes, which the run folder's checks (resume,
@@ -568,6 +570,10 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
             with run.accelerator.main_process_first():  # one process downloads, the others read
                 dataset = (HFStream(cfg.data, cfg.unet.num_classes) if cfg.data.streaming
                            else build_dataset(cfg.data))
+        # the data space: pixels, or a VAE's latents (the loader then reads the latent cache,
+        # which the main process builds or reuses here)
+        space = load_space(cfg.vae, device=run.device)
+        dataset, space_line = space.training_set(cfg, dataset, run.collective)
         _check_labels(cfg, dataset)
         names = _class_names(cfg, dataset)
         schedule = make_schedule(cfg.schedule)
@@ -631,8 +637,11 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                 dataset, GlobalBatchSampler(len(dataset), t.batch_size, seed=t.seed,
                                             start_step=step, rank=run.rank,
                                             world_size=run.world),
-                run.workers(cfg.data.num_workers), pin_memory=run.device.type == "cuda"))
-        preview = _preview_fn(cfg, ema, schedule, run, guide, carried)
+                # a data set held in memory (the latent cache) would be copied into each worker
+                0 if getattr(dataset, "in_memory", False) else run.workers(cfg.data.num_workers),
+                pin_memory=run.device.type == "cuda"))
+        preview = _preview_fn(cfg, ema, schedule, run, space, guide, carried)
+        space_record = {"vae": space.record()} if space.record() is not None else {}
 
         def save(at: int) -> tuple[Path, Path]:
             model_path = run.out_dir / "weights" / f"model_{st.state_name(at)}.safetensors"
@@ -648,7 +657,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                     "weights", model_path.name, model_file_bytes(
                         ema.model, schedule, extra={"step": at, "run_config": to_dict(cfg),
                                                     **({"class_names": names} if names
-                                                       else {})},
+                                                       else {}), **space_record},
                         guide=carried.after(at))))
             return model_path, state_path
 
@@ -670,7 +679,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         if step < t.max_steps:
             for line in [*([config_source] if config_source else []),
                          *_header(run, cfg, dataset, net, schedule,
-                                  _phema_line(run, cfg, phema, run_id))]:
+                                  _phema_line(run, cfg, phema, run_id), space_line)]:
                 run.tell(line)
         run.progress(t.max_steps)
         per_process = t.batch_size // run.world
@@ -685,7 +694,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         while step < t.max_steps:
             images, labels = next(batches)
             x0, noise, levels, labels = _step_inputs(
-                cfg, schedule, step_gen, images.to(run.device, non_blocking=True),
+                cfg, schedule, space, step_gen, images.to(run.device, non_blocking=True),
                 labels.to(run.device, non_blocking=True), mine)
             model.train()
             loss = _backward(run, model, loss_fn, schedule, cfg, x0, noise, levels, labels)

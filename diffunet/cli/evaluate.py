@@ -144,6 +144,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: its recorded weight) or by --guide-model, else "
                         "classifier-free guidance for a class-conditional model (labels i mod "
                         "num_classes) (default 1, none)")
+    q.add_argument("--vae", metavar="FOLDER",
+                   help="a latent model: a local copy of the VAE its file records (checked by "
+                        "its hashes; default: where training found it)")
     q.add_argument("--no-guide", action="store_true",
                    help="do not autoguide with the guide the model file carries")
     q.add_argument("--guide-model", metavar="WEAK.safetensors",
@@ -276,6 +279,11 @@ def _bpd(args: argparse.Namespace) -> int:
 
     device = pick_device(args.device)
     net, schedule, meta = load_diffusion_model(args.model, device=device)
+    if meta.get("vae") is not None:
+        raise UsageError(f"{args.model} is a latent model (trained on a VAE's latents): its "
+                         "bits/dim would measure latents, not images, and the VAE's own "
+                         "likelihood is not part of it; judge it by eval fid or eval nfe on "
+                         "decoded images instead")
     require_vp_bound(schedule)  # before any data is read
     data_cfg = bpd_data_config(meta, args.items, args.model)
     dataset = build_dataset(data_cfg)
@@ -383,7 +391,7 @@ def _nfe(args: argparse.Namespace) -> int:
                              sigma_max=args.sigma_max, guidance_scale=args.guidance_scale,
                              guide_model=args.guide_model,
                              guidance_interval=args.guidance_interval,
-                             no_guide=args.no_guide,
+                             no_guide=args.no_guide, vae=args.vae,
                              names={"sigma_min": "--sigma-min", "sigma_max": "--sigma-max",
                                     "guidance_scale": "--guidance-scale",
                                     "guide_model": "--guide-model",

@@ -119,6 +119,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resample", type=int, default=d.resample, metavar="R",
                    help="inpainting: do each step R times, re-noising in between (RePaint; "
                         f"default {d.resample}; not with {', '.join(MULTISTEP_SAMPLERS)})")
+    p.add_argument("--vae", metavar="FOLDER",
+                   help="a latent model: a local copy of the VAE its file records (the same "
+                        "VAE, checked by the SHA-256 of its config and weights; default: the "
+                        "VAE where training found it)")
+    p.add_argument("--save-latents", action="store_true",
+                   help="a latent model: also write each image's latent (000000.safetensors, "
+                        "tensor 'latent': the unscaled z the VAE decodes)")
     p.add_argument("--out-dir", help="output folder (default: samples/<run>_<step> for a model "
                                      "file in a run's weights/ folder, else samples/<file name>)")
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=d.grid,
@@ -166,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale, guidance_interval=args.guidance_interval,
         guide_model=args.guide_model, no_guide=args.no_guide, clip_x0=args.clip_x0,
         init_image=args.init_image, mask=args.mask, strength=args.strength,
-        resample=args.resample)
+        resample=args.resample, vae=args.vae, save_latents=args.save_latents)
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args.model)
     generate(args.model, out_dir, options, progress=not args.no_progress, say=say)
     return 0

@@ -1,0 +1,190 @@
+"""Training on a VAE's latents (issue 25): the run reads the latent cache, draws each latent from
+its posterior with the run's generator (exact resume, 1 and 2 processes alike), previews and
+model files are decoded images and a VAE record."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffunet import latent_cache
+from diffunet.checkpoint import read_metadata
+from diffunet.config import RunConfig
+from diffunet.data_space import LatentShape, LatentSpace, load_run_config, vae_identity
+from diffunet.errors import ConfigError, FolderError
+from diffunet.training import train
+from processes import cpu_env, launch_two
+
+diffusers = pytest.importorskip("diffusers")
+
+_RUN = """[unet]
+base_channels = 8
+channel_mults = [1, 2]
+attn_resolutions = []
+num_groups = 4
+[data]
+builtin_size = 24
+image_size = 16
+[train]
+batch_size = 4
+lr_schedule = "constant"
+log_every = 1
+save_every = 2
+sample_every = 2
+[sample]
+num_steps = 3
+num_images = 4
+"""
+
+
+def _save_vae(folder: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny AutoencoderKL (downsampling 2, 4 latent channels), safetensors only."""
+    return _save_vae(tmp_path_factory.mktemp("vae") / "tiny-vae", 0)
+
+
+def _write_config(tmp_path: Path, vae: Path, cache: str = "cache") -> Path:
+    path = tmp_path / "run.toml"
+    text = _RUN.replace("[data]\n", f"[data]\nlatent_cache = {json.dumps(str(tmp_path / cache))}\n")
+    path.write_text(text + f"[vae]\npath = {json.dumps(str(vae))}\n")
+    return path
+
+
+def _cfg(tmp_path: Path, vae: Path, *overrides: str, cache: str = "cache") -> RunConfig:
+    return load_run_config(str(_write_config(tmp_path, vae, cache)), list(overrides))
+
+
+def _model(out: Path, step: int) -> Path:
+    return out / "weights" / f"model_step{step:07d}.safetensors"
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    ta, tb = load_file(str(a)), load_file(str(b))
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_the_unet_follows_the_vae_and_the_run_trains_on_latents(vae_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, vae_dir, "train.max_steps=2")
+    assert (cfg.unet.image_size, cfg.unet.in_channels) == (8, 4)  # 16 px / 2, 4 channels
+    said: list[str] = []
+    result = train(cfg, tmp_path / "out", progress=False, say=said.append)
+    assert result.step == 2
+    line = next(m for m in said if m.startswith("latents: "))
+    assert "4x8x8" in line and "encoded 1 of 1 shards" in line and "24 images and their " \
+        "mirrors" in line
+    assert "data: builtin" in said[0] + said[1] and "16x16 RGB" in "\n".join(said)
+    # the preview grid holds decoded images: 4 of 16x16 pixels, not 8x8 latents
+    grid = Image.open(tmp_path / "out" / "samples" / "step0000002.png")
+    assert grid.size == (2 + 2 * 18, 2 + 2 * 18)
+    # the model file records the VAE by where it came from and by content, and the scaling
+    meta = read_metadata(_model(tmp_path / "out", 2))
+    record = meta["vae"]
+    assert record == {**vae_identity(cfg.vae), "scaling_factor": pytest.approx(0.18215),
+                      "shift_factor": 0.0, "image_channels": 3, "latent_channels": 4,
+                      "factor": 2}
+    # a second run reuses the cache, and says so
+    said.clear()
+    train(cfg, tmp_path / "again", progress=False, say=said.append)
+    assert next(m for m in said if m.startswith("latents: ")).endswith(": reused")
+
+
+@pytest.mark.parametrize("variant", [[], ["unet.num_classes=4", "train.label_dropout=0.5"]],
+                         ids=["unconditional", "class-conditional"])
+def test_latent_resume_is_exact(vae_dir: Path, tmp_path: Path, variant: list[str]) -> None:
+    n = 4
+    full, half = tmp_path / "full", tmp_path / "half"
+    train(_cfg(tmp_path, vae_dir, *variant, f"train.max_steps={n}"), full, progress=False)
+    train(_cfg(tmp_path, vae_dir, *variant, f"train.max_steps={n // 2}"), half, progress=False)
+    spare = tmp_path / "spare"
+    shutil.copytree(half, spare)
+    train(_cfg(tmp_path, vae_dir, *variant, f"train.max_steps={n}"), half, resume=True,
+          progress=False)
+    assert _same_file(_model(full, n), _model(half, n))
+    assert [r["loss"] for r in _log(full)] == [r["loss"] for r in _log(half)]
+    # the check has teeth: the latents are drawn from the state's generator; another draw
+    # (the step generator's state taken from another step) gives another model
+    state = spare / "state" / f"step{n // 2:07d}" / "rng.safetensors"
+    other = full / "state" / f"step{n:07d}" / "rng.safetensors"
+    shutil.copyfile(other, state)
+    record = json.loads((state.parent / "trainer.json").read_text())
+    record["files"]["rng.safetensors"] = {  # the state records its files: as if it were its own
+        "size": state.stat().st_size, "sha256": hashlib.sha256(state.read_bytes()).hexdigest()}
+    (state.parent / "trainer.json").write_text(json.dumps(record))
+    train(_cfg(tmp_path, vae_dir, *variant, f"train.max_steps={n}"), spare, resume=True,
+          progress=False)
+    assert not _same_file(_model(full, n), _model(spare, n))
+
+
+def test_training_x0_takes_the_mirrors_posterior_and_the_global_draw() -> None:
+    space = LatentSpace(torch.nn.Conv2d(1, 1, 1), LatentShape(3, 2, 2), scaling_factor=2.0,
+                        shift_factor=0.5)
+    B = 4
+    batch = torch.zeros(B, 4, 2, 3, 3)
+    batch[:, 0], batch[:, 1] = 1.0, 0.0  # the image: mean 1, no spread
+    batch[:, 2], batch[:, 3] = -1.0, 0.0  # its mirror: mean -1
+    flips = torch.tensor([False, True, False, True])
+    x0 = space.training_x0(batch, flips, torch.Generator().manual_seed(0), slice(0, B), B)
+    assert torch.equal(x0[:, 0, 0, 0], torch.tensor([1.0, -3.0, 1.0, -3.0]))  # (m - .5) x 2
+    # with a spread, the noise is the global batch's, sliced: two halves make the whole
+    batch[:, 1] = batch[:, 3] = 0.5
+    whole = space.training_x0(batch, flips, torch.Generator().manual_seed(3), slice(0, B), B)
+    halves = [space.training_x0(batch[s], flips[s], torch.Generator().manual_seed(3), s, B)
+              for s in (slice(0, 2), slice(2, 4))]
+    assert torch.equal(whole, torch.cat(halves))
+    noise = torch.randn((B, 2, 3, 3), generator=torch.Generator().manual_seed(3))
+    mean = torch.where(flips.view(-1, 1, 1, 1), -1.0, 1.0)
+    assert torch.allclose(whole, (mean + 0.5 * noise - 0.5) * 2.0)
+
+
+def test_a_cache_of_another_vae_is_refused_before_training(vae_dir: Path, tmp_path: Path
+                                                            ) -> None:
+    train(_cfg(tmp_path, vae_dir, "train.max_steps=1"), tmp_path / "one", progress=False)
+    other = _save_vae(tmp_path / "other-vae", 1)
+    with pytest.raises(FolderError, match=r"^data.latent_cache: .* another VAE .*vae.config_"
+                       r"sha256|^data.latent_cache: .*another VAE"):
+        train(_cfg(tmp_path, other, "train.max_steps=1"), tmp_path / "two", progress=False)
+    assert not (tmp_path / "two" / "weights").exists()
+
+
+def test_a_streamed_latent_run_is_refused(vae_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^data.streaming: .*set data.streaming = false"):
+        _cfg(tmp_path, vae_dir, "data.source=hf", "data.name=owner/set", "data.streaming=true")
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_on_latents(vae_dir: Path, tmp_path: Path) -> None:
+    config = _write_config(tmp_path, vae_dir)
+    overrides = ["train.max_steps=2", "unet.dropout=0.0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(load_run_config(str(config), overrides), one, progress=False)  # builds the cache
+    r = launch_two(["train", str(config), *overrides, "--out-dir", str(two), "--no-progress"],
+                   cpu_env(), timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reused" in r.stderr and r.stderr.count("latents: ") == 1
+    a, b = load_file(str(_model(one, 2))), load_file(str(_model(two, 2)))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert [x["loss"] for x in _log(one)] == pytest.approx([x["loss"] for x in _log(two)],
+                                                           abs=1e-5)
+    assert latent_cache.MANIFEST in {p.name for p in (tmp_path / "cache").iterdir()}
