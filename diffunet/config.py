@@ -746,8 +746,9 @@ class VaeConfig:
     (:func:`diffunet.data_space.load_run_config`). Only safetensors weights are read."""
 
     path: str | None = None
-    """A Hub id (``stabilityai/sd-vae-ft-mse``) or a local folder holding the VAE's
-    ``config.json`` and ``diffusion_pytorch_model.safetensors``; unset: pixel space."""
+    """A Hub id (``stabilityai/sd-vae-ft-mse``), a local folder holding the VAE's
+    ``config.json`` and ``diffusion_pytorch_model.safetensors``, or ``builtin-shapes`` (the small
+    VAE diffunet ships, trained on the built-in shapes at 64x64); unset: pixel space."""
     revision: str | None = None
     """Hub ids only: a branch, tag or commit (pin a commit for reproducible runs)."""
     subfolder: str | None = None

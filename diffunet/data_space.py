@@ -42,10 +42,15 @@ from .errors import ConfigError, MissingDependencyError, ModelFileError, UsageEr
 from .fileio import first_line, open_regular_file, parse_json, read_regular_file, schema_problem
 from .formulations.base import CLIP_RANGE
 
-__all__ = ["DataSpace", "PixelSpace", "LatentSpace", "LatentShape", "space_class", "load_space",
+__all__ = ["BUILTIN_VAE", "DataSpace", "PixelSpace", "LatentSpace", "LatentShape", "space_class", "load_space",
            "vae_folder", "vae_identity", "model_space", "read_vae_config", "latent_shape", "fit_to_vae", "load_run_config",
            "VAE_WEIGHTS", "MAX_VAE_CONFIG_BYTES"]
 
+BUILTIN_VAE = "builtin-shapes"
+"""``vae.path`` of the small AutoencoderKL diffunet ships (trained on the built-in shapes at
+64x64 by ``scripts/train_shapes_vae.py``: 4x down, 4 latent channels), so a latent run needs no
+download (``configs/latent_shapes.toml``)."""
+BUILTIN_VAE_FOLDER = Path(__file__).resolve().parent / "vae_shapes"
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 """The weights file of a diffusers model folder, the only one read."""
 _PICKLED_WEIGHTS = "diffusion_pytorch_model.bin"
@@ -192,6 +197,12 @@ def vae_folder(vae: VaeConfig, *, weights: bool = True) -> Path:
     id fetched into huggingface_hub's cache (``HF_HUB_OFFLINE=1`` reads a filled cache). One
     line for a path that is neither, or a download that fails."""
     assert vae.path is not None, "pixel space has no VAE folder"
+    if vae.path == BUILTIN_VAE:  # the VAE shipped in the package (a local folder of that name:
+        for key in ("revision", "subfolder"):  # give it as ./builtin-shapes)
+            if getattr(vae, key) is not None:
+                fail(f"vae.{key}", f"is for a Hub id or a folder; {BUILTIN_VAE} is diffunet's "
+                     f"own VAE (drop vae.{key})")
+        return BUILTIN_VAE_FOLDER
     path = Path(vae.path).expanduser()
     sub = vae.subfolder
     if path.exists():

@@ -115,3 +115,12 @@ def require(ok: Any, error: type[Exception], message: Callable[[], str]) -> None
         torch._assert_async(ok, error.__name__)
     except RuntimeError:
         raise error(message()) from None
+
+
+def reported_error(kind: str, message: str) -> Exception:
+    """Another process's error (its type's name and message), to raise in this one too: the
+    same diffunet error type, else RuntimeError naming it."""
+    cls = globals().get(kind)
+    if isinstance(cls, type) and issubclass(cls, DiffunetError):
+        return cls(message)
+    return RuntimeError(f"another process failed: {kind}: {message}")

@@ -41,10 +41,10 @@ from .checkpoint import read_tensor_file, tensor_file_bytes
 from .config import DataConfig, RunConfig, VaeConfig
 from .data import build_dataset, image_folder
 from .data_space import LatentSpace, vae_identity
-from .errors import FolderError, ModelFileError, UsageError
+from .errors import FolderError, ModelFileError, UsageError, reported_error
 from .evaluation import default_cache_dir
 from .fileio import first_line, open_regular_file, read_json
-from .outputs import OutputFolder, claim_folder
+from .outputs import OutputFolder, claim_folder, join_folder
 
 __all__ = ["SHARD_SIZE", "MANIFEST", "FORMAT", "FORMAT_VERSION", "shard_name", "cache_record",
            "cache_folder", "encode_dataset", "LatentCache"]
@@ -240,15 +240,69 @@ def _encode_images(space: LatentSpace, dataset: Dataset, start: int, stop: int,
             "labels": labels}
 
 
+def _gather(state: Any, item: Any) -> list[Any]:
+    """``item`` of every process, in rank order (one process: ``[item]``)."""
+    if state is None or state.num_processes == 1:
+        return [item]
+    from accelerate.utils import gather_object
+
+    return gather_object([item])
+
+
+def _same_outcome(state: Any, error: Optional[BaseException]) -> None:
+    """Raise on every process if ``error`` happened on any: the failing process its own, the
+    others the same type and message."""
+    reports = _gather(state, None if error is None else (type(error).__name__, str(error)))
+    if error is not None:
+        raise error
+    for report in reports:
+        if report is not None:
+            raise reported_error(*report)
+
+
+def _recorded_shards(out: OutputFolder, folder: Path, record: dict[str, Any],
+                     entries: list[tuple[str, int, int]]) -> dict[str, dict[str, Any]]:
+    """The finished shards a previous encode recorded in ``out``'s manifest and left intact;
+    a manifest of another record or a damaged recorded shard is one line."""
+    done: dict[str, dict[str, Any]] = {}
+    if out.previous is None:
+        return done
+    previous = _check_manifest(out.previous, folder)
+    diff = _difference({k: previous[k] for k in record}, record)
+    if diff is not None:
+        raise FolderError(f"{_LABEL}: {folder} holds a latent cache of other data, another VAE "
+                          f"or other settings ({diff}); it is never reused or written over: "
+                          f"choose another {_LABEL}, or remove it")
+    expected = {name: (a, b) for name, a, b in entries}
+    for entry in previous["shards"]:
+        if expected.get(entry["name"]) != (entry["start"], entry["stop"]):
+            raise _refuse_shard(folder / entry["name"], "is not a shard of this cache's layout")
+        if entry["name"] not in out.present:
+            continue  # removed by the user: encoded again
+        problem = _shard_problem(folder / entry["name"], entry)
+        if problem:
+            raise _refuse_shard(folder / entry["name"], problem)
+        done[entry["name"]] = entry
+    return done
+
+
 def encode_dataset(cfg: RunConfig, space: LatentSpace, *, dataset: Optional[Dataset] = None,
-                   on_shard: Optional[Callable[[int], None]] = None) -> Path:
+                   on_shard: Optional[Callable[[int], None]] = None,
+                   state: Any = None) -> Path:
     """Encode ``cfg.data``'s data set (``dataset``: it, already built) through ``space``
     (loaded from ``cfg.vae``) into its cache folder (:func:`cache_folder`), resuming a
-    cache of the same record, and return the folder. ``on_shard(k)`` is called after shard k
-    is written and recorded (progress; a test's simulated kill).
+    cache of the same record, and return the folder. ``on_shard(k)`` is called (main process)
+    after shard k is written and recorded (progress; a test's simulated kill).
 
-    Refused in one line: a folder holding other files of the user's, a manifest of another
-    record (naming the first difference), a recorded shard that fails its hash."""
+    ``state`` (an Accelerate ``PartialState``, under ``accelerate launch``) splits the shards
+    across its processes: the main process claims the folder and keeps the manifest, each
+    process encodes and writes every ``num_processes``-th missing shard, and the main process
+    records each round's shards once all of them are written (a kill loses only the round in
+    flight). Every process must call it, with the same data.
+
+    Refused in one line (on every process): a folder holding other files of the user's, a
+    manifest of another record (naming the first difference), a recorded shard that fails its
+    hash."""
     data = cfg.data
     if dataset is None:
         dataset = build_dataset(data)
@@ -258,48 +312,65 @@ def encode_dataset(cfg: RunConfig, space: LatentSpace, *, dataset: Optional[Data
     record = cache_record(data, cfg.vae, space, n, getattr(dataset, "class_names", None))
     folder = cache_folder(data, record)
     entries = _expected_entries(n)
-    with _claim(folder, [name for name, _, _ in entries]) as out:
-        done: dict[str, dict[str, Any]] = {}
-        if out.previous is not None:
-            previous = _check_manifest(out.previous, folder)
-            diff = _difference({k: previous[k] for k in record}, record)
-            if diff is not None:
-                raise FolderError(f"{_LABEL}: {folder} holds a latent cache of other data, "
-                                  f"another VAE or other settings ({diff}); it is never reused "
-                                  f"or written over: choose another {_LABEL}, or remove it")
-            expected = {name: (a, b) for name, a, b in entries}
-            for entry in previous["shards"]:
-                if expected.get(entry["name"]) != (entry["start"], entry["stop"]):
-                    raise _refuse_shard(folder / entry["name"], "is not a shard of this cache's "
-                                        "layout")
-                if entry["name"] not in out.present:
-                    continue  # removed by the user: encoded again below
-                problem = _shard_problem(folder / entry["name"], entry)
-                if problem:
-                    raise _refuse_shard(folder / entry["name"], problem)
-                done[entry["name"]] = entry
-        out.remove_leftovers()  # temporaries of a killed write
+    names = [name for name, _, _ in entries]
+    main = state is None or state.is_main_process
+    rank, world = (0, 1) if state is None else (state.process_index, state.num_processes)
+    out: Optional[OutputFolder] = None
+    done: dict[str, dict[str, Any]] = {}
 
-        def write_manifest() -> None:
-            shards = [done[name] for name, _, _ in entries if name in done]
-            out.write_manifest({"format": FORMAT, "format_version": FORMAT_VERSION, **record,
-                                "shards": shards}, [name for name, _, _ in entries])
+    def write_manifest() -> None:
+        assert out is not None
+        shards = [done[name] for name in names if name in done]
+        out.write_manifest({"format": FORMAT, "format_version": FORMAT_VERSION, **record,
+                            "shards": shards}, names)
 
-        write_manifest()  # lists every shard name before the first is written (output rule)
-        for k, (name, start, stop) in enumerate(entries):
-            if name in done:
-                continue
-            tensors = _encode_images(space, dataset, start, stop, data.random_flip)
-            # no metadata: safetensors writes a metadata map in hash order, and the same
-            # images should give the same bytes (and SHA-256) on every machine and run; the
-            # image range is the manifest's
-            blob = tensor_file_bytes(tensors, {})
-            out.write_file(name, blob, durable=True)  # atomic: a kill leaves a temporary
-            done[name] = {"name": name, "start": start, "stop": stop,
-                          "sha256": _sha256_bytes(blob)}
-            write_manifest()  # only now is the shard finished
-            if on_shard is not None:
-                on_shard(k)
+    plan: Any = None
+    error: Optional[BaseException] = None
+    if main:
+        try:
+            out = _claim(folder, names)
+            done = _recorded_shards(out, folder, record, entries)
+            out.remove_leftovers()  # temporaries of a killed write
+            write_manifest()  # lists every shard name before the first is written (output rule)
+            plan = (out.identity, [k for k, name in enumerate(names) if name not in done])
+        except Exception as e:  # raised on every process by _same_outcome
+            error = e
+    try:
+        _same_outcome(state, error)
+        identity, todo = _gather(state, plan)[0]
+        writer = out if main else join_folder(folder, identity, names)
+        try:
+            for first in range(0, len(todo), world):
+                k = todo[first + rank] if first + rank < len(todo) else None
+                entry, failed = None, None
+                if k is not None:
+                    name, start, stop = entries[k]
+                    try:
+                        tensors = _encode_images(space, dataset, start, stop, data.random_flip)
+                        # no metadata: safetensors writes a metadata map in hash order, and the
+                        # same images should give the same bytes (and SHA-256) on every machine
+                        # and run; the image range is the manifest's
+                        blob = tensor_file_bytes(tensors, {})
+                        writer.write_file(name, blob, durable=True)  # atomic: a kill leaves a
+                        entry = {"name": name, "start": start, "stop": stop,  # temporary
+                                 "sha256": _sha256_bytes(blob)}
+                    except Exception as e:  # raised on every process below
+                        failed = e
+                _same_outcome(state, failed)
+                for got in _gather(state, (k, entry)):
+                    if got[0] is not None and main:
+                        done[got[1]["name"]] = got[1]
+                if main:
+                    write_manifest()  # only now are the round's shards finished
+                    if on_shard is not None:
+                        for got_k in todo[first:first + world]:
+                            on_shard(got_k)
+        finally:
+            if writer is not out:
+                writer.close()
+    finally:
+        if out is not None:
+            out.close()
     return folder
 
 

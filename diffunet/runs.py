@@ -53,8 +53,8 @@ from . import errors, resources, stopping
 from . import state as st
 from .config import UNetConfig, may_change_on_resume, to_dict
 from .data import seed_for
-from .errors import (ConfigError, DiffunetError, FolderError, MissingDependencyError,
-                     ModelFileError, Stopped, TrainingError, UsageError)
+from .errors import (ConfigError, FolderError, MissingDependencyError, ModelFileError, Stopped,
+                     TrainingError, UsageError)
 from .fileio import atomic_write_bytes, open_regular_file, parse_json, read_regular_file
 from .output_files import OpenFolder, open_subfolder
 from .output_files import open_folder as open_output_folder
@@ -495,14 +495,6 @@ def lock_folder(folder: Path, dir_fd: int | None = None) -> FolderLock | None:
     except ImportError:  # pragma: no cover - Windows
         return None
     return FolderLock(folder, dir_fd)
-
-
-def _rebuild(kind: str, message: str) -> Exception:
-    """Another process's error, raised here too: the same diffunet error type, else RuntimeError."""
-    cls = getattr(errors, kind, None)
-    if isinstance(cls, type) and issubclass(cls, DiffunetError):
-        return cls(message)
-    return RuntimeError(f"another process failed: {kind}: {message}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1068,7 +1060,7 @@ class Run:
             raise error
         for _, report in reports:
             if report is not None:
-                raise _rebuild(*report)
+                raise errors.reported_error(*report)
         return reports[0][0]
 
     def log(self, record: dict[str, Any], postfix: dict[str, Any] | None = None) -> None:

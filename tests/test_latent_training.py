@@ -9,17 +9,19 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from diffunet import latent_cache
+from diffunet import cli, latent_cache
 from diffunet.checkpoint import read_metadata
-from diffunet.config import RunConfig
+from diffunet.config import RunConfig, VaeConfig, load_config
 from diffunet.data_space import LatentShape, LatentSpace, load_run_config, vae_identity
 from diffunet.errors import ConfigError, FolderError
 from diffunet.training import train
+from helpers import tiny_run
 from processes import cpu_env, launch_two
 
 diffusers = pytest.importorskip("diffusers")
@@ -188,3 +190,153 @@ def test_two_processes_match_one_on_latents(vae_dir: Path, tmp_path: Path) -> No
     assert [x["loss"] for x in _log(one)] == pytest.approx([x["loss"] for x in _log(two)],
                                                            abs=1e-5)
     assert latent_cache.MANIFEST in {p.name for p in (tmp_path / "cache").iterdir()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling a latent model: decoded images, the VAE it records, latents on request
+
+
+@pytest.fixture(scope="module")
+def latent_model(vae_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A latent model file of 2 steps (16x16 RGB images as 4x8x8 latents)."""
+    tmp = tmp_path_factory.mktemp("latent-run")
+    out = tmp / "out"
+    train(_cfg(tmp, vae_dir, "train.max_steps=2", "train.guide_at=0"), out, progress=False)
+    return _model(out, 2)
+
+
+def _sample(*args: str) -> int:
+    return cli.main(["sample", *args, "--no-progress"])
+
+
+def test_sampling_decodes_to_pixels_and_saves_latents(latent_model: Path, vae_dir: Path,
+                                                      tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    assert _sample(str(latent_model), "--num-samples", "3", "--out-dir", str(out),
+                   "--save-latents") == 0
+    image = Image.open(out / "000001.png")
+    assert image.size == (16, 16) and image.mode == "RGB"
+    z = load_file(str(out / "000001.safetensors"))["latent"]
+    assert z.shape == (4, 8, 8)
+    # the saved latent is the one the PNG was decoded from
+    space = LatentSpace.load(load_run_config(str(_write_config(tmp_path, vae_dir))).vae)
+    decoded = space.decode(space.scale(z[None]))[0]
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()
+    assert (pixels - ((decoded.clamp(-1, 1) + 1) * 127.5)).abs().max() <= 1.0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["vae"]["weights_sha256"] == vae_identity(VaeConfig(path=str(vae_dir)))[
+        "weights_sha256"]
+    # a rerun resumes (nothing drawn again); the same seeds give the same images
+    again = tmp_path / "again"
+    assert _sample(str(latent_model), "--num-samples", "2", "--out-dir", str(again)) == 0
+    assert (again / "000001.png").read_bytes() == (out / "000001.png").read_bytes()
+
+
+def test_a_local_copy_of_the_vae_is_accepted_and_another_refused(
+        latent_model: Path, vae_dir: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(vae_dir, copy)
+    assert _sample(str(latent_model), "--num-samples", "1", "--out-dir", str(tmp_path / "a"),
+                   "--vae", str(copy)) == 0
+    other = _save_vae(tmp_path / "other", 3)
+    capsys.readouterr()
+    assert _sample(str(latent_model), "--num-samples", "1", "--out-dir", str(tmp_path / "b"),
+                   "--vae", str(other)) == 2
+    err = capsys.readouterr().err
+    assert "is not the VAE" in err and "give a copy of" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_vae_that_is_gone_is_one_line(latent_model: Path, vae_dir: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    moved = tmp_path / "moved"
+    shutil.move(str(vae_dir), str(moved))
+    try:
+        assert _sample(str(latent_model), "--num-samples", "1", "--out-dir",
+                       str(tmp_path / "c")) == 2
+    finally:
+        shutil.move(str(moved), str(vae_dir))
+    err = capsys.readouterr().err
+    assert "cannot be found here" in err and "--vae PATH" in err and len(err.splitlines()) == 1
+
+
+def test_pixel_models_refuse_vae_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "pixel"
+    train(load_config(None, [*tiny_run(), "train.max_steps=1"]), out, progress=False)
+    for flag in (["--save-latents"], ["--vae", str(tmp_path)]):
+        assert _sample(str(_model(out, 1)), "--num-samples", "1", "--out-dir",
+                       str(tmp_path / "d"), *flag) == 2
+        err = capsys.readouterr().err
+        assert "pixel model" in err and len(err.splitlines()) == 1
+
+
+def test_inpainting_a_latent_model_encodes_the_init_image(latent_model: Path, tmp_path: Path
+                                                           ) -> None:
+    init = np.zeros((16, 16, 3), np.uint8)
+    init[4:12, 4:12] = (200, 50, 50)
+    Image.fromarray(init).save(tmp_path / "init.png")
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 8:] = 255  # repaint the right half
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "e"
+    assert _sample(str(latent_model), "--num-samples", "2", "--out-dir", str(out),
+                   "--init-image", str(tmp_path / "init.png"), "--mask",
+                   str(tmp_path / "mask.png")) == 0
+    assert Image.open(out / "000000.png").size == (16, 16)
+
+
+def test_the_mask_on_the_latent_grid_keeps_only_whole_cells() -> None:
+    space = LatentSpace(torch.nn.Conv2d(1, 1, 1), LatentShape(3, 4, 2), scaling_factor=1.0,
+                        shift_factor=0.0)
+    keep = torch.ones(1, 1, 4, 4)
+    keep[0, 0, 0, 1] = 0  # one repainted pixel in the top-left cell
+    assert torch.equal(space.state_mask(keep), torch.tensor([[[[0.0, 1.0], [1.0, 1.0]]]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# diffunet encode
+
+
+def test_encode_builds_the_cache_that_train_then_reuses(vae_dir: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    config = str(_write_config(tmp_path, vae_dir))
+    assert cli.main(["encode", config, "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "encoded 24 of 24 images and their mirrors (1 shards)" in err and "images/s" in err
+    assert cli.main(["encode", config, "--no-progress"]) == 0
+    assert "nothing to encode" in capsys.readouterr().err
+    said: list[str] = []
+    train(_cfg(tmp_path, vae_dir, "train.max_steps=1"), tmp_path / "out", progress=False,
+          say=said.append)
+    assert next(m for m in said if m.startswith("latents: ")).endswith(": reused")
+
+
+def test_encode_refuses_a_pixel_config_and_a_users_folder(tmp_path: Path, vae_dir: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["encode", "data.builtin_size=8", "--no-progress"]) == 2
+    assert "names no VAE" in capsys.readouterr().err
+    mine = tmp_path / "cache"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert cli.main(["encode", str(_write_config(tmp_path, vae_dir)), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "data.latent_cache" in err and "--overwrite" not in err and len(err.splitlines()) == 1
+    assert (mine / "notes.txt").read_text() == "mine" and len(list(mine.iterdir())) == 1
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_encode_and_write_the_same_cache(
+        vae_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = str(_write_config(tmp_path, vae_dir))
+    size = "data.builtin_size=2100"  # 3 shards of 1,024: two rounds of two processes
+    r = launch_two(["encode", config, size, "data.latent_cache=" + str(tmp_path / "two"),
+                    "--no-progress"], cpu_env(), timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("encoded 2,100 of 2,100 images") == 1 and "2 processes" in r.stderr
+    assert cli.main(["encode", config, size, "data.latent_cache=" + str(tmp_path / "one"),
+                     "--no-progress"]) == 0
+    one = json.loads((tmp_path / "one" / latent_cache.MANIFEST).read_text())
+    two = json.loads((tmp_path / "two" / latent_cache.MANIFEST).read_text())
+    assert len(two["shards"]) == 3
+    assert [e["sha256"] for e in two["shards"]] == [e["sha256"] for e in one["shards"]]

@@ -85,6 +85,11 @@ def _ema() -> ModuleType:
     return ema
 
 
+def _encode() -> ModuleType:
+    from . import encode
+    return encode
+
+
 COMMANDS: dict[str, tuple[str, Callable[[], ModuleType]]] = {
     "info": ("print a model file's configs, size and checksum", _info),
     "train": ("train a model (with no CONFIG: the built-in shapes data set on the CPU)", _train),
@@ -102,6 +107,8 @@ COMMANDS: dict[str, tuple[str, Callable[[], ModuleType]]] = {
               _stats),
     "ema": ("rebuild a run's EMA of any length from its post-hoc EMA snapshots, as a model "
             "file", _ema),
+    "encode": ("encode a latent run's data set through its VAE into the latent cache "
+               "(resumable)", _encode),
 }
 """Each command: its one-line help (for ``diffunet --help``) and its module, imported only when
 the command is the one given."""

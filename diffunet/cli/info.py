@@ -71,6 +71,17 @@ def run(args: argparse.Namespace) -> int:
     schedule = loaded.schedule
     if schedule is not None:
         lines.append(f"schedule         {schedule.config.describe()}")
+    vae = meta.get("vae")
+    if isinstance(vae, dict):  # a latent model: what its states decode through
+        net = loaded.net.config
+        f = vae.get("factor")
+        size = f"{net.image_size * f}x{net.image_size * f} " if isinstance(f, int) else ""
+        lines.append(f"data space       latents of the VAE {_shown(vae.get('path'))}"
+                     + (f" (revision {_shown(vae['revision'])})" if vae.get("revision") else "")
+                     + f": {net.in_channels}x{net.image_size}x{net.image_size} states, {size}"
+                     f"images; x0 = (z - {_shown(vae.get('shift_factor'))}) x "
+                     f"{_shown(vae.get('scaling_factor'))}; VAE weights sha256 "
+                     f"{_shown(vae.get('weights_sha256'))}")
     for section in ("unet_config", "schedule_config", "segmentation"):
         if section in meta:
             lines.append(f"[{section.removesuffix('_config')}]")
