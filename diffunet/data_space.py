@@ -26,8 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -113,13 +112,6 @@ class DataSpace:
         raise NotImplementedError
 
     # --- training: what the data loader yields -> the states x0 ---------------------------
-
-    def training_set(self, cfg: RunConfig, dataset: Any,
-                     on_main: Callable[[Callable[[], Any]], Any]) -> tuple[Any, Optional[str]]:
-        """The data set a run of ``cfg`` trains on, made from the images' ``dataset``, and a
-        line for the run header saying what was done (None: nothing to say). ``on_main(fn)``
-        runs ``fn`` on the main process only and returns its result on every process."""
-        return dataset, None
 
     @staticmethod
     def batch_state_shape(batch: Tensor) -> tuple[int, ...]:
@@ -379,46 +371,6 @@ class LatentSpace(DataSpace):
         return {**(self.identity or {}), "scaling_factor": self.scaling_factor,
                 "shift_factor": self.shift_factor, "image_channels": self.shape.image_channels,
                 "latent_channels": self.shape.latent_channels, "factor": self.shape.factor}
-
-    def training_set(self, cfg: RunConfig, dataset: Any,
-                     on_main: Callable[[Callable[[], Any]], Any]) -> tuple[Any, Optional[str]]:
-        """The data set's latent cache (:mod:`diffunet.latent_cache`): the main process encodes
-        what is missing (nothing when a finished cache of this data, VAE and settings is
-        there; one line refusing a cache of anything else), then every process opens it."""
-        from . import latent_cache  # it builds on this module
-
-        def encode() -> tuple[Path, int]:
-            written: list[int] = []
-            where = latent_cache.encode_dataset(cfg, self, dataset=dataset,
-                                                on_shard=written.append)
-            return where, len(written)
-
-        began = time.perf_counter()
-        folder, count = on_main(encode)
-        seconds = time.perf_counter() - began
-        record = latent_cache.cache_record(cfg.data, cfg.vae, self, len(dataset),
-                                           getattr(dataset, "class_names", None))
-        cache = latent_cache.LatentCache(folder, record)
-        c, h, w = record["settings"]["latent_shape"]
-        shards = len(cache.manifest["shards"])
-        done = (f"encoded {count} of {shards} shards in {seconds:.0f} s" if count
-                else "reused")
-        mirrors = " and their mirrors" if cache.flips else ""
-        return cache, (f"latents: {c}x{h}x{w} from {cfg.vae.path} (x0 = (z - "
-                       f"{self.shift_factor:g}) x {self.scaling_factor:g}); latent cache "
-                       f"{folder} ({len(cache):,} images{mirrors}): {done}")
-
-    def image_shape(self, state_shape: Sequence[int]) -> tuple[int, int, int]:
-        _, h, w = state_shape
-        f = self.shape.factor
-        return (self.shape.image_channels, h * f, w * f)
-
-    def state_mask(self, keep: Tensor) -> Tensor:
-        """A latent cell is kept only where all its f x f pixels are (min-pooled): whatever
-        touches the repainted region is repainted. Approximate, as diffusers' latent inpainting
-        is: the decoder mixes neighbouring cells, so kept pixels near the border change too."""
-        f = self.shape.factor
-        return -torch.nn.functional.max_pool2d(-keep, kernel_size=f, stride=f)
 
     @staticmethod
     def batch_state_shape(batch: Tensor) -> tuple[int, ...]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -40,11 +41,12 @@ from torch.utils.data import Dataset
 from .checkpoint import read_tensor_file, tensor_file_bytes
 from .config import DataConfig, RunConfig, VaeConfig
 from .data import build_dataset, image_folder
-from .data_space import LatentSpace, vae_identity
+from .data_space import DataSpace, LatentSpace, vae_identity
 from .errors import FolderError, ModelFileError, UsageError, reported_error
 from .evaluation import default_cache_dir
 from .fileio import first_line, open_regular_file, read_json
 from .outputs import OutputFolder, claim_folder, join_folder
+from .runs import gather_objects
 
 __all__ = ["SHARD_SIZE", "MANIFEST", "FORMAT", "FORMAT_VERSION", "shard_name", "cache_record",
            "cache_folder", "encode_dataset", "LatentCache"]
@@ -244,9 +246,7 @@ def _gather(state: Any, item: Any) -> list[Any]:
     """``item`` of every process, in rank order (one process: ``[item]``)."""
     if state is None or state.num_processes == 1:
         return [item]
-    from accelerate.utils import gather_object
-
-    return gather_object([item])
+    return gather_objects(item)
 
 
 def _same_outcome(state: Any, error: Optional[BaseException]) -> None:
@@ -372,6 +372,37 @@ def encode_dataset(cfg: RunConfig, space: LatentSpace, *, dataset: Optional[Data
         if out is not None:
             out.close()
     return folder
+
+
+def training_set(cfg: RunConfig, space: DataSpace, dataset: Dataset,
+                 on_main: Callable[[Callable[[], Any]], Any]) -> tuple[Dataset, Optional[str]]:
+    """The data set a run of ``cfg`` trains on in the data ``space``, made from the images'
+    ``dataset``, and a line for the run header saying what was done (None: nothing to say).
+    Pixels: the images themselves. Latents: the data set's latent cache, which the main process
+    encodes where it is missing or unfinished (reusing a finished cache of this data, VAE and
+    settings; one line refusing a cache of anything else); then every process opens it.
+    ``on_main(fn)`` runs ``fn`` on the main process only and returns its result everywhere."""
+    if not isinstance(space, LatentSpace):
+        return dataset, None
+
+    def encode() -> tuple[Path, int]:
+        written: list[int] = []
+        where = encode_dataset(cfg, space, dataset=dataset, on_shard=written.append)
+        return where, len(written)
+
+    began = time.perf_counter()
+    folder, count = on_main(encode)
+    seconds = time.perf_counter() - began
+    record = cache_record(cfg.data, cfg.vae, space, len(dataset),  # type: ignore[arg-type]
+                          getattr(dataset, "class_names", None))
+    cache = LatentCache(folder, record)
+    c, h, w = record["settings"]["latent_shape"]
+    shards = len(cache.manifest["shards"])
+    done = f"encoded {count} of {shards} shards in {seconds:.0f} s" if count else "reused"
+    mirrors = " and their mirrors" if cache.flips else ""
+    return cache, (f"latents: {c}x{h}x{w} from {cfg.vae.path} (x0 = (z - "
+                   f"{space.shift_factor:g}) x {space.scaling_factor:g}); latent cache "
+                   f"{folder} ({len(cache):,} images{mirrors}): {done}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .config import RunConfig
 from .data import BuiltinShapes
+from .data_space import DataSpace, load_space
 from .errors import ConfigError, UsageError
 from .evaluation import (FeatureNetwork, FeatureStats, frechet_distance,
                          kernel_inception_distance, load_inception, reference_images,
@@ -89,9 +90,10 @@ def _sample_config(cfg: RunConfig, num_steps: int | None) -> dict[str, Any]:
 
 
 def _draw(p: Plan, kwargs: dict[str, Any], num_images: int, seed: int, batch_size: int,
-          device: torch.device) -> tuple[Tensor, float]:
-    """``num_images`` images (N, 3, S, S) in [-1, 1] on the CPU from the EMA ``p`` rebuilds
-    (image i from seed + i, its start noise then its step noise), and the sampling seconds."""
+          device: torch.device, space: DataSpace, size: int) -> tuple[Tensor, float]:
+    """``num_images`` images (N, 3, size, size) in [-1, 1] on the CPU from the EMA ``p``
+    rebuilds (image i from seed + i, its start noise then its step noise), decoded by the data
+    ``space`` and downscaled to ``size`` where larger, and the sampling seconds."""
     cfg = p.config
     net = UNet(cfg.unet)
     net.load_state_dict(rebuild(p))
@@ -107,10 +109,12 @@ def _draw(p: Plan, kwargs: dict[str, Any], num_images: int, seed: int, batch_siz
         labels = torch.tensor([i % k for i in idx], device=device) if k is not None else None
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = sample(net, schedule, x_T.to(device), class_labels=labels, generator=gens,
-                         **kwargs)
+            out = space.decode(sample(net, schedule, x_T.to(device), class_labels=labels,
+                                      generator=gens, **kwargs))
         out = out.float().cpu()  # waits for the device: part of the time
         seconds += time.perf_counter() - t0
+        if out.shape[-1] != size:
+            out = torch.nn.functional.interpolate(out, size=(size, size), mode="area")
         images.append(out.clamp(-1, 1))
     x = torch.cat(images)
     if x.shape[1] == 1:  # grayscale: the feature networks read RGB
@@ -161,7 +165,11 @@ def judge_ema_lengths(run_dir: str | os.PathLike, sigma_rels: Sequence[float], *
     cfg = plans[0].config
     kwargs = _sample_config(cfg, num_steps)
     device = torch.device(device)
-    size = cfg.unet.image_size
+    # a latent run's samples are decoded by its VAE (and never clipped as latents)
+    space = load_space(cfg.vae, device=device)
+    kwargs["clip_x0"] = space.clip_x0(kwargs.get("clip_x0"))
+    size = space.image_shape((cfg.unet.in_channels, cfg.unet.image_size,
+                              cfg.unet.image_size))[1]
     builtin_data = reference is None and not reference_items
     if builtin_data and cfg.data.source != "builtin":
         raise UsageError(f"{run_dir} trained on data.source={cfg.data.source}, not the built-in "
@@ -174,9 +182,11 @@ def judge_ema_lengths(run_dir: str | os.PathLike, sigma_rels: Sequence[float], *
     if kind == "builtin":
         judge = load_judge(feature_weights, device=device)
         jsize = judge.config.image_size
-        if size != jsize:
-            raise UsageError(f"the built-in judge reads {jsize}x{jsize} images and this run's "
-                             f"are {size}x{size}; give --reference with --features inception")
+        if size < jsize or size % jsize:
+            raise UsageError(f"the built-in judge reads {jsize}x{jsize} images (or larger ones "
+                             f"it downscales: {2 * jsize}x{2 * jsize}, ...) and this run's are "
+                             f"{size}x{size}; give --reference with --features inception")
+        size = jsize  # larger samples are downscaled to it (area: the mean of each block)
         network = judge.feature_network()
     else:
         network = load_inception(feature_weights, device=device)
@@ -199,7 +209,7 @@ def judge_ema_lengths(run_dir: str | os.PathLike, sigma_rels: Sequence[float], *
     for p in plans:
         if progress is not None:
             progress(f"sigma_rel {p.sigma_rel:g}: sampling {num_images} images")
-        images, seconds = _draw(p, kwargs, num_images, seed, batch_size, device)
+        images, seconds = _draw(p, kwargs, num_images, seed, batch_size, device, space, size)
         recognisable = entropy = None
         if judge is not None:
             feats, probs = judge.judge(images.to(device))

@@ -129,6 +129,28 @@ def check_training_fits(net: UNetConfig | None, timesteps: int | None, batch: in
     return n
 
 
+def process_state(requested: str | None, alone: str, doing: str) -> tuple[Any, torch.device]:
+    """For a command that splits its work across ``accelerate launch``'s processes (``diffunet
+    encode``): Accelerate's ``PartialState`` (``ACCELERATE_USE_CPU=1`` or ``--device cpu``
+    joins the processes on the CPU) and this process's device (its ``--device``,
+    ``requested``). A launch of lone processes is refused (:func:`refuse_lone_processes`)."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cpu_requested() or requested == "cpu")
+    refuse_lone_processes(state.num_processes, alone, doing)
+    device = (torch.device("cpu") if requested is None and state.device.type == "cpu"
+              else pick_device(requested, state.local_process_index))
+    return state, device
+
+
+def gather_objects(item: Any) -> list[Any]:
+    """``item`` of every process of the launch, in rank order (a collective: every process
+    calls it)."""
+    from accelerate.utils import gather_object
+
+    return gather_object([item])
+
+
 def pick_device(requested: str | None, local_index: int = 0) -> torch.device:
     """The device a command runs on, from its ``--device``: None is this process's GPU where
     CUDA is available, else the CPU; a bare ``cuda`` is this process's GPU (``local_index``, the

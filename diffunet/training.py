@@ -50,6 +50,7 @@ from .config import RunConfig, TrainConfig, to_dict
 from .data import (GlobalBatchSampler, HFStream, build_dataset, make_dataloader,
                    skipped_note)
 from .data_space import DataSpace, load_space
+from .latent_cache import training_set
 from .errors import ConfigError, StopRequested, TrainingError
 from .formulations import Formulation, make_schedule
 from .fileio import encode_image
@@ -573,7 +574,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         # the data space: pixels, or a VAE's latents (the loader then reads the latent cache,
         # which the main process builds or reuses here)
         space = load_space(cfg.vae, device=run.device)
-        dataset, space_line = space.training_set(cfg, dataset, run.collective)
+        dataset, space_line = training_set(cfg, space, dataset, run.collective)
         _check_labels(cfg, dataset)
         names = _class_names(cfg, dataset)
         schedule = make_schedule(cfg.schedule)

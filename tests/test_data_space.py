@@ -234,17 +234,6 @@ def test_the_vae_section_checks_itself(table: dict, message: str) -> None:
     assert str(e.value) == message
 
 
-def test_training_refuses_a_vae_until_latent_training_exists(vae_dir: Path,
-                                                             tmp_path: Path) -> None:
-    from diffunet.training import train
-    cfg = load_run_config(None, [f"vae.path={vae_dir}", "data.image_size=64"])
-    with pytest.raises(ConfigError, match=r"^vae.path: training on a VAE's latents is not built "
-                       r"yet \(the latent cache comes next\); remove \[vae\] to train on "
-                       r"pixels$"):
-        train(cfg, tmp_path / "run")
-    assert not (tmp_path / "run").exists()
-
-
 # ---------------------------------------------------------------------------------------------
 # Bad VAE folders: one line each, naming the problem and the fix
 
@@ -364,12 +353,14 @@ def test_the_command_line_says_it_in_one_line_and_exits_2(vae_dir: Path, tmp_pat
         (f"vae.path={folder}", "data.image_size=32", "--dry-run"):
             f"vae.path: {folder}/config.json: latent_channels: expected int, got '4'; not the "
             "config diffusers writes for an AutoencoderKL",
-        # ... a shape that does not fit it, and (for now) a good one: no latent training yet
+        # ... a shape that does not fit it, and a stream (a latent run caches the whole set)
         (f"vae.path={vae_dir}", "data.image_size=33"): "data.image_size: 33 is not divisible "
             "by the VAE's downsampling 2 (2^(2-1) for its 2 block_out_channels), so its latents "
             "cannot cover the image; use a multiple of 2, e.g. 32",
-        (f"vae.path={vae_dir}", "data.image_size=32"): "vae.path: training on a VAE's latents "
-            "is not built yet (the latent cache comes next); remove [vae] to train on pixels",
+        (f"vae.path={vae_dir}", "data.image_size=32", "data.source=hf", "data.name=a/b",
+         "data.streaming=true"): "data.streaming: a latent run ([vae]) encodes the whole data "
+            "set once into its latent cache, which a stream cannot give; set data.streaming = "
+            "false",
     }
     for args, message in cases.items():
         assert main(["train", *args, "--out-dir", str(out)]) == 2

@@ -341,6 +341,7 @@ def test_sampler_settings_from_the_model_file_and_flags(world, tmp_path):
 
 def test_previews_pass_the_sample_settings_through(monkeypatch, tmp_path):
     import diffunet.training as training
+    from diffunet.data_space import PixelSpace
 
     seen = {}
     monkeypatch.setattr(training, "sample", lambda *a, **kw: seen.update(kw) or a[2])
@@ -355,7 +356,7 @@ def test_previews_pass_the_sample_settings_through(monkeypatch, tmp_path):
                           write_file=lambda sub, name, data, durable: seen.update(
                               written=(sub, name, data[:8])))
     ema = SimpleNamespace(model=None)
-    training._preview_fn(cfg, ema, None, run)(1)
+    training._preview_fn(cfg, ema, None, run, PixelSpace())(1)
     assert (seen["sampler"], seen["sigmas"], seen["s_churn"], seen["s_noise"]) == (
         "heun", "exponential", 5.0, 1.01)
     assert seen["s_tmax"] == math.inf and seen["rho"] == 7.0

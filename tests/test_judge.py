@@ -308,8 +308,8 @@ def test_quality_per_nfe_skips_what_cannot_run_and_refuses_other_models(tmp_path
                                 num_reference=20)
     assert [(r.sampler, r.grid) for r in result.rows] == [("euler", "karras")]
     assert any("uniform grid" in note and "EDM" in note for note in result.skipped)
-    with pytest.raises(UsageError, match="judge reads RGB 32x32 images and this model makes "
-                                         "3x16x16"):
+    with pytest.raises(UsageError, match=r"judge reads RGB 32x32 images \(or larger ones it "
+                                         r"downscales: 64x64, ...\) and this model makes 3x16x16"):
         jd.quality_per_nfe(_tiny_model(tmp_path, 16), judge=judge, num_images=4)
     with pytest.raises(UsageError, match="sigma grid"):
         jd.quality_per_nfe(edm, judge=judge, grids=("linear",))

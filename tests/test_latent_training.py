@@ -5,6 +5,7 @@ model files are decoded images and a VAE record."""
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import shutil
 from pathlib import Path
@@ -340,3 +341,20 @@ def test_two_processes_split_the_encode_and_write_the_same_cache(
     two = json.loads((tmp_path / "two" / latent_cache.MANIFEST).read_text())
     assert len(two["shards"]) == 3
     assert [e["sha256"] for e in two["shards"]] == [e["sha256"] for e in one["shards"]]
+
+
+def test_eval_nfe_and_eval_ema_judge_decoded_images(vae_dir: Path, tmp_path: Path) -> None:
+    from diffunet.judge import quality_per_nfe
+    from diffunet.phema_eval import judge_ema_lengths
+    # 64x64 images as 4x32x32 latents: decoded, then downscaled to the judge's 32x32
+    cfg = _cfg(tmp_path, vae_dir, "data.image_size=64", "train.max_steps=2",
+               "train.guide_at=0", "train.sample_every=100", "unet.channel_mults=[1]",
+               "data.random_flip=false")
+    train(cfg, tmp_path / "run", progress=False)
+    nfe = quality_per_nfe(_model(tmp_path / "run", 2), num_images=4, budgets=[2],
+                          samplers=["euler"], grids=["karras"], num_reference=8, batch_size=4,
+                          cache_dir=None)
+    assert len(nfe.rows) == 1 and math.isfinite(nfe.rows[0].fid)
+    ema = judge_ema_lengths(tmp_path / "run", [0.1], num_images=4, num_steps=2,
+                            num_reference=8, batch_size=4)
+    assert len(ema.rows) == 1 and math.isfinite(ema.rows[0].fid)

@@ -37,8 +37,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("segmentation",),
     ("training",),
     ("sampling", "editing"),  # editing: sampling's init images and masks
-    ("evaluation", "judge", "plots", "phema_eval", "latent_cache"),  # judge: the shapes classifier; uses
-    # evaluation's FID; phema_eval: `eval ema`, post-hoc EMA lengths judged
+    ("evaluation", "judge", "plots", "phema_eval", "latent_cache", "shapes_vae"),  # judge: the
+    # shapes classifier; uses evaluation's FID; phema_eval: `eval ema`, post-hoc EMA lengths
+    # judged; shapes_vae: the shipped VAE of the shapes and its training
     ("bench", "inspection", "interop"),
     ("runs", "outputs", "output_files"),  # output folders; single output files
     ("state", "checkpoint", "phema_files"),  # phema_files: post-hoc EMA snapshot files
@@ -441,9 +442,27 @@ WRITERS: dict[str, dict[str, str]] = {
                                              "config.json and safetensors weights only",
     },
     "latent_cache": {
-        "uses data_space.vae_folder": "the VAE whose files it hashes, by Hub id: Hugging Face's "
-                                      "own cache (data_space's download); its shards go "
-                                      "through outputs.claim_folder",
+        "uses data_space.vae_identity": "the VAE whose files it hashes, by Hub id: Hugging "
+                                        "Face's own cache (data_space's download); its shards "
+                                        "go through outputs.claim_folder",
+    },
+    "judge": {
+        "uses data_space.model_space": "a latent model's VAE by Hub id (eval nfe decodes "
+                                       "through it): Hugging Face's own cache (data_space's "
+                                       "download)",
+    },
+    "sampling": {
+        "uses data_space.model_space": "a latent model's VAE by Hub id (sample decodes through "
+                                       "it): Hugging Face's own cache (data_space's download)",
+    },
+    "training": {
+        "uses data_space.load_space": "a latent run's VAE by Hub id (its cache and previews): "
+                                      "Hugging Face's own cache (data_space's download)",
+    },
+    "cli.encode": {
+        "uses data_space.load_space": "the VAE by Hub id, into Hugging Face's own cache "
+                                      "(data_space's download); the cache itself goes through "
+                                      "outputs.claim_folder",
     },
     "cli.common": {
         "uses data_space.load_run_config": "a [vae] run's VAE config.json by Hub id, into "

@@ -26,17 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import time
-
-    import torch
     from tqdm.auto import tqdm
 
     from ..data import build_dataset
     from ..data_space import LatentSpace, load_space
     from ..errors import UsageError
     from ..latent_cache import MANIFEST, SHARD_SIZE, encode_dataset
-    from accelerate import PartialState
-
-    from ..runs import cpu_requested, pick_device, refuse_lone_processes
+    from ..runs import process_state
 
     cfg, _ = resolve_run_config(args.items, None, False, root=RunConfig, default_name="default")
     if cfg.vae.path is None:
@@ -44,10 +40,7 @@ def run(args: argparse.Namespace) -> int:
                          "the images themselves and has nothing to encode: set vae.path")
     # under `accelerate launch` the processes split the shards (ACCELERATE_USE_CPU=1 or
     # --device cpu joins them on the CPU, as `diffunet sample` does)
-    state = PartialState(cpu=cpu_requested() or args.device == "cpu")
-    refuse_lone_processes(state.num_processes, "encode every shard alone", "encode")
-    device = (torch.device("cpu") if args.device is None and state.device.type == "cpu"
-              else pick_device(args.device, state.local_process_index))
+    state, device = process_state(args.device, "encode every shard alone", "encode")
     space = load_space(cfg.vae, device=device)
     assert isinstance(space, LatentSpace)
     dataset = build_dataset(cfg.data)
