@@ -455,15 +455,7 @@ WRITERS: dict[str, dict[str, str]] = {
         "uses data_space.model_space": "a latent model's VAE by Hub id (sample decodes through "
                                        "it): Hugging Face's own cache (data_space's download)",
     },
-    "training": {
-        "uses data_space.load_space": "a latent run's VAE by Hub id (its cache and previews): "
-                                      "Hugging Face's own cache (data_space's download)",
-    },
-    "cli.encode": {
-        "uses data_space.load_space": "the VAE by Hub id, into Hugging Face's own cache "
-                                      "(data_space's download); the cache itself goes through "
-                                      "outputs.claim_folder",
-    },
+
     "cli.common": {
         "uses data_space.load_run_config": "a [vae] run's VAE config.json by Hub id, into "
                                            "Hugging Face's own cache (data_space's download)",
