@@ -372,6 +372,18 @@ class LatentSpace(DataSpace):
                 "shift_factor": self.shift_factor, "image_channels": self.shape.image_channels,
                 "latent_channels": self.shape.latent_channels, "factor": self.shape.factor}
 
+    def image_shape(self, state_shape: Sequence[int]) -> tuple[int, int, int]:
+        _, h, w = state_shape
+        f = self.shape.factor
+        return (self.shape.image_channels, h * f, w * f)
+
+    def state_mask(self, keep: Tensor) -> Tensor:
+        """A latent cell is kept only where all its f x f pixels are (min-pooled): whatever
+        touches the repainted region is repainted. Approximate, as diffusers' latent inpainting
+        is: the decoder mixes neighbouring cells, so kept pixels near the border change too."""
+        f = self.shape.factor
+        return -torch.nn.functional.max_pool2d(-keep, kernel_size=f, stride=f)
+
     @staticmethod
     def batch_state_shape(batch: Tensor) -> tuple[int, ...]:
         return tuple(batch.shape[2:])  # (b, 2 or 4, c, h, w): posterior mean, std [, mirrored]
