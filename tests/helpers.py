@@ -11,6 +11,7 @@ fresh network's output layers.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,3 +54,18 @@ def perturbed(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
     return model
+
+
+def save_tiny_vae(folder: Path, seed: int = 0, sample_size: int = 16) -> Path:
+    """A tiny diffusers AutoencoderKL (2 levels: downsampling 2, 4 latent channels), its
+    weights from ``seed``, saved into ``folder`` as diffusers saves one (config.json and
+    safetensors weights only); returns ``folder``. Needs diffusers (the dev extra)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=sample_size)
+    vae.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -22,6 +22,8 @@ from diffunet.errors import ConfigError, MissingDependencyError, ModelFileError
 from diffunet.formulations.base import CLIP_RANGE, clip_estimate
 from processes import clean_env
 
+from helpers import save_tiny_vae
+
 diffusers = pytest.importorskip("diffusers")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,13 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny AutoencoderKL (2 levels: downsampling 2, 4 latent channels) saved as diffusers
     saves one, safetensors only."""
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=32)
-    folder = tmp_path_factory.mktemp("vae") / "tiny-vae"
-    vae.save_pretrained(folder, safe_serialization=True)
+    folder = save_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae", 0, sample_size=32)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json",
                                                         "diffusion_pytorch_model.safetensors"]
     return folder

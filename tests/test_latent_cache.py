@@ -23,6 +23,8 @@ from diffunet.data_space import LatentSpace, load_run_config, load_space
 from diffunet.errors import ConfigError, FolderError, ModelFileError
 from diffunet.latent_cache import MANIFEST, LatentCache, encode_dataset, shard_name
 
+from helpers import save_tiny_vae
+
 diffusers = pytest.importorskip("diffusers")
 
 _SMALL = "[unet]\nbase_channels = 8\nchannel_mults = [1, 2]\nattn_resolutions = []\n" \
@@ -31,13 +33,7 @@ NAMES = [shard_name(k) for k in range(3)]
 
 
 def _save_vae(folder: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=16)
-    vae.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return save_tiny_vae(folder, seed)
 
 
 @pytest.fixture(scope="module")

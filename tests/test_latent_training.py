@@ -22,7 +22,7 @@ from diffunet.config import RunConfig, VaeConfig, load_config
 from diffunet.data_space import LatentShape, LatentSpace, load_run_config, vae_identity
 from diffunet.errors import ConfigError, FolderError
 from diffunet.training import train
-from helpers import tiny_run
+from helpers import save_tiny_vae, tiny_run
 from processes import cpu_env, launch_two
 
 diffusers = pytest.importorskip("diffusers")
@@ -48,13 +48,7 @@ num_images = 4
 
 
 def _save_vae(folder: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=16)
-    vae.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return save_tiny_vae(folder, seed)
 
 
 @pytest.fixture(scope="module")
