@@ -288,11 +288,14 @@ def _recorded_shards(out: OutputFolder, folder: Path, record: dict[str, Any],
 
 def encode_dataset(cfg: RunConfig, space: LatentSpace, *, dataset: Optional[Dataset] = None,
                    on_shard: Optional[Callable[[int], None]] = None,
+                   on_start: Optional[Callable[[Path, int, int], None]] = None,
                    state: Any = None) -> Path:
     """Encode ``cfg.data``'s data set (``dataset``: it, already built) through ``space``
     (loaded from ``cfg.vae``) into its cache folder (:func:`cache_folder`), resuming a
     cache of the same record, and return the folder. ``on_shard(k)`` is called (main process)
-    after shard k is written and recorded (progress; a test's simulated kill).
+    after shard k is written and recorded (progress; a test's simulated kill), and
+    ``on_start(folder, missing, total)`` (main process) once it knows how many of the
+    ``total`` shards it must encode.
 
     ``state`` (an Accelerate ``PartialState``, under ``accelerate launch``) splits the shards
     across its processes: the main process claims the folder and keeps the manifest, each
@@ -333,6 +336,8 @@ def encode_dataset(cfg: RunConfig, space: LatentSpace, *, dataset: Optional[Data
             out.remove_leftovers()  # temporaries of a killed write
             write_manifest()  # lists every shard name before the first is written (output rule)
             plan = (out.identity, [k for k, name in enumerate(names) if name not in done])
+            if on_start is not None:
+                on_start(folder, len(plan[1]), len(names))
         except Exception as e:  # raised on every process by _same_outcome
             error = e
     try:
@@ -375,19 +380,28 @@ def encode_dataset(cfg: RunConfig, space: LatentSpace, *, dataset: Optional[Data
 
 
 def training_set(cfg: RunConfig, space: DataSpace, dataset: Dataset,
-                 on_main: Callable[[Callable[[], Any]], Any]) -> tuple[Dataset, Optional[str]]:
+                 on_main: Callable[[Callable[[], Any]], Any],
+                 say: Callable[[str], None] = lambda msg: None
+                 ) -> tuple[Dataset, Optional[str]]:
     """The data set a run of ``cfg`` trains on in the data ``space``, made from the images'
     ``dataset``, and a line for the run header saying what was done (None: nothing to say).
     Pixels: the images themselves. Latents: the data set's latent cache, which the main process
     encodes where it is missing or unfinished (reusing a finished cache of this data, VAE and
     settings; one line refusing a cache of anything else); then every process opens it.
-    ``on_main(fn)`` runs ``fn`` on the main process only and returns its result everywhere."""
+    ``on_main(fn)`` runs ``fn`` on the main process only and returns its result everywhere;
+    ``say`` hears, before an encode starts, what it will encode (it can take minutes)."""
     if not isinstance(space, LatentSpace):
         return dataset, None
 
     def encode() -> tuple[Path, int]:
         written: list[int] = []
-        where = encode_dataset(cfg, space, dataset=dataset, on_shard=written.append)
+        def started(folder: Path, missing: int, total: int) -> None:
+            if missing:
+                say(f"latent cache: encoding {missing} of {total} shards of {len(dataset):,} "
+                    f"images through {cfg.vae.path} into {folder} (once: later runs reuse it)")
+
+        where = encode_dataset(cfg, space, dataset=dataset, on_shard=written.append,
+                               on_start=started)
         return where, len(written)
 
     began = time.perf_counter()

@@ -574,7 +574,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         # the data space: pixels, or a VAE's latents (the loader then reads the latent cache,
         # which the main process builds or reuses here)
         space = load_space(cfg.vae, device=run.device)
-        dataset, space_line = training_set(cfg, space, dataset, run.collective)
+        dataset, space_line = training_set(cfg, space, dataset, run.collective, run.tell)
         _check_labels(cfg, dataset)
         names = _class_names(cfg, dataset)
         schedule = make_schedule(cfg.schedule)

@@ -88,6 +88,7 @@ def test_the_unet_follows_the_vae_and_the_run_trains_on_latents(vae_dir: Path,
     said: list[str] = []
     result = train(cfg, tmp_path / "out", progress=False, say=said.append)
     assert result.step == 2
+    assert any(m.startswith("latent cache: encoding 1 of 1 shards of 24 images") for m in said)
     line = next(m for m in said if m.startswith("latents: "))
     assert "4x8x8" in line and "encoded 1 of 1 shards" in line and "24 images and their " \
         "mirrors" in line
