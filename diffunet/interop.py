@@ -682,6 +682,14 @@ def export_diffusers(model_file: str | os.PathLike, folder: str | os.PathLike, *
     if loaded.schedule is None:
         raise ModelFileError(f"{model_file} has no noise schedule (a segmentation model?); only "
                              "diffusion models export to a diffusers pipeline")
+    if loaded.metadata.get("vae") is not None:
+        # its UNet's outputs are a VAE's scaled latents: a pipeline folder of the UNet and the
+        # scheduler alone would decode nothing, and diffusers' unconditional latent pipeline
+        # (LDMPipeline, deprecated) takes a VQModel and applies no scaling_factor
+        raise UsageError(f"{model_file} is a latent model (trained on the latents of the VAE "
+                         f"{loaded.metadata['vae'].get('path')}); exporting it with its VAE as "
+                         "a diffusers pipeline folder is not built yet: sample it with "
+                         "`diffunet sample`")
     schedule = loaded.schedule
     if schedule.diffusers_scheduler is None:
         raise ModelFileError(f"{model_file} is {schedule.article} {schedule.title} model "

@@ -353,3 +353,19 @@ def test_eval_nfe_and_eval_ema_judge_decoded_images(vae_dir: Path, tmp_path: Pat
     ema = judge_ema_lengths(tmp_path / "run", [0.1], num_images=4, num_steps=2,
                             num_reference=8, batch_size=4)
     assert len(ema.rows) == 1 and math.isfinite(ema.rows[0].fid)
+
+
+def test_info_names_the_vae_and_the_image_size(latent_model: Path, vae_dir: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["info", str(latent_model)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("data space"))
+    assert f"latents of the VAE {vae_dir}: 4x8x8 states, 16x16 images" in line
+    assert vae_identity(VaeConfig(path=str(vae_dir)))["weights_sha256"] in line
+
+
+def test_export_refuses_a_latent_model_in_one_line(latent_model: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["export", str(latent_model), str(tmp_path / "pipe")]) == 2
+    err = capsys.readouterr().err
+    assert "is a latent model" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "pipe").exists()
