@@ -55,6 +55,7 @@ from .evaluation import (FeatureNetwork, FeatureStats, frechet_distance,
                          kernel_inception_distance, reference_statistics)
 from .fileio import first_line
 from .output_files import OutputFile, claim_file
+from .guidance import FULL_WEIGHT_STEPS, HALF_WEIGHT_STEPS, carried_guide_weight
 from .samplers import (SAMPLERS, SIGMA_GRIDS, NetworkCount, check_sampling, check_sigma_range,
                        network_calls, sample)
 from .version import __version__
@@ -666,9 +667,11 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
     cfg = net.config
     flag = dict(names or {}).get
     guide, carried = None, None
+    follow = None  # the carried guide's recorded weight, eased per step count as sample does
     if guide_model is None and not no_guide and loaded.guide is not None:
         carried = loaded.guide  # the run's own earlier EMA, as diffunet sample uses it
-        guidance_scale = carried.scale if guidance_scale is None else guidance_scale
+        if guidance_scale is None:
+            follow, guidance_scale = carried.scale, carried.scale
         guide = carried.net if guidance_scale != 1.0 else None
     guidance_scale = 1.0 if guidance_scale is None else guidance_scale
     del loaded
@@ -745,7 +748,9 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
                                          num_steps=steps, sigmas=grid, clip_x0=clip_x0,
                                          sigma_min=sigma_min, sigma_max=sigma_max,
                                          class_labels=y, generator=gens,
-                                         guidance_scale=guidance_scale, guide_model=guide,
+                                         guidance_scale=guidance_scale if follow is None
+                                         else carried_guide_weight(follow, steps),
+                                         guide_model=guide,
                                          guidance_interval=guidance_interval,
                                          network_count=count)
                             out = space.decode(out)  # a latent model's VAE: part of the time
@@ -782,7 +787,8 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
                               "guide_step": None if guide is None or carried is None
                               else carried.step,
                               "guidance_interval": None if guidance_interval is None
-                              else list(guidance_interval)})
+                              else list(guidance_interval),
+                              "weight_follows_steps": follow is not None})
 
 
 def format_nfe_table(result: NFEResult) -> str:
@@ -816,7 +822,11 @@ def format_nfe_table(result: NFEResult) -> str:
                 f"autoguidance by {o.get('guide_model')}") if o.get("guide_model")
                else "classifier-free guidance")
         interval = o.get("guidance_interval")
-        lines.append(f"{how}, weight {o['guidance_scale']:g}"
+        w = o["guidance_scale"]
+        eased = (f" at {FULL_WEIGHT_STEPS} steps or more, {carried_guide_weight(w, 0):g} at "
+                 f"{HALF_WEIGHT_STEPS} or fewer, linear between (as diffunet sample)"
+                 if o.get("weight_follows_steps") else "")
+        lines.append(f"{how}, weight {w:g}{eased}"
                      + (f", at sigma in [{interval[0]:g}, {interval[1]:g}]" if interval else "")
                      + "; NFE counts the model's network calls, guided those that also "
                      "evaluated the guide" + (" network" if o.get("guide_model") else

@@ -68,6 +68,7 @@ from .images import image_header, make_grid_image, tensor_image
 from .outputs import FolderWriter, OutputFolder, claim_folder, join_folder
 from .resources import check_fits, network_cost
 from .runs import cpu_requested, pick_device, refuse_lone_processes
+from .guidance import carried_guide_weight
 from .samplers import (MAX_RESAMPLE, MULTISTEP_SAMPLERS, ONE_STEP_SAMPLERS, check_sampling,
                        check_sigma_range, make_sigmas, preview_grid, sample)
 from .version import __version__
@@ -371,7 +372,9 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
     :class:`~diffunet.config.SampleConfig`'s defaults) with the ones ``options`` gives in their
     place. ``guidance_scale`` comes out as the weight of the guidance that runs
     (:func:`guidance_kind`): a carried guide's is its recorded ``scale`` unless
-    ``options.guidance_scale`` is given, and so is that of a ``guide_model`` that replaces it.
+    ``options.guidance_scale`` is given, eased at few steps
+    (:func:`~diffunet.guidance.carried_guide_weight`: half the guidance at 10 steps or fewer),
+    and so is that of a ``guide_model`` that replaces it.
     The stored guidance (scale and interval) applies only to guidance of the same kind:
     classifier-free (the file's ``guide_model`` unset and no carried guide) with class labels,
     the carried guide's interval with the carried guide, autoguidance (``guide_model`` set)
@@ -427,6 +430,11 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
     if given.get("sigmas", "karras") != "karras" and "rho" not in given:
         settings["rho"] = defaults["rho"]
     settings.update(given)
+    if kind in ("carried", "auto") and carried is not None and not auto \
+            and "guidance_scale" not in given:
+        # the carried guide's recorded weight, eased at few steps (guidance.carried_guide_weight)
+        settings["guidance_scale"] = carried_guide_weight(float(carried["scale"]),
+                                                          settings["num_steps"])
     uniform = preview_grid(_stored_formulation(meta), settings["sampler"],
                            settings["sigmas"]) == "uniform"
     for key in _RANGE:

@@ -57,6 +57,7 @@ from .fileio import encode_image
 from .images import make_grid_image
 from .phema import PowerEMA
 from .runs import EMA, Run, state_must_fit
+from .guidance import carried_guide_weight
 from .samplers import check_sigma_range, sample
 from .unet import UNet
 
@@ -405,7 +406,8 @@ def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run, space
         kwargs, weak = dict(base_kwargs), guide  # a fresh copy: the guide may set its weight
         own = carried.after(step) if carried is not None and guide is None else None
         if own is not None and s.guide_scale != 1.0:  # autoguidance comes before CFG
-            weak, kwargs["guidance_scale"] = own.net, s.guide_scale
+            weak = own.net  # at the weight diffunet sample gives it at this many steps
+            kwargs["guidance_scale"] = carried_guide_weight(s.guide_scale, s.num_steps)
         elif weak is None and s.guidance_scale == 1.0:
             kwargs["guidance_interval"] = None  # for the carried guide, not taken yet
         try:
