@@ -663,8 +663,8 @@ class SampleConfig:
     after the guide step use, recorded in every model file that carries the guide as its
     default weight (``diffunet sample --guidance-scale W`` overrides it; ``--no-guide`` drops
     the guide), eased at fewer than 25 steps (:func:`diffunet.guidance.carried_guide_weight`:
-    half the guidance at 10 or fewer). 2 measured best at 25 steps (docs/recipes.md); 1 leaves
-    the carried guide unused.
+    half the guidance at 10, none at 5 or fewer). 2 measured best at 25 steps
+    (docs/recipes.md); 1 leaves the carried guide unused.
     ``guidance_scale`` is the weight of the other guidances (classifier-free, ``guide_model``)."""
     guide_model: str | None = free_on_resume(None)
     """Previews: a model file that guides the model (autoguidance, Karras et al. 2024,

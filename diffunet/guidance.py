@@ -40,7 +40,7 @@ from .errors import UsageError
 from .formulations.base import Formulation
 
 __all__ = ["NetworkCount", "StackedNetworks", "STACKED_DEVICES", "INTERVAL_RTOL",
-           "carried_guide_weight", "FULL_WEIGHT_STEPS", "HALF_WEIGHT_STEPS",
+           "carried_guide_weight", "FULL_WEIGHT_STEPS", "HALF_WEIGHT_STEPS", "UNGUIDED_STEPS",
            "guided_network", "guide_mismatch", "stackable", "resolve_null_label"]
 
 Network = Callable[..., Tensor]
@@ -61,20 +61,29 @@ there the vmapped call (grouped convolutions, attention looped over the pair) me
 FULL_WEIGHT_STEPS = 25
 """From this many sampling steps on, the carried guide runs at its recorded weight w."""
 HALF_WEIGHT_STEPS = 10
-"""At this many steps and fewer, it runs at half its guidance: 1 + (w - 1) / 2."""
+"""At this many steps it runs at half its guidance, 1 + (w - 1) / 2."""
+UNGUIDED_STEPS = 5
+"""At this many steps and fewer it does not run (weight 1: unguided, the guide not evaluated)."""
 
 
 def carried_guide_weight(scale: float, num_steps: int) -> float:
     """The autoguidance weight the carried guide (``train.guide_at``) runs at when nobody gave
-    one: its recorded ``scale`` w (``sample.guide_scale``) at :data:`FULL_WEIGHT_STEPS` steps
-    or more, 1 + (w - 1) / 2 at :data:`HALF_WEIGHT_STEPS` or fewer, linear in the step count
-    between. Measured on two default runs, each on two seed sets of 1,000 images
-    (docs/recipes.md): at 25 steps w 2 won, at 10 steps w 1.5 beat w 2 on all four (a coarse
-    step overshoots by more at the same weight). A weight of 1 or less is kept as it is."""
+    one, from its recorded ``scale`` w (``sample.guide_scale``) and the step count: w at
+    :data:`FULL_WEIGHT_STEPS` steps or more, 1 + (w - 1) / 2 at :data:`HALF_WEIGHT_STEPS`, 1
+    (unguided) at :data:`UNGUIDED_STEPS` or fewer, linear in the step count between. Fitted to
+    the judge on the default run (docs/recipes.md): at 25 and 50 steps w 2 wins; at 10 steps w
+    1.5 beat w 2 on two runs and both seed sets; at 8 steps w 1.5 was level with unguided and
+    w 2 far worse; at 5 steps unguided beat w 1.5 and w 2 (14.96 against 21.58 and 28.75). A
+    coarse step overshoots by more at the same weight. A weight of 1 or less is kept as it
+    is."""
     if scale <= 1.0:
         return scale
-    share = (num_steps - HALF_WEIGHT_STEPS) / (FULL_WEIGHT_STEPS - HALF_WEIGHT_STEPS)
-    return 1.0 + (scale - 1.0) * (0.5 + 0.5 * min(1.0, max(0.0, share)))
+    if num_steps <= HALF_WEIGHT_STEPS:
+        share = 0.5 * max(0.0, (num_steps - UNGUIDED_STEPS) / (HALF_WEIGHT_STEPS - UNGUIDED_STEPS))
+    else:
+        share = 0.5 + 0.5 * min(1.0, (num_steps - HALF_WEIGHT_STEPS)
+                                / (FULL_WEIGHT_STEPS - HALF_WEIGHT_STEPS))
+    return 1.0 + (scale - 1.0) * share
 
 
 @dataclass

@@ -55,7 +55,8 @@ from .evaluation import (FeatureNetwork, FeatureStats, frechet_distance,
                          kernel_inception_distance, reference_statistics)
 from .fileio import first_line
 from .output_files import OutputFile, claim_file
-from .guidance import FULL_WEIGHT_STEPS, HALF_WEIGHT_STEPS, carried_guide_weight
+from .guidance import (FULL_WEIGHT_STEPS, HALF_WEIGHT_STEPS, UNGUIDED_STEPS,
+                       carried_guide_weight)
 from .samplers import (SAMPLERS, SIGMA_GRIDS, NetworkCount, check_sampling, check_sigma_range,
                        network_calls, sample)
 from .version import __version__
@@ -823,8 +824,9 @@ def format_nfe_table(result: NFEResult) -> str:
                else "classifier-free guidance")
         interval = o.get("guidance_interval")
         w = o["guidance_scale"]
-        eased = (f" at {FULL_WEIGHT_STEPS} steps or more, {carried_guide_weight(w, 0):g} at "
-                 f"{HALF_WEIGHT_STEPS} or fewer, linear between (as diffunet sample)"
+        eased = (f" at {FULL_WEIGHT_STEPS} steps or more, "
+                 f"{carried_guide_weight(w, HALF_WEIGHT_STEPS):g} at {HALF_WEIGHT_STEPS}, 1 "
+                 f"(unguided) at {UNGUIDED_STEPS} or fewer, linear between (as diffunet sample)"
                  if o.get("weight_follows_steps") else "")
         lines.append(f"{how}, weight {w:g}{eased}"
                      + (f", at sigma in [{interval[0]:g}, {interval[1]:g}]" if interval else "")

@@ -373,8 +373,8 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
     place. ``guidance_scale`` comes out as the weight of the guidance that runs
     (:func:`guidance_kind`): a carried guide's is its recorded ``scale`` unless
     ``options.guidance_scale`` is given, eased at few steps
-    (:func:`~diffunet.guidance.carried_guide_weight`: half the guidance at 10 steps or fewer),
-    and so is that of a ``guide_model`` that replaces it.
+    (:func:`~diffunet.guidance.carried_guide_weight`: half the guidance at 10 steps, none at 5),
+    and that of a ``guide_model`` that replaces it is the recorded ``scale`` as it is.
     The stored guidance (scale and interval) applies only to guidance of the same kind:
     classifier-free (the file's ``guide_model`` unset and no carried guide) with class labels,
     the carried guide's interval with the carried guide, autoguidance (``guide_model`` set)
@@ -408,6 +408,11 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
     settings["guide_model"] = None  # a path from the training machine: never used here
     given = {k: getattr(options, k) for k in (*_FLAGS, "clip_x0")
              if getattr(options, k) is not None}
+    if kind == "carried" and carried is not None and "guidance_scale" not in given:
+        # the recorded weight, eased at few steps (5 or fewer: 1, unguided;
+        # guidance.carried_guide_weight); a --guide-model in its place keeps it as it is
+        settings["guidance_scale"] = carried_guide_weight(
+            float(carried["scale"]), given.get("num_steps", settings["num_steps"]))
     if kind is None and given.get("guidance_scale", 1.0) != 1.0:
         raise UsageError(_NEEDS_GUIDANCE.format(given["guidance_scale"]))
     if kind == "carried" and given.get("guidance_scale", 1.0) < 0:
@@ -430,11 +435,6 @@ def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfi
     if given.get("sigmas", "karras") != "karras" and "rho" not in given:
         settings["rho"] = defaults["rho"]
     settings.update(given)
-    if kind in ("carried", "auto") and carried is not None and not auto \
-            and "guidance_scale" not in given:
-        # the carried guide's recorded weight, eased at few steps (guidance.carried_guide_weight)
-        settings["guidance_scale"] = carried_guide_weight(float(carried["scale"]),
-                                                          settings["num_steps"])
     uniform = preview_grid(_stored_formulation(meta), settings["sampler"],
                            settings["sigmas"]) == "uniform"
     for key in _RANGE:
