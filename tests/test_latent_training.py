@@ -369,3 +369,43 @@ def test_export_refuses_a_latent_model_in_one_line(latent_model: Path, tmp_path:
     err = capsys.readouterr().err
     assert "is a latent model" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "pipe").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped VAE of the built-in shapes
+
+
+def test_the_shapes_vae_training_is_deterministic_and_loads(tmp_path: Path) -> None:
+    from diffunet.shapes_vae import VaeTraining, train_shapes_vae
+    how = VaeTraining(steps=2, batch_size=2, image_size=16, crop=8, eval_images=4)
+    files, record = train_shapes_vae(how)
+    again, _ = train_shapes_vae(how)
+    assert files == again  # the same bytes: config and weights
+    assert record["settings"]["steps"] == 2 and math.isfinite(record["held_out_psnr_db"])
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    space = LatentSpace.load(VaeConfig(path=str(folder)))
+    assert space.scaling_factor == record["scaling_factor"] and space.shape.factor == 4
+    assert space.encode(torch.zeros(1, 3, 16, 16)).shape == (1, 4, 4, 4)
+
+
+def test_the_shipped_vae_is_what_its_record_says() -> None:
+    from diffunet.data_space import BUILTIN_VAE, BUILTIN_VAE_FOLDER, latent_shape
+    record = json.loads((BUILTIN_VAE_FOLDER / "training.json").read_text())
+    shape = latent_shape(VaeConfig(path=BUILTIN_VAE))
+    assert (shape.image_channels, shape.latent_channels, shape.factor) == (3, 4, 4)
+    config = json.loads((BUILTIN_VAE_FOLDER / "config.json").read_text())
+    assert config["scaling_factor"] == record["scaling_factor"]
+    assert record["held_out_psnr_db"] > 30  # what docs/latent.md quotes
+
+
+def test_train_vae_refuses_a_folder_of_the_users(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    mine = tmp_path / "out"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert cli.main(["eval", "train-vae", "--out", str(mine), "--steps", "1"]) == 2
+    assert "holds files diffunet did not write" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
