@@ -15,7 +15,7 @@ the same weights on a CPU.
 
 At the end it measures what the docs quote: the reconstruction error (MSE and PSNR of decoded
 posterior means on ``eval_images`` held-out images of seed 1, values in [-1, 1]) and the
-latents' std over 1,000 training images, whose inverse becomes the config's ``scaling_factor``
+latents' std over ``std_images`` (1,000) training images, whose inverse becomes the config's ``scaling_factor``
 (the diffusion state is then about unit-variance, as Stable Diffusion's 0.18215 does for its VAE).
 The weights are kept in float16 (half the size; diffunet loads them as float32).
 """
@@ -49,6 +49,9 @@ class VaeTraining:
     crop: int = 32
     seed: int = 0
     eval_images: int = 1000
+    """Held-out images (seed 1) the reconstruction error is measured on."""
+    std_images: int = 1000
+    """Training images whose latents' std sets ``scaling_factor``."""
 
 
 def build_shapes_vae(image_size: int = 64) -> torch.nn.Module:
@@ -120,9 +123,9 @@ def train_shapes_vae(how: VaeTraining = VaeTraining(),
             x = _images(held_out, list(range(start, min(start + 50, how.eval_images))))
             mean = vae.encode(x).latent_dist.mean
             errors.append(((vae.decode(mean).sample.clamp(-1, 1) - x) ** 2).mean((1, 2, 3)))
-        train_x = _images(data, list(range(1000)))
+        train_x = _images(data, list(range(how.std_images)))
         latents = torch.cat([vae.encode(train_x[s:s + 50]).latent_dist.mean
-                             for s in range(0, 1000, 50)])
+                             for s in range(0, how.std_images, 50)])
         mse_all = torch.cat(errors).mean().item()
         std = latents.std().item()
     scaling = round(1.0 / std, 5)
