@@ -241,9 +241,15 @@ def vae_identity(vae: VaeConfig, folder: Optional[Path] = None) -> dict[str, Any
     (the SHA-256 of its config.json and weights): a folder replaced by another VAE of the same
     name is another VAE. ``folder``: :func:`vae_folder` of ``vae``, if already found."""
     folder = vae_folder(vae) if folder is None else folder
-    return {"path": vae.path, "revision": vae.revision, "subfolder": vae.subfolder,
-            "config_sha256": _sha256_file(folder / "config.json"),
-            "weights_sha256": _sha256_file(folder / VAE_WEIGHTS)}
+    hashes = {}
+    for key, name in (("config_sha256", "config.json"), ("weights_sha256", VAE_WEIGHTS)):
+        try:
+            hashes[key] = _sha256_file(folder / name)
+        except (OSError, ValueError) as e:  # missing, a folder, a FIFO, unreadable
+            raise _refuse(folder, f"its {name} cannot be read ({first_line(e)}); give the "
+                          f"folder of a diffusers AutoencoderKL (config.json and "
+                          f"{VAE_WEIGHTS})") from None
+    return {"path": vae.path, "revision": vae.revision, "subfolder": vae.subfolder, **hashes}
 
 
 def _refuse(where: Path, problem: str) -> ModelFileError:

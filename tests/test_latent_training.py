@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import json
 import shutil
 from pathlib import Path
@@ -413,3 +414,20 @@ def test_train_vae_refuses_a_folder_of_the_users(tmp_path: Path,
     assert cli.main(["eval", "train-vae", "--out", str(mine), "--steps", "1"]) == 2
     assert "holds files diffunet did not write" in capsys.readouterr().err
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_a_vae_folder_with_a_fifo_or_no_weights_is_one_line(latent_model: Path, vae_dir: Path,
+                                                            tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    fifo, empty = tmp_path / "fifo", tmp_path / "empty"
+    for folder in (fifo, empty):
+        folder.mkdir()
+        shutil.copyfile(vae_dir / "config.json", folder / "config.json")
+    os.mkfifo(fifo / "diffusion_pytorch_model.safetensors")  # a read would block forever
+    for folder in (fifo, empty):
+        assert _sample(str(latent_model), "--num-samples", "1", "--out-dir",
+                       str(tmp_path / "out"), "--vae", str(folder)) == 2
+        err = capsys.readouterr().err
+        assert "diffusion_pytorch_model.safetensors cannot be read" in err
+        assert len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
