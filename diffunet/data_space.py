@@ -24,7 +24,6 @@ loaded: it can run code). diffusers is an optional extra, imported only when a V
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -38,7 +37,8 @@ from .checks import fail, looks_like_repo_id
 from .config import RunConfig, VaeConfig, config_from_dict, read_config_data
 from .data import flip_where
 from .errors import ConfigError, MissingDependencyError, ModelFileError, UsageError
-from .fileio import first_line, open_regular_file, parse_json, read_regular_file, schema_problem
+from .fileio import (first_line, parse_json, read_regular_file, regular_file_sha256,
+                     schema_problem)
 from .formulations.base import CLIP_RANGE
 
 __all__ = ["BUILTIN_VAE", "DataSpace", "PixelSpace", "LatentSpace", "LatentShape", "space_class", "load_space",
@@ -227,15 +227,6 @@ def vae_folder(vae: VaeConfig, *, weights: bool = True) -> Path:
     return Path(snapshot) / sub if sub else Path(snapshot)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    # links followed: the Hub's cache links each file to its blob
-    with open_regular_file(path, follow_symlinks=True) as (f, _):
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def vae_identity(vae: VaeConfig, folder: Optional[Path] = None) -> dict[str, Any]:
     """The VAE by where it came from (``path``, ``revision``, ``subfolder``) and by content
     (the SHA-256 of its config.json and weights): a folder replaced by another VAE of the same
@@ -244,7 +235,8 @@ def vae_identity(vae: VaeConfig, folder: Optional[Path] = None) -> dict[str, Any
     hashes = {}
     for key, name in (("config_sha256", "config.json"), ("weights_sha256", VAE_WEIGHTS)):
         try:
-            hashes[key] = _sha256_file(folder / name)
+            # links followed: the Hub's cache links each file to its blob
+            hashes[key] = regular_file_sha256(folder / name)
         except (OSError, ValueError) as e:  # missing, a folder, a FIFO, unreadable
             raise _refuse(folder, f"its {name} cannot be read ({first_line(e)}); give the "
                           f"folder of a diffusers AutoencoderKL (config.json and "

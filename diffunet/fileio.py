@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import os
@@ -35,7 +36,7 @@ from .errors import DataError, NotRegularFileError
 __all__ = ["atomic_save_image", "atomic_write_bytes", "atomic_writer", "encode_image",
            "first_line", "fsync_dir",
            "MAX_JSON_DEPTH", "NotRegularFileError", "open_regular_file", "parse_json", "read_json",
-           "read_regular_file", "schema_problem"]
+           "read_regular_file", "regular_file_sha256", "schema_problem"]
 
 MAX_JSON_DEPTH = 32
 """Deepest nesting of ``[`` and ``{`` accepted in any JSON diffunet reads. Its own files nest
@@ -183,6 +184,17 @@ def open_regular_file(path: str | os.PathLike, *, dir_fd: int | None = None,
         raise
     with f:
         yield f, st.st_size
+
+
+def regular_file_sha256(path: str | os.PathLike, *, follow_symlinks: bool = True) -> str:
+    """SHA-256 hex of the regular file ``path``, read in 1 MiB chunks through
+    :func:`open_regular_file` (a FIFO, device or folder is :class:`NotRegularFileError`; a link
+    too unless ``follow_symlinks``)."""
+    h = hashlib.sha256()
+    with open_regular_file(path, follow_symlinks=follow_symlinks) as (f, _):
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_regular_file(path: str | os.PathLike, max_bytes: int, *, dir_fd: int | None = None,

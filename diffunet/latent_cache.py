@@ -44,7 +44,7 @@ from .data import build_dataset, image_folder
 from .data_space import DataSpace, LatentSpace, vae_identity
 from .errors import FolderError, ModelFileError, UsageError, reported_error
 from .evaluation import default_cache_dir
-from .fileio import first_line, open_regular_file, read_json
+from .fileio import first_line, read_json, regular_file_sha256
 from .outputs import OutputFolder, claim_folder, join_folder
 from .runs import gather_objects
 
@@ -59,7 +59,6 @@ FORMAT = "diffunet-latent-cache"
 FORMAT_VERSION = 1
 _LABEL = "data.latent_cache"
 _MAX_MANIFEST_BYTES = 64 << 20  # about 150 bytes a shard: room for 400k shards
-_HASH_CHUNK = 1 << 20
 
 
 def shard_name(k: int) -> str:
@@ -69,14 +68,6 @@ def shard_name(k: int) -> str:
 
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _sha256_file(path: Path, follow_symlinks: bool = False) -> str:
-    h = hashlib.sha256()
-    with open_regular_file(path, follow_symlinks=follow_symlinks) as (f, _):
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fingerprint(value: Any) -> str:
@@ -194,7 +185,7 @@ def _check_manifest(doc: Any, folder: Path) -> dict[str, Any]:
 def _shard_problem(path: Path, entry: dict[str, Any]) -> Optional[str]:
     """Why the shard file at ``path`` is not the one ``entry`` records, or None."""
     try:
-        digest = _sha256_file(path)
+        digest = regular_file_sha256(path, follow_symlinks=False)
     except FileNotFoundError:
         return "is missing"
     except (OSError, ValueError) as e:  # a link, a folder, a FIFO, unreadable
