@@ -24,6 +24,8 @@ loaded: it can run code). diffusers is an optional extra, imported only when a V
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -42,7 +44,7 @@ from .fileio import (first_line, parse_json, read_regular_file, regular_file_sha
 from .formulations.base import CLIP_RANGE
 
 __all__ = ["BUILTIN_VAE", "DataSpace", "PixelSpace", "LatentSpace", "LatentShape", "space_class", "load_space",
-           "vae_folder", "vae_identity", "model_space", "read_vae_config", "latent_shape", "fit_to_vae", "load_run_config",
+           "vae_folder", "vae_identity", "recorded_vae", "folder_record", "vae_files", "model_space", "read_vae_config", "latent_shape", "fit_to_vae", "load_run_config",
            "VAE_WEIGHTS", "MAX_VAE_CONFIG_BYTES"]
 
 BUILTIN_VAE = "builtin-shapes"
@@ -461,19 +463,19 @@ _RECORD = {"path": str, "revision": (str, type(None)), "subfolder": (str, type(N
            "shift_factor": float, "image_channels": int, "latent_channels": int, "factor": int}
 
 
-def model_space(meta: dict[str, Any], vae_path: Optional[str] = None,
-                device: str | torch.device = "cpu", *, where: str = "the model file",
-                dtype: torch.dtype = torch.float32) -> DataSpace:
-    """The data space a model file's metadata ``meta`` records (``vae``; none: pixels), loaded
-    onto ``device``: the VAE it names, or ``vae_path`` (``--vae``: a local copy, which must be
-    the same VAE by content). One line each for a record that is not one, a VAE that is not
-    there, and another VAE given in its place."""
+def recorded_vae(meta: dict[str, Any], vae_path: Optional[str] = None, *,
+                 where: str = "the model file") -> Optional[tuple[VaeConfig, Path, dict[str, Any]]]:
+    """The VAE a model file's metadata ``meta`` records (``vae``), found and checked without
+    loading it: ``(its VaeConfig, its local folder, the record)``, or None for a pixel model.
+    ``vae_path`` (``--vae``) is a local copy, which must be the same VAE by content. One line
+    each for a record that is not one, a VAE that is not there, and another VAE given in its
+    place."""
     record = meta.get("vae")
     if record is None:
         if vae_path is not None:
             raise UsageError(f"--vae: {where} is a pixel model (trained without a VAE); drop "
                              "--vae")
-        return PixelSpace()
+        return None
     problem = schema_problem(record, _RECORD) if isinstance(record, dict) else "not an object"
     if problem is not None:
         raise ModelFileError(f"{where}: its vae record is damaged ({problem}); use the model "
@@ -498,12 +500,82 @@ def model_space(meta: dict[str, Any], vae_path: Optional[str] = None,
             raise UsageError(f"{given} is not the VAE {where} was trained with (its {what} "
                              f"differ: SHA-256 {identity[key][:12]}..., the model records "
                              f"{record[key][:12]}...); give a copy of {name}")
-    space = LatentSpace.load(vae, device=device, dtype=dtype)
-    space.identity = {**identity, "path": name, "revision": record["revision"],
-                      "subfolder": record["subfolder"]}  # the record travels unchanged
-    if (space.shape.image_channels, space.shape.latent_channels, space.shape.factor) != (
-            record["image_channels"], record["latent_channels"], record["factor"]):
+    data = read_vae_config(folder)
+    if (data["in_channels"], data["latent_channels"], 2 ** (len(data["block_out_channels"]) - 1)
+            ) != (record["image_channels"], record["latent_channels"], record["factor"]):
         raise ModelFileError(f"{where}: its vae record's shape does not match {name}'s config")
+    return vae, folder, record
+
+
+DIFFUSERS_SCALING_FACTOR = 0.18215
+"""An AutoencoderKL's ``scaling_factor`` when its config.json has none (diffusers' default,
+Stable Diffusion 1's)."""
+
+_MAX_VAE_WEIGHTS_BYTES = 8 << 30  # SD's VAE is 335 MB in float32; no AutoencoderKL is near this
+
+
+def folder_record(vae: VaeConfig, folder: Path) -> dict[str, Any]:
+    """The model file's ``vae`` record (what :meth:`LatentSpace.record` writes) of the
+    AutoencoderKL in ``folder``, found for ``vae``, scaled as its own config.json says: what
+    ``diffunet import`` records for a pipeline's VAE. Reads the config and hashes the files;
+    loads nothing."""
+    data = read_vae_config(folder)
+    scaling, shift = data.get("scaling_factor"), data.get("shift_factor")
+    return {**vae_identity(vae, folder),
+            "scaling_factor": float(DIFFUSERS_SCALING_FACTOR if scaling is None else scaling),
+            "shift_factor": float(shift or 0.0), "image_channels": data["in_channels"],
+            "latent_channels": data["latent_channels"],
+            "factor": 2 ** (len(data["block_out_channels"]) - 1)}
+
+
+def vae_files(meta: dict[str, Any], vae_path: Optional[str] = None, *,
+              where: str = "the model file") -> Optional[tuple[bytes, bytes, dict[str, Any]]]:
+    """The VAE a latent model file records (:func:`recorded_vae`) as the files of a diffusers
+    folder: ``(its config.json, its safetensors weights, the record)`` as bytes; None for a
+    pixel model. The config is the VAE's own, byte for byte (so its hash, and a re-import's
+    record, stay the same), unless the model was trained with another scaling than the
+    config's: then the model's ``scaling_factor`` and ``shift_factor`` are written into it.
+    Both files are checked against the record's SHA-256 after they are read (a file swapped
+    since the check is refused)."""
+    found = recorded_vae(meta, vae_path, where=where)
+    if found is None:
+        return None
+    _, folder, record = found
+    files = []
+    for name, limit, key in (("config.json", MAX_VAE_CONFIG_BYTES, "config_sha256"),
+                             (VAE_WEIGHTS, _MAX_VAE_WEIGHTS_BYTES, "weights_sha256")):
+        try:
+            data = read_regular_file(folder / name, limit)
+        except (OSError, ValueError) as e:
+            raise _refuse(folder, f"its {name} cannot be read ({first_line(e)})") from None
+        if hashlib.sha256(data).hexdigest() != record[key]:
+            raise UsageError(f"{folder / name} changed while it was read (its SHA-256 is no "
+                             f"longer the one {where} records); nothing was written")
+        files.append(data)
+    config = read_vae_config(folder)
+    own = (config.get("scaling_factor", DIFFUSERS_SCALING_FACTOR),
+           config.get("shift_factor") or 0.0)
+    if own != (record["scaling_factor"], record["shift_factor"]):
+        config = {**config, "scaling_factor": record["scaling_factor"]}
+        if record["shift_factor"] != 0.0 or config.get("shift_factor") is not None:
+            config["shift_factor"] = record["shift_factor"]
+        files[0] = (json.dumps(config, indent=2) + "\n").encode()
+    return files[0], files[1], record
+
+
+def model_space(meta: dict[str, Any], vae_path: Optional[str] = None,
+                device: str | torch.device = "cpu", *, where: str = "the model file",
+                dtype: torch.dtype = torch.float32) -> DataSpace:
+    """The data space a model file's metadata ``meta`` records (``vae``; none: pixels), loaded
+    onto ``device``: the VAE :func:`recorded_vae` finds and checks."""
+    found = recorded_vae(meta, vae_path, where=where)
+    if found is None:
+        return PixelSpace()
+    vae, folder, record = found
+    space = LatentSpace.load(vae, device=device, dtype=dtype)
+    space.identity = {**(space.identity or {}), "path": record["path"],
+                      "revision": record["revision"],
+                      "subfolder": record["subfolder"]}  # the record travels unchanged
     return space
 
 

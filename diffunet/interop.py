@@ -35,6 +35,7 @@ ever unpickled; a folder with only ``diffusion_pytorch_model.bin`` is refused wi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -48,7 +49,8 @@ from . import checkpoint
 from .checkpoint import (first_nonfinite, load_model_file, model_file_bytes, read_tensor_file,
                          tensor_file_bytes)
 from .checks import INT_LIMIT, looks_like_repo_id, shown
-from .config import SampleConfig, ScheduleConfig, UNetConfig, from_dict, to_dict
+from .config import SampleConfig, ScheduleConfig, UNetConfig, VaeConfig, from_dict, to_dict
+from .data_space import folder_record, vae_files
 from .formulations import formulation_class
 from .formulations import make_schedule
 from .formulations.vp import make_betas
@@ -613,17 +615,20 @@ def _sample_settings(meta: dict[str, Any]) -> SampleConfig:
 
 PIPELINE_FILES: dict[str, tuple[str, ...]] = {
     "": ("model_index.json",), "unet": ("config.json", WEIGHTS),
-    "scheduler": ("scheduler_config.json",)}
-"""The files :func:`export_diffusers` writes, by sub-folder of the pipeline folder."""
+    "scheduler": ("scheduler_config.json",), "vqvae": ("config.json", WEIGHTS),
+    "vae": ("config.json", WEIGHTS)}
+"""The files :func:`export_diffusers` writes, by sub-folder of the pipeline folder (a latent
+model's VAE goes into ``vqvae/``, the name ``LDMPipeline`` gives it, or ``vae/``)."""
 
 _NOT_A_LINK = "remove it, or choose another DIR"
 
 
-def _pipeline_folder(folder: Path, overwrite: bool, stack: contextlib.ExitStack
-                     ) -> dict[str, OpenFolder]:
-    """Open (and make) the pipeline folder and its ``unet/`` and ``scheduler/``, each once and
-    never through a link, after the checks: a file, a link to a missing folder, ``unet`` or
-    ``scheduler`` that is a link or a file (even with ``overwrite``), and, unless ``overwrite``,
+def _pipeline_folder(folder: Path, overwrite: bool, stack: contextlib.ExitStack,
+                     subs: tuple[str, ...] = ("unet", "scheduler")) -> dict[str, OpenFolder]:
+    """Open (and make) the pipeline folder and its sub-folders ``subs`` (``unet/``,
+    ``scheduler/``, a VAE's), each once and never through a link, after the checks: a file, a
+    link to a missing folder, a sub-folder that is a link or a file (even with ``overwrite``),
+    and, unless ``overwrite``,
     a folder holding anything but empty sub-folders and export's own stale temporary files
     (an interrupted export's leftovers, removed here). Closed with ``stack``."""
     if folder.exists() and not folder.is_dir():
@@ -633,7 +638,7 @@ def _pipeline_folder(folder: Path, overwrite: bool, stack: contextlib.ExitStack
         raise FolderError(f"{folder} is a link to a missing folder; create its target, or "
                           "choose another DIR")
     root = stack.enter_context(open_folder(folder, label=str(folder), create=True))
-    for sub in ("unet", "scheduler"):
+    for sub in subs:
         st = root.lstat(sub)
         if st is not None and stat.S_ISLNK(st.st_mode):
             raise FolderError(f"{folder / sub} is a symbolic link; diffunet never writes "
@@ -642,8 +647,8 @@ def _pipeline_folder(folder: Path, overwrite: bool, stack: contextlib.ExitStack
             raise FolderError(f"{folder / sub} is not a folder; {_NOT_A_LINK}")
     folders = {"": root}
     remove_stale_temporaries(root, PIPELINE_FILES[""], legacy=True)
-    busy = [name for name in root.names() if name not in ("unet", "scheduler")]
-    for sub in ("unet", "scheduler"):
+    busy = [name for name in root.names() if name not in subs]
+    for sub in subs:
         if root.lstat(sub) is not None:
             folders[sub] = stack.enter_context(open_subfolder(root, sub, fix=_NOT_A_LINK,
                                                               create=False))
@@ -652,14 +657,14 @@ def _pipeline_folder(folder: Path, overwrite: bool, stack: contextlib.ExitStack
     if busy and not overwrite:
         raise FolderError(f"{folder} is not empty; give a new or empty folder, or --overwrite "
                           "to write the pipeline files over what is there")
-    for sub in ("unet", "scheduler"):
+    for sub in subs:
         if sub not in folders:
             folders[sub] = stack.enter_context(open_subfolder(root, sub, fix=_NOT_A_LINK))
     return folders
 
 
 def export_diffusers(model_file: str | os.PathLike, folder: str | os.PathLike, *,
-                     overwrite: bool = False) -> dict[str, Any]:
+                     overwrite: bool = False, vae_path: str | None = None) -> dict[str, Any]:
     """Write the diffunet model file ``model_file`` as a diffusers pipeline folder.
 
     ``folder`` gets ``model_index.json`` (a VP model: a ``DDPMPipeline`` when the file's
@@ -667,29 +672,29 @@ def export_diffusers(model_file: str | os.PathLike, folder: str | os.PathLike, *
     pipeline class in diffusers and gets none), ``unet/config.json``,
     ``unet/diffusion_pytorch_model.safetensors`` (float32 as stored) and
     ``scheduler/scheduler_config.json`` (:func:`scheduler_to_diffusers`), each written
-    atomically. A model whose formulation diffusers has no scheduler for (EDM) is refused. A
+    atomically. A latent model (one whose file records a VAE) also gets its AutoencoderKL, the
+    very files it was trained with (``vae_path``: a local copy of it, checked by its hashes),
+    with the model's scaling written into the VAE's ``scaling_factor`` (and ``shift_factor``):
+    in ``vqvae/`` under an ``LDMPipeline`` (diffusers' unconditional latent pipeline, which
+    divides by ``scaling_factor`` before it decodes) where that pipeline runs it (a VP model,
+    no shift), else in ``vae/`` with no pipeline class (flow matching; a shifted scaling,
+    which LDMPipeline does not undo); its DDPM/DDIM scheduler never clips (latents are not in
+    [-1, 1]). A model whose formulation diffusers has no scheduler for (EDM) is refused. A
     non-empty ``folder`` is a :class:`FolderError` unless ``overwrite`` (an interrupted
-    export's temporary files do not count: they are removed); ``unet/`` or ``scheduler/`` that
-    is a link is refused even with it, and so is a link, folder or FIFO under a file's name
-    (each file is written through diffunet/output_files.py, relative to its folder opened once,
-    never through a link). A guide the file carries (``train.guide_at``) is not exported:
-    a diffusers pipeline has no place for a second network. Returns what was written:
-    ``{"folder", "pipeline" (None for a flow model), "scheduler", "files", "guide_dropped"
-    (the step of the carried guide left out, or None)}``.
+    export's temporary files do not count: they are removed); a sub-folder that is a link is
+    refused even with it, and so is a link, folder or FIFO under a file's name (each file is
+    written through diffunet/output_files.py, relative to its folder opened once, never
+    through a link). A guide the file carries (``train.guide_at``) is not exported: a diffusers
+    pipeline has no place for a second network. Returns what was written: ``{"folder",
+    "pipeline" (None where diffusers has no pipeline class for it), "scheduler", "files",
+    "guide_dropped" (the step of the carried guide left out, or None), "vae" (the VAE's
+    sub-folder, None for a pixel model)}``.
     """
     folder = Path(folder)
     loaded = load_model_file(model_file)
     if loaded.schedule is None:
         raise ModelFileError(f"{model_file} has no noise schedule (a segmentation model?); only "
                              "diffusion models export to a diffusers pipeline")
-    if loaded.metadata.get("vae") is not None:
-        # its UNet's outputs are a VAE's scaled latents: a pipeline folder of the UNet and the
-        # scheduler alone would decode nothing, and diffusers' unconditional latent pipeline
-        # (LDMPipeline, deprecated) takes a VQModel and applies no scaling_factor
-        raise UsageError(f"{model_file} is a latent model (trained on the latents of the VAE "
-                         f"{loaded.metadata['vae'].get('path')}); exporting it with its VAE as "
-                         "a diffusers pipeline folder is not built yet: sample it with "
-                         "`diffunet sample`")
     schedule = loaded.schedule
     if schedule.diffusers_scheduler is None:
         raise ModelFileError(f"{model_file} is {schedule.article} {schedule.title} model "
@@ -699,17 +704,30 @@ def export_diffusers(model_file: str | os.PathLike, folder: str | os.PathLike, *
     cfg = loaded.net.config
     unet_config = unet_to_diffusers(cfg)  # refuses before anything is written
     sample = _sample_settings(loaded.metadata)
+    # the VAE's files, read and checked against the file's record before anything is written
+    vae = vae_files(loaded.metadata, vae_path, where=str(model_file))
+    if vae is not None:
+        sample = dataclasses.replace(sample, clip_x0=False)  # latents are unbounded
     scheduler = scheduler_to_diffusers(schedule.config, sample)
     version = _diffusers_version()
     scheduler_name = scheduler.pop("_class_name")
-    # diffusers has pipelines for DDPM/DDIM; a flow model is its components (README's loop)
+    # diffusers has pipelines for DDPM/DDIM, and LDMPipeline for them on latents; a flow model
+    # is its components (README's loop)
     pipeline = {"DDPMScheduler": "DDPMPipeline", "DDIMScheduler": "DDIMPipeline"}.get(
         scheduler_name)
+    vae_sub = None
+    if vae is not None:
+        shifted = vae[2]["shift_factor"] != 0.0
+        pipeline = "LDMPipeline" if pipeline is not None and not shifted else None
+        vae_sub = "vqvae" if pipeline == "LDMPipeline" else "vae"
     files = ["unet/config.json", f"unet/{WEIGHTS}", "scheduler/scheduler_config.json"]
+    if vae_sub is not None:
+        files += [f"{vae_sub}/config.json", f"{vae_sub}/{WEIGHTS}"]
     if pipeline is not None:
         files.insert(0, "model_index.json")
+    subs = ("unet", "scheduler") + ((vae_sub,) if vae_sub is not None else ())
     with contextlib.ExitStack() as stack:
-        folders = _pipeline_folder(folder, overwrite, stack)
+        folders = _pipeline_folder(folder, overwrite, stack, subs)
         # every file claimed before the first is written (diffunet/output_files.py): a link,
         # a folder or a FIFO under a pipeline name is refused, even with --overwrite
         out = {rel: stack.enter_context(claim_file(
@@ -723,13 +741,18 @@ def export_diffusers(model_file: str | os.PathLike, folder: str | os.PathLike, *
             {"_class_name": "UNet2DModel", "_diffusers_version": version, **unet_config}))
         out["scheduler/scheduler_config.json"].write(_json_bytes(
             {"_class_name": scheduler_name, "_diffusers_version": version, **scheduler}))
+        index = {"scheduler": ["diffusers", scheduler_name], "unet": ["diffusers", "UNet2DModel"]}
+        if vae is not None:
+            vae_config, vae_weights, _ = vae
+            out[f"{vae_sub}/{WEIGHTS}"].write(vae_weights)
+            out[f"{vae_sub}/config.json"].write(vae_config)
+            index[vae_sub] = ["diffusers", "AutoencoderKL"]
         if pipeline is not None:
             out["model_index.json"].write(_json_bytes(
-                {"_class_name": pipeline, "_diffusers_version": version,
-                 "scheduler": ["diffusers", scheduler_name],
-                 "unet": ["diffusers", "UNet2DModel"]}))
+                {"_class_name": pipeline, "_diffusers_version": version, **index}))
     return {"folder": folder, "pipeline": pipeline, "scheduler": scheduler_name, "files": files,
-            "guide_dropped": None if loaded.guide is None else loaded.guide.step}
+            "guide_dropped": None if loaded.guide is None else loaded.guide.step,
+            "vae": vae_sub}
 
 
 class ImportResult(NamedTuple):
@@ -743,6 +766,8 @@ class ImportResult(NamedTuple):
     """The ``[sample]`` settings stored in the model file."""
     scheduler: Path | None
     """The scheduler config read; None: the folder had none, DDPM's schedule was used."""
+    vae: dict[str, Any] | None = None
+    """The model file's ``vae`` record of the pipeline's VAE; None: a pixel model."""
 
 
 def _read_config(path: Path) -> Any:
@@ -757,7 +782,8 @@ def pipeline_inputs(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     return [folder / rel for rel in ("config.json", WEIGHTS, "unet/config.json",
                                      f"unet/{WEIGHTS}", "scheduler/scheduler_config.json",
-                                     "model_index.json")]
+                                     "model_index.json", *(f"{sub}/{name}" for sub in VAE_SUBFOLDERS
+                                                           for name in ("config.json", WEIGHTS)))]
 
 
 def _check_import_fits(folder: Path, unet_dir: Path, cfg: UNetConfig,
@@ -808,7 +834,8 @@ def _check_weights(tensors: dict[str, torch.Tensor], cfg: UNetConfig, weights: P
 
 
 def import_diffusers(folder: str | os.PathLike, out_file: str | os.PathLike | OutputFile, *,
-                     overwrite: bool = False, source: str | None = None) -> ImportResult:
+                     overwrite: bool = False, source: str | None = None,
+                     hub: tuple[str, str | None] | None = None) -> ImportResult:
     """Read a diffusers folder into the diffunet model file ``out_file``.
 
     ``folder`` is a pipeline folder (``unet/`` and, optionally, ``scheduler/``, as
@@ -817,7 +844,13 @@ def import_diffusers(folder: str | os.PathLike, out_file: str | os.PathLike | Ou
     diffusers' and DDPM's default, linear 1e-4..0.02 over 1000 steps, epsilon). The weights must
     be safetensors (a ``.bin`` is a pickle and refused). The scheduler's sampler, spacing and
     clipping become the file's ``[sample]`` settings (``run_config.sample`` in its metadata, as
-    ``diffunet sample`` reads it). ``out_file`` is claimed (diffunet/output_files.py) before
+    ``diffunet sample`` reads it). A folder with a VAE beside the UNet (``vqvae/``, as
+    ``LDMPipeline`` saves it, or ``vae/``) is a latent model: the VAE must be an
+    AutoencoderKL with safetensors weights whose latent channels are the UNet's, and the file
+    records it (:func:`~diffunet.data_space.folder_record`: where it is, its hashes, its
+    config's ``scaling_factor``) so that ``diffunet sample`` decodes through it: by the
+    folder's absolute path, or, ``hub`` = (repo id, revision) for a Hub download, by its id.
+    ``out_file`` is claimed (diffunet/output_files.py) before
     the weights are read, or comes claimed (``diffunet import`` claims it before a download):
     an existing ``out_file`` is a :class:`UsageError` unless ``overwrite``, and a link, a
     folder, a FIFO or one of the folder's own files always. ``source`` (default: the folder's name, e.g. a Hub repo id) is recorded as
@@ -836,11 +869,52 @@ def import_diffusers(folder: str | os.PathLike, out_file: str | os.PathLike | Ou
             out_file = stack.enter_context(claim_file(
                 out_file, example="model.safetensors", overwrite=overwrite,
                 inputs=pipeline_inputs(folder)))
-        return _import(folder, unet_dir, out_file, source)
+        return _import(folder, unet_dir, out_file, source, hub)
 
 
-def _import(folder: Path, unet_dir: Path, out_file: OutputFile, source: str | None
-            ) -> ImportResult:
+VAE_SUBFOLDERS = ("vqvae", "vae")
+"""Where a pipeline folder holds its VAE: ``LDMPipeline``'s name for it, and everyone else's."""
+
+
+def _pipeline_vae(folder: Path, unet_dir: Path, cfg: UNetConfig,
+                  hub: tuple[str, str | None] | None) -> dict[str, Any] | None:
+    """The model file's ``vae`` record for the VAE of the pipeline ``folder``, or None (a pixel
+    model). One :class:`ModelFileError` line for a VAE that is not an AutoencoderKL (an
+    ``LDMPipeline``'s VQModel), has pickled weights only, or whose latents the UNet does not
+    take."""
+    if unet_dir == folder:
+        return None
+    found = [sub for sub in VAE_SUBFOLDERS if (folder / sub / "config.json").is_file()]
+    if not found:
+        return None
+    sub = found[0]
+    vae_dir = folder / sub
+    config = _read_config(vae_dir / "config.json")
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    if name != "AutoencoderKL":
+        raise ModelFileError(f"{vae_dir / 'config.json'}: the pipeline's VAE is {name!r}, not an "
+                             "AutoencoderKL; diffunet's latent models decode through an "
+                             "AutoencoderKL (a VQModel, as in CompVis' LDM checkpoints, is not "
+                             "supported)")
+    if not (vae_dir / WEIGHTS).is_file():
+        raise ModelFileError(f"{vae_dir}: {WEIGHTS} is missing (a .bin is a pickle, which "
+                             "diffunet never loads); save the VAE with safe_serialization=True")
+    if hub is not None:
+        vae = VaeConfig(path=hub[0], revision=hub[1], subfolder=sub)
+    else:
+        vae = VaeConfig(path=str(folder.resolve()), subfolder=sub)
+    record = folder_record(vae, vae_dir)
+    latent = record["latent_channels"]
+    for key, value in (("in_channels", cfg.in_channels), ("out_channels", cfg.out_channels)):
+        if value is not None and value != latent:
+            raise ModelFileError(f"{unet_dir / 'config.json'}: {key} = {value}, but the "
+                                 f"pipeline's VAE ({sub}/) makes {latent}-channel latents; the "
+                                 "UNet does not fit its VAE")
+    return record
+
+
+def _import(folder: Path, unet_dir: Path, out_file: OutputFile, source: str | None,
+            hub: tuple[str, str | None] | None = None) -> ImportResult:
     cfg = unet_from_diffusers(_read_config(unet_dir / "config.json"),
                               str(unet_dir / "config.json"))
     sched_path = folder / "scheduler" / "scheduler_config.json"
@@ -857,6 +931,9 @@ def _import(folder: Path, unet_dir: Path, out_file: OutputFile, source: str | No
                 "in a Python you trust: UNet2DModel.from_pretrained(DIR).save_pretrained(DIR, "
                 "safe_serialization=True)" if pickles else "no weights file there")
         raise ModelFileError(f"{unet_dir}: {WEIGHTS} is missing; {hint}")
+    vae_record = _pipeline_vae(folder, unet_dir, cfg, hub)
+    if vae_record is not None:
+        sample["clip_x0"] = False  # latents are unbounded
     _check_import_fits(folder, unet_dir, cfg, schedule_cfg, weights)
     tensors, _ = read_tensor_file(weights)
     _check_weights(tensors, cfg, weights)
@@ -869,17 +946,19 @@ def _import(folder: Path, unet_dir: Path, out_file: OutputFile, source: str | No
         "run_config": {"sample": sample_settings},
         "imported_from": {"diffusers": source or os.path.basename(os.path.abspath(folder)),
                           "scheduler": None if scheduler is None
-                          else scheduler.get("_class_name", "DDPMScheduler")}}))
+                          else scheduler.get("_class_name", "DDPMScheduler")},
+        **({"vae": vae_record} if vae_record is not None else {})}))
     return ImportResult(out_file=out_file.path, unet_folder=unet_dir, unet_config=cfg,
                         schedule_config=schedule_cfg, sample=sample_settings,
-                        scheduler=None if scheduler is None else sched_path)
+                        scheduler=None if scheduler is None else sched_path, vae=vae_record)
 
 
 # ---------------------------------------------------------------------------------------------
 # The Hugging Face Hub (huggingface_hub, installed with diffusers)
 
 HUB_FILES = ["model_index.json", "config.json", WEIGHTS, "unet/config.json", f"unet/{WEIGHTS}",
-             "scheduler/scheduler_config.json"]
+             "scheduler/scheduler_config.json",
+             *(f"{sub}/{name}" for sub in ("vqvae", "vae") for name in ("config.json", WEIGHTS))]
 """The files :func:`download_from_hub` fetches: JSON configs and safetensors weights only (a
 pickled ``.bin`` is never downloaded)."""
 
@@ -919,8 +998,9 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool | None
         api = hub.HfApi(token=token)
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                                 commit_message="diffunet export (DDIMPipeline / DDPMPipeline)",
-                                 allow_patterns=["model_index.json", "unet/*", "scheduler/*"])
+                                 commit_message="diffunet export",
+                                 allow_patterns=["model_index.json", "unet/*", "scheduler/*",
+                                                 "vqvae/*", "vae/*"])
     except (OSError, ValueError) as e:  # huggingface_hub's errors: not logged in, no access,
         # network
         raise UsageError(f"--push-to-hub {repo_id}: the upload failed ({first_line(e)}); the "

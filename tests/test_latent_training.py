@@ -367,12 +367,144 @@ def test_info_names_the_vae_and_the_image_size(latent_model: Path, vae_dir: Path
     assert vae_identity(VaeConfig(path=str(vae_dir)))["weights_sha256"] in line
 
 
-def test_export_refuses_a_latent_model_in_one_line(latent_model: Path, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture) -> None:
-    assert cli.main(["export", str(latent_model), str(tmp_path / "pipe")]) == 2
+# ---------------------------------------------------------------------------------------------
+# Export and import with the VAE
+
+
+def _latent_file(path: Path, vae: Path, formulation: str, scaling: float | None = None,
+                 sample: dict | None = None) -> tuple[torch.nn.Module, object]:
+    """A latent model file (4x8x8 latents of ``vae``, 16x16 images) of a perturbed tiny UNet,
+    recording ``vae`` scaled by ``scaling`` (default: its config's)."""
+    import diffunet
+    from diffunet import ScheduleConfig, UNet, UNetConfig
+    from diffunet.data_space import folder_record
+    from diffunet.formulations import make_schedule
+    from helpers import perturbed, tiny_net
+
+    record = folder_record(VaeConfig(path=str(vae)), vae)
+    if scaling is not None:
+        record["scaling_factor"] = scaling
+    net = perturbed(UNet(UNetConfig(**tiny_net(8, in_channels=4))), seed=3).eval()
+    schedule = make_schedule(ScheduleConfig(formulation=formulation))
+    diffunet.save_model(path, net, schedule, extra={"vae": record, "run_config": {
+        "sample": sample or {}}})
+    return net, schedule
+
+
+def _decoded(states: torch.Tensor, vae: Path, scaling: float) -> np.ndarray:
+    space = LatentSpace.load(VaeConfig(path=str(vae), scaling_factor=scaling))
+    return (space.decode(states) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("scaling", [None, 0.7], ids=["vae-scaling", "own-scaling"])
+def test_a_vp_latent_model_exports_as_an_ldm_pipeline_that_samples_the_same_images(
+        vae_dir: Path, tmp_path: Path, scaling: float | None) -> None:
+    import diffunet
+    from diffunet.interop import export_diffusers
+
+    torch.set_num_threads(1)
+    net, schedule = _latent_file(tmp_path / "m.safetensors", vae_dir, "vp", scaling,
+                                 {"spacing": "trailing", "clip_x0": True})
+    r = export_diffusers(tmp_path / "m.safetensors", tmp_path / "pipe")
+    assert (r["pipeline"], r["scheduler"], r["vae"]) == ("LDMPipeline", "DDIMScheduler", "vqvae")
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["vqvae"] == ["diffusers", "AutoencoderKL"]
+    assert (tmp_path / "pipe" / "vqvae" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (vae_dir / "diffusion_pytorch_model.safetensors").read_bytes()
+    # the VAE's own config byte for byte where the model used its scaling; else the model's in it
+    same = (tmp_path / "pipe" / "vqvae" / "config.json").read_bytes() == \
+        (vae_dir / "config.json").read_bytes()
+    assert same is (scaling is None)
+    diffusers.utils.logging.set_verbosity_error()
+    pipe = diffusers.LDMPipeline.from_pretrained(tmp_path / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.clip_sample is False  # latents are not in [-1, 1]
+    theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(4),
+                  num_inference_steps=10, output_type="np").images
+    g = torch.Generator().manual_seed(4)
+    x_T = torch.randn(2, 4, 8, 8, generator=g)  # as LDMPipeline draws
+    with torch.no_grad():
+        states = diffunet.sample(net, schedule, x_T, num_steps=10, sampler="ddim",
+                                 spacing="trailing", clip_x0=False, generator=g)
+    ours = _decoded(states, vae_dir, 0.18215 if scaling is None else scaling)
+    assert theirs.shape == (2, 16, 16, 3)
+    assert ((theirs > 0) & (theirs < 1)).mean() > 0.3
+    assert float(np.abs(ours - theirs).max()) < 1e-4
+
+
+def test_a_flow_latent_model_exports_its_vae_beside_the_unet_and_imports_back(
+        vae_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from diffunet.checkpoint import load_model_file
+
+    _latent_file(tmp_path / "m.safetensors", vae_dir, "flow")
+    assert cli.main(["export", str(tmp_path / "m.safetensors"), str(tmp_path / "pipe")]) == 0
+    assert "UNet2DModel + scheduler + AutoencoderKL, no pipeline class" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "pipe").iterdir()) == ["scheduler", "unet", "vae"]
+    vae = diffusers.AutoencoderKL.from_pretrained(tmp_path / "pipe", subfolder="vae")
+    assert vae.config.latent_channels == 4
+    assert cli.main(["import", str(tmp_path / "pipe"), str(tmp_path / "back.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "latent model: 4-channel latents of the AutoencoderKL" in out
+    original = read_metadata(tmp_path / "m.safetensors")["vae"]
+    back = read_metadata(tmp_path / "back.safetensors")["vae"]
+    assert back["path"] == str((tmp_path / "pipe").resolve()) and back["subfolder"] == "vae"
+    same = ("config_sha256", "weights_sha256", "scaling_factor", "shift_factor",
+            "latent_channels", "factor")
+    assert {k: back[k] for k in same} == {k: original[k] for k in same}
+    a, b = load_model_file(tmp_path / "m.safetensors"), load_model_file(tmp_path / "back.safetensors")
+    sa, sb = a.net.state_dict(), b.net.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # the imported file samples through the exported VAE, to 16x16 images
+    assert _sample(str(tmp_path / "back.safetensors"), "--num-samples", "1", "--steps", "2",
+                   "--out-dir", str(tmp_path / "s")) == 0
+    assert Image.open(tmp_path / "s" / "000000.png").size == (16, 16)
+
+
+def test_exporting_a_latent_model_refuses_another_vae_or_a_lost_one(
+        vae_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _latent_file(tmp_path / "m.safetensors", vae_dir, "vp")
+    other = _save_vae(tmp_path / "other-vae", 1)
+    assert cli.main(["export", str(tmp_path / "m.safetensors"), str(tmp_path / "pipe"),
+                     "--vae", str(other)]) == 2
     err = capsys.readouterr().err
-    assert "is a latent model" in err and len(err.splitlines()) == 1
+    assert "is not the VAE" in err and len(err.splitlines()) == 1
+    moved = tmp_path / "moved"
+    shutil.copytree(vae_dir, moved)
+    record = read_metadata(tmp_path / "m.safetensors")
+    _latent_file(tmp_path / "gone.safetensors", moved, "vp")
+    shutil.rmtree(moved)
+    assert cli.main(["export", str(tmp_path / "gone.safetensors"), str(tmp_path / "pipe")]) == 2
+    err = capsys.readouterr().err
+    assert "pass --vae PATH" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "pipe").exists()
+    assert record["vae"]["path"] == str(vae_dir)
+    # the VAE given back by --vae: exported
+    assert cli.main(["export", str(tmp_path / "gone.safetensors"), str(tmp_path / "pipe"),
+                     "--vae", str(vae_dir)]) == 0
+
+
+def test_importing_a_pipeline_whose_vae_does_not_fit_is_one_line(
+        vae_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _latent_file(tmp_path / "m.safetensors", vae_dir, "vp")
+    assert cli.main(["export", str(tmp_path / "m.safetensors"), str(tmp_path / "pipe")]) == 0
+    config = tmp_path / "pipe" / "vqvae" / "config.json"
+    text = config.read_text()
+    cases = {
+        "vq": (text.replace('"AutoencoderKL"', '"VQModel"'), "not an AutoencoderKL"),
+        "channels": (text.replace('"latent_channels": 4', '"latent_channels": 3'),
+                     "the UNet does not fit its VAE"),
+    }
+    for name, (changed, words) in cases.items():
+        config.write_text(changed)
+        assert cli.main(["import", str(tmp_path / "pipe"), str(tmp_path / f"{name}.safetensors")]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.splitlines()) == 1, (name, err)
+        assert not (tmp_path / f"{name}.safetensors").exists()
+    config.write_text(text)
+    weights = tmp_path / "pipe" / "vqvae" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))
+    assert cli.main(["import", str(tmp_path / "pipe"), str(tmp_path / "bin.safetensors")]) == 2
+    assert "never loads" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -472,6 +472,9 @@ WRITERS: dict[str, dict[str, str]] = {
                                  "and safetensors files only",
         "tempfile.TemporaryDirectory": "load_model of a diffusers folder converts it in a "
                                        "private temporary folder",
+        "uses data_space.vae_files": "export of a latent model reads its VAE, by Hub id into "
+                                     "Hugging Face's own cache (data_space's download); the "
+                                     "pipeline's files go through output_files.claim_file",
     },
     "evaluation": {
         ".mkdir": "the feature and weights cache (~/.cache/diffunet or --cache-dir)",

@@ -6,7 +6,8 @@ import argparse
 
 from .common import out, say
 
-DESCRIPTION = ("Read a diffusers pipeline folder (unet/ and scheduler/) or a "
+DESCRIPTION = ("Read a diffusers pipeline folder (unet/ and scheduler/, and a latent model's "
+               "AutoencoderKL in vqvae/ or vae/, as LDMPipeline saves it) or a "
                "UNet2DModel.save_pretrained folder, or a Hugging Face Hub model id such as "
                "google/ddpm-cifar10-32 (its JSON and safetensors files only), into one "
                "diffunet model file. Weights must be safetensors (a .bin is a pickle and "
@@ -41,11 +42,18 @@ def run(args: argparse.Namespace) -> int:
             say(f"diffunet import: no folder {args.folder} here; fetching it from the Hugging "
                 "Face Hub (JSON and safetensors files only)")
             folder = download_from_hub(args.folder, revision=args.revision)
-        r = import_diffusers(folder, claim, source=args.folder)
+        r = import_diffusers(folder, claim, source=args.folder,
+                             hub=(args.folder, args.revision) if from_hub else None)
     if r.scheduler is None:
         say(f"diffunet import: {args.folder} has no scheduler/scheduler_config.json; using "
             "DDPM's schedule (linear 1e-4..0.02, 1000 steps, epsilon)")
     s = r.sample
     out(f"wrote {r.out_file} (from {r.unet_folder}; sample with {s['sampler']}, spacing "
         f"{s['spacing']}, clip_x0 {str(s['clip_x0']).lower()})")
+    if r.vae is not None:
+        v = r.vae
+        where = v["path"] + (f" ({v['subfolder']}/)" if v["subfolder"] else "")
+        out(f"latent model: {v['latent_channels']}-channel latents of the AutoencoderKL {where}, "
+            f"x0 = (z - {v['shift_factor']:g}) x {v['scaling_factor']:g}; diffunet sample "
+            "decodes through it (--vae PATH if it moves)")
     return 0
