@@ -507,6 +507,26 @@ def test_importing_a_pipeline_whose_vae_does_not_fit_is_one_line(
     assert "never loads" in capsys.readouterr().err
 
 
+def test_the_latent256_preset_trains_sd_vae_latents_of_256_pixel_images(tmp_path: Path) -> None:
+    """configs/latent256.toml with a local folder holding the config.json of Stable Diffusion's
+    VAE (its shape only: load_run_config reads no weights): 256x256 images as 4x32x32 latents,
+    the UNet's shape checked against the VAE's."""
+    sd_vae = tmp_path / "sd-vae"
+    sd_vae.mkdir()
+    (sd_vae / "config.json").write_text(json.dumps({
+        "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
+        "norm_num_groups": 32, "sample_size": 256, "scaling_factor": 0.18215}))
+    preset = Path(__file__).parents[1] / "configs" / "latent256.toml"
+    cfg = load_run_config(str(preset), [f"vae.path={sd_vae}"])
+    assert (cfg.unet.image_size, cfg.unet.in_channels, cfg.data.image_size) == (32, 4, 256)
+    assert cfg.train.mixed_precision == "bf16" and cfg.data.source == "folder"
+    assert load_config(preset).vae.path == "stabilityai/sd-vae-ft-mse"
+    with pytest.raises(ConfigError, match="data.image_size: 260 is not divisible"):
+        load_run_config(str(preset), [f"vae.path={sd_vae}", "data.image_size=260"])
+
+
 # ---------------------------------------------------------------------------------------------
 # The shipped VAE of the built-in shapes
 
