@@ -673,8 +673,9 @@ def export_diffusers(model_file: str | os.PathLike, folder: str | os.PathLike, *
     ``unet/diffusion_pytorch_model.safetensors`` (float32 as stored) and
     ``scheduler/scheduler_config.json`` (:func:`scheduler_to_diffusers`), each written
     atomically. A latent model (one whose file records a VAE) also gets its AutoencoderKL, the
-    very files it was trained with (``vae_path``: a local copy of it, checked by its hashes),
-    with the model's scaling written into the VAE's ``scaling_factor`` (and ``shift_factor``):
+    very files it was trained with (``vae_path``: a local copy of it, checked by its hashes;
+    the model's scaling written into the config's ``scaling_factor`` and ``shift_factor`` only
+    where it differs from the config's own, :func:`~diffunet.data_space.vae_files`):
     in ``vqvae/`` under an ``LDMPipeline`` (diffusers' unconditional latent pipeline, which
     divides by ``scaling_factor`` before it decodes) where that pipeline runs it (a VP model,
     no shift), else in ``vae/`` with no pipeline class (flow matching; a shifted scaling,
