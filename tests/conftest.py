@@ -14,6 +14,7 @@ The tiny networks and runs are in ``helpers.py``; child-process environments and
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -21,7 +22,16 @@ import torch
 
 from processes import reset_accelerate_state
 
-torch.set_num_threads(2)
+# Under pytest-xdist (README's test command) each worker is one of several processes sharing
+# the cores: one thread each, or two workers on two cores fight over four threads.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per core, at most 4 (each holds its own torch and tiny models;
+    the tests' module fixtures are built once per worker)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else (os.cpu_count() or 1)))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -475,6 +475,9 @@ WRITERS: dict[str, dict[str, str]] = {
         "uses data_space.vae_files": "export of a latent model reads its VAE, by Hub id into "
                                      "Hugging Face's own cache (data_space's download); the "
                                      "pipeline's files go through output_files.claim_file",
+        "uses data_space.folder_record": "import of a pipeline with a VAE: hashes the VAE's files "
+                                         "in the folder given (vae_identity with its folder: "
+                                         "nothing is fetched or written)",
     },
     "evaluation": {
         ".mkdir": "the feature and weights cache (~/.cache/diffunet or --cache-dir)",
