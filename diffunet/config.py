@@ -85,6 +85,11 @@ class UNetConfig:
     in_channels: int = 3
     out_channels: int | None = None
     """Output channels; ``None`` means the same as ``in_channels`` (a noise predictor)."""
+    cond_channels: int = 0
+    """Channels of a condition image concatenated to x_t at the input (SR3, Saharia et al.
+    2021; Palette, 2022): ``net(x, t, cond_image=c)`` with c (B, cond_channels, H, W) at the
+    network's resolution. Their input weights start at zero, so a new model is the
+    unconditional one. 0: none."""
     base_channels: int = 128
     channel_mults: tuple[int, ...] = (1, 2, 2, 2)
     """Channel multiplier per resolution level; the image halves between levels."""
@@ -149,6 +154,9 @@ class UNetConfig:
                      "num_groups"):
             if getattr(self, name) < 1:
                 _fail(p + name, f"must be a positive integer, got {getattr(self, name)}")
+        if self.cond_channels < 0:
+            _fail(p + "cond_channels", f"must be 0 (no condition image) or more, got "
+                  f"{self.cond_channels}")
         for name in ("out_channels", "head_channels", "num_classes", "group_channels"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -36,6 +36,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from .conditioning import bind, doubled, make_condition, no_condition, resolve_null_label
 from .errors import UsageError
 from .formulations.base import Formulation
 
@@ -101,20 +102,9 @@ class NetworkCount:
     architecture). Outside the guidance interval a call is not guided."""
 
 
-def resolve_null_label(model: Network, null_label: Optional[int]) -> int:
-    """The "no label" class index of classifier-free guidance: ``null_label``, else
-    ``model.config.num_classes`` (the UNet's convention)."""
-    if null_label is not None:
-        return int(null_label)
-    num_classes = getattr(getattr(model, "config", None), "num_classes", None)
-    if isinstance(num_classes, int) and not isinstance(num_classes, bool):
-        return num_classes
-    raise UsageError("classifier-free guidance needs the 'no label' class index: pass "
-                     "null_label=..., or use a model whose config.num_classes is set")
-
-
 _SHAPES = (("in_channels", "image channels"), ("output_channels", "output channels"),
-           ("image_size", "image size"), ("num_classes", "classes (num_classes)"))
+           ("image_size", "image size"), ("num_classes", "classes (num_classes)"),
+           ("cond_channels", "condition-image channels (cond_channels)"))
 
 
 def guide_mismatch(model: Any, guide: Any) -> Optional[str]:
@@ -173,15 +163,17 @@ class StackedNetworks:
         self._state = ({k: v.detach() for k, v in params.items()},
                        {k: v.detach() for k, v in buffers.items()})
 
-        def one(p: dict, bufs: dict, x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
-            args = (x, t) if y is None else (x, t, y)
-            return functional_call(a, (p, bufs), args)
+        def one(p: dict, bufs: dict, x: Tensor, t: Tensor, cond: dict) -> Tensor:
+            return functional_call(a, (p, bufs), (x, t), cond)
 
         self._vmapped = torch.vmap(one, in_dims=(0, 0, None, None, None))
 
-    def __call__(self, x: Tensor, t: Tensor, class_labels: Optional[Tensor] = None
-                 ) -> tuple[Tensor, Tensor]:
-        out = self._vmapped(*self._state, x, t, class_labels)  # (2, B, C, H, W)
+    def __call__(self, x: Tensor, t: Tensor, class_labels: Optional[Tensor] = None,
+                 cond: Optional[dict[str, Tensor]] = None) -> tuple[Tensor, Tensor]:
+        """Both networks on ``x`` (B, C, H, W) at ``t`` with one condition (``cond``, or the
+        ``class_labels`` alone)."""
+        cond = make_condition(cond, class_labels)
+        out = self._vmapped(*self._state, x, t, cond)  # (2, B, C, H, W)
         return out[0], out[1]
 
 
@@ -211,7 +203,7 @@ class _Guided:
         return n, (None if n == ok.numel() else ok)
 
     def __call__(self, x: Tensor, t: Tensor, class_labels: None = None) -> Tensor:
-        _no_labels(class_labels)
+        no_condition(class_labels)
         if self.count is not None:
             self.count.calls += 1
         if self.pair is None:
@@ -229,48 +221,35 @@ class _Guided:
         return out
 
 
-def _no_labels(class_labels: Any) -> None:
-    if class_labels is not None:  # a denoiser passes class_labels=None through
-        raise UsageError("the guided network has its class labels bound in; pass "
-                         "class_labels to sample(), not to the network")
-
-
-def _bind(model: Network, labels: Optional[Tensor]) -> Network:
-    """``model`` as ``net(x, t)`` with ``labels`` bound in (none: called without them)."""
-    if labels is None:
-        return model
-
-    def bound(x: Tensor, t: Tensor, class_labels: None = None) -> Tensor:
-        _no_labels(class_labels)
-        return model(x, t, class_labels=labels)
-
-    return bound
-
-
 def guided_network(model: Network, schedule: Formulation, *, labels: Optional[Tensor] = None,
                    guidance_scale: float = 1.0, null_label: Optional[int] = None,
                    guide_model: Optional[Network] = None,
                    interval: Optional[tuple[float, float]] = None,
-                   count: Optional[NetworkCount] = None) -> Network:
-    """``model`` as the network ``net(x, t)`` every sampling path calls: the class ``labels``
-    (B,) bound in, and guidance with weight ``guidance_scale`` = w where it is not 1:
+                   count: Optional[NetworkCount] = None,
+                   cond: Optional[dict[str, Tensor]] = None) -> Network:
+    """``model`` as the network ``net(x, t)`` every sampling path calls: the condition bound in
+    (``cond``, a :mod:`diffunet.conditioning` mapping: class labels (B,), a condition image;
+    ``labels`` is the class labels alone), and guidance with weight ``guidance_scale`` = w
+    where it is not 1:
 
     - with ``guide_model`` (autoguidance): F_guide + w (F_main - F_guide), the guide called with
-      the same labels (or none); the null label is not used. One batched call where the two
-      share an architecture on a device in :data:`STACKED_DEVICES`, else two calls.
-    - else, with ``labels`` (classifier-free guidance): ONE forward pass on the doubled batch
-      [x, x] with labels [labels, null] (``null_label``, default ``model.config.num_classes``),
+      the same condition; the null condition is not used. One batched call where the two share
+      an architecture on a device in :data:`STACKED_DEVICES`, else two calls.
+    - else, with a condition (classifier-free guidance): ONE forward pass on the doubled batch
+      [x, x] with the condition [cond, null] (:func:`diffunet.conditioning.doubled`: the null
+      label ``null_label``, default ``model.config.num_classes``; a zero image),
       F_uncond + w (F_cond - F_uncond).
 
     ``interval`` = (lo, hi): guide only calls whose sigma (``schedule.sigma_of_time_input(t)``)
     is in [lo, hi] (within :data:`INTERVAL_RTOL`); the others call the main network alone.
-    ``count``: a :class:`NetworkCount` each call adds to. With w = 1 (or no labels and no guide)
-    there is no guidance: the main network alone, exactly.
+    ``count``: a :class:`NetworkCount` each call adds to. With w = 1 (or no condition and no
+    guide) there is no guidance: the main network alone, exactly.
     """
-    main = _bind(model, labels)
+    condition = make_condition(cond, labels)
+    main = bind(model, condition)
     pair: Optional[Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = None
     if guidance_scale != 1.0 and guide_model is not None:
-        weak = _bind(guide_model, labels)
+        weak = bind(guide_model, condition)
         stacks: dict[torch.device, StackedNetworks] = {}
         can_stack = stackable(model, guide_model)
 
@@ -278,18 +257,17 @@ def guided_network(model: Network, schedule: Formulation, *, labels: Optional[Te
             if can_stack and x.device.type in STACKED_DEVICES:
                 if x.device not in stacks:  # built once per run, on the first guided call
                     stacks[x.device] = StackedNetworks(model, guide_model)
-                return stacks[x.device](x, t, labels)
+                return stacks[x.device](x, t, cond=condition)
             return main(x, t), weak(x, t)
 
         pair = autoguided
-    elif guidance_scale != 1.0 and labels is not None:
-        both_labels = torch.cat([labels, torch.full_like(labels, resolve_null_label(
-            model, null_label))])
+    elif guidance_scale != 1.0 and condition:
+        both_cond = doubled(condition, lambda: resolve_null_label(model, null_label))
 
         def classifier_free(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-            both = model(torch.cat([x, x]), torch.cat([t, t]), class_labels=both_labels)
-            cond, uncond = both.chunk(2)
-            return cond, uncond
+            both = model(torch.cat([x, x]), torch.cat([t, t]), **both_cond)
+            cond_out, uncond = both.chunk(2)
+            return cond_out, uncond
 
         pair = classifier_free
     if pair is None and count is None:

@@ -213,7 +213,8 @@ def unet_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
                          "groups of a fixed width; export a model trained with unet.num_groups")
     attn = [r in cfg.attn_resolutions for r in cfg.resolutions]
     return {
-        "sample_size": cfg.image_size, "in_channels": cfg.in_channels,
+        # a condition image is concatenated to x_t: diffusers sees wider input channels
+        "sample_size": cfg.image_size, "in_channels": cfg.in_channels + cfg.cond_channels,
         "out_channels": cfg.output_channels, "center_input_sample": False,
         "time_embedding_type": "positional", "time_embedding_dim": None,
         "freq_shift": cfg.time_embed_freq_shift,

@@ -80,7 +80,7 @@ def network_size(cfg: UNetConfig) -> NetworkSize:
         linear(base, emb), linear(emb, emb)
     if cfg.num_classes is not None:
         add(1, (cfg.num_classes + 1) * emb)
-    conv(cfg.in_channels, base, 3)
+    conv(cfg.in_channels + cfg.cond_channels, base, 3)
     levels = len(cfg.channel_mults)
     attn_at = [r in cfg.attn_resolutions for r in cfg.resolutions]
     # The skip connections the decoder concatenates, as runs of (channels, how many): what

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Union, get_args
 
@@ -37,6 +37,7 @@ from .formulations.base import (CLIP_RANGE, Formulation, SamplingPath, Spacing, 
 # only user is formulations/vp.py: nothing here calls them)
 from .formulations.vp import (VARIANCES, ddim_step, ddpm_step, dpmpp_2m_step,  # noqa: F401
                               make_timesteps)
+from .conditioning import make_condition
 from .guidance import NetworkCount, guide_mismatch, guided_network
 from .randomness import Generators, check_generator_count, fresh_generator, gaussian
 
@@ -829,7 +830,8 @@ def sample(model: Callable[..., Tensor], schedule: Formulation, x_T: Tensor, *,
            strength: float = 1.0, mask: Optional[Tensor] = None, resample: int = 1,
            guide_model: Optional[Callable[..., Tensor]] = None,
            guidance_interval: Optional[tuple[float, float]] = None,
-           network_count: Optional[NetworkCount] = None) -> Tensor:
+           network_count: Optional[NetworkCount] = None,
+           cond: Optional[Mapping[str, Tensor]] = None) -> Tensor:
     """Run the reverse process from ``x_T`` (B, C, H, W) and return the sample x0 (B, C, H, W).
 
     The defaults are DDIM's (50 steps, no clipping but ddpm's), kept for code written against
@@ -868,6 +870,11 @@ def sample(model: Callable[..., Tensor], schedule: Formulation, x_T: Tensor, *,
             :func:`make_sigmas`).
         s_churn, s_tmin, s_tmax, s_noise: Heun's stochasticity (Karras et al. Algorithm 2).
         class_labels: (B,) int labels for a class-conditional model.
+        cond: the condition as one mapping (:mod:`diffunet.conditioning`): ``class_labels``
+            (B,), ``cond_image`` (B, cond_channels, H, W) for a model with
+            ``unet.cond_channels``; bound into every network call (``class_labels=`` is the
+            same as ``cond={"class_labels": ...}``). Classifier-free guidance drops all of it
+            (the null label, a zero image).
         guidance_scale: the guidance weight w (1: none). Without ``guide_model``,
             classifier-free guidance (Ho & Salimans 2022, eq. 6 with s = 1 + w): each network
             call is ONE forward pass on the doubled batch [x, x] with labels [class_labels,
@@ -937,14 +944,14 @@ def sample(model: Callable[..., Tensor], schedule: Formulation, x_T: Tensor, *,
                           s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
     init, m = _check_editing(x_T, init_image, strength, mask, resample, sampler)
     guided = guidance_scale != 1.0
-    if guided and class_labels is None and guide_model is None:
-        raise UsageError(f"guidance_scale={guidance_scale} needs class_labels (classifier-free "
-                          "guidance mixes conditional and unconditional predictions) or a "
-                          "guide_model (autoguidance); use guidance_scale=1 for an "
-                          "unconditional model without a guide")
+    condition = make_condition(cond, class_labels, x_T.device)
+    if guided and not condition and guide_model is None:
+        raise UsageError(f"guidance_scale={guidance_scale} needs class_labels or a cond_image "
+                         "(classifier-free guidance mixes conditional and unconditional "
+                         "predictions) or a guide_model (autoguidance); use guidance_scale=1 "
+                         "for an unconditional model without a guide")
     if guide_model is not None:
         _check_guide(model, guide_model)
-    labels = None if class_labels is None else class_labels.to(x_T.device, torch.long)
     check_generator_count(generator, x_T.shape[0])
     stochastic = options.eta > 0 or s_churn > 0 or m is not None
     if generator is None and stochastic:
@@ -954,7 +961,7 @@ def sample(model: Callable[..., Tensor], schedule: Formulation, x_T: Tensor, *,
         raise UsageError(f"strength={strength} with num_steps={num_steps} keeps no step "
                          f"(int(num_steps * strength) = 0); raise strength or num_steps")
     with torch.no_grad():
-        net = guided_network(model, schedule, labels=labels, guidance_scale=guidance_scale,
+        net = guided_network(model, schedule, cond=condition, guidance_scale=guidance_scale,
                              null_label=null_label, guide_model=guide_model,
                              interval=None if guidance_interval is None
                              else (float(guidance_interval[0]), float(guidance_interval[1])),

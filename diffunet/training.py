@@ -49,6 +49,7 @@ from .checkpoint import CarriedGuide, load_guide_model, model_file_bytes, unwrap
 from .config import RunConfig, TrainConfig, to_dict
 from .data import (GlobalBatchSampler, HFStream, build_dataset, make_dataloader,
                    skipped_note)
+from .conditioning import with_dropout
 from .data_space import DataSpace, load_space
 from .latent_cache import training_set
 from .errors import ConfigError, StopRequested, TrainingError
@@ -210,8 +211,11 @@ def _step_inputs(cfg: RunConfig, schedule: Formulation, space: DataSpace, gen: t
     k = cfg.unet.num_classes
     if k is None:
         return x0, noise, levels, None
+    # classifier-free guidance's training dropout (diffunet/conditioning.py): the dropped rows
+    # take the null condition, here the "no label" index k
     drop = (torch.rand(B, generator=gen, device=dev) < cfg.train.label_dropout)[mine]
-    return x0, noise, levels, torch.where(drop, torch.full_like(labels, k), labels)
+    return x0, noise, levels, with_dropout({"class_labels": labels}, drop,
+                                           lambda: k)["class_labels"]
 
 
 def step_loss(model: Callable[..., Tensor], schedule: Formulation, x0: Tensor, noise: Tensor,

@@ -1,6 +1,6 @@
 """The time-conditioned residual/attention UNet (Ho et al. 2020; Nichol & Dhariwal 2021).
 
-The network only maps ``(x_t, t[, class_labels]) -> output``; it knows nothing about the noise
+The network only maps ``(x_t, t[, class_labels][, cond_image]) -> output``; it knows nothing about the noise
 schedule or what the output means (eps, v or x0: see ``NoiseSchedule.split_output``). With
 ``UNetConfig(time_conditioning=False)`` it is the same network with no timestep input,
 ``net(x)``: no ``time_embed`` and no per-block embedding projections (a segmentation backbone).
@@ -9,7 +9,7 @@ State-dict layout (the keys of saved model files; keep stable)::
 
     time_embed.{0,2}        Linear(base, 4 base) -> SiLU -> Linear(4 base, 4 base)  (time-conditioned)
     class_embed             Embedding(num_classes + 1, 4 base)      (class-conditional only)
-    conv_in
+    conv_in                 (in_channels + cond_channels inputs; a condition image's start at 0)
     down.{level}.res.{i}    ResidualBlock      down.{level}.attn.{i}  AttentionBlock (if any)
     down.{level}.downsample                    (all levels but the last)
     mid.res1, mid.attn, mid.res2
@@ -70,7 +70,8 @@ class _MidBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """Noise-prediction UNet: ``forward(x (B,C,H,W), t, class_labels=None) -> (B,C_out,H,W)``.
+    """Noise-prediction UNet: ``forward(x (B,C,H,W), t, class_labels=None, cond_image=None)
+    -> (B,C_out,H,W)``.
 
     At the :class:`UNetConfig` defaults this is the DDPM CIFAR-10 network (35,746,307 parameters,
     the same as diffusers' ``google/ddpm-cifar10-32``).
@@ -105,7 +106,12 @@ class UNet(nn.Module):
             nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes is not None else None
         )
 
-        self.conv_in = nn.Conv2d(cfg.in_channels, base, 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.cond_channels, base, 3, padding=1)
+        if cfg.cond_channels:
+            # the condition image's input weights start at zero: a new conditional model is the
+            # unconditional one, and training grows the condition's influence from nothing
+            with torch.no_grad():
+                self.conv_in.weight[:, cfg.in_channels:].zero_()
 
         # Encoder. skip_chs records the channels of every activation the decoder will
         # concatenate: after conv_in, after each residual(+attention) block, after each Downsample.
@@ -213,11 +219,27 @@ class UNet(nn.Module):
             f"values from {int(labels.min())} to {int(labels.max())}"))
         return labels.long()
 
+    def _cond_image(self, cond_image: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """The condition image (B, cond_channels, H, W) in ``x``'s dtype and device; ``None`` is
+        zeros, the null condition."""
+        c = self.config.cond_channels
+        if not c:
+            raise ConfigError("unet.cond_channels: a cond_image was given but this UNet takes "
+                              "none; set cond_channels or pass cond_image=None")
+        b, _, h, w = x.shape
+        if cond_image is None:
+            return x.new_zeros((b, c, h, w))
+        if cond_image.shape != (b, c, h, w):
+            raise ValueError(f"cond_image must have shape ({b}, {c}, {h}, {w}) to match x "
+                             f"(cond_channels {c}), got {tuple(cond_image.shape)}")
+        return cond_image.to(device=x.device, dtype=x.dtype)
+
     def forward(
         self,
         x: torch.Tensor,
         t: torch.Tensor | int | float | None = None,
         class_labels: torch.Tensor | int | None = None,
+        cond_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the network target for noised images (or, time-less, e.g. mask logits).
 
@@ -230,6 +252,9 @@ class UNet(nn.Module):
             class_labels: (B,) integer labels (or one scalar for all) in [0, num_classes],
                 ``num_classes`` meaning "no label"; ``None`` is "no label" for all samples.
                 Only for conditional models (``ConfigError`` otherwise).
+            cond_image: (B, cond_channels, H, W), a condition image at ``x``'s size,
+                concatenated to ``x``; ``None`` is the null condition (zeros), as classifier-
+                free guidance drops it. Only for ``config.cond_channels`` > 0.
 
         Returns:
             (B, out_channels, H, W) in ``x``'s dtype.
@@ -257,6 +282,8 @@ class UNet(nn.Module):
             if self.class_embed is not None:
                 emb = emb + self.class_embed(self._class_labels(class_labels, batch, x.device))
 
+        if self.config.cond_channels or cond_image is not None:
+            x = torch.cat([x, self._cond_image(cond_image, x)], dim=1)  # (B, C + C_cond, H, W)
         h = self.conv_in(self._memory_format(x))  # (B, base, H, W)
         skips = [h]
         for level in self.down:

@@ -49,7 +49,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("unet", "nn"),
     ("config",),  # asks the samplers and the formulations for their rules
     # schedulers, diffusion, edm: the deprecated names of samplers and formulations' modules
-    ("samplers", "guidance", "schedulers", "diffusion", "edm"),  # guidance: samplers' wrapper
+    ("samplers", "guidance", "schedulers", "diffusion", "edm",  # guidance: samplers' wrapper
+     "conditioning"),  # conditioning: the one condition mapping, its null, dropout, doubling
     ("formulations",),
     ("errors", "fileio", "version", "randomness", "checks", "stopping",
      "phema"),  # phema: post-hoc EMA's math (config checks sigma_rel with it)

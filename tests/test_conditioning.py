@@ -1,0 +1,129 @@
+"""One conditioning input (issue 26, first part): the condition mapping's null value, training
+dropout and guidance doubling (diffunet/conditioning.py), the UNet's condition image
+(``unet.cond_channels``), classifier-free guidance on it through ``sample(cond=...)``, its
+model file and its diffusers export as wider input channels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffunet
+from diffunet import UNet, UNetConfig
+from diffunet.checkpoint import load_model_file
+from diffunet.conditioning import doubled, make_condition, null_condition, with_dropout
+from diffunet.config import ScheduleConfig
+from diffunet.errors import ConfigError, UsageError
+from diffunet.formulations import make_schedule
+from diffunet.resources import network_size
+from helpers import perturbed, tiny_net
+
+
+def _net(cond_channels: int = 2, **overrides) -> UNet:
+    torch.manual_seed(0)
+    return UNet(UNetConfig(**tiny_net(8, cond_channels=cond_channels, **overrides))).eval()
+
+
+def test_a_new_conditional_unet_ignores_its_condition_image() -> None:
+    net = _net()
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([1, 500, 999])
+    net = perturbed(net, seed=1)  # every weight but the condition's input weights
+    with torch.no_grad():
+        net.conv_in.weight[:, 3:].zero_()
+        plain = net(x, t)
+        assert torch.equal(net(x, t, cond_image=torch.randn(3, 2, 8, 8)), plain)
+        net.conv_in.weight[:, 3:].normal_()
+        assert not torch.allclose(net(x, t, cond_image=torch.randn(3, 2, 8, 8)), plain)
+        # None is the null condition: a zero image
+        assert torch.equal(net(x, t), net(x, t, cond_image=torch.zeros(3, 2, 8, 8)))
+    assert _net().conv_in.weight[:, 3:].abs().max() == 0  # zero at initialisation
+
+
+def test_the_condition_image_is_checked() -> None:
+    net, x, t = _net(), torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"cond_image must have shape \(2, 2, 8, 8\)"):
+        net(x, t, cond_image=torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ConfigError, match="unet.cond_channels"):
+        _net(0)(x, t, cond_image=torch.zeros(2, 2, 8, 8))
+    with pytest.raises(ConfigError, match="unet.cond_channels: must be 0"):
+        UNetConfig(cond_channels=-1)
+
+
+def test_the_parameter_count_and_the_model_file_know_the_condition_channels(tmp_path) -> None:
+    net = _net(3)
+    assert network_size(net.config).parameters == sum(p.numel() for p in net.parameters())
+    schedule = make_schedule(ScheduleConfig(formulation="flow"))
+    diffunet.save_model(tmp_path / "m.safetensors", perturbed(net), schedule)
+    loaded = load_model_file(tmp_path / "m.safetensors")
+    assert loaded.net.config.cond_channels == 3
+    x, t, c = torch.randn(2, 3, 8, 8), torch.tensor([5, 900]), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded.net(x, t, cond_image=c), net(x, t, cond_image=c))
+
+
+def test_dropout_and_doubling_take_the_null_of_every_key() -> None:
+    cond = {"class_labels": torch.tensor([0, 1, 2]), "cond_image": torch.ones(3, 2, 4, 4)}
+    drop = torch.tensor([False, True, False])
+    out = with_dropout(cond, drop, lambda: 7)
+    assert out["class_labels"].tolist() == [0, 7, 2]
+    assert out["cond_image"][1].abs().max() == 0 and torch.equal(out["cond_image"][0],
+                                                                 cond["cond_image"][0])
+    both = doubled(cond, lambda: 7)
+    assert both["class_labels"].tolist() == [0, 1, 2, 7, 7, 7]
+    assert torch.equal(both["cond_image"][:3], cond["cond_image"])
+    assert both["cond_image"][3:].abs().max() == 0
+    # the null label is asked for only where there are labels
+    assert null_condition({"cond_image": cond["cond_image"]}, lambda: 1 / 0)["cond_image"].sum() == 0
+
+
+def test_a_condition_is_one_mapping_of_known_keys() -> None:
+    labels = torch.tensor([1, 2], dtype=torch.int32)
+    assert make_condition(None, labels)["class_labels"].dtype == torch.int64
+    with pytest.raises(UsageError, match="unknown key"):
+        make_condition({"text": torch.zeros(2)})
+    with pytest.raises(UsageError, match="given twice"):
+        make_condition({"class_labels": labels}, labels)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp-2m"])
+def test_guidance_on_a_condition_image_is_the_hand_written_combination(sampler: str) -> None:
+    """sample(cond={"cond_image": c}, guidance_scale=w) = the same sampler on the network
+    F_null + w (F_c - F_null), F_null the network with a zero image."""
+    net = perturbed(_net(), seed=2)
+    with torch.no_grad():
+        net.conv_in.weight[:, 3:].normal_(std=0.3)
+    schedule = make_schedule(ScheduleConfig(formulation="vp", prediction_type="v"))
+    c = torch.randn(2, 2, 8, 8)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    w = 2.5
+
+    def by_hand(x, t, class_labels=None):
+        with_c, without = net(x, t, cond_image=c), net(x, t)
+        return without + w * (with_c - without)
+
+    with torch.no_grad():
+        ours = diffunet.sample(net, schedule, x_T, sampler=sampler, num_steps=5,
+                               cond={"cond_image": c}, guidance_scale=w)
+        theirs = diffunet.sample(by_hand, schedule, x_T, sampler=sampler, num_steps=5)
+        unguided = diffunet.sample(net, schedule, x_T, sampler=sampler, num_steps=5,
+                                   cond={"cond_image": c})
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, unguided, atol=1e-3)
+
+
+def test_a_conditional_unet_exports_as_wider_input_channels(tmp_path) -> None:
+    """diffusers' UNet2DModel holds the concatenation as in_channels = 3 + 2: fed [x, c] it is
+    the same function as net(x, t, cond_image=c)."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffunet.interop import export_diffusers
+
+    net = perturbed(_net(), seed=4)
+    diffunet.save_model(tmp_path / "m.safetensors", net,
+                        make_schedule(ScheduleConfig(prediction_type="v")))
+    export_diffusers(tmp_path / "m.safetensors", tmp_path / "pipe")
+    theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / "pipe", subfolder="unet").eval()
+    assert (theirs.config.in_channels, theirs.config.out_channels) == (5, 3)
+    x, c, t = torch.randn(2, 3, 8, 8), torch.randn(2, 2, 8, 8), torch.tensor([10, 700])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(torch.cat([x, c], 1), t).sample,
+                                   net(x, t, cond_image=c), rtol=1e-4, atol=1e-5)
