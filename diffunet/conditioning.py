@@ -27,8 +27,8 @@ from torch import Tensor
 
 from .errors import UsageError
 
-__all__ = ["CONDITION_KEYS", "Condition", "make_condition", "resolve_null_label",
-           "null_condition", "with_dropout", "doubled", "bind"]
+__all__ = ["CONDITION_KEYS", "Condition", "make_condition", "network_kwargs",
+           "resolve_null_label", "null_condition", "with_dropout", "doubled", "bind"]
 
 CONDITION_KEYS = ("class_labels", "cond_image")
 """The conditions diffunet's UNet takes, by the keyword it takes them with."""
@@ -62,6 +62,17 @@ def make_condition(cond: Optional[Mapping[str, Any]] = None,
             value = value.long()
         out[key] = value if device is None else value.to(device)
     return out
+
+
+def network_kwargs(cond: Optional[Condition], class_labels: Optional[Tensor] = None
+                   ) -> dict[str, Optional[Tensor]]:
+    """The keywords of a network call with condition ``cond`` (or the ``class_labels`` alone):
+    ``class_labels`` always (None where there are none: how the formulations have always
+    called the network), then the rest of the mapping."""
+    if cond and class_labels is not None:
+        raise UsageError("class labels were given twice (class_labels= and cond); give the "
+                         "condition once")
+    return {"class_labels": class_labels, **(cond or {})}
 
 
 def resolve_null_label(model: Any, null_label: Optional[int]) -> int:

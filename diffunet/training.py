@@ -188,13 +188,14 @@ def _grad_sums(norm: Tensor, bad: Tensor, clip: float | None) -> Tensor:
 
 def _step_inputs(cfg: RunConfig, schedule: Formulation, space: DataSpace, gen: torch.Generator,
                  batch: Tensor, labels: Tensor, mine: slice
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                 ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
     """A step's randomness, drawn on the generator's device for the GLOBAL batch B and sliced
     to this process's rows ``mine`` (so every process, and any number of them, sees the same
     global batch): the noise levels (b,), noise (b, C, H, W), flips, the data space's own draw
     (a latent from each posterior), label dropout. ``batch`` (the loader's: images (b, C, H,
     W), or the latent cache's posteriors) and ``labels`` (b,) are on that device. Returns x0,
-    noise, levels, labels (None for an unconditional model).
+    noise, levels and the condition (:mod:`diffunet.conditioning`: ``{"class_labels": (b,)}``
+    after dropout for a class-conditional model, empty for an unconditional one).
 
     The levels are the formulation's own draw
     (:meth:`~diffunet.formulations.base.Formulation.sample_levels`: VP's integer timesteps,
@@ -209,30 +210,30 @@ def _step_inputs(cfg: RunConfig, schedule: Formulation, space: DataSpace, gen: t
              else None)
     x0 = space.training_x0(batch, flips, gen, mine, B)
     k = cfg.unet.num_classes
-    if k is None:
-        return x0, noise, levels, None
+    cond = {} if k is None else {"class_labels": labels}
+    if not cond:
+        return x0, noise, levels, cond
     # classifier-free guidance's training dropout (diffunet/conditioning.py): the dropped rows
-    # take the null condition, here the "no label" index k
+    # take the null condition (the "no label" index k)
     drop = (torch.rand(B, generator=gen, device=dev) < cfg.train.label_dropout)[mine]
-    return x0, noise, levels, with_dropout({"class_labels": labels}, drop,
-                                           lambda: k)["class_labels"]
+    return x0, noise, levels, with_dropout(cond, drop, lambda: k)
 
 
 def step_loss(model: Callable[..., Tensor], schedule: Formulation, x0: Tensor, noise: Tensor,
-              t: Tensor, labels: Tensor | None, min_snr_gamma: float | None) -> Tensor:
+              t: Tensor, cond: dict[str, Tensor], min_snr_gamma: float | None) -> Tensor:
     """The training objective of a (micro-)batch, a 0-d tensor: the mean of the formulation's
     per-image loss (:meth:`~diffunet.formulations.base.Formulation.loss`: noising ``x0``
     (b, C, H, W) with ``noise`` to the levels ``t`` (b,), the network call and the weighted
-    loss). This is what ``train.compile`` compiles (one graph, forward and loss).
+    loss) under the condition ``cond`` (:mod:`diffunet.conditioning`, empty for none). This is
+    what ``train.compile`` compiles (one graph, forward and loss).
     ``min_snr_gamma`` applies where the formulation takes it (VP); the training header says when
     it does not."""
-    return schedule.loss(model, x0, noise, t, class_labels=labels,
-                         min_snr_gamma=min_snr_gamma).mean()
+    return schedule.loss(model, x0, noise, t, cond=cond, min_snr_gamma=min_snr_gamma).mean()
 
 
 def _backward(run: Run, model: torch.nn.Module, loss_fn: Callable[..., Tensor],
               schedule: Formulation, cfg: RunConfig, x0: Tensor, noise: Tensor, t: Tensor,
-              labels: Tensor | None) -> Tensor:
+              cond: dict[str, Tensor]) -> Tensor:
     """Forward and backward over the process's batch in ``grad_accum_steps`` micro-batches
     (gradients synchronised on the last one); returns the mean loss, a 0-d device tensor."""
     acc, k = run.accelerator, cfg.train.grad_accum_steps
@@ -243,7 +244,8 @@ def _backward(run: Run, model: torch.nn.Module, loss_fn: Callable[..., Tensor],
         with contextlib.nullcontext() if i == k - 1 else acc.no_sync(model):
             with acc.autocast():
                 loss = loss_fn(model, schedule, x0[mb], noise[mb], t[mb],
-                               None if labels is None else labels[mb], cfg.train.min_snr_gamma)
+                               {key: value[mb] for key, value in cond.items()},
+                               cfg.train.min_snr_gamma)
             acc.backward(loss / k)
         total += loss.detach() / k
     return total
@@ -700,11 +702,11 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         stopping = False
         while step < t.max_steps:
             images, labels = next(batches)
-            x0, noise, levels, labels = _step_inputs(
+            x0, noise, levels, cond = _step_inputs(
                 cfg, schedule, space, step_gen, images.to(run.device, non_blocking=True),
                 labels.to(run.device, non_blocking=True), mine)
             model.train()
-            loss = _backward(run, model, loss_fn, schedule, cfg, x0, noise, levels, labels)
+            loss = _backward(run, model, loss_fn, schedule, cfg, x0, noise, levels, cond)
             bad, norm = _update(run, cfg, model, optimizer, ema, net, step, loss, phema)
             nonfinite["nonfinite_total"] += bad
             nonfinite["nonfinite_streak"] = (nonfinite["nonfinite_streak"] + 1) * bad

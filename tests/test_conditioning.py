@@ -127,3 +127,25 @@ def test_a_conditional_unet_exports_as_wider_input_channels(tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(theirs(torch.cat([x, c], 1), t).sample,
                                    net(x, t, cond_image=c), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("formulation", ["vp", "edm", "flow"])
+def test_every_formulations_loss_gives_the_network_the_whole_condition(formulation: str) -> None:
+    seen: dict = {}
+
+    def net(x, t, class_labels=None, cond_image=None):
+        seen.update(class_labels=class_labels, cond_image=cond_image)
+        return torch.zeros_like(x)
+
+    schedule = make_schedule(ScheduleConfig(formulation=formulation))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 3, 8, 8, generator=g)
+    levels = schedule.sample_levels(2, g)
+    cond = {"class_labels": torch.tensor([1, 0]), "cond_image": torch.randn(2, 2, 8, 8)}
+    schedule.loss(net, x0, torch.randn_like(x0), levels, cond=cond)
+    assert seen["class_labels"] is cond["class_labels"] and seen["cond_image"] is cond["cond_image"]
+    schedule.loss(net, x0, torch.randn_like(x0), levels, class_labels=cond["class_labels"])
+    assert seen["cond_image"] is None and seen["class_labels"] is cond["class_labels"]
+    with pytest.raises(UsageError, match="given twice"):
+        schedule.loss(net, x0, torch.randn_like(x0), levels, cond=cond,
+                      class_labels=cond["class_labels"])

@@ -311,5 +311,5 @@ def test_the_edm_training_objective_is_one_graph() -> None:
     x0 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     dynamo.reset()
     report = dynamo.explain(step_loss)(net, EDMSchedule(EDM), x0, torch.randn_like(x0),
-                                       torch.tensor([0.1, 5.0]), None, 5.0)
+                                       torch.tensor([0.1, 5.0]), {}, 5.0)
     assert (report.graph_count, report.graph_break_count) == (1, 0), report.break_reasons

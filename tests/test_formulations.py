@@ -138,19 +138,21 @@ def test_sample_recovers_a_delta_distribution_with_the_oracle_for_every_sampler(
             assert err < 1e-3, (sampler, grid, err)
 
 
+@pytest.mark.parametrize("condition", ["none", "image"])
 @pytest.mark.parametrize("name", NAMES)
-def test_the_training_objective_is_one_graph(name: str) -> None:
+def test_the_training_objective_is_one_graph(name: str, condition: str) -> None:
     import torch._dynamo as dynamo
 
     from diffunet.training import step_loss
 
     schedule = _schedule(name)
-    net = UNet(UNetConfig(**tiny_net(8))).train()
+    net = UNet(UNetConfig(**tiny_net(8, cond_channels=2 if condition == "image" else 0))).train()
     g = torch.Generator().manual_seed(7)
     x0 = torch.randn(SHAPE, generator=g)
     levels = schedule.sample_levels(2, g)
+    cond = {"cond_image": torch.randn(2, 2, 8, 8, generator=g)} if condition == "image" else {}
     dynamo.reset()
-    report = dynamo.explain(step_loss)(net, schedule, x0, torch.randn_like(x0), levels, None,
+    report = dynamo.explain(step_loss)(net, schedule, x0, torch.randn_like(x0), levels, cond,
                                        5.0)
     assert (report.graph_count, report.graph_break_count) == (1, 0), report.break_reasons
 

@@ -49,11 +49,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("unet", "nn"),
     ("config",),  # asks the samplers and the formulations for their rules
     # schedulers, diffusion, edm: the deprecated names of samplers and formulations' modules
-    ("samplers", "guidance", "schedulers", "diffusion", "edm",  # guidance: samplers' wrapper
-     "conditioning"),  # conditioning: the one condition mapping, its null, dropout, doubling
+    ("samplers", "guidance", "schedulers", "diffusion", "edm"),  # guidance: samplers' wrapper
     ("formulations",),
     ("errors", "fileio", "version", "randomness", "checks", "stopping",
-     "phema"),  # phema: post-hoc EMA's math (config checks sigma_rel with it)
+     "phema",  # phema: post-hoc EMA's math (config checks sigma_rel with it)
+     "conditioning"),  # the one condition mapping: its null, dropout, doubling (all use it)
 ]
 # The one module (or package) that may import each heavy dependency.
 HOMES: dict[str, set[str]] = {

@@ -273,10 +273,10 @@ def test_the_training_objective_is_one_graph(conditional):
     net = UNet(cfg).train()
     schedule = NoiseSchedule(ScheduleConfig(beta_schedule="cosine", prediction_type="v"))
     x0 = torch.randn(2, 3, 32, 32)
-    labels = torch.tensor([1, 4]) if conditional else None
+    cond = {"class_labels": torch.tensor([1, 4])} if conditional else {}
     dynamo.reset()
     report = dynamo.explain(step_loss)(net, schedule, x0, torch.randn_like(x0),
-                                       torch.tensor([0, 999]), labels, 5.0)
+                                       torch.tensor([0, 999]), cond, 5.0)
     assert (report.graph_count, report.graph_break_count) == (1, 0), report.break_reasons
 
 

@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 import torch
 from torch import Tensor
 
+from ..conditioning import Condition
 from ..errors import ConfigError, UsageError
 from ..randomness import Generators
 
@@ -319,10 +320,13 @@ class Formulation(ABC):
     @abstractmethod
     def loss(self, model: Model, x0: Tensor, noise: Tensor, level: Tensor, *,
              class_labels: Optional[Tensor] = None,
-             min_snr_gamma: Optional[float] = None) -> Tensor:
+             min_snr_gamma: Optional[float] = None,
+             cond: Optional[Condition] = None) -> Tensor:
         """The per-image training loss (B,) of ``model`` on x0 (B, C, H, W) noised with
         ``noise`` to ``level`` (B,): noising, the network call and the weighted loss, in at least
-        float32. ``min_snr_gamma`` applies where :attr:`min_snr_weighting` says so."""
+        float32. ``min_snr_gamma`` applies where :attr:`min_snr_weighting` says so. The network
+        is called with the condition ``cond`` (:mod:`diffunet.conditioning`: class labels, a
+        condition image) or the ``class_labels`` alone."""
 
     @abstractmethod
     def ideal_output(self, x_in: Tensor, time_in: Tensor, x0: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..conditioning import Condition, network_kwargs
 from .base import Denoiser, Formulation, Model, coefficient_dtype, per_image
 from .settings import ScheduleConfig
 
@@ -85,10 +86,11 @@ class EDMSchedule(Formulation):
 
     def loss(self, model: Model, x0: Tensor, noise: Tensor, level: Tensor, *,
              class_labels: Optional[Tensor] = None,
-             min_snr_gamma: Optional[float] = None) -> Tensor:
+             min_snr_gamma: Optional[float] = None,
+             cond: Optional[Condition] = None) -> Tensor:
         """:func:`edm_loss` of F(c_in x; c_noise) (B,); ``min_snr_gamma`` does not apply."""
         x_in, c_noise = self.network_input(x0, noise, level)
-        out = model(x_in, c_noise, class_labels=class_labels)
+        out = model(x_in, c_noise, **network_kwargs(cond, class_labels))
         return edm_loss(self, out.float(), x0, noise, level)
 
     def ideal_output(self, x_in: Tensor, time_in: Tensor, x0: Tensor) -> Tensor:

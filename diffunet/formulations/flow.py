@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..conditioning import Condition, network_kwargs
 from ..randomness import Generators, gaussian
 from .base import (Denoiser, Formulation, Model, SamplingPath, StepOptions, batch_sigmas,
                    clip_estimate, coefficient_dtype, per_image)
@@ -176,11 +177,12 @@ class FlowSchedule(Formulation):
 
     def loss(self, model: Model, x0: Tensor, noise: Tensor, level: Tensor, *,
              class_labels: Optional[Tensor] = None,
-             min_snr_gamma: Optional[float] = None) -> Tensor:
+             min_snr_gamma: Optional[float] = None,
+             cond: Optional[Condition] = None) -> Tensor:
         """:func:`flow_loss` of the network's velocity at x_t (B,); ``min_snr_gamma`` does not
         apply (the weighting is ``schedule.loss_weighting``)."""
         x_t, time_in = self.network_input(x0, noise, level)
-        out = model(x_t, time_in, class_labels=class_labels)
+        out = model(x_t, time_in, **network_kwargs(cond, class_labels))
         return flow_loss(self, out.float(), x0, noise, level)
 
     def ideal_output(self, x_in: Tensor, time_in: Tensor, x0: Tensor) -> Tensor:

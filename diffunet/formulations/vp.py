@@ -28,6 +28,7 @@ from typing import Any, Callable, Literal, Optional, Union, get_args
 import torch
 from torch import Tensor
 
+from ..conditioning import Condition, network_kwargs
 from ..errors import ConfigError, UsageError, require
 from ..randomness import Generators, check_randomness, gaussian
 from .base import (Denoiser, Formulation, Model, SamplingPath, Spacing, StepOptions,
@@ -428,10 +429,11 @@ class NoiseSchedule(Formulation):
 
     def loss(self, model: Model, x0: Tensor, noise: Tensor, level: Tensor, *,
              class_labels: Optional[Tensor] = None,
-             min_snr_gamma: Optional[float] = None) -> Tensor:
+             min_snr_gamma: Optional[float] = None,
+             cond: Optional[Condition] = None) -> Tensor:
         """:func:`diffusion_loss` of the network's output at x_t (B,)."""
         xt = self.add_noise(x0, noise, level)
-        out = model(xt, level, class_labels=class_labels)
+        out = model(xt, level, **network_kwargs(cond, class_labels))
         return diffusion_loss(self, out.float(), x0, noise, level, min_snr_gamma=min_snr_gamma)
 
     def ideal_output(self, x_in: Tensor, time_in: Tensor, x0: Tensor) -> Tensor:
