@@ -454,6 +454,9 @@ def test_a_flow_latent_model_exports_its_vae_beside_the_unet_and_imports_back(
     a, b = load_model_file(tmp_path / "m.safetensors"), load_model_file(tmp_path / "back.safetensors")
     sa, sb = a.net.state_dict(), b.net.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert cli.main(["info", str(tmp_path / "back.safetensors")]) == 0
+    assert f"latents of the VAE {(tmp_path / 'pipe').resolve()} (subfolder vae)" in \
+        capsys.readouterr().out
     # the imported file samples through the exported VAE, to 16x16 images
     assert _sample(str(tmp_path / "back.safetensors"), "--num-samples", "1", "--steps", "2",
                    "--out-dir", str(tmp_path / "s")) == 0

@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         size = f"{net.image_size * f}x{net.image_size * f} " if isinstance(f, int) else ""
         lines.append(f"data space       latents of the VAE {_shown(vae.get('path'))}"
                      + (f" (revision {_shown(vae['revision'])})" if vae.get("revision") else "")
+                     + (f" (subfolder {_shown(vae['subfolder'])})" if vae.get("subfolder") else "")
                      + f": {net.in_channels}x{net.image_size}x{net.image_size} states, {size}"
                      f"images; x0 = (z - {_shown(vae.get('shift_factor'))}) x "
                      f"{_shown(vae.get('scaling_factor'))}; VAE weights sha256 "
