@@ -399,6 +399,13 @@ class DataConfig:
     cache: bool | None = free_on_resume(None)
     """Keep ``folder``, ``torchvision`` and ``hf`` images decoded (as uint8, exactly the same
     items) after their first read; unset: when they take at most 4 GiB."""
+    task: Literal["superres", "colorize"] | None = None
+    """An image-conditioned task (:mod:`diffunet.tasks`): each image's condition image, which
+    the UNet takes through ``unet.cond_channels``: ``superres``, the image downscaled by
+    ``superres_factor`` and upscaled back (its channels); ``colorize``, its luminance (1
+    channel). Unset: none."""
+    superres_factor: int = 4
+    """``task = "superres"``: how many times smaller the low-resolution input is (2 to 16)."""
     latent_cache: str | None = free_on_resume(None)
     """A latent run's (``[vae]``) cache folder of the encoded data set (the VAE posterior's
     mean and std, :mod:`diffunet.latent_cache`); unset: beside the image folder
@@ -426,6 +433,8 @@ class DataConfig:
                   f"image), got {self.builtin_size}")
         if self.num_workers is not None and self.num_workers < 0:
             _fail(p + "num_workers", f"must be 0 or more or unset, got {self.num_workers}")
+        if not 2 <= self.superres_factor <= 16:
+            _fail(p + "superres_factor", f"must be in [2, 16], got {shown(self.superres_factor)}")
         if self.latent_cache is not None and not self.latent_cache.strip():
             _fail(p + "latent_cache", "is empty; give a folder, or leave it unset (the default "
                   "place beside the data or under the user cache)")
@@ -476,7 +485,9 @@ class TrainConfig:
     """Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's choice); "none" for the
     plain loss of the DDPM paper."""
     label_dropout: float = free_on_resume(0.1)
-    """Class-conditional models: fraction of labels replaced by "no label" (for CFG)."""
+    """Conditional models: the fraction of training images whose whole condition (class label,
+    condition image) is replaced by the null one ("no label", a zero image), so that one
+    network learns the unconditional prediction too (classifier-free guidance)."""
     seed: int = free_on_resume(0)
     log_every: int = free_on_resume(50)
     sample_every: int = free_on_resume(250)
@@ -811,6 +822,36 @@ def _fit_data_to_unet(cfg: Any) -> None:
         data, image_size=unet.image_size, channels=unet.in_channels))
 
 
+def _check_task(cfg: Any) -> None:
+    """``unet.cond_channels`` follows ``data.task`` (the condition image's channels) where it is
+    left at 0, and is checked against it where set; a task needs pixels. ``cfg`` is a
+    composed config still being built (hence ``object.__setattr__``)."""
+    task, c, u = cfg.data.task, cfg.unet.cond_channels, cfg.unet
+    if task is None:
+        if c:
+            _fail("unet.cond_channels", f"{c} condition-image channels, but data.task is unset, "
+                  "so training has no condition image to give; set data.task (superres, "
+                  "colorize) or leave unet.cond_channels at 0")
+        return
+    if cfg.vae.path is not None:
+        _fail("data.task", f"{task} on a latent run ([vae]) is not built yet (the condition "
+              "would have to be encoded too); train it in pixel space (drop [vae])")
+    need = 1 if task == "colorize" else u.in_channels
+    if task == "colorize" and u.in_channels != 3:
+        _fail("data.task", f"colorize needs RGB images, and unet.in_channels is {u.in_channels}")
+    if c == 0:  # unset: the UNet follows the task
+        object.__setattr__(cfg, "unet", dataclasses.replace(u, cond_channels=need))
+    elif c != need:
+        what = "the luminance" if task == "colorize" else "the low-resolution image"
+        _fail("unet.cond_channels", f"{c} does not fit data.task = {task!r}, whose condition "
+              f"image has {need} channel(s) ({what}); leave unet.cond_channels unset (it follows "
+              f"the task) or set it to {need}")
+    f = cfg.data.superres_factor
+    if task == "superres" and u.image_size % f:
+        _fail("data.superres_factor", f"{f} does not divide the image size {u.image_size}; use a "
+              "factor that does (e.g. 4 for 32x32: 8x8 inputs)")
+
+
 SMALL_UNET = UNetConfig(base_channels=32, channel_mults=(1, 2, 2, 2), num_res_blocks=1,
                         attn_resolutions=(8,), dropout=0.0)
 """The small network of the default runs (1.5M parameters at 32x32): ``diffunet train`` trains it
@@ -845,6 +886,7 @@ class RunConfig:
         if self.vae.path is not None and self.data.streaming:
             _fail("data.streaming", "a latent run ([vae]) encodes the whole data set once into "
                   "its latent cache, which a stream cannot give; set data.streaming = false")
+        _check_task(self)
         if not self.unet.time_conditioning:
             _fail("unet.time_conditioning", "a diffusion model needs the timestep input; set it "
                   "to true (time-less UNets are for `diffunet segment train`)")

@@ -51,6 +51,7 @@ from .data import (GlobalBatchSampler, HFStream, build_dataset, make_dataloader,
                    skipped_note)
 from .conditioning import with_dropout
 from .data_space import DataSpace, load_space
+from .tasks import condition_image
 from .latent_cache import training_set
 from .errors import ConfigError, StopRequested, TrainingError
 from .formulations import Formulation, make_schedule
@@ -211,10 +212,12 @@ def _step_inputs(cfg: RunConfig, schedule: Formulation, space: DataSpace, gen: t
     x0 = space.training_x0(batch, flips, gen, mine, B)
     k = cfg.unet.num_classes
     cond = {} if k is None else {"class_labels": labels}
+    if cfg.data.task is not None:  # the condition image: a function of the (flipped) image
+        cond["cond_image"] = condition_image(cfg.data.task, x0, cfg.data.superres_factor)
     if not cond:
         return x0, noise, levels, cond
     # classifier-free guidance's training dropout (diffunet/conditioning.py): the dropped rows
-    # take the null condition (the "no label" index k)
+    # take the null condition (the "no label" index k, a zero image)
     drop = (torch.rand(B, generator=gen, device=dev) < cfg.train.label_dropout)[mine]
     return x0, noise, levels, with_dropout(cond, drop, lambda: k)
 
@@ -386,19 +389,38 @@ def _guide_on_resume(run: Run, cfg: RunConfig) -> tuple[int | None, bool]:
     return None, False
 
 
+def _preview_targets(cfg: RunConfig, dataset: Any) -> Tensor | None:
+    """A task run's preview images (the first ``sample.num_images`` of the data set, (N, C, S,
+    S) in [-1, 1]), whose condition images the previews are sampled from; None without a
+    task."""
+    if cfg.data.task is None:
+        return None
+    n = cfg.sample.num_images
+    if isinstance(dataset, HFStream):  # no indexing: the first images of the first epoch
+        return next(dataset.batches(n, seed=cfg.train.seed, start_step=0, rank=0,
+                                    world_size=1))[0]
+    return torch.stack([dataset[i % len(dataset)][0] for i in range(n)])
+
+
 def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run, space: DataSpace,
-                guide: UNet | None = None, carried: GuideKeeper | None = None
-                ) -> Callable[[int], None]:
+                guide: UNet | None = None, carried: GuideKeeper | None = None,
+                targets: Tensor | None = None) -> Callable[[int], None]:
     """The preview grid writer: the EMA model sampled with ``cfg.sample`` (guided by ``guide``
     where ``sample.guide_model`` names one, else, after the guide step, by the ``carried``
     guide with weight ``sample.guide_scale``) from the same noise (and labels) every time, so
-    the grids are comparable, and decoded to images by the data ``space``."""
+    the grids are comparable, and decoded to images by the data ``space``. A task run
+    (``targets``: :func:`_preview_targets`) samples from their condition images and shows each
+    as condition | sample | target side by side."""
     s, seed, k = cfg.sample, cfg.train.seed, cfg.unet.num_classes
     if guide is not None:
         guide.to(run.device)
     C, H = cfg.unet.in_channels, cfg.unet.image_size
     x_T = torch.randn((s.num_images, C, H, H), generator=torch.Generator().manual_seed(seed + 1))
     labels = torch.arange(s.num_images) % k if k is not None else None
+    cond: dict[str, Tensor] = {}
+    if targets is not None:
+        assert cfg.data.task is not None
+        cond["cond_image"] = condition_image(cfg.data.task, targets, cfg.data.superres_factor)
 
     base_kwargs = s.sample_kwargs()
     base_kwargs["clip_x0"] = space.clip_x0(base_kwargs["clip_x0"])  # latents: no clip
@@ -421,11 +443,17 @@ def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run, space
                 images = space.decode(sample(
                     ema.model, schedule, x_T.to(run.device),
                     class_labels=None if labels is None else labels.to(run.device),
+                    cond={key: value.to(run.device) for key, value in cond.items()},
                     generator=torch.Generator().manual_seed(seed + 2), callback=cut,
                     guide_model=weak, **kwargs))
         except StopRequested:  # a signal asked the run to stop: no grid, the loop saves next
             return False
-        drawn["grid"] = make_grid_image(images.float().cpu())
+        images, nrow = images.float().cpu(), None
+        if targets is not None:  # condition | sample | target, image by image
+            shown_cond = cond["cond_image"].expand(-1, images.shape[1], -1, -1)  # grey: 1 -> C
+            images = torch.stack([shown_cond, images, targets.float()], 1).flatten(0, 1)
+            nrow = 3 * math.ceil(math.sqrt(s.num_images))
+        drawn["grid"] = make_grid_image(images, nrow=nrow)
         # into the run's samples/, relative to its descriptor (never through a link); a
         # preview need not survive a power cut
         run.write_file("samples", name, encode_image(drawn["grid"], name), durable=False)
@@ -487,8 +515,13 @@ def _header(run: Run, cfg: RunConfig, dataset: Any, net: UNet, schedule: Formula
     kind = {1: "grayscale", 3: "RGB"}.get(channels, f"{channels}-channel")
     unused = ("; the labels are unused: unet.num_classes is unset"
               if getattr(dataset, "class_names", None) and u.num_classes is None else "")
+    task = {"superres": f"task: superres x{d.superres_factor}: each image downscaled to "
+                        f"{size // d.superres_factor}x{size // d.superres_factor} and upscaled "
+                        f"back is the UNet's {u.cond_channels}-channel condition image",
+            "colorize": "task: colorize: each image's luminance is the UNet's 1-channel "
+                        "condition image"}.get(d.task or "")
     return [_describe_data(dataset, d.source, where, f"{size}x{size} {kind}") + unused,
-            *([space_line] if space_line else []),
+            *([space_line] if space_line else []), *([task] if task else []),
             f"model: UNet, {n:,} parameters ({n / 1e6:.2f}M; base_channels {u.base_channels}, "
             f"channel_mults {tuple(u.channel_mults)}); {s.describe()}" + (
                 f"; train.min_snr_gamma is unused ({schedule.own_weighting})"
@@ -649,7 +682,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                 # a data set held in memory (the latent cache) would be copied into each worker
                 0 if getattr(dataset, "in_memory", False) else run.workers(cfg.data.num_workers),
                 pin_memory=run.device.type == "cuda"))
-        preview = _preview_fn(cfg, ema, schedule, run, space, guide, carried)
+        preview = _preview_fn(cfg, ema, schedule, run, space, guide, carried,
+                              _preview_targets(cfg, dataset))
         space_record = {"vae": space.record()} if space.record() is not None else {}
 
         def save(at: int) -> tuple[Path, Path]:

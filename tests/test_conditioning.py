@@ -149,3 +149,118 @@ def test_every_formulations_loss_gives_the_network_the_whole_condition(formulati
     with pytest.raises(UsageError, match="given twice"):
         schedule.loss(net, x0, torch.randn_like(x0), levels, cond=cond,
                       class_labels=cond["class_labels"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks as data transforms (diffunet/tasks.py) and their training runs
+
+
+def test_superres_condition_is_the_image_down_and_up_again() -> None:
+    import torch.nn.functional as F
+
+    from diffunet.tasks import condition_image, downscale
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    low = F.interpolate(x, size=(4, 4), mode="bicubic", antialias=True).clamp(-1, 1)
+    assert torch.allclose(downscale(x, 4), low)
+    c = condition_image("superres", x, 4)
+    assert c.shape == x.shape and c.abs().max() <= 1
+    up = F.interpolate(low, size=(16, 16), mode="bicubic").clamp(-1, 1)
+    assert torch.allclose(c, up)
+    # flips commute with it: a flipped image's condition is the flipped condition
+    assert torch.allclose(condition_image("superres", x.flip(-1), 4), c.flip(-1), atol=1e-6)
+    # a constant image is its own low-resolution version
+    flat = torch.full((1, 3, 16, 16), 0.25)
+    assert torch.allclose(condition_image("superres", flat, 4), flat, atol=1e-6)
+
+
+def test_colorize_condition_is_the_bt601_luminance() -> None:
+    from diffunet.tasks import condition_image
+
+    x = torch.zeros(1, 3, 2, 2)
+    x[0, 0], x[0, 1], x[0, 2] = 1.0, -1.0, 0.5
+    y = condition_image("colorize", x)
+    assert y.shape == (1, 1, 2, 2)
+    assert torch.allclose(y, torch.full_like(y, 0.299 - 0.587 + 0.114 * 0.5))
+    with pytest.raises(ValueError, match="RGB"):
+        condition_image("colorize", torch.zeros(1, 1, 2, 2))
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["data.task=superres", "unet.cond_channels=1"],
+     "unet.cond_channels: 1 does not fit data.task = 'superres'"),
+    (["unet.cond_channels=2"], "unet.cond_channels: 2 condition-image channels, but data.task is "
+                               "unset"),
+    (["data.task=superres", "data.superres_factor=3"], "data.superres_factor: 3 does not divide"),
+    (["data.task=superres", "data.superres_factor=1"], "data.superres_factor: must be in [2, 16]"),
+    (["data.task=colorize", "unet.in_channels=1"], "colorize needs RGB images"),
+    (["data.task=deblur"], "data.task"),
+], ids=["channels", "no-task", "factor", "factor-range", "colorize-grey", "unknown"])
+def test_task_settings_that_do_not_fit_are_one_line(overrides, words, capsys) -> None:
+    from diffunet import cli
+
+    assert cli.main(["train", *overrides, "--out-dir", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.splitlines()) == 1, err
+
+
+def test_the_unet_follows_the_task_and_a_latent_task_is_refused(tmp_path) -> None:
+    from diffunet.config import load_config
+
+    assert load_config(None, ["data.task=superres"]).unet.cond_channels == 3
+    assert load_config(None, ["data.task=colorize"]).unet.cond_channels == 1
+    with pytest.raises(ConfigError, match="on a latent run"):
+        load_config(None, ["data.task=superres", "vae.path=builtin-shapes",
+                           "data.image_size=64", "unet.image_size=16", "unet.in_channels=4"])
+
+
+def test_a_task_steps_inputs_are_the_same_on_any_number_of_processes() -> None:
+    """The condition images and their dropout are drawn for the global batch and sliced, so two
+    processes' halves are one process's whole (exact resume: tests/test_training.py)."""
+    from diffunet.config import load_config
+    from diffunet.data_space import PixelSpace
+    from diffunet.training import _step_inputs
+
+    cfg = load_config(None, ["data.task=superres", "train.batch_size=8", "unet.num_classes=4",
+                             "train.label_dropout=0.5"])
+    schedule = make_schedule(cfg.schedule)
+    batch = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    labels = torch.arange(8) % 4
+
+    def run(mine: slice):
+        gen = torch.Generator().manual_seed(5)
+        return _step_inputs(cfg, schedule, PixelSpace(), gen, batch[mine], labels[mine], mine)
+
+    whole = run(slice(0, 8))
+    halves = [run(slice(0, 4)), run(slice(4, 8))]
+    for key in ("cond_image", "class_labels"):
+        assert torch.equal(torch.cat([h[3][key] for h in halves]), whole[3][key])
+    x0, cond = whole[0], whole[3]
+    dropped = cond["class_labels"] == 4
+    assert 0 < int(dropped.sum()) < 8  # label_dropout 0.5 dropped some rows, not all
+    # a dropped row loses its whole condition; a kept row's condition is its (flipped) image's
+    assert cond["cond_image"][dropped].abs().max() == 0
+    from diffunet.tasks import condition_image
+    assert torch.allclose(cond["cond_image"][~dropped], condition_image("superres", x0)[~dropped])
+
+
+@pytest.mark.slow
+def test_a_superres_run_previews_condition_sample_and_target(tmp_path, cpu_accelerate) -> None:
+    from PIL import Image
+
+    from diffunet.training import train
+    from diffunet.config import load_config
+    from helpers import tiny_run
+
+    out = tmp_path / "run"
+    cfg = load_config(None, [*tiny_run(), "data.task=superres", "train.max_steps=2",
+                             "train.sample_every=2", "sample.num_images=4", "sample.num_steps=2"])
+    messages: list[str] = []
+    train(cfg, out, progress=False, say=messages.append)
+    assert any(m.startswith("task: superres x4: each image downscaled to 4x4") for m in messages)
+    grid = Image.open(out / "samples" / "step0000002.png")
+    # 4 images as (condition | sample | target) triples, 2 triples a row: 6 x 2 tiles of 16 px
+    assert grid.size == (6 * 18 + 2, 2 * 18 + 2)
+    assert load_model_file(out / "weights" / "model_step0000002.safetensors").net.config \
+        .cond_channels == 3

@@ -43,7 +43,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("bench", "inspection", "interop"),
     ("runs", "outputs", "output_files"),  # output folders; single output files
     ("state", "checkpoint", "phema_files"),  # phema_files: post-hoc EMA snapshot files
-    ("data", "data_space"),  # data_space: pixels or a VAE's latents (the diffusion state)
+    ("data", "data_space", "tasks"),  # data_space: pixels or a VAE's latents (the diffusion
+    # state); tasks: an image's condition image (superres, colorize)
     ("images",),
     ("likelihood", "resources"),
     ("unet", "nn"),
