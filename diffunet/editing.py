@@ -117,11 +117,13 @@ def _grey_rgb(img: Image.Image) -> Optional[np.ndarray]:
     return None
 
 
-def _init_pixels(img: Image.Image, alpha: bool, path: Path, channels: int) -> np.ndarray:
-    """An init image as uint8 (H, W, channels); a mode that is not the model's is refused."""
+def _init_pixels(img: Image.Image, alpha: bool, path: Path, channels: int,
+                 flag: str = "--init-image") -> np.ndarray:
+    """An init (or condition) image as uint8 (H, W, channels); a mode that is not the model's
+    is refused."""
     need = "RGB" if channels == 3 else "grayscale (mode L)"
     if alpha:
-        raise DataError(f"--init-image {path} has transparency (mode {img.mode}); this model "
+        raise DataError(f"{flag} {path} has transparency (mode {img.mode}); this model "
                         f"takes {need} images: flatten it onto a background first")
     if channels == 3 and img.mode in ("RGB", "P"):
         return np.asarray(img.convert("RGB"))
@@ -131,8 +133,9 @@ def _init_pixels(img: Image.Image, alpha: bool, path: Path, channels: int) -> np
         grey = _grey_rgb(img) if img.mode == "RGB" else None
         if grey is not None:
             return grey[..., None]
-    raise DataError(f"--init-image {path} is a mode {img.mode} image; this model makes {need} "
-                    "images: convert it first")
+    raise DataError(f"{flag} {path} is a mode {img.mode} image; this model "
+                    f"{'makes' if flag == '--init-image' else 'takes'} {need} images: convert "
+                    "it first")
 
 
 def _mask_pixels(img: Image.Image, alpha: bool, path: Path) -> np.ndarray:
@@ -162,6 +165,8 @@ class EditInputs:
     mask_sha256: tuple[str, ...]
     channels: int
     size: int
+    flag: str = "--init-image"
+    """The option the images came from (``--cond-image`` reads its condition images this way)."""
 
     @property
     def count(self) -> int:
@@ -193,26 +198,26 @@ class EditInputs:
     def _pixels(self, kind: str, k: int) -> np.ndarray:
         path = (self.init_paths if kind == "init" else self.mask_paths)[k]
         sha = (self.init_sha256 if kind == "init" else self.mask_sha256)[k]
-        flag = "--init-image" if kind == "init" else "--mask"
+        flag = self.flag if kind == "init" else "--mask"
         data = _read_input(path, flag, self.size)
         if hashlib.sha256(data).hexdigest() != sha:
             raise DataError(f"{flag} {path} changed while this run was sampling; rerun the "
                             "command (the images made from the old file are kept; --overwrite "
                             "redraws them)")
         img, alpha = _decode_input(data, path, flag, self.size)
-        return (_init_pixels(img, alpha, path, self.channels) if kind == "init"
+        return (_init_pixels(img, alpha, path, self.channels, flag) if kind == "init"
                 else _mask_pixels(img, alpha, path))
 
 
 def load_edit_inputs(init_image: str | os.PathLike, mask: str | os.PathLike | None, *,
-                     channels: int, size: int) -> EditInputs:
+                     channels: int, size: int, flag: str = "--init-image") -> EditInputs:
     """Find, read and check the ``--init-image`` file or folder and the ``--mask`` file or
     folder for a model of ``channels`` x ``size`` x ``size`` images. A folder's images are taken
     in sorted order (recursive, hidden names skipped, as a data folder); a mask folder pairs
     with an init folder by relative path without the extension (``cat.jpg`` with ``cat.png``);
     one mask file applies to every init image. Wrong sizes, modes, unpaired files and unreadable
     files are one-line :class:`DataError`/:class:`UsageError` naming the file."""
-    init_files, init_rel, init_is_dir = _input_files(Path(init_image), "--init-image")
+    init_files, init_rel, init_is_dir = _input_files(Path(init_image), flag)
     mask_files: list[Path] = []
     if mask is not None:
         found, rel, mask_is_dir = _input_files(Path(mask), "--mask")
@@ -242,12 +247,12 @@ def load_edit_inputs(init_image: str | os.PathLike, mask: str | os.PathLike | No
                                 "init images by name")
     sha: dict[Path, str] = {}
     for kind, files in (("init", init_files), ("mask", mask_files)):
-        flag = "--init-image" if kind == "init" else "--mask"
+        what = flag if kind == "init" else "--mask"
         for path in dict.fromkeys(files):
-            data = _read_input(path, flag, size)
-            img, alpha = _decode_input(data, path, flag, size)
+            data = _read_input(path, what, size)
+            img, alpha = _decode_input(data, path, what, size)
             if kind == "init":
-                _init_pixels(img, alpha, path, channels)
+                _init_pixels(img, alpha, path, channels, flag)
             else:
                 _mask_pixels(img, alpha, path)
             sha[path] = hashlib.sha256(data).hexdigest()
@@ -255,4 +260,4 @@ def load_edit_inputs(init_image: str | os.PathLike, mask: str | os.PathLike | No
                       init_sha256=tuple(sha[p] for p in init_files),
                       mask_paths=tuple(mask_files),
                       mask_sha256=tuple(sha[p] for p in mask_files),
-                      channels=channels, size=size)
+                      channels=channels, size=size, flag=flag)

@@ -62,13 +62,14 @@ from .checkpoint import load_diffusion_file, load_guide_model, tensor_file_bytes
 from .config import SampleConfig, ScheduleConfig, from_dict, to_dict
 from .data_space import DataSpace, PixelSpace, model_space
 from .editing import IMG2IMG_STRENGTH, MASK_CONVENTION, EditInputs, load_edit_inputs
-from .errors import ConfigError, DataError, FolderError, UsageError
+from .errors import ConfigError, DataError, FolderError, ModelFileError, UsageError
 from .formulations import Formulation, StepOptions, formulation_class
 from .images import image_header, make_grid_image, tensor_image
 from .outputs import FolderWriter, OutputFolder, claim_folder, join_folder
 from .resources import check_fits, network_cost
 from .runs import cpu_requested, pick_device, refuse_lone_processes
 from .guidance import carried_guide_weight
+from .tasks import upscale
 from .samplers import (MAX_RESAMPLE, MULTISTEP_SAMPLERS, ONE_STEP_SAMPLERS, check_sampling,
                        check_sigma_range, make_sigmas, preview_grid, sample)
 from .version import __version__
@@ -216,6 +217,13 @@ class SampleOptions:
     hashes); ``save_latents`` also writes each image's latent (``000000.safetensors``, the
     unscaled z the VAE decodes). Init images are encoded and masks min-pooled to the latent grid
     (:meth:`~diffunet.data_space.LatentSpace.state_mask`).
+
+    A model with a condition image (``unet.cond_channels``; trained with ``data.task``) needs
+    ``cond_image``: a file, or a folder whose sorted images are inputs 0..K-1, each drawn
+    ``per_input`` times (image i from input ``i // per_input``, seed + i). A superres model
+    takes its low-resolution inputs (side / ``superres_factor``, upscaled bicubically as in
+    training), a colorize model grayscale images of its size; nothing else is resized.
+    ``guidance_scale`` is then classifier-free guidance on the condition (it drops the image).
     """
 
     num_samples: Optional[int] = None
@@ -251,6 +259,8 @@ class SampleOptions:
     resample: int = 1
     vae: Optional[Union[str, os.PathLike]] = None
     save_latents: bool = False
+    cond_image: Optional[Union[str, os.PathLike]] = None
+    per_input: int = 1
 
     def __post_init__(self) -> None:
         for name, flag in (("num_samples", "--num-samples"), ("batch_size", "--batch-size")):
@@ -265,6 +275,7 @@ class SampleOptions:
                        sigma_min=self.sigma_min, sigma_max=self.sigma_max, error=UsageError)
         _check_seed(self.seed, self.num_samples or DEFAULT_NUM_SAMPLES)
         self._check_editing()
+        self._check_condition()
         labels = self.class_labels
         def one(v: Any) -> bool:
             return _is_int(v) or (isinstance(v, str) and bool(v))
@@ -275,7 +286,7 @@ class SampleOptions:
             raise UsageError(f"--class-label must be a class index or name, a list of them or "
                              f"'all', got {labels!r}")
         if self.guidance_scale not in (None, 1.0) and labels is None and \
-                self.guide_model is None and self.no_guide:
+                self.guide_model is None and self.no_guide and self.cond_image is None:
             raise UsageError(_NEEDS_GUIDANCE.format(self.guidance_scale))
         if not isinstance(self.no_guide, bool):
             raise UsageError(f"no_guide must be True or False, got {self.no_guide!r}")
@@ -309,6 +320,23 @@ class SampleOptions:
             raise UsageError(f"--resample {r} repeats inpainting steps (RePaint); it needs "
                              "--mask (and --init-image)")
         _check_resample(r, self.sampler)
+
+    def _check_condition(self) -> None:
+        p = self.per_input
+        if not _is_int(p) or not 1 <= p <= MAX_SAMPLES:
+            raise UsageError(f"--per-input must be a positive integer (images drawn from each "
+                             f"--cond-image input), got {p!r}")
+        if self.cond_image is None:
+            if p != 1:
+                raise UsageError("--per-input needs --cond-image (the inputs to draw from); "
+                                 "give --cond-image PATH_OR_FOLDER or drop --per-input")
+            return
+        if self.num_samples is not None:
+            raise UsageError("--num-samples with --cond-image: a conditional run draws "
+                             "--per-input N images from each input; drop --num-samples")
+        if self.init_image is not None:
+            raise UsageError("--init-image with --cond-image: editing a conditional model's "
+                             "samples is not built yet; drop one of them")
 
     @property
     def resolved_strength(self) -> float:
@@ -363,7 +391,8 @@ def guidance_kind(meta: dict[str, Any], options: SampleOptions) -> Optional[Guid
         return "auto"
     if isinstance(meta.get("guide"), dict) and not options.no_guide:
         return "carried"
-    return "cfg" if options.class_labels is not None else None
+    return ("cfg" if options.class_labels is not None or options.cond_image is not None
+            else None)
 
 
 def sample_settings(meta: dict[str, Any], options: SampleOptions) -> SampleConfig:
@@ -599,14 +628,15 @@ _SETTINGS_BEFORE = {"sigmas": "uniform", "rho": 7.0, "sigma_min": None, "sigma_m
                     "guide_model_sha256": None, "guidance_interval": None,
                     "s_churn": 0.0, "s_tmin": 0.0,
                     "s_tmax": None, "s_noise": 1.0, "init_images": None, "masks": None,
-                    "strength": None, "resample": 1, "vae_weights_sha256": None}
+                    "strength": None, "resample": 1, "vae_weights_sha256": None,
+                    "cond_images": None, "per_input": 1}
 """What a manifest written before these settings existed drew its images with (so such a
 folder still resumes)."""
 
 
 def _inputs_difference(key: str, was: Any, now: Any) -> str:
     """One line for a change of the ``init_images``/``masks`` SHA-256 lists."""
-    what = "init image" if key == "init_images" else "mask"
+    what = {"init_images": "init image", "masks": "mask"}.get(key, "condition image")
     if not isinstance(was, list) or not isinstance(now, list):
         def count(v: Any) -> str:
             return f"{len(v)} {what}(s)" if isinstance(v, list) else f"no {what}s"
@@ -629,7 +659,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         was = old_settings.get(key, _SETTINGS_BEFORE.get(key, "<missing>"))
         if was == value:
             continue
-        if key in ("init_images", "masks"):
+        if key in ("init_images", "masks", "cond_images"):
             diffs.append(_inputs_difference(key, was, value))
         else:
             diffs.append(f"{key} {json.dumps(was)} there, {json.dumps(value)} now")
@@ -763,7 +793,8 @@ def _draw_batch(network: Any, schedule: Any, how: SampleConfig, idx: list[int], 
                 shape: tuple[int, int, int], labels: Optional[list[int]], device: torch.device,
                 autocast: Any, writer: _Writer, on_step: Optional[Callable[[int], None]] = None,
                 edit: Optional[_Edit] = None, guide: Any = None,
-                space: DataSpace = PixelSpace(), save_latents: bool = False) -> None:
+                space: DataSpace = PixelSpace(), save_latents: bool = False,
+                condition: Optional[_Condition] = None) -> None:
     """Draw images ``idx`` together and hand them to ``writer``. One CPU generator per image
     gives its start noise and then its step noise (see the module doc); an editing run's image
     i also starts from init image ``i % K`` (and its mask). ``on_step(i)`` is called after each
@@ -780,7 +811,9 @@ def _draw_batch(network: Any, schedule: Any, how: SampleConfig, idx: list[int], 
                       mask=None if keep is None else space.state_mask(keep.to(device)),
                       resample=edit.resample)
     with autocast:
-        states = sample(network, schedule, x_T.to(device), class_labels=y, generator=gens,
+        cond = {} if condition is None else {"cond_image": condition.batch(idx).to(device)}
+        states = sample(network, schedule, x_T.to(device), class_labels=y, cond=cond,
+                        generator=gens,
                         callback=None if on_step is None else lambda i, *_: on_step(i),
                         guide_model=guide, **kwargs)
         images = space.decode(states)
@@ -808,6 +841,58 @@ def _edit_settings(o: SampleOptions, how: SampleConfig, shape: tuple[int, int, i
                                            else ")"))
     return edit, (f"editing {k} init image{'s' if k > 1 else ''}: strength {strength}, the "
                   f"last {run} of {how.num_steps} steps{masks}")
+
+
+@dataclass(frozen=True)
+class _Condition:
+    """A conditional run's condition images (``--cond-image``), as :func:`_draw_batch` needs
+    them: output image i is drawn from input ``i // per_input``."""
+
+    inputs: EditInputs
+    per_input: int
+    task: Optional[str]
+    size: int
+    """The model's image side: a superres input is upscaled to it."""
+
+    def batch(self, idx: list[int]) -> torch.Tensor:
+        """The condition images (B, cond_channels, S, S) in [-1, 1] of output images ``idx``."""
+        images, _ = self.inputs.batch([i // self.per_input for i in idx])
+        return upscale(images, self.size) if images.shape[-1] != self.size else images
+
+
+def _cond_settings(o: SampleOptions, cfg: Any, meta: dict[str, Any], space: DataSpace
+                   ) -> tuple[Optional[_Condition], str]:
+    """A conditional run's checked condition images (None for a model without them) and the
+    line that says what it will do. One line for a conditional model without ``--cond-image``,
+    ``--cond-image`` on a model without a condition, and inputs of another size or mode."""
+    c, size = cfg.cond_channels, cfg.image_size
+    task = meta.get("task") if isinstance(meta.get("task"), dict) else None
+    name = task.get("name") if task is not None else None
+    factor = task.get("superres_factor") if task is not None else None
+    if name == "superres" and not (_is_int(factor) and factor >= 2 and size % factor == 0):
+        raise ModelFileError(f"the model file's task record is damaged (superres_factor "
+                             f"{factor!r}); use the model file training wrote")
+    low = size // factor if name == "superres" else size
+    what = {"superres": f"{low}x{low} low-resolution {'RGB' if c == 3 else 'grayscale'} images "
+                        f"(it upscales them x{factor})",
+            "colorize": f"{size}x{size} grayscale images (it colours them)"}.get(
+                name or "", f"{size}x{size} {c}-channel condition images")
+    if not c:
+        if o.cond_image is not None:
+            raise UsageError("--cond-image: this model takes no condition image "
+                             "(unet.cond_channels is 0); drop --cond-image")
+        return None, ""
+    if o.cond_image is None:
+        raise UsageError(f"this model draws from a condition image (unet.cond_channels {c}"
+                         + (f", task {name}" if name else "") + f"): give --cond-image "
+                         f"PATH_OR_FOLDER, {what}")
+    if space.record() is not None:
+        raise UsageError("--cond-image on a latent model is not built yet")
+    inputs = load_edit_inputs(o.cond_image, None, channels=c, size=low, flag="--cond-image")
+    k = inputs.count
+    note = (f"conditional: {k} input{'s' if k > 1 else ''} ({what}), {o.per_input} "
+            f"image{'s' if o.per_input > 1 else ''} from each")
+    return _Condition(inputs, o.per_input, name, size), note
 
 
 def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
@@ -868,10 +953,13 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         raise UsageError("--save-latents: this is a pixel model (trained without a VAE); it "
                          "has no latents to save: drop --save-latents")
     edit, edit_note = _edit_settings(o, how, pixels)
+    condition, cond_note = _cond_settings(o, net.config, meta, space)
     n = o.num_samples
     if n is None:
         folder = edit is not None and Path(o.init_image).is_dir()
         n = edit.inputs.count if folder else DEFAULT_NUM_SAMPLES
+        if condition is not None:
+            n = condition.inputs.count * condition.per_input
         _check_count(n)
         _check_seed(o.seed, n)
     native = schedule.native_levels(StepOptions(how.sampler, how.num_steps, spacing=how.spacing,
@@ -954,12 +1042,20 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
                      else list(edit.inputs.mask_sha256),
                      "strength": None if edit is None else edit.strength,
                      "resample": 1 if edit is None else edit.resample,
+                     "cond_images": None if condition is None
+                     else list(condition.inputs.init_sha256),
+                     "per_input": 1 if condition is None else condition.per_input,
                      # the VAE decodes the pixels: another one is other samples
                      "vae_weights_sha256": (space.record() or {}).get("weights_sha256")},
         **grid_record,
         "num_samples": n,
         "image_seeds": "image i (file i as 6 digits + .png) is drawn from seed + i",
         "edit": None if edit is None else _edit_record(edit, o, how.num_steps),
+        "cond_images": None if condition is None else {
+            "path": str(Path(o.cond_image).resolve()), "task": condition.task,
+            "files": [str(p) for p in condition.inputs.init_paths],
+            "per_input": condition.per_input,
+            "image_inputs": "image i is drawn from input i // per_input"},
         "labels": labels,
         "grid": GRID if o.grid else None,
         "grid_images": min(n, MAX_GRID_IMAGES) if o.grid else 0,
@@ -975,7 +1071,8 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
     if main:
         try:
             inputs = [model_path] + ([] if o.guide_model is None else [o.guide_model]) + (
-                [] if edit is None else [*edit.inputs.init_paths, *edit.inputs.mask_paths])
+                [] if edit is None else [*edit.inputs.init_paths, *edit.inputs.mask_paths]) + (
+                [] if condition is None else list(condition.inputs.init_paths))
             claim = _claim(out_dir, manifest, inputs, n, o, tell)
         except Exception as e:  # raised on every process by _same_outcome
             error = e
@@ -985,9 +1082,11 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         folder = _folder_on_every_process(state, claim, out_dir, n, o.grid)
         if edit is not None:
             tell(edit_note)  # once the folder is claimed: bad input stays a single line
+        if condition is not None:
+            tell(cond_note)
         return _draw_all(state, main, out_dir, manifest, claim, folder, n, o, how, network,
                          schedule, shape, labels, device, autocast, batch_size, progress, tell,
-                         edit, guide, space)
+                         edit, guide, space, condition)
     finally:
         if folder is not None and folder is not claim:
             folder.close()
@@ -1052,7 +1151,8 @@ def _draw_all(state: Any, main: bool, out_dir: Path, manifest: dict[str, Any],
               labels: Optional[list[int]], device: torch.device, autocast: Any,
               batch_size: int, progress: bool, tell: Callable[[str], None],
               edit: Optional[_Edit] = None, guide: Any = None,
-              space: DataSpace = PixelSpace()) -> SampleResult:
+              space: DataSpace = PixelSpace(),
+              condition: Optional[_Condition] = None) -> SampleResult:
     """Draw the images not yet in the claimed folder, then the grid and the final manifest
     (the main process's ``claim``), every file through this process's ``folder``."""
     from tqdm.auto import tqdm
@@ -1084,7 +1184,7 @@ def _draw_all(state: Any, main: bool, out_dir: Path, manifest: dict[str, Any],
             idx = mine[start:start + batch_size]
             _draw_batch(network, schedule, how, idx, o.seed, shape, labels, device, autocast,
                         writer, on_step=lambda i: bar.update(1), edit=edit, guide=guide,
-                        space=space, save_latents=o.save_latents)
+                        space=space, save_latents=o.save_latents, condition=condition)
             drawn.extend(idx)
             done = min(n, done_before + len(drawn) * state.num_processes)
             bar.set_postfix_str(f"{done}/{n} img", refresh=False)

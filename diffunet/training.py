@@ -685,6 +685,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         preview = _preview_fn(cfg, ema, schedule, run, space, guide, carried,
                               _preview_targets(cfg, dataset))
         space_record = {"vae": space.record()} if space.record() is not None else {}
+        if cfg.data.task is not None:  # what `diffunet sample --cond-image` makes of its inputs
+            space_record["task"] = {"name": cfg.data.task,
+                                    "superres_factor": cfg.data.superres_factor}
 
         def save(at: int) -> tuple[Path, Path]:
             model_path = run.out_dir / "weights" / f"model_{st.state_name(at)}.safetensors"

@@ -245,22 +245,152 @@ def test_a_task_steps_inputs_are_the_same_on_any_number_of_processes() -> None:
     assert torch.allclose(cond["cond_image"][~dropped], condition_image("superres", x0)[~dropped])
 
 
-@pytest.mark.slow
-def test_a_superres_run_previews_condition_sample_and_target(tmp_path, cpu_accelerate) -> None:
-    from PIL import Image
+@pytest.fixture(scope="module")
+def superres_run(tmp_path_factory):
+    """A 2-step superres run of the tiny net at 16x16 (4x4 inputs), its messages."""
+    from processes import reset_accelerate_state
 
-    from diffunet.training import train
     from diffunet.config import load_config
+    from diffunet.training import train
     from helpers import tiny_run
 
-    out = tmp_path / "run"
+    out = tmp_path_factory.mktemp("superres") / "run"
     cfg = load_config(None, [*tiny_run(), "data.task=superres", "train.max_steps=2",
                              "train.sample_every=2", "sample.num_images=4", "sample.num_steps=2"])
     messages: list[str] = []
-    train(cfg, out, progress=False, say=messages.append)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ACCELERATE_USE_CPU", "1")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        reset_accelerate_state()
+        try:
+            train(cfg, out, progress=False, say=messages.append)
+        finally:
+            reset_accelerate_state()
+            torch.set_num_threads(threads)
+    return out, messages
+
+
+def test_a_superres_run_previews_condition_sample_and_target(superres_run) -> None:
+    from PIL import Image
+
+    out, messages = superres_run
     assert any(m.startswith("task: superres x4: each image downscaled to 4x4") for m in messages)
     grid = Image.open(out / "samples" / "step0000002.png")
     # 4 images as (condition | sample | target) triples, 2 triples a row: 6 x 2 tiles of 16 px
     assert grid.size == (6 * 18 + 2, 2 * 18 + 2)
-    assert load_model_file(out / "weights" / "model_step0000002.safetensors").net.config \
-        .cond_channels == 3
+    model = out / "weights" / "model_step0000002.safetensors"
+    assert load_model_file(model).net.config.cond_channels == 3
+    from diffunet.checkpoint import read_metadata
+    assert read_metadata(model)["task"] == {"name": "superres", "superres_factor": 4}
+
+
+def _inputs(folder, size: int, count: int, mode: str = "RGB"):
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        pixels = np.random.RandomState(i).randint(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).convert(mode).save(folder / f"in{i}.png")
+    return folder
+
+
+def _sample_cli(*args: str) -> int:
+    from diffunet import cli
+
+    return cli.main(["sample", *args, "--no-progress", "--steps", "2"])
+
+
+def test_sample_draws_per_input_images_from_each_condition_and_resumes(superres_run, tmp_path,
+                                                                         capsys,
+                                                                         cpu_accelerate) -> None:
+    import json
+
+    from PIL import Image
+
+    model = str(superres_run[0] / "weights" / "model_step0000002.safetensors")
+    low = _inputs(tmp_path / "low", 4, 3)
+    out = tmp_path / "s"
+    assert _sample_cli(model, "--cond-image", str(low), "--per-input", "2", "--out-dir",
+                       str(out)) == 0
+    assert "conditional: 3 inputs (4x4 low-resolution RGB images" in capsys.readouterr().err
+    names = sorted(p.name for p in out.glob("0*.png"))
+    assert names == [f"{i:06d}.png" for i in range(6)]
+    assert Image.open(out / "000005.png").size == (16, 16)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["settings"]["cond_images"]) == 3 and manifest["settings"]["per_input"] == 2
+    # the same inputs and seeds draw the same images; a rerun resumes
+    again = tmp_path / "again"
+    assert _sample_cli(model, "--cond-image", str(low), "--per-input", "2", "--out-dir",
+                       str(again)) == 0
+    assert all((out / n).read_bytes() == (again / n).read_bytes() for n in names)
+    assert _sample_cli(model, "--cond-image", str(low), "--per-input", "2", "--out-dir",
+                       str(out)) == 0
+    assert "6 were already there" in capsys.readouterr().err
+    # another input under the same name is another run
+    _inputs(tmp_path / "other", 4, 4)
+    (low / "in0.png").write_bytes((tmp_path / "other" / "in3.png").read_bytes())
+    assert _sample_cli(model, "--cond-image", str(low), "--per-input", "2", "--out-dir",
+                       str(out)) == 2
+    assert "condition image 0 sha256" in capsys.readouterr().err
+
+
+def test_the_condition_reaches_the_samples(tmp_path, cpu_accelerate) -> None:
+    """A superres x2 model file (8x8, its condition weights non-zero): two inputs, the same
+    seed, other images; the same input twice, the same image."""
+    from PIL import Image
+    import numpy as np
+
+    net = perturbed(_net(3), seed=6)
+    with torch.no_grad():
+        net.conv_in.weight[:, 3:].normal_(std=0.5)
+    model = tmp_path / "sr.safetensors"
+    diffunet.save_model(model, net, make_schedule(ScheduleConfig(formulation="flow")),
+                        extra={"task": {"name": "superres", "superres_factor": 2}})
+    low = _inputs(tmp_path / "low", 4, 2)
+    for name in ("in0", "in1"):
+        assert _sample_cli(str(model), "--cond-image", str(low / f"{name}.png"), "--out-dir",
+                           str(tmp_path / name)) == 0
+    a, b = (np.asarray(Image.open(tmp_path / n / "000000.png"), dtype=float) for n in ("in0", "in1"))
+    assert a.shape == (8, 8, 3) and np.abs(a - b).max() > 10
+    assert _sample_cli(str(model), "--cond-image", str(low), "--out-dir",
+                       str(tmp_path / "both")) == 0  # the folder: input 0 then input 1
+    assert (tmp_path / "both" / "000000.png").read_bytes() == \
+        (tmp_path / "in0" / "000000.png").read_bytes()
+
+
+@pytest.mark.parametrize("case", ["no-cond", "unconditional", "size", "mode", "num-samples",
+                                  "per-input-alone", "out-dir-is-the-inputs"])
+def test_bad_condition_input_is_one_line(case, superres_run, tmp_path, capsys,
+                                         cpu_accelerate) -> None:
+    model = str(superres_run[0] / "weights" / "model_step0000002.safetensors")
+    low = _inputs(tmp_path / "low", 4, 2)
+    args = {
+        "no-cond": [model],
+        "unconditional": [str(_plain_model(tmp_path)), "--cond-image", str(low)],
+        "size": [model, "--cond-image", str(_inputs(tmp_path / "big", 16, 1))],
+        "mode": [model, "--cond-image", str(_inputs(tmp_path / "grey", 4, 1, "L"))],
+        "num-samples": [model, "--cond-image", str(low), "--num-samples", "4"],
+        "per-input-alone": [model, "--per-input", "2"],
+        "out-dir-is-the-inputs": [model, "--cond-image", str(low), "--out-dir", str(low)],
+    }[case]
+    if "--out-dir" not in args:
+        args += ["--out-dir", str(tmp_path / "s")]
+    before = sorted(p.name for p in low.iterdir())
+    assert _sample_cli(*args) == 2
+    err = capsys.readouterr().err
+    words = {"no-cond": "give --cond-image", "unconditional": "takes no condition image",
+             "size": "is 16x16 pixels; this model takes 4x4", "mode": "is a mode L image",
+             "num-samples": "drop --num-samples", "per-input-alone": "--per-input needs",
+             "out-dir-is-the-inputs": "holds files diffunet did not write"}[case]
+    assert words in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "s").exists()
+    assert sorted(p.name for p in low.iterdir()) == before
+
+
+def _plain_model(tmp_path):
+    net = perturbed(_net(0), seed=5)
+    path = tmp_path / "plain.safetensors"
+    diffunet.save_model(path, net, make_schedule(ScheduleConfig(formulation="flow")))
+    return path

@@ -119,6 +119,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resample", type=int, default=d.resample, metavar="R",
                    help="inpainting: do each step R times, re-noising in between (RePaint; "
                         f"default {d.resample}; not with {', '.join(MULTISTEP_SAMPLERS)})")
+    p.add_argument("--cond-image", metavar="PATH_OR_FOLDER",
+                   help="a model with a condition image (trained with data.task): its inputs, "
+                        "a file or a folder (sorted); a superres model takes low-resolution "
+                        "images (its size / superres_factor), a colorize model grayscale ones "
+                        "of its size; nothing else is resized. --guidance-scale W guides "
+                        "classifier-free on it")
+    p.add_argument("--per-input", type=int, default=d.per_input, metavar="N",
+                   help="with --cond-image: images drawn from each input (image i from input "
+                        f"i // N, seed + i; default {d.per_input})")
     p.add_argument("--vae", metavar="FOLDER",
                    help="a latent model: a local copy of the VAE its file records (the same "
                         "VAE, checked by the SHA-256 of its config and weights; default: the "
@@ -173,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale, guidance_interval=args.guidance_interval,
         guide_model=args.guide_model, no_guide=args.no_guide, clip_x0=args.clip_x0,
         init_image=args.init_image, mask=args.mask, strength=args.strength,
-        resample=args.resample, vae=args.vae, save_latents=args.save_latents)
+        resample=args.resample, vae=args.vae, save_latents=args.save_latents,
+        cond_image=args.cond_image, per_input=args.per_input)
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args.model)
     generate(args.model, out_dir, options, progress=not args.no_progress, say=say)
     return 0
