@@ -394,3 +394,53 @@ def _plain_model(tmp_path):
     path = tmp_path / "plain.safetensors"
     diffunet.save_model(path, net, make_schedule(ScheduleConfig(formulation="flow")))
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# eval paired (diffunet/paired_eval.py)
+
+
+def test_psnr_and_ssim_are_the_textbook_numbers() -> None:
+    from diffunet.paired_eval import psnr, ssim
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, generator=g) * 1.6 - 0.8
+    # +0.2 in [-1, 1] is +0.1 on [0, 1] pixels: MSE 0.01, 20 dB
+    torch.testing.assert_close(psnr(x + 0.2, x), torch.full((2,), 20.0, dtype=torch.float64))
+    torch.testing.assert_close(ssim(x, x), torch.ones(2, dtype=torch.float64))
+    # constant images a, b on [0, 1]: no variance, SSIM = (2ab + C1) / (a^2 + b^2 + C1)
+    a, b = 0.25, 0.75
+    flat_a, flat_b = torch.full((1, 1, 16, 16), 2 * a - 1), torch.full((1, 1, 16, 16), 2 * b - 1)
+    want = (2 * a * b + 1e-4) / (a * a + b * b + 1e-4)
+    assert float(ssim(flat_a, flat_b)) == pytest.approx(want, rel=1e-9)
+    noisy = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    noisier = (x + 0.6 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    assert (ssim(noisier, x) < ssim(noisy, x)).all() and (ssim(noisy, x) < 1).all()
+
+
+def test_eval_paired_scores_samples_and_the_bicubic_baseline(tmp_path, capsys,
+                                                             cpu_accelerate) -> None:
+    import json
+
+    from diffunet import cli
+
+    net = perturbed(_net(3), seed=7)
+    model = tmp_path / "sr.safetensors"
+    diffunet.save_model(model, net, make_schedule(ScheduleConfig(formulation="flow")),
+                        extra={"task": {"name": "superres", "superres_factor": 2}})
+    assert cli.main(["eval", "paired", str(model), "--num-images", "6", "--steps", "2",
+                     "--json", str(tmp_path / "r.json"), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "| bicubic upscaling |" in text and "superres x2: 6 built-in images of seed 1" in text
+    r = json.loads((tmp_path / "r.json").read_text())
+    from diffunet.data import BuiltinShapes
+    from diffunet.paired_eval import psnr
+    from diffunet.tasks import condition_image
+    truth, _ = BuiltinShapes(6, 8, 3, seed=1).render(range(6))
+    want = float(psnr(condition_image("superres", truth, 2), truth).mean())
+    assert r["rows"]["baseline"]["psnr"] == pytest.approx(want)
+    assert 0 < r["rows"]["samples"]["ssim"] < 1 and r["num_steps"] == 2
+    # a model without a task
+    assert cli.main(["eval", "paired", str(_plain_model(tmp_path)), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "has no task" in err and len(err.strip().splitlines()) == 1

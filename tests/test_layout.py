@@ -37,7 +37,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("segmentation",),
     ("training",),
     ("sampling", "editing"),  # editing: sampling's init images and masks
-    ("evaluation", "judge", "plots", "phema_eval", "latent_cache", "shapes_vae"),  # judge: the
+    ("evaluation", "judge", "plots", "phema_eval", "latent_cache", "shapes_vae",
+     "paired_eval"),  # paired_eval: `eval paired`, a task model on held-out pairs; judge: the
     # shapes classifier; uses evaluation's FID; phema_eval: `eval ema`, post-hoc EMA lengths
     # judged; shapes_vae: the shipped VAE of the shapes and its training
     ("bench", "inspection", "interop"),
