@@ -29,9 +29,18 @@ def test_default_preset_is_the_dataclass_defaults() -> None:
     assert load_config(ROOT / "configs" / "default.toml") == RunConfig()
 
 
-@pytest.mark.parametrize("name", ["default", "cifar10_ddpm", "mnist", "celeba64", "folder"])
+@pytest.mark.parametrize("name", ["default", "cifar10_ddpm", "mnist", "celeba64", "folder",
+                                  "superres_shapes", "superres_celeba", "colorize"])
 def test_presets_load(name: str) -> None:
     load_config(ROOT / "configs" / f"{name}.toml")
+
+
+@pytest.mark.parametrize("name, task, channels, size", [
+    ("superres_shapes", "superres", 3, 32), ("superres_celeba", "superres", 3, 64),
+    ("colorize", "colorize", 1, 32)])
+def test_task_presets_give_the_unet_its_condition_channels(name, task, channels, size) -> None:
+    cfg = load_config(ROOT / "configs" / f"{name}.toml")
+    assert (cfg.data.task, cfg.unet.cond_channels, cfg.unet.image_size) == (task, channels, size)
 
 
 def test_cifar10_preset_is_the_ddpm_recipe() -> None:
