@@ -666,6 +666,10 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
     net, schedule, meta = loaded.net, loaded.schedule, loaded.metadata
     assert schedule is not None
     cfg = net.config
+    if getattr(cfg, "cond_channels", 0):
+        raise UsageError(f"{model_path} draws from a condition image (unet.cond_channels "
+                         f"{cfg.cond_channels}); judging its unconditional draws says nothing: "
+                         "judge it on held-out pairs with `diffunet eval paired`")
     flag = dict(names or {}).get
     guide, carried = None, None
     follow = None  # the carried guide's recorded weight, eased per step count as sample does

@@ -163,6 +163,10 @@ def judge_ema_lengths(run_dir: str | os.PathLike, sigma_rels: Sequence[float], *
         raise UsageError("no sigma_rel to judge; give one or more, e.g. 0.02,0.05,0.1,0.2")
     plans = plan(run_dir, sigma_rels, step)
     cfg = plans[0].config
+    if cfg.unet.cond_channels:
+        raise UsageError(f"{run_dir} trained a model with a condition image (data.task = "
+                         f"{cfg.data.task}); eval ema judges unconditional draws: rebuild a "
+                         "length with `diffunet ema` and judge it with `diffunet eval paired`")
     kwargs = _sample_config(cfg, num_steps)
     device = torch.device(device)
     # a latent run's samples are decoded by its VAE (and never clipped as latents)

@@ -444,3 +444,16 @@ def test_eval_paired_scores_samples_and_the_bicubic_baseline(tmp_path, capsys,
     assert cli.main(["eval", "paired", str(_plain_model(tmp_path)), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "has no task" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_nfe_and_eval_ema_send_a_conditional_model_to_eval_paired(superres_run, capsys,
+                                                                       cpu_accelerate) -> None:
+    from diffunet import cli
+
+    run = superres_run[0]
+    assert cli.main(["eval", "nfe", str(run / "weights" / "model_step0000002.safetensors"),
+                     "--num-images", "4", "--nfe", "2", "--no-progress"]) == 2
+    assert cli.main(["eval", "ema", str(run), "--sigma-rel", "0.05", "--num-images", "4",
+                     "--no-progress"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all("eval paired" in line for line in lines), lines
