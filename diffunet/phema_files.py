@@ -47,7 +47,7 @@ import torch
 from .checkpoint import (CarriedGuide, TensorFileHeader, first_nonfinite, load_model_file,
                          model_file_bytes, read_checked_tensor_file, read_metadata,
                          read_tensor_file_header, tensor_file_bytes)
-from .config import RunConfig, UNetConfig, run_config_from_dict, to_dict
+from .config import RunConfig, UNetConfig, from_dict, run_config_from_dict, to_dict
 from .errors import ConfigError, ModelFileError, UsageError
 from .fileio import parse_json, read_json
 from .formulations import make_schedule
@@ -463,11 +463,14 @@ def plan(run_dir: str | Path, sigma_rels: Sequence[float], step: int | None = No
         counts = collections.Counter(s.run_id for s in snaps)
         top = max(counts.values())
         expected = next(s.run_id for s in reversed(snaps) if counts[s.run_id] == top)
-    unet = to_dict(cfg.unet)
     for s in snaps:
         if s.run_id != expected:
             raise _another_run(s.path, s.run_id, expected)
-        if s.unet_config != unet:
+        try:  # a snapshot of an earlier release lacks later fields: their defaults fill them
+            same = from_dict(UNetConfig, s.unet_config, "unet") == cfg.unet
+        except ConfigError:
+            same = False
+        if not same:
             raise _damaged(s.path, "its network config is not the run's")
     target = max(s.step for s in snaps)
     points = [(s.gamma, s.step) for s in snaps]

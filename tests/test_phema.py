@@ -336,6 +336,44 @@ def test_ema_of_a_stored_length_is_that_snapshot_as_a_model_file(
     assert meta["run_config"]["train"]["phema_every"] == 1
 
 
+def test_ema_reads_the_snapshots_of_an_earlier_release(ema_run: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Snapshots written before a UNetConfig field existed (here cond_channels) record a
+    network config without it: the field's default fills it, and the run's EMA rebuilds."""
+    from safetensors import safe_open
+
+    from diffunet import phema_files
+    from diffunet.config import UNetConfig
+
+    run = tmp_path / "run"
+    shutil.copytree(ema_run, run)
+    unet = load_model(next((run / "weights").iterdir()))[0].config
+    real = phema_files.to_dict
+
+    def without_the_new_field(obj):
+        out = real(obj)
+        if isinstance(obj, UNetConfig):
+            out.pop("cond_channels")
+        return out
+
+    shapes = phema_files.parameter_shapes(unet)
+    monkeypatch.setattr(phema_files, "to_dict", without_the_new_field)
+    for path in sorted((run / "phema").iterdir()):  # rewritten as the earlier release wrote them
+        snap = phema_files.read_snapshot(path, shapes)
+        path.write_bytes(phema_files.snapshot_bytes(
+            load_file(str(path)), step=snap.step, sigma_rel=snap.sigma_rel, gamma=snap.gamma,
+            run_id=snap.run_id, unet=unet))
+    monkeypatch.undo()
+    with safe_open(str(run / "phema" / snapshot_name(7, 0.05)), "pt") as f:
+        assert "cond_channels" not in json.loads(f.metadata()["unet_config"])
+    out = tmp_path / "m.safetensors"
+    assert cli.main(["ema", str(run), "--sigma-rel", "0.05", "--step", "7", "--out",
+                     str(out)]) == 0
+    stored = _tensors(ema_run / "phema" / snapshot_name(7, 0.05))
+    net = load_model(out)[0]
+    assert all(torch.equal(v, stored[k]) for k, v in net.state_dict().items())
+
+
 def test_ema_of_another_length_says_its_fit_and_is_a_model_of_the_run(
         ema_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "m.safetensors"
