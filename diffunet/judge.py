@@ -64,6 +64,8 @@ from .version import __version__
 __all__ = [
     "ALL_GRIDS",
     "ALL_SAMPLERS",
+    "judge_scores",
+    "start_noise",
     "ClassReport",
     "DEFAULT_BUDGETS",
     "JUDGE_FILE",
@@ -595,7 +597,7 @@ class NFEResult:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def _start_noise(seed: int, indices: Sequence[int], shape: tuple[int, int, int]
+def start_noise(seed: int, indices: Sequence[int], shape: tuple[int, int, int]
                  ) -> tuple[Tensor, list[torch.Generator]]:
     """Image i's start noise from ``torch.Generator().manual_seed(seed + i)``, as ``diffunet
     sample`` draws it, and the generators (which then give its step noise)."""
@@ -603,7 +605,10 @@ def _start_noise(seed: int, indices: Sequence[int], shape: tuple[int, int, int]
     return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
 
 
-def _scores(judge: Judge, feats: Tensor, probs: Tensor, ref: FeatureStats) -> tuple[float, ...]:
+def judge_scores(judge: Judge, feats: Tensor, probs: Tensor, ref: FeatureStats
+                 ) -> tuple[float, ...]:
+    """(FID, KID, recognisable fraction, class entropy) of generated images' judge
+    features (N, D) and class probabilities (N, K) against the reference ``ref``."""
     gen = FeatureStats.from_features(feats)
     fid = frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma)
     kid, _ = kernel_inception_distance(feats, ref.features, subset_size=1000, num_subsets=50)
@@ -720,7 +725,7 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
     ref, _, _ = reference_statistics(reference, network, cache_dir=cache_dir,
                                      batch_size=256, device=device)
     floor = BuiltinShapes(num_images, size, 3, seed=1)
-    floor_fid = _scores(judge, *judge.judge_dataset(floor, device=device), ref)[0]
+    floor_fid = judge_scores(judge, *judge.judge_dataset(floor, device=device), ref)[0]
     num_classes = getattr(cfg, "num_classes", None)
     labels = (torch.arange(num_images) % num_classes) if isinstance(num_classes, int) else None
     rows: list[NFERow] = []
@@ -744,7 +749,7 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
                     images, seconds, guided = [], 0.0, 0
                     for start in range(0, num_images, batch_size):
                         idx = list(range(start, min(start + batch_size, num_images)))
-                        x_T, gens = _start_noise(seed, idx, shape)
+                        x_T, gens = start_noise(seed, idx, shape)
                         y = None if labels is None else labels[idx].to(device)
                         count = NetworkCount()
                         t0 = time.perf_counter()
@@ -771,7 +776,7 @@ def quality_per_nfe(model_path: str | os.PathLike, *, judge: Judge | None = None
                     skipped.append(f"{sampler} on the {grid} grid at {steps} steps: {why}")
                     continue
                 feats, probs = judge.judge(torch.cat(images).to(device))
-                fid, kid, rec, ent = _scores(judge, feats.float().cpu(), probs, ref)
+                fid, kid, rec, ent = judge_scores(judge, feats.float().cpu(), probs, ref)
                 rows.append(NFERow(sampler=sampler, grid=grid, budget=int(budget),
                                    num_steps=steps, nfe=network_calls(sampler, steps),
                                    fid=fid, kid=kid, recognisable=rec, class_entropy=ent,

@@ -32,8 +32,9 @@ from .config import SampleConfig
 from .data import BuiltinShapes, build_dataset
 from .errors import UsageError
 from .evaluation import bpd_data_config, describe_data
+from .judge import start_noise
 from .samplers import sample
-from .tasks import condition_image
+from .tasks import condition_image, recorded_task
 
 __all__ = ["psnr", "ssim", "PairedResult", "evaluate_paired", "PAIRED_IMAGES"]
 
@@ -90,7 +91,7 @@ class PairedResult:
     data: str
     rows: dict[str, dict[str, float]]
     """``{"samples": {...}, "baseline": {...}}``: ``psnr``, ``ssim`` (means) and, with the
-    judge, ``recognisable`` and ``fid``."""
+    judge, ``recognisable``, ``fid`` and ``kid`` (as ``eval nfe`` computes them)."""
     baseline: str
     seconds_per_image: float
     options: dict[str, Any] = field(default_factory=dict)
@@ -125,17 +126,19 @@ def evaluate_paired(model_path: str | os.PathLike, items: Sequence[str] = (), *,
     loaded = load_diffusion_file(model_path)
     net, schedule, meta = loaded.net, loaded.schedule, loaded.metadata
     assert schedule is not None
-    task = meta.get("task") if isinstance(meta.get("task"), dict) else None
-    if task is None or task.get("name") not in ("superres", "colorize"):
+    cfg = net.config
+    size = cfg.image_size
+    task = recorded_task(meta, size)  # a damaged record is one line
+    if task is None:
         raise UsageError(f"eval paired: {model_path} has no task (it was not trained with "
                          "data.task = superres or colorize); judge it with eval nfe")
     if meta.get("vae") is not None:
         raise UsageError("eval paired: a latent model's tasks are not built yet")
-    if not 1 <= num_images <= 100_000:
-        raise UsageError(f"--num-images must be in [1, 100000], got {num_images}")
-    name, factor = task["name"], int(task.get("superres_factor", 4))
-    cfg = net.config
-    size = cfg.image_size
+    if not 2 <= num_images <= 100_000:  # FID needs a covariance
+        raise UsageError(f"--num-images must be in [2, 100000], got {num_images}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be a positive integer, got {batch_size}")
+    name, factor = task
     targets, where = _held_out(meta, items, model_path, num_images, size, cfg.in_channels)
     n = targets.shape[0]
     stored = (meta.get("run_config") or {}).get("sample") or {}
@@ -143,23 +146,21 @@ def evaluate_paired(model_path: str | os.PathLike, items: Sequence[str] = (), *,
                                                                   "sigmas", "rho", "eta")})
     steps = num_steps or how.num_steps
     net.to(device).eval()
+    cond = condition_image(name, targets, factor)  # (n, C_c, S, S)
     samples, seconds = [], 0.0
     for start in range(0, n, batch_size):
         idx = list(range(start, min(start + batch_size, n)))
-        gens = [torch.Generator().manual_seed(seed + i) for i in idx]
-        x_T = torch.stack([torch.randn(targets.shape[1:], generator=g) for g in gens])
-        cond = condition_image(name, targets[idx], factor)
+        x_T, gens = start_noise(seed, idx, tuple(targets.shape[1:]))  # as diffunet sample
         if progress is not None:
             progress(f"images {start}..{idx[-1]} of {n}")
         t0 = time.perf_counter()
         with torch.no_grad():
             out = sample(net, schedule, x_T.to(device), sampler=how.sampler, num_steps=steps,
-                         sigmas=how.sigmas, cond={"cond_image": cond.to(device)},
+                         sigmas=how.sigmas, cond={"cond_image": cond[idx].to(device)},
                          generator=gens, clip_x0=True)
         samples.append(out.float().cpu().clamp(-1, 1))
         seconds += time.perf_counter() - t0
     made = torch.cat(samples)
-    cond = condition_image(name, targets, factor)
     base = cond if name == "superres" else cond.expand(-1, targets.shape[1], -1, -1)
     rows = {"samples": {"psnr": float(psnr(made, targets).mean()),
                         "ssim": float(ssim(made, targets).mean())},
@@ -169,16 +170,15 @@ def evaluate_paired(model_path: str | os.PathLike, items: Sequence[str] = (), *,
         from .judge import load_judge
         judge = load_judge()
     if judge:
-        from .evaluation import frechet_distance, reference_statistics, FeatureStats
-        from .judge import REFERENCE_IMAGES, class_report
+        from .evaluation import reference_statistics
+        from .judge import REFERENCE_IMAGES, judge_scores
         ref, _, _ = reference_statistics(BuiltinShapes(REFERENCE_IMAGES, 32, 3, seed=0),
                                          judge.feature_network(), cache_dir=cache_dir,
                                          batch_size=256, device=device)
         for key, images in (("samples", made), ("baseline", base)):
             feats, probs = judge.judge(images.to(device))
-            stats = FeatureStats.from_features(feats.float().cpu())
-            rows[key]["fid"] = float(frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma))
-            rows[key]["recognisable"] = class_report(probs, judge.config.class_names).recognisable
+            fid, kid, recognisable, _ = judge_scores(judge, feats.float().cpu(), probs, ref)
+            rows[key].update(fid=float(fid), kid=float(kid), recognisable=recognisable)
     return PairedResult(task=f"{name} x{factor}" if name == "superres" else name,
                         num_images=n, seed=seed, data=where, rows=rows,
                         baseline="bicubic upscaling" if name == "superres"

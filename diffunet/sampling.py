@@ -62,14 +62,14 @@ from .checkpoint import load_diffusion_file, load_guide_model, tensor_file_bytes
 from .config import SampleConfig, ScheduleConfig, from_dict, to_dict
 from .data_space import DataSpace, PixelSpace, model_space
 from .editing import IMG2IMG_STRENGTH, MASK_CONVENTION, EditInputs, load_edit_inputs
-from .errors import ConfigError, DataError, FolderError, ModelFileError, UsageError
+from .errors import ConfigError, DataError, FolderError, UsageError
 from .formulations import Formulation, StepOptions, formulation_class
 from .images import image_header, make_grid_image, tensor_image
 from .outputs import FolderWriter, OutputFolder, claim_folder, join_folder
 from .resources import check_fits, network_cost
 from .runs import cpu_requested, pick_device, refuse_lone_processes
 from .guidance import carried_guide_weight
-from .tasks import upscale
+from .tasks import recorded_task, upscale
 from .samplers import (MAX_RESAMPLE, MULTISTEP_SAMPLERS, ONE_STEP_SAMPLERS, check_sampling,
                        check_sigma_range, make_sigmas, preview_grid, sample)
 from .version import __version__
@@ -866,12 +866,7 @@ def _cond_settings(o: SampleOptions, cfg: Any, meta: dict[str, Any], space: Data
     line that says what it will do. One line for a conditional model without ``--cond-image``,
     ``--cond-image`` on a model without a condition, and inputs of another size or mode."""
     c, size = cfg.cond_channels, cfg.image_size
-    task = meta.get("task") if isinstance(meta.get("task"), dict) else None
-    name = task.get("name") if task is not None else None
-    factor = task.get("superres_factor") if task is not None else None
-    if name == "superres" and not (_is_int(factor) and factor >= 2 and size % factor == 0):
-        raise ModelFileError(f"the model file's task record is damaged (superres_factor "
-                             f"{factor!r}); use the model file training wrote")
+    name, factor = recorded_task(meta, size) or (None, 1)
     low = size // factor if name == "superres" else size
     what = {"superres": f"{low}x{low} low-resolution {'RGB' if c == 3 else 'grayscale'} images "
                         f"(it upscales them x{factor})",

@@ -14,13 +14,16 @@ resumed or multi-process run sees the same pairs as an uninterrupted one-process
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["TASKS", "Task", "task_channels", "condition_image", "downscale", "upscale"]
+from .errors import ModelFileError
+
+__all__ = ["TASKS", "Task", "task_channels", "condition_image", "downscale", "upscale",
+           "recorded_task"]
 
 Task = Literal["superres", "colorize"]
 TASKS: tuple[str, ...] = ("superres", "colorize")
@@ -62,3 +65,21 @@ def condition_image(task: str, images: Tensor, factor: int = 4) -> Tensor:
         w = torch.tensor(_LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
         return (images * w).sum(dim=1, keepdim=True)
     raise ValueError(f"unknown task {task!r}; one of {', '.join(TASKS)}")
+
+
+def recorded_task(meta: dict[str, Any], image_size: int) -> Optional[tuple[str, int]]:
+    """The task a model file's metadata ``meta`` records (``task``, written by ``diffunet
+    train``) for its ``image_size`` network: ``(name, superres_factor)``, or None for a model
+    trained without one. A record that is not one (an unknown task, a factor that is not an
+    integer from 2 dividing the image size) is one :class:`ModelFileError` line."""
+    task = meta.get("task")
+    if task is None:
+        return None
+    name = task.get("name") if isinstance(task, dict) else None
+    factor = task.get("superres_factor") if isinstance(task, dict) else None
+    ok_factor = (isinstance(factor, int) and not isinstance(factor, bool) and 2 <= factor
+                 <= image_size and image_size % factor == 0)
+    if name not in TASKS or (name == "superres" and not ok_factor):
+        raise ModelFileError(f"the model file's task record is damaged ({task!r:.80}); use the "
+                             "model file training wrote")
+    return name, factor if ok_factor else 1

@@ -457,3 +457,38 @@ def test_eval_nfe_and_eval_ema_send_a_conditional_model_to_eval_paired(superres_
                      "--no-progress"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and all("eval paired" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("record", [{"name": "superres", "superres_factor": 10**12},
+                                    {"name": "superres", "superres_factor": "4"},
+                                    {"name": "superres", "superres_factor": 3},
+                                    {"name": "deblur"}, "superres"],
+                         ids=["huge-factor", "string-factor", "factor-not-dividing",
+                              "unknown-task", "not-a-table"])
+def test_a_damaged_task_record_is_one_line_for_sample_and_eval_paired(record, tmp_path, capsys,
+                                                                      cpu_accelerate) -> None:
+    from diffunet import cli
+
+    model = tmp_path / "m.safetensors"
+    diffunet.save_model(model, perturbed(_net(3)), make_schedule(ScheduleConfig(formulation="flow")),
+                        extra={"task": record})
+    low = _inputs(tmp_path / "low", 4, 1)
+    assert _sample_cli(str(model), "--cond-image", str(low), "--out-dir", str(tmp_path / "s")) == 2
+    assert cli.main(["eval", "paired", str(model), "--num-images", "2", "--no-progress"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all("task record is damaged" in line for line in lines), lines
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("flags, words", [(["--batch-size", "0"], "--batch-size must be"),
+                                          (["--num-images", "1"], "--num-images must be in [2"),
+                                          (["--num-images", str(10**12)], "--num-images must be")])
+def test_eval_paired_refuses_sizes_it_cannot_run(flags, words, tmp_path, capsys) -> None:
+    from diffunet import cli
+
+    model = tmp_path / "sr.safetensors"
+    diffunet.save_model(model, perturbed(_net(3)), make_schedule(ScheduleConfig(formulation="flow")),
+                        extra={"task": {"name": "superres", "superres_factor": 2}})
+    assert cli.main(["eval", "paired", str(model), *flags, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1, err
