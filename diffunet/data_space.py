@@ -250,15 +250,18 @@ def _refuse(where: Path, problem: str) -> ModelFileError:
     return ModelFileError(f"vae.path: {where}: {problem}")
 
 
-def read_vae_config(folder: Path) -> dict[str, Any]:
+def read_vae_config(folder: Path, content: Optional[bytes] = None) -> dict[str, Any]:
     """``folder``'s ``config.json``, checked to describe a usable ``AutoencoderKL`` before
     diffusers reads it: a regular file of at most :data:`MAX_VAE_CONFIG_BYTES`, nested at most
     4 levels, of the class AutoencoderKL, its shape keys of the right JSON types and within
     bounds (so a hostile file cannot make diffusers build a huge network). One
-    :class:`~diffunet.errors.ModelFileError` line naming the problem and the fix otherwise."""
+    :class:`~diffunet.errors.ModelFileError` line naming the problem and the fix otherwise.
+    ``content``: the file's bytes, already read (and hashed) by the caller: parsed instead of
+    reading the file again."""
     path = folder / "config.json"
     try:
-        data = parse_json(read_regular_file(path, MAX_VAE_CONFIG_BYTES), _MAX_VAE_CONFIG_DEPTH)
+        raw = read_regular_file(path, MAX_VAE_CONFIG_BYTES) if content is None else content
+        data = parse_json(raw, _MAX_VAE_CONFIG_DEPTH)
     except FileNotFoundError:
         raise _refuse(folder, "holds no config.json; give a diffusers AutoencoderKL folder "
                       "(save_pretrained writes config.json beside its weights)") from None
@@ -552,7 +555,7 @@ def vae_files(meta: dict[str, Any], vae_path: Optional[str] = None, *,
             raise UsageError(f"{folder / name} changed while it was read (its SHA-256 is no "
                              f"longer the one {where} records); nothing was written")
         files.append(data)
-    config = read_vae_config(folder)
+    config = read_vae_config(folder, files[0])  # the bytes hashed above, not a second read
     own = (config.get("scaling_factor", DIFFUSERS_SCALING_FACTOR),
            config.get("shift_factor") or 0.0)
     if own != (record["scaling_factor"], record["shift_factor"]):
