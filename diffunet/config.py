@@ -399,11 +399,12 @@ class DataConfig:
     cache: bool | None = free_on_resume(None)
     """Keep ``folder``, ``torchvision`` and ``hf`` images decoded (as uint8, exactly the same
     items) after their first read; unset: when they take at most 4 GiB."""
-    task: Literal["superres", "colorize"] | None = None
+    task: Literal["superres", "colorize", "inpaint"] | None = None
     """An image-conditioned task (:mod:`diffunet.tasks`): each image's condition image, which
     the UNet takes through ``unet.cond_channels``: ``superres``, the image downscaled by
     ``superres_factor`` and upscaled back (its channels); ``colorize``, its luminance (1
-    channel). Unset: none."""
+    channel); ``inpaint``, the image with a hole drawn from the run's generator (a box or
+    free-form strokes) and the mask (its channels + 1). Unset: none."""
     superres_factor: int = 4
     """``task = "superres"``: how many times smaller the low-resolution input is (2 to 16)."""
     latent_cache: str | None = free_on_resume(None)
@@ -831,18 +832,20 @@ def _check_task(cfg: Any) -> None:
         if c:
             _fail("unet.cond_channels", f"{c} condition-image channels, but data.task is unset, "
                   "so training has no condition image to give; set data.task (superres, "
-                  "colorize) or leave unet.cond_channels at 0")
+                  "colorize, inpaint) or leave unet.cond_channels at 0")
         return
     if cfg.vae.path is not None:
         _fail("data.task", f"{task} on a latent run ([vae]) is not built yet (the condition "
               "would have to be encoded too); train it in pixel space (drop [vae])")
-    need = 1 if task == "colorize" else u.in_channels
+    # the condition's channels (tasks.task_channels, a layer above this one)
+    need = {"colorize": 1, "inpaint": u.in_channels + 1}.get(task, u.in_channels)
     if task == "colorize" and u.in_channels != 3:
         _fail("data.task", f"colorize needs RGB images, and unet.in_channels is {u.in_channels}")
     if c == 0:  # unset: the UNet follows the task
         object.__setattr__(cfg, "unet", dataclasses.replace(u, cond_channels=need))
     elif c != need:
-        what = "the luminance" if task == "colorize" else "the low-resolution image"
+        what = {"colorize": "the luminance", "inpaint": "the image with its hole, and the mask"
+                }.get(task, "the low-resolution image")
         _fail("unet.cond_channels", f"{c} does not fit data.task = {task!r}, whose condition "
               f"image has {need} channel(s) ({what}); leave unet.cond_channels unset (it follows "
               f"the task) or set it to {need}")

@@ -219,11 +219,12 @@ def load_edit_inputs(init_image: str | os.PathLike, mask: str | os.PathLike | No
     files are one-line :class:`DataError`/:class:`UsageError` naming the file."""
     init_files, init_rel, init_is_dir = _input_files(Path(init_image), flag)
     mask_files: list[Path] = []
+    noun = "init image" if flag == "--init-image" else "condition image"
     if mask is not None:
         found, rel, mask_is_dir = _input_files(Path(mask), "--mask")
         if mask_is_dir and not init_is_dir:
-            raise UsageError(f"--mask {mask} is a folder but --init-image {init_image} is one "
-                             "file; give one mask file, or an init-image folder to pair with")
+            raise UsageError(f"--mask {mask} is a folder but {flag} {init_image} is one "
+                             f"file; give one mask file, or a {flag[2:]} folder to pair with")
         if not mask_is_dir:
             mask_files = found * len(init_files)
         else:
@@ -237,14 +238,14 @@ def load_edit_inputs(init_image: str | os.PathLike, mask: str | os.PathLike | No
             for r in init_rel:
                 key = r.with_suffix("").as_posix()
                 if key not in by_key:
-                    raise DataError(f"--mask {mask} has no mask for the init image {r} (masks "
-                                    f"pair with init images by name: {key}.png)")
+                    raise DataError(f"--mask {mask} has no mask for the {noun} {r} (masks "
+                                    f"pair with {noun}s by name: {key}.png)")
                 mask_files.append(by_key.pop(key))
             if by_key:
                 extra = sorted(by_key)[0]
-                raise DataError(f"--mask {mask}: {by_key[extra].relative_to(mask)} has no init "
-                                f"image of the same name in {init_image}; masks pair with "
-                                "init images by name")
+                raise DataError(f"--mask {mask}: {by_key[extra].relative_to(mask)} has no "
+                                f"{noun} of the same name in {init_image}; masks pair with "
+                                f"{noun}s by name")
     sha: dict[Path, str] = {}
     for kind, files in (("init", init_files), ("mask", mask_files)):
         what = flag if kind == "init" else "--mask"

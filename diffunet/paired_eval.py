@@ -1,8 +1,9 @@
 """``diffunet eval paired``: an image-conditioned model (``data.task``) judged on held-out pairs.
 
 Each held-out image's condition (:func:`diffunet.tasks.condition_image`: the downscaled and
-upscaled image for ``superres``, the luminance for ``colorize``) is sampled from once (image i
-from seed + i, as ``diffunet sample`` draws it) and the sample compared with the image:
+upscaled image for ``superres``, the luminance for ``colorize``, the holed image and its mask
+for ``inpaint``) is sampled from once (image i from seed + i, as ``diffunet sample`` draws it)
+and the sample compared with the image:
 
 - **PSNR** (dB, on [0, 1] pixels: 10 log10(1 / MSE)), per image, then the mean;
 - **SSIM** (Wang et al. 2004: an 11x11 Gaussian window of sigma 1.5, K1 = 0.01, K2 = 0.03, on
@@ -11,7 +12,9 @@ from seed + i, as ``diffunet sample`` draws it) and the sample compared with the
   and FID of the samples against the judge's 10,000-image reference.
 
 The same numbers are given for the **baseline** the task starts from: the bicubic upscaling
-for ``superres``, the grey image (its luminance in every channel) for ``colorize``. Held-out:
+for ``superres``, the grey image (its luminance in every channel) for ``colorize``, the image
+with its holes grey for ``inpaint`` (whose holes are drawn from the generator of ``seed``, the
+same for every model judged with it). Held-out:
 the built-in shapes of seed 1 (training uses seed 0) unless a CONFIG or ``data.*`` overrides
 name other data.
 """
@@ -34,7 +37,7 @@ from .errors import UsageError
 from .evaluation import bpd_data_config, describe_data
 from .judge import start_noise
 from .samplers import sample
-from .tasks import condition_image, recorded_task
+from .tasks import drawn_condition, recorded_task, shown_condition
 
 __all__ = ["psnr", "ssim", "PairedResult", "evaluate_paired", "PAIRED_IMAGES"]
 
@@ -131,7 +134,7 @@ def evaluate_paired(model_path: str | os.PathLike, items: Sequence[str] = (), *,
     task = recorded_task(meta, size)  # a damaged record is one line
     if task is None:
         raise UsageError(f"eval paired: {model_path} has no task (it was not trained with "
-                         "data.task = superres or colorize); judge it with eval nfe")
+                         "data.task = superres, colorize or inpaint); judge it with eval nfe")
     if meta.get("vae") is not None:
         raise UsageError("eval paired: a latent model's tasks are not built yet")
     if not 2 <= num_images <= 100_000:  # FID needs a covariance
@@ -146,7 +149,8 @@ def evaluate_paired(model_path: str | os.PathLike, items: Sequence[str] = (), *,
                                                                   "sigmas", "rho", "eta")})
     steps = num_steps or how.num_steps
     net.to(device).eval()
-    cond = condition_image(name, targets, factor)  # (n, C_c, S, S)
+    # (n, C_c, S, S); inpaint's holes drawn from the seed, the same for every model judged
+    cond = drawn_condition(name, targets, factor, torch.Generator().manual_seed(seed))
     samples, seconds = [], 0.0
     for start in range(0, n, batch_size):
         idx = list(range(start, min(start + batch_size, n)))
@@ -161,7 +165,7 @@ def evaluate_paired(model_path: str | os.PathLike, items: Sequence[str] = (), *,
         samples.append(out.float().cpu().clamp(-1, 1))
         seconds += time.perf_counter() - t0
     made = torch.cat(samples)
-    base = cond if name == "superres" else cond.expand(-1, targets.shape[1], -1, -1)
+    base = shown_condition(name, cond, targets.shape[1])
     rows = {"samples": {"psnr": float(psnr(made, targets).mean()),
                         "ssim": float(ssim(made, targets).mean())},
             "baseline": {"psnr": float(psnr(base, targets).mean()),
@@ -181,8 +185,9 @@ def evaluate_paired(model_path: str | os.PathLike, items: Sequence[str] = (), *,
             rows[key].update(fid=float(fid), kid=float(kid), recognisable=recognisable)
     return PairedResult(task=f"{name} x{factor}" if name == "superres" else name,
                         num_images=n, seed=seed, data=where, rows=rows,
-                        baseline="bicubic upscaling" if name == "superres"
-                        else "the grey image (luminance in every channel)",
+                        baseline={"superres": "bicubic upscaling",
+                                  "inpaint": "the image with grey holes"}.get(
+                                      name, "the grey image (luminance in every channel)"),
                         seconds_per_image=seconds / n,
                         options={"sampler": how.sampler, "num_steps": steps,
                                  "sigmas": how.sigmas, "guidance": "none"})

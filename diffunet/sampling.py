@@ -69,7 +69,7 @@ from .outputs import FolderWriter, OutputFolder, claim_folder, join_folder
 from .resources import check_fits, network_cost
 from .runs import cpu_requested, pick_device, refuse_lone_processes
 from .guidance import carried_guide_weight
-from .tasks import recorded_task, upscale
+from .tasks import condition_image, recorded_task, upscale
 from .samplers import (MAX_RESAMPLE, MULTISTEP_SAMPLERS, ONE_STEP_SAMPLERS, check_sampling,
                        check_sigma_range, make_sigmas, preview_grid, sample)
 from .version import __version__
@@ -300,8 +300,10 @@ class SampleOptions:
 
     def _check_editing(self) -> None:
         if self.init_image is None:
+            # (--mask with --cond-image: the holes an inpaint model fills, _cond_settings)
             for name, flag in (("mask", "--mask"), ("strength", "--strength")):
-                if getattr(self, name) is not None:
+                if getattr(self, name) is not None and not (name == "mask"
+                                                            and self.cond_image is not None):
                     raise UsageError(f"{flag} needs --init-image (the image to edit); give "
                                      f"--init-image PATH_OR_FOLDER or drop {flag}")
         s = self.strength
@@ -316,7 +318,7 @@ class SampleOptions:
         if r > MAX_RESAMPLE:
             raise UsageError(f"--resample {r} is more than {MAX_RESAMPLE} repeats of each step "
                              "(each one more network call per step; RePaint used 10)")
-        if r > 1 and self.mask is None:
+        if r > 1 and (self.mask is None or self.init_image is None):
             raise UsageError(f"--resample {r} repeats inpainting steps (RePaint); it needs "
                              "--mask (and --init-image)")
         _check_resample(r, self.sampler)
@@ -629,14 +631,15 @@ _SETTINGS_BEFORE = {"sigmas": "uniform", "rho": 7.0, "sigma_min": None, "sigma_m
                     "s_churn": 0.0, "s_tmin": 0.0,
                     "s_tmax": None, "s_noise": 1.0, "init_images": None, "masks": None,
                     "strength": None, "resample": 1, "vae_weights_sha256": None,
-                    "cond_images": None, "per_input": 1}
+                    "cond_images": None, "per_input": 1, "cond_masks": None}
 """What a manifest written before these settings existed drew its images with (so such a
 folder still resumes)."""
 
 
 def _inputs_difference(key: str, was: Any, now: Any) -> str:
     """One line for a change of the ``init_images``/``masks`` SHA-256 lists."""
-    what = {"init_images": "init image", "masks": "mask"}.get(key, "condition image")
+    what = {"init_images": "init image", "masks": "mask", "cond_masks": "condition mask"
+            }.get(key, "condition image")
     if not isinstance(was, list) or not isinstance(now, list):
         def count(v: Any) -> str:
             return f"{len(v)} {what}(s)" if isinstance(v, list) else f"no {what}s"
@@ -659,7 +662,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         was = old_settings.get(key, _SETTINGS_BEFORE.get(key, "<missing>"))
         if was == value:
             continue
-        if key in ("init_images", "masks", "cond_images"):
+        if key in ("init_images", "masks", "cond_images", "cond_masks"):
             diffs.append(_inputs_difference(key, was, value))
         else:
             diffs.append(f"{key} {json.dumps(was)} there, {json.dumps(value)} now")
@@ -856,7 +859,9 @@ class _Condition:
 
     def batch(self, idx: list[int]) -> torch.Tensor:
         """The condition images (B, cond_channels, S, S) in [-1, 1] of output images ``idx``."""
-        images, _ = self.inputs.batch([i // self.per_input for i in idx])
+        images, keep = self.inputs.batch([i // self.per_input for i in idx])
+        if self.task == "inpaint":  # the image with its holes, and the mask (tasks.py)
+            return condition_image("inpaint", images, keep=keep)
         return upscale(images, self.size) if images.shape[-1] != self.size else images
 
 
@@ -870,7 +875,9 @@ def _cond_settings(o: SampleOptions, cfg: Any, meta: dict[str, Any], space: Data
     low = size // factor if name == "superres" else size
     what = {"superres": f"{low}x{low} low-resolution {'RGB' if c == 3 else 'grayscale'} images "
                         f"(it upscales them x{factor})",
-            "colorize": f"{size}x{size} grayscale images (it colours them)"}.get(
+            "colorize": f"{size}x{size} grayscale images (it colours them)",
+            "inpaint": f"{size}x{size} {'RGB' if c == 4 else 'grayscale'} images, and --mask "
+                       "(white = fill)"}.get(
                 name or "", f"{size}x{size} {c}-channel condition images")
     if not c:
         if o.cond_image is not None:
@@ -883,7 +890,15 @@ def _cond_settings(o: SampleOptions, cfg: Any, meta: dict[str, Any], space: Data
                          f"PATH_OR_FOLDER, {what}")
     if space.record() is not None:
         raise UsageError("--cond-image on a latent model is not built yet")
-    inputs = load_edit_inputs(o.cond_image, None, channels=c, size=low, flag="--cond-image")
+    if name == "inpaint" and o.mask is None:
+        raise UsageError(f"this inpaint model fills the holes a mask marks: give --mask "
+                         f"MASK_OR_FOLDER ({size}x{size}, white = fill, black = keep) with "
+                         "--cond-image")
+    if name != "inpaint" and o.mask is not None:
+        raise UsageError(f"--mask: this model's task is {name or 'unrecorded'}, which takes no "
+                         "mask (only an inpaint model does); drop --mask")
+    inputs = load_edit_inputs(o.cond_image, o.mask, channels=c - (name == "inpaint"),
+                              size=low, flag="--cond-image")
     k = inputs.count
     note = (f"conditional: {k} input{'s' if k > 1 else ''} ({what}), {o.per_input} "
             f"image{'s' if o.per_input > 1 else ''} from each")
@@ -1039,6 +1054,8 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
                      "resample": 1 if edit is None else edit.resample,
                      "cond_images": None if condition is None
                      else list(condition.inputs.init_sha256),
+                     "cond_masks": None if condition is None or not condition.inputs.mask_paths
+                     else list(condition.inputs.mask_sha256),
                      "per_input": 1 if condition is None else condition.per_input,
                      # the VAE decodes the pixels: another one is other samples
                      "vae_weights_sha256": (space.record() or {}).get("weights_sha256")},
@@ -1049,6 +1066,7 @@ def generate(model_path: str | os.PathLike, out_dir: str | os.PathLike,
         "cond_images": None if condition is None else {
             "path": str(Path(o.cond_image).resolve()), "task": condition.task,
             "files": [str(p) for p in condition.inputs.init_paths],
+            "masks": [str(p) for p in condition.inputs.mask_paths] or None,
             "per_input": condition.per_input,
             "image_inputs": "image i is drawn from input i // per_input"},
         "labels": labels,

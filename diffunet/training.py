@@ -51,7 +51,7 @@ from .data import (GlobalBatchSampler, HFStream, build_dataset, make_dataloader,
                    skipped_note)
 from .conditioning import with_dropout
 from .data_space import DataSpace, load_space
-from .tasks import condition_image
+from .tasks import drawn_condition, shown_condition
 from .latent_cache import training_set
 from .errors import ConfigError, StopRequested, TrainingError
 from .formulations import Formulation, make_schedule
@@ -213,7 +213,8 @@ def _step_inputs(cfg: RunConfig, schedule: Formulation, space: DataSpace, gen: t
     k = cfg.unet.num_classes
     cond = {} if k is None else {"class_labels": labels}
     if cfg.data.task is not None:  # the condition image: a function of the (flipped) image
-        cond["cond_image"] = condition_image(cfg.data.task, x0, cfg.data.superres_factor)
+        cond["cond_image"] = drawn_condition(cfg.data.task, x0, cfg.data.superres_factor, gen,
+                                             B, mine)  # (and of inpaint's masks)
     if not cond:
         return x0, noise, levels, cond
     # classifier-free guidance's training dropout (diffunet/conditioning.py): the dropped rows
@@ -420,7 +421,8 @@ def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run, space
     cond: dict[str, Tensor] = {}
     if targets is not None:
         assert cfg.data.task is not None
-        cond["cond_image"] = condition_image(cfg.data.task, targets, cfg.data.superres_factor)
+        cond["cond_image"] = drawn_condition(cfg.data.task, targets, cfg.data.superres_factor,
+                                             torch.Generator().manual_seed(seed + 3))
 
     base_kwargs = s.sample_kwargs()
     base_kwargs["clip_x0"] = space.clip_x0(base_kwargs["clip_x0"])  # latents: no clip
@@ -450,7 +452,7 @@ def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run, space
             return False
         images, nrow = images.float().cpu(), None
         if targets is not None:  # condition | sample | target, image by image
-            shown_cond = cond["cond_image"].expand(-1, images.shape[1], -1, -1)  # grey: 1 -> C
+            shown_cond = shown_condition(cfg.data.task, cond["cond_image"], images.shape[1])
             images = torch.stack([shown_cond, images, targets.float()], 1).flatten(0, 1)
             nrow = 3 * math.ceil(math.sqrt(s.num_images))
         drawn["grid"] = make_grid_image(images, nrow=nrow)
@@ -519,7 +521,10 @@ def _header(run: Run, cfg: RunConfig, dataset: Any, net: UNet, schedule: Formula
                         f"{size // d.superres_factor}x{size // d.superres_factor} and upscaled "
                         f"back is the UNet's {u.cond_channels}-channel condition image",
             "colorize": "task: colorize: each image's luminance is the UNet's 1-channel "
-                        "condition image"}.get(d.task or "")
+                        "condition image",
+            "inpaint": "task: inpaint: each image with a hole (a box or free-form strokes, "
+                       "drawn from the run's generator) and its mask are the UNet's "
+                       f"{u.cond_channels}-channel condition image"}.get(d.task or "")
     return [_describe_data(dataset, d.source, where, f"{size}x{size} {kind}") + unused,
             *([space_line] if space_line else []), *([task] if task else []),
             f"model: UNet, {n:,} parameters ({n / 1e6:.2f}M; base_channels {u.base_channels}, "
@@ -686,8 +691,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                               _preview_targets(cfg, dataset))
         space_record = {"vae": space.record()} if space.record() is not None else {}
         if cfg.data.task is not None:  # what `diffunet sample --cond-image` makes of its inputs
-            space_record["task"] = {"name": cfg.data.task,
-                                    "superres_factor": cfg.data.superres_factor}
+            space_record["task"] = {"name": cfg.data.task}
+            if cfg.data.task == "superres":
+                space_record["task"]["superres_factor"] = cfg.data.superres_factor
 
         def save(at: int) -> tuple[Path, Path]:
             model_path = run.out_dir / "weights" / f"model_{st.state_name(at)}.safetensors"

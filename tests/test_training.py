@@ -175,7 +175,8 @@ class _Recording(torch.utils.data.Dataset):
     [],
     ["unet.num_classes=4", "train.label_dropout=0.5"],
     ["data.task=superres", "data.superres_factor=2", "train.label_dropout=0.5"],
-], ids=["unconditional", "class-conditional", "superres"])
+    ["data.task=inpaint", "train.label_dropout=0.5"],
+], ids=["unconditional", "class-conditional", "superres", "inpaint"])
 def test_resume_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                          variant: list[str]) -> None:
     n = 6
