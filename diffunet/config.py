@@ -399,14 +399,19 @@ class DataConfig:
     cache: bool | None = free_on_resume(None)
     """Keep ``folder``, ``torchvision`` and ``hf`` images decoded (as uint8, exactly the same
     items) after their first read; unset: when they take at most 4 GiB."""
-    task: Literal["superres", "colorize", "inpaint"] | None = None
+    task: Literal["superres", "colorize", "inpaint", "paired"] | None = None
     """An image-conditioned task (:mod:`diffunet.tasks`): each image's condition image, which
     the UNet takes through ``unet.cond_channels``: ``superres``, the image downscaled by
     ``superres_factor`` and upscaled back (its channels); ``colorize``, its luminance (1
     channel); ``inpaint``, the image with a hole drawn from the run's generator (a box or
-    free-form strokes) and the mask (its channels + 1). Unset: none."""
+    free-form strokes) and the mask (its channels + 1); ``paired``, the image of the same name
+    in ``cond_path`` (its channels; ``source = "folder"``). Unset: none."""
     superres_factor: int = 4
     """``task = "superres"``: how many times smaller the low-resolution input is (2 to 16)."""
+    cond_path: str | None = free_on_resume(None)
+    """``task = "paired"``: the folder of input images, each paired with the target of the same
+    relative path without the extension in ``path`` (``a/cat.jpg`` with ``a/cat.png``), read
+    with the targets' channels and cropped and resized as they are."""
     latent_cache: str | None = free_on_resume(None)
     """A latent run's (``[vae]``) cache folder of the encoded data set (the VAE posterior's
     mean and std, :mod:`diffunet.latent_cache`); unset: beside the image folder
@@ -434,6 +439,17 @@ class DataConfig:
                   f"image), got {self.builtin_size}")
         if self.num_workers is not None and self.num_workers < 0:
             _fail(p + "num_workers", f"must be 0 or more or unset, got {self.num_workers}")
+        if self.task == "paired" and (self.source != "folder" or not self.cond_path):
+            _fail(p + "task", "paired pairs two folders by name: set data.source = 'folder', "
+                  "data.path = the targets and data.cond_path = the inputs")
+        if self.cond_path is not None and self.task != "paired":
+            _fail(p + "cond_path", f"is the input folder of data.task = 'paired', but data.task "
+                  f"is {'unset' if self.task is None else repr(self.task)}; set data.task=paired or remove data.cond_path")
+        if (self.cond_path is not None and self.path is not None
+                and os.path.realpath(os.path.expanduser(self.cond_path))
+                == os.path.realpath(os.path.expanduser(self.path))):
+            _fail(p + "cond_path", f"{self.cond_path} is data.path itself: the inputs would be "
+                  "their own targets; point it at the folder of inputs")
         if not 2 <= self.superres_factor <= 16:
             _fail(p + "superres_factor", f"must be in [2, 16], got {shown(self.superres_factor)}")
         if self.latent_cache is not None and not self.latent_cache.strip():
@@ -832,19 +848,20 @@ def _check_task(cfg: Any) -> None:
         if c:
             _fail("unet.cond_channels", f"{c} condition-image channels, but data.task is unset, "
                   "so training has no condition image to give; set data.task (superres, "
-                  "colorize, inpaint) or leave unet.cond_channels at 0")
+                  "colorize, inpaint, paired) or leave unet.cond_channels at 0")
         return
     if cfg.vae.path is not None:
         _fail("data.task", f"{task} on a latent run ([vae]) is not built yet (the condition "
               "would have to be encoded too); train it in pixel space (drop [vae])")
     # the condition's channels (tasks.task_channels, a layer above this one)
-    need = {"colorize": 1, "inpaint": u.in_channels + 1}.get(task, u.in_channels)
+    need = {"colorize": 1, "inpaint": u.in_channels + 1}.get(task, u.in_channels)  # paired: C
     if task == "colorize" and u.in_channels != 3:
         _fail("data.task", f"colorize needs RGB images, and unet.in_channels is {u.in_channels}")
     if c == 0:  # unset: the UNet follows the task
         object.__setattr__(cfg, "unet", dataclasses.replace(u, cond_channels=need))
     elif c != need:
-        what = {"colorize": "the luminance", "inpaint": "the image with its hole, and the mask"
+        what = {"colorize": "the luminance", "inpaint": "the image with its hole, and the mask",
+                "paired": "the input image, read with the targets' channels"
                 }.get(task, "the low-resolution image")
         _fail("unet.cond_channels", f"{c} does not fit data.task = {task!r}, whose condition "
               f"image has {need} channel(s) ({what}); leave unet.cond_channels unset (it follows "

@@ -44,6 +44,7 @@ from .images import (IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS_VARIABLE, check_pixels, 
 __all__ = [
     "BuiltinShapes",
     "FolderImages",
+    "PairedFolders",
     "HFImages",
     "HFStream",
     "ImageStats",
@@ -380,11 +381,11 @@ class FolderImages(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, image_size: int, channels: int,
-                 class_folders: bool = False) -> None:
+                 class_folders: bool = False, key: str = "data.path") -> None:
         self.root = Path(root).expanduser()  # "~/images" from a TOML file is not shell-expanded
         self.image_size = image_size
         self.channels = channels
-        files, self.skipped, self.upscaled = image_folder(self.root, "data.path", image_size)
+        files, self.skipped, self.upscaled = image_folder(self.root, key, image_size)
         self.files: list[Path] = [self.root / rel for rel in files]
         self.num_classes: int | None = None
         self.class_names: list[str] | None = None
@@ -411,6 +412,56 @@ class FolderImages(Dataset):
             raise DataError(f"cannot decode {path} ({first_line(e)}); delete or repair the file "
                             "(only headers are checked when the folder is scanned)") from None
         return image, self.labels[index]
+
+
+class PairedFolders(Dataset):
+    """``data.task = "paired"``: the targets under ``root`` and the inputs under ``cond_root``,
+    paired by relative path without the extension (as ``diffunet segment train`` pairs images
+    and masks), each read as :class:`FolderImages` reads it (``channels``, centre-cropped and
+    resized to ``image_size``). Item: (target and input stacked on the channels (2C, S, S),
+    -1), so a flip or any transform of the item applies to both alike. A target without an
+    input, an input without a target, and two files of one name are one-line
+    :class:`DataError`s naming a file."""
+
+    def __init__(self, root: str | os.PathLike, cond_root: str | os.PathLike, image_size: int,
+                 channels: int) -> None:
+        self.targets = FolderImages(root, image_size, channels)
+        self.inputs = FolderImages(cond_root, image_size, channels, key="data.cond_path")
+        self.num_classes: int | None = None
+        self.class_names: list[str] | None = None
+        self.skipped = self.targets.skipped + self.inputs.skipped
+        self.upscaled = self.targets.upscaled + self.inputs.upscaled
+        by_name: dict[str, int] = {}
+        for k, path in enumerate(self.inputs.files):
+            key = path.relative_to(self.inputs.root).with_suffix("").as_posix()
+            if key in by_name:
+                raise DataError(f"data.cond_path: {self.inputs.files[by_name[key]].name} and "
+                                f"{path.name} are both the input of {key}; keep one")
+            by_name[key] = k
+        self.pairs: list[int] = []
+        seen: set[str] = set()
+        for path in self.targets.files:
+            key = path.relative_to(self.targets.root).with_suffix("").as_posix()
+            if key in seen:
+                raise DataError(f"data.path: two targets are named {key} (another extension); "
+                                "keep one")
+            seen.add(key)
+            if key not in by_name:
+                raise DataError(f"data.cond_path: {cond_root} has no input for the target "
+                                f"{key} (inputs pair with targets by name: {key}.png)")
+            self.pairs.append(by_name.pop(key))
+        if by_name:
+            extra = sorted(by_name)[0]
+            raise DataError(f"data.cond_path: the input {extra} has no target of the same name "
+                            f"in {root}; inputs pair with targets by name")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        target, _ = self.targets[index]
+        given, _ = self.inputs[self.pairs[index]]
+        return torch.cat([target, given]), -1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -905,7 +956,8 @@ class HFStream:
 
 
 def build_dataset(cfg: DataConfig) -> Dataset:
-    """The training data set ``cfg`` describes; items ``(image (C, S, S) in [-1, 1], label)``.
+    """The training data set ``cfg`` describes; items ``(image (C, S, S) in [-1, 1], label)``
+    (``task = "paired"``: the target and its input stacked, (2C, S, S), label -1).
 
     The built-in shapes always use seed 0 (the data set is fixed, like a downloaded one; the
     training seed only changes the order, through :class:`GlobalBatchSampler`).
@@ -920,9 +972,14 @@ def build_dataset(cfg: DataConfig) -> Dataset:
                         "data.name at a local copy")
     if cfg.source == "builtin":  # rendered in vectorised ops: faster than any cache
         return BuiltinShapes(cfg.builtin_size, cfg.image_size, cfg.channels, seed=0)
-    if cfg.source == "folder":
+    channels = cfg.channels  # of an item: a paired item stacks the target and its input
+    if cfg.task == "paired":
+        assert cfg.path is not None and cfg.cond_path is not None  # DataConfig requires them
+        base: Dataset = PairedFolders(cfg.path, cfg.cond_path, cfg.image_size, cfg.channels)
+        channels *= 2
+    elif cfg.source == "folder":
         assert cfg.path is not None  # DataConfig requires it for source='folder'
-        base: Dataset = FolderImages(cfg.path, cfg.image_size, cfg.channels, cfg.class_folders)
+        base = FolderImages(cfg.path, cfg.image_size, cfg.channels, cfg.class_folders)
     elif cfg.source == "torchvision":
         base = _build_torchvision(cfg)
     elif cfg.source == "hf":
@@ -931,9 +988,9 @@ def build_dataset(cfg: DataConfig) -> Dataset:
     else:  # pragma: no cover - DataConfig rejects it first
         raise DataError(f"data.source: unknown source {cfg.source!r}; use builtin, folder, "
                         "torchvision or hf")
-    size = len(base) * cfg.channels * cfg.image_size ** 2  # bytes, as uint8
+    size = len(base) * channels * cfg.image_size ** 2  # bytes, as uint8
     if cfg.cache or (cfg.cache is None and size <= CACHE_AUTO_BYTES):
-        return DecodedCache(base, cfg.image_size, cfg.channels)
+        return DecodedCache(base, cfg.image_size, channels)
     return base
 
 

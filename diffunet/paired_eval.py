@@ -14,7 +14,8 @@ and the sample compared with the image:
 The same numbers are given for the **baseline** the task starts from: the bicubic upscaling
 for ``superres``, the grey image (its luminance in every channel) for ``colorize``, the image
 with its holes grey for ``inpaint`` (whose holes are drawn from the generator of ``seed``, the
-same for every model judged with it). Held-out:
+same for every model judged with it), the input itself for ``paired`` (whose held-out pairs
+are ``data.path=TARGETS data.cond_path=INPUTS``). Held-out:
 the built-in shapes of seed 1 (training uses seed 0) unless a CONFIG or ``data.*`` overrides
 name other data.
 """
@@ -37,7 +38,7 @@ from .errors import UsageError
 from .evaluation import bpd_data_config, describe_data
 from .judge import start_noise
 from .samplers import sample
-from .tasks import drawn_condition, recorded_task, shown_condition
+from .tasks import drawn_condition, recorded_task, shown_condition, split_given
 
 __all__ = ["psnr", "ssim", "PairedResult", "evaluate_paired", "PAIRED_IMAGES"]
 
@@ -101,19 +102,22 @@ class PairedResult:
 
 
 def _held_out(meta: dict[str, Any], items: Sequence[str], model_path: str | os.PathLike,
-              n: int, size: int, channels: int) -> tuple[Tensor, str]:
-    """The first ``n`` held-out images (n, C, S, S) in [-1, 1] and where they came from."""
+              n: int, size: int, channels: int) -> tuple[Tensor, str, bool]:
+    """The first ``n`` held-out images (n, C, S, S) in [-1, 1] (a paired model's stacked with
+    their inputs, (n, 2C, S, S)), where they came from, and whether they are built-in shapes
+    (the judge's data: only then do its FID and recognisable fraction mean anything)."""
     stored = (meta.get("run_config") or {}).get("data") or {}
     if not items and stored.get("source", "builtin") == "builtin":
         images, _ = BuiltinShapes(n, size, channels, seed=1).render(range(n))
-        return images, f"{n} built-in images of seed 1 (training used seed 0)"
+        return images, f"{n} built-in images of seed 1 (training used seed 0)", True
     data_cfg = bpd_data_config(meta, items, model_path)
     dataset = build_dataset(data_cfg)
     if len(dataset) < 1:
         raise UsageError("eval paired: the data set has no images")
     n = min(n, len(dataset))
     images = torch.stack([dataset[i][0] for i in range(n)])
-    return images, f"the first {n} images of {describe_data(data_cfg, dataset)}"
+    return (images, f"the first {n} images of {describe_data(data_cfg, dataset)}",
+            data_cfg.source == "builtin")
 
 
 def evaluate_paired(model_path: str | os.PathLike, items: Sequence[str] = (), *,
@@ -125,7 +129,7 @@ def evaluate_paired(model_path: str | os.PathLike, items: Sequence[str] = (), *,
     """Sample the held-out conditions of the model file's task once each (its ``[sample]``
     sampler and steps, ``num_steps`` in their place; unguided) and score samples and baseline
     (see the module doc). ``judge``: the built-in judge, or None to load it where it applies
-    (32x32 RGB), ``False`` for none. A model without a task is one :class:`UsageError` line."""
+    (32x32 RGB, held out from the built-in shapes), ``False`` for none. A model without a task is one :class:`UsageError` line."""
     loaded = load_diffusion_file(model_path)
     net, schedule, meta = loaded.net, loaded.schedule, loaded.metadata
     assert schedule is not None
@@ -134,7 +138,7 @@ def evaluate_paired(model_path: str | os.PathLike, items: Sequence[str] = (), *,
     task = recorded_task(meta, size)  # a damaged record is one line
     if task is None:
         raise UsageError(f"eval paired: {model_path} has no task (it was not trained with "
-                         "data.task = superres, colorize or inpaint); judge it with eval nfe")
+                         "data.task = superres, colorize, inpaint or paired); judge it with eval nfe")
     if meta.get("vae") is not None:
         raise UsageError("eval paired: a latent model's tasks are not built yet")
     if not 2 <= num_images <= 100_000:  # FID needs a covariance
@@ -142,7 +146,9 @@ def evaluate_paired(model_path: str | os.PathLike, items: Sequence[str] = (), *,
     if batch_size < 1:
         raise UsageError(f"--batch-size must be a positive integer, got {batch_size}")
     name, factor = task
-    targets, where = _held_out(meta, items, model_path, num_images, size, cfg.in_channels)
+    targets, where, shapes = _held_out(meta, items, model_path, num_images, size,
+                                       cfg.in_channels)
+    targets, given = split_given(name, targets, cfg.in_channels)  # paired: and the inputs
     n = targets.shape[0]
     stored = (meta.get("run_config") or {}).get("sample") or {}
     how = SampleConfig(**{k: v for k, v in stored.items() if k in ("sampler", "num_steps",
@@ -150,7 +156,8 @@ def evaluate_paired(model_path: str | os.PathLike, items: Sequence[str] = (), *,
     steps = num_steps or how.num_steps
     net.to(device).eval()
     # (n, C_c, S, S); inpaint's holes drawn from the seed, the same for every model judged
-    cond = drawn_condition(name, targets, factor, torch.Generator().manual_seed(seed))
+    cond = drawn_condition(name, targets, factor, torch.Generator().manual_seed(seed),
+                           given=given)
     samples, seconds = [], 0.0
     for start in range(0, n, batch_size):
         idx = list(range(start, min(start + batch_size, n)))
@@ -170,7 +177,7 @@ def evaluate_paired(model_path: str | os.PathLike, items: Sequence[str] = (), *,
                         "ssim": float(ssim(made, targets).mean())},
             "baseline": {"psnr": float(psnr(base, targets).mean()),
                          "ssim": float(ssim(base, targets).mean())}}
-    if judge is None and targets.shape[1] == 3 and size == 32:
+    if judge is None and targets.shape[1] == 3 and size == 32 and shapes:
         from .judge import load_judge
         judge = load_judge()
     if judge:
@@ -186,7 +193,8 @@ def evaluate_paired(model_path: str | os.PathLike, items: Sequence[str] = (), *,
     return PairedResult(task=f"{name} x{factor}" if name == "superres" else name,
                         num_images=n, seed=seed, data=where, rows=rows,
                         baseline={"superres": "bicubic upscaling",
-                                  "inpaint": "the image with grey holes"}.get(
+                                  "inpaint": "the image with grey holes",
+                                  "paired": "the input image itself"}.get(
                                       name, "the grey image (luminance in every channel)"),
                         seconds_per_image=seconds / n,
                         options={"sampler": how.sampler, "num_steps": steps,

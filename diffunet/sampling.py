@@ -877,7 +877,8 @@ def _cond_settings(o: SampleOptions, cfg: Any, meta: dict[str, Any], space: Data
                         f"(it upscales them x{factor})",
             "colorize": f"{size}x{size} grayscale images (it colours them)",
             "inpaint": f"{size}x{size} {'RGB' if c == 4 else 'grayscale'} images, and --mask "
-                       "(white = fill)"}.get(
+                       "(white = fill)",
+            "paired": f"{size}x{size} {'RGB' if c == 3 else 'grayscale'} input images"}.get(
                 name or "", f"{size}x{size} {c}-channel condition images")
     if not c:
         if o.cond_image is not None:

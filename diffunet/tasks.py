@@ -11,10 +11,14 @@ image is, so that the UNet (``unet.cond_channels``) learns p(image | condition).
   the keep mask as one more channel (+1 kept, -1 to fill; 0, the dropped condition's value,
   is then no mask at all). The holes are drawn from the run's generator
   (:func:`random_keep_masks`): half boxes, half free-form strokes, as Palette trains.
+- ``paired`` (Palette's image-to-image): the input image of the same name in another folder
+  (``data.cond_path``; :class:`~diffunet.data.PairedFolders` stacks each target and its input
+  on the channels, so flips apply to both), with the target's channels.
 
 A condition is a pure function of the (already flipped) image and, for inpaint, of masks drawn
-for the global batch from the step's generator: flips apply to both, and a resumed or
-multi-process run sees the same pairs as an uninterrupted one-process run.
+for the global batch from the step's generator (for paired: the input, flipped with its
+target): flips apply to both, and a resumed or multi-process run sees the same pairs as an
+uninterrupted one-process run.
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ from torch import Tensor
 from .errors import ModelFileError
 
 __all__ = ["TASKS", "Task", "task_channels", "condition_image", "drawn_condition", "shown_condition",
+           "split_given",
            "random_keep_masks", "downscale", "upscale", "recorded_task"]
 
-Task = Literal["superres", "colorize", "inpaint"]
-TASKS: tuple[str, ...] = ("superres", "colorize", "inpaint")
+Task = Literal["superres", "colorize", "inpaint", "paired"]
+TASKS: tuple[str, ...] = ("superres", "colorize", "inpaint", "paired")
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
 
@@ -41,7 +46,7 @@ _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
 def task_channels(task: Optional[str], image_channels: int) -> int:
     """The condition image's channels for ``task`` on ``image_channels``-channel images (0: no
     task): superres, the image's own; colorize, 1 (the luminance); inpaint, the image's own and
-    the mask."""
+    the mask; paired, the image's own (the input is read with the target's channels)."""
     if task is None:
         return 0
     return {"colorize": 1, "inpaint": image_channels + 1}.get(task, image_channels)
@@ -84,12 +89,30 @@ def condition_image(task: str, images: Tensor, factor: int = 4,
     raise ValueError(f"unknown task {task!r}; one of {', '.join(TASKS)}")
 
 
+def split_given(task: Optional[str], batch: Tensor, channels: int
+                ) -> tuple[Tensor, Optional[Tensor]]:
+    """A loader batch (b, C', S, S) as (images (b, C, S, S), the given inputs or None):
+    ``paired`` items stack each target (its first ``channels``) and its input; every other
+    task's items are the images alone."""
+    if task != "paired":
+        return batch, None
+    return batch[:, :channels], batch[:, channels:]
+
+
 def drawn_condition(task: str, images: Tensor, factor: int, generator: torch.Generator,
-                    global_batch: Optional[int] = None, rows: slice = slice(None)) -> Tensor:
+                    global_batch: Optional[int] = None, rows: slice = slice(None),
+                    given: Optional[Tensor] = None) -> Tensor:
     """The condition of ``task`` for ``images`` (b, C, S, S), drawing what it needs (inpaint's
     keep masks) from ``generator``: for a ``global_batch`` of B images of which ``images`` are
     rows ``rows`` (one process's share), so every process, and any number of them, draws the
-    masks an unsplit batch would (B: ``images``' own count by default)."""
+    masks an unsplit batch would (B: ``images``' own count by default). ``paired``: the
+    ``given`` inputs (:func:`split_given`) themselves."""
+    if task == "paired":
+        if given is None or given.shape != images.shape:
+            raise ValueError(f"paired needs the given inputs, shaped as the images "
+                             f"{tuple(images.shape)}, got "
+                             f"{None if given is None else tuple(given.shape)}")
+        return given.to(device=images.device, dtype=images.dtype)
     keep = None
     if task == "inpaint":
         B = images.shape[0] if global_batch is None else global_batch
@@ -100,7 +123,8 @@ def drawn_condition(task: str, images: Tensor, factor: int, generator: torch.Gen
 def shown_condition(task: str, cond: Tensor, channels: int) -> Tensor:
     """A condition (B, task_channels, S, S) as the ``channels``-channel image it stands for,
     to show beside a sample or to score as the task's baseline: the upscaled low-resolution
-    image, the luminance in every channel, the image with grey holes (the mask dropped)."""
+    image, the luminance in every channel, the image with grey holes (the mask dropped), the
+    paired input."""
     if task == "inpaint":
         return cond[:, :channels]
     return cond.expand(-1, channels, -1, -1) if cond.shape[1] == 1 else cond

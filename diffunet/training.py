@@ -47,11 +47,11 @@ from . import phema_files
 from . import state as st
 from .checkpoint import CarriedGuide, load_guide_model, model_file_bytes, unwrap_model
 from .config import RunConfig, TrainConfig, to_dict
-from .data import (GlobalBatchSampler, HFStream, build_dataset, make_dataloader,
+from .data import (GlobalBatchSampler, HFStream, build_dataset, flip_where, make_dataloader,
                    skipped_note)
 from .conditioning import with_dropout
 from .data_space import DataSpace, load_space
-from .tasks import drawn_condition, shown_condition
+from .tasks import drawn_condition, shown_condition, split_given
 from .latent_cache import training_set
 from .errors import ConfigError, StopRequested, TrainingError
 from .formulations import Formulation, make_schedule
@@ -205,6 +205,8 @@ def _step_inputs(cfg: RunConfig, schedule: Formulation, space: DataSpace, gen: t
     formulation shares the generator (hence exact resume), noise, flips, labels and
     micro-batching."""
     B, dev = cfg.train.batch_size, gen.device
+    # a paired task's items stack the target and its input (tasks.split_given)
+    batch, given = split_given(cfg.data.task, batch, cfg.unet.in_channels)
     levels = schedule.sample_levels(B, gen)[mine]
     noise = torch.randn((B, *space.batch_state_shape(batch)), generator=gen, device=dev)[mine]
     flips = ((torch.rand(B, generator=gen, device=dev) < 0.5)[mine] if cfg.data.random_flip
@@ -213,8 +215,10 @@ def _step_inputs(cfg: RunConfig, schedule: Formulation, space: DataSpace, gen: t
     k = cfg.unet.num_classes
     cond = {} if k is None else {"class_labels": labels}
     if cfg.data.task is not None:  # the condition image: a function of the (flipped) image
+        if given is not None and flips is not None:  # paired: the input flips with its target
+            given = flip_where(given, flips)
         cond["cond_image"] = drawn_condition(cfg.data.task, x0, cfg.data.superres_factor, gen,
-                                             B, mine)  # (and of inpaint's masks)
+                                             B, mine, given)  # (and of inpaint's masks)
     if not cond:
         return x0, noise, levels, cond
     # classifier-free guidance's training dropout (diffunet/conditioning.py): the dropped rows
@@ -392,8 +396,8 @@ def _guide_on_resume(run: Run, cfg: RunConfig) -> tuple[int | None, bool]:
 
 def _preview_targets(cfg: RunConfig, dataset: Any) -> Tensor | None:
     """A task run's preview images (the first ``sample.num_images`` of the data set, (N, C, S,
-    S) in [-1, 1]), whose condition images the previews are sampled from; None without a
-    task."""
+    S) in [-1, 1]; a paired run's stacked with their inputs, (N, 2C, S, S)), whose condition
+    images the previews are sampled from; None without a task."""
     if cfg.data.task is None:
         return None
     n = cfg.sample.num_images
@@ -421,8 +425,10 @@ def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run, space
     cond: dict[str, Tensor] = {}
     if targets is not None:
         assert cfg.data.task is not None
+        targets, given = split_given(cfg.data.task, targets, C)
         cond["cond_image"] = drawn_condition(cfg.data.task, targets, cfg.data.superres_factor,
-                                             torch.Generator().manual_seed(seed + 3))
+                                             torch.Generator().manual_seed(seed + 3),
+                                             given=given)
 
     base_kwargs = s.sample_kwargs()
     base_kwargs["clip_x0"] = space.clip_x0(base_kwargs["clip_x0"])  # latents: no clip
@@ -524,7 +530,9 @@ def _header(run: Run, cfg: RunConfig, dataset: Any, net: UNet, schedule: Formula
                         "condition image",
             "inpaint": "task: inpaint: each image with a hole (a box or free-form strokes, "
                        "drawn from the run's generator) and its mask are the UNet's "
-                       f"{u.cond_channels}-channel condition image"}.get(d.task or "")
+                       f"{u.cond_channels}-channel condition image",
+            "paired": f"task: paired: each image's input of the same name in {d.cond_path} is "
+                      f"the UNet's {u.cond_channels}-channel condition image"}.get(d.task or "")
     return [_describe_data(dataset, d.source, where, f"{size}x{size} {kind}") + unused,
             *([space_line] if space_line else []), *([task] if task else []),
             f"model: UNet, {n:,} parameters ({n / 1e6:.2f}M; base_channels {u.base_channels}, "

@@ -129,12 +129,12 @@ def add_run_arguments(p: argparse.ArgumentParser, *, resume_help: str,
 
 def _data_folders(cfg: Any) -> list[tuple[str, str]]:
     """``(config key, folder)`` of every image folder ``cfg`` trains on (none for built-in and
-    torchvision data): ``data.path``, or segmentation's ``data.images`` and ``data.masks``
+    torchvision data): ``data.path`` (and a paired task's ``data.cond_path``), or segmentation's ``data.images`` and ``data.masks``
     (and their ``val_`` pair)."""
     data = getattr(cfg, "data", None)
     if getattr(data, "source", None) != "folder":
         return []
-    keys = ("path", "images", "masks", "val_images", "val_masks")
+    keys = ("path", "cond_path", "images", "masks", "val_images", "val_masks")
     return [(f"data.{k}", getattr(data, k)) for k in keys if getattr(data, k, None)]
 
 
