@@ -8,6 +8,10 @@ and the sample compared with the image:
 - **PSNR** (dB, on [0, 1] pixels: 10 log10(1 / MSE)), per image, then the mean;
 - **SSIM** (Wang et al. 2004: an 11x11 Gaussian window of sigma 1.5, K1 = 0.01, K2 = 0.03, on
   [0, 1] pixels, the mean over the valid windows and the channels), per image, then the mean;
+- **LPIPS** (Zhang et al. 2018, the AlexNet variant; lower is closer), per image, then the
+  mean, where the optional ``lpips`` package (the ``eval`` extra) and torchvision's AlexNet
+  weights (downloaded once into the torch hub cache) are present; the result says why not
+  otherwise (nothing is downloaded here);
 - with the built-in judge (32x32 RGB models of the built-in data): the recognisable fraction
   and FID of the samples against the judge's 10,000-image reference.
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -40,7 +45,8 @@ from .judge import start_noise
 from .samplers import sample
 from .tasks import drawn_condition, recorded_task, shown_condition, split_given
 
-__all__ = ["psnr", "ssim", "PairedResult", "evaluate_paired", "PAIRED_IMAGES"]
+__all__ = ["psnr", "ssim", "lpips_distance", "PairedResult", "evaluate_paired",
+           "PAIRED_IMAGES"]
 
 PAIRED_IMAGES = 256
 """Held-out pairs ``eval paired`` samples by default."""
@@ -85,6 +91,32 @@ def ssim(a: Tensor, b: Tensor, window: int = 11) -> Tensor:
     return s.flatten(1).mean(1)
 
 
+def lpips_distance(device: str | torch.device
+                   ) -> tuple[Optional[Callable[[Tensor, Tensor], Tensor]], str]:
+    """LPIPS (AlexNet, v0.1) as a function of two image batches (B, C, H, W) in [-1, 1] -> (B,)
+    (grayscale repeated to RGB), and ``""``; or None and the reason it is not available: the
+    ``lpips`` package is not installed, or the AlexNet weights it builds on are not in the
+    torch hub cache (checked first, so no download is attempted)."""
+    try:
+        import lpips
+    except ImportError:
+        return None, "LPIPS not computed: pip install lpips (or diffunet[eval])"
+    from torchvision.models import AlexNet_Weights
+
+    url = AlexNet_Weights.IMAGENET1K_V1.url
+    weights = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if not weights.is_file():
+        return None, (f"LPIPS not computed: AlexNet's weights are not at {weights}; "
+                      f"download {url} there")
+    net = lpips.LPIPS(net="alex", verbose=False).to(device).eval()
+
+    def distance(a: Tensor, b: Tensor) -> Tensor:
+        a, b = (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x for x in (a, b))
+        with torch.no_grad():
+            return net(a.to(device).float(), b.to(device).float()).flatten().double().cpu()
+    return distance, ""
+
+
 @dataclass
 class PairedResult:
     """What :func:`evaluate_paired` measured."""
@@ -94,11 +126,14 @@ class PairedResult:
     seed: int
     data: str
     rows: dict[str, dict[str, float]]
-    """``{"samples": {...}, "baseline": {...}}``: ``psnr``, ``ssim`` (means) and, with the
-    judge, ``recognisable``, ``fid`` and ``kid`` (as ``eval nfe`` computes them)."""
+    """``{"samples": {...}, "baseline": {...}}``: ``psnr``, ``ssim`` (means), ``lpips`` (the
+    mean, where it is available) and, with the judge, ``recognisable``, ``fid`` and ``kid``
+    (as ``eval nfe`` computes them)."""
     baseline: str
     seconds_per_image: float
     options: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """Why a metric is missing (LPIPS without its package or weights)."""
 
 
 def _held_out(meta: dict[str, Any], items: Sequence[str], model_path: str | os.PathLike,
@@ -177,6 +212,12 @@ def evaluate_paired(model_path: str | os.PathLike, items: Sequence[str] = (), *,
                         "ssim": float(ssim(made, targets).mean())},
             "baseline": {"psnr": float(psnr(base, targets).mean()),
                          "ssim": float(ssim(base, targets).mean())}}
+    distance, why = lpips_distance(device)
+    if distance is not None:
+        for key, images in (("samples", made), ("baseline", base)):
+            rows[key]["lpips"] = float(torch.cat([
+                distance(images[i:i + batch_size], targets[i:i + batch_size])
+                for i in range(0, n, batch_size)]).mean())
     if judge is None and targets.shape[1] == 3 and size == 32 and shapes:
         from .judge import load_judge
         judge = load_judge()
@@ -198,17 +239,23 @@ def evaluate_paired(model_path: str | os.PathLike, items: Sequence[str] = (), *,
                                       name, "the grey image (luminance in every channel)"),
                         seconds_per_image=seconds / n,
                         options={"sampler": how.sampler, "num_steps": steps,
-                                 "sigmas": how.sigmas, "guidance": "none"})
+                                 "sigmas": how.sigmas, "guidance": "none"},
+                        notes=[why] if why else [])
 
 
 def format_paired(result: PairedResult) -> str:
     """The result as a Markdown table and its notes."""
     judged = "fid" in result.rows["samples"]
-    head = "| | PSNR (dB) | SSIM |" + (" recognisable | FID |" if judged else "")
-    lines = [head, "|---|---:|---:|" + ("---:|---:|" if judged else "")]
+    perceptual = "lpips" in result.rows["samples"]
+    head = ("| | PSNR (dB) | SSIM |" + (" LPIPS |" if perceptual else "")
+            + (" recognisable | FID |" if judged else ""))
+    lines = [head, "|---|---:|---:|" + ("---:|" if perceptual else "")
+             + ("---:|---:|" if judged else "")]
     for key, label in (("samples", "samples"), ("baseline", result.baseline)):
         r = result.rows[key]
         line = f"| {label} | {r['psnr']:.2f} | {r['ssim']:.4f} |"
+        if perceptual:
+            line += f" {r['lpips']:.4f} |"
         if judged:
             line += f" {r['recognisable']:.1%} | {r['fid']:.2f} |"
         lines.append(line)
@@ -218,5 +265,6 @@ def format_paired(result: PairedResult) -> str:
                  f"{result.seed + result.num_images - 1}), {o['sampler']} {o['num_steps']} "
                  f"steps, unguided; {result.seconds_per_image:.4f} s / image"
                  + ("; FID against the judge's 10,000 built-in images" if judged else ""))
+    lines.extend(result.notes)
     return "\n".join(lines)
 

@@ -492,3 +492,51 @@ def test_eval_paired_refuses_sizes_it_cannot_run(flags, words, tmp_path, capsys)
     assert cli.main(["eval", "paired", str(model), *flags, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_paired_reports_lpips_where_it_is_installed_and_says_why_not_otherwise(
+        tmp_path, capsys, monkeypatch, cpu_accelerate) -> None:
+    """Without the lpips package (or its AlexNet weights, which this machine cannot download)
+    the table says why; with it, each row's mean LPIPS is the network's per-image distance."""
+    import json
+    import sys
+    import types
+
+    from diffunet import cli
+
+    model = tmp_path / "sr.safetensors"
+    diffunet.save_model(model, perturbed(_net(3)), make_schedule(ScheduleConfig(formulation="flow")),
+                        extra={"task": {"name": "superres", "superres_factor": 2}})
+    args = ["eval", "paired", str(model), "--num-images", "4", "--steps", "2", "--no-progress",
+            "--json", str(tmp_path / "r.json")]
+    monkeypatch.setitem(sys.modules, "lpips", None)  # not installed
+    assert cli.main(args) == 0
+    assert "LPIPS not computed: pip install lpips" in capsys.readouterr().out
+    assert "lpips" not in json.loads((tmp_path / "r.json").read_text())["rows"]["samples"]
+
+    class FakeLPIPS(torch.nn.Module):  # the mean absolute difference stands in for AlexNet
+        def __init__(self, net: str, verbose: bool) -> None:
+            super().__init__()
+            assert net == "alex"
+
+        def forward(self, a, b):
+            assert a.shape[1] == 3
+            return (a - b).abs().mean((1, 2, 3), keepdim=True)
+
+    monkeypatch.setitem(sys.modules, "lpips", types.SimpleNamespace(LPIPS=FakeLPIPS))
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    assert cli.main(args) == 0
+    assert "AlexNet's weights are not at" in capsys.readouterr().out
+    from torchvision.models import AlexNet_Weights
+    (hub / "checkpoints").mkdir(parents=True)
+    (hub / "checkpoints" / AlexNet_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]).write_bytes(b"")
+    assert cli.main(args) == 0
+    assert "| LPIPS |" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    from diffunet.data import BuiltinShapes
+    from diffunet.tasks import condition_image
+    truth, _ = BuiltinShapes(4, 8, 3, seed=1).render(range(4))
+    want = float((condition_image("superres", truth, 2) - truth).abs().mean((1, 2, 3)).mean())
+    assert rows["baseline"]["lpips"] == pytest.approx(want, rel=1e-5)
+    assert rows["samples"]["lpips"] > 0

@@ -45,7 +45,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("runs", "outputs", "output_files"),  # output folders; single output files
     ("state", "checkpoint", "phema_files"),  # phema_files: post-hoc EMA snapshot files
     ("data", "data_space", "tasks"),  # data_space: pixels or a VAE's latents (the diffusion
-    # state); tasks: an image's condition image (superres, colorize)
+    # state); tasks: an image's condition image (superres, colorize, inpaint, paired)
     ("images",),
     ("likelihood", "resources"),
     ("unet", "nn"),
@@ -65,6 +65,7 @@ HOMES: dict[str, set[str]] = {
     "tomli": {"config"},
     "argparse": {"cli"},
     "datasets": {"data"},  # Hugging Face datasets (data.source = "hf")
+    "lpips": {"paired_eval"},  # LPIPS of `eval paired`, where it is installed
 }
 
 

@@ -73,14 +73,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     q = sub.add_parser(
         "paired", help="an image-conditioned model (data.task) on held-out pairs: PSNR, "
-                       "SSIM, the judge's recognisable fraction and FID, against the baseline",
+                       "SSIM, LPIPS, the judge's recognisable fraction and FID, against the "
+                       "baseline",
         description="Sample each held-out image's condition (superres: the image downscaled "
-                    "and upscaled back; colorize: its luminance) once and compare the sample "
-                    "with the image: PSNR and SSIM, and on 32x32 RGB built-in models the "
+                    "and upscaled back; colorize: its luminance; inpaint: the image with a "
+                    "hole drawn from --seed, and the mask; paired: its input) once and compare "
+                    "the sample with the image: PSNR, SSIM, LPIPS (where the lpips package and "
+                    "its AlexNet weights are present), and on 32x32 RGB built-in models the "
                     "built-in judge's recognisable fraction and FID; the same for the "
-                    "baseline (bicubic upscaling; the grey image). Held-out: the built-in "
-                    "shapes of seed 1 (training uses seed 0), or CONFIG.toml's data with "
-                    "data.key=value overrides.")
+                    "baseline (bicubic upscaling; the grey image; the holed image; the input). "
+                    "Held-out: the built-in shapes of seed 1 (training uses seed 0), or "
+                    "CONFIG.toml's data with data.key=value overrides (paired: data.path="
+                    "TARGETS data.cond_path=INPUTS).")
     q.add_argument("model", metavar="MODEL.safetensors")
     q.add_argument("items", nargs="*", metavar="[CONFIG.toml] [data.key=value ...]")
     q.add_argument("--num-images", type=int, default=256, metavar="N",
@@ -490,7 +494,7 @@ def _paired(args: argparse.Namespace) -> int:
                                 "seed": result.seed, "rows": result.rows,
                                 "baseline": result.baseline,
                                 "seconds_per_image": result.seconds_per_image,
-                                **result.options})
+                                "notes": result.notes, **result.options})
     return 0
 
 
