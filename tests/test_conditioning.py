@@ -361,7 +361,7 @@ def test_the_condition_reaches_the_samples(tmp_path, cpu_accelerate) -> None:
 
 
 @pytest.mark.parametrize("case", ["no-cond", "unconditional", "size", "mode", "num-samples",
-                                  "per-input-alone", "out-dir-is-the-inputs"])
+                                  "per-input-alone", "out-dir-is-the-inputs", "empty-folder"])
 def test_bad_condition_input_is_one_line(case, superres_run, tmp_path, capsys,
                                          cpu_accelerate) -> None:
     model = str(superres_run[0] / "weights" / "model_step0000002.safetensors")
@@ -374,7 +374,10 @@ def test_bad_condition_input_is_one_line(case, superres_run, tmp_path, capsys,
         "num-samples": [model, "--cond-image", str(low), "--num-samples", "4"],
         "per-input-alone": [model, "--per-input", "2"],
         "out-dir-is-the-inputs": [model, "--cond-image", str(low), "--out-dir", str(low)],
+        "empty-folder": [model, "--cond-image", str(tmp_path / "empty")],
     }[case]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
     if "--out-dir" not in args:
         args += ["--out-dir", str(tmp_path / "s")]
     before = sorted(p.name for p in low.iterdir())
@@ -383,7 +386,8 @@ def test_bad_condition_input_is_one_line(case, superres_run, tmp_path, capsys,
     words = {"no-cond": "give --cond-image", "unconditional": "takes no condition image",
              "size": "is 16x16 pixels; this model takes 4x4", "mode": "is a mode L image",
              "num-samples": "drop --num-samples", "per-input-alone": "--per-input needs",
-             "out-dir-is-the-inputs": "holds files diffunet did not write"}[case]
+             "out-dir-is-the-inputs": "holds files diffunet did not write",
+             "empty-folder": "no image"}[case]
     assert words in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "s").exists()
     assert sorted(p.name for p in low.iterdir()) == before
