@@ -43,7 +43,7 @@ from .errors import UsageError
 from .evaluation import bpd_data_config, describe_data
 from .judge import start_noise
 from .samplers import sample
-from .tasks import drawn_condition, recorded_task, shown_condition, split_given
+from .tasks import drawn_condition, finished, recorded_task, shown_condition, split_given
 
 __all__ = ["psnr", "ssim", "lpips_distance", "PairedResult", "evaluate_paired",
            "PAIRED_IMAGES"]
@@ -204,7 +204,7 @@ def evaluate_paired(model_path: str | os.PathLike, items: Sequence[str] = (), *,
             out = sample(net, schedule, x_T.to(device), sampler=how.sampler, num_steps=steps,
                          sigmas=how.sigmas, cond={"cond_image": cond[idx].to(device)},
                          generator=gens, clip_x0=True)
-        samples.append(out.float().cpu().clamp(-1, 1))
+        samples.append(finished(name, out.float().cpu().clamp(-1, 1), cond[idx]))
         seconds += time.perf_counter() - t0
     made = torch.cat(samples)
     base = shown_condition(name, cond, targets.shape[1])

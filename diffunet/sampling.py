@@ -69,7 +69,7 @@ from .outputs import FolderWriter, OutputFolder, claim_folder, join_folder
 from .resources import check_fits, network_cost
 from .runs import cpu_requested, pick_device, refuse_lone_processes
 from .guidance import carried_guide_weight
-from .tasks import condition_image, recorded_task, upscale
+from .tasks import condition_image, finished, recorded_task, upscale
 from .samplers import (MAX_RESAMPLE, MULTISTEP_SAMPLERS, ONE_STEP_SAMPLERS, check_sampling,
                        check_sigma_range, make_sigmas, preview_grid, sample)
 from .version import __version__
@@ -820,6 +820,8 @@ def _draw_batch(network: Any, schedule: Any, how: SampleConfig, idx: list[int], 
                         callback=None if on_step is None else lambda i, *_: on_step(i),
                         guide_model=guide, **kwargs)
         images = space.decode(states)
+        if condition is not None:  # inpaint: the input's kept pixels as they are
+            images = finished(condition.task, images, cond["cond_image"])
     latents = space.unscale(states.float()).cpu() if save_latents else None
     writer.submit(images.float().cpu(), [image_name(i) for i in idx], latents)
 

@@ -34,7 +34,7 @@ from torch import Tensor
 from .errors import ModelFileError
 
 __all__ = ["TASKS", "Task", "task_channels", "condition_image", "drawn_condition", "shown_condition",
-           "split_given",
+           "split_given", "finished",
            "random_keep_masks", "downscale", "upscale", "recorded_task"]
 
 Task = Literal["superres", "colorize", "inpaint", "paired"]
@@ -128,6 +128,16 @@ def shown_condition(task: str, cond: Tensor, channels: int) -> Tensor:
     if task == "inpaint":
         return cond[:, :channels]
     return cond.expand(-1, channels, -1, -1) if cond.shape[1] == 1 else cond
+
+
+def finished(task: Optional[str], samples: Tensor, cond: Tensor) -> Tensor:
+    """A task model's samples (B, C, S, S) as the task's output, given their conditions (B,
+    task_channels, S, S): inpaint keeps the input's pixels where its mask keeps them (the model
+    redraws the whole image; only the hole is its to fill), every other task the samples."""
+    if task != "inpaint":
+        return samples
+    keep = cond[:, -1:].to(samples.dtype) > 0  # the mask channel: +1 kept, -1 to fill
+    return torch.where(keep, cond[:, :-1].to(samples), samples)
 
 
 # Inpaint's training masks (Palette, Saharia et al. 2022, trains on boxes and free-form

@@ -51,7 +51,7 @@ from .data import (GlobalBatchSampler, HFStream, build_dataset, flip_where, make
                    skipped_note)
 from .conditioning import with_dropout
 from .data_space import DataSpace, load_space
-from .tasks import drawn_condition, shown_condition, split_given
+from .tasks import drawn_condition, finished, shown_condition, split_given
 from .latent_cache import training_set
 from .errors import ConfigError, StopRequested, TrainingError
 from .formulations import Formulation, make_schedule
@@ -458,6 +458,7 @@ def _preview_fn(cfg: RunConfig, ema: EMA, schedule: Formulation, run: Run, space
             return False
         images, nrow = images.float().cpu(), None
         if targets is not None:  # condition | sample | target, image by image
+            images = finished(cfg.data.task, images, cond["cond_image"])
             shown_cond = shown_condition(cfg.data.task, cond["cond_image"], images.shape[1])
             images = torch.stack([shown_cond, images, targets.float()], 1).flatten(0, 1)
             nrow = 3 * math.ceil(math.sqrt(s.num_images))

@@ -163,7 +163,7 @@ def _sample(*args: str) -> int:
     return cli.main(["sample", *args, "--no-progress", "--steps", "2"])
 
 
-def test_sample_fills_the_holes_each_mask_marks_and_resumes(tmp_path, capsys,
+def test_sample_fills_the_holes_each_mask_marks_keeps_the_rest_and_resumes(tmp_path, capsys,
                                                            cpu_accelerate) -> None:
     model = str(_inpaint_model(tmp_path))
     images, masks = _images(tmp_path / "in", 2), _masks(tmp_path / "masks", 2)
@@ -187,6 +187,10 @@ def test_sample_fills_the_holes_each_mask_marks_and_resumes(tmp_path, capsys,
                        str(mask / "in0.png"), "--out-dir", str(tmp_path / name)) == 0
     a, b = (np.asarray(Image.open(tmp_path / n / "000000.png"), dtype=float) for n in "ab")
     assert np.abs(a - b).max() > 10
+    # the pixels a mask keeps are the input's, exactly; the hole is the model's
+    source = np.asarray(Image.open(images / "in0.png"), dtype=float)
+    kept = np.asarray(Image.open(other / "in0.png")) == 0
+    assert np.array_equal(b[kept], source[kept]) and np.abs(b[~kept] - source[~kept]).max() > 10
     # a rerun resumes; another mask under the same name is another run
     assert _sample(model, "--cond-image", str(images), "--mask", str(masks), "--out-dir",
                    str(out), "--per-input", "2") == 0
@@ -228,6 +232,18 @@ def test_bad_inpaint_input_is_one_line(case, tmp_path, capsys, cpu_accelerate) -
     assert words in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "s").exists()
     assert {p.name: p.read_bytes() for p in [*images.iterdir(), *masks.iterdir()]} == before
+
+
+def test_finished_inpaint_samples_keep_the_inputs_kept_pixels() -> None:
+    from diffunet.tasks import finished
+
+    g = torch.Generator().manual_seed(4)
+    images, samples = (torch.rand(3, 3, 8, 8, generator=g) * 2 - 1 for _ in range(2))
+    keep = random_keep_masks(3, 8, g)
+    cond = condition_image("inpaint", images, keep=keep)
+    out = finished("inpaint", samples, cond)
+    assert torch.equal(out, keep * images + (1 - keep) * samples)
+    assert finished("superres", samples, cond[:, :3]) is samples
 
 
 def test_eval_paired_scores_an_inpaint_model_against_the_holed_images(tmp_path, capsys,
