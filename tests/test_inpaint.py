@@ -260,3 +260,16 @@ def test_eval_paired_scores_an_inpaint_model_against_the_holed_images(tmp_path, 
     truth, _ = BuiltinShapes(6, 8, 3, seed=1).render(range(6))
     holed = drawn_condition("inpaint", truth, 4, torch.Generator().manual_seed(0))[:, :3]
     assert r["rows"]["baseline"]["psnr"] == pytest.approx(float(psnr(holed, truth).mean()))
+
+
+def test_train_ends_by_naming_the_flags_an_inpaint_model_samples_with(tmp_path, capsys,
+                                                                      cpu_accelerate) -> None:
+    from diffunet import cli
+    from helpers import tiny_run
+
+    assert cli.main(["train", *tiny_run(), "data.task=inpaint", "train.max_steps=1",
+                     "train.sample_every=10", "--out-dir", str(tmp_path / "run"),
+                     "--no-progress"]) == 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("sample from it with: diffunet sample ")
+    assert last.endswith(" --cond-image IMAGES --mask MASKS")

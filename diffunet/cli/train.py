@@ -31,5 +31,8 @@ def run(args: argparse.Namespace) -> int:
     if result.nonfinite_skipped:
         say(f"skipped {result.nonfinite_skipped} step(s) with a non-finite loss")
     if not result.interrupted and result.model_path is not None:
-        say(f"sample from it with: diffunet sample {result.model_path}")
+        task = cfg.data.task  # a task model draws from inputs: name the flags it needs
+        inputs = {None: "", "inpaint": " --cond-image IMAGES --mask MASKS",
+                  "superres": " --cond-image LOW_RES_IMAGES"}.get(task, " --cond-image INPUTS")
+        say(f"sample from it with: diffunet sample {result.model_path}{inputs}")
     return 0
