@@ -5,7 +5,8 @@ upscaled image for ``superres``, the luminance for ``colorize``, the holed image
 for ``inpaint``) is sampled from once (image i from seed + i, as ``diffunet sample`` draws it)
 and the sample compared with the image:
 
-- **PSNR** (dB, on [0, 1] pixels: 10 log10(1 / MSE)), per image, then the mean;
+- **PSNR** (dB, on [0, 1] pixels: 10 log10(1 / MSE), the MSE at least 8-bit rounding's
+  variance, so an exact match scores 58.9 dB, not inf), per image, then the mean;
 - **SSIM** (Wang et al. 2004: an 11x11 Gaussian window of sigma 1.5, K1 = 0.01, K2 = 0.03, on
   [0, 1] pixels, the mean over the valid windows and the channels), per image, then the mean;
 - **LPIPS** (Zhang et al. 2018, the AlexNet variant; lower is closer), per image, then the
@@ -56,10 +57,16 @@ def _unit(x: Tensor) -> Tensor:
     return ((x.double() + 1) / 2).clamp(0, 1)  # [-1, 1] -> [0, 1]
 
 
+MSE_FLOOR = 1 / (12 * 255 ** 2)
+"""The smallest MSE :func:`psnr` counts (on [0, 1] pixels): the variance of 8-bit rounding,
+(1/255)^2 / 12, so two images closer than 8 bits can tell apart score 58.9 dB, not inf (a grey
+baseline equals a grey target exactly, and one inf would make the mean inf)."""
+
+
 def psnr(a: Tensor, b: Tensor) -> Tensor:
     """PSNR in dB of images ``a`` against ``b`` (B, C, H, W) in [-1, 1], per image (B,), on
-    [0, 1] pixels: 10 log10(1 / MSE) (inf where they are equal)."""
-    mse = (_unit(a) - _unit(b)).pow(2).flatten(1).mean(1)
+    [0, 1] pixels: 10 log10(1 / MSE), the MSE at least :data:`MSE_FLOOR` (at most 58.9 dB)."""
+    mse = (_unit(a) - _unit(b)).pow(2).flatten(1).mean(1).clamp_min(MSE_FLOOR)
     return 10 * torch.log10(1 / mse)
 
 

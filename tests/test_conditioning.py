@@ -5,6 +5,8 @@ model file and its diffusers export as wider input channels."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -412,6 +414,8 @@ def test_psnr_and_ssim_are_the_textbook_numbers() -> None:
     # +0.2 in [-1, 1] is +0.1 on [0, 1] pixels: MSE 0.01, 20 dB
     torch.testing.assert_close(psnr(x + 0.2, x), torch.full((2,), 20.0, dtype=torch.float64))
     torch.testing.assert_close(ssim(x, x), torch.ones(2, dtype=torch.float64))
+    # an exact match is 8-bit rounding's PSNR, 10 log10(12 * 255^2) = 58.9 dB, not inf
+    assert float(psnr(x, x)[0]) == pytest.approx(10 * math.log10(12 * 255 ** 2))
     # constant images a, b on [0, 1]: no variance, SSIM = (2ab + C1) / (a^2 + b^2 + C1)
     a, b = 0.25, 0.75
     flat_a, flat_b = torch.full((1, 1, 16, 16), 2 * a - 1), torch.full((1, 1, 16, 16), 2 * b - 1)
