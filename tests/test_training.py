@@ -329,9 +329,12 @@ def _launch(out: Path, overrides: list[str], env: dict[str, str]) -> subprocess.
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("task", [[], ["data.task=inpaint", "train.label_dropout=0.5"]],
+                         ids=["unconditional", "inpaint"])
+def test_two_processes_match_one(tmp_path: Path, task: list[str]) -> None:
+    """(inpaint: its holes and condition dropout are drawn for the global batch and sliced)"""
     overrides = [*TINY, "train.max_steps=4", "train.log_every=2", "train.save_every=2",
-                 "train.sample_every=4", "unet.dropout=0.0", "data.random_flip=true"]
+                 "train.sample_every=4", "unet.dropout=0.0", "data.random_flip=true", *task]
     two, one = tmp_path / "two", tmp_path / "one"
     r = _launch(two, overrides, cpu_env())
     assert r.returncode == 0, r.stderr[-3000:]
