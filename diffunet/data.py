@@ -45,6 +45,7 @@ __all__ = [
     "BuiltinShapes",
     "FolderImages",
     "PairedFolders",
+    "pair_by_name",
     "HFImages",
     "HFStream",
     "ImageStats",
@@ -414,6 +415,42 @@ class FolderImages(Dataset):
         return image, self.labels[index]
 
 
+def pair_by_name(primary: Sequence[Path], secondary: Sequence[Path], *, where: str,
+                 noun: str, primary_noun: str, primary_where: str | os.PathLike) -> list[int]:
+    """For each of the ``primary`` relative paths, the index in ``secondary`` of the one with
+    its relative path without the extension (``a/cat.jpg`` with ``a/cat.png``): every primary
+    needs exactly one, every secondary a primary. Otherwise one :class:`DataError` line: two
+    secondaries (or two primaries) of one name, a primary without a secondary, a secondary
+    without a primary. ``where`` names the secondary side in the message (``"--mask DIR"``),
+    ``noun`` one of its files ("mask"); ``primary_noun`` and ``primary_where``, the other side.
+    (``diffunet sample``'s mask folders and the paired task's inputs pair this way; ``segment
+    train`` pairs masks more loosely, by stem too.)"""
+    by_key: dict[str, int] = {}
+    for k, rel in enumerate(secondary):
+        key = rel.with_suffix("").as_posix()
+        if key in by_key:
+            raise DataError(f"{where}: {secondary[by_key[key]].name} and {rel.name} are both "
+                            f"the {noun} of {key}; keep one")
+        by_key[key] = k
+    order: list[int] = []
+    seen: set[str] = set()
+    for rel in primary:
+        key = rel.with_suffix("").as_posix()
+        if key in seen:
+            raise DataError(f"{primary_where}: two {primary_noun}s are named {key} (another "
+                            f"extension); keep one")
+        seen.add(key)
+        if key not in by_key:
+            raise DataError(f"{where} has no {noun} for the {primary_noun} {rel} ({noun}s pair "
+                            f"with {primary_noun}s by name: {key}.png)")
+        order.append(by_key.pop(key))
+    if by_key:
+        extra = sorted(by_key)[0]
+        raise DataError(f"{where}: the {noun} {extra} has no {primary_noun} of the same name in "
+                        f"{primary_where}; {noun}s pair with {primary_noun}s by name")
+    return order
+
+
 class PairedFolders(Dataset):
     """``data.task = "paired"``: the targets under ``root`` and the inputs under ``cond_root``,
     paired by relative path without the extension (as ``diffunet segment train`` pairs images
@@ -431,29 +468,12 @@ class PairedFolders(Dataset):
         self.class_names: list[str] | None = None
         self.skipped = self.targets.skipped + self.inputs.skipped
         self.upscaled = self.targets.upscaled + self.inputs.upscaled
-        by_name: dict[str, int] = {}
-        for k, path in enumerate(self.inputs.files):
-            key = path.relative_to(self.inputs.root).with_suffix("").as_posix()
-            if key in by_name:
-                raise DataError(f"data.cond_path: {self.inputs.files[by_name[key]].name} and "
-                                f"{path.name} are both the input of {key}; keep one")
-            by_name[key] = k
-        self.pairs: list[int] = []
-        seen: set[str] = set()
-        for path in self.targets.files:
-            key = path.relative_to(self.targets.root).with_suffix("").as_posix()
-            if key in seen:
-                raise DataError(f"data.path: two targets are named {key} (another extension); "
-                                "keep one")
-            seen.add(key)
-            if key not in by_name:
-                raise DataError(f"data.cond_path: {cond_root} has no input for the target "
-                                f"{key} (inputs pair with targets by name: {key}.png)")
-            self.pairs.append(by_name.pop(key))
-        if by_name:
-            extra = sorted(by_name)[0]
-            raise DataError(f"data.cond_path: the input {extra} has no target of the same name "
-                            f"in {root}; inputs pair with targets by name")
+        self.pairs = pair_by_name(
+            [p.relative_to(self.targets.root) for p in self.targets.files],
+            [p.relative_to(self.inputs.root) for p in self.inputs.files],
+            where=f"data.cond_path {cond_root}", noun="input", primary_noun="target",
+            primary_where=f"data.path {root}")
+        """For each target, the index of its input."""
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .data import SKIPPED_NOTE, scan_image_folder
+from .data import SKIPPED_NOTE, pair_by_name, scan_image_folder
 from .errors import DataError, DiffunetError, NotRegularFileError, UsageError
 from .fileio import first_line, read_regular_file
 from .images import IMAGE_EXTENSIONS, image_header
@@ -228,24 +228,9 @@ def load_edit_inputs(init_image: str | os.PathLike, mask: str | os.PathLike | No
         if not mask_is_dir:
             mask_files = found * len(init_files)
         else:
-            by_key: dict[str, Path] = {}
-            for path, r in zip(found, rel):
-                key = r.with_suffix("").as_posix()
-                if key in by_key:
-                    raise DataError(f"--mask {mask}: {by_key[key].name} and {path.name} are "
-                                    f"both the mask of {key}; keep one")
-                by_key[key] = path
-            for r in init_rel:
-                key = r.with_suffix("").as_posix()
-                if key not in by_key:
-                    raise DataError(f"--mask {mask} has no mask for the {noun} {r} (masks "
-                                    f"pair with {noun}s by name: {key}.png)")
-                mask_files.append(by_key.pop(key))
-            if by_key:
-                extra = sorted(by_key)[0]
-                raise DataError(f"--mask {mask}: {by_key[extra].relative_to(mask)} has no "
-                                f"{noun} of the same name in {init_image}; masks pair with "
-                                f"{noun}s by name")
+            order = pair_by_name(init_rel, rel, where=f"--mask {mask}", noun="mask",
+                                 primary_noun=noun, primary_where=init_image)
+            mask_files = [found[k] for k in order]
     sha: dict[Path, str] = {}
     for kind, files in (("init", init_files), ("mask", mask_files)):
         what = flag if kind == "init" else "--mask"

@@ -173,3 +173,26 @@ def test_a_missing_input_folder_is_one_line_naming_its_key(tmp_path, capsys,
     assert len(lines) == 2 and all("data.cond_path: " in ln and "does not exist" in ln
                                    for ln in lines), lines
     assert not (tmp_path / "run" / "state").exists()
+
+
+def test_pair_by_name_orders_the_secondaries_and_refuses_every_unpaired_name() -> None:
+    """The one pairing of --mask folders and the paired task's inputs."""
+    from pathlib import Path
+
+    from diffunet.data import pair_by_name
+
+    def pair(primary, secondary):
+        return pair_by_name([Path(p) for p in primary], [Path(s) for s in secondary],
+                            where="--mask M", noun="mask", primary_noun="init image",
+                            primary_where="I")
+
+    assert pair(["b.jpg", "a/x.png"], ["a/x.bmp", "b.png"]) == [1, 0]
+    for primary, secondary, words in [
+        (["a.png"], ["a.png", "a.jpg"], "--mask M: a.png and a.jpg are both the mask of a"),
+        (["a.png", "a.jpg"], ["a.png"], "I: two init images are named a"),
+        (["a.png", "b.png"], ["a.png"], "--mask M has no mask for the init image b.png"),
+        (["a.png"], ["a.png", "c/d.png"], "--mask M: the mask c/d has no init image of the "
+                                          "same name in I"),
+    ]:
+        with pytest.raises(DataError, match=words):
+            pair(primary, secondary)
