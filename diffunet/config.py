@@ -443,8 +443,9 @@ class DataConfig:
             _fail(p + "task", "paired pairs two folders by name: set data.source = 'folder', "
                   "data.path = the targets and data.cond_path = the inputs")
         if self.cond_path is not None and self.task != "paired":
+            task = "unset" if self.task is None else repr(self.task)
             _fail(p + "cond_path", f"is the input folder of data.task = 'paired', but data.task "
-                  f"is {'unset' if self.task is None else repr(self.task)}; set data.task=paired or remove data.cond_path")
+                  f"is {task}; set data.task=paired or remove data.cond_path")
         if (self.cond_path is not None and self.path is not None
                 and os.path.realpath(os.path.expanduser(self.cond_path))
                 == os.path.realpath(os.path.expanduser(self.path))):

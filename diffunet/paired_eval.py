@@ -171,7 +171,8 @@ def evaluate_paired(model_path: str | os.PathLike, items: Sequence[str] = (), *,
     """Sample the held-out conditions of the model file's task once each (its ``[sample]``
     sampler and steps, ``num_steps`` in their place; unguided) and score samples and baseline
     (see the module doc). ``judge``: the built-in judge, or None to load it where it applies
-    (32x32 RGB, held out from the built-in shapes), ``False`` for none. A model without a task is one :class:`UsageError` line."""
+    (32x32 RGB, held out from the built-in shapes), ``False`` for none. A model without a task
+    is one :class:`UsageError` line."""
     loaded = load_diffusion_file(model_path)
     net, schedule, meta = loaded.net, loaded.schedule, loaded.metadata
     assert schedule is not None
@@ -180,7 +181,8 @@ def evaluate_paired(model_path: str | os.PathLike, items: Sequence[str] = (), *,
     task = recorded_task(meta, size)  # a damaged record is one line
     if task is None:
         raise UsageError(f"eval paired: {model_path} has no task (it was not trained with "
-                         "data.task = superres, colorize, inpaint or paired); judge it with eval nfe")
+                         "data.task = superres, colorize, inpaint or paired); judge it with "
+                         "eval nfe")
     if meta.get("vae") is not None:
         raise UsageError("eval paired: a latent model's tasks are not built yet")
     if not 2 <= num_images <= 100_000:  # FID needs a covariance

@@ -33,9 +33,9 @@ from torch import Tensor
 
 from .errors import ModelFileError
 
-__all__ = ["TASKS", "Task", "task_channels", "condition_image", "drawn_condition", "shown_condition",
-           "split_given", "finished",
-           "random_keep_masks", "downscale", "upscale", "recorded_task"]
+__all__ = ["TASKS", "Task", "task_channels", "condition_image", "drawn_condition",
+           "shown_condition", "split_given", "finished", "random_keep_masks", "downscale",
+           "upscale", "recorded_task"]
 
 Task = Literal["superres", "colorize", "inpaint", "paired"]
 TASKS: tuple[str, ...] = ("superres", "colorize", "inpaint", "paired")

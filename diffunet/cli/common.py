@@ -129,8 +129,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, resume_help: str,
 
 def _data_folders(cfg: Any) -> list[tuple[str, str]]:
     """``(config key, folder)`` of every image folder ``cfg`` trains on (none for built-in and
-    torchvision data): ``data.path`` (and a paired task's ``data.cond_path``), or segmentation's ``data.images`` and ``data.masks``
-    (and their ``val_`` pair)."""
+    torchvision data): ``data.path`` (and a paired task's ``data.cond_path``), or
+    segmentation's ``data.images`` and ``data.masks`` (and their ``val_`` pair)."""
     data = getattr(cfg, "data", None)
     if getattr(data, "source", None) != "folder":
         return []
